@@ -1,0 +1,219 @@
+//! The tamper-evident audit trail.
+//!
+//! Each event (time, operation, provider, name, outcome, actor, detail — never a
+//! secret) is appended in the same write transaction as the change it records, with
+//! a sequence number and `mac = HMAC-SHA256(audit_key, encoding ‖ prev_mac)`. The audit
+//! key is derived from the store's integrity key, which only the root can unwrap. A
+//! deleted, reordered or edited event breaks the chain; a truncated tail is caught by
+//! the MAC'd head kept in `meta`. What the chain cannot catch: an attacker who restores
+//! an older copy of the whole store (events and head together) — that is a rollback,
+//! and only an external witness (e.g. exporting the head to a SIEM) detects it.
+
+use hmac::{Hmac, Mac};
+use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use serde::Serialize;
+use sha2::Sha256;
+
+use crate::codec::{Malformed, Reader, Writer};
+use crate::error::{Error, Result};
+use crate::store::{AUDIT, META};
+
+type HmacSha256 = Hmac<Sha256>;
+
+const EVENT_FORMAT_V1: u8 = 1;
+const DOMAIN: &[u8] = b"tokenguard/audit/v1";
+const HEAD_DOMAIN: &[u8] = b"tokenguard/audit-head/v1";
+pub(crate) const META_AUDIT_HEAD: &str = "audit_head";
+
+/// One audit event as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEvent {
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// Unix seconds.
+    pub time: u64,
+    /// Operation (`put`, `get`, `delete`, `dek-create`, `init`, …).
+    pub op: String,
+    /// Provider, or empty.
+    pub provider: String,
+    /// Token name, or empty.
+    pub name: String,
+    /// `ok` or a short error class.
+    pub outcome: String,
+    /// Who: OS user and pid for the CLI, caller-supplied for the library.
+    pub actor: String,
+    /// Non-secret detail (DEK version, counts).
+    pub detail: String,
+}
+
+/// An event to append (sequence and time are filled in).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NewEvent<'a> {
+    pub op: &'a str,
+    pub provider: &'a str,
+    pub name: &'a str,
+    pub outcome: &'a str,
+    pub detail: String,
+}
+
+fn encode_body(e: &AuditEvent) -> Vec<u8> {
+    let mut w = Writer::with_capacity(128);
+    w.u8(EVENT_FORMAT_V1)
+        .u64(e.seq)
+        .u64(e.time)
+        .str(&e.op)
+        .str(&e.provider)
+        .str(&e.name)
+        .str(&e.outcome)
+        .str(&e.actor)
+        .str(&e.detail);
+    w.finish()
+}
+
+fn mac(key: &[u8; 32], body: &[u8], prev: &[u8; 32]) -> [u8; 32] {
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(DOMAIN);
+    m.update(body);
+    m.update(prev);
+    m.finalize().into_bytes().into()
+}
+
+fn head_mac(key: &[u8; 32], seq: u64, last: &[u8; 32]) -> [u8; 32] {
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(HEAD_DOMAIN);
+    m.update(&seq.to_be_bytes());
+    m.update(last);
+    m.finalize().into_bytes().into()
+}
+
+fn decode_stored(bytes: &[u8]) -> Result<(AuditEvent, [u8; 32], [u8; 32]), Malformed> {
+    let mut r = Reader::new(bytes);
+    let body = r.bytes()?;
+    let prev = r.array::<32>()?;
+    let m = r.array::<32>()?;
+    r.finish()?;
+    let mut b = Reader::new(body);
+    if b.u8()? != EVENT_FORMAT_V1 {
+        return Err(Malformed);
+    }
+    let e = AuditEvent {
+        seq: b.u64()?,
+        time: b.u64()?,
+        op: b.str()?.into(),
+        provider: b.str()?.into(),
+        name: b.str()?.into(),
+        outcome: b.str()?.into(),
+        actor: b.str()?.into(),
+        detail: b.str()?.into(),
+    };
+    b.finish()?;
+    Ok((e, prev, m))
+}
+
+fn read_head(bytes: Option<&[u8]>) -> Result<(u64, [u8; 32], [u8; 32]), Malformed> {
+    match bytes {
+        None => Ok((0, [0; 32], [0; 32])),
+        Some(b) => {
+            let mut r = Reader::new(b);
+            let seq = r.u64()?;
+            let last = r.array::<32>()?;
+            let hm = r.array::<32>()?;
+            r.finish()?;
+            Ok((seq, last, hm))
+        }
+    }
+}
+
+/// Appends one event inside `txn`.
+pub(crate) fn append(txn: &WriteTransaction, key: &[u8; 32], actor: &str, ev: NewEvent<'_>) -> Result<()> {
+    let mut meta = txn.open_table(META)?;
+    let head = meta.get(META_AUDIT_HEAD)?.map(|v| v.value().to_vec());
+    let (seq, last, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
+    if seq > 0 && head_mac(key, seq, &last) != hm {
+        return Err(Error::integrity("checking the audit head"));
+    }
+    let e = AuditEvent {
+        seq: seq + 1,
+        time: crate::guard::now(),
+        op: ev.op.into(),
+        provider: ev.provider.into(),
+        name: ev.name.into(),
+        outcome: ev.outcome.into(),
+        actor: actor.into(),
+        detail: ev.detail,
+    };
+    let body = encode_body(&e);
+    let m = mac(key, &body, &last);
+    let mut w = Writer::with_capacity(body.len() + 72);
+    w.bytes(&body).raw(&last).raw(&m);
+    txn.open_table(AUDIT)?.insert(e.seq, w.finish().as_slice())?;
+    let mut h = Writer::with_capacity(72);
+    h.u64(e.seq).raw(&m).raw(&head_mac(key, e.seq, &m));
+    meta.insert(META_AUDIT_HEAD, h.finish().as_slice())?;
+    Ok(())
+}
+
+/// Result of [`verify`].
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    /// Events checked.
+    pub events: u64,
+    /// The first bad sequence number and why, if any.
+    pub first_bad: Option<(u64, String)>,
+}
+
+/// Walks the whole chain and the head.
+pub(crate) fn verify(txn: &ReadTransaction, key: &[u8; 32]) -> Result<AuditReport> {
+    let t = txn.open_table(AUDIT)?;
+    let mut prev = [0u8; 32];
+    let mut expect = 1u64;
+    let mut n = 0;
+    for item in t.iter()? {
+        let (k, v) = item?;
+        let seq = k.value();
+        let bad = |why: &str| Ok(AuditReport { events: n, first_bad: Some((seq, why.to_string())) });
+        let Ok((e, p, m)) = decode_stored(v.value()) else {
+            return bad("event is malformed");
+        };
+        if seq != expect {
+            return Ok(AuditReport {
+                events: n,
+                first_bad: Some((expect, format!("event {expect} is missing (next present is {seq})"))),
+            });
+        }
+        if e.seq != seq {
+            return bad("event was moved (its sequence number does not match its position)");
+        }
+        if p != prev {
+            return bad("chain broken: previous-MAC does not match (an event before it was deleted or reordered)");
+        }
+        if mac(key, &encode_body(&e), &p) != m {
+            return bad("MAC mismatch: the event was edited");
+        }
+        prev = m;
+        expect += 1;
+        n += 1;
+    }
+    let meta = txn.open_table(META)?;
+    let head = meta.get(META_AUDIT_HEAD)?.map(|v| v.value().to_vec());
+    let (hseq, hlast, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
+    if hseq != n || hlast != prev || (hseq > 0 && head_mac(key, hseq, &hlast) != hm) {
+        return Ok(AuditReport {
+            events: n,
+            first_bad: Some((n + 1, format!("head says {hseq} events but {n} are present: the tail was truncated or the head edited"))),
+        });
+    }
+    Ok(AuditReport { events: n, first_bad: None })
+}
+
+/// Events with `seq >= from`, oldest first, decoded without verification.
+pub(crate) fn list(txn: &ReadTransaction, from: u64) -> Result<Vec<AuditEvent>> {
+    let t = txn.open_table(AUDIT)?;
+    let mut out = Vec::new();
+    for item in t.range(from..)? {
+        let (_, v) = item?;
+        let (e, _, _) = decode_stored(v.value()).map_err(|_| Error::integrity("decoding an audit event"))?;
+        out.push(e);
+    }
+    Ok(out)
+}

@@ -1,0 +1,140 @@
+//! Command-line grammar (clap). Parsing only: no logic lives here.
+//!
+//! No argument ever carries a secret: secrets come from stdin or `--from-file`, PINs
+//! from the config's `pin_source`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// tokenguard — third-party tokens sealed under a hardware root key.
+#[derive(Debug, Parser)]
+#[command(name = "tokenguard", version, about, long_about = None)]
+#[command(after_help = "Exit codes: 0 ok, 1 other error, 2 usage, 3 not found, 4 integrity failure \
+(tamper, wrong root), 5 hardware or authentication, 6 store busy, 7 expired or revoked, 8 configuration.")]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = "TOKENGUARD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the store and, if missing, the root key in the token.
+    Init,
+    /// Store a token, read from stdin (default) or --from-file; never from argv.
+    Put(PutArgs),
+    /// Print a token's secret (or one field of a token set).
+    Get(GetArgs),
+    /// List tokens' metadata (never secrets).
+    List {
+        /// Only this provider.
+        provider: Option<String>,
+    },
+    /// Delete a token.
+    Delete {
+        /// Provider.
+        provider: String,
+        /// Token name.
+        name: String,
+    },
+    /// Check that the set-up is safe and the store is intact.
+    Doctor,
+    /// Counts, DEK versions, hardware calls.
+    Stats,
+    /// Write a sealed backup (ciphertexts and wrapped keys only).
+    Backup {
+        /// Backup file to create (must not exist).
+        file: PathBuf,
+    },
+    /// Restore a sealed backup into the configured (new) store path.
+    Restore {
+        /// Backup file.
+        file: PathBuf,
+    },
+    /// The tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Development: initialise a SoftHSM2/kryoptic token (PINs from sources, never
+    /// argv). Used by softhsm-setup.sh; production HSMs use their vendor's tools.
+    #[command(hide = true)]
+    InitToken(InitTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitTokenArgs {
+    /// PKCS#11 module.
+    #[arg(long)]
+    pub module: PathBuf,
+    /// Token label.
+    #[arg(long)]
+    pub label: String,
+    /// SO PIN source (env:VAR or file:PATH).
+    #[arg(long)]
+    pub so_pin_source: String,
+    /// User PIN source (env:VAR or file:PATH).
+    #[arg(long)]
+    pub pin_source: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// Provider (github, slack, google, jira, …).
+    pub provider: String,
+    /// Token name within the provider.
+    pub name: String,
+    /// Read the secret from this file instead of stdin.
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<PathBuf>,
+    /// Expires this long from now (e.g. 8h, 30m, 7d).
+    #[arg(long, value_name = "DURATION", conflicts_with = "expires_at")]
+    pub expires_in: Option<String>,
+    /// Expires at this time (RFC 3339, e.g. 2026-12-01T00:00:00Z, or unix seconds).
+    #[arg(long, value_name = "TIME")]
+    pub expires_at: Option<String>,
+    /// A label key=value (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Keep a trailing newline of the input (stripped by default).
+    #[arg(long)]
+    pub keep_newline: bool,
+    /// Treat the input as a raw secret even if it is JSON.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Provider.
+    pub provider: String,
+    /// Token name.
+    pub name: String,
+    /// Field of a token set (default: access_token; a raw secret has no fields).
+    #[arg(long)]
+    pub field: Option<String>,
+    /// Return the token even if it has expired.
+    #[arg(long)]
+    pub allow_expired: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List events.
+    List {
+        /// Only events with this sequence number or later.
+        #[arg(long, default_value_t = 1)]
+        since: u64,
+        /// Only events about this provider.
+        #[arg(long)]
+        provider: Option<String>,
+    },
+    /// Verify the MAC chain (exit 4 on a break, naming the first bad event).
+    Verify,
+}

@@ -1,0 +1,342 @@
+//! One function per command: load config, call the library, print the result.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use serde_json::json;
+use tokenguard::config::{Config, RootUse};
+use tokenguard::error::exit;
+use tokenguard::root::Status;
+use tokenguard::{Error, GetOptions, Result, TokenGuard, backup};
+
+use crate::cli::{AuditCommand, Cli, Command, GetArgs, PutArgs};
+use crate::input;
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config> {
+    let path = path.ok_or_else(|| {
+        Error::Config("no configuration: pass --config FILE or set TOKENGUARD_CONFIG (./softhsm-setup.sh prints one)".into())
+    })?;
+    let config = Config::load(path)?;
+    apply_module_env(&config);
+    Ok(config)
+}
+
+/// Sets the environment the PKCS#11 module needs (e.g. SOFTHSM2_CONF) before the
+/// module is loaded.
+#[allow(unsafe_code)]
+fn apply_module_env(config: &Config) {
+    for (k, v) in config.module_env() {
+        // SAFETY: called from main's thread before any other thread exists (no
+        // module is loaded yet, logging writes synchronously), so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var(k, v) };
+    }
+}
+
+/// The audit actor of this CLI process: OS user (uid from /proc, name from the
+/// environment when set) and pid.
+fn actor() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_else(|_| "?".into());
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
+    format!("cli uid={uid}{}{} pid={}", if user.is_empty() { "" } else { " user=" }, user, std::process::id())
+}
+
+fn open(config: &Config) -> Result<TokenGuard> {
+    let roots = config.build_roots(RootUse::Open)?;
+    let mut opts = config.guard_options();
+    opts.actor = actor();
+    TokenGuard::open(&config.store.path, config.store_options(), roots, opts)
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{v}").map_err(|e| Error::Io { operation: "writing", path: "stdout".into(), source: e })
+}
+
+/// Runs the command; returns the exit code on success paths that are not 0.
+pub fn run(cli: Cli) -> Result<i32> {
+    let json = cli.json;
+    if let Command::InitToken(a) = &cli.command {
+        return init_token(a);
+    }
+    let config = load_config(cli.config.as_ref())?;
+    match cli.command {
+        Command::InitToken(a) => init_token(&a),
+        Command::Init => init(&config, json),
+        Command::Put(a) => put(&config, a, json),
+        Command::Get(a) => get(&config, a, json),
+        Command::List { provider } => list(&config, provider.as_deref(), json),
+        Command::Delete { provider, name } => {
+            open(&config)?.delete(&provider, &name)?;
+            if json {
+                print_json(&json!({"deleted": {"provider": provider, "name": name}}))?;
+            }
+            Ok(exit::OK)
+        }
+        Command::Doctor => doctor(&config, json),
+        Command::Stats => {
+            let s = open(&config)?.stats()?;
+            if json {
+                print_json(&serde_json::to_value(&s).unwrap_or_default())?;
+            } else {
+                println!("tokens: {}", s.tokens);
+                for (p, n) in &s.tokens_per_provider {
+                    println!("  {p}: {n}");
+                }
+                println!("DEK versions:");
+                for d in &s.deks {
+                    println!(
+                        "  {} v{} {:?}: {} records, {} encryptions",
+                        d.provider, d.version, d.state, d.records, d.encryptions
+                    );
+                }
+                println!(
+                    "hardware calls (this process): {} unwraps, {} wraps, {} generates",
+                    s.hardware.unwraps, s.hardware.wraps, s.hardware.generates
+                );
+                println!("audit events: {}", s.audit_events);
+            }
+            Ok(exit::OK)
+        }
+        Command::Backup { file } => {
+            let g = open(&config)?;
+            let s = backup::write_backup(&g, &file)?;
+            if json {
+                print_json(&json!({"backup": file, "summary": s}))?;
+            } else {
+                println!("wrote {} ({} tokens, {} DEK versions, {} audit events)", file.display(), s.tokens, s.deks, s.audit_events);
+            }
+            Ok(exit::OK)
+        }
+        Command::Restore { file } => {
+            let roots = config.build_roots(RootUse::Open)?;
+            let mut opts = config.guard_options();
+            opts.actor = actor();
+            let (_, s) = backup::restore(&file, &config.store.path, config.store_options(), roots, opts)?;
+            if json {
+                print_json(&json!({"restored": config.store.path, "summary": s}))?;
+            } else {
+                println!("restored {} tokens into {}", s.tokens, config.store.path.display());
+            }
+            Ok(exit::OK)
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let r = open(&config)?.audit_verify()?;
+            if json {
+                print_json(&serde_json::to_value(&r).unwrap_or_default())?;
+            }
+            match r.first_bad {
+                None => {
+                    if !json {
+                        println!("audit chain intact: {} events verified", r.events);
+                    }
+                    Ok(exit::OK)
+                }
+                Some((seq, why)) => {
+                    eprintln!("error: audit chain broken at event {seq}: {why}");
+                    Ok(exit::INTEGRITY)
+                }
+            }
+        }
+        Command::Audit(AuditCommand::List { since, provider }) => {
+            let events = open(&config)?.audit_list(since)?;
+            let events: Vec<_> = events.into_iter().filter(|e| provider.as_deref().is_none_or(|p| p == e.provider)).collect();
+            if json {
+                for e in &events {
+                    print_json(&serde_json::to_value(e).unwrap_or_default())?;
+                }
+            } else {
+                for e in &events {
+                    println!(
+                        "{:>6} {} {:<10} {}/{} {} [{}] {}",
+                        e.seq,
+                        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.time)),
+                        e.op,
+                        e.provider,
+                        e.name,
+                        e.outcome,
+                        e.actor,
+                        e.detail
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+#[cfg(feature = "pkcs11")]
+fn init_token(a: &crate::cli::InitTokenArgs) -> Result<i32> {
+    let here = std::path::Path::new(".");
+    let so = tokenguard::config::resolve_pin(&a.so_pin_source, here)?;
+    let user = tokenguard::config::resolve_pin(&a.pin_source, here)?;
+    let serial = tokenguard::root::pkcs11::init_token(&a.module, &a.label, &so, &user)?;
+    println!("token {:?} ready (serial {serial})", a.label);
+    Ok(exit::OK)
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn init_token(_a: &crate::cli::InitTokenArgs) -> Result<i32> {
+    Err(Error::BackendNotCompiled("pkcs11"))
+}
+
+fn init(config: &Config, json: bool) -> Result<i32> {
+    if config.store.path.exists() {
+        return Err(Error::StoreExists(config.store.path.clone()));
+    }
+    let roots = config.build_roots(RootUse::Init)?;
+    let mut opts = config.guard_options();
+    opts.actor = actor();
+    let g = TokenGuard::create(&config.store.path, config.store_options(), roots, opts)?;
+    if json {
+        print_json(&json!({"store": g.path(), "roots": g.roots()}))?;
+    } else {
+        println!("created store {}", g.path().display());
+        for r in g.roots() {
+            println!("  root {}: {}", r.root_id, r.description);
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn put(config: &Config, a: PutArgs, json: bool) -> Result<i32> {
+    tokenguard::guard::validate_ident("provider", &a.provider)?;
+    tokenguard::guard::validate_ident("name", &a.name)?;
+    let labels = input::parse_labels(&a.labels)?;
+    let raw = input::read_input(a.from_file.as_deref())?;
+    let (secret, parsed) = input::parse_secret(raw, a.raw, a.keep_newline)?;
+    let t = now();
+    let expires_at = input::expiry(a.expires_in.as_deref(), a.expires_at.as_deref(), parsed.expires_in, t)?;
+    let opts = input::put_options(labels, expires_at, parsed);
+    let g = open(config)?;
+    let meta = g.put(&a.provider, &a.name, secret, opts)?;
+    if json {
+        print_json(&json!({"stored": {"provider": a.provider, "name": a.name, "meta": meta}}))?;
+    }
+    Ok(exit::OK)
+}
+
+fn get(config: &Config, a: GetArgs, json: bool) -> Result<i32> {
+    let g = open(config)?;
+    let res = g.get_with(&a.provider, &a.name, GetOptions { allow_expired: a.allow_expired });
+    let outcome = match &res {
+        Ok(_) => "ok",
+        Err(e) => match e.exit_code() {
+            exit::NOT_FOUND => "not-found",
+            exit::INTEGRITY => "integrity-failure",
+            exit::EXPIRED => "expired-or-revoked",
+            _ => "error",
+        },
+    };
+    // Reads through the CLI are audited (one commit per process is cheap next to the
+    // process start); a failure to audit does not hide the read's own error.
+    let audited = g.audit_event("get", &a.provider, &a.name, outcome);
+    let (secret, meta) = res?;
+    audited?;
+    let value = secret.field(a.field.as_deref()).ok_or_else(|| Error::NoSuchField {
+        provider: a.provider.clone(),
+        name: a.name.clone(),
+        field: a.field.clone().unwrap_or_else(|| "access_token".into()),
+    })?;
+    let mut out = std::io::stdout().lock();
+    let w = |e| Error::Io { operation: "writing", path: "stdout".into(), source: e };
+    if json {
+        let text = value
+            .expose_str()
+            .ok_or_else(|| Error::InvalidInput("the secret is not UTF-8; use get without --json".into()))?;
+        let v = zeroize::Zeroizing::new(
+            json!({"provider": a.provider, "name": a.name, "field": a.field, "value": text, "meta": meta}).to_string(),
+        );
+        writeln!(out, "{}", v.as_str()).map_err(w)?;
+    } else {
+        out.write_all(value.expose()).map_err(w)?;
+        if std::io::stdout().is_terminal() {
+            writeln!(out).map_err(w)?;
+        }
+    }
+    out.flush().map_err(w)?;
+    Ok(exit::OK)
+}
+
+fn list(config: &Config, provider: Option<&str>, json: bool) -> Result<i32> {
+    let items = open(config)?.list(provider)?;
+    if json {
+        print_json(&serde_json::to_value(&items).unwrap_or_default())?;
+        return Ok(exit::OK);
+    }
+    if items.is_empty() {
+        println!("no tokens");
+    }
+    for t in items {
+        let exp = match t.meta.expires_at {
+            Some(e) => humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e)).to_string(),
+            None => "never".into(),
+        };
+        let labels: Vec<String> = t.meta.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{}/{}\t{:?}\texpires {}{}\tdek v{}\t{}",
+            t.provider,
+            t.name,
+            t.meta.state,
+            exp,
+            if t.expired { " (EXPIRED)" } else { "" },
+            t.dek_version,
+            labels.join(",")
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn doctor(config: &Config, json: bool) -> Result<i32> {
+    let mut checks = Vec::new();
+    let mut code = exit::OK;
+    if config.require_hardware {
+        checks.push(tokenguard::root::Check::new("require_hardware", true, "soft roots are refused"));
+    } else {
+        checks.push(tokenguard::root::Check::warn(
+            "require_hardware",
+            "false: a soft (file) root would be accepted; set require_hardware = true in production",
+        ));
+    }
+    match open(config) {
+        Ok(g) => checks.extend(g.doctor()),
+        Err(e) => {
+            code = e.exit_code();
+            let mut detail = e.to_string();
+            if let Some(h) = e.hint() {
+                detail.push_str("; ");
+                detail.push_str(&h);
+            }
+            checks.push(tokenguard::root::Check::new("open store", false, detail));
+        }
+    }
+    let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
+    if failed > 0 && code == exit::OK {
+        code = exit::OTHER;
+        if checks.iter().any(|c| c.status == Status::Fail && (c.name.contains("integrity") || c.name.contains("audit") || c.name.contains("unwrap"))) {
+            code = exit::INTEGRITY;
+        }
+    }
+    if json {
+        print_json(&json!({"ok": failed == 0, "checks": checks}))?;
+    } else {
+        for c in &checks {
+            let tag = match c.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "warn",
+                Status::Fail => "FAIL",
+            };
+            println!("{tag} {}: {}", c.name, c.detail);
+        }
+        println!("{}", if failed == 0 { "doctor: no failures".to_string() } else { format!("doctor: {failed} check(s) failed") });
+    }
+    Ok(code)
+}

@@ -1,0 +1,63 @@
+//! The `tokenguard` CLI: parse, call the library, print. Logic lives in the library.
+
+mod cli;
+mod commands;
+mod input;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokenguard::error::exit;
+
+fn main() -> ExitCode {
+    harden_process();
+    let cli = match cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
+        }
+    };
+    init_logging();
+    let json = cli.json;
+    match commands::run(cli) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            let mut err = std::io::stderr().lock();
+            if json {
+                let v = serde_json::json!({
+                    "error": e.to_string(),
+                    "hint": e.hint(),
+                    "exit_code": e.exit_code(),
+                });
+                let _ = writeln!(err, "{v}");
+            } else {
+                let _ = writeln!(err, "error: {e}");
+                if let Some(h) = e.hint() {
+                    let _ = writeln!(err, "hint: {h}");
+                }
+            }
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn,cryptoki=off"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// No core dumps and no ptrace by other processes of the same user: a core file or a
+/// debugger attach would expose unwrapped DEKs and the secret being printed.
+#[allow(unsafe_code)]
+fn harden_process() {
+    let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: setrlimit and prctl take plain values and a pointer to a local struct;
+    // they touch no memory of ours beyond it.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}

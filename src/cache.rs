@@ -1,0 +1,126 @@
+//! The DEK cache: unwrapped DEKs kept as ready AES-256-GCM ciphers, so the hardware is
+//! touched once per provider DEK per process rather than once per token.
+//!
+//! Bounded three ways: number of entries (least recently loaded is evicted first), age
+//! since unwrap (a reload goes back to the hardware, so a revoked root or a removed
+//! token is noticed), and uses. Ciphers are built with aes-gcm's `zeroize` feature, so
+//! the expanded key is wiped when an entry is evicted or the cache is dropped. Lookups
+//! take a read lock and do not allocate.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use aes_gcm::{Aes256Gcm, KeyInit};
+
+use crate::secret::DekMaterial;
+
+/// Limits of the DEK cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheLimits {
+    /// Most DEKs held at once.
+    pub max_entries: usize,
+    /// Longest time a DEK stays cached after its unwrap.
+    pub max_age: Duration,
+    /// Most uses (seal or open) before it is unwrapped again.
+    pub max_uses: u64,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        CacheLimits { max_entries: 1024, max_age: Duration::from_secs(3600), max_uses: 1 << 32 }
+    }
+}
+
+/// One unwrapped DEK.
+pub(crate) struct CachedDek {
+    pub(crate) cipher: Aes256Gcm,
+    loaded: Instant,
+    uses: AtomicU64,
+}
+
+impl CachedDek {
+    pub(crate) fn new(dek: &DekMaterial) -> Self {
+        CachedDek {
+            cipher: Aes256Gcm::new(dek.expose().into()),
+            loaded: Instant::now(),
+            uses: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Cache of ciphers by provider and DEK version.
+pub(crate) struct DekCache {
+    limits: CacheLimits,
+    map: RwLock<HashMap<String, Vec<(u32, Arc<CachedDek>)>>>,
+    /// Serialises loads, so concurrent misses on one DEK cost one hardware unwrap.
+    pub(crate) load_lock: Mutex<()>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl DekCache {
+    pub(crate) fn new(limits: CacheLimits) -> Self {
+        DekCache {
+            limits,
+            map: RwLock::new(HashMap::new()),
+            load_lock: Mutex::new(()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// The cipher for (provider, version) if cached and within its limits.
+    pub(crate) fn get(&self, provider: &str, version: u32) -> Option<Arc<CachedDek>> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let hit = map
+            .get(provider)
+            .and_then(|v| v.iter().find(|(ver, _)| *ver == version))
+            .map(|(_, c)| c.clone())
+            .filter(|c| {
+                c.loaded.elapsed() < self.limits.max_age
+                    && c.uses.fetch_add(1, Ordering::Relaxed) < self.limits.max_uses
+            });
+        if hit.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    pub(crate) fn insert(&self, provider: &str, version: u32, dek: &DekMaterial) -> Arc<CachedDek> {
+        let entry = Arc::new(CachedDek::new(dek));
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let total: usize = map.values().map(Vec::len).sum();
+        if total >= self.limits.max_entries.max(1) {
+            // Evict the oldest load.
+            let oldest = map
+                .iter()
+                .flat_map(|(p, v)| v.iter().map(move |(ver, c)| (p.clone(), *ver, c.loaded)))
+                .min_by_key(|(_, _, t)| *t);
+            if let Some((p, ver, _)) = oldest {
+                if let Some(v) = map.get_mut(&p) {
+                    v.retain(|(x, _)| *x != ver);
+                }
+            }
+        }
+        let list = map.entry(provider.to_owned()).or_default();
+        list.retain(|(x, _)| *x != version);
+        list.push((version, entry.clone()));
+        entry
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum()
+    }
+
+    pub(crate) fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,265 @@
+//! One error type for the whole library.
+//!
+//! Every failure a caller can act on has its own variant, and every variant maps to one
+//! of the CLI's documented exit codes ([`Error::exit_code`]). Messages name the failing
+//! operation and, where there is one, what to do next ([`Error::hint`]); they never carry
+//! a secret, a PIN or key material. Integrity failures are deliberately opaque: a failed
+//! unwrap, a failed AEAD open and a malformed record all surface as [`Error::Integrity`],
+//! so the error says nothing an attacker could use as a decryption oracle.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Stable process exit codes of the `tokenguard` CLI (DESIGN §8).
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Any other error (I/O, internal).
+    pub const OTHER: i32 = 1;
+    /// Bad command line or invalid input.
+    pub const USAGE: i32 = 2;
+    /// The requested token, provider or field does not exist.
+    pub const NOT_FOUND: i32 = 3;
+    /// Integrity failure: tampering, corruption, or a different root key.
+    pub const INTEGRITY: i32 = 4;
+    /// Hardware or authentication: PKCS#11 module, token, PIN, TPM.
+    pub const HARDWARE: i32 = 5;
+    /// The store is held by another process beyond the bounded wait.
+    pub const BUSY: i32 = 6;
+    /// The token has expired or was revoked.
+    pub const EXPIRED: i32 = 7;
+    /// Configuration error.
+    pub const CONFIG: i32 = 8;
+}
+
+/// Every error the library returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No token is stored under this provider and name.
+    #[error("no token {provider}/{name} in the store")]
+    NotFound {
+        /// Provider of the missing token.
+        provider: String,
+        /// Name of the missing token.
+        name: String,
+    },
+
+    /// The token set has no such field, or a raw secret was asked for a field.
+    #[error("token {provider}/{name} has no field {field:?}")]
+    NoSuchField {
+        /// Provider of the token.
+        provider: String,
+        /// Name of the token.
+        name: String,
+        /// The field asked for.
+        field: String,
+    },
+
+    /// A sealed record, wrapped key, backup or the store itself failed its integrity
+    /// check. Opaque on purpose: the cause (tampering, corruption, a record moved or
+    /// edited, a key that does not belong to this store) is not distinguished.
+    #[error("integrity check failed while {context}: the data was modified, is corrupt, or was not sealed for this store")]
+    Integrity {
+        /// What was being checked (never secret material).
+        context: &'static str,
+    },
+
+    /// The configured root key is not the one this store was created with.
+    #[error("wrong root key: this store is pinned to {pinned}, but the configured root is {found}")]
+    WrongRoot {
+        /// Human description of the pinned root.
+        pinned: String,
+        /// Human description of the configured root.
+        found: String,
+    },
+
+    /// A hardware backend failed (module, token, key, TPM).
+    #[error("{backend}: {operation} failed: {detail}")]
+    Hardware {
+        /// Backend name (`pkcs11`, `tpm`, `soft`).
+        backend: &'static str,
+        /// The operation that failed.
+        operation: &'static str,
+        /// What the backend reported (never a PIN or key).
+        detail: String,
+    },
+
+    /// Login to the token failed (wrong or locked PIN).
+    #[error("{backend}: authentication failed: {detail}")]
+    Auth {
+        /// Backend name.
+        backend: &'static str,
+        /// What failed (never the PIN).
+        detail: String,
+    },
+
+    /// The store is held by another process and did not become free in time.
+    #[error("store {path} is in use by another process (waited {waited_ms} ms)")]
+    StoreBusy {
+        /// The store file.
+        path: PathBuf,
+        /// How long the open or write waited.
+        waited_ms: u64,
+    },
+
+    /// The token is past its not-after time.
+    #[error("token {provider}/{name} expired at {expired_at} (unix seconds)")]
+    Expired {
+        /// Provider of the token.
+        provider: String,
+        /// Name of the token.
+        name: String,
+        /// Not-after time, unix seconds.
+        expired_at: u64,
+    },
+
+    /// The token was revoked.
+    #[error("token {provider}/{name} was revoked at {revoked_at} (unix seconds): {reason}")]
+    Revoked {
+        /// Provider of the token.
+        provider: String,
+        /// Name of the token.
+        name: String,
+        /// When, unix seconds.
+        revoked_at: u64,
+        /// Why.
+        reason: String,
+    },
+
+    /// The configuration is invalid, incomplete or unreadable.
+    #[error("configuration: {0}")]
+    Config(String),
+
+    /// The caller passed something invalid (name, label, secret format, duration).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// `init` on a store that already exists, or `restore` over a non-empty store.
+    #[error("store {0} already exists")]
+    StoreExists(PathBuf),
+
+    /// The store file does not exist yet.
+    #[error("no store at {0}")]
+    NoStore(PathBuf),
+
+    /// The store was written by a newer tokenguard.
+    #[error("store schema version {found} is not supported (this build reads up to {supported})")]
+    UnsupportedVersion {
+        /// Version found in the store or backup.
+        found: u32,
+        /// Highest version this build understands.
+        supported: u32,
+    },
+
+    /// The embedded database failed.
+    #[error("store {operation} failed: {detail}")]
+    Store {
+        /// The store operation.
+        operation: &'static str,
+        /// redb's description.
+        detail: String,
+    },
+
+    /// An operating-system I/O error, with the path involved.
+    #[error("{operation} {path}: {source}")]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A backend was named that this build does not include.
+    #[error("backend {0:?} is not compiled into this build (enable the cargo feature of the same name)")]
+    BackendNotCompiled(&'static str),
+}
+
+impl Error {
+    /// The CLI exit code of this error (DESIGN §8).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::NotFound { .. } | Error::NoSuchField { .. } | Error::NoStore(_) => {
+                exit::NOT_FOUND
+            }
+            Error::Integrity { .. } | Error::WrongRoot { .. } => exit::INTEGRITY,
+            Error::Hardware { .. } | Error::Auth { .. } => exit::HARDWARE,
+            Error::StoreBusy { .. } => exit::BUSY,
+            Error::Expired { .. } | Error::Revoked { .. } => exit::EXPIRED,
+            Error::Config(_) | Error::BackendNotCompiled(_) => exit::CONFIG,
+            Error::InvalidInput(_) => exit::USAGE,
+            Error::StoreExists(_)
+            | Error::UnsupportedVersion { .. }
+            | Error::Store { .. }
+            | Error::Io { .. } => exit::OTHER,
+        }
+    }
+
+    /// What a human should do next, where there is a useful answer.
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            Error::NotFound { .. } => "`tokenguard list` shows what is stored".into(),
+            Error::NoStore(_) => "run `tokenguard init` first".into(),
+            Error::Integrity { .. } => {
+                "do not trust this store copy: run `tokenguard doctor`, and restore from a backup if it reports damage".into()
+            }
+            Error::WrongRoot { .. } => {
+                "point the config at the root key this store was created with (see `tokenguard doctor`)".into()
+            }
+            Error::Auth { .. } => {
+                "check the PIN named by pin_source in the config; repeated failures may lock the token".into()
+            }
+            Error::Hardware { backend: "pkcs11", .. } => {
+                "check module and token in the config, or run ./softhsm-setup.sh for a development token".into()
+            }
+            Error::Hardware { backend: "tpm", .. } => {
+                "check the TCTI in the config and that the TPM (or swtpm) is reachable".into()
+            }
+            Error::StoreBusy { .. } => {
+                "another process holds the store exclusively; retry, or set store.mode = \"shared\" in every process".into()
+            }
+            Error::Expired { .. } => {
+                "refresh or replace the token; `get --allow-expired` reads it anyway".into()
+            }
+            Error::Config(_) => {
+                "see hsm-config/ for commented reference configurations".into()
+            }
+            Error::StoreExists(_) => "choose another store path, or use the existing store".into(),
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn integrity(context: &'static str) -> Self {
+        Error::Integrity { context }
+    }
+
+    pub(crate) fn io(operation: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Error::Io { operation, path, source }
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty => $op:literal),* $(,)?) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                match redb::Error::from(e) {
+                    redb::Error::Corrupted(_) => Error::integrity("reading the store file"),
+                    other => Error::Store { operation: $op, detail: other.to_string() },
+                }
+            }
+        }
+    )*};
+}
+
+from_redb!(
+    redb::TransactionError => "transaction",
+    redb::TableError => "table",
+    redb::StorageError => "storage",
+    redb::CommitError => "commit",
+);

@@ -1,0 +1,203 @@
+//! The root-key seam: one narrow trait that every backend implements entirely.
+//!
+//! A root key (KEK) never leaves its hardware. The guard asks it for four things only:
+//! who it is ([`RootKey::identity`]), a fresh wrapped DEK ([`RootKey::generate_dek`]),
+//! to wrap an existing DEK ([`RootKey::wrap`], for a second root or a root rotation)
+//! and to unwrap one ([`RootKey::unwrap`]); plus a health report for `doctor`. There
+//! are no "not supported" defaults: a backend that cannot do one of these is not a
+//! root. Every wrapped blob records the mechanism that produced it ([`WrapMechanism`]),
+//! so a store says how to open each key.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::secret::DekMaterial;
+
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
+pub mod soft;
+
+/// How a DEK was wrapped; stored with every wrapped blob (docs/FORMAT.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum WrapMechanism {
+    /// AES Key Wrap, RFC 3394 (PKCS#11 `CKM_AES_KEY_WRAP`, 0x2109; software: aes-kw).
+    AesKw,
+    /// SoftHSM2's `CKM_AES_KEY_WRAP_PAD` (0x210A); equals RFC 5649 for 32-byte keys.
+    AesKwPadSofthsm,
+    /// AES Key Wrap with Padding, RFC 5649 (`CKM_AES_KEY_WRAP_KWP`, 0x210B).
+    AesKwp,
+    /// AES-256-GCM encryption of the key bytes in the token (`CKM_AES_GCM`); blob is
+    /// `iv(12) ‖ ciphertext ‖ tag(16)`. Last resort for tokens without key wrap.
+    AesGcm,
+    /// A TPM 2.0 sealed data object (public ‖ private parts).
+    TpmSealed,
+}
+
+impl WrapMechanism {
+    /// Code stored in the wrapped-key encoding.
+    pub fn code(self) -> u16 {
+        match self {
+            WrapMechanism::AesKw => 1,
+            WrapMechanism::AesKwPadSofthsm => 2,
+            WrapMechanism::AesKwp => 3,
+            WrapMechanism::AesGcm => 4,
+            WrapMechanism::TpmSealed => 5,
+        }
+    }
+
+    /// Inverse of [`WrapMechanism::code`].
+    pub fn from_code(c: u16) -> Option<Self> {
+        Some(match c {
+            1 => WrapMechanism::AesKw,
+            2 => WrapMechanism::AesKwPadSofthsm,
+            3 => WrapMechanism::AesKwp,
+            4 => WrapMechanism::AesGcm,
+            5 => WrapMechanism::TpmSealed,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for WrapMechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WrapMechanism::AesKw => "AES-KW (RFC 3394)",
+            WrapMechanism::AesKwPadSofthsm => "AES-KW-PAD (SoftHSM 0x210A)",
+            WrapMechanism::AesKwp => "AES-KWP (RFC 5649)",
+            WrapMechanism::AesGcm => "AES-GCM encrypt",
+            WrapMechanism::TpmSealed => "TPM2 sealed object",
+        })
+    }
+}
+
+/// A DEK wrapped by one root.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Wrapped {
+    /// How it was wrapped.
+    pub mechanism: WrapMechanism,
+    /// The wrapped bytes (not secret without the root).
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for Wrapped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Wrapped")
+            .field("mechanism", &self.mechanism)
+            .field("blob_len", &self.blob.len())
+            .finish()
+    }
+}
+
+/// The identity of a root key, pinned in the store at `init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RootIdentity {
+    /// Backend: `pkcs11`, `tpm` or `soft`.
+    pub backend: String,
+    /// Stable identifier compared at open (token serial and key id/label; TPM key
+    /// Name; soft key fingerprint). Not secret.
+    pub fingerprint: String,
+    /// Human description for messages.
+    pub description: String,
+}
+
+impl RootIdentity {
+    /// `"backend:fingerprint"`, the form stored and compared.
+    pub fn pin(&self) -> String {
+        format!("{}:{}", self.backend, self.fingerprint)
+    }
+}
+
+/// Outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Passed.
+    Ok,
+    /// Works, but not as production should (e.g. a soft root).
+    Warn,
+    /// Failed: `doctor` exits non-zero.
+    Fail,
+}
+
+/// One line of a health report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Outcome.
+    pub status: Status,
+    /// Detail or advice.
+    pub detail: String,
+}
+
+impl Check {
+    /// A passed (`ok = true`) or failed check.
+    pub fn new(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> Self {
+        Check { name: name.into(), status: if ok { Status::Ok } else { Status::Fail }, detail: detail.into() }
+    }
+
+    /// A warning.
+    pub fn warn(name: impl Into<String>, detail: impl Into<String>) -> Self {
+        Check { name: name.into(), status: Status::Warn, detail: detail.into() }
+    }
+}
+
+/// A root key-encryption key. Implemented by every backend, entirely.
+pub trait RootKey: Send + Sync + fmt::Debug {
+    /// Backend name (`pkcs11`, `tpm`, `soft`).
+    fn backend(&self) -> &'static str;
+
+    /// Whether the key lives in hardware (false only for `soft`).
+    fn is_hardware(&self) -> bool;
+
+    /// The identity pinned in the store.
+    fn identity(&self) -> Result<RootIdentity>;
+
+    /// A new random 256-bit DEK (generated by the hardware where it can), and its
+    /// wrapping under this root.
+    fn generate_dek(&self) -> Result<(DekMaterial, Wrapped)>;
+
+    /// Wraps an existing DEK under this root.
+    fn wrap(&self, dek: &DekMaterial) -> Result<Wrapped>;
+
+    /// Unwraps a DEK. Any failure that could mean a wrong key or a modified blob is
+    /// [`Error::Integrity`].
+    fn unwrap(&self, wrapped: &Wrapped) -> Result<DekMaterial>;
+
+    /// Checks for `doctor`: key attributes, reachability, policy.
+    fn health(&self) -> Vec<Check>;
+}
+
+/// The software AES-KW unwrap shared by the soft root and the conformance tests.
+pub(crate) fn kw_unwrap(kek: &[u8; 32], mechanism: WrapMechanism, blob: &[u8]) -> Result<DekMaterial> {
+    use aes_kw::KeyInit;
+    let mut out = zeroize::Zeroizing::new([0u8; 40]);
+    let bad = |_| Error::integrity("unwrapping a data key");
+    let key = match mechanism {
+        WrapMechanism::AesKw => {
+            let kw = aes_kw::KwAes256::new(kek.into());
+            kw.unwrap_key(blob, &mut out[..]).map_err(bad)?
+        }
+        WrapMechanism::AesKwp | WrapMechanism::AesKwPadSofthsm => {
+            let kw = aes_kw::KwpAes256::new(kek.into());
+            kw.unwrap_key(blob, &mut out[..]).map_err(bad)?
+        }
+        _ => return Err(Error::integrity("unwrapping a data key")),
+    };
+    DekMaterial::from_slice(key)
+}
+
+/// Software AES-KW wrap (RFC 3394) of a 32-byte key.
+pub(crate) fn kw_wrap(kek: &[u8; 32], dek: &DekMaterial) -> Result<Wrapped> {
+    use aes_kw::KeyInit;
+    let kw = aes_kw::KwAes256::new(kek.into());
+    let mut out = [0u8; 40];
+    let blob = kw
+        .wrap_key(dek.expose(), &mut out)
+        .map_err(|_| Error::integrity("wrapping a data key"))?;
+    Ok(Wrapped { mechanism: WrapMechanism::AesKw, blob: blob.to_vec() })
+}

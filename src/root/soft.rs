@@ -1,0 +1,141 @@
+//! The `soft` root: AES-KW (RFC 3394, aes-kw crate) under a 256-bit key in a file.
+//!
+//! For development, CI of code that uses the library, and as an *offline recovery*
+//! root kept on removable media next to a hardware root. It is not hardware: a config
+//! with `require_hardware = true` refuses it, and `doctor` flags it. The key file must
+//! be mode 0600 (or stricter) and holds 32 raw bytes or 64 hex digits.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::{Check, RootIdentity, RootKey, WrapMechanism, Wrapped, kw_unwrap, kw_wrap};
+use crate::error::{Error, Result};
+use crate::secret::DekMaterial;
+
+/// A root key held in a file.
+pub struct SoftRoot {
+    path: PathBuf,
+    key: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for SoftRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftRoot").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl SoftRoot {
+    /// Loads the key from `path`, refusing a file readable by group or others.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta = fs::metadata(path).map_err(|e| Error::Config(format!(
+            "soft root key file {}: {e} (run `tokenguard init` to create it)",
+            path.display()
+        )))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "soft root key file {} is readable by group or others (mode {:o}); chmod 600 it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            )));
+        }
+        let raw = Zeroizing::new(fs::read(path).map_err(Error::io("reading", path))?);
+        let key = parse_key(&raw).ok_or_else(|| {
+            Error::Config(format!(
+                "soft root key file {} must hold 32 raw bytes or 64 hex digits",
+                path.display()
+            ))
+        })?;
+        Ok(SoftRoot { path: path.to_owned(), key })
+    }
+
+    /// Creates a new random key file (mode 0600, never overwriting) and opens it.
+    pub fn create(path: &Path) -> Result<Self> {
+        let key = DekMaterial::random()?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(Error::io("creating soft root key", path))?;
+        f.write_all(key.expose()).map_err(Error::io("writing", path))?;
+        f.sync_all().map_err(Error::io("syncing", path))?;
+        Self::open(path)
+    }
+
+    /// Opens the key file, creating it first when it does not exist.
+    pub fn open_or_create(path: &Path) -> Result<Self> {
+        if path.exists() { Self::open(path) } else { Self::create(path) }
+    }
+}
+
+fn parse_key(raw: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    if raw.len() == 32 {
+        key.copy_from_slice(raw);
+        return Some(key);
+    }
+    let text = std::str::from_utf8(raw).ok()?.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
+        let hi = (chunk[0] as char).to_digit(16)?;
+        let lo = (chunk[1] as char).to_digit(16)?;
+        key[i] = (hi * 16 + lo) as u8;
+    }
+    Some(key)
+}
+
+impl RootKey for SoftRoot {
+    fn backend(&self) -> &'static str {
+        "soft"
+    }
+
+    fn is_hardware(&self) -> bool {
+        false
+    }
+
+    fn identity(&self) -> Result<RootIdentity> {
+        let mut h = Sha256::new();
+        h.update(b"tokenguard/soft-root/fingerprint/v1");
+        h.update(*self.key);
+        let fp: String = h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(RootIdentity {
+            backend: "soft".into(),
+            description: format!("soft key file {} (fingerprint {fp})", self.path.display()),
+            fingerprint: fp,
+        })
+    }
+
+    fn generate_dek(&self) -> Result<(DekMaterial, Wrapped)> {
+        let dek = DekMaterial::random()?;
+        let wrapped = self.wrap(&dek)?;
+        Ok((dek, wrapped))
+    }
+
+    fn wrap(&self, dek: &DekMaterial) -> Result<Wrapped> {
+        kw_wrap(&self.key, dek)
+    }
+
+    fn unwrap(&self, wrapped: &Wrapped) -> Result<DekMaterial> {
+        if wrapped.mechanism != WrapMechanism::AesKw {
+            return Err(Error::integrity("unwrapping a data key"));
+        }
+        kw_unwrap(&self.key, wrapped.mechanism, &wrapped.blob)
+    }
+
+    fn health(&self) -> Vec<Check> {
+        vec![Check::warn(
+            "soft root",
+            format!(
+                "root key is a file ({}), not hardware: for development or an offline recovery root only",
+                self.path.display()
+            ),
+        )]
+    }
+}

@@ -1,0 +1,282 @@
+//! Sealed token records: the encoding, the AAD that binds a record to its place, and
+//! AES-256-GCM seal/open.
+//!
+//! A record is `header ‖ nonce ‖ ciphertext+tag`. The header holds everything that is
+//! not secret (format version, provider, name, DEK version, metadata) and is
+//! authenticated verbatim: the AAD is a domain-separation constant, the store id and
+//! the header bytes. Editing any of them (an expiry, a state, a label), or moving a
+//! record to another provider, name or store, makes the open fail. The exact layout is
+//! in docs/FORMAT.md, with a test vector checked by `tests/format_vector.rs`.
+
+use std::collections::BTreeMap;
+
+use aes_gcm::aead::{Aead, Nonce, Payload};
+use aes_gcm::Aes256Gcm;
+use serde::Serialize;
+
+use crate::codec::{Malformed, Reader, Writer};
+use crate::error::{Error, Result};
+use crate::secret::Secret;
+
+/// Version of the record format written by this build.
+pub const RECORD_FORMAT_V1: u8 = 1;
+
+/// Domain-separation constant at the head of every record's AAD.
+pub const RECORD_AAD_DOMAIN: &[u8] = b"tokenguard/record/v1";
+
+/// Length of the AES-GCM nonce.
+pub const NONCE_LEN: usize = 12;
+
+/// Length of a store id.
+pub const STORE_ID_LEN: usize = 16;
+
+/// Lifecycle state of a stored token (authenticated metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TokenState {
+    /// Usable.
+    Active,
+    /// The provider rejected its refresh token; a human must re-authorise.
+    NeedsReauth,
+    /// Revoked: the secret was erased, only the tombstone remains.
+    Revoked,
+}
+
+impl TokenState {
+    fn code(self) -> u8 {
+        match self {
+            TokenState::Active => 1,
+            TokenState::NeedsReauth => 2,
+            TokenState::Revoked => 3,
+        }
+    }
+
+    fn from_code(c: u8) -> Result<Self, Malformed> {
+        Ok(match c {
+            1 => TokenState::Active,
+            2 => TokenState::NeedsReauth,
+            3 => TokenState::Revoked,
+            _ => return Err(Malformed),
+        })
+    }
+}
+
+/// Whether the sealed secret is a raw secret or a token set (not secret).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretKind {
+    /// One opaque secret.
+    Raw,
+    /// Named fields (OAuth token set).
+    TokenSet,
+}
+
+impl SecretKind {
+    fn code(self) -> u8 {
+        match self {
+            SecretKind::Raw => 1,
+            SecretKind::TokenSet => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Result<Self, Malformed> {
+        match c {
+            1 => Ok(SecretKind::Raw),
+            2 => Ok(SecretKind::TokenSet),
+            _ => Err(Malformed),
+        }
+    }
+
+    pub(crate) fn of(secret: &Secret) -> Self {
+        match secret {
+            Secret::Raw(_) => SecretKind::Raw,
+            Secret::TokenSet(_) => SecretKind::TokenSet,
+        }
+    }
+}
+
+/// Non-secret metadata of a token, authenticated with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Metadata {
+    /// When the token was first stored (unix seconds).
+    pub created: u64,
+    /// When it was last written (unix seconds).
+    pub updated: u64,
+    /// Not-after (unix seconds); `None` for a token that does not expire.
+    pub expires_at: Option<u64>,
+    /// Lifecycle state.
+    pub state: TokenState,
+    /// Raw secret or token set.
+    pub kind: SecretKind,
+    /// OAuth `token_type`, e.g. `Bearer`.
+    pub token_type: Option<String>,
+    /// OAuth scopes, in the order given.
+    pub scopes: Vec<String>,
+    /// Free-form labels (owner, environment, ticket…), sorted by key.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// Whether the token is past its not-after at `now` (unix seconds).
+    pub fn is_expired_at(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|t| now >= t)
+    }
+}
+
+/// Everything about a record except its nonce and ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Provider (e.g. `github`).
+    pub provider: String,
+    /// Token name within the provider.
+    pub name: String,
+    /// Version of the provider DEK that sealed it.
+    pub dek_version: u32,
+    /// Authenticated metadata.
+    pub meta: Metadata,
+}
+
+impl RecordHeader {
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        let m = &self.meta;
+        w.u8(RECORD_FORMAT_V1)
+            .str(&self.provider)
+            .str(&self.name)
+            .u32(self.dek_version)
+            .u64(m.created)
+            .u64(m.updated)
+            .opt_u64(m.expires_at)
+            .u8(m.state.code())
+            .u8(m.kind.code())
+            .opt_str(m.token_type.as_deref())
+            .u32(m.scopes.len() as u32);
+        for s in &m.scopes {
+            w.str(s);
+        }
+        w.u32(m.labels.len() as u32);
+        for (k, v) in &m.labels {
+            w.str(k).str(v);
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, Malformed> {
+        if r.u8()? != RECORD_FORMAT_V1 {
+            return Err(Malformed);
+        }
+        let provider = r.str()?.to_owned();
+        let name = r.str()?.to_owned();
+        let dek_version = r.u32()?;
+        let created = r.u64()?;
+        let updated = r.u64()?;
+        let expires_at = r.opt_u64()?;
+        let state = TokenState::from_code(r.u8()?)?;
+        let kind = SecretKind::from_code(r.u8()?)?;
+        let token_type = r.opt_str()?.map(str::to_owned);
+        let n = r.count(4)?;
+        let mut scopes = Vec::with_capacity(n);
+        for _ in 0..n {
+            scopes.push(r.str()?.to_owned());
+        }
+        let n = r.count(8)?;
+        let mut labels = BTreeMap::new();
+        let mut last: Option<String> = None;
+        for _ in 0..n {
+            let k = r.str()?.to_owned();
+            // Canonical: keys strictly increasing, so one label set has one encoding.
+            if last.as_deref().is_some_and(|l| l >= k.as_str()) {
+                return Err(Malformed);
+            }
+            let v = r.str()?.to_owned();
+            last = Some(k.clone());
+            labels.insert(k, v);
+        }
+        Ok(RecordHeader {
+            provider,
+            name,
+            dek_version,
+            meta: Metadata { created, updated, expires_at, state, kind, token_type, scopes, labels },
+        })
+    }
+}
+
+/// A record split into its parts, borrowing the stored bytes.
+pub struct ParsedRecord<'a> {
+    /// The decoded header.
+    pub header: RecordHeader,
+    header_bytes: &'a [u8],
+    nonce: [u8; NONCE_LEN],
+    ciphertext: &'a [u8],
+}
+
+impl<'a> ParsedRecord<'a> {
+    /// Splits stored record bytes. Malformed input is an integrity failure.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        let bad = |_| Error::integrity("parsing a sealed record");
+        let mut r = Reader::new(bytes);
+        let header = RecordHeader::decode(&mut r).map_err(bad)?;
+        let header_len = bytes.len() - r.remaining();
+        let nonce = r.array::<NONCE_LEN>().map_err(bad)?;
+        let ciphertext = r.bytes().map_err(bad)?;
+        r.finish().map_err(bad)?;
+        Ok(ParsedRecord { header, header_bytes: &bytes[..header_len], nonce, ciphertext })
+    }
+
+    /// Authenticates and decrypts with the DEK of `header.dek_version`.
+    pub(crate) fn open(&self, cipher: &Aes256Gcm, store_id: &[u8; STORE_ID_LEN]) -> Result<Secret> {
+        let aad = record_aad(store_id, self.header_bytes);
+        let nonce = Nonce::<Aes256Gcm>::from(self.nonce);
+        let pt = cipher
+            .decrypt(&nonce, Payload { msg: self.ciphertext, aad: &aad })
+            .map_err(|_| Error::integrity("opening a sealed record"))?;
+        Secret::decode(zeroize::Zeroizing::new(pt))
+    }
+}
+
+/// The AAD of a record: `bytes(RECORD_AAD_DOMAIN) ‖ store_id ‖ header`.
+pub fn record_aad(store_id: &[u8; STORE_ID_LEN], header_bytes: &[u8]) -> Vec<u8> {
+    let mut w = Writer::with_capacity(4 + RECORD_AAD_DOMAIN.len() + STORE_ID_LEN + header_bytes.len());
+    w.bytes(RECORD_AAD_DOMAIN).raw(store_id).raw(header_bytes);
+    w.finish()
+}
+
+/// Seals `secret` under `cipher` into a complete record with a fresh random nonce.
+pub(crate) fn seal_record(
+    cipher: &Aes256Gcm,
+    store_id: &[u8; STORE_ID_LEN],
+    header: &RecordHeader,
+    secret: &Secret,
+) -> Result<Vec<u8>> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|e| Error::Hardware {
+        backend: "os",
+        operation: "getrandom",
+        detail: e.to_string(),
+    })?;
+    seal_record_with_nonce(cipher, store_id, header, secret, nonce)
+}
+
+/// As [`seal_record`] with a caller-chosen nonce. Only for test vectors: a nonce must
+/// never repeat under one key.
+pub(crate) fn seal_record_with_nonce(
+    cipher: &Aes256Gcm,
+    store_id: &[u8; STORE_ID_LEN],
+    header: &RecordHeader,
+    secret: &Secret,
+    nonce: [u8; NONCE_LEN],
+) -> Result<Vec<u8>> {
+    let mut w = Writer::with_capacity(256);
+    header.encode(&mut w);
+    let header_len = w.len();
+    let plaintext = secret.encode();
+    let mut out = w.finish();
+    let aad = record_aad(store_id, &out[..header_len]);
+    let ct = cipher
+        .encrypt(&Nonce::<Aes256Gcm>::from(nonce), Payload { msg: &plaintext, aad: &aad })
+        .map_err(|_| Error::integrity("sealing a record"))?;
+    out.extend_from_slice(&nonce);
+    let mut w = Writer::with_capacity(4 + ct.len());
+    w.bytes(&ct);
+    out.extend_from_slice(&w.finish());
+    Ok(out)
+}

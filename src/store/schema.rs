@@ -1,0 +1,177 @@
+//! Encodings of the store's own structures: wrapped keys, DEK entries, pinned roots.
+//! docs/FORMAT.md specifies each one; all use the canonical codec.
+
+use crate::codec::{Malformed, Reader, Writer};
+use crate::error::{Error, Result};
+use crate::root::{WrapMechanism, Wrapped};
+
+/// Version of the DEK-entry and meta encodings.
+pub const ENTRY_FORMAT_V1: u8 = 1;
+
+/// A wrapped key under one root of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootWrapped {
+    /// The store's id for the root (index into the pinned roots).
+    pub root_id: u16,
+    /// Mechanism and blob.
+    pub wrapped: Wrapped,
+}
+
+pub(crate) fn encode_wrapped_list(w: &mut Writer, list: &[RootWrapped]) {
+    w.u32(list.len() as u32);
+    for rw in list {
+        w.u16(rw.root_id).u16(rw.wrapped.mechanism.code()).bytes(&rw.wrapped.blob);
+    }
+}
+
+pub(crate) fn decode_wrapped_list(r: &mut Reader<'_>) -> Result<Vec<RootWrapped>, Malformed> {
+    let n = r.count(8)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let root_id = r.u16()?;
+        let mechanism = WrapMechanism::from_code(r.u16()?).ok_or(Malformed)?;
+        let blob = r.bytes()?.to_vec();
+        out.push(RootWrapped { root_id, wrapped: Wrapped { mechanism, blob } });
+    }
+    Ok(out)
+}
+
+/// Lifecycle state of a DEK version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DekState {
+    /// Used for new writes (the highest active version) and reads.
+    Active,
+    /// Reads only; a newer version takes the writes.
+    DecryptOnly,
+    /// No record uses it; material kept until destroyed.
+    Retired,
+    /// Material erased (crypto-shredded).
+    Destroyed,
+}
+
+impl DekState {
+    fn code(self) -> u8 {
+        match self {
+            DekState::Active => 1,
+            DekState::DecryptOnly => 2,
+            DekState::Retired => 3,
+            DekState::Destroyed => 4,
+        }
+    }
+
+    fn from_code(c: u8) -> Result<Self, Malformed> {
+        Ok(match c {
+            1 => DekState::Active,
+            2 => DekState::DecryptOnly,
+            3 => DekState::Retired,
+            4 => DekState::Destroyed,
+            _ => return Err(Malformed),
+        })
+    }
+}
+
+/// One DEK version of a provider, wrapped under every root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DekEntry {
+    /// Version number (1, 2, …), never reused.
+    pub version: u32,
+    /// Lifecycle state.
+    pub state: DekState,
+    /// Creation time, unix seconds.
+    pub created: u64,
+    /// Number of records sealed under it (the AES-GCM random-nonce budget).
+    pub encryptions: u64,
+    /// The key wrapped under each root.
+    pub wrapped: Vec<RootWrapped>,
+}
+
+impl DekEntry {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64 + self.wrapped.len() * 48);
+        w.u8(ENTRY_FORMAT_V1).u32(self.version).u8(self.state.code()).u64(self.created).u64(self.encryptions);
+        encode_wrapped_list(&mut w, &self.wrapped);
+        w.finish()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        let f = || -> Result<Self, Malformed> {
+            let mut r = Reader::new(bytes);
+            if r.u8()? != ENTRY_FORMAT_V1 {
+                return Err(Malformed);
+            }
+            let e = DekEntry {
+                version: r.u32()?,
+                state: DekState::from_code(r.u8()?)?,
+                created: r.u64()?,
+                encryptions: r.u64()?,
+                wrapped: decode_wrapped_list(&mut r)?,
+            };
+            r.finish()?;
+            Ok(e)
+        };
+        f().map_err(|_| Error::integrity("decoding a data-key entry"))
+    }
+
+    /// The blob wrapped under `root_id`.
+    pub fn for_root(&self, root_id: u16) -> Option<&Wrapped> {
+        self.wrapped.iter().find(|w| w.root_id == root_id).map(|w| &w.wrapped)
+    }
+}
+
+/// A root pinned in the store.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RootPin {
+    /// The store's id for this root.
+    pub root_id: u16,
+    /// `backend:fingerprint`, compared at open.
+    pub pin: String,
+    /// Human description.
+    pub description: String,
+}
+
+pub(crate) fn encode_roots(roots: &[RootPin]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u8(ENTRY_FORMAT_V1).u32(roots.len() as u32);
+    for r in roots {
+        w.u16(r.root_id).str(&r.pin).str(&r.description);
+    }
+    w.finish()
+}
+
+pub(crate) fn decode_roots(bytes: &[u8]) -> Result<Vec<RootPin>> {
+    let f = || -> Result<Vec<RootPin>, Malformed> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != ENTRY_FORMAT_V1 {
+            return Err(Malformed);
+        }
+        let n = r.count(10)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(RootPin { root_id: r.u16()?, pin: r.str()?.to_owned(), description: r.str()?.to_owned() });
+        }
+        r.finish()?;
+        Ok(out)
+    };
+    f().map_err(|_| Error::integrity("decoding the pinned roots"))
+}
+
+pub(crate) fn encode_wrapped_key(list: &[RootWrapped]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u8(ENTRY_FORMAT_V1);
+    encode_wrapped_list(&mut w, list);
+    w.finish()
+}
+
+pub(crate) fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
+    let f = || -> Result<Vec<RootWrapped>, Malformed> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != ENTRY_FORMAT_V1 {
+            return Err(Malformed);
+        }
+        let l = decode_wrapped_list(&mut r)?;
+        r.finish()?;
+        Ok(l)
+    };
+    f().map_err(|_| Error::integrity("decoding the store's wrapped integrity key"))
+}
