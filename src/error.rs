@@ -230,6 +230,9 @@ impl Error {
                 "see hsm-config/ for commented reference configurations".into()
             }
             Error::StoreExists(_) => "choose another store path, or use the existing store".into(),
+            Error::BackendNotCompiled(b) => {
+                format!("rebuild with `cargo build --features {b}`, or remove that root from the config")
+            }
             _ => return None,
         })
     }

@@ -280,3 +280,27 @@ pub(crate) fn seal_record_with_nonce(
     out.extend_from_slice(&w.finish());
     Ok(out)
 }
+
+/// Opens a record with its DEK given directly: the whole decoding and check a
+/// reader needs (docs/FORMAT.md), used by the format test vector, property tests and
+/// fuzzing. A service never needs it: the guard finds and unwraps the DEK itself.
+pub fn open_record_with_key(dek: &[u8; 32], store_id: &[u8; STORE_ID_LEN], bytes: &[u8]) -> Result<(RecordHeader, Secret)> {
+    use aes_gcm::KeyInit;
+    let rec = ParsedRecord::parse(bytes)?;
+    let cipher = Aes256Gcm::new(dek.into());
+    let secret = rec.open(&cipher, store_id)?;
+    Ok((rec.header, secret))
+}
+
+/// Seals a record with a given DEK and nonce. Only for test vectors: a nonce must
+/// never repeat under one key, which is why the guard always draws a random one.
+pub fn seal_record_for_test_vector(
+    dek: &[u8; 32],
+    store_id: &[u8; STORE_ID_LEN],
+    header: &RecordHeader,
+    secret: &Secret,
+    nonce: [u8; NONCE_LEN],
+) -> Result<Vec<u8>> {
+    use aes_gcm::KeyInit;
+    seal_record_with_nonce(&Aes256Gcm::new(dek.into()), store_id, header, secret, nonce)
+}

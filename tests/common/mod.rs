@@ -1,0 +1,196 @@
+//! Hermetic fixtures on a real SoftHSM2 token.
+//!
+//! Each test binary gets its own SoftHSM2 token directory, `softhsm2.conf` and token
+//! (initialised once, in-process, before any guard loads the module). Each test gets
+//! its own root key (unique label) and its own store directory, so tests run in
+//! parallel without sharing state. A missing SoftHSM2 is a failure, never a skip.
+#![allow(dead_code, unsafe_code, clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokenguard::config::{Config, RootUse};
+use tokenguard::{GuardOptions, TokenGuard};
+
+pub const TOKEN_LABEL: &str = "tg-test";
+
+pub struct SoftHsm {
+    pub dir: PathBuf,
+    pub module: PathBuf,
+    pub conf: PathBuf,
+    pub pin_file: PathBuf,
+    pub serial: String,
+}
+
+pub fn module_path() -> PathBuf {
+    if let Ok(p) = std::env::var("TOKENGUARD_TEST_PKCS11_MODULE") {
+        return PathBuf::from(p);
+    }
+    for p in [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("SoftHSM2 is not installed: run ./softhsm-setup.sh --deps-only (tests never skip a missing component)");
+}
+
+fn tmp_base() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// The per-binary token. Initialised once; sets SOFTHSM2_CONF for this process.
+pub fn softhsm() -> &'static SoftHsm {
+    static HSM: OnceLock<SoftHsm> = OnceLock::new();
+    HSM.get_or_init(|| {
+        let module = module_path();
+        let dir = tempfile::Builder::new().prefix("tg-hsm-").tempdir_in(tmp_base()).unwrap().keep();
+        std::fs::create_dir_all(dir.join("tokens")).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", dir.join("tokens").display()),
+        )
+        .unwrap();
+        // SAFETY: runs once, inside OnceLock initialisation, before this process
+        // loads the PKCS#11 module; test threads that need the module all wait on
+        // this OnceLock first.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
+        let pin_file = dir.join("user.pin");
+        write_0600(&pin_file, b"test-user-pin-1234");
+        let so = secrecy::SecretString::from("test-so-pin-5678".to_string());
+        let user = secrecy::SecretString::from("test-user-pin-1234".to_string());
+        let serial = tokenguard::root::pkcs11::init_token(&module, TOKEN_LABEL, &so, &user).unwrap();
+        SoftHsm { dir, module, conf, pin_file, serial }
+    })
+}
+
+pub fn write_0600(path: &Path, data: &[u8]) {
+    std::fs::write(path, data).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// One test's world: its own key label, store directory and config file.
+pub struct TestEnv {
+    pub dir: PathBuf,
+    pub key_label: String,
+    pub config_path: PathBuf,
+    pub store_path: PathBuf,
+}
+
+impl TestEnv {
+    pub fn new(name: &str) -> Self {
+        Self::with_config(name, "")
+    }
+
+    /// `extra_store` is appended to the [store] section.
+    pub fn with_config(name: &str, extra_store: &str) -> Self {
+        let hsm = softhsm();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let key_label = format!("{name}-{}-{n}", std::process::id());
+        let dir = tempfile::Builder::new().prefix(&format!("tg-{name}-")).tempdir_in(tmp_base()).unwrap().keep();
+        let store_path = dir.join("store").join("tokens.redb");
+        let config_path = dir.join("tokenguard.toml");
+        let text = format!(
+            r#"require_hardware = true
+[store]
+path = "{store}"
+busy_timeout_ms = 2000
+{extra_store}
+[[roots]]
+backend = "pkcs11"
+module = "{module}"
+token_label = "{TOKEN_LABEL}"
+key_label = "{key_label}"
+pin_source = "file:{pin}"
+[roots.env]
+SOFTHSM2_CONF = "{conf}"
+"#,
+            store = store_path.display(),
+            module = hsm.module.display(),
+            pin = hsm.pin_file.display(),
+            conf = hsm.conf.display(),
+        );
+        std::fs::write(&config_path, text).unwrap();
+        TestEnv { dir, key_label, config_path, store_path }
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).unwrap()
+    }
+
+    /// `init` through the library.
+    pub fn init(&self) -> TokenGuard {
+        self.config().init_guard().unwrap()
+    }
+
+    pub fn open(&self) -> TokenGuard {
+        self.try_open().unwrap()
+    }
+
+    pub fn try_open(&self) -> tokenguard::Result<TokenGuard> {
+        let c = self.config();
+        let roots = c.build_roots(RootUse::Open)?;
+        TokenGuard::open(&c.store.path, c.store_options(), roots, GuardOptions { actor: "test".into(), ..c.guard_options() })
+    }
+
+    /// A `tokenguard` command with this env's config.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tokenguard"));
+        c.env("TOKENGUARD_CONFIG", &self.config_path).env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs the CLI with `args` and `stdin`.
+    pub fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
+        run_cmd(self.cli().args(args), stdin)
+    }
+}
+
+pub fn run_cmd(cmd: &mut Command, stdin: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // The child may exit before reading its input (an early error): ignore EPIPE.
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    child.wait_with_output().unwrap()
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every file below `dir`, recursively.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
