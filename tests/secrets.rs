@@ -1,0 +1,212 @@
+//! A distinctive token must never appear outside `get`'s stdout: not in the store
+//! file, the SoftHSM2 token directory, a backup, stderr at RUST_LOG=trace, any
+//! `Debug` or error output. Files are created 0600 (directories 0700). The root key
+//! cannot be read out of the token.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::{TestEnv, code, contains, files_below, stderr};
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
+use cryptoki::session::UserType;
+
+const CANARY: &str = "ghp_CANARY_9f8e7d6c5b4a39281706";
+const CANARY_REFRESH: &str = "1//CANARY_REFRESH_0a1b2c3d4e5f";
+
+#[test]
+fn the_canary_never_leaks() {
+    let env = TestEnv::new("leak");
+    let o = env.run(&["init"], b"");
+    assert_eq!(code(&o), 0);
+    let mut logs = Vec::new();
+    let trace = |args: &[&str], stdin: &[u8]| {
+        let o = common::run_cmd(env.cli().env("RUST_LOG", "trace").args(args), stdin);
+        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
+        o
+    };
+    logs.push(trace(&["put", "github", "canary"], CANARY.as_bytes()));
+    let set = format!(r#"{{"access_token":"{CANARY}","refresh_token":"{CANARY_REFRESH}","expires_in":600}}"#);
+    logs.push(trace(&["put", "google", "canary"], set.as_bytes()));
+    let got = trace(&["get", "github", "canary"], b"");
+    assert_eq!(got.stdout, CANARY.as_bytes(), "get prints the secret on stdout, exactly");
+    let got = trace(&["get", "google", "canary", "--field", "refresh_token"], b"");
+    assert_eq!(got.stdout, CANARY_REFRESH.as_bytes());
+    logs.push(got);
+    logs.push(trace(&["list", "--json"], b""));
+    logs.push(trace(&["stats", "--json"], b""));
+    logs.push(trace(&["doctor"], b""));
+    logs.push(trace(&["audit", "list", "--json"], b""));
+    let backup = env.dir.join("b.tgbackup");
+    logs.push(trace(&["backup", backup.to_str().unwrap()], b""));
+
+    let mut saw_trace = false;
+    for o in &logs {
+        saw_trace |= !o.stderr.is_empty();
+        for c in [CANARY, CANARY_REFRESH] {
+            assert!(!contains(&o.stderr, c.as_bytes()), "stderr leaks: {}", stderr(o));
+        }
+    }
+    assert!(saw_trace, "RUST_LOG=trace produced no log at all: the check would be vacuous");
+    for o in &logs[2..] {
+        // Outputs other than `get` never carry the secret.
+        if o.stdout != CANARY_REFRESH.as_bytes() {
+            assert!(!contains(&o.stdout, CANARY.as_bytes()), "stdout leaks: {}", String::from_utf8_lossy(&o.stdout));
+        }
+    }
+
+    // Files at rest: the store, its directory, the backup, the whole token directory.
+    let mut scanned = 0;
+    for f in files_below(&env.dir).into_iter().chain(files_below(&common::softhsm().dir)) {
+        let bytes = std::fs::read(&f).unwrap();
+        for c in [CANARY, CANARY_REFRESH] {
+            assert!(!contains(&bytes, c.as_bytes()), "{} contains the plaintext", f.display());
+        }
+        scanned += 1;
+    }
+    assert!(scanned >= 4, "scanned only {scanned} files");
+
+    // Modes: store 0600 in a 0700 directory; backup 0600.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&env.store_path), 0o600);
+    assert_eq!(mode(env.store_path.parent().unwrap()), 0o700);
+    assert_eq!(mode(&backup), 0o600);
+}
+
+#[test]
+fn debug_and_errors_never_show_secrets_or_pins() {
+    let env = TestEnv::new("debug");
+    let g = env.init();
+    g.put("github", "canary", tokenguard::Secret::raw(CANARY.as_bytes().to_vec()), Default::default()).unwrap();
+    let secret = g.get("github", "canary").unwrap();
+    let config = env.config();
+    let settings = match &config.roots[0] {
+        tokenguard::config::RootConfig::Pkcs11(p) => config.pkcs11_settings(p).unwrap(),
+        _ => unreachable!(),
+    };
+    let pin = std::fs::read_to_string(&common::softhsm().pin_file).unwrap();
+    let dbg = format!("{secret:?} {g:?} {config:?} {settings:?} {:?}", g.stats().unwrap());
+    assert!(!dbg.contains(CANARY), "{dbg}");
+    assert!(!dbg.contains(pin.trim()), "{dbg}");
+    assert!(dbg.contains("REDACTED"), "{dbg}");
+
+    // Every error the guard can produce here, with a secret and the PIN around.
+    let errors = [
+        g.get("github", "nobody").unwrap_err(),
+        g.put("git hub", CANARY, tokenguard::Secret::raw(CANARY.as_bytes().to_vec()), Default::default()).unwrap_err(),
+        tokenguard::config::resolve_pin("env:TG_NO_SUCH_VAR", std::path::Path::new("/")).unwrap_err(),
+    ];
+    for e in &errors {
+        let text = format!("{e} {e:?} {:?}", e.hint());
+        assert!(!text.contains(CANARY) && !text.contains(pin.trim()), "{text}");
+    }
+}
+
+#[test]
+fn the_root_key_cannot_be_read_out_of_the_token() {
+    let env = TestEnv::new("rootkey");
+    drop(env.init());
+    let hsm = common::softhsm();
+    let ctx = Pkcs11::new(&hsm.module).unwrap();
+    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(cryptoki::context::CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == common::TOKEN_LABEL)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    let pin = secrecy::SecretString::from(std::fs::read_to_string(&hsm.pin_file).unwrap());
+    match session.login(UserType::User, Some(&pin)) {
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("login: {e}"),
+    }
+    let keys = session
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(env.key_label.as_bytes().to_vec())])
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    let k = keys[0];
+    // CKA_VALUE access is refused (get_attributes would hide this; ask for the info).
+    let info = session.get_attribute_info(k, &[AttributeType::Value]).unwrap();
+    assert!(matches!(info[0], AttributeInfo::Sensitive), "{info:?}");
+    let attrs = session
+        .get_attributes(
+            k,
+            &[
+                AttributeType::KeyType,
+                AttributeType::Token,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+                AttributeType::Local,
+                AttributeType::Wrap,
+                AttributeType::Unwrap,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+                AttributeType::Sign,
+                AttributeType::Derive,
+                AttributeType::ValueLen,
+            ],
+        )
+        .unwrap();
+    let want = [
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::NeverExtractable(true),
+        Attribute::Local(true),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Derive(false),
+        Attribute::ValueLen(32.into()),
+    ];
+    for w in want {
+        assert!(attrs.contains(&w), "missing {w:?} in {attrs:?}");
+    }
+    // Wrapping the KEK with itself (an export attempt) is refused.
+    assert!(session.wrap_key(&Mechanism::AesKeyWrap, k, k).is_err());
+}
+
+#[test]
+fn an_extractable_key_is_never_adopted_as_root() {
+    let env = TestEnv::new("adopt");
+    let hsm = common::softhsm();
+    let ctx = Pkcs11::new(&hsm.module).unwrap();
+    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(cryptoki::context::CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == common::TOKEN_LABEL)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    let pin = secrecy::SecretString::from(std::fs::read_to_string(&hsm.pin_file).unwrap());
+    let _ = session.login(UserType::User, Some(&pin));
+    session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Wrap(true),
+                Attribute::Unwrap(true),
+                Attribute::Label(env.key_label.as_bytes().to_vec()),
+            ],
+        )
+        .unwrap();
+    let o = env.run(&["init"], b"");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("must be CKA_SENSITIVE=true and CKA_EXTRACTABLE=false"), "{}", stderr(&o));
+    assert!(!env.store_path.exists());
+}
