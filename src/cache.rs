@@ -29,7 +29,11 @@ pub struct CacheLimits {
 
 impl Default for CacheLimits {
     fn default() -> Self {
-        CacheLimits { max_entries: 1024, max_age: Duration::from_secs(3600), max_uses: 1 << 32 }
+        CacheLimits {
+            max_entries: 1024,
+            max_age: Duration::from_secs(3600),
+            max_uses: 1 << 32,
+        }
     }
 }
 
@@ -113,7 +117,12 @@ impl DekCache {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum()
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     pub(crate) fn hits(&self) -> u64 {

@@ -61,7 +61,9 @@ pub enum Error {
     /// A sealed record, wrapped key, backup or the store itself failed its integrity
     /// check. Opaque on purpose: the cause (tampering, corruption, a record moved or
     /// edited, a key that does not belong to this store) is not distinguished.
-    #[error("integrity check failed while {context}: the data was modified, is corrupt, or was not sealed for this store")]
+    #[error(
+        "integrity check failed while {context}: the data was modified, is corrupt, or was not sealed for this store"
+    )]
     Integrity {
         /// What was being checked (never secret material).
         context: &'static str,
@@ -176,7 +178,9 @@ pub enum Error {
     },
 
     /// A backend was named that this build does not include.
-    #[error("backend {0:?} is not compiled into this build (enable the cargo feature of the same name)")]
+    #[error(
+        "backend {0:?} is not compiled into this build (enable the cargo feature of the same name)"
+    )]
     BackendNotCompiled(&'static str),
 }
 
@@ -241,9 +245,16 @@ impl Error {
         Error::Integrity { context }
     }
 
-    pub(crate) fn io(operation: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(
+        operation: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| Error::Io { operation, path, source }
+        move |source| Error::Io {
+            operation,
+            path,
+            source,
+        }
     }
 }
 

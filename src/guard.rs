@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
@@ -23,14 +23,19 @@ use crate::audit::{self, AuditEvent, AuditReport, NewEvent};
 use crate::cache::{CacheLimits, CachedDek, DekCache};
 use crate::error::{Error, Result};
 use crate::root::{Check, RootKey};
-use crate::seal::{self, Metadata, ParsedRecord, RecordHeader, STORE_ID_LEN, SecretKind, TokenState};
+use crate::seal::{
+    self, Metadata, ParsedRecord, RecordHeader, STORE_ID_LEN, SecretKind, TokenState,
+};
 use crate::secret::{DekMaterial, Secret};
 use crate::store::schema::{self, DekEntry, DekState, RootPin, RootWrapped};
 use crate::store::{self as st, Store, StoreOptions};
 
 /// Current time in unix seconds.
 pub(crate) fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Options of a guard beyond its store and roots.
@@ -196,7 +201,8 @@ const MAX_SECRET: usize = 64 * 1024;
 pub fn validate_ident(kind: &str, s: &str) -> Result<()> {
     let ok = !s.is_empty()
         && s.len() <= MAX_IDENT
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@+:-".contains(&b));
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@+:-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -223,7 +229,9 @@ fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
         }
     }
     if roots.is_empty() {
-        return Err(Error::Config("no root is configured: add a [[roots]] section".into()));
+        return Err(Error::Config(
+            "no root is configured: add a [[roots]] section".into(),
+        ));
     }
     Ok(())
 }
@@ -241,29 +249,54 @@ fn random_array<const N: usize>() -> Result<[u8; N]> {
 impl TokenGuard {
     /// Creates a new store at `path` pinned to `roots`; every root wraps the store's
     /// integrity key (and later every DEK).
-    pub fn create(path: &Path, store_opts: StoreOptions, roots: Vec<Box<dyn RootKey>>, opts: GuardOptions) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        store_opts: StoreOptions,
+        roots: Vec<Box<dyn RootKey>>,
+        opts: GuardOptions,
+    ) -> Result<Self> {
         check_hardware(&roots, opts.require_hardware)?;
         let mut pins = Vec::new();
         for (i, r) in roots.iter().enumerate() {
             let id = r.identity()?;
-            pins.push(RootPin { root_id: i as u16 + 1, pin: id.pin(), description: id.description });
+            pins.push(RootPin {
+                root_id: i as u16 + 1,
+                pin: id.pin(),
+                description: id.description,
+            });
         }
         let ik = DekMaterial::random()?;
         let mut wrapped = Vec::new();
         for (r, p) in roots.iter().zip(&pins) {
-            wrapped.push(RootWrapped { root_id: p.root_id, wrapped: r.wrap(&ik)? });
+            wrapped.push(RootWrapped {
+                root_id: p.root_id,
+                wrapped: r.wrap(&ik)?,
+            });
         }
         let store_id = random_array::<STORE_ID_LEN>()?;
         let store = Store::create(path, store_opts)?;
-        let active = roots.into_iter().zip(&pins).map(|(key, p)| ActiveRoot { root_id: p.root_id, key }).collect();
+        let active = roots
+            .into_iter()
+            .zip(&pins)
+            .map(|(key, p)| ActiveRoot {
+                root_id: p.root_id,
+                key,
+            })
+            .collect();
         let inner = Inner::new(store, store_id, active, pins.clone(), &ik, opts);
-        inner.counters.wraps.fetch_add(wrapped.len() as u64, Ordering::Relaxed);
+        inner
+            .counters
+            .wraps
+            .fetch_add(wrapped.len() as u64, Ordering::Relaxed);
         inner.store.write(|txn| {
             let mut meta = txn.open_table(st::META)?;
             meta.insert(st::META_SCHEMA, st::SCHEMA_VERSION.to_be_bytes().as_slice())?;
             meta.insert(st::META_STORE_ID, store_id.as_slice())?;
             meta.insert(st::META_ROOTS, schema::encode_roots(&pins).as_slice())?;
-            meta.insert(st::META_INTEGRITY_KEY, schema::encode_wrapped_key(&wrapped).as_slice())?;
+            meta.insert(
+                st::META_INTEGRITY_KEY,
+                schema::encode_wrapped_key(&wrapped).as_slice(),
+            )?;
             meta.insert(st::META_CREATED, now().to_be_bytes().as_slice())?;
             drop(meta);
             // Create every table now, so readers never meet a missing one.
@@ -273,34 +306,62 @@ impl TokenGuard {
             txn.open_table(st::BY_EXPIRY)?;
             txn.open_table(st::TOMBSTONES)?;
             txn.open_table(st::AUDIT)?;
-            let detail = pins.iter().map(|p| p.description.as_str()).collect::<Vec<_>>().join("; ");
-            inner.audit(txn, NewEvent { op: "init", outcome: "ok", detail, ..Default::default() })
+            let detail = pins
+                .iter()
+                .map(|p| p.description.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            inner.audit(
+                txn,
+                NewEvent {
+                    op: "init",
+                    outcome: "ok",
+                    detail,
+                    ..Default::default()
+                },
+            )
         })?;
         tracing::info!(path = %path.display(), roots = pins.len(), "created store");
-        Ok(TokenGuard { inner: Arc::new(inner) })
+        Ok(TokenGuard {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Opens an existing store. At least one of `roots` must be pinned in it and must
     /// unwrap the store's integrity key; otherwise [`Error::WrongRoot`].
-    pub fn open(path: &Path, store_opts: StoreOptions, roots: Vec<Box<dyn RootKey>>, opts: GuardOptions) -> Result<Self> {
+    pub fn open(
+        path: &Path,
+        store_opts: StoreOptions,
+        roots: Vec<Box<dyn RootKey>>,
+        opts: GuardOptions,
+    ) -> Result<Self> {
         check_hardware(&roots, opts.require_hardware)?;
         let store = Store::open(path, store_opts)?;
         let txn = store.read()?;
-        let schema_bytes = st::meta_get(&txn, st::META_SCHEMA)?.ok_or_else(|| Error::integrity("reading the store schema version"))?;
+        let schema_bytes = st::meta_get(&txn, st::META_SCHEMA)?
+            .ok_or_else(|| Error::integrity("reading the store schema version"))?;
         let version = u32::from_be_bytes(
-            schema_bytes.as_slice().try_into().map_err(|_| Error::integrity("reading the store schema version"))?,
+            schema_bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::integrity("reading the store schema version"))?,
         );
         if version != st::SCHEMA_VERSION {
-            return Err(Error::UnsupportedVersion { found: version, supported: st::SCHEMA_VERSION });
+            return Err(Error::UnsupportedVersion {
+                found: version,
+                supported: st::SCHEMA_VERSION,
+            });
         }
         let store_id: [u8; STORE_ID_LEN] = st::meta_get(&txn, st::META_STORE_ID)?
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| Error::integrity("reading the store id"))?;
         let pins = schema::decode_roots(
-            &st::meta_get(&txn, st::META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?,
+            &st::meta_get(&txn, st::META_ROOTS)?
+                .ok_or_else(|| Error::integrity("reading the pinned roots"))?,
         )?;
         let wrapped_ik = schema::decode_wrapped_key(
-            &st::meta_get(&txn, st::META_INTEGRITY_KEY)?.ok_or_else(|| Error::integrity("reading the integrity key"))?,
+            &st::meta_get(&txn, st::META_INTEGRITY_KEY)?
+                .ok_or_else(|| Error::integrity("reading the integrity key"))?,
         )?;
         drop(txn);
 
@@ -309,11 +370,18 @@ impl TokenGuard {
         let active = roots
             .into_iter()
             .enumerate()
-            .filter_map(|(i, key)| matched.iter().find(|(j, _)| *j == i).map(|(_, id)| ActiveRoot { root_id: *id, key }))
+            .filter_map(|(i, key)| {
+                matched
+                    .iter()
+                    .find(|(j, _)| *j == i)
+                    .map(|(_, id)| ActiveRoot { root_id: *id, key })
+            })
             .collect();
         let inner = Inner::new(store, store_id, active, pins, &ik, opts);
         inner.counters.unwraps.fetch_add(1, Ordering::Relaxed);
-        Ok(TokenGuard { inner: Arc::new(inner) })
+        Ok(TokenGuard {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The store's random id (bound into every record's AAD).
@@ -332,8 +400,19 @@ impl TokenGuard {
     }
 
     /// Seals and stores `secret` under (provider, name), replacing any earlier value.
-    pub fn put(&self, provider: &str, name: &str, secret: Secret, options: PutOptions) -> Result<Metadata> {
-        let item = PutItem { provider: provider.into(), name: name.into(), secret, options };
+    pub fn put(
+        &self,
+        provider: &str,
+        name: &str,
+        secret: Secret,
+        options: PutOptions,
+    ) -> Result<Metadata> {
+        let item = PutItem {
+            provider: provider.into(),
+            name: name.into(),
+            secret,
+            options,
+        };
         let mut out = self.put_items(std::slice::from_ref(&item), "put")?;
         Ok(out.remove(0))
     }
@@ -354,12 +433,16 @@ impl TokenGuard {
                 Secret::TokenSet(t) => t.iter().map(|(n, v)| n.len() + v.len()).sum(),
             };
             if size == 0 || size > MAX_SECRET {
-                return Err(Error::InvalidInput(format!("a secret must be 1 to {MAX_SECRET} bytes")));
+                return Err(Error::InvalidInput(format!(
+                    "a secret must be 1 to {MAX_SECRET} bytes"
+                )));
             }
             for (k, v) in &it.options.labels {
                 validate_ident("label key", k)?;
                 if v.len() > 256 || v.chars().any(char::is_control) {
-                    return Err(Error::InvalidInput("label values are at most 256 printable characters".into()));
+                    return Err(Error::InvalidInput(
+                        "label values are at most 256 printable characters".into(),
+                    ));
                 }
             }
         }
@@ -412,7 +495,8 @@ impl TokenGuard {
                         labels: it.options.labels.clone(),
                     },
                 };
-                let record = seal::seal_record(&cipher.cipher, &inner.store_id, &header, &it.secret)?;
+                let record =
+                    seal::seal_record(&cipher.cipher, &inner.store_id, &header, &it.secret)?;
                 tokens.insert((it.provider.as_str(), it.name.as_str()), record.as_slice())?;
                 by_dek.insert((it.provider.as_str(), *version, it.name.as_str()), ())?;
                 if let Some(e) = it.options.expires_at {
@@ -425,9 +509,26 @@ impl TokenGuard {
             inner.count_encryptions(txn, &deks)?;
             if items.len() == 1 {
                 let it = &items[0];
-                inner.audit(txn, NewEvent { op, provider: &it.provider, name: &it.name, outcome: "ok", detail: String::new() })?;
+                inner.audit(
+                    txn,
+                    NewEvent {
+                        op,
+                        provider: &it.provider,
+                        name: &it.name,
+                        outcome: "ok",
+                        detail: String::new(),
+                    },
+                )?;
             } else {
-                inner.audit(txn, NewEvent { op, outcome: "ok", detail: format!("{} tokens", items.len()), ..Default::default() })?;
+                inner.audit(
+                    txn,
+                    NewEvent {
+                        op,
+                        outcome: "ok",
+                        detail: format!("{} tokens", items.len()),
+                        ..Default::default()
+                    },
+                )?;
             }
             Ok(out)
         })
@@ -436,18 +537,26 @@ impl TokenGuard {
     /// Opens the token (provider, name). Fails with [`Error::Expired`] past its
     /// not-after and [`Error::Revoked`] once revoked.
     pub fn get(&self, provider: &str, name: &str) -> Result<Secret> {
-        self.get_with(provider, name, GetOptions::default()).map(|(s, _)| s)
+        self.get_with(provider, name, GetOptions::default())
+            .map(|(s, _)| s)
     }
 
     /// As [`TokenGuard::get`], with options, returning the metadata too.
-    pub fn get_with(&self, provider: &str, name: &str, opts: GetOptions) -> Result<(Secret, Metadata)> {
+    pub fn get_with(
+        &self,
+        provider: &str,
+        name: &str,
+        opts: GetOptions,
+    ) -> Result<(Secret, Metadata)> {
         let inner = &*self.inner;
         let txn = inner.store.read()?;
         let tokens = txn.open_table(st::TOKENS)?;
-        let guard = tokens.get((provider, name))?.ok_or_else(|| Error::NotFound {
-            provider: provider.into(),
-            name: name.into(),
-        })?;
+        let guard = tokens
+            .get((provider, name))?
+            .ok_or_else(|| Error::NotFound {
+                provider: provider.into(),
+                name: name.into(),
+            })?;
         let rec = ParsedRecord::parse(guard.value())?;
         // The AAD binds the header to the ciphertext; this binds the header to the key
         // the record is stored under, so a record copied to another slot fails.
@@ -459,12 +568,23 @@ impl TokenGuard {
         let meta = rec.header.meta;
         drop(guard);
         if meta.state == TokenState::Revoked {
-            let (at, reason) = inner.tombstone(&txn, provider, name)?.unwrap_or((meta.updated, "revoked".into()));
-            return Err(Error::Revoked { provider: provider.into(), name: name.into(), revoked_at: at, reason });
+            let (at, reason) = inner
+                .tombstone(&txn, provider, name)?
+                .unwrap_or((meta.updated, "revoked".into()));
+            return Err(Error::Revoked {
+                provider: provider.into(),
+                name: name.into(),
+                revoked_at: at,
+                reason,
+            });
         }
         if !opts.allow_expired {
             if let Some(e) = meta.expires_at.filter(|_| meta.is_expired_at(now())) {
-                return Err(Error::Expired { provider: provider.into(), name: name.into(), expired_at: e });
+                return Err(Error::Expired {
+                    provider: provider.into(),
+                    name: name.into(),
+                    expired_at: e,
+                });
             }
         }
         Ok((secret, meta))
@@ -514,24 +634,46 @@ impl TokenGuard {
             let mut tokens = txn.open_table(st::TOKENS)?;
             let old = tokens.remove((provider, name))?.map(|g| g.value().to_vec());
             let Some(old) = old else {
-                return Err(Error::NotFound { provider: provider.into(), name: name.into() });
+                return Err(Error::NotFound {
+                    provider: provider.into(),
+                    name: name.into(),
+                });
             };
             drop(tokens);
             if let Ok(rec) = ParsedRecord::parse(&old) {
                 let h = rec.header;
-                txn.open_table(st::BY_DEK)?.remove((provider, h.dek_version, name))?;
+                txn.open_table(st::BY_DEK)?
+                    .remove((provider, h.dek_version, name))?;
                 if let Some(e) = h.meta.expires_at {
                     txn.open_table(st::BY_EXPIRY)?.remove((e, provider, name))?;
                 }
             }
-            inner.audit(txn, NewEvent { op: "delete", provider, name, outcome: "ok", detail: String::new() })
+            inner.audit(
+                txn,
+                NewEvent {
+                    op: "delete",
+                    provider,
+                    name,
+                    outcome: "ok",
+                    detail: String::new(),
+                },
+            )
         })
     }
 
     /// Records an audit event on its own (used by the CLI for reads and failures).
     pub fn audit_event(&self, op: &str, provider: &str, name: &str, outcome: &str) -> Result<()> {
         self.inner.store.write(|txn| {
-            self.inner.audit(txn, NewEvent { op, provider, name, outcome, detail: String::new() })
+            self.inner.audit(
+                txn,
+                NewEvent {
+                    op,
+                    provider,
+                    name,
+                    outcome,
+                    detail: String::new(),
+                },
+            )
         })
     }
 
@@ -564,11 +706,22 @@ impl TokenGuard {
             let (k, v) = item?;
             let (p, ver) = k.value();
             let e = DekEntry::decode(v.value())?;
-            let records = by_dek.range((p, ver, "")..)?.take_while(|r| r.as_ref().is_ok_and(|(k, _)| {
-                let (kp, kv, _) = k.value();
-                kp == p && kv == ver
-            })).count() as u64;
-            deks.push(DekInfo { provider: p.into(), version: ver, state: e.state, encryptions: e.encryptions, records });
+            let records = by_dek
+                .range((p, ver, "")..)?
+                .take_while(|r| {
+                    r.as_ref().is_ok_and(|(k, _)| {
+                        let (kp, kv, _) = k.value();
+                        kp == p && kv == ver
+                    })
+                })
+                .count() as u64;
+            deks.push(DekInfo {
+                provider: p.into(),
+                version: ver,
+                state: e.state,
+                encryptions: e.encryptions,
+                records,
+            });
         }
         let audit_events = txn.open_table(st::AUDIT)?.len()?;
         Ok(Stats {
@@ -602,30 +755,54 @@ impl TokenGuard {
             out.push(Check::new(
                 format!("root {} pinned", p.root_id),
                 true,
-                format!("{}{}", p.description, if configured { " (configured, opens the store)" } else { " (not configured here)" }),
+                format!(
+                    "{}{}",
+                    p.description,
+                    if configured {
+                        " (configured, opens the store)"
+                    } else {
+                        " (not configured here)"
+                    }
+                ),
             ));
         }
         let perms = inner.store.permission_problems();
         out.push(Check::new(
             "store permissions",
             perms.is_empty(),
-            if perms.is_empty() { "file 600, directory 700".into() } else { perms.join("; ") },
+            if perms.is_empty() {
+                "file 600, directory 700".into()
+            } else {
+                perms.join("; ")
+            },
         ));
         out.push(match self.check_all_deks() {
-            Ok(n) => Check::new("wrapped DEKs unwrap", true, format!("{n} wrapped DEKs opened under the configured roots")),
+            Ok(n) => Check::new(
+                "wrapped DEKs unwrap",
+                true,
+                format!("{n} wrapped DEKs opened under the configured roots"),
+            ),
             Err(e) => Check::new("wrapped DEKs unwrap", false, e.to_string()),
         });
         out.push(match self.scan_records() {
-            Ok((n, bad)) if bad.is_empty() => Check::new("record integrity scan", true, format!("{n} records open")),
+            Ok((n, bad)) if bad.is_empty() => {
+                Check::new("record integrity scan", true, format!("{n} records open"))
+            }
             Ok((n, bad)) => Check::new(
                 "record integrity scan",
                 false,
-                format!("{} of {n} records fail to open: {}", bad.len(), bad.join(", ")),
+                format!(
+                    "{} of {n} records fail to open: {}",
+                    bad.len(),
+                    bad.join(", ")
+                ),
             ),
             Err(e) => Check::new("record integrity scan", false, e.to_string()),
         });
         out.push(match self.audit_verify() {
-            Ok(r) if r.first_bad.is_none() => Check::new("audit chain", true, format!("{} events verified", r.events)),
+            Ok(r) if r.first_bad.is_none() => {
+                Check::new("audit chain", true, format!("{} events verified", r.events))
+            }
             Ok(r) => {
                 let (seq, why) = r.first_bad.unwrap_or_default();
                 Check::new("audit chain", false, format!("event {seq}: {why}"))
@@ -654,7 +831,12 @@ impl TokenGuard {
                 r.key.unwrap(w).map_err(|err| match err {
                     Error::Integrity { .. } => {
                         let (p, ver) = k.value();
-                        tracing::warn!(provider = p, version = ver, root = r.root_id, "wrapped DEK does not unwrap");
+                        tracing::warn!(
+                            provider = p,
+                            version = ver,
+                            root = r.root_id,
+                            "wrapped DEK does not unwrap"
+                        );
                         Error::integrity("unwrapping a stored DEK")
                     }
                     other => other,
@@ -698,7 +880,15 @@ impl TokenGuard {
     }
 
     pub(crate) fn audit_in(&self, txn: &WriteTransaction, op: &str, detail: String) -> Result<()> {
-        self.inner.audit(txn, NewEvent { op, outcome: "ok", detail, ..Default::default() })
+        self.inner.audit(
+            txn,
+            NewEvent {
+                op,
+                outcome: "ok",
+                detail,
+                ..Default::default()
+            },
+        )
     }
 }
 
@@ -714,13 +904,19 @@ fn match_pins(pins: &[RootPin], roots: &[Box<dyn RootKey>]) -> Result<Vec<(usize
         }
     }
     if matched.is_empty() {
-        return Err(Error::WrongRoot { pinned: describe_pins(pins), found: found.join(" and ") });
+        return Err(Error::WrongRoot {
+            pinned: describe_pins(pins),
+            found: found.join(" and "),
+        });
     }
     Ok(matched)
 }
 
 fn describe_pins(pins: &[RootPin]) -> String {
-    pins.iter().map(|p| p.description.clone()).collect::<Vec<_>>().join(" or ")
+    pins.iter()
+        .map(|p| p.description.clone())
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 /// Unwraps the store's integrity key with the first matched root that can.
@@ -732,7 +928,9 @@ fn unwrap_integrity_key(
 ) -> Result<DekMaterial> {
     let mut last_err = None;
     for (i, root_id) in matched {
-        let Some(w) = wrapped_ik.iter().find(|w| w.root_id == *root_id) else { continue };
+        let Some(w) = wrapped_ik.iter().find(|w| w.root_id == *root_id) else {
+            continue;
+        };
         match roots[*i].unwrap(&w.wrapped) {
             Ok(ik) => return Ok(ik),
             Err(Error::Integrity { .. }) => {
@@ -748,7 +946,11 @@ fn unwrap_integrity_key(
 }
 
 /// The store's integrity key, unwrapped by one of `roots` (for restore).
-pub(crate) fn unlock_key(pins: &[RootPin], wrapped_ik: &[RootWrapped], roots: &[Box<dyn RootKey>]) -> Result<DekMaterial> {
+pub(crate) fn unlock_key(
+    pins: &[RootPin],
+    wrapped_ik: &[RootWrapped],
+    roots: &[Box<dyn RootKey>],
+) -> Result<DekMaterial> {
     let matched = match_pins(pins, roots)?;
     unwrap_integrity_key(pins, wrapped_ik, &matched, roots)
 }
@@ -792,19 +994,33 @@ impl Inner {
         audit::append(txn, &self.audit_key, &self.opts.actor, ev)
     }
 
-    fn tombstone(&self, txn: &ReadTransaction, provider: &str, name: &str) -> Result<Option<(u64, String)>> {
+    fn tombstone(
+        &self,
+        txn: &ReadTransaction,
+        provider: &str,
+        name: &str,
+    ) -> Result<Option<(u64, String)>> {
         let t = txn.open_table(st::TOMBSTONES)?;
-        let Some(v) = t.get((provider, name))? else { return Ok(None) };
+        let Some(v) = t.get((provider, name))? else {
+            return Ok(None);
+        };
         let mut r = crate::codec::Reader::new(v.value());
-        let at = r.u64().map_err(|_| Error::integrity("reading a tombstone"))?;
-        let reason = r.str().map_err(|_| Error::integrity("reading a tombstone"))?.to_string();
+        let at = r
+            .u64()
+            .map_err(|_| Error::integrity("reading a tombstone"))?;
+        let reason = r
+            .str()
+            .map_err(|_| Error::integrity("reading a tombstone"))?
+            .to_string();
         Ok(Some((at, reason)))
     }
 
     /// Unwraps `entry` with the first configured root that has a blob for it.
     fn unwrap_entry(&self, entry: &DekEntry) -> Result<DekMaterial> {
         if entry.state == DekState::Destroyed {
-            return Err(Error::integrity("opening a record whose data key was destroyed"));
+            return Err(Error::integrity(
+                "opening a record whose data key was destroyed",
+            ));
         }
         let mut last = None;
         for r in &self.roots {
@@ -819,11 +1035,20 @@ impl Inner {
         Err(last.unwrap_or_else(|| Error::integrity("finding a DEK wrapped for a configured root")))
     }
 
-    fn cipher_for_read(&self, txn: &ReadTransaction, provider: &str, version: u32) -> Result<Arc<CachedDek>> {
+    fn cipher_for_read(
+        &self,
+        txn: &ReadTransaction,
+        provider: &str,
+        version: u32,
+    ) -> Result<Arc<CachedDek>> {
         if let Some(c) = self.cache.get(provider, version) {
             return Ok(c);
         }
-        let _load = self.cache.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _load = self
+            .cache
+            .load_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(c) = self.cache.get(provider, version) {
             return Ok(c);
         }
@@ -842,7 +1067,11 @@ impl Inner {
     /// The provider's active DEK for a write, created (version = highest + 1) when the
     /// provider has none. Runs inside the write transaction, so two processes never
     /// both create version 1.
-    fn active_dek_for_write(&self, txn: &WriteTransaction, provider: &str) -> Result<(u32, Arc<CachedDek>)> {
+    fn active_dek_for_write(
+        &self,
+        txn: &WriteTransaction,
+        provider: &str,
+    ) -> Result<(u32, Arc<CachedDek>)> {
         let deks = txn.open_table(st::DEKS)?;
         let mut highest = 0;
         let mut active = None;
@@ -860,35 +1089,68 @@ impl Inner {
             if let Some(c) = self.cache.get(provider, e.version) {
                 return Ok((e.version, c));
             }
-            let _load = self.cache.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _load = self
+                .cache
+                .load_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let dek = self.unwrap_entry(&e)?;
             return Ok((e.version, self.cache.insert(provider, e.version, &dek)));
         }
         let version = highest + 1;
-        let (first, rest) = self.roots.split_first().ok_or_else(|| Error::Config("no usable root".into()))?;
-        self.counters.generates.fetch_add(1, Ordering::Relaxed);
-        let (dek, w) = first.key.generate_dek()?;
-        let mut wrapped = vec![RootWrapped { root_id: first.root_id, wrapped: w }];
-        for r in rest {
-            self.counters.wraps.fetch_add(1, Ordering::Relaxed);
-            wrapped.push(RootWrapped { root_id: r.root_id, wrapped: r.key.wrap(&dek)? });
-        }
         if self.roots.len() < self.pins.len() {
-            // A pinned root that is not configured here would be unable to open this
-            // DEK: refuse rather than create a key only some roots can open.
+            // A pinned root that is not configured here could not open this DEK:
+            // refuse rather than create a key only some roots can open.
             return Err(Error::Config(format!(
                 "creating a data key for {provider} needs every pinned root configured ({} of {} are)",
                 self.roots.len(),
                 self.pins.len()
             )));
         }
-        let entry = DekEntry { version, state: DekState::Active, created: now(), encryptions: 0, wrapped };
-        txn.open_table(st::DEKS)?.insert((provider, version), entry.encode().as_slice())?;
-        self.audit(txn, NewEvent { op: "dek-create", provider, outcome: "ok", detail: format!("version {version}"), ..Default::default() })?;
+        let (first, rest) = self
+            .roots
+            .split_first()
+            .ok_or_else(|| Error::Config("no usable root".into()))?;
+        self.counters.generates.fetch_add(1, Ordering::Relaxed);
+        let (dek, w) = first.key.generate_dek()?;
+        let mut wrapped = vec![RootWrapped {
+            root_id: first.root_id,
+            wrapped: w,
+        }];
+        for r in rest {
+            self.counters.wraps.fetch_add(1, Ordering::Relaxed);
+            wrapped.push(RootWrapped {
+                root_id: r.root_id,
+                wrapped: r.key.wrap(&dek)?,
+            });
+        }
+        let entry = DekEntry {
+            version,
+            state: DekState::Active,
+            created: now(),
+            encryptions: 0,
+            wrapped,
+        };
+        txn.open_table(st::DEKS)?
+            .insert((provider, version), entry.encode().as_slice())?;
+        self.audit(
+            txn,
+            NewEvent {
+                op: "dek-create",
+                provider,
+                outcome: "ok",
+                detail: format!("version {version}"),
+                ..Default::default()
+            },
+        )?;
         Ok((version, self.cache.insert(provider, version, &dek)))
     }
 
-    fn count_encryptions(&self, txn: &WriteTransaction, used: &BTreeMap<String, (u32, Arc<CachedDek>, u64)>) -> Result<()> {
+    fn count_encryptions(
+        &self,
+        txn: &WriteTransaction,
+        used: &BTreeMap<String, (u32, Arc<CachedDek>, u64)>,
+    ) -> Result<()> {
         let mut deks = txn.open_table(st::DEKS)?;
         for (p, (v, _, n)) in used {
             let bytes = deks.get((p.as_str(), *v))?.map(|g| g.value().to_vec());

@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use aes_gcm::aead::{Aead, Nonce, Payload};
 use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, Nonce, Payload};
 use serde::Serialize;
 
 use crate::codec::{Malformed, Reader, Writer};
@@ -195,7 +195,16 @@ impl RecordHeader {
             provider,
             name,
             dek_version,
-            meta: Metadata { created, updated, expires_at, state, kind, token_type, scopes, labels },
+            meta: Metadata {
+                created,
+                updated,
+                expires_at,
+                state,
+                kind,
+                token_type,
+                scopes,
+                labels,
+            },
         })
     }
 }
@@ -219,7 +228,12 @@ impl<'a> ParsedRecord<'a> {
         let nonce = r.array::<NONCE_LEN>().map_err(bad)?;
         let ciphertext = r.bytes().map_err(bad)?;
         r.finish().map_err(bad)?;
-        Ok(ParsedRecord { header, header_bytes: &bytes[..header_len], nonce, ciphertext })
+        Ok(ParsedRecord {
+            header,
+            header_bytes: &bytes[..header_len],
+            nonce,
+            ciphertext,
+        })
     }
 
     /// Authenticates and decrypts with the DEK of `header.dek_version`.
@@ -227,7 +241,13 @@ impl<'a> ParsedRecord<'a> {
         let aad = record_aad(store_id, self.header_bytes);
         let nonce = Nonce::<Aes256Gcm>::from(self.nonce);
         let pt = cipher
-            .decrypt(&nonce, Payload { msg: self.ciphertext, aad: &aad })
+            .decrypt(
+                &nonce,
+                Payload {
+                    msg: self.ciphertext,
+                    aad: &aad,
+                },
+            )
             .map_err(|_| Error::integrity("opening a sealed record"))?;
         Secret::decode(zeroize::Zeroizing::new(pt))
     }
@@ -235,7 +255,8 @@ impl<'a> ParsedRecord<'a> {
 
 /// The AAD of a record: `bytes(RECORD_AAD_DOMAIN) ‖ store_id ‖ header`.
 pub fn record_aad(store_id: &[u8; STORE_ID_LEN], header_bytes: &[u8]) -> Vec<u8> {
-    let mut w = Writer::with_capacity(4 + RECORD_AAD_DOMAIN.len() + STORE_ID_LEN + header_bytes.len());
+    let mut w =
+        Writer::with_capacity(4 + RECORD_AAD_DOMAIN.len() + STORE_ID_LEN + header_bytes.len());
     w.bytes(RECORD_AAD_DOMAIN).raw(store_id).raw(header_bytes);
     w.finish()
 }
@@ -272,7 +293,13 @@ pub(crate) fn seal_record_with_nonce(
     let mut out = w.finish();
     let aad = record_aad(store_id, &out[..header_len]);
     let ct = cipher
-        .encrypt(&Nonce::<Aes256Gcm>::from(nonce), Payload { msg: &plaintext, aad: &aad })
+        .encrypt(
+            &Nonce::<Aes256Gcm>::from(nonce),
+            Payload {
+                msg: &plaintext,
+                aad: &aad,
+            },
+        )
         .map_err(|_| Error::integrity("sealing a record"))?;
     out.extend_from_slice(&nonce);
     let mut w = Writer::with_capacity(4 + ct.len());
@@ -284,7 +311,11 @@ pub(crate) fn seal_record_with_nonce(
 /// Opens a record with its DEK given directly: the whole decoding and check a
 /// reader needs (docs/FORMAT.md), used by the format test vector, property tests and
 /// fuzzing. A service never needs it: the guard finds and unwraps the DEK itself.
-pub fn open_record_with_key(dek: &[u8; 32], store_id: &[u8; STORE_ID_LEN], bytes: &[u8]) -> Result<(RecordHeader, Secret)> {
+pub fn open_record_with_key(
+    dek: &[u8; 32],
+    store_id: &[u8; STORE_ID_LEN],
+    bytes: &[u8],
+) -> Result<(RecordHeader, Secret)> {
     use aes_gcm::KeyInit;
     let rec = ParsedRecord::parse(bytes)?;
     let cipher = Aes256Gcm::new(dek.into());

@@ -304,7 +304,10 @@ mod tests {
         );
         let enc = s.encode();
         let back = Secret::decode(enc).expect("decode");
-        assert_eq!(back.field(Some("refresh_token")).map(|v| v.expose()), Some(&b"r"[..]));
+        assert_eq!(
+            back.field(Some("refresh_token")).map(|v| v.expose()),
+            Some(&b"r"[..])
+        );
         assert_eq!(back.field(None).map(|v| v.expose()), Some(&b"a"[..]));
 
         let raw = Secret::raw(b"xyz".to_vec());

@@ -15,7 +15,12 @@ use common::TestEnv;
 /// each put returns, i.e. after its commit is durable.
 #[test]
 fn crash_child() {
-    let (Ok(cfg), Ok(run)) = (std::env::var("TG_CRASH_CONFIG"), std::env::var("TG_CRASH_RUN")) else { return };
+    let (Ok(cfg), Ok(run)) = (
+        std::env::var("TG_CRASH_CONFIG"),
+        std::env::var("TG_CRASH_RUN"),
+    ) else {
+        return;
+    };
     let config = tokenguard::Config::load(std::path::Path::new(&cfg)).unwrap();
     let g = config.open_guard().unwrap();
     let mut out = std::io::stdout().lock();
@@ -42,7 +47,13 @@ fn crash_child() {
             // whose ACK never got out, is a legitimate newer value.
             writeln!(out, "TRY {provider} {name} v{run}-{i}").unwrap();
             out.flush().unwrap();
-            g.put(provider, &name, tokenguard::Secret::raw(format!("v{run}-{i}").into_bytes()), Default::default()).unwrap();
+            g.put(
+                provider,
+                &name,
+                tokenguard::Secret::raw(format!("v{run}-{i}").into_bytes()),
+                Default::default(),
+            )
+            .unwrap();
             writeln!(out, "ACK {provider} {name} v{run}-{i}").unwrap();
         }
         out.flush().unwrap();
@@ -74,7 +85,10 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
-            BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>()
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
         });
         let start = Instant::now();
         while start.elapsed() < delay {
@@ -86,7 +100,9 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
         for line in reader.join().unwrap() {
             let mut parts = line.split(' ');
             let kind = parts.next();
-            let (Some(p), Some(n), Some(v)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let (Some(p), Some(n), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
             let key = (p.to_string(), n.to_string());
             match kind {
                 Some("TRY") => pending.entry(key).or_default().push(v.into()),
@@ -101,7 +117,9 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
         let g = env.open();
         let mut expected_fix = Vec::new();
         for ((p, n), v) in &expected {
-            let s = g.get(p, n).unwrap_or_else(|e| panic!("run {run}: {p}/{n} lost: {e}"));
+            let s = g
+                .get(p, n)
+                .unwrap_or_else(|e| panic!("run {run}: {p}/{n} lost: {e}"));
             let got = String::from_utf8(s.field(None).unwrap().expose().to_vec()).unwrap();
             let newer = pending.get(&(p.clone(), n.clone()));
             assert!(
@@ -118,7 +136,11 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
             expected.insert(k, v);
         }
     }
-    assert!(expected.len() > 40, "the writer acknowledged too little ({}) for the test to mean anything", expected.len());
+    assert!(
+        expected.len() > 40,
+        "the writer acknowledged too little ({}) for the test to mean anything",
+        expected.len()
+    );
     let g = env.open();
     for c in g.doctor() {
         assert_ne!(c.status, tokenguard::root::Status::Fail, "{c:?}");

@@ -137,12 +137,20 @@ pub struct Check {
 impl Check {
     /// A passed (`ok = true`) or failed check.
     pub fn new(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> Self {
-        Check { name: name.into(), status: if ok { Status::Ok } else { Status::Fail }, detail: detail.into() }
+        Check {
+            name: name.into(),
+            status: if ok { Status::Ok } else { Status::Fail },
+            detail: detail.into(),
+        }
     }
 
     /// A warning.
     pub fn warn(name: impl Into<String>, detail: impl Into<String>) -> Self {
-        Check { name: name.into(), status: Status::Warn, detail: detail.into() }
+        Check {
+            name: name.into(),
+            status: Status::Warn,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -173,7 +181,11 @@ pub trait RootKey: Send + Sync + fmt::Debug {
 }
 
 /// The software AES-KW unwrap shared by the soft root and the conformance tests.
-pub(crate) fn kw_unwrap(kek: &[u8; 32], mechanism: WrapMechanism, blob: &[u8]) -> Result<DekMaterial> {
+pub(crate) fn kw_unwrap(
+    kek: &[u8; 32],
+    mechanism: WrapMechanism,
+    blob: &[u8],
+) -> Result<DekMaterial> {
     use aes_kw::KeyInit;
     let mut out = zeroize::Zeroizing::new([0u8; 40]);
     let bad = |_| Error::integrity("unwrapping a data key");
@@ -199,5 +211,8 @@ pub(crate) fn kw_wrap(kek: &[u8; 32], dek: &DekMaterial) -> Result<Wrapped> {
     let blob = kw
         .wrap_key(dek.expose(), &mut out)
         .map_err(|_| Error::integrity("wrapping a data key"))?;
-    Ok(Wrapped { mechanism: WrapMechanism::AesKw, blob: blob.to_vec() })
+    Ok(Wrapped {
+        mechanism: WrapMechanism::AesKw,
+        blob: blob.to_vec(),
+    })
 }

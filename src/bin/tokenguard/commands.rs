@@ -44,9 +44,18 @@ fn apply_module_env(config: &Config) {
 /// environment when set) and pid.
 fn actor() -> String {
     use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_else(|_| "?".into());
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
-    format!("cli uid={uid}{}{} pid={}", if user.is_empty() { "" } else { " user=" }, user, std::process::id())
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    format!(
+        "cli uid={uid}{}{} pid={}",
+        if user.is_empty() { "" } else { " user=" },
+        user,
+        std::process::id()
+    )
 }
 
 fn open(config: &Config) -> Result<TokenGuard> {
@@ -58,7 +67,11 @@ fn open(config: &Config) -> Result<TokenGuard> {
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{v}").map_err(|e| Error::Io { operation: "writing", path: "stdout".into(), source: e })
+    writeln!(out, "{v}").map_err(|e| Error::Io {
+        operation: "writing",
+        path: "stdout".into(),
+        source: e,
+    })
 }
 
 /// Runs the command; returns the exit code on success paths that are not 0.
@@ -112,7 +125,13 @@ pub fn run(cli: Cli) -> Result<i32> {
             if json {
                 print_json(&json!({"backup": file, "summary": s}))?;
             } else {
-                println!("wrote {} ({} tokens, {} DEK versions, {} audit events)", file.display(), s.tokens, s.deks, s.audit_events);
+                println!(
+                    "wrote {} ({} tokens, {} DEK versions, {} audit events)",
+                    file.display(),
+                    s.tokens,
+                    s.deks,
+                    s.audit_events
+                );
             }
             Ok(exit::OK)
         }
@@ -120,11 +139,21 @@ pub fn run(cli: Cli) -> Result<i32> {
             let roots = config.build_roots(RootUse::Open)?;
             let mut opts = config.guard_options();
             opts.actor = actor();
-            let (_, s) = backup::restore(&file, &config.store.path, config.store_options(), roots, opts)?;
+            let (_, s) = backup::restore(
+                &file,
+                &config.store.path,
+                config.store_options(),
+                roots,
+                opts,
+            )?;
             if json {
                 print_json(&json!({"restored": config.store.path, "summary": s}))?;
             } else {
-                println!("restored {} tokens into {}", s.tokens, config.store.path.display());
+                println!(
+                    "restored {} tokens into {}",
+                    s.tokens,
+                    config.store.path.display()
+                );
             }
             Ok(exit::OK)
         }
@@ -148,7 +177,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Audit(AuditCommand::List { since, provider }) => {
             let events = open(&config)?.audit_list(since)?;
-            let events: Vec<_> = events.into_iter().filter(|e| provider.as_deref().is_none_or(|p| p == e.provider)).collect();
+            let events: Vec<_> = events
+                .into_iter()
+                .filter(|e| provider.as_deref().is_none_or(|p| p == e.provider))
+                .collect();
             if json {
                 for e in &events {
                     print_json(&serde_json::to_value(e).unwrap_or_default())?;
@@ -158,7 +190,9 @@ pub fn run(cli: Cli) -> Result<i32> {
                     println!(
                         "{:>6} {} {:<10} {}/{} {} [{}] {}",
                         e.seq,
-                        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.time)),
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.time)
+                        ),
                         e.op,
                         e.provider,
                         e.name,
@@ -214,7 +248,12 @@ fn put(config: &Config, a: PutArgs, json: bool) -> Result<i32> {
     let raw = input::read_input(a.from_file.as_deref())?;
     let (secret, parsed) = input::parse_secret(raw, a.raw, a.keep_newline)?;
     let t = now();
-    let expires_at = input::expiry(a.expires_in.as_deref(), a.expires_at.as_deref(), parsed.expires_in, t)?;
+    let expires_at = input::expiry(
+        a.expires_in.as_deref(),
+        a.expires_at.as_deref(),
+        parsed.expires_in,
+        t,
+    )?;
     let opts = input::put_options(labels, expires_at, parsed);
     let g = open(config)?;
     let meta = g.put(&a.provider, &a.name, secret, opts)?;
@@ -226,7 +265,13 @@ fn put(config: &Config, a: PutArgs, json: bool) -> Result<i32> {
 
 fn get(config: &Config, a: GetArgs, json: bool) -> Result<i32> {
     let g = open(config)?;
-    let res = g.get_with(&a.provider, &a.name, GetOptions { allow_expired: a.allow_expired });
+    let res = g.get_with(
+        &a.provider,
+        &a.name,
+        GetOptions {
+            allow_expired: a.allow_expired,
+        },
+    );
     let outcome = match &res {
         Ok(_) => "ok",
         Err(e) => match e.exit_code() {
@@ -241,17 +286,23 @@ fn get(config: &Config, a: GetArgs, json: bool) -> Result<i32> {
     let audited = g.audit_event("get", &a.provider, &a.name, outcome);
     let (secret, meta) = res?;
     audited?;
-    let value = secret.field(a.field.as_deref()).ok_or_else(|| Error::NoSuchField {
-        provider: a.provider.clone(),
-        name: a.name.clone(),
-        field: a.field.clone().unwrap_or_else(|| "access_token".into()),
-    })?;
+    let value = secret
+        .field(a.field.as_deref())
+        .ok_or_else(|| Error::NoSuchField {
+            provider: a.provider.clone(),
+            name: a.name.clone(),
+            field: a.field.clone().unwrap_or_else(|| "access_token".into()),
+        })?;
     let mut out = std::io::stdout().lock();
-    let w = |e| Error::Io { operation: "writing", path: "stdout".into(), source: e };
+    let w = |e| Error::Io {
+        operation: "writing",
+        path: "stdout".into(),
+        source: e,
+    };
     if json {
-        let text = value
-            .expose_str()
-            .ok_or_else(|| Error::InvalidInput("the secret is not UTF-8; use get without --json".into()))?;
+        let text = value.expose_str().ok_or_else(|| {
+            Error::InvalidInput("the secret is not UTF-8; use get without --json".into())
+        })?;
         let v = zeroize::Zeroizing::new(
             json!({"provider": a.provider, "name": a.name, "field": a.field, "value": text, "meta": meta}).to_string(),
         );
@@ -277,10 +328,18 @@ fn list(config: &Config, provider: Option<&str>, json: bool) -> Result<i32> {
     }
     for t in items {
         let exp = match t.meta.expires_at {
-            Some(e) => humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e)).to_string(),
+            Some(e) => humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(e),
+            )
+            .to_string(),
             None => "never".into(),
         };
-        let labels: Vec<String> = t.meta.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels: Vec<String> = t
+            .meta
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!(
             "{}/{}\t{:?}\texpires {}{}\tdek v{}\t{}",
             t.provider,
@@ -299,7 +358,11 @@ fn doctor(config: &Config, json: bool) -> Result<i32> {
     let mut checks = Vec::new();
     let mut code = exit::OK;
     if config.require_hardware {
-        checks.push(tokenguard::root::Check::new("require_hardware", true, "soft roots are refused"));
+        checks.push(tokenguard::root::Check::new(
+            "require_hardware",
+            true,
+            "soft roots are refused",
+        ));
     } else {
         checks.push(tokenguard::root::Check::warn(
             "require_hardware",
@@ -321,7 +384,12 @@ fn doctor(config: &Config, json: bool) -> Result<i32> {
     let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
     if failed > 0 && code == exit::OK {
         code = exit::OTHER;
-        if checks.iter().any(|c| c.status == Status::Fail && (c.name.contains("integrity") || c.name.contains("audit") || c.name.contains("unwrap"))) {
+        if checks.iter().any(|c| {
+            c.status == Status::Fail
+                && (c.name.contains("integrity")
+                    || c.name.contains("audit")
+                    || c.name.contains("unwrap"))
+        }) {
             code = exit::INTEGRITY;
         }
     }
@@ -336,7 +404,14 @@ fn doctor(config: &Config, json: bool) -> Result<i32> {
             };
             println!("{tag} {}: {}", c.name, c.detail);
         }
-        println!("{}", if failed == 0 { "doctor: no failures".to_string() } else { format!("doctor: {failed} check(s) failed") });
+        println!(
+            "{}",
+            if failed == 0 {
+                "doctor: no failures".to_string()
+            } else {
+                format!("doctor: {failed} check(s) failed")
+            }
+        );
     }
     Ok(code)
 }
