@@ -110,6 +110,13 @@ fn decode_stored(bytes: &[u8]) -> Result<(AuditEvent, [u8; 32], [u8; 32]), Malfo
     Ok((e, prev, m))
 }
 
+/// Decodes a stored audit entry (for fuzzing and external verifiers).
+pub fn decode_entry(bytes: &[u8]) -> Result<AuditEvent> {
+    decode_stored(bytes)
+        .map(|(e, _, _)| e)
+        .map_err(|_| Error::integrity("decoding an audit event"))
+}
+
 fn read_head(bytes: Option<&[u8]>) -> Result<(u64, [u8; 32], [u8; 32]), Malformed> {
     match bytes {
         None => Ok((0, [0; 32], [0; 32])),
@@ -173,9 +180,9 @@ pub struct AuditReport {
 pub(crate) fn verify(txn: &ReadTransaction, key: &[u8; 32]) -> Result<AuditReport> {
     let t = txn.open_table(AUDIT)?;
     let mut prev = [0u8; 32];
-    let mut expect = 1u64;
-    let mut n = 0;
+    let mut n = 0u64;
     for item in t.iter()? {
+        let expect = n + 1;
         let (k, v) = item?;
         let seq = k.value();
         let bad = |why: &str| {
@@ -208,7 +215,6 @@ pub(crate) fn verify(txn: &ReadTransaction, key: &[u8; 32]) -> Result<AuditRepor
             return bad("MAC mismatch: the event was edited");
         }
         prev = m;
-        expect += 1;
         n += 1;
     }
     let meta = txn.open_table(META)?;

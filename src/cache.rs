@@ -54,10 +54,13 @@ impl CachedDek {
     }
 }
 
+/// Cached ciphers of one provider, by DEK version (a provider has few versions).
+type Versions = Vec<(u32, Arc<CachedDek>)>;
+
 /// Cache of ciphers by provider and DEK version.
 pub(crate) struct DekCache {
     limits: CacheLimits,
-    map: RwLock<HashMap<String, Vec<(u32, Arc<CachedDek>)>>>,
+    map: RwLock<HashMap<String, Versions>>,
     /// Serialises loads, so concurrent misses on one DEK cost one hardware unwrap.
     pub(crate) load_lock: Mutex<()>,
     hits: AtomicU64,
@@ -104,16 +107,21 @@ impl DekCache {
                 .iter()
                 .flat_map(|(p, v)| v.iter().map(move |(ver, c)| (p.clone(), *ver, c.loaded)))
                 .min_by_key(|(_, _, t)| *t);
-            if let Some((p, ver, _)) = oldest {
-                if let Some(v) = map.get_mut(&p) {
-                    v.retain(|(x, _)| *x != ver);
-                }
+            if let Some((p, ver, _)) = oldest
+                && let Some(v) = map.get_mut(&p)
+            {
+                v.retain(|(x, _)| *x != ver);
             }
         }
         let list = map.entry(provider.to_owned()).or_default();
         list.retain(|(x, _)| *x != version);
         list.push((version, entry.clone()));
         entry
+    }
+
+    /// Drops every cached DEK (their ciphers are zeroized as the last reference goes).
+    pub(crate) fn clear(&self) {
+        self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -256,12 +256,12 @@ impl Pkcs11Uri {
                 }
             }
         }
-        if let Some(t) = &u.object_type {
-            if t != "secret-key" {
-                return Err(Error::Config(format!(
-                    "the root key must be type=secret-key, not {t:?}"
-                )));
-            }
+        if let Some(t) = &u.object_type
+            && t != "secret-key"
+        {
+            return Err(Error::Config(format!(
+                "the root key must be type=secret-key, not {t:?}"
+            )));
         }
         Ok(u)
     }
@@ -322,8 +322,9 @@ fn resolve_path(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
+#[cfg(feature = "pkcs11")]
 fn hex_decode(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(Error::Config(format!("key_id must be hex: {s:?}")));
     }
     (0..s.len())

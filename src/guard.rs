@@ -220,13 +220,11 @@ fn derive(key: &[u8; 32], label: &[u8]) -> Zeroizing<[u8; 32]> {
 }
 
 fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
-    if require {
-        if let Some(r) = roots.iter().find(|r| !r.is_hardware()) {
-            return Err(Error::Config(format!(
-                "require_hardware = true, but a {} root is configured; remove it or set require_hardware = false (development only)",
-                r.backend()
-            )));
-        }
+    if require && let Some(r) = roots.iter().find(|r| !r.is_hardware()) {
+        return Err(Error::Config(format!(
+            "require_hardware = true, but a {} root is configured; remove it or set require_hardware = false (development only)",
+            r.backend()
+        )));
     }
     if roots.is_empty() {
         return Err(Error::Config(
@@ -578,14 +576,14 @@ impl TokenGuard {
                 reason,
             });
         }
-        if !opts.allow_expired {
-            if let Some(e) = meta.expires_at.filter(|_| meta.is_expired_at(now())) {
-                return Err(Error::Expired {
-                    provider: provider.into(),
-                    name: name.into(),
-                    expired_at: e,
-                });
-            }
+        if !opts.allow_expired
+            && let Some(e) = meta.expires_at.filter(|_| meta.is_expired_at(now()))
+        {
+            return Err(Error::Expired {
+                provider: provider.into(),
+                name: name.into(),
+                expired_at: e,
+            });
         }
         Ok((secret, meta))
     }
@@ -736,6 +734,13 @@ impl TokenGuard {
         })
     }
 
+    /// Forgets every unwrapped DEK held in memory; the next use of each unwraps it
+    /// in the hardware again. For operators (e.g. after a root change, or to shrink
+    /// the window in which keys sit in memory) and for measuring the cold path.
+    pub fn clear_dek_cache(&self) {
+        self.inner.cache.clear();
+    }
+
     /// Hardware calls made by this process so far.
     pub fn hardware_calls(&self) -> HardwareCalls {
         self.inner.hardware_calls()
@@ -824,7 +829,7 @@ impl TokenGuard {
                 continue;
             }
             for r in &inner.roots {
-                let w = e.for_root(r.root_id).ok_or_else(|| Error::Integrity {
+                let w = e.for_root(r.root_id).ok_or(Error::Integrity {
                     context: "finding a DEK wrapped for a configured root",
                 })?;
                 inner.counters.unwraps.fetch_add(1, Ordering::Relaxed);

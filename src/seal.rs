@@ -335,3 +335,42 @@ pub fn seal_record_for_test_vector(
     use aes_gcm::KeyInit;
     seal_record_with_nonce(&Aes256Gcm::new(dek.into()), store_id, header, secret, nonce)
 }
+
+/// A DEK ready to seal and open records: the same code path the guard runs, for
+/// tools that hold a DEK themselves (benchmarks, independent verification).
+pub struct RecordKey(Aes256Gcm);
+
+impl RecordKey {
+    /// Expands `dek` into a cipher (zeroized on drop).
+    pub fn new(dek: &[u8; 32]) -> Self {
+        use aes_gcm::KeyInit;
+        RecordKey(Aes256Gcm::new(dek.into()))
+    }
+
+    /// Seals a record with a fresh random nonce.
+    pub fn seal(
+        &self,
+        store_id: &[u8; STORE_ID_LEN],
+        header: &RecordHeader,
+        secret: &Secret,
+    ) -> Result<Vec<u8>> {
+        seal_record(&self.0, store_id, header, secret)
+    }
+
+    /// Parses and opens a record.
+    pub fn open(
+        &self,
+        store_id: &[u8; STORE_ID_LEN],
+        bytes: &[u8],
+    ) -> Result<(RecordHeader, Secret)> {
+        let rec = ParsedRecord::parse(bytes)?;
+        let s = rec.open(&self.0, store_id)?;
+        Ok((rec.header, s))
+    }
+}
+
+impl std::fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordKey([REDACTED])")
+    }
+}

@@ -9,10 +9,8 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 
 use common::{TestEnv, code, contains, files_below, stderr};
-use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
-use cryptoki::session::UserType;
 
 const CANARY: &str = "ghp_CANARY_9f8e7d6c5b4a39281706";
 const CANARY_REFRESH: &str = "1//CANARY_REFRESH_0a1b2c3d4e5f";
@@ -155,25 +153,7 @@ fn debug_and_errors_never_show_secrets_or_pins() {
 fn the_root_key_cannot_be_read_out_of_the_token() {
     let env = TestEnv::new("rootkey");
     drop(env.init());
-    let hsm = common::softhsm();
-    let ctx = Pkcs11::new(&hsm.module).unwrap();
-    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(
-        cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
-    ));
-    let slot = ctx
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == common::TOKEN_LABEL)
-        .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    let pin = secrecy::SecretString::from(std::fs::read_to_string(&hsm.pin_file).unwrap());
-    match session.login(UserType::User, Some(&pin)) {
-        Ok(())
-        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
-        }
-        Err(e) => panic!("login: {e}"),
-    }
+    let session = common::user_session();
     let keys = session
         .find_objects(&[
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -232,20 +212,7 @@ fn the_root_key_cannot_be_read_out_of_the_token() {
 #[test]
 fn an_extractable_key_is_never_adopted_as_root() {
     let env = TestEnv::new("adopt");
-    let hsm = common::softhsm();
-    let ctx = Pkcs11::new(&hsm.module).unwrap();
-    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(
-        cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
-    ));
-    let slot = ctx
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == common::TOKEN_LABEL)
-        .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    let pin = secrecy::SecretString::from(std::fs::read_to_string(&hsm.pin_file).unwrap());
-    let _ = session.login(UserType::User, Some(&pin));
+    let session = common::user_session();
     session
         .generate_key(
             &Mechanism::AesKeyGen,

@@ -132,14 +132,14 @@ impl Store {
     /// Creates a new store file (mode 0600) in `path`'s directory (created 0700 when
     /// missing). Fails if the file exists.
     pub fn create(path: &Path, opts: StoreOptions) -> Result<Store> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(Error::io("creating store directory", dir))?;
-            }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(Error::io("creating store directory", dir))?;
         }
         let file = fs::OpenOptions::new()
             .read(true)
@@ -259,15 +259,15 @@ impl Store {
                 ));
             }
         }
-        if let Some(dir) = self.path.parent() {
-            if let Ok(m) = fs::metadata(dir) {
-                let mode = m.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    out.push(format!(
-                        "store directory {} has mode {mode:o}; expected 700",
-                        dir.display()
-                    ));
-                }
+        if let Some(dir) = self.path.parent()
+            && let Ok(m) = fs::metadata(dir)
+        {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                out.push(format!(
+                    "store directory {} has mode {mode:o}; expected 700",
+                    dir.display()
+                ));
             }
         }
         out

@@ -103,7 +103,8 @@ impl DekEntry {
         w.finish()
     }
 
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+    /// Decodes and validates an entry (malformed input is an integrity failure).
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
         let f = || -> Result<Self, Malformed> {
             let mut r = Reader::new(bytes);
             if r.u8()? != ENTRY_FORMAT_V1 {
@@ -151,7 +152,8 @@ pub(crate) fn encode_roots(roots: &[RootPin]) -> Vec<u8> {
     w.finish()
 }
 
-pub(crate) fn decode_roots(bytes: &[u8]) -> Result<Vec<RootPin>> {
+/// Decodes the pinned-roots meta value.
+pub fn decode_roots(bytes: &[u8]) -> Result<Vec<RootPin>> {
     let f = || -> Result<Vec<RootPin>, Malformed> {
         let mut r = Reader::new(bytes);
         if r.u8()? != ENTRY_FORMAT_V1 {
@@ -179,7 +181,8 @@ pub(crate) fn encode_wrapped_key(list: &[RootWrapped]) -> Vec<u8> {
     w.finish()
 }
 
-pub(crate) fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
+/// Decodes the wrapped integrity-key meta value.
+pub fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
     let f = || -> Result<Vec<RootWrapped>, Malformed> {
         let mut r = Reader::new(bytes);
         if r.u8()? != ENTRY_FORMAT_V1 {

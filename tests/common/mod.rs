@@ -233,3 +233,41 @@ pub fn files_below(dir: &Path) -> Vec<PathBuf> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// A logged-in user session on the test token, through a separate cryptoki context
+/// (the same loaded module, as another library in the process would have).
+pub fn user_session() -> cryptoki::session::Session {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    let hsm = softhsm();
+    let ctx = Pkcs11::new(&hsm.module).unwrap();
+    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == TOKEN_LABEL)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    let pin = secrecy::SecretString::from(std::fs::read_to_string(&hsm.pin_file).unwrap());
+    match session.login(cryptoki::session::UserType::User, Some(&pin)) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("login: {e}"),
+    }
+    session
+}
+
+/// The secret key object labelled `label`.
+pub fn find_key(
+    session: &cryptoki::session::Session,
+    label: &str,
+) -> Vec<cryptoki::object::ObjectHandle> {
+    use cryptoki::object::{Attribute, ObjectClass};
+    session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .unwrap()
+}

@@ -1,0 +1,10 @@
+//! Configuration text and pkcs11: URIs.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = tokenguard::config::Pkcs11Uri::parse(s);
+        let _ = tokenguard::Config::parse(s, std::path::Path::new("/"));
+    }
+});

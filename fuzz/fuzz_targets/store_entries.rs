@@ -1,0 +1,11 @@
+//! Every other decoder of bytes read from the store: DEK entries, pinned roots, the
+//! wrapped integrity key, audit entries.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = tokenguard::store::schema::DekEntry::decode(data);
+    let _ = tokenguard::store::schema::decode_roots(data);
+    let _ = tokenguard::store::schema::decode_wrapped_key(data);
+    let _ = tokenguard::audit::decode_entry(data);
+});
