@@ -17,9 +17,7 @@ use common::TestEnv;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use redb::{ReadableDatabase, TableDefinition};
 use tokenguard::seal::{RecordHeader, RecordKey};
-use tokenguard::{
-    Metadata, PutItem, PutOptions, Secret, SecretKind, TokenGuard, TokenSet, TokenState,
-};
+use tokenguard::{Metadata, PutItem, PutOptions, Secret, SecretKind, TokenGuard, TokenSet, TokenState};
 
 const FLOOR: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
 
@@ -64,11 +62,7 @@ fn populate(g: &TokenGuard, provider: &str, n: usize, len: usize) {
 }
 
 /// A redb file holding the same records, for the floor of a read.
-fn floor_db(
-    env: &TestEnv,
-    mode: redb::ConcurrencyMode,
-    records: &[(String, Vec<u8>)],
-) -> redb::Database {
+fn floor_db(env: &TestEnv, mode: redb::ConcurrencyMode, records: &[(String, Vec<u8>)]) -> redb::Database {
     let path = env.dir.join(format!("floor-{mode:?}.redb"));
     let _ = std::fs::remove_file(&path);
     let mut b = redb::Builder::new();
@@ -96,9 +90,7 @@ fn primitives(c: &mut Criterion) {
         let h = header("ci-bot");
         let s = secret(size, 1);
         let rec = rk.seal(&sid, &h, &s).unwrap();
-        g.bench_with_input(BenchmarkId::new("seal", size), &size, |b, _| {
-            b.iter(|| rk.seal(&sid, &h, &s).unwrap())
-        });
+        g.bench_with_input(BenchmarkId::new("seal", size), &size, |b, _| b.iter(|| rk.seal(&sid, &h, &s).unwrap()));
         g.bench_with_input(BenchmarkId::new("open", size), &size, |b, _| {
             b.iter(|| rk.open(&sid, black_box(&rec)).unwrap())
         });
@@ -106,40 +98,16 @@ fn primitives(c: &mut Criterion) {
         let aad = vec![0u8; 90];
         let pt = vec![b'x'; size + 1];
         let nonce = Nonce::from([9u8; 12]);
-        let ct = raw
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: &pt,
-                    aad: &aad,
-                },
-            )
-            .unwrap();
+        let ct = raw.encrypt(&nonce, Payload { msg: &pt, aad: &aad }).unwrap();
         g.bench_with_input(BenchmarkId::new("floor/seal", size), &size, |b, _| {
             b.iter(|| {
                 let mut n = [0u8; 12];
                 getrandom::fill(&mut n).unwrap();
-                raw.encrypt(
-                    &Nonce::from(n),
-                    Payload {
-                        msg: &pt,
-                        aad: &aad,
-                    },
-                )
-                .unwrap()
+                raw.encrypt(&Nonce::from(n), Payload { msg: &pt, aad: &aad }).unwrap()
             })
         });
         g.bench_with_input(BenchmarkId::new("floor/open", size), &size, |b, _| {
-            b.iter(|| {
-                raw.decrypt(
-                    &nonce,
-                    Payload {
-                        msg: black_box(&ct),
-                        aad: &aad,
-                    },
-                )
-                .unwrap()
-            })
+            b.iter(|| raw.decrypt(&nonce, Payload { msg: black_box(&ct), aad: &aad }).unwrap())
         });
     }
     g.finish();
@@ -179,40 +147,20 @@ fn floor_get(db: &redb::Database, cipher: &Aes256Gcm, name: &str) -> usize {
     let aad_len = u32::from_be_bytes(b[..4].try_into().unwrap()) as usize;
     let aad = &b[4..4 + aad_len];
     let nonce = Nonce::from(<[u8; 12]>::try_from(&b[4 + aad_len..16 + aad_len]).unwrap());
-    let pt = cipher
-        .decrypt(
-            &nonce,
-            Payload {
-                msg: &b[16 + aad_len..],
-                aad,
-            },
-        )
-        .unwrap();
+    let pt = cipher.decrypt(&nonce, Payload { msg: &b[16 + aad_len..], aad }).unwrap();
     pt.len()
 }
 
 fn warm(c: &mut Criterion) {
     for (mode_name, extra, redb_mode) in [
         ("shared", "", redb::ConcurrencyMode::MultiWriter),
-        (
-            "exclusive",
-            "mode = \"exclusive\"",
-            redb::ConcurrencyMode::ExclusiveWriter,
-        ),
+        ("exclusive", "mode = \"exclusive\"", redb::ConcurrencyMode::ExclusiveWriter),
     ] {
         let env = TestEnv::with_config(&format!("bench-warm-{mode_name}"), extra);
         let g = env.init();
         populate(&g, "github", 1000, 64);
-        let set = TokenSet::new()
-            .with("access_token", "ya29.x".repeat(10))
-            .with("refresh_token", "1//r".repeat(10));
-        g.put(
-            "google",
-            "svc",
-            Secret::TokenSet(set),
-            PutOptions::default(),
-        )
-        .unwrap();
+        let set = TokenSet::new().with("access_token", "ya29.x".repeat(10)).with("refresh_token", "1//r".repeat(10));
+        g.put("google", "svc", Secret::TokenSet(set), PutOptions::default()).unwrap();
         let (cipher, recs) = floor_records(1000, 64);
         let db = floor_db(&env, redb_mode, &recs);
         let names: Vec<String> = (0..1000).map(|i| format!("t{i:08}")).collect();
@@ -236,9 +184,7 @@ fn warm(c: &mut Criterion) {
                 floor_get(&db, &cipher, &names[i])
             })
         });
-        grp.bench_function("list_1000", |b| {
-            b.iter(|| g.list(Some("github")).unwrap().len())
-        });
+        grp.bench_function("list_1000", |b| b.iter(|| g.list(Some("github")).unwrap().len()));
         grp.finish();
     }
 }
@@ -250,8 +196,7 @@ fn cold(c: &mut Criterion) {
     use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
     let env = TestEnv::new("bench-cold");
     let g = env.init();
-    g.put("github", "a", secret(64, 1), PutOptions::default())
-        .unwrap();
+    g.put("github", "a", secret(64, 1), PutOptions::default()).unwrap();
     let session = common::user_session();
     let kek = common::find_key(&session, &env.key_label)[0];
     let tmpl = [
@@ -275,9 +220,7 @@ fn cold(c: &mut Criterion) {
     });
     grp.bench_function("floor/cryptoki_unwrap", |b| {
         b.iter(|| {
-            let h = session
-                .unwrap_key(&Mechanism::AesKeyWrap, kek, &blob, &tmpl)
-                .unwrap();
+            let h = session.unwrap_key(&Mechanism::AesKeyWrap, kek, &blob, &tmpl).unwrap();
             let v = session.get_attributes(h, &[AttributeType::Value]).unwrap();
             session.destroy_object(h).unwrap();
             v
@@ -289,8 +232,7 @@ fn cold(c: &mut Criterion) {
 fn writes(c: &mut Criterion) {
     let env = TestEnv::new("bench-writes");
     let g = env.init();
-    g.put("github", "warm", secret(64, 0), PutOptions::default())
-        .unwrap();
+    g.put("github", "warm", secret(64, 0), PutOptions::default()).unwrap();
     let (_c, recs) = floor_records(1000, 64);
     let db = floor_db(&env, redb::ConcurrencyMode::MultiWriter, &[]);
     let mut grp = c.benchmark_group("writes");
@@ -299,13 +241,7 @@ fn writes(c: &mut Criterion) {
     grp.bench_function("put_durable", |b| {
         b.iter(|| {
             n += 1;
-            g.put(
-                "github",
-                &format!("p{}", n % 5000),
-                secret(64, n as usize),
-                PutOptions::default(),
-            )
-            .unwrap()
+            g.put("github", &format!("p{}", n % 5000), secret(64, n as usize), PutOptions::default()).unwrap()
         })
     });
     grp.bench_function("floor/redb_put_durable", |b| {
@@ -314,10 +250,7 @@ fn writes(c: &mut Criterion) {
             let w = db.begin_write().unwrap();
             w.open_table(FLOOR)
                 .unwrap()
-                .insert(
-                    ("github", format!("p{}", n % 5000).as_str()),
-                    recs[0].1.as_slice(),
-                )
+                .insert(("github", format!("p{}", n % 5000).as_str()), recs[0].1.as_slice())
                 .unwrap();
             w.commit().unwrap();
         })

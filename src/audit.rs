@@ -112,9 +112,7 @@ fn decode_stored(bytes: &[u8]) -> Result<(AuditEvent, [u8; 32], [u8; 32]), Malfo
 
 /// Decodes a stored audit entry (for fuzzing and external verifiers).
 pub fn decode_entry(bytes: &[u8]) -> Result<AuditEvent> {
-    decode_stored(bytes)
-        .map(|(e, _, _)| e)
-        .map_err(|_| Error::integrity("decoding an audit event"))
+    decode_stored(bytes).map(|(e, _, _)| e).map_err(|_| Error::integrity("decoding an audit event"))
 }
 
 fn read_head(bytes: Option<&[u8]>) -> Result<(u64, [u8; 32], [u8; 32]), Malformed> {
@@ -132,16 +130,10 @@ fn read_head(bytes: Option<&[u8]>) -> Result<(u64, [u8; 32], [u8; 32]), Malforme
 }
 
 /// Appends one event inside `txn`.
-pub(crate) fn append(
-    txn: &WriteTransaction,
-    key: &[u8; 32],
-    actor: &str,
-    ev: NewEvent<'_>,
-) -> Result<()> {
+pub(crate) fn append(txn: &WriteTransaction, key: &[u8; 32], actor: &str, ev: NewEvent<'_>) -> Result<()> {
     let mut meta = txn.open_table(META)?;
     let head = meta.get(META_AUDIT_HEAD)?.map(|v| v.value().to_vec());
-    let (seq, last, hm) =
-        read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
+    let (seq, last, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
     if seq > 0 && head_mac(key, seq, &last) != hm {
         return Err(Error::integrity("checking the audit head"));
     }
@@ -159,8 +151,7 @@ pub(crate) fn append(
     let m = mac(key, &body, &last);
     let mut w = Writer::with_capacity(body.len() + 72);
     w.bytes(&body).raw(&last).raw(&m);
-    txn.open_table(AUDIT)?
-        .insert(e.seq, w.finish().as_slice())?;
+    txn.open_table(AUDIT)?.insert(e.seq, w.finish().as_slice())?;
     let mut h = Writer::with_capacity(72);
     h.u64(e.seq).raw(&m).raw(&head_mac(key, e.seq, &m));
     meta.insert(META_AUDIT_HEAD, h.finish().as_slice())?;
@@ -185,31 +176,21 @@ pub(crate) fn verify(txn: &ReadTransaction, key: &[u8; 32]) -> Result<AuditRepor
         let expect = n + 1;
         let (k, v) = item?;
         let seq = k.value();
-        let bad = |why: &str| {
-            Ok(AuditReport {
-                events: n,
-                first_bad: Some((seq, why.to_string())),
-            })
-        };
+        let bad = |why: &str| Ok(AuditReport { events: n, first_bad: Some((seq, why.to_string())) });
         let Ok((e, p, m)) = decode_stored(v.value()) else {
             return bad("event is malformed");
         };
         if seq != expect {
             return Ok(AuditReport {
                 events: n,
-                first_bad: Some((
-                    expect,
-                    format!("event {expect} is missing (next present is {seq})"),
-                )),
+                first_bad: Some((expect, format!("event {expect} is missing (next present is {seq})"))),
             });
         }
         if e.seq != seq {
             return bad("event was moved (its sequence number does not match its position)");
         }
         if p != prev {
-            return bad(
-                "chain broken: previous-MAC does not match (an event before it was deleted or reordered)",
-            );
+            return bad("chain broken: previous-MAC does not match (an event before it was deleted or reordered)");
         }
         if mac(key, &encode_body(&e), &p) != m {
             return bad("MAC mismatch: the event was edited");
@@ -219,23 +200,17 @@ pub(crate) fn verify(txn: &ReadTransaction, key: &[u8; 32]) -> Result<AuditRepor
     }
     let meta = txn.open_table(META)?;
     let head = meta.get(META_AUDIT_HEAD)?.map(|v| v.value().to_vec());
-    let (hseq, hlast, hm) =
-        read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
+    let (hseq, hlast, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
     if hseq != n || hlast != prev || (hseq > 0 && head_mac(key, hseq, &hlast) != hm) {
         return Ok(AuditReport {
             events: n,
             first_bad: Some((
                 n + 1,
-                format!(
-                    "head says {hseq} events but {n} are present: the tail was truncated or the head edited"
-                ),
+                format!("head says {hseq} events but {n} are present: the tail was truncated or the head edited"),
             )),
         });
     }
-    Ok(AuditReport {
-        events: n,
-        first_bad: None,
-    })
+    Ok(AuditReport { events: n, first_bad: None })
 }
 
 /// Events with `seq >= from`, oldest first, decoded without verification.
@@ -244,8 +219,7 @@ pub(crate) fn list(txn: &ReadTransaction, from: u64) -> Result<Vec<AuditEvent>> 
     let mut out = Vec::new();
     for item in t.range(from..)? {
         let (_, v) = item?;
-        let (e, _, _) =
-            decode_stored(v.value()).map_err(|_| Error::integrity("decoding an audit event"))?;
+        let (e, _, _) = decode_stored(v.value()).map_err(|_| Error::integrity("decoding an audit event"))?;
         out.push(e);
     }
     Ok(out)

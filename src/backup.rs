@@ -56,16 +56,9 @@ pub fn export(guard: &TokenGuard) -> Result<(Vec<u8>, BackupSummary)> {
     let txn = guard.store().read()?;
     let mut s = BackupSummary::default();
     let mut w = Writer::with_capacity(4096);
-    w.raw(BACKUP_MAGIC)
-        .u8(BACKUP_FORMAT_V1)
-        .raw(&guard.store_id())
-        .u32(st::SCHEMA_VERSION);
-    let meta = |k| {
-        st::meta_get(&txn, k)
-            .and_then(|v| v.ok_or_else(|| Error::integrity("reading store metadata")))
-    };
-    w.bytes(&meta(st::META_ROOTS)?)
-        .bytes(&meta(st::META_INTEGRITY_KEY)?);
+    w.raw(BACKUP_MAGIC).u8(BACKUP_FORMAT_V1).raw(&guard.store_id()).u32(st::SCHEMA_VERSION);
+    let meta = |k| st::meta_get(&txn, k).and_then(|v| v.ok_or_else(|| Error::integrity("reading store metadata")));
+    w.bytes(&meta(st::META_ROOTS)?).bytes(&meta(st::META_INTEGRITY_KEY)?);
 
     let deks = txn.open_table(st::DEKS)?;
     w.u32(deks.len()? as u32);
@@ -109,10 +102,7 @@ pub fn export(guard: &TokenGuard) -> Result<(Vec<u8>, BackupSummary)> {
 /// Writes a backup of `guard` to `path` (0600, atomically; refuses to overwrite).
 pub fn write_backup(guard: &TokenGuard, path: &Path) -> Result<BackupSummary> {
     if path.exists() {
-        return Err(Error::InvalidInput(format!(
-            "{} exists; choose a new backup file name",
-            path.display()
-        )));
+        return Err(Error::InvalidInput(format!("{} exists; choose a new backup file name", path.display())));
     }
     let (bytes, summary) = export(guard)?;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
@@ -125,20 +115,12 @@ pub fn write_backup(guard: &TokenGuard, path: &Path) -> Result<BackupSummary> {
     let res = f.write_all(&bytes).and_then(|_| f.sync_all());
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);
-        return Err(Error::Io {
-            operation: "writing backup",
-            path: tmp,
-            source: e,
-        });
+        return Err(Error::Io { operation: "writing backup", path: tmp, source: e });
     }
     fs::rename(&tmp, path).map_err(Error::io("renaming backup into place", path))?;
-    guard.store().write(|txn| {
-        guard.audit_in(
-            txn,
-            "backup",
-            format!("{} tokens to {}", summary.tokens, path.display()),
-        )
-    })?;
+    guard
+        .store()
+        .write(|txn| guard.audit_in(txn, "backup", format!("{} tokens to {}", summary.tokens, path.display())))?;
     Ok(summary)
 }
 
@@ -187,16 +169,7 @@ fn parse(body: &[u8]) -> Result<Parsed<'_>, Malformed> {
     }
     let audit_head = r.bytes()?;
     r.finish()?;
-    Ok(Parsed {
-        store_id,
-        roots,
-        integrity_key,
-        deks,
-        tokens,
-        tombstones,
-        audit,
-        audit_head,
-    })
+    Ok(Parsed { store_id, roots, integrity_key, deks, tokens, tombstones, audit, audit_head })
 }
 
 /// Checks a backup's structure (no key needed). For fuzzing and quick triage; the
@@ -207,9 +180,7 @@ pub fn check_structure(bytes: &[u8]) -> Result<()> {
         .checked_sub(MAC_LEN)
         .map(|n| &bytes[..n])
         .ok_or_else(|| Error::integrity("reading a backup (truncated)"))?;
-    parse(body)
-        .map(drop)
-        .map_err(|_| Error::integrity("parsing a backup"))
+    parse(body).map(drop).map_err(|_| Error::integrity("parsing a backup"))
 }
 
 /// Restores the backup at `path` into a new store at `store_path`, under `roots`.
@@ -239,8 +210,7 @@ pub fn restore(
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&*key).expect("HMAC takes any key length");
     m.update(body);
     // verify_slice compares in constant time.
-    m.verify_slice(tag)
-        .map_err(|_| Error::integrity("verifying the backup's MAC"))?;
+    m.verify_slice(tag).map_err(|_| Error::integrity("verifying the backup's MAC"))?;
 
     let store = Store::create(store_path, store_opts)?;
     let summary = BackupSummary {
@@ -255,10 +225,7 @@ pub fn restore(
         meta.insert(st::META_STORE_ID, p.store_id.as_slice())?;
         meta.insert(st::META_ROOTS, p.roots)?;
         meta.insert(st::META_INTEGRITY_KEY, p.integrity_key)?;
-        meta.insert(
-            st::META_CREATED,
-            crate::guard::now().to_be_bytes().as_slice(),
-        )?;
+        meta.insert(st::META_CREATED, crate::guard::now().to_be_bytes().as_slice())?;
         if !p.audit_head.is_empty() {
             meta.insert(crate::audit::META_AUDIT_HEAD, p.audit_head)?;
         }
@@ -297,12 +264,8 @@ pub fn restore(
         return Err(e);
     }
     let guard = TokenGuard::open(store_path, store_opts, roots, opts)?;
-    guard.store().write(|txn| {
-        guard.audit_in(
-            txn,
-            "restore",
-            format!("{} tokens from {}", summary.tokens, path.display()),
-        )
-    })?;
+    guard
+        .store()
+        .write(|txn| guard.audit_in(txn, "restore", format!("{} tokens from {}", summary.tokens, path.display())))?;
     Ok((guard, summary))
 }

@@ -29,11 +29,7 @@ pub struct CacheLimits {
 
 impl Default for CacheLimits {
     fn default() -> Self {
-        CacheLimits {
-            max_entries: 1024,
-            max_age: Duration::from_secs(3600),
-            max_uses: 1 << 32,
-        }
+        CacheLimits { max_entries: 1024, max_age: Duration::from_secs(3600), max_uses: 1 << 32 }
     }
 }
 
@@ -46,11 +42,7 @@ pub(crate) struct CachedDek {
 
 impl CachedDek {
     pub(crate) fn new(dek: &DekMaterial) -> Self {
-        CachedDek {
-            cipher: Aes256Gcm::new(dek.expose().into()),
-            loaded: Instant::now(),
-            uses: AtomicU64::new(0),
-        }
+        CachedDek { cipher: Aes256Gcm::new(dek.expose().into()), loaded: Instant::now(), uses: AtomicU64::new(0) }
     }
 }
 
@@ -81,14 +73,13 @@ impl DekCache {
     /// The cipher for (provider, version) if cached and within its limits.
     pub(crate) fn get(&self, provider: &str, version: u32) -> Option<Arc<CachedDek>> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        let hit = map
-            .get(provider)
-            .and_then(|v| v.iter().find(|(ver, _)| *ver == version))
-            .map(|(_, c)| c.clone())
-            .filter(|c| {
-                c.loaded.elapsed() < self.limits.max_age
-                    && c.uses.fetch_add(1, Ordering::Relaxed) < self.limits.max_uses
-            });
+        let hit =
+            map.get(provider).and_then(|v| v.iter().find(|(ver, _)| *ver == version)).map(|(_, c)| c.clone()).filter(
+                |c| {
+                    c.loaded.elapsed() < self.limits.max_age
+                        && c.uses.fetch_add(1, Ordering::Relaxed) < self.limits.max_uses
+                },
+            );
         if hit.is_some() {
             self.hits.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -119,18 +110,21 @@ impl DekCache {
         entry
     }
 
+    /// Forgets the given versions of `provider` (after retiring or shredding them).
+    pub(crate) fn forget(&self, provider: &str, versions: &[u32]) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = map.get_mut(provider) {
+            v.retain(|(x, _)| !versions.contains(x));
+        }
+    }
+
     /// Drops every cached DEK (their ciphers are zeroized as the last reference goes).
     pub(crate) fn clear(&self) {
         self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(Vec::len)
-            .sum()
+        self.map.read().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum()
     }
 
     pub(crate) fn hits(&self) -> u64 {

@@ -29,9 +29,7 @@ pub struct Writer {
 impl Writer {
     /// A writer with `cap` bytes reserved.
     pub fn with_capacity(cap: usize) -> Self {
-        Writer {
-            buf: Vec::with_capacity(cap),
-        }
+        Writer { buf: Vec::with_capacity(cap) }
     }
 
     /// One byte.
@@ -204,11 +202,7 @@ impl<'a> Reader<'a> {
 
     /// Succeeds only when every byte was consumed.
     pub fn finish(self) -> Result<(), Malformed> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(Malformed)
-        }
+        if self.buf.is_empty() { Ok(()) } else { Err(Malformed) }
     }
 }
 
@@ -219,13 +213,7 @@ mod tests {
     #[test]
     fn round_trip_and_strictness() {
         let mut w = Writer::default();
-        w.u8(7)
-            .u16(0x0102)
-            .u32(3)
-            .u64(u64::MAX)
-            .str("héllo")
-            .opt_u64(None)
-            .opt_str(Some("x"));
+        w.u8(7).u16(0x0102).u32(3).u64(u64::MAX).str("héllo").opt_u64(None).opt_str(Some("x"));
         let b = w.finish();
         let mut r = Reader::new(&b);
         assert_eq!(r.u8(), Ok(7));
@@ -255,9 +243,6 @@ mod tests {
         // A bad presence tag is rejected.
         assert_eq!(Reader::new(&[2]).opt_u64(), Err(Malformed));
         // A count larger than the input could hold is rejected before allocation.
-        assert_eq!(
-            Reader::new(&[0xff, 0xff, 0xff, 0xff]).count(1),
-            Err(Malformed)
-        );
+        assert_eq!(Reader::new(&[0xff, 0xff, 0xff, 0xff]).count(1), Err(Malformed));
     }
 }

@@ -92,10 +92,7 @@ fn default_age() -> u64 {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig {
-            max_entries: default_entries(),
-            max_age_secs: default_age(),
-        }
+        CacheConfig { max_entries: default_entries(), max_age_secs: default_age() }
     }
 }
 
@@ -182,9 +179,8 @@ fn pct_decode(s: &str) -> Result<Vec<u8>> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .ok_or_else(|| Error::Config(format!("bad percent-escape in pkcs11 URI: {s:?}")))?;
+            let hex =
+                s.get(i + 1..i + 3).ok_or_else(|| Error::Config(format!("bad percent-escape in pkcs11 URI: {s:?}")))?;
             let v = u8::from_str_radix(hex, 16)
                 .map_err(|_| Error::Config(format!("bad percent-escape in pkcs11 URI: {s:?}")))?;
             out.push(v);
@@ -198,23 +194,20 @@ fn pct_decode(s: &str) -> Result<Vec<u8>> {
 }
 
 fn pct_str(s: &str) -> Result<String> {
-    String::from_utf8(pct_decode(s)?)
-        .map_err(|_| Error::Config("pkcs11 URI attribute is not UTF-8".into()))
+    String::from_utf8(pct_decode(s)?).map_err(|_| Error::Config("pkcs11 URI attribute is not UTF-8".into()))
 }
 
 impl Pkcs11Uri {
     /// Parses `pkcs11:path-attrs?query-attrs`. Unknown attributes are rejected, and so
     /// is `pin-value`: a PIN never goes in a URI.
     pub fn parse(uri: &str) -> Result<Self> {
-        let rest = uri
-            .strip_prefix("pkcs11:")
-            .ok_or_else(|| Error::Config(format!("not a pkcs11: URI: {uri:?}")))?;
+        let rest = uri.strip_prefix("pkcs11:").ok_or_else(|| Error::Config(format!("not a pkcs11: URI: {uri:?}")))?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut u = Pkcs11Uri::default();
         for attr in path.split(';').filter(|a| !a.is_empty()) {
-            let (k, v) = attr.split_once('=').ok_or_else(|| {
-                Error::Config(format!("pkcs11 URI attribute without '=': {attr:?}"))
-            })?;
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("pkcs11 URI attribute without '=': {attr:?}")))?;
             match k {
                 "token" => u.token = Some(pct_str(v)?),
                 "serial" => u.serial = Some(pct_str(v)?),
@@ -230,16 +223,14 @@ impl Pkcs11Uri {
                 | "slot-manufacturer"
                 | "slot-id" => {}
                 other => {
-                    return Err(Error::Config(format!(
-                        "unsupported pkcs11 URI path attribute {other:?}"
-                    )));
+                    return Err(Error::Config(format!("unsupported pkcs11 URI path attribute {other:?}")));
                 }
             }
         }
         for attr in query.split('&').filter(|a| !a.is_empty()) {
-            let (k, v) = attr.split_once('=').ok_or_else(|| {
-                Error::Config(format!("pkcs11 URI query attribute without '=': {attr:?}"))
-            })?;
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("pkcs11 URI query attribute without '=': {attr:?}")))?;
             match k {
                 "module-path" => u.module_path = Some(pct_str(v)?),
                 "pin-source" => u.pin_source = Some(pct_str(v)?),
@@ -250,18 +241,14 @@ impl Pkcs11Uri {
                 }
                 "module-name" => {}
                 other => {
-                    return Err(Error::Config(format!(
-                        "unsupported pkcs11 URI query attribute {other:?}"
-                    )));
+                    return Err(Error::Config(format!("unsupported pkcs11 URI query attribute {other:?}")));
                 }
             }
         }
         if let Some(t) = &u.object_type
             && t != "secret-key"
         {
-            return Err(Error::Config(format!(
-                "the root key must be type=secret-key, not {t:?}"
-            )));
+            return Err(Error::Config(format!("the root key must be type=secret-key, not {t:?}")));
         }
         Ok(u)
     }
@@ -270,17 +257,13 @@ impl Pkcs11Uri {
 /// Reads a PIN from its source. Never logs or returns it in an error.
 pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
     if let Some(var) = source.strip_prefix("env:") {
-        let v = std::env::var(var).map_err(|_| {
-            Error::Config(format!(
-                "pin_source {source:?}: environment variable {var} is not set"
-            ))
-        })?;
+        let v = std::env::var(var)
+            .map_err(|_| Error::Config(format!("pin_source {source:?}: environment variable {var} is not set")))?;
         return Ok(SecretString::from(v));
     }
     if let Some(p) = source.strip_prefix("file:") {
         let path = resolve_path(base, Path::new(p));
-        let meta = std::fs::metadata(&path)
-            .map_err(|e| Error::Config(format!("pin file {}: {e}", path.display())))?;
+        let meta = std::fs::metadata(&path).map_err(|e| Error::Config(format!("pin file {}: {e}", path.display())))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(Error::Config(format!(
@@ -289,14 +272,11 @@ pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
             )));
         }
         let raw = Zeroizing::new(
-            std::fs::read(&path)
-                .map_err(|e| Error::Config(format!("pin file {}: {e}", path.display())))?,
+            std::fs::read(&path).map_err(|e| Error::Config(format!("pin file {}: {e}", path.display())))?,
         );
         let text = std::str::from_utf8(&raw)
             .map_err(|_| Error::Config(format!("pin file {} is not UTF-8", path.display())))?;
-        return Ok(SecretString::from(
-            text.trim_end_matches(['\n', '\r']).to_string(),
-        ));
+        return Ok(SecretString::from(text.trim_end_matches(['\n', '\r']).to_string()));
     }
     if source == "prompt" {
         use std::io::IsTerminal;
@@ -305,21 +285,15 @@ pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
                 "pin_source = \"prompt\" needs a terminal; use env: or file: for services".into(),
             ));
         }
-        let pin = rpassword::prompt_password("Token PIN: ")
-            .map_err(|e| Error::Config(format!("reading the PIN: {e}")))?;
+        let pin =
+            rpassword::prompt_password("Token PIN: ").map_err(|e| Error::Config(format!("reading the PIN: {e}")))?;
         return Ok(SecretString::from(pin));
     }
-    Err(Error::Config(format!(
-        "pin_source must be env:VAR, file:PATH or prompt (got {source:?})"
-    )))
+    Err(Error::Config(format!("pin_source must be env:VAR, file:PATH or prompt (got {source:?})")))
 }
 
 fn resolve_path(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_owned()
-    } else {
-        base.join(p)
-    }
+    if p.is_absolute() { p.to_owned() } else { base.join(p) }
 }
 
 #[cfg(feature = "pkcs11")]
@@ -329,10 +303,7 @@ fn hex_decode(s: &str) -> Result<Vec<u8>> {
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .map_err(|_| Error::Config(format!("key_id must be hex: {s:?}")))
-        })
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| Error::Config(format!("key_id must be hex: {s:?}"))))
         .collect()
 }
 
@@ -348,8 +319,8 @@ pub enum RootUse {
 impl Config {
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Self::parse(&text, &base).map_err(|e| match e {
             Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
@@ -359,8 +330,7 @@ impl Config {
 
     /// Parses config text; relative paths resolve against `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Self> {
-        let mut c: Config =
-            toml::from_str(text).map_err(|e| Error::Config(e.message().to_string()))?;
+        let mut c: Config = toml::from_str(text).map_err(|e| Error::Config(e.message().to_string()))?;
         c.base_dir = base_dir.to_owned();
         c.store.path = resolve_path(base_dir, &c.store.path);
         for r in &mut c.roots {
@@ -403,9 +373,7 @@ impl Config {
             if let RootConfig::Pkcs11(p) = r {
                 for (k, v) in &p.env {
                     let v = if k.ends_with("_CONF") {
-                        resolve_path(&self.base_dir, Path::new(v))
-                            .display()
-                            .to_string()
+                        resolve_path(&self.base_dir, Path::new(v)).display().to_string()
                     } else {
                         v.clone()
                     };
@@ -475,26 +443,23 @@ impl Config {
     #[cfg(feature = "pkcs11")]
     pub fn pkcs11_settings(&self, p: &Pkcs11Config) -> Result<crate::root::pkcs11::Pkcs11Settings> {
         use crate::root::pkcs11::{MechanismPreference, Pkcs11Settings};
-        let uri = p
-            .uri
-            .as_deref()
-            .map(Pkcs11Uri::parse)
-            .transpose()?
-            .unwrap_or_default();
+        let uri = p.uri.as_deref().map(Pkcs11Uri::parse).transpose()?.unwrap_or_default();
         let module = p
             .module
             .clone()
             .or(uri.module_path.map(PathBuf::from))
-            .ok_or_else(|| {
-                Error::Config("pkcs11 root needs module (or module-path in the uri)".into())
-            })?;
-        let pin_source = p.pin_source.clone().or(uri.pin_source).ok_or_else(|| {
-            Error::Config("pkcs11 root needs pin_source (env:VAR, file:PATH or prompt)".into())
-        })?;
+            .ok_or_else(|| Error::Config("pkcs11 root needs module (or module-path in the uri)".into()))?;
+        let pin_source = p
+            .pin_source
+            .clone()
+            .or(uri.pin_source)
+            .ok_or_else(|| Error::Config("pkcs11 root needs pin_source (env:VAR, file:PATH or prompt)".into()))?;
         let token_label = p.token_label.clone().or(uri.token);
         let token_serial = p.token_serial.clone().or(uri.serial);
         if token_label.is_none() && token_serial.is_none() {
-            return Err(Error::Config("pkcs11 root needs token_label or token_serial: tokens are never chosen by slot number".into()));
+            return Err(Error::Config(
+                "pkcs11 root needs token_label or token_serial: tokens are never chosen by slot number".into(),
+            ));
         }
         let key_id = match &p.key_id {
             Some(h) => Some(hex_decode(h)?),
@@ -515,11 +480,7 @@ impl Config {
             module: resolve_path(&self.base_dir, &module),
             token_label,
             token_serial,
-            key_label: p
-                .key_label
-                .clone()
-                .or(uri.object)
-                .unwrap_or_else(|| "tokenguard-root".into()),
+            key_label: p.key_label.clone().or(uri.object).unwrap_or_else(|| "tokenguard-root".into()),
             key_id,
             pin: resolve_pin(&pin_source, &self.base_dir)?,
             mechanism,
@@ -530,12 +491,7 @@ impl Config {
     /// Opens the configured store.
     pub fn open_guard(&self) -> Result<TokenGuard> {
         let roots = self.build_roots(RootUse::Open)?;
-        TokenGuard::open(
-            &self.store.path,
-            self.store_options(),
-            roots,
-            self.guard_options(),
-        )
+        TokenGuard::open(&self.store.path, self.store_options(), roots, self.guard_options())
     }
 
     /// Creates the configured store (and root keys that do not exist yet).
@@ -544,12 +500,7 @@ impl Config {
             return Err(Error::StoreExists(self.store.path.clone()));
         }
         let roots = self.build_roots(RootUse::Init)?;
-        TokenGuard::create(
-            &self.store.path,
-            self.store_options(),
-            roots,
-            self.guard_options(),
-        )
+        TokenGuard::create(&self.store.path, self.store_options(), roots, self.guard_options())
     }
 }
 
@@ -566,10 +517,7 @@ mod tests {
         assert_eq!(u.token.as_deref(), Some("my token"));
         assert_eq!(u.object.as_deref(), Some("tokenguard-root"));
         assert_eq!(u.id, Some(vec![0x01, 0xff]));
-        assert_eq!(
-            u.module_path.as_deref(),
-            Some("/usr/lib/softhsm/libsofthsm2.so")
-        );
+        assert_eq!(u.module_path.as_deref(), Some("/usr/lib/softhsm/libsofthsm2.so"));
         assert_eq!(u.pin_source.as_deref(), Some("file:/etc/pin"));
     }
 
@@ -594,12 +542,6 @@ mod tests {
             Err(Error::BackendNotCompiled("tpm")) => {}
             other => panic!("unexpected {other:?}"),
         }
-        assert!(
-            Config::parse(
-                "[store]\npath=\"x\"\n[[roots]]\nbackend = \"nope\"\n",
-                Path::new("/")
-            )
-            .is_err()
-        );
+        assert!(Config::parse("[store]\npath=\"x\"\n[[roots]]\nbackend = \"nope\"\n", Path::new("/")).is_err());
     }
 }

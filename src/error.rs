@@ -131,6 +131,30 @@ pub enum Error {
         reason: String,
     },
 
+    /// The provider's data keys were destroyed (`shred`): the token is unrecoverable.
+    #[error(
+        "token {provider}/{name} is unrecoverable: data key version {version} of {provider} was destroyed (shredded)"
+    )]
+    Shredded {
+        /// Provider.
+        provider: String,
+        /// Name (empty when not known at the point of failure).
+        name: String,
+        /// The destroyed DEK version.
+        version: u32,
+    },
+
+    /// A DEK version cannot be retired while records use it.
+    #[error("data keys of {provider} are still in use ({detail}): {records} records must move first")]
+    InUse {
+        /// Provider.
+        provider: String,
+        /// Which versions and how many records each.
+        detail: String,
+        /// Total records.
+        records: u64,
+    },
+
     /// The configuration is invalid, incomplete or unreadable.
     #[error("configuration: {0}")]
     Config(String),
@@ -178,9 +202,7 @@ pub enum Error {
     },
 
     /// A backend was named that this build does not include.
-    #[error(
-        "backend {0:?} is not compiled into this build (enable the cargo feature of the same name)"
-    )]
+    #[error("backend {0:?} is not compiled into this build (enable the cargo feature of the same name)")]
     BackendNotCompiled(&'static str),
 }
 
@@ -188,19 +210,17 @@ impl Error {
     /// The CLI exit code of this error (DESIGN §8).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::NotFound { .. } | Error::NoSuchField { .. } | Error::NoStore(_) => {
-                exit::NOT_FOUND
-            }
+            Error::NotFound { .. } | Error::NoSuchField { .. } | Error::NoStore(_) => exit::NOT_FOUND,
             Error::Integrity { .. } | Error::WrongRoot { .. } => exit::INTEGRITY,
             Error::Hardware { .. } | Error::Auth { .. } => exit::HARDWARE,
             Error::StoreBusy { .. } => exit::BUSY,
-            Error::Expired { .. } | Error::Revoked { .. } => exit::EXPIRED,
+            Error::Expired { .. } | Error::Revoked { .. } | Error::Shredded { .. } => exit::EXPIRED,
+            Error::InUse { .. } => exit::OTHER,
             Error::Config(_) | Error::BackendNotCompiled(_) => exit::CONFIG,
             Error::InvalidInput(_) => exit::USAGE,
-            Error::StoreExists(_)
-            | Error::UnsupportedVersion { .. }
-            | Error::Store { .. }
-            | Error::Io { .. } => exit::OTHER,
+            Error::StoreExists(_) | Error::UnsupportedVersion { .. } | Error::Store { .. } | Error::Io { .. } => {
+                exit::OTHER
+            }
         }
     }
 
@@ -210,7 +230,8 @@ impl Error {
             Error::NotFound { .. } => "`tokenguard list` shows what is stored".into(),
             Error::NoStore(_) => "run `tokenguard init` first".into(),
             Error::Integrity { .. } => {
-                "do not trust this store copy: run `tokenguard doctor`, and restore from a backup if it reports damage".into()
+                "do not trust this store copy: run `tokenguard doctor`, and restore from a backup if it reports damage"
+                    .into()
             }
             Error::WrongRoot { .. } => {
                 "point the config at the root key this store was created with (see `tokenguard doctor`)".into()
@@ -225,14 +246,16 @@ impl Error {
                 "check the TCTI in the config and that the TPM (or swtpm) is reachable".into()
             }
             Error::StoreBusy { .. } => {
-                "another process holds the store exclusively; retry, or set store.mode = \"shared\" in every process".into()
+                "another process holds the store exclusively; retry, or set store.mode = \"shared\" in every process"
+                    .into()
             }
-            Error::Expired { .. } => {
-                "refresh or replace the token; `get --allow-expired` reads it anyway".into()
+            Error::Expired { .. } => "refresh or replace the token; `get --allow-expired` reads it anyway".into(),
+            Error::InUse { provider, .. } => {
+                format!("run `tokenguard reencrypt {provider}` to move them to the active version, then retire again")
             }
-            Error::Config(_) => {
-                "see hsm-config/ for commented reference configurations".into()
-            }
+            Error::Shredded { .. } => "the provider was crypto-shredded; store a new token under this name".into(),
+            Error::Revoked { .. } => "store a new token with `tokenguard put` if the credential was re-issued".into(),
+            Error::Config(_) => "see hsm-config/ for commented reference configurations".into(),
             Error::StoreExists(_) => "choose another store path, or use the existing store".into(),
             Error::BackendNotCompiled(b) => {
                 format!("rebuild with `cargo build --features {b}`, or remove that root from the config")
@@ -245,16 +268,9 @@ impl Error {
         Error::Integrity { context }
     }
 
-    pub(crate) fn io(
-        operation: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(operation: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| Error::Io {
-            operation,
-            path,
-            source,
-        }
+        move |source| Error::Io { operation, path, source }
     }
 }
 

@@ -195,16 +195,7 @@ impl RecordHeader {
             provider,
             name,
             dek_version,
-            meta: Metadata {
-                created,
-                updated,
-                expires_at,
-                state,
-                kind,
-                token_type,
-                scopes,
-                labels,
-            },
+            meta: Metadata { created, updated, expires_at, state, kind, token_type, scopes, labels },
         })
     }
 }
@@ -228,12 +219,7 @@ impl<'a> ParsedRecord<'a> {
         let nonce = r.array::<NONCE_LEN>().map_err(bad)?;
         let ciphertext = r.bytes().map_err(bad)?;
         r.finish().map_err(bad)?;
-        Ok(ParsedRecord {
-            header,
-            header_bytes: &bytes[..header_len],
-            nonce,
-            ciphertext,
-        })
+        Ok(ParsedRecord { header, header_bytes: &bytes[..header_len], nonce, ciphertext })
     }
 
     /// Authenticates and decrypts with the DEK of `header.dek_version`.
@@ -241,13 +227,7 @@ impl<'a> ParsedRecord<'a> {
         let aad = record_aad(store_id, self.header_bytes);
         let nonce = Nonce::<Aes256Gcm>::from(self.nonce);
         let pt = cipher
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: self.ciphertext,
-                    aad: &aad,
-                },
-            )
+            .decrypt(&nonce, Payload { msg: self.ciphertext, aad: &aad })
             .map_err(|_| Error::integrity("opening a sealed record"))?;
         Secret::decode(zeroize::Zeroizing::new(pt))
     }
@@ -255,8 +235,7 @@ impl<'a> ParsedRecord<'a> {
 
 /// The AAD of a record: `bytes(RECORD_AAD_DOMAIN) ‖ store_id ‖ header`.
 pub fn record_aad(store_id: &[u8; STORE_ID_LEN], header_bytes: &[u8]) -> Vec<u8> {
-    let mut w =
-        Writer::with_capacity(4 + RECORD_AAD_DOMAIN.len() + STORE_ID_LEN + header_bytes.len());
+    let mut w = Writer::with_capacity(4 + RECORD_AAD_DOMAIN.len() + STORE_ID_LEN + header_bytes.len());
     w.bytes(RECORD_AAD_DOMAIN).raw(store_id).raw(header_bytes);
     w.finish()
 }
@@ -293,13 +272,7 @@ pub(crate) fn seal_record_with_nonce(
     let mut out = w.finish();
     let aad = record_aad(store_id, &out[..header_len]);
     let ct = cipher
-        .encrypt(
-            &Nonce::<Aes256Gcm>::from(nonce),
-            Payload {
-                msg: &plaintext,
-                aad: &aad,
-            },
-        )
+        .encrypt(&Nonce::<Aes256Gcm>::from(nonce), Payload { msg: &plaintext, aad: &aad })
         .map_err(|_| Error::integrity("sealing a record"))?;
     out.extend_from_slice(&nonce);
     let mut w = Writer::with_capacity(4 + ct.len());
@@ -348,21 +321,12 @@ impl RecordKey {
     }
 
     /// Seals a record with a fresh random nonce.
-    pub fn seal(
-        &self,
-        store_id: &[u8; STORE_ID_LEN],
-        header: &RecordHeader,
-        secret: &Secret,
-    ) -> Result<Vec<u8>> {
+    pub fn seal(&self, store_id: &[u8; STORE_ID_LEN], header: &RecordHeader, secret: &Secret) -> Result<Vec<u8>> {
         seal_record(&self.0, store_id, header, secret)
     }
 
     /// Parses and opens a record.
-    pub fn open(
-        &self,
-        store_id: &[u8; STORE_ID_LEN],
-        bytes: &[u8],
-    ) -> Result<(RecordHeader, Secret)> {
+    pub fn open(&self, store_id: &[u8; STORE_ID_LEN], bytes: &[u8]) -> Result<(RecordHeader, Secret)> {
         let rec = ParsedRecord::parse(bytes)?;
         let s = rec.open(&self.0, store_id)?;
         Ok((rec.header, s))

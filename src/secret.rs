@@ -110,18 +110,12 @@ impl TokenSet {
 
     /// The value of `name`.
     pub fn get(&self, name: &str) -> Option<&SecretBytes> {
-        self.fields
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
-            .ok()
-            .map(|i| &self.fields[i].1)
+        self.fields.binary_search_by(|(n, _)| n.as_str().cmp(name)).ok().map(|i| &self.fields[i].1)
     }
 
     /// Removes and returns `name`.
     pub fn remove(&mut self, name: &str) -> Option<SecretBytes> {
-        self.fields
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
-            .ok()
-            .map(|i| self.fields.remove(i).1)
+        self.fields.binary_search_by(|(n, _)| n.as_str().cmp(name)).ok().map(|i| self.fields.remove(i).1)
     }
 
     /// The field names, sorted.
@@ -147,9 +141,7 @@ impl TokenSet {
 
 impl fmt::Debug for TokenSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenSet")
-            .field("fields", &self.field_names().collect::<Vec<_>>())
-            .finish_non_exhaustive()
+        f.debug_struct("TokenSet").field("fields", &self.field_names().collect::<Vec<_>>()).finish_non_exhaustive()
     }
 }
 
@@ -250,9 +242,7 @@ pub struct DekMaterial(Zeroizing<[u8; 32]>);
 impl DekMaterial {
     /// Copies exactly 32 bytes; any other length is an integrity failure.
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| Error::integrity("unwrapping a data key"))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| Error::integrity("unwrapping a data key"))?;
         Ok(DekMaterial(Zeroizing::new(arr)))
     }
 
@@ -298,16 +288,11 @@ mod tests {
     #[test]
     fn plaintext_round_trips() {
         let s = Secret::TokenSet(
-            TokenSet::new()
-                .with("refresh_token", "r".to_string())
-                .with("access_token", "a".to_string()),
+            TokenSet::new().with("refresh_token", "r".to_string()).with("access_token", "a".to_string()),
         );
         let enc = s.encode();
         let back = Secret::decode(enc).expect("decode");
-        assert_eq!(
-            back.field(Some("refresh_token")).map(|v| v.expose()),
-            Some(&b"r"[..])
-        );
+        assert_eq!(back.field(Some("refresh_token")).map(|v| v.expose()), Some(&b"r"[..]));
         assert_eq!(back.field(None).map(|v| v.expose()), Some(&b"a"[..]));
 
         let raw = Secret::raw(b"xyz".to_vec());

@@ -23,12 +23,7 @@ fn check(env: &TestEnv, cases: &[Case]) {
         let o = env.run(c.args, c.stdin);
         let err = stderr(&o).replace(&dir, "[DIR]");
         let out = String::from_utf8_lossy(&o.stdout).replace(&dir, "[DIR]");
-        assert_eq!(
-            code(&o),
-            c.code,
-            "tokenguard {:?}: exit code\nstderr: {err}\nstdout: {out}",
-            c.args
-        );
+        assert_eq!(code(&o), c.code, "tokenguard {:?}: exit code\nstderr: {err}\nstdout: {out}", c.args);
         assert_eq!(err, c.stderr, "tokenguard {:?}: stderr", c.args);
         if let Some(s) = c.stdout {
             assert_eq!(out, s, "tokenguard {:?}: stdout", c.args);
@@ -136,10 +131,7 @@ fn snapshot_cases() {
     assert_eq!(code(&env.run(&["frobnicate"], b"")), 2);
     assert_eq!(code(&env.run(&["--help"], b"")), 0);
     // A secret is never accepted on argv: there is no flag for it.
-    assert_eq!(
-        code(&env.run(&["put", "github", "x", "--secret", "ghp_ARGV"], b"")),
-        2
-    );
+    assert_eq!(code(&env.run(&["put", "github", "x", "--secret", "ghp_ARGV"], b"")), 2);
 }
 
 fn rewrite_config(env: &TestEnv, from: &str, to: &str) {
@@ -152,10 +144,7 @@ fn assert_fails(env: &TestEnv, args: &[&str], want: i32, must_say: &str) {
     let o = env.run(args, b"x");
     let err = stderr(&o);
     assert_eq!(code(&o), want, "tokenguard {args:?}: {err}");
-    assert!(
-        err.contains(must_say),
-        "tokenguard {args:?}: stderr lacks {must_say:?}: {err}"
-    );
+    assert!(err.contains(must_say), "tokenguard {args:?}: stderr lacks {must_say:?}: {err}");
     assert!(err.contains("hint: ") || want == 2, "no advice: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -180,38 +169,21 @@ fn pin_file_readable_by_others_is_refused() {
     std::fs::write(&loose, b"test-user-pin-1234").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
-    rewrite_config(
-        &env,
-        &common::softhsm().pin_file.display().to_string(),
-        &loose.display().to_string(),
-    );
+    rewrite_config(&env, &common::softhsm().pin_file.display().to_string(), &loose.display().to_string());
     assert_fails(&env, &["init"], 8, "readable by group or others");
 }
 
 #[test]
 fn missing_module_is_exit_5() {
     let env = TestEnv::new("nomodule");
-    rewrite_config(
-        &env,
-        &common::softhsm().module.display().to_string(),
-        "/nonexistent/libpkcs11-missing.so",
-    );
-    assert_fails(
-        &env,
-        &["init"],
-        5,
-        "PKCS#11 module not found at /nonexistent/libpkcs11-missing.so",
-    );
+    rewrite_config(&env, &common::softhsm().module.display().to_string(), "/nonexistent/libpkcs11-missing.so");
+    assert_fails(&env, &["init"], 5, "PKCS#11 module not found at /nonexistent/libpkcs11-missing.so");
 }
 
 #[test]
 fn absent_token_is_exit_5() {
     let env = TestEnv::new("notoken");
-    rewrite_config(
-        &env,
-        "token_label = \"tg-test\"",
-        "token_label = \"no-such-token\"",
-    );
+    rewrite_config(&env, "token_label = \"tg-test\"", "token_label = \"no-such-token\"");
     assert_fails(&env, &["init"], 5, "no token with label \"no-such-token\"");
 }
 
@@ -228,11 +200,7 @@ fn wrong_root_key_is_exit_4_and_names_both() {
     );
     assert_fails(&env, &["get", "github", "x"], 4, "wrong root key");
     let o = env.run(&["get", "github", "x"], b"");
-    assert!(
-        stderr(&o).contains(&env.key_label) && stderr(&o).contains(&other.key_label),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains(&env.key_label) && stderr(&o).contains(&other.key_label), "{}", stderr(&o));
 }
 
 #[test]
@@ -247,12 +215,7 @@ fn store_held_exclusively_is_exit_6_without_hanging() {
     )
     .unwrap();
     let start = std::time::Instant::now();
-    assert_fails(
-        &env,
-        &["get", "github", "x"],
-        6,
-        "is in use by another process",
-    );
+    assert_fails(&env, &["get", "github", "x"], 6, "is in use by another process");
     assert!(start.elapsed() < std::time::Duration::from_secs(10));
     drop(holder);
     // Once released, the same command works (the token is simply not there).
@@ -263,36 +226,17 @@ fn store_held_exclusively_is_exit_6_without_hanging() {
 fn unreadable_or_invalid_config_is_exit_8() {
     let env = TestEnv::new("badcfg");
     let missing = env.dir.join("missing.toml");
-    let o = run_cmd(
-        env.cli().env("TOKENGUARD_CONFIG", &missing).args(["list"]),
-        b"",
-    );
+    let o = run_cmd(env.cli().env("TOKENGUARD_CONFIG", &missing).args(["list"]), b"");
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     assert!(stderr(&o).contains("cannot read"), "{}", stderr(&o));
 
     std::fs::write(&env.config_path, "[store\npath = 1").unwrap();
     assert_fails(&env, &["list"], 8, "configuration:");
-    std::fs::write(
-        &env.config_path,
-        "[store]\npath = \"x\"\n[[roots]]\nbackend = \"hsm9000\"\n",
-    )
-    .unwrap();
+    std::fs::write(&env.config_path, "[store]\npath = \"x\"\n[[roots]]\nbackend = \"hsm9000\"\n").unwrap();
     assert_fails(&env, &["list"], 8, "configuration:");
-    std::fs::write(
-        &env.config_path,
-        "[store]\npath = \"x\"\n[[roots]]\nbackend = \"tpm\"\n",
-    )
-    .unwrap();
-    assert_fails(
-        &env,
-        &["list"],
-        8,
-        "backend \"tpm\" is not compiled into this build",
-    );
-    let o = run_cmd(
-        env.cli().env_remove("TOKENGUARD_CONFIG").args(["list"]),
-        b"",
-    );
+    std::fs::write(&env.config_path, "[store]\npath = \"x\"\n[[roots]]\nbackend = \"tpm\"\n").unwrap();
+    assert_fails(&env, &["list"], 8, "backend \"tpm\" is not compiled into this build");
+    let o = run_cmd(env.cli().env_remove("TOKENGUARD_CONFIG").args(["list"]), b"");
     assert_eq!(code(&o), 8);
 }
 
@@ -301,24 +245,19 @@ fn soft_root_is_refused_when_hardware_is_required() {
     let env = TestEnv::new("softreq");
     std::fs::write(
         &env.config_path,
-        format!("require_hardware = true\n[store]\npath = \"{}\"\n[[roots]]\nbackend = \"soft\"\nkey_file = \"root.key\"\n", env.store_path.display()),
+        format!(
+            "require_hardware = true\n[store]\npath = \"{}\"\n[[roots]]\nbackend = \"soft\"\nkey_file = \"root.key\"\n",
+            env.store_path.display()
+        ),
     )
     .unwrap();
-    assert_fails(
-        &env,
-        &["init"],
-        8,
-        "require_hardware = true refuses the soft root",
-    );
+    assert_fails(&env, &["init"], 8, "require_hardware = true refuses the soft root");
 }
 
 /// The body of a writer child process (see `two_processes_write_one_store`).
 #[test]
 fn child_writer() {
-    let (Ok(cfg), Ok(tag)) = (
-        std::env::var("TG_CHILD_CONFIG"),
-        std::env::var("TG_CHILD_TAG"),
-    ) else {
+    let (Ok(cfg), Ok(tag)) = (std::env::var("TG_CHILD_CONFIG"), std::env::var("TG_CHILD_TAG")) else {
         return;
     };
     let config = tokenguard::Config::load(std::path::Path::new(&cfg)).unwrap();
@@ -355,10 +294,7 @@ fn two_processes_write_one_store() {
     for tag in ["a", "b"] {
         for i in 0..150 {
             let s = g.get("github", &format!("{tag}-{i}")).unwrap();
-            assert_eq!(
-                s.field(None).unwrap().expose(),
-                format!("{tag}-{i}-value").as_bytes()
-            );
+            assert_eq!(s.field(None).unwrap().expose(), format!("{tag}-{i}-value").as_bytes());
         }
     }
     assert_eq!(g.list(Some("github")).unwrap().len(), 300);

@@ -15,10 +15,7 @@ use common::TestEnv;
 /// each put returns, i.e. after its commit is durable.
 #[test]
 fn crash_child() {
-    let (Ok(cfg), Ok(run)) = (
-        std::env::var("TG_CRASH_CONFIG"),
-        std::env::var("TG_CRASH_RUN"),
-    ) else {
+    let (Ok(cfg), Ok(run)) = (std::env::var("TG_CRASH_CONFIG"), std::env::var("TG_CRASH_RUN")) else {
         return;
     };
     let config = tokenguard::Config::load(std::path::Path::new(&cfg)).unwrap();
@@ -47,13 +44,8 @@ fn crash_child() {
             // whose ACK never got out, is a legitimate newer value.
             writeln!(out, "TRY {provider} {name} v{run}-{i}").unwrap();
             out.flush().unwrap();
-            g.put(
-                provider,
-                &name,
-                tokenguard::Secret::raw(format!("v{run}-{i}").into_bytes()),
-                Default::default(),
-            )
-            .unwrap();
+            g.put(provider, &name, tokenguard::Secret::raw(format!("v{run}-{i}").into_bytes()), Default::default())
+                .unwrap();
             writeln!(out, "ACK {provider} {name} v{run}-{i}").unwrap();
         }
         out.flush().unwrap();
@@ -84,12 +76,8 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<_>>()
-        });
+        let reader =
+            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
         let start = Instant::now();
         while start.elapsed() < delay {
             std::thread::sleep(Duration::from_millis(5));
@@ -117,9 +105,7 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
         let g = env.open();
         let mut expected_fix = Vec::new();
         for ((p, n), v) in &expected {
-            let s = g
-                .get(p, n)
-                .unwrap_or_else(|e| panic!("run {run}: {p}/{n} lost: {e}"));
+            let s = g.get(p, n).unwrap_or_else(|e| panic!("run {run}: {p}/{n} lost: {e}"));
             let got = String::from_utf8(s.field(None).unwrap().expose().to_vec()).unwrap();
             let newer = pending.get(&(p.clone(), n.clone()));
             assert!(

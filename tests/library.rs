@@ -10,9 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::TestEnv;
-use tokenguard::{
-    Error, GetOptions, PutItem, PutOptions, Secret, TokenGuard, TokenSet, TokenState,
-};
+use tokenguard::{Error, GetOptions, PutItem, PutOptions, Secret, TokenGuard, TokenSet, TokenState};
 
 fn raw(s: &str) -> Secret {
     Secret::raw(s.as_bytes().to_vec())
@@ -28,17 +26,8 @@ fn raw_and_token_set_round_trip() {
     let g = env.init();
     let mut labels = BTreeMap::new();
     labels.insert("owner".to_string(), "alice".to_string());
-    let meta = g
-        .put(
-            "github",
-            "ci-bot",
-            raw("ghp_abcdef0123456789"),
-            PutOptions {
-                labels,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let meta =
+        g.put("github", "ci-bot", raw("ghp_abcdef0123456789"), PutOptions { labels, ..Default::default() }).unwrap();
     assert_eq!(meta.state, TokenState::Active);
     assert_eq!(value(&g, "github", "ci-bot"), b"ghp_abcdef0123456789");
 
@@ -46,50 +35,30 @@ fn raw_and_token_set_round_trip() {
         .with("access_token", "ya29.ACCESS".to_string())
         .with("refresh_token", "1//REFRESH".to_string())
         .with("id_token", "eyJ.ID".to_string());
-    g.put(
-        "google",
-        "svc",
-        Secret::TokenSet(set),
-        PutOptions {
-            scopes: vec!["email".into()],
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    g.put("google", "svc", Secret::TokenSet(set), PutOptions { scopes: vec!["email".into()], ..Default::default() })
+        .unwrap();
     let (s, m) = g.get_with("google", "svc", GetOptions::default()).unwrap();
     assert_eq!(s.field(None).unwrap().expose(), b"ya29.ACCESS");
-    assert_eq!(
-        s.field(Some("refresh_token")).unwrap().expose(),
-        b"1//REFRESH"
-    );
+    assert_eq!(s.field(Some("refresh_token")).unwrap().expose(), b"1//REFRESH");
     assert_eq!(s.field(Some("id_token")).unwrap().expose(), b"eyJ.ID");
     assert!(s.field(Some("nope")).is_none());
     assert_eq!(m.scopes, vec!["email".to_string()]);
 
     // Replacing keeps `created`, moves `updated`, and survives reopening.
-    g.put("github", "ci-bot", raw("ghp_second"), PutOptions::default())
-        .unwrap();
+    g.put("github", "ci-bot", raw("ghp_second"), PutOptions::default()).unwrap();
     drop(g);
     let g = env.open();
     assert_eq!(value(&g, "github", "ci-bot"), b"ghp_second");
     let list = g.list(None).unwrap();
     assert_eq!(
-        list.iter()
-            .map(|t| (t.provider.as_str(), t.name.as_str()))
-            .collect::<Vec<_>>(),
+        list.iter().map(|t| (t.provider.as_str(), t.name.as_str())).collect::<Vec<_>>(),
         [("github", "ci-bot"), ("google", "svc")]
     );
     assert_eq!(g.list(Some("google")).unwrap().len(), 1);
 
     g.delete("github", "ci-bot").unwrap();
-    assert!(matches!(
-        g.get("github", "ci-bot"),
-        Err(Error::NotFound { .. })
-    ));
-    assert!(matches!(
-        g.delete("github", "ci-bot"),
-        Err(Error::NotFound { .. })
-    ));
+    assert!(matches!(g.get("github", "ci-bot"), Err(Error::NotFound { .. })));
+    assert!(matches!(g.delete("github", "ci-bot"), Err(Error::NotFound { .. })));
     assert!(g.audit_verify().unwrap().first_bad.is_none());
 }
 
@@ -97,39 +66,14 @@ fn raw_and_token_set_round_trip() {
 fn expired_tokens_fail_unless_allowed() {
     let env = TestEnv::new("expiry");
     let g = env.init();
-    g.put(
-        "slack",
-        "old",
-        raw("xoxb-old"),
-        PutOptions {
-            expires_at: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    g.put(
-        "slack",
-        "new",
-        raw("xoxb-new"),
-        PutOptions {
-            expires_at: Some(u64::MAX / 2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    g.put("slack", "old", raw("xoxb-old"), PutOptions { expires_at: Some(1), ..Default::default() }).unwrap();
+    g.put("slack", "new", raw("xoxb-new"), PutOptions { expires_at: Some(u64::MAX / 2), ..Default::default() })
+        .unwrap();
     match g.get("slack", "old") {
         Err(e @ Error::Expired { .. }) => assert_eq!(e.exit_code(), 7),
         other => panic!("expected Expired, got {other:?}"),
     }
-    let (s, _) = g
-        .get_with(
-            "slack",
-            "old",
-            GetOptions {
-                allow_expired: true,
-            },
-        )
-        .unwrap();
+    let (s, _) = g.get_with("slack", "old", GetOptions { allow_expired: true }).unwrap();
     assert_eq!(s.field(None).unwrap().expose(), b"xoxb-old");
     assert_eq!(value(&g, "slack", "new"), b"xoxb-new");
     let l = g.list(Some("slack")).unwrap();
@@ -140,19 +84,11 @@ fn expired_tokens_fail_unless_allowed() {
 fn invalid_names_and_empty_secrets_are_refused() {
     let env = TestEnv::new("invalid");
     let g = env.init();
-    for (p, n) in [
-        ("", "x"),
-        ("git hub", "x"),
-        ("github", "a/b"),
-        ("github", &"x".repeat(200)),
-    ] {
+    for (p, n) in [("", "x"), ("git hub", "x"), ("github", "a/b"), ("github", &"x".repeat(200))] {
         let e = g.put(p, n, raw("s"), PutOptions::default()).unwrap_err();
         assert_eq!(e.exit_code(), 2, "{e}");
     }
-    assert!(matches!(
-        g.put("github", "x", raw(""), PutOptions::default()),
-        Err(Error::InvalidInput(_))
-    ));
+    assert!(matches!(g.put("github", "x", raw(""), PutOptions::default()), Err(Error::InvalidInput(_))));
 }
 
 #[test]
@@ -176,18 +112,11 @@ fn hardware_is_touched_once_per_provider_dek() {
     drop(g);
 
     let g = env.open();
-    assert_eq!(
-        g.hardware_calls().unwraps,
-        1,
-        "open unwraps the integrity key only"
-    );
+    assert_eq!(g.hardware_calls().unwraps, 1, "open unwraps the integrity key only");
     for _ in 0..3 {
         for p in providers {
             for i in 0..20 {
-                assert_eq!(
-                    value(&g, p, &format!("t{i}")),
-                    format!("{p}-{i}").as_bytes()
-                );
+                assert_eq!(value(&g, p, &format!("t{i}")), format!("{p}-{i}").as_bytes());
             }
         }
     }
@@ -198,12 +127,7 @@ fn hardware_is_touched_once_per_provider_dek() {
         "one unwrap per provider DEK, whatever the number of gets"
     );
     assert_eq!(stats.tokens, 100);
-    assert!(
-        stats
-            .deks
-            .iter()
-            .all(|d| d.records == 20 && d.encryptions == 20)
-    );
+    assert!(stats.deks.iter().all(|d| d.records == 20 && d.encryptions == 20));
 }
 
 #[test]
@@ -211,13 +135,7 @@ fn eight_threads_mixed_get_put_lose_nothing() {
     let env = TestEnv::new("threads");
     let g = env.init();
     for t in 0..8 {
-        g.put(
-            "github",
-            &format!("seed-{t}"),
-            raw(&format!("seed-{t}")),
-            PutOptions::default(),
-        )
-        .unwrap();
+        g.put("github", &format!("seed-{t}"), raw(&format!("seed-{t}")), PutOptions::default()).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(3);
     let written = Arc::new(AtomicU64::new(0));
@@ -230,19 +148,10 @@ fn eight_threads_mixed_get_put_lose_nothing() {
                 let provider = if t % 2 == 0 { "github" } else { "slack" };
                 while Instant::now() < deadline {
                     let name = format!("w{t}-{i}");
-                    g.put(
-                        provider,
-                        &name,
-                        raw(&format!("v-{t}-{i}")),
-                        PutOptions::default(),
-                    )
-                    .unwrap();
+                    g.put(provider, &name, raw(&format!("v-{t}-{i}")), PutOptions::default()).unwrap();
                     written.fetch_add(1, Ordering::Relaxed);
                     for _ in 0..5 {
-                        assert_eq!(
-                            value(&g, "github", &format!("seed-{t}")),
-                            format!("seed-{t}").as_bytes()
-                        );
+                        assert_eq!(value(&g, "github", &format!("seed-{t}")), format!("seed-{t}").as_bytes());
                         assert_eq!(value(&g, provider, &name), format!("v-{t}-{i}").as_bytes());
                     }
                     i += 1;
@@ -257,10 +166,7 @@ fn eight_threads_mixed_get_put_lose_nothing() {
     for (t, n) in results {
         let provider = if t % 2 == 0 { "github" } else { "slack" };
         for i in 0..n {
-            assert_eq!(
-                value(&g, provider, &format!("w{t}-{i}")),
-                format!("v-{t}-{i}").as_bytes()
-            );
+            assert_eq!(value(&g, provider, &format!("w{t}-{i}")), format!("v-{t}-{i}").as_bytes());
         }
     }
     assert!(written.load(Ordering::Relaxed) > 8);
@@ -270,30 +176,15 @@ fn eight_threads_mixed_get_put_lose_nothing() {
 fn backup_restores_under_the_same_root_and_rejects_tampering() {
     let env = TestEnv::new("backup");
     let g = env.init();
-    g.put(
-        "github",
-        "a",
-        raw("ghp_backup_a"),
-        PutOptions {
-            expires_at: Some(u64::MAX / 2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    g.put("jira", "b", raw("jira_backup_b"), PutOptions::default())
+    g.put("github", "a", raw("ghp_backup_a"), PutOptions { expires_at: Some(u64::MAX / 2), ..Default::default() })
         .unwrap();
+    g.put("jira", "b", raw("jira_backup_b"), PutOptions::default()).unwrap();
     let file = env.dir.join("store.tgbackup");
     let s = tokenguard::backup::write_backup(&g, &file).unwrap();
     assert_eq!(s.tokens, 2);
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
-    assert!(
-        tokenguard::backup::write_backup(&g, &file).is_err(),
-        "never overwrites"
-    );
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(tokenguard::backup::write_backup(&g, &file).is_err(), "never overwrites");
 
     let c = env.config();
     let restore_to = env.dir.join("restored").join("tokens.redb");
@@ -328,10 +219,7 @@ fn backup_restores_under_the_same_root_and_rejects_tampering() {
         )
         .err()
         .unwrap_or_else(|| panic!("flip at {pos} was accepted"));
-        assert!(
-            matches!(e, Error::Integrity { .. } | Error::WrongRoot { .. }),
-            "flip at {pos}: {e}"
-        );
+        assert!(matches!(e, Error::Integrity { .. } | Error::WrongRoot { .. }), "flip at {pos}: {e}");
         assert!(!to.exists(), "nothing is written for a bad backup");
     }
     let tf = env.dir.join("trunc.tgbackup");
@@ -353,8 +241,7 @@ fn backup_restores_under_the_same_root_and_rejects_tampering() {
 fn guard_recovers_after_the_module_is_finalised_underneath() {
     let env = TestEnv::new("recover");
     let g = env.init();
-    g.put("github", "a", raw("ghp_recover"), PutOptions::default())
-        .unwrap();
+    g.put("github", "a", raw("ghp_recover"), PutOptions::default()).unwrap();
     drop(g);
     let g = env.open();
     // Another user of the module in this process finalises it (as a token restart
@@ -364,7 +251,6 @@ fn guard_recovers_after_the_module_is_finalised_underneath() {
     // The first get needs a DEK unwrap: it meets CKR_CRYPTOKI_NOT_INITIALIZED,
     // re-initialises, finds token and key again, and succeeds.
     assert_eq!(value(&g, "github", "a"), b"ghp_recover");
-    g.put("slack", "b", raw("xoxb-after"), PutOptions::default())
-        .unwrap();
+    g.put("slack", "b", raw("xoxb-after"), PutOptions::default()).unwrap();
     assert_eq!(value(&g, "slack", "b"), b"xoxb-after");
 }

@@ -27,20 +27,11 @@ fn the_canary_never_leaks() {
         o
     };
     logs.push(trace(&["put", "github", "canary"], CANARY.as_bytes()));
-    let set = format!(
-        r#"{{"access_token":"{CANARY}","refresh_token":"{CANARY_REFRESH}","expires_in":600}}"#
-    );
+    let set = format!(r#"{{"access_token":"{CANARY}","refresh_token":"{CANARY_REFRESH}","expires_in":600}}"#);
     logs.push(trace(&["put", "google", "canary"], set.as_bytes()));
     let got = trace(&["get", "github", "canary"], b"");
-    assert_eq!(
-        got.stdout,
-        CANARY.as_bytes(),
-        "get prints the secret on stdout, exactly"
-    );
-    let got = trace(
-        &["get", "google", "canary", "--field", "refresh_token"],
-        b"",
-    );
+    assert_eq!(got.stdout, CANARY.as_bytes(), "get prints the secret on stdout, exactly");
+    let got = trace(&["get", "google", "canary", "--field", "refresh_token"], b"");
     assert_eq!(got.stdout, CANARY_REFRESH.as_bytes());
     logs.push(got);
     logs.push(trace(&["list", "--json"], b""));
@@ -54,41 +45,23 @@ fn the_canary_never_leaks() {
     for o in &logs {
         saw_trace |= !o.stderr.is_empty();
         for c in [CANARY, CANARY_REFRESH] {
-            assert!(
-                !contains(&o.stderr, c.as_bytes()),
-                "stderr leaks: {}",
-                stderr(o)
-            );
+            assert!(!contains(&o.stderr, c.as_bytes()), "stderr leaks: {}", stderr(o));
         }
     }
-    assert!(
-        saw_trace,
-        "RUST_LOG=trace produced no log at all: the check would be vacuous"
-    );
+    assert!(saw_trace, "RUST_LOG=trace produced no log at all: the check would be vacuous");
     for o in &logs[2..] {
         // Outputs other than `get` never carry the secret.
         if o.stdout != CANARY_REFRESH.as_bytes() {
-            assert!(
-                !contains(&o.stdout, CANARY.as_bytes()),
-                "stdout leaks: {}",
-                String::from_utf8_lossy(&o.stdout)
-            );
+            assert!(!contains(&o.stdout, CANARY.as_bytes()), "stdout leaks: {}", String::from_utf8_lossy(&o.stdout));
         }
     }
 
     // Files at rest: the store, its directory, the backup, the whole token directory.
     let mut scanned = 0;
-    for f in files_below(&env.dir)
-        .into_iter()
-        .chain(files_below(&common::softhsm().dir))
-    {
+    for f in files_below(&env.dir).into_iter().chain(files_below(&common::softhsm().dir)) {
         let bytes = std::fs::read(&f).unwrap();
         for c in [CANARY, CANARY_REFRESH] {
-            assert!(
-                !contains(&bytes, c.as_bytes()),
-                "{} contains the plaintext",
-                f.display()
-            );
+            assert!(!contains(&bytes, c.as_bytes()), "{} contains the plaintext", f.display());
         }
         scanned += 1;
     }
@@ -105,13 +78,7 @@ fn the_canary_never_leaks() {
 fn debug_and_errors_never_show_secrets_or_pins() {
     let env = TestEnv::new("debug");
     let g = env.init();
-    g.put(
-        "github",
-        "canary",
-        tokenguard::Secret::raw(CANARY.as_bytes().to_vec()),
-        Default::default(),
-    )
-    .unwrap();
+    g.put("github", "canary", tokenguard::Secret::raw(CANARY.as_bytes().to_vec()), Default::default()).unwrap();
     let secret = g.get("github", "canary").unwrap();
     let config = env.config();
     let settings = match &config.roots[0] {
@@ -119,10 +86,7 @@ fn debug_and_errors_never_show_secrets_or_pins() {
         _ => unreachable!(),
     };
     let pin = std::fs::read_to_string(&common::softhsm().pin_file).unwrap();
-    let dbg = format!(
-        "{secret:?} {g:?} {config:?} {settings:?} {:?}",
-        g.stats().unwrap()
-    );
+    let dbg = format!("{secret:?} {g:?} {config:?} {settings:?} {:?}", g.stats().unwrap());
     assert!(!dbg.contains(CANARY), "{dbg}");
     assert!(!dbg.contains(pin.trim()), "{dbg}");
     assert!(dbg.contains("REDACTED"), "{dbg}");
@@ -130,22 +94,12 @@ fn debug_and_errors_never_show_secrets_or_pins() {
     // Every error the guard can produce here, with a secret and the PIN around.
     let errors = [
         g.get("github", "nobody").unwrap_err(),
-        g.put(
-            "git hub",
-            CANARY,
-            tokenguard::Secret::raw(CANARY.as_bytes().to_vec()),
-            Default::default(),
-        )
-        .unwrap_err(),
-        tokenguard::config::resolve_pin("env:TG_NO_SUCH_VAR", std::path::Path::new("/"))
-            .unwrap_err(),
+        g.put("git hub", CANARY, tokenguard::Secret::raw(CANARY.as_bytes().to_vec()), Default::default()).unwrap_err(),
+        tokenguard::config::resolve_pin("env:TG_NO_SUCH_VAR", std::path::Path::new("/")).unwrap_err(),
     ];
     for e in &errors {
         let text = format!("{e} {e:?} {:?}", e.hint());
-        assert!(
-            !text.contains(CANARY) && !text.contains(pin.trim()),
-            "{text}"
-        );
+        assert!(!text.contains(CANARY) && !text.contains(pin.trim()), "{text}");
     }
 }
 
@@ -155,17 +109,12 @@ fn the_root_key_cannot_be_read_out_of_the_token() {
     drop(env.init());
     let session = common::user_session();
     let keys = session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::Label(env.key_label.as_bytes().to_vec()),
-        ])
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(env.key_label.as_bytes().to_vec())])
         .unwrap();
     assert_eq!(keys.len(), 1);
     let k = keys[0];
     // CKA_VALUE access is refused (get_attributes would hide this; ask for the info).
-    let info = session
-        .get_attribute_info(k, &[AttributeType::Value])
-        .unwrap();
+    let info = session.get_attribute_info(k, &[AttributeType::Value]).unwrap();
     assert!(matches!(info[0], AttributeInfo::Sensitive), "{info:?}");
     let attrs = session
         .get_attributes(
@@ -231,10 +180,6 @@ fn an_extractable_key_is_never_adopted_as_root() {
         .unwrap();
     let o = env.run(&["init"], b"");
     assert_eq!(code(&o), 8, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("must be CKA_SENSITIVE=true and CKA_EXTRACTABLE=false"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("must be CKA_SENSITIVE=true and CKA_EXTRACTABLE=false"), "{}", stderr(&o));
     assert!(!env.store_path.exists());
 }

@@ -48,27 +48,11 @@ fn setup(name: &str) -> TestEnv {
         "github",
         "ci-bot",
         Secret::raw(b"ghp_TAMPER_TARGET".to_vec()),
-        PutOptions {
-            expires_at: Some(4_000_000_000),
-            labels,
-            ..Default::default()
-        },
+        PutOptions { expires_at: Some(4_000_000_000), labels, ..Default::default() },
     )
     .unwrap();
-    g.put(
-        "github",
-        "other",
-        Secret::raw(b"ghp_OTHER_SECRET".to_vec()),
-        PutOptions::default(),
-    )
-    .unwrap();
-    g.put(
-        "slack",
-        "ci-bot",
-        Secret::raw(b"xoxb_SLACK_SECRET".to_vec()),
-        PutOptions::default(),
-    )
-    .unwrap();
+    g.put("github", "other", Secret::raw(b"ghp_OTHER_SECRET".to_vec()), PutOptions::default()).unwrap();
+    g.put("slack", "ci-bot", Secret::raw(b"xoxb_SLACK_SECRET".to_vec()), PutOptions::default()).unwrap();
     env
 }
 
@@ -77,14 +61,7 @@ fn every_single_byte_flip_fails_closed() {
     let env = setup("flip");
     let orig = read_record(&env, "github", "ci-bot");
     let g = env.open();
-    assert_eq!(
-        g.get("github", "ci-bot")
-            .unwrap()
-            .field(None)
-            .unwrap()
-            .expose(),
-        b"ghp_TAMPER_TARGET"
-    );
+    assert_eq!(g.get("github", "ci-bot").unwrap().field(None).unwrap().expose(), b"ghp_TAMPER_TARGET");
     drop(g);
     for pos in 0..orig.len() {
         for bit in [0x01u8, 0x80] {
@@ -92,39 +69,19 @@ fn every_single_byte_flip_fails_closed() {
             t[pos] ^= bit;
             write_record(&env, "github", "ci-bot", &t);
             let g = env.open();
-            assert_integrity(
-                g.get("github", "ci-bot"),
-                &format!("flip {bit:#x} at byte {pos}"),
-            );
+            assert_integrity(g.get("github", "ci-bot"), &format!("flip {bit:#x} at byte {pos}"));
         }
     }
     // Truncations too.
     for cut in [0, 1, orig.len() / 2, orig.len() - 1] {
         write_record(&env, "github", "ci-bot", &orig[..cut]);
-        assert_integrity(
-            env.open().get("github", "ci-bot"),
-            &format!("truncated to {cut}"),
-        );
+        assert_integrity(env.open().get("github", "ci-bot"), &format!("truncated to {cut}"));
     }
     // The untouched records still open, and restoring the original bytes works.
     write_record(&env, "github", "ci-bot", &orig);
     let g = env.open();
-    assert_eq!(
-        g.get("github", "ci-bot")
-            .unwrap()
-            .field(None)
-            .unwrap()
-            .expose(),
-        b"ghp_TAMPER_TARGET"
-    );
-    assert_eq!(
-        g.get("github", "other")
-            .unwrap()
-            .field(None)
-            .unwrap()
-            .expose(),
-        b"ghp_OTHER_SECRET"
-    );
+    assert_eq!(g.get("github", "ci-bot").unwrap().field(None).unwrap().expose(), b"ghp_TAMPER_TARGET");
+    assert_eq!(g.get("github", "other").unwrap().field(None).unwrap().expose(), b"ghp_OTHER_SECRET");
 }
 
 #[test]
@@ -137,18 +94,8 @@ fn moved_records_fail_closed() {
     write_record(&env, "slack", "ci-bot", &rec);
     let g = env.open();
     assert_integrity(g.get("github", "other"), "record copied to another name");
-    assert_integrity(
-        g.get("slack", "ci-bot"),
-        "record copied to another provider",
-    );
-    assert_eq!(
-        g.get("github", "ci-bot")
-            .unwrap()
-            .field(None)
-            .unwrap()
-            .expose(),
-        b"ghp_TAMPER_TARGET"
-    );
+    assert_integrity(g.get("slack", "ci-bot"), "record copied to another provider");
+    assert_eq!(g.get("github", "ci-bot").unwrap().field(None).unwrap().expose(), b"ghp_TAMPER_TARGET");
 }
 
 #[test]
@@ -159,20 +106,14 @@ fn edited_metadata_fails_closed() {
     // tag; extend it by editing its top byte, as an attacker would to keep using a
     // token past its not-after.
     let needle = 4_000_000_000u64.to_be_bytes();
-    let at = rec
-        .windows(8)
-        .position(|w| w == needle)
-        .expect("expiry in header");
+    let at = rec.windows(8).position(|w| w == needle).expect("expiry in header");
     let mut t = rec.clone();
     t[at + 3] = 0xff;
     write_record(&env, "github", "ci-bot", &t);
     assert_integrity(env.open().get("github", "ci-bot"), "edited expiry");
 
     // Edit the label value ("alice" -> "mallo").
-    let at = rec
-        .windows(5)
-        .position(|w| w == b"alice")
-        .expect("label in header");
+    let at = rec.windows(5).position(|w| w == b"alice").expect("label in header");
     let mut t = rec.clone();
     t[at..at + 5].copy_from_slice(b"mallo");
     write_record(&env, "github", "ci-bot", &t);
@@ -190,23 +131,14 @@ fn swapped_dek_entries_fail_closed() {
         drop(t);
         drop(r);
         let w = db.begin_write().unwrap();
-        w.open_table(DEKS)
-            .unwrap()
-            .insert(("github", 1), slack.as_slice())
-            .unwrap();
+        w.open_table(DEKS).unwrap().insert(("github", 1), slack.as_slice()).unwrap();
         w.commit().unwrap();
     }
     let g = env.open();
-    assert_integrity(
-        g.get("github", "ci-bot"),
-        "github records under slack's DEK",
-    );
+    assert_integrity(g.get("github", "ci-bot"), "github records under slack's DEK");
     // doctor reports it.
     let checks = g.doctor();
-    let scan = checks
-        .iter()
-        .find(|c| c.name == "record integrity scan")
-        .unwrap();
+    let scan = checks.iter().find(|c| c.name == "record integrity scan").unwrap();
     assert_eq!(scan.status, tokenguard::root::Status::Fail);
     assert!(scan.detail.contains("github/ci-bot"), "{}", scan.detail);
 }
@@ -239,34 +171,19 @@ fn a_corrupted_store_file_is_an_error_not_a_panic() {
     for (i, v) in variants.into_iter().enumerate() {
         std::fs::write(&env.store_path, &v).unwrap();
         let res = std::panic::catch_unwind(|| {
-            env.try_open().and_then(|g| {
-                g.get("github", "ci-bot")
-                    .map(|s| s.field(None).unwrap().expose().to_vec())
-            })
+            env.try_open().and_then(|g| g.get("github", "ci-bot").map(|s| s.field(None).unwrap().expose().to_vec()))
         });
         let res = res.unwrap_or_else(|_| panic!("variant {i} panicked"));
         // Damage in free pages may leave the record intact; then it must still be
         // the right plaintext. Otherwise: an error.
         if let Ok(v) = &res {
-            assert_eq!(
-                v, b"ghp_TAMPER_TARGET",
-                "variant {i} opened into other plaintext"
-            );
+            assert_eq!(v, b"ghp_TAMPER_TARGET", "variant {i} opened into other plaintext");
         }
         // The CLI reports it with an exit code, not a panic.
         let o = env.run(&["get", "github", "ci-bot"], b"");
         let expect: &[i32] = if res.is_ok() { &[0] } else { &[1, 4] };
-        assert!(
-            expect.contains(&common::code(&o)),
-            "variant {i}: exit {} {}",
-            common::code(&o),
-            common::stderr(&o)
-        );
-        assert!(
-            !common::stderr(&o).contains("panicked"),
-            "{}",
-            common::stderr(&o)
-        );
+        assert!(expect.contains(&common::code(&o)), "variant {i}: exit {} {}", common::code(&o), common::stderr(&o));
+        assert!(!common::stderr(&o).contains("panicked"), "{}", common::stderr(&o));
     }
 }
 

@@ -85,10 +85,7 @@ pub struct Wrapped {
 
 impl fmt::Debug for Wrapped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Wrapped")
-            .field("mechanism", &self.mechanism)
-            .field("blob_len", &self.blob.len())
-            .finish()
+        f.debug_struct("Wrapped").field("mechanism", &self.mechanism).field("blob_len", &self.blob.len()).finish()
     }
 }
 
@@ -137,20 +134,12 @@ pub struct Check {
 impl Check {
     /// A passed (`ok = true`) or failed check.
     pub fn new(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> Self {
-        Check {
-            name: name.into(),
-            status: if ok { Status::Ok } else { Status::Fail },
-            detail: detail.into(),
-        }
+        Check { name: name.into(), status: if ok { Status::Ok } else { Status::Fail }, detail: detail.into() }
     }
 
     /// A warning.
     pub fn warn(name: impl Into<String>, detail: impl Into<String>) -> Self {
-        Check {
-            name: name.into(),
-            status: Status::Warn,
-            detail: detail.into(),
-        }
+        Check { name: name.into(), status: Status::Warn, detail: detail.into() }
     }
 }
 
@@ -181,11 +170,7 @@ pub trait RootKey: Send + Sync + fmt::Debug {
 }
 
 /// The software AES-KW unwrap shared by the soft root and the conformance tests.
-pub(crate) fn kw_unwrap(
-    kek: &[u8; 32],
-    mechanism: WrapMechanism,
-    blob: &[u8],
-) -> Result<DekMaterial> {
+pub(crate) fn kw_unwrap(kek: &[u8; 32], mechanism: WrapMechanism, blob: &[u8]) -> Result<DekMaterial> {
     use aes_kw::KeyInit;
     let mut out = zeroize::Zeroizing::new([0u8; 40]);
     let bad = |_| Error::integrity("unwrapping a data key");
@@ -208,11 +193,6 @@ pub(crate) fn kw_wrap(kek: &[u8; 32], dek: &DekMaterial) -> Result<Wrapped> {
     use aes_kw::KeyInit;
     let kw = aes_kw::KwAes256::new(kek.into());
     let mut out = [0u8; 40];
-    let blob = kw
-        .wrap_key(dek.expose(), &mut out)
-        .map_err(|_| Error::integrity("wrapping a data key"))?;
-    Ok(Wrapped {
-        mechanism: WrapMechanism::AesKw,
-        blob: blob.to_vec(),
-    })
+    let blob = kw.wrap_key(dek.expose(), &mut out).map_err(|_| Error::integrity("wrapping a data key"))?;
+    Ok(Wrapped { mechanism: WrapMechanism::AesKw, blob: blob.to_vec() })
 }

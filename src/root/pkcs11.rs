@@ -34,9 +34,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{
-    Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle,
-};
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use secrecy::SecretString;
@@ -106,10 +104,7 @@ struct Module {
 
 fn module(path: &Path) -> Result<Arc<Module>> {
     static MODULES: OnceLock<Mutex<HashMap<PathBuf, Arc<Module>>>> = OnceLock::new();
-    let mut map = MODULES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let mut map = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     if let Some(m) = map.get(path) {
         return Ok(m.clone());
     }
@@ -126,11 +121,7 @@ fn module(path: &Path) -> Result<Arc<Module>> {
         detail: format!("{}: {e}", path.display()),
     })?;
     initialize(&ctx)?;
-    let m = Arc::new(Module {
-        ctx,
-        generation: AtomicU64::new(0),
-        reinit: Mutex::new(()),
-    });
+    let m = Arc::new(Module { ctx, generation: AtomicU64::new(0), reinit: Mutex::new(()) });
     map.insert(path.to_owned(), m.clone());
     Ok(m)
 }
@@ -149,10 +140,7 @@ impl Module {
         if self.generation.load(Ordering::Acquire) != seen {
             return Ok(()); // someone else already did
         }
-        tracing::warn!(
-            backend = BACKEND,
-            "re-initialising the PKCS#11 module after a device error"
-        );
+        tracing::warn!(backend = BACKEND, "re-initialising the PKCS#11 module after a device error");
         // C_Finalize may fail if the library was already finalised underneath us.
         let _ = self.ctx.clone().finalize();
         initialize(&self.ctx)?;
@@ -162,11 +150,7 @@ impl Module {
 }
 
 fn hw(operation: &'static str, e: CkError) -> Error {
-    Error::Hardware {
-        backend: BACKEND,
-        operation,
-        detail: ck_detail(&e),
-    }
+    Error::Hardware { backend: BACKEND, operation, detail: ck_detail(&e) }
 }
 
 fn ck_detail(e: &CkError) -> String {
@@ -208,9 +192,7 @@ enum Recovery {
 
 fn recovery_for(e: &CkError) -> Recovery {
     match rv(e) {
-        Some(RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::UserNotLoggedIn) => {
-            Recovery::Session
-        }
+        Some(RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::UserNotLoggedIn) => Recovery::Session,
         Some(
             RvError::DeviceRemoved
             | RvError::TokenNotPresent
@@ -277,9 +259,7 @@ fn key_template_find(label: &str, id: Option<&[u8]>) -> Vec<Attribute> {
 }
 
 fn find_slot(ctx: &Pkcs11, s: &Pkcs11Settings) -> Result<(Slot, String, String)> {
-    let slots = ctx
-        .get_slots_with_token()
-        .map_err(|e| hw("C_GetSlotList", e))?;
+    let slots = ctx.get_slots_with_token().map_err(|e| hw("C_GetSlotList", e))?;
     let mut seen = Vec::new();
     for slot in slots {
         let info = match ctx.get_token_info(slot) {
@@ -307,11 +287,7 @@ fn find_slot(ctx: &Pkcs11, s: &Pkcs11Settings) -> Result<(Slot, String, String)>
         detail: format!(
             "no token with {wanted} in module {}; tokens present: {}",
             s.module.display(),
-            if seen.is_empty() {
-                "none".into()
-            } else {
-                seen.join(", ")
-            }
+            if seen.is_empty() { "none".into() } else { seen.join(", ") }
         ),
     })
 }
@@ -327,10 +303,7 @@ fn login(session: &Session, pin: &SecretString) -> Result<()> {
             | RvError::PinExpired
             | RvError::UserPinNotInitialized),
             _,
-        )) => Err(Error::Auth {
-            backend: BACKEND,
-            detail: format!("C_Login returned CKR_{}", rv_name(r)),
-        }),
+        )) => Err(Error::Auth { backend: BACKEND, detail: format!("C_Login returned CKR_{}", rv_name(r)) }),
         Err(e) => Err(hw("C_Login", e)),
     }
 }
@@ -346,13 +319,7 @@ fn find_key(session: &Session, s: &Pkcs11Settings) -> Result<Option<(ObjectHandl
                 .get_attributes(*h, &[AttributeType::Id])
                 .map_err(|e| hw("C_GetAttributeValue", e))?
                 .into_iter()
-                .find_map(|a| {
-                    if let Attribute::Id(v) = a {
-                        Some(v)
-                    } else {
-                        None
-                    }
-                })
+                .find_map(|a| if let Attribute::Id(v) = a { Some(v) } else { None })
                 .unwrap_or_default();
             Ok(Some((*h, id)))
         }
@@ -367,18 +334,12 @@ fn find_key(session: &Session, s: &Pkcs11Settings) -> Result<Option<(ObjectHandl
 fn probe_mechanism(ctx: &Pkcs11, slot: Slot, pref: MechanismPreference) -> Result<WrapMechanism> {
     // get_mechanism_list silently drops types cryptoki does not know; we only ask
     // about types it does.
-    let listed = ctx
-        .get_mechanism_list(slot)
-        .map_err(|e| hw("C_GetMechanismList", e))?;
+    let listed = ctx.get_mechanism_list(slot).map_err(|e| hw("C_GetMechanismList", e))?;
     let can = |t: MechanismType, wrap: bool| {
         listed.contains(&t)
-            && ctx.get_mechanism_info(slot, t).is_ok_and(|i| {
-                if wrap {
-                    i.wrap() && i.unwrap()
-                } else {
-                    i.encrypt() && i.decrypt()
-                }
-            })
+            && ctx
+                .get_mechanism_info(slot, t)
+                .is_ok_and(|i| if wrap { i.wrap() && i.unwrap() } else { i.encrypt() && i.decrypt() })
     };
     let kw = can(MechanismType::AES_KEY_WRAP, true);
     let kwpad = can(MechanismType::AES_KEY_WRAP_PAD, true);
@@ -410,9 +371,7 @@ fn ck_mechanism(m: WrapMechanism) -> Option<Mechanism<'static>> {
 }
 
 fn dek_value(session: &Session, h: ObjectHandle) -> Result<DekMaterial> {
-    let attrs = session
-        .get_attributes(h, &[AttributeType::Value])
-        .map_err(|e| hw("C_GetAttributeValue", e))?;
+    let attrs = session.get_attributes(h, &[AttributeType::Value]).map_err(|e| hw("C_GetAttributeValue", e))?;
     for a in attrs {
         if let Attribute::Value(v) = a {
             // Wrap on the line it arrives: cryptoki hands back a bare Vec.
@@ -465,10 +424,7 @@ impl Pkcs11Root {
         let module = module(&settings.module)?;
         let generation = module.generation.load(Ordering::Acquire);
         let (slot, token_serial, token_label) = find_slot(&module.ctx, &settings)?;
-        let session = module
-            .ctx
-            .open_rw_session(slot)
-            .map_err(|e| hw("C_OpenSession", e))?;
+        let session = module.ctx.open_rw_session(slot).map_err(|e| hw("C_OpenSession", e))?;
         login(&session, &settings.pin)?;
 
         let (key, key_id, mechanism) = match find_key(&session, &settings)? {
@@ -495,15 +451,8 @@ impl Pkcs11Root {
         };
         let root = Pkcs11Root {
             module,
-            location: Mutex::new(Location {
-                generation,
-                slot,
-                key,
-            }),
-            pool: Mutex::new(vec![PooledSession {
-                generation,
-                session,
-            }]),
+            location: Mutex::new(Location { generation, slot, key }),
+            pool: Mutex::new(vec![PooledSession { generation, session }]),
             open: Mutex::new(1),
             open_cv: Condvar::new(),
             mechanism,
@@ -597,13 +546,7 @@ impl Pkcs11Root {
                     self.release_slot();
                     return Err(e);
                 }
-                return Ok((
-                    PooledSession {
-                        generation,
-                        session,
-                    },
-                    key,
-                ));
+                return Ok((PooledSession { generation, session }, key));
             }
             // All sessions are borrowed: wait for one to come back.
             let _unused = self
@@ -630,8 +573,7 @@ impl Pkcs11Root {
     }
 
     fn drain_pool(&self) {
-        let sessions: Vec<_> =
-            std::mem::take(&mut *self.pool.lock().unwrap_or_else(|p| p.into_inner()));
+        let sessions: Vec<_> = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|p| p.into_inner()));
         for s in sessions {
             self.discard(s);
         }
@@ -648,37 +590,20 @@ impl Pkcs11Root {
                 found: format!("token serial {serial}"),
             });
         }
-        let session = self
-            .module
-            .ctx
-            .open_rw_session(slot)
-            .map_err(|e| hw("C_OpenSession", e))?;
+        let session = self.module.ctx.open_rw_session(slot).map_err(|e| hw("C_OpenSession", e))?;
         login(&session, &self.settings.pin)?;
-        let mut s = Pkcs11Settings {
-            key_id: Some(self.key_id.clone()),
-            ..self.settings_clone()
-        };
+        let mut s = Pkcs11Settings { key_id: Some(self.key_id.clone()), ..self.settings_clone() };
         if self.key_id.is_empty() {
             s.key_id = None;
         }
         let (key, _) = find_key(&session, &s)?.ok_or_else(|| Error::Hardware {
             backend: BACKEND,
             operation: "finding the root key",
-            detail: format!(
-                "the root key {:?} is no longer in the token",
-                self.settings.key_label
-            ),
+            detail: format!("the root key {:?} is no longer in the token", self.settings.key_label),
         })?;
-        *self.location.lock().unwrap_or_else(|p| p.into_inner()) = Location {
-            generation,
-            slot,
-            key,
-        };
+        *self.location.lock().unwrap_or_else(|p| p.into_inner()) = Location { generation, slot, key };
         *self.open.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.checkin(PooledSession {
-            generation,
-            session,
-        });
+        self.checkin(PooledSession { generation, session });
         Ok(())
     }
 
@@ -712,21 +637,14 @@ impl Pkcs11Root {
         )?;
         let mut blob = iv.to_vec();
         blob.extend_from_slice(&ct);
-        Ok(Wrapped {
-            mechanism: WrapMechanism::AesGcm,
-            blob,
-        })
+        Ok(Wrapped { mechanism: WrapMechanism::AesGcm, blob })
     }
 }
 
 /// AAD of the GCM fallback wrap, so a blob cannot be confused with other GCM output.
 const GCM_WRAP_AAD: &[u8] = b"tokenguard/dek-wrap/v1";
 
-fn generate_kek(
-    session: &Session,
-    s: &Pkcs11Settings,
-    mech: WrapMechanism,
-) -> Result<(ObjectHandle, Vec<u8>)> {
+fn generate_kek(session: &Session, s: &Pkcs11Settings, mech: WrapMechanism) -> Result<(ObjectHandle, Vec<u8>)> {
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|e| Error::Hardware {
         backend: "os",
@@ -755,17 +673,13 @@ fn generate_kek(
         Attribute::Verify(false),
         Attribute::Derive(false),
     ];
-    let h = session
-        .generate_key(&Mechanism::AesKeyGen, &template)
-        .map_err(|e| hw("C_GenerateKey (root key)", e))?;
+    let h = session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| hw("C_GenerateKey (root key)", e))?;
     tracing::info!(backend = BACKEND, label = %s.key_label, "generated a new root key in the token");
     Ok((h, id))
 }
 
 fn bool_attr(session: &Session, key: ObjectHandle, t: AttributeType) -> Result<Option<bool>> {
-    let attrs = session
-        .get_attributes(key, &[t])
-        .map_err(|e| hw("C_GetAttributeValue", e))?;
+    let attrs = session.get_attributes(key, &[t]).map_err(|e| hw("C_GetAttributeValue", e))?;
     Ok(attrs.into_iter().find_map(|a| match a {
         Attribute::Sensitive(b)
         | Attribute::Extractable(b)
@@ -842,12 +756,7 @@ impl RootKey for Pkcs11Root {
     }
 
     fn identity(&self) -> Result<RootIdentity> {
-        let fp = format!(
-            "serial={};id={};label={}",
-            self.token_serial,
-            hex(&self.key_id),
-            self.settings.key_label
-        );
+        let fp = format!("serial={};id={};label={}", self.token_serial, hex(&self.key_id), self.settings.key_label);
         Ok(RootIdentity {
             backend: BACKEND.into(),
             description: format!(
@@ -864,16 +773,12 @@ impl RootKey for Pkcs11Root {
     fn generate_dek(&self) -> Result<(DekMaterial, Wrapped)> {
         if self.mechanism == WrapMechanism::AesGcm {
             let mut v = Zeroizing::new([0u8; 32]);
-            self.with_session(
-                |s, _| s.generate_random_slice(&mut v[..]).map(|_| ()),
-                |e| hw("C_GenerateRandom", e),
-            )?;
+            self.with_session(|s, _| s.generate_random_slice(&mut v[..]).map(|_| ()), |e| hw("C_GenerateRandom", e))?;
             let dek = DekMaterial::from_slice(&v[..])?;
             let w = self.gcm_wrap(dek.expose())?;
             return Ok((dek, w));
         }
-        let mech =
-            ck_mechanism(self.mechanism).ok_or_else(|| Error::integrity("wrapping a data key"))?;
+        let mech = ck_mechanism(self.mechanism).ok_or_else(|| Error::integrity("wrapping a data key"))?;
         let (dek, blob) = self.with_session(
             |s, kek| {
                 let mut t = dek_template(None);
@@ -901,21 +806,14 @@ impl RootKey for Pkcs11Root {
             operation: "generating a data key",
             detail: "the token did not return the key value".into(),
         })?;
-        Ok((
-            dek,
-            Wrapped {
-                mechanism: self.mechanism,
-                blob,
-            },
-        ))
+        Ok((dek, Wrapped { mechanism: self.mechanism, blob }))
     }
 
     fn wrap(&self, dek: &DekMaterial) -> Result<Wrapped> {
         if self.mechanism == WrapMechanism::AesGcm {
             return self.gcm_wrap(dek.expose());
         }
-        let mech =
-            ck_mechanism(self.mechanism).ok_or_else(|| Error::integrity("wrapping a data key"))?;
+        let mech = ck_mechanism(self.mechanism).ok_or_else(|| Error::integrity("wrapping a data key"))?;
         let blob = self.with_session(
             |s, kek| {
                 let mut t = dek_template(Some(dek.expose().to_vec()));
@@ -928,10 +826,7 @@ impl RootKey for Pkcs11Root {
             },
             |e| hw("C_WrapKey", e),
         )?;
-        Ok(Wrapped {
-            mechanism: self.mechanism,
-            blob,
-        })
+        Ok(Wrapped { mechanism: self.mechanism, blob })
     }
 
     fn unwrap(&self, wrapped: &Wrapped) -> Result<DekMaterial> {
@@ -946,22 +841,19 @@ impl RootKey for Pkcs11Root {
                         let mut iv_buf = [0u8; 12];
                         iv_buf.copy_from_slice(iv);
                         let params = GcmParams::new(&mut iv_buf, GCM_WRAP_AAD, 128.into())?;
-                        s.decrypt(&Mechanism::AesGcm(params), kek, ct)
-                            .map(Zeroizing::new)
+                        s.decrypt(&Mechanism::AesGcm(params), kek, ct).map(Zeroizing::new)
                     },
                     unwrap_error,
                 )?;
                 DekMaterial::from_slice(&pt)
             }
             m => {
-                let mech =
-                    ck_mechanism(m).ok_or_else(|| Error::integrity("unwrapping a data key"))?;
+                let mech = ck_mechanism(m).ok_or_else(|| Error::integrity("unwrapping a data key"))?;
                 self.with_session(
                     |s, kek| {
                         let h = s.unwrap_key(&mech, kek, &wrapped.blob, &dek_template(None))?;
-                        let v = dek_value(s, h).map_err(|_| {
-                            CkError::Pkcs11(RvError::GeneralError, Function::GetAttributeValue)
-                        });
+                        let v = dek_value(s, h)
+                            .map_err(|_| CkError::Pkcs11(RvError::GeneralError, Function::GetAttributeValue));
                         let _ = s.destroy_object(h);
                         v
                     },
@@ -975,12 +867,7 @@ impl RootKey for Pkcs11Root {
         let mut out = vec![Check::new(
             "pkcs11 token",
             true,
-            format!(
-                "{:?} (serial {}) via {}",
-                self.token_label,
-                self.token_serial,
-                self.settings.module.display()
-            ),
+            format!("{:?} (serial {}) via {}", self.token_label, self.token_serial, self.settings.module.display()),
         )];
         let attrs = self.with_session(
             |s, kek| {
@@ -1008,10 +895,7 @@ impl RootKey for Pkcs11Root {
         );
         match attrs {
             Ok((value, sensitive, extractable, never_ex, local)) => {
-                let value_hidden = matches!(
-                    value,
-                    Some(AttributeInfo::Sensitive) | Some(AttributeInfo::Unavailable)
-                );
+                let value_hidden = matches!(value, Some(AttributeInfo::Sensitive) | Some(AttributeInfo::Unavailable));
                 out.push(Check::new(
                     "root key value unreadable",
                     value_hidden,
@@ -1021,11 +905,7 @@ impl RootKey for Pkcs11Root {
                         format!("CKA_VALUE is readable ({value:?}): replace this key")
                     },
                 ));
-                out.push(Check::new(
-                    "CKA_SENSITIVE",
-                    sensitive == Some(true),
-                    format!("{sensitive:?}"),
-                ));
+                out.push(Check::new("CKA_SENSITIVE", sensitive == Some(true), format!("{sensitive:?}")));
                 out.push(Check::new(
                     "CKA_EXTRACTABLE is false",
                     extractable == Some(false),
@@ -1039,15 +919,9 @@ impl RootKey for Pkcs11Root {
                 out.push(Check::new(
                     "CKA_LOCAL",
                     local == Some(true),
-                    format!(
-                        "{local:?} (false means the key was imported, not generated in the token)"
-                    ),
+                    format!("{local:?} (false means the key was imported, not generated in the token)"),
                 ));
-                out.push(Check::new(
-                    "wrap mechanism",
-                    true,
-                    self.mechanism.to_string(),
-                ));
+                out.push(Check::new("wrap mechanism", true, self.mechanism.to_string()));
             }
             Err(e) => out.push(Check::new("root key attributes", false, e.to_string())),
         }
@@ -1059,22 +933,12 @@ impl RootKey for Pkcs11Root {
 /// PIN; returns the token's serial. For development and test tokens (SoftHSM2,
 /// kryoptic); production HSMs are initialised with their vendor's tools. An existing
 /// token with the same label is left untouched and its serial returned.
-pub fn init_token(
-    module_path: &Path,
-    label: &str,
-    so_pin: &SecretString,
-    user_pin: &SecretString,
-) -> Result<String> {
+pub fn init_token(module_path: &Path, label: &str, so_pin: &SecretString, user_pin: &SecretString) -> Result<String> {
     let m = module(module_path)?;
     let ctx = &m.ctx;
     let find = |label: &str| -> Result<Option<(Slot, String)>> {
-        for slot in ctx
-            .get_slots_with_token()
-            .map_err(|e| hw("C_GetSlotList", e))?
-        {
-            let info = ctx
-                .get_token_info(slot)
-                .map_err(|e| hw("C_GetTokenInfo", e))?;
+        for slot in ctx.get_slots_with_token().map_err(|e| hw("C_GetSlotList", e))? {
+            let info = ctx.get_token_info(slot).map_err(|e| hw("C_GetTokenInfo", e))?;
             if info.token_initialized() && info.label().trim() == label {
                 return Ok(Some((slot, info.serial_number().trim().to_string())));
             }
@@ -1094,8 +958,7 @@ pub fn init_token(
             operation: "initialising a token",
             detail: "no free slot in the module".into(),
         })?;
-    ctx.init_token(free, so_pin, label)
-        .map_err(|e| hw("C_InitToken", e))?;
+    ctx.init_token(free, so_pin, label).map_err(|e| hw("C_InitToken", e))?;
     // SoftHSM2 moves an initialised token to a new slot id: find it again by label.
     let (slot, serial) = match find(label)? {
         Some(x) => x,
@@ -1108,12 +971,8 @@ pub fn init_token(
             })?
         }
     };
-    let session = ctx
-        .open_rw_session(slot)
-        .map_err(|e| hw("C_OpenSession", e))?;
-    session
-        .login(UserType::So, Some(so_pin))
-        .map_err(|e| hw("C_Login (SO)", e))?;
+    let session = ctx.open_rw_session(slot).map_err(|e| hw("C_OpenSession", e))?;
+    session.login(UserType::So, Some(so_pin)).map_err(|e| hw("C_Login (SO)", e))?;
     session.init_pin(user_pin).map_err(|e| hw("C_InitPIN", e))?;
     let _ = session.logout();
     Ok(serial)

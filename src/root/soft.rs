@@ -25,9 +25,7 @@ pub struct SoftRoot {
 
 impl std::fmt::Debug for SoftRoot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftRoot")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("SoftRoot").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -35,10 +33,7 @@ impl SoftRoot {
     /// Loads the key from `path`, refusing a file readable by group or others.
     pub fn open(path: &Path) -> Result<Self> {
         let meta = fs::metadata(path).map_err(|e| {
-            Error::Config(format!(
-                "soft root key file {}: {e} (run `tokenguard init` to create it)",
-                path.display()
-            ))
+            Error::Config(format!("soft root key file {}: {e} (run `tokenguard init` to create it)", path.display()))
         })?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(Error::Config(format!(
@@ -49,15 +44,9 @@ impl SoftRoot {
         }
         let raw = Zeroizing::new(fs::read(path).map_err(Error::io("reading", path))?);
         let key = parse_key(&raw).ok_or_else(|| {
-            Error::Config(format!(
-                "soft root key file {} must hold 32 raw bytes or 64 hex digits",
-                path.display()
-            ))
+            Error::Config(format!("soft root key file {} must hold 32 raw bytes or 64 hex digits", path.display()))
         })?;
-        Ok(SoftRoot {
-            path: path.to_owned(),
-            key,
-        })
+        Ok(SoftRoot { path: path.to_owned(), key })
     }
 
     /// Creates a new random key file (mode 0600, never overwriting) and opens it.
@@ -69,19 +58,14 @@ impl SoftRoot {
             .mode(0o600)
             .open(path)
             .map_err(Error::io("creating soft root key", path))?;
-        f.write_all(key.expose())
-            .map_err(Error::io("writing", path))?;
+        f.write_all(key.expose()).map_err(Error::io("writing", path))?;
         f.sync_all().map_err(Error::io("syncing", path))?;
         Self::open(path)
     }
 
     /// Opens the key file, creating it first when it does not exist.
     pub fn open_or_create(path: &Path) -> Result<Self> {
-        if path.exists() {
-            Self::open(path)
-        } else {
-            Self::create(path)
-        }
+        if path.exists() { Self::open(path) } else { Self::create(path) }
     }
 }
 
@@ -116,10 +100,7 @@ impl RootKey for SoftRoot {
         let mut h = Sha256::new();
         h.update(b"tokenguard/soft-root/fingerprint/v1");
         h.update(*self.key);
-        let fp: String = h.finalize()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let fp: String = h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect();
         Ok(RootIdentity {
             backend: "soft".into(),
             description: format!("soft key file {} (fingerprint {fp})", self.path.display()),

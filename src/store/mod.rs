@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use redb::{
-    Builder, ConcurrencyMode, Database, DatabaseError, ReadTransaction, ReadableDatabase,
-    TableDefinition, TransactionError, WriteTransaction,
+    Builder, ConcurrencyMode, Database, DatabaseError, ReadTransaction, ReadableDatabase, TableDefinition,
+    TransactionError, WriteTransaction,
 };
 
 use crate::error::{Error, Result};
@@ -37,10 +37,8 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 pub(crate) const DEKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deks");
 pub(crate) const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
 pub(crate) const BY_DEK: TableDefinition<(&str, u32, &str), ()> = TableDefinition::new("by_dek");
-pub(crate) const BY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
-    TableDefinition::new("by_expiry");
-pub(crate) const TOMBSTONES: TableDefinition<(&str, &str), &[u8]> =
-    TableDefinition::new("tombstones");
+pub(crate) const BY_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_expiry");
+pub(crate) const TOMBSTONES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tombstones");
 pub(crate) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 pub(crate) const META_SCHEMA: &str = "schema_version";
@@ -70,10 +68,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            mode: StoreMode::Shared,
-            busy_timeout: Duration::from_secs(5),
-        }
+        StoreOptions { mode: StoreMode::Shared, busy_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -86,10 +81,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("path", &self.path)
-            .field("mode", &self.opts.mode)
-            .finish()
+        f.debug_struct("Store").field("path", &self.path).field("mode", &self.opts.mode).finish()
     }
 }
 
@@ -108,23 +100,14 @@ fn backoff(attempt: u32) -> Duration {
 
 fn map_db_error(path: &Path, e: DatabaseError) -> Error {
     match e {
-        DatabaseError::Storage(redb::StorageError::Io(io))
-            if io.kind() == std::io::ErrorKind::InvalidData =>
-        {
+        DatabaseError::Storage(redb::StorageError::Io(io)) if io.kind() == std::io::ErrorKind::InvalidData => {
             Error::integrity("opening the store file (not a tokenguard store, or damaged)")
         }
-        DatabaseError::Storage(redb::StorageError::Io(io)) => Error::Io {
-            operation: "opening store",
-            path: path.into(),
-            source: io,
-        },
-        DatabaseError::Storage(redb::StorageError::Corrupted(_)) => {
-            Error::integrity("opening the store file")
+        DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            Error::Io { operation: "opening store", path: path.into(), source: io }
         }
-        other => Error::Store {
-            operation: "open",
-            detail: other.to_string(),
-        },
+        DatabaseError::Storage(redb::StorageError::Corrupted(_)) => Error::integrity("opening the store file"),
+        other => Error::Store { operation: "open", detail: other.to_string() },
     }
 }
 
@@ -141,32 +124,17 @@ impl Store {
                 .create(dir)
                 .map_err(Error::io("creating store directory", dir))?;
         }
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| {
+        let file =
+            fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     Error::StoreExists(path.into())
                 } else {
-                    Error::Io {
-                        operation: "creating store",
-                        path: path.into(),
-                        source: e,
-                    }
+                    Error::Io { operation: "creating store", path: path.into(), source: e }
                 }
             })?;
         let backend = redb::backends::FileBackend::new(file).map_err(|e| map_db_error(path, e))?;
-        let db = builder(&opts)
-            .create_with_backend(backend)
-            .map_err(|e| map_db_error(path, e))?;
-        Ok(Store {
-            db,
-            path: path.into(),
-            opts,
-        })
+        let db = builder(&opts).create_with_backend(backend).map_err(|e| map_db_error(path, e))?;
+        Ok(Store { db, path: path.into(), opts })
     }
 
     /// Opens an existing store, waiting up to `busy_timeout` while another process
@@ -180,14 +148,9 @@ impl Store {
         loop {
             match builder(&opts).open(path) {
                 Ok(db) => {
-                    return Ok(Store {
-                        db,
-                        path: path.into(),
-                        opts,
-                    });
+                    return Ok(Store { db, path: path.into(), opts });
                 }
-                Err(DatabaseError::DatabaseAlreadyOpen)
-                | Err(DatabaseError::LockProtocolMismatch) => {
+                Err(DatabaseError::DatabaseAlreadyOpen) | Err(DatabaseError::LockProtocolMismatch) => {
                     if start.elapsed() >= opts.busy_timeout {
                         return Err(Error::StoreBusy {
                             path: path.into(),
@@ -253,10 +216,7 @@ impl Store {
         if let Ok(m) = fs::metadata(&self.path) {
             let mode = m.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                out.push(format!(
-                    "store file {} has mode {mode:o}; expected 600",
-                    self.path.display()
-                ));
+                out.push(format!("store file {} has mode {mode:o}; expected 600", self.path.display()));
             }
         }
         if let Some(dir) = self.path.parent()
@@ -264,10 +224,7 @@ impl Store {
         {
             let mode = m.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                out.push(format!(
-                    "store directory {} has mode {mode:o}; expected 700",
-                    dir.display()
-                ));
+                out.push(format!("store directory {} has mode {mode:o}; expected 700", dir.display()));
             }
         }
         out
@@ -275,18 +232,12 @@ impl Store {
 
     /// redb's own structural check (B-tree and checksums). Needs exclusive access.
     pub fn check_file_integrity(path: &Path) -> Result<bool> {
-        let mut db = builder(&StoreOptions {
-            mode: StoreMode::Exclusive,
-            ..Default::default()
-        })
-        .open(path)
-        .map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => Error::StoreBusy {
-                path: path.into(),
-                waited_ms: 0,
+        let mut db = builder(&StoreOptions { mode: StoreMode::Exclusive, ..Default::default() }).open(path).map_err(
+            |e| match e {
+                DatabaseError::DatabaseAlreadyOpen => Error::StoreBusy { path: path.into(), waited_ms: 0 },
+                e => map_db_error(path, e),
             },
-            e => map_db_error(path, e),
-        })?;
+        )?;
         db.check_integrity().map_err(|e| map_db_error(path, e))
     }
 }

@@ -20,9 +20,7 @@ pub struct RootWrapped {
 pub(crate) fn encode_wrapped_list(w: &mut Writer, list: &[RootWrapped]) {
     w.u32(list.len() as u32);
     for rw in list {
-        w.u16(rw.root_id)
-            .u16(rw.wrapped.mechanism.code())
-            .bytes(&rw.wrapped.blob);
+        w.u16(rw.root_id).u16(rw.wrapped.mechanism.code()).bytes(&rw.wrapped.blob);
     }
 }
 
@@ -33,10 +31,7 @@ pub(crate) fn decode_wrapped_list(r: &mut Reader<'_>) -> Result<Vec<RootWrapped>
         let root_id = r.u16()?;
         let mechanism = WrapMechanism::from_code(r.u16()?).ok_or(Malformed)?;
         let blob = r.bytes()?.to_vec();
-        out.push(RootWrapped {
-            root_id,
-            wrapped: Wrapped { mechanism, blob },
-        });
+        out.push(RootWrapped { root_id, wrapped: Wrapped { mechanism, blob } });
     }
     Ok(out)
 }
@@ -94,11 +89,7 @@ pub struct DekEntry {
 impl DekEntry {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(64 + self.wrapped.len() * 48);
-        w.u8(ENTRY_FORMAT_V1)
-            .u32(self.version)
-            .u8(self.state.code())
-            .u64(self.created)
-            .u64(self.encryptions);
+        w.u8(ENTRY_FORMAT_V1).u32(self.version).u8(self.state.code()).u64(self.created).u64(self.encryptions);
         encode_wrapped_list(&mut w, &self.wrapped);
         w.finish()
     }
@@ -125,10 +116,7 @@ impl DekEntry {
 
     /// The blob wrapped under `root_id`.
     pub fn for_root(&self, root_id: u16) -> Option<&Wrapped> {
-        self.wrapped
-            .iter()
-            .find(|w| w.root_id == root_id)
-            .map(|w| &w.wrapped)
+        self.wrapped.iter().find(|w| w.root_id == root_id).map(|w| &w.wrapped)
     }
 }
 
@@ -162,11 +150,7 @@ pub fn decode_roots(bytes: &[u8]) -> Result<Vec<RootPin>> {
         let n = r.count(10)?;
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            out.push(RootPin {
-                root_id: r.u16()?,
-                pin: r.str()?.to_owned(),
-                description: r.str()?.to_owned(),
-            });
+            out.push(RootPin { root_id: r.u16()?, pin: r.str()?.to_owned(), description: r.str()?.to_owned() });
         }
         r.finish()?;
         Ok(out)

@@ -38,9 +38,7 @@ pub fn module_path() -> PathBuf {
             return PathBuf::from(p);
         }
     }
-    panic!(
-        "SoftHSM2 is not installed: run ./softhsm-setup.sh --deps-only (tests never skip a missing component)"
-    );
+    panic!("SoftHSM2 is not installed: run ./softhsm-setup.sh --deps-only (tests never skip a missing component)");
 }
 
 fn tmp_base() -> PathBuf {
@@ -52,11 +50,7 @@ pub fn softhsm() -> &'static SoftHsm {
     static HSM: OnceLock<SoftHsm> = OnceLock::new();
     HSM.get_or_init(|| {
         let module = module_path();
-        let dir = tempfile::Builder::new()
-            .prefix("tg-hsm-")
-            .tempdir_in(tmp_base())
-            .unwrap()
-            .keep();
+        let dir = tempfile::Builder::new().prefix("tg-hsm-").tempdir_in(tmp_base()).unwrap().keep();
         std::fs::create_dir_all(dir.join("tokens")).unwrap();
         let conf = dir.join("softhsm2.conf");
         std::fs::write(
@@ -75,15 +69,8 @@ pub fn softhsm() -> &'static SoftHsm {
         write_0600(&pin_file, b"test-user-pin-1234");
         let so = secrecy::SecretString::from("test-so-pin-5678".to_string());
         let user = secrecy::SecretString::from("test-user-pin-1234".to_string());
-        let serial =
-            tokenguard::root::pkcs11::init_token(&module, TOKEN_LABEL, &so, &user).unwrap();
-        SoftHsm {
-            dir,
-            module,
-            conf,
-            pin_file,
-            serial,
-        }
+        let serial = tokenguard::root::pkcs11::init_token(&module, TOKEN_LABEL, &so, &user).unwrap();
+        SoftHsm { dir, module, conf, pin_file, serial }
     })
 }
 
@@ -112,11 +99,7 @@ impl TestEnv {
         let hsm = softhsm();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let key_label = format!("{name}-{}-{n}", std::process::id());
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("tg-{name}-"))
-            .tempdir_in(tmp_base())
-            .unwrap()
-            .keep();
+        let dir = tempfile::Builder::new().prefix(&format!("tg-{name}-")).tempdir_in(tmp_base()).unwrap().keep();
         let store_path = dir.join("store").join("tokens.redb");
         let config_path = dir.join("tokenguard.toml");
         let text = format!(
@@ -140,12 +123,7 @@ SOFTHSM2_CONF = "{conf}"
             conf = hsm.conf.display(),
         );
         std::fs::write(&config_path, text).unwrap();
-        TestEnv {
-            dir,
-            key_label,
-            config_path,
-            store_path,
-        }
+        TestEnv { dir, key_label, config_path, store_path }
     }
 
     pub fn config(&self) -> Config {
@@ -168,18 +146,14 @@ SOFTHSM2_CONF = "{conf}"
             &c.store.path,
             c.store_options(),
             roots,
-            GuardOptions {
-                actor: "test".into(),
-                ..c.guard_options()
-            },
+            GuardOptions { actor: "test".into(), ..c.guard_options() },
         )
     }
 
     /// A `tokenguard` command with this env's config.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tokenguard"));
-        c.env("TOKENGUARD_CONFIG", &self.config_path)
-            .env_remove("RUST_LOG");
+        c.env("TOKENGUARD_CONFIG", &self.config_path).env_remove("RUST_LOG");
         c
     }
 
@@ -191,12 +165,7 @@ SOFTHSM2_CONF = "{conf}"
 
 pub fn run_cmd(cmd: &mut Command, stdin: &[u8]) -> Output {
     use std::io::Write;
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // The child may exit before reading its input (an early error): ignore EPIPE.
     let _ = child.stdin.take().unwrap().write_all(stdin);
     child.wait_with_output().unwrap()
@@ -250,24 +219,16 @@ pub fn user_session() -> cryptoki::session::Session {
     let session = ctx.open_rw_session(slot).unwrap();
     let pin = secrecy::SecretString::from(std::fs::read_to_string(&hsm.pin_file).unwrap());
     match session.login(cryptoki::session::UserType::User, Some(&pin)) {
-        Ok(())
-        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
-        }
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
         Err(e) => panic!("login: {e}"),
     }
     session
 }
 
 /// The secret key object labelled `label`.
-pub fn find_key(
-    session: &cryptoki::session::Session,
-    label: &str,
-) -> Vec<cryptoki::object::ObjectHandle> {
+pub fn find_key(session: &cryptoki::session::Session, label: &str) -> Vec<cryptoki::object::ObjectHandle> {
     use cryptoki::object::{Attribute, ObjectClass};
     session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ])
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.as_bytes().to_vec())])
         .unwrap()
 }

@@ -10,10 +10,8 @@ use clap::{Args, Parser, Subcommand};
 /// tokenguard — third-party tokens sealed under a hardware root key.
 #[derive(Debug, Parser)]
 #[command(name = "tokenguard", version, about, long_about = None)]
-#[command(
-    after_help = "Exit codes: 0 ok, 1 other error, 2 usage, 3 not found, 4 integrity failure \
-(tamper, wrong root), 5 hardware or authentication, 6 store busy, 7 expired or revoked, 8 configuration."
-)]
+#[command(after_help = "Exit codes: 0 ok, 1 other error, 2 usage, 3 not found, 4 integrity failure \
+(tamper, wrong root), 5 hardware or authentication, 6 store busy, 7 expired or revoked, 8 configuration.")]
 pub struct Cli {
     /// Configuration file (TOML).
     #[arg(long, global = true, env = "TOKENGUARD_CONFIG", value_name = "FILE")]
@@ -64,6 +62,77 @@ pub enum Command {
     /// The tamper-evident audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// A token's state: active, expired, needs-reauth, revoked or shredded.
+    Status {
+        /// Provider.
+        provider: String,
+        /// Token name.
+        name: String,
+    },
+    /// Revoke one token, a provider's tokens (--all) or tokens by label.
+    Revoke(RevokeArgs),
+    /// Tokens expiring within a duration (expired ones included).
+    Expiring {
+        /// e.g. 24h, 7d.
+        #[arg(long, value_name = "DURATION")]
+        within: String,
+    },
+    /// Remove expired tokens and/or revoked tombstones.
+    Purge {
+        /// Remove expired tokens.
+        #[arg(long)]
+        expired: bool,
+        /// Remove tombstones of revoked tokens.
+        #[arg(long)]
+        revoked: bool,
+        /// Only those that expired / were revoked at least this long ago.
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+    },
+    /// New DEK version for a provider's new writes (old records stay readable).
+    RotateDek {
+        /// Provider.
+        provider: String,
+    },
+    /// Move records sealed under older DEK versions to the active one.
+    Reencrypt {
+        /// Only this provider (default: all).
+        provider: Option<String>,
+        /// Records per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// At most this many records per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Count only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Retire DEK versions below VERSION (refused while any record uses them).
+    Retire {
+        /// Provider.
+        provider: String,
+        /// Retire versions strictly below this one.
+        #[arg(long)]
+        below: u32,
+    },
+    /// Destroy every DEK of a provider: its tokens become unrecoverable.
+    Shred {
+        /// Provider.
+        provider: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Generate a new root key in the same token and wrap every DEK under it too.
+    RotateRoot {
+        /// Label of the new key (default: the current label with a numeric suffix).
+        #[arg(long)]
+        new_key_label: Option<String>,
+    },
+    /// Roots of the store: list, add, remove (rewrap only, no token re-encrypted).
+    #[command(subcommand)]
+    Root(RootCommand),
     /// Development: initialise a SoftHSM2/kryoptic token (PINs from sources, never
     /// argv). Used by softhsm-setup.sh; production HSMs use their vendor's tools.
     #[command(hide = true)]
@@ -113,6 +182,40 @@ pub struct PutArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// Provider.
+    pub provider: Option<String>,
+    /// Token name (omit with --all or --label).
+    pub name: Option<String>,
+    /// Every token of PROVIDER.
+    #[arg(long)]
+    pub all: bool,
+    /// Every token with this label (KEY=VALUE).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub label: Option<String>,
+    /// Why (recorded in the tombstone and the audit trail).
+    #[arg(long)]
+    pub reason: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RootCommand {
+    /// The pinned roots.
+    List,
+    /// Add the root described by the [[roots]] entry of FILE (a TOML file).
+    Add {
+        /// TOML file with one [[roots]] entry.
+        #[arg(long, value_name = "FILE")]
+        root_config: PathBuf,
+    },
+    /// Remove a root by id (refused for the last one).
+    Remove {
+        /// Root id, from `root list`.
+        id: u16,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct GetArgs {
     /// Provider.
     pub provider: String,
@@ -130,13 +233,15 @@ pub struct GetArgs {
 pub enum AuditCommand {
     /// List events.
     List {
-        /// Only events with this sequence number or later.
-        #[arg(long, default_value_t = 1)]
-        since: u64,
+        /// Only events from this time on (RFC 3339, unix seconds, or a duration ago: 24h).
+        #[arg(long)]
+        since: Option<String>,
         /// Only events about this provider.
         #[arg(long)]
         provider: Option<String>,
     },
     /// Verify the MAC chain (exit 4 on a break, naming the first bad event).
     Verify,
+    /// Every event as JSON lines, for a SIEM.
+    Export,
 }

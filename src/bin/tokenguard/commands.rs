@@ -9,19 +9,20 @@ use tokenguard::error::exit;
 use tokenguard::root::Status;
 use tokenguard::{Error, GetOptions, Result, TokenGuard, backup};
 
-use crate::cli::{AuditCommand, Cli, Command, GetArgs, PutArgs};
+use crate::cli::{AuditCommand, Cli, Command, GetArgs, PutArgs, RootCommand};
 use crate::input;
+use tokenguard::guard::revoke::{PurgeOptions, RevokeTarget, TokenStatus};
+use tokenguard::guard::rotate::ReencryptOptions;
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     let path = path.ok_or_else(|| {
-        Error::Config("no configuration: pass --config FILE or set TOKENGUARD_CONFIG (./softhsm-setup.sh prints one)".into())
+        Error::Config(
+            "no configuration: pass --config FILE or set TOKENGUARD_CONFIG (./softhsm-setup.sh prints one)".into(),
+        )
     })?;
     let config = Config::load(path)?;
     apply_module_env(&config);
@@ -44,18 +45,9 @@ fn apply_module_env(config: &Config) {
 /// environment when set) and pid.
 fn actor() -> String {
     use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_default();
-    format!(
-        "cli uid={uid}{}{} pid={}",
-        if user.is_empty() { "" } else { " user=" },
-        user,
-        std::process::id()
-    )
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_else(|_| "?".into());
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
+    format!("cli uid={uid}{}{} pid={}", if user.is_empty() { "" } else { " user=" }, user, std::process::id())
 }
 
 fn open(config: &Config) -> Result<TokenGuard> {
@@ -67,11 +59,7 @@ fn open(config: &Config) -> Result<TokenGuard> {
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{v}").map_err(|e| Error::Io {
-        operation: "writing",
-        path: "stdout".into(),
-        source: e,
-    })
+    writeln!(out, "{v}").map_err(|e| Error::Io { operation: "writing", path: "stdout".into(), source: e })
 }
 
 /// Runs the command; returns the exit code on success paths that are not 0.
@@ -95,6 +83,16 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Doctor => doctor(&config, json),
+        c @ (Command::Status { .. }
+        | Command::Revoke(_)
+        | Command::Expiring { .. }
+        | Command::Purge { .. }
+        | Command::RotateDek { .. }
+        | Command::Reencrypt { .. }
+        | Command::Retire { .. }
+        | Command::Shred { .. }
+        | Command::RotateRoot { .. }
+        | Command::Root(_)) => lifecycle(&config, c, json),
         Command::Stats => {
             let s = open(&config)?.stats()?;
             if json {
@@ -139,21 +137,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             let roots = config.build_roots(RootUse::Open)?;
             let mut opts = config.guard_options();
             opts.actor = actor();
-            let (_, s) = backup::restore(
-                &file,
-                &config.store.path,
-                config.store_options(),
-                roots,
-                opts,
-            )?;
+            let (_, s) = backup::restore(&file, &config.store.path, config.store_options(), roots, opts)?;
             if json {
                 print_json(&json!({"restored": config.store.path, "summary": s}))?;
             } else {
-                println!(
-                    "restored {} tokens into {}",
-                    s.tokens,
-                    config.store.path.display()
-                );
+                println!("restored {} tokens into {}", s.tokens, config.store.path.display());
             }
             Ok(exit::OK)
         }
@@ -175,11 +163,18 @@ pub fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
+        Command::Audit(AuditCommand::Export) => {
+            for e in open(&config)?.audit_list(1)? {
+                print_json(&serde_json::to_value(&e).unwrap_or_default())?;
+            }
+            Ok(exit::OK)
+        }
         Command::Audit(AuditCommand::List { since, provider }) => {
-            let events = open(&config)?.audit_list(since)?;
-            let events: Vec<_> = events
+            let from = since.as_deref().map(|s| input::time_or_ago(s, now())).transpose()?.unwrap_or(0);
+            let events: Vec<_> = open(&config)?
+                .audit_list(1)?
                 .into_iter()
-                .filter(|e| provider.as_deref().is_none_or(|p| p == e.provider))
+                .filter(|e| e.time >= from && provider.as_deref().is_none_or(|p| p == e.provider))
                 .collect();
             if json {
                 for e in &events {
@@ -222,6 +217,218 @@ fn init_token(_a: &crate::cli::InitTokenArgs) -> Result<i32> {
     Err(Error::BackendNotCompiled("pkcs11"))
 }
 
+fn lifecycle(config: &Config, command: Command, json: bool) -> Result<i32> {
+    let g = open(config)?;
+    let out = |v: serde_json::Value, text: String| -> Result<()> {
+        if json {
+            print_json(&v)
+        } else {
+            println!("{text}");
+            Ok(())
+        }
+    };
+    match command {
+        Command::Status { provider, name } => {
+            let st = g.status(&provider, &name)?;
+            let v = serde_json::to_value(&st).unwrap_or_default();
+            let text = match &st {
+                TokenStatus::Active { meta } => format!("active (expires {})", fmt_time(meta.expires_at)),
+                TokenStatus::Expired { meta } => format!("expired at {}", fmt_time(meta.expires_at)),
+                TokenStatus::NeedsReauth { .. } => {
+                    "needs re-authorisation (the provider refused its refresh token)".into()
+                }
+                TokenStatus::Revoked { tombstone: t } => {
+                    format!("revoked at {} by {}: {}", fmt_time(Some(t.revoked_at)), t.actor, t.reason)
+                }
+                TokenStatus::Shredded { .. } => "shredded: its provider's data keys were destroyed".into(),
+            };
+            out(v, text)?;
+        }
+        Command::Revoke(a) => {
+            let target = match (&a.provider, &a.name, a.all, &a.label) {
+                (Some(p), Some(n), false, None) => RevokeTarget::One { provider: p, name: n },
+                (Some(p), None, true, None) => RevokeTarget::Provider(p),
+                (None, None, false, Some(l)) => {
+                    let (k, v) = l
+                        .split_once('=')
+                        .ok_or_else(|| Error::InvalidInput(format!("--label must be KEY=VALUE (got {l:?})")))?;
+                    RevokeTarget::Label { key: k, value: v }
+                }
+                _ => {
+                    return Err(Error::InvalidInput(
+                        "revoke takes PROVIDER NAME, or PROVIDER --all, or --label KEY=VALUE".into(),
+                    ));
+                }
+            };
+            let done = g.revoke(target, &a.reason)?;
+            let text = done.iter().map(|(p, n)| format!("revoked {p}/{n}")).collect::<Vec<_>>().join("\n");
+            out(json!({"revoked": done}), if text.is_empty() { "nothing matched".into() } else { text })?;
+        }
+        Command::Expiring { within } => {
+            let d = input::duration(&within)?;
+            let list = g.expiring(d)?;
+            let text = list
+                .iter()
+                .map(|(p, n, t)| {
+                    format!("{p}/{n}\t{}{}", fmt_time(Some(*t)), if *t <= now() { " (EXPIRED)" } else { "" })
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let v = list.iter().map(|(p, n, t)| json!({"provider": p, "name": n, "expires_at": t})).collect::<Vec<_>>();
+            out(json!(v), if text.is_empty() { "nothing expires in that window".into() } else { text })?;
+        }
+        Command::Purge { expired, revoked, older_than } => {
+            if !expired && !revoked {
+                return Err(Error::InvalidInput("purge needs --expired and/or --revoked".into()));
+            }
+            let older_than = older_than.as_deref().map(input::duration).transpose()?.unwrap_or(0);
+            let r = g.purge(PurgeOptions { expired, revoked, older_than })?;
+            out(json!(r), format!("purged {} expired tokens and {} tombstones", r.expired, r.tombstones))?;
+        }
+        Command::RotateDek { provider } => {
+            let v = g.rotate_dek(&provider)?;
+            out(
+                json!({"provider": provider, "version": v}),
+                format!(
+                    "{provider}: new writes use DEK version {v}; run `tokenguard reencrypt {provider}` to move existing records"
+                ),
+            )?;
+        }
+        Command::Reencrypt { provider, batch_size, rate, dry_run } => {
+            let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+                let b = indicatif::ProgressBar::new(0);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b
+            });
+            let opts = ReencryptOptions { batch_size, max_per_second: rate, dry_run };
+            let reports = g.reencrypt(provider.as_deref(), opts, |p, done, total| {
+                if let Some(b) = &bar {
+                    b.set_message(p.to_string());
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            })?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            let text = reports
+                .iter()
+                .map(|r| {
+                    if dry_run {
+                        format!("{}: {} records would move to version {}", r.provider, r.pending, r.target_version)
+                    } else {
+                        format!(
+                            "{}: moved {} records to version {} in {} batches",
+                            r.provider, r.moved, r.target_version, r.batches
+                        )
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            out(json!(reports), if text.is_empty() { "no provider has data keys yet".into() } else { text })?;
+        }
+        Command::Retire { provider, below } => {
+            let v = g.retire(&provider, below)?;
+            out(
+                json!({"provider": provider, "retired": v}),
+                format!("{provider}: retired versions {v:?}; their key material is erased"),
+            )?;
+        }
+        Command::Shred { provider, yes } => {
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    return Err(Error::InvalidInput("shred destroys keys for good: pass --yes in scripts".into()));
+                }
+                eprint!(
+                    "Destroy every data key of {provider}? Its tokens become unrecoverable. Type the provider name to confirm: "
+                );
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .map_err(|e| Error::InvalidInput(format!("reading confirmation: {e}")))?;
+                if line.trim() != provider {
+                    return Err(Error::InvalidInput("not confirmed; nothing was destroyed".into()));
+                }
+            }
+            let v = g.shred(&provider)?;
+            out(
+                json!({"provider": provider, "destroyed": v}),
+                format!("{provider}: destroyed data key versions {v:?}"),
+            )?;
+        }
+        Command::Root(RootCommand::List) => {
+            let pins = g.pinned_roots()?;
+            let text = pins.iter().map(|p| format!("{}\t{}", p.root_id, p.description)).collect::<Vec<_>>().join("\n");
+            out(json!(pins), text)?;
+        }
+        Command::Root(RootCommand::Add { root_config }) => {
+            let text = std::fs::read_to_string(&root_config)
+                .map_err(|e| Error::Config(format!("cannot read {}: {e}", root_config.display())))?;
+            let base = root_config.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            let extra = Config::parse(&format!("[store]\npath = \"unused\"\n{text}"), &base)?;
+            let mut roots = extra.build_roots(RootUse::Init)?;
+            if roots.len() != 1 {
+                return Err(Error::Config(format!("{} must hold exactly one [[roots]] entry", root_config.display())));
+            }
+            let pin = g.add_root(roots.remove(0))?;
+            out(json!(pin), format!("added root {}: {}", pin.root_id, pin.description))?;
+        }
+        Command::Root(RootCommand::Remove { id }) => {
+            let pin = g.remove_root(id)?;
+            out(json!(pin), format!("removed root {}: {}", pin.root_id, pin.description))?;
+        }
+        Command::RotateRoot { new_key_label } => rotate_root(config, &g, new_key_label, json)?,
+        _ => return Err(Error::InvalidInput("not a lifecycle command".into())),
+    }
+    Ok(exit::OK)
+}
+
+#[cfg(feature = "pkcs11")]
+fn rotate_root(config: &Config, g: &TokenGuard, new_label: Option<String>, json: bool) -> Result<()> {
+    use tokenguard::config::RootConfig;
+    let Some(RootConfig::Pkcs11(p)) = config.roots.first() else {
+        return Err(Error::Config("rotate-root works on a pkcs11 first root; use `root add` for others".into()));
+    };
+    let mut settings = config.pkcs11_settings(p)?;
+    let label = new_label.unwrap_or_else(|| {
+        let pins = g.roots().len();
+        format!("{}.r{}", settings.key_label, pins + 1)
+    });
+    settings.key_label = label.clone();
+    settings.key_id = None;
+    let root = tokenguard::root::pkcs11::Pkcs11Root::open_or_generate(settings)?;
+    let pin = g.add_root(Box::new(root))?;
+    let old: Vec<String> = g.roots().iter().map(|r| r.root_id.to_string()).collect();
+    let next = format!(
+        "new root key {label:?} pinned as root {}. Next: set key_label = \"{label}\" in the config (and restart services), then `tokenguard root remove {}` to retire the old key",
+        pin.root_id,
+        old.join(" ")
+    );
+    if json {
+        print_json(&json!({"added": pin, "next": next}))
+    } else {
+        println!("{next}");
+        Ok(())
+    }
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn rotate_root(_c: &Config, _g: &TokenGuard, _l: Option<String>, _json: bool) -> Result<()> {
+    Err(Error::BackendNotCompiled("pkcs11"))
+}
+
+fn fmt_time(t: Option<u64>) -> String {
+    match t {
+        Some(t) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+        }
+        None => "never".into(),
+    }
+}
+
 fn init(config: &Config, json: bool) -> Result<i32> {
     if config.store.path.exists() {
         return Err(Error::StoreExists(config.store.path.clone()));
@@ -248,12 +455,7 @@ fn put(config: &Config, a: PutArgs, json: bool) -> Result<i32> {
     let raw = input::read_input(a.from_file.as_deref())?;
     let (secret, parsed) = input::parse_secret(raw, a.raw, a.keep_newline)?;
     let t = now();
-    let expires_at = input::expiry(
-        a.expires_in.as_deref(),
-        a.expires_at.as_deref(),
-        parsed.expires_in,
-        t,
-    )?;
+    let expires_at = input::expiry(a.expires_in.as_deref(), a.expires_at.as_deref(), parsed.expires_in, t)?;
     let opts = input::put_options(labels, expires_at, parsed);
     let g = open(config)?;
     let meta = g.put(&a.provider, &a.name, secret, opts)?;
@@ -265,13 +467,7 @@ fn put(config: &Config, a: PutArgs, json: bool) -> Result<i32> {
 
 fn get(config: &Config, a: GetArgs, json: bool) -> Result<i32> {
     let g = open(config)?;
-    let res = g.get_with(
-        &a.provider,
-        &a.name,
-        GetOptions {
-            allow_expired: a.allow_expired,
-        },
-    );
+    let res = g.get_with(&a.provider, &a.name, GetOptions { allow_expired: a.allow_expired });
     let outcome = match &res {
         Ok(_) => "ok",
         Err(e) => match e.exit_code() {
@@ -286,23 +482,17 @@ fn get(config: &Config, a: GetArgs, json: bool) -> Result<i32> {
     let audited = g.audit_event("get", &a.provider, &a.name, outcome);
     let (secret, meta) = res?;
     audited?;
-    let value = secret
-        .field(a.field.as_deref())
-        .ok_or_else(|| Error::NoSuchField {
-            provider: a.provider.clone(),
-            name: a.name.clone(),
-            field: a.field.clone().unwrap_or_else(|| "access_token".into()),
-        })?;
+    let value = secret.field(a.field.as_deref()).ok_or_else(|| Error::NoSuchField {
+        provider: a.provider.clone(),
+        name: a.name.clone(),
+        field: a.field.clone().unwrap_or_else(|| "access_token".into()),
+    })?;
     let mut out = std::io::stdout().lock();
-    let w = |e| Error::Io {
-        operation: "writing",
-        path: "stdout".into(),
-        source: e,
-    };
+    let w = |e| Error::Io { operation: "writing", path: "stdout".into(), source: e };
     if json {
-        let text = value.expose_str().ok_or_else(|| {
-            Error::InvalidInput("the secret is not UTF-8; use get without --json".into())
-        })?;
+        let text = value
+            .expose_str()
+            .ok_or_else(|| Error::InvalidInput("the secret is not UTF-8; use get without --json".into()))?;
         let v = zeroize::Zeroizing::new(
             json!({"provider": a.provider, "name": a.name, "field": a.field, "value": text, "meta": meta}).to_string(),
         );
@@ -328,18 +518,12 @@ fn list(config: &Config, provider: Option<&str>, json: bool) -> Result<i32> {
     }
     for t in items {
         let exp = match t.meta.expires_at {
-            Some(e) => humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(e),
-            )
-            .to_string(),
+            Some(e) => {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e)).to_string()
+            }
             None => "never".into(),
         };
-        let labels: Vec<String> = t
-            .meta
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let labels: Vec<String> = t.meta.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
             "{}/{}\t{:?}\texpires {}{}\tdek v{}\t{}",
             t.provider,
@@ -358,11 +542,7 @@ fn doctor(config: &Config, json: bool) -> Result<i32> {
     let mut checks = Vec::new();
     let mut code = exit::OK;
     if config.require_hardware {
-        checks.push(tokenguard::root::Check::new(
-            "require_hardware",
-            true,
-            "soft roots are refused",
-        ));
+        checks.push(tokenguard::root::Check::new("require_hardware", true, "soft roots are refused"));
     } else {
         checks.push(tokenguard::root::Check::warn(
             "require_hardware",
@@ -386,9 +566,7 @@ fn doctor(config: &Config, json: bool) -> Result<i32> {
         code = exit::OTHER;
         if checks.iter().any(|c| {
             c.status == Status::Fail
-                && (c.name.contains("integrity")
-                    || c.name.contains("audit")
-                    || c.name.contains("unwrap"))
+                && (c.name.contains("integrity") || c.name.contains("audit") || c.name.contains("unwrap"))
         }) {
             code = exit::INTEGRITY;
         }
@@ -406,11 +584,7 @@ fn doctor(config: &Config, json: bool) -> Result<i32> {
         }
         println!(
             "{}",
-            if failed == 0 {
-                "doctor: no failures".to_string()
-            } else {
-                format!("doctor: {failed} check(s) failed")
-            }
+            if failed == 0 { "doctor: no failures".to_string() } else { format!("doctor: {failed} check(s) failed") }
         );
     }
     Ok(code)

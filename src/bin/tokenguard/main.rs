@@ -45,23 +45,16 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn,cryptoki=off"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn,cryptoki=off"));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 /// No core dumps and no ptrace by other processes of the same user: a core file or a
 /// debugger attach would expose unwrapped DEKs and the secret being printed.
 #[allow(unsafe_code)]
 fn harden_process() {
-    let zero = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: setrlimit and prctl take plain values and a pointer to a local struct;
     // they touch no memory of ours beyond it.
     unsafe {

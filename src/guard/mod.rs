@@ -7,8 +7,12 @@
 //! unwrap of the store's integrity key at open, which is also how a wrong root is
 //! caught before anything else happens).
 
+pub mod revoke;
+pub mod roots;
+pub mod rotate;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -23,19 +27,14 @@ use crate::audit::{self, AuditEvent, AuditReport, NewEvent};
 use crate::cache::{CacheLimits, CachedDek, DekCache};
 use crate::error::{Error, Result};
 use crate::root::{Check, RootKey};
-use crate::seal::{
-    self, Metadata, ParsedRecord, RecordHeader, STORE_ID_LEN, SecretKind, TokenState,
-};
+use crate::seal::{self, Metadata, ParsedRecord, RecordHeader, STORE_ID_LEN, SecretKind, TokenState};
 use crate::secret::{DekMaterial, Secret};
 use crate::store::schema::{self, DekEntry, DekState, RootPin, RootWrapped};
 use crate::store::{self as st, Store, StoreOptions};
 
 /// Current time in unix seconds.
 pub(crate) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Options of a guard beyond its store and roots.
@@ -47,6 +46,9 @@ pub struct GuardOptions {
     pub require_hardware: bool,
     /// Recorded as the actor of audit events.
     pub actor: String,
+    /// Encryptions after which a DEK version is rotated automatically (default 2^30;
+    /// NIST SP 800-38D allows 2^32 with random 96-bit nonces).
+    pub max_dek_encryptions: u64,
 }
 
 impl Default for GuardOptions {
@@ -55,6 +57,7 @@ impl Default for GuardOptions {
             cache: CacheLimits::default(),
             require_hardware: false,
             actor: format!("pid:{}", std::process::id()),
+            max_dek_encryptions: 1 << 30,
         }
     }
 }
@@ -199,10 +202,8 @@ const MAX_SECRET: usize = 64 * 1024;
 
 /// Checks a provider or token name: 1–128 bytes of `[A-Za-z0-9._@+:-]`.
 pub fn validate_ident(kind: &str, s: &str) -> Result<()> {
-    let ok = !s.is_empty()
-        && s.len() <= MAX_IDENT
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._@+:-".contains(&b));
+    let ok =
+        !s.is_empty() && s.len() <= MAX_IDENT && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@+:-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -227,9 +228,7 @@ fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
         )));
     }
     if roots.is_empty() {
-        return Err(Error::Config(
-            "no root is configured: add a [[roots]] section".into(),
-        ));
+        return Err(Error::Config("no root is configured: add a [[roots]] section".into()));
     }
     Ok(())
 }
@@ -257,44 +256,24 @@ impl TokenGuard {
         let mut pins = Vec::new();
         for (i, r) in roots.iter().enumerate() {
             let id = r.identity()?;
-            pins.push(RootPin {
-                root_id: i as u16 + 1,
-                pin: id.pin(),
-                description: id.description,
-            });
+            pins.push(RootPin { root_id: i as u16 + 1, pin: id.pin(), description: id.description });
         }
         let ik = DekMaterial::random()?;
         let mut wrapped = Vec::new();
         for (r, p) in roots.iter().zip(&pins) {
-            wrapped.push(RootWrapped {
-                root_id: p.root_id,
-                wrapped: r.wrap(&ik)?,
-            });
+            wrapped.push(RootWrapped { root_id: p.root_id, wrapped: r.wrap(&ik)? });
         }
         let store_id = random_array::<STORE_ID_LEN>()?;
         let store = Store::create(path, store_opts)?;
-        let active = roots
-            .into_iter()
-            .zip(&pins)
-            .map(|(key, p)| ActiveRoot {
-                root_id: p.root_id,
-                key,
-            })
-            .collect();
+        let active = roots.into_iter().zip(&pins).map(|(key, p)| ActiveRoot { root_id: p.root_id, key }).collect();
         let inner = Inner::new(store, store_id, active, pins.clone(), &ik, opts);
-        inner
-            .counters
-            .wraps
-            .fetch_add(wrapped.len() as u64, Ordering::Relaxed);
+        inner.counters.wraps.fetch_add(wrapped.len() as u64, Ordering::Relaxed);
         inner.store.write(|txn| {
             let mut meta = txn.open_table(st::META)?;
             meta.insert(st::META_SCHEMA, st::SCHEMA_VERSION.to_be_bytes().as_slice())?;
             meta.insert(st::META_STORE_ID, store_id.as_slice())?;
             meta.insert(st::META_ROOTS, schema::encode_roots(&pins).as_slice())?;
-            meta.insert(
-                st::META_INTEGRITY_KEY,
-                schema::encode_wrapped_key(&wrapped).as_slice(),
-            )?;
+            meta.insert(st::META_INTEGRITY_KEY, schema::encode_wrapped_key(&wrapped).as_slice())?;
             meta.insert(st::META_CREATED, now().to_be_bytes().as_slice())?;
             drop(meta);
             // Create every table now, so readers never meet a missing one.
@@ -304,25 +283,11 @@ impl TokenGuard {
             txn.open_table(st::BY_EXPIRY)?;
             txn.open_table(st::TOMBSTONES)?;
             txn.open_table(st::AUDIT)?;
-            let detail = pins
-                .iter()
-                .map(|p| p.description.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
-            inner.audit(
-                txn,
-                NewEvent {
-                    op: "init",
-                    outcome: "ok",
-                    detail,
-                    ..Default::default()
-                },
-            )
+            let detail = pins.iter().map(|p| p.description.as_str()).collect::<Vec<_>>().join("; ");
+            inner.audit(txn, NewEvent { op: "init", outcome: "ok", detail, ..Default::default() })
         })?;
         tracing::info!(path = %path.display(), roots = pins.len(), "created store");
-        Ok(TokenGuard {
-            inner: Arc::new(inner),
-        })
+        Ok(TokenGuard { inner: Arc::new(inner) })
     }
 
     /// Opens an existing store. At least one of `roots` must be pinned in it and must
@@ -336,26 +301,19 @@ impl TokenGuard {
         check_hardware(&roots, opts.require_hardware)?;
         let store = Store::open(path, store_opts)?;
         let txn = store.read()?;
-        let schema_bytes = st::meta_get(&txn, st::META_SCHEMA)?
-            .ok_or_else(|| Error::integrity("reading the store schema version"))?;
+        let schema_bytes =
+            st::meta_get(&txn, st::META_SCHEMA)?.ok_or_else(|| Error::integrity("reading the store schema version"))?;
         let version = u32::from_be_bytes(
-            schema_bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::integrity("reading the store schema version"))?,
+            schema_bytes.as_slice().try_into().map_err(|_| Error::integrity("reading the store schema version"))?,
         );
         if version != st::SCHEMA_VERSION {
-            return Err(Error::UnsupportedVersion {
-                found: version,
-                supported: st::SCHEMA_VERSION,
-            });
+            return Err(Error::UnsupportedVersion { found: version, supported: st::SCHEMA_VERSION });
         }
         let store_id: [u8; STORE_ID_LEN] = st::meta_get(&txn, st::META_STORE_ID)?
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| Error::integrity("reading the store id"))?;
         let pins = schema::decode_roots(
-            &st::meta_get(&txn, st::META_ROOTS)?
-                .ok_or_else(|| Error::integrity("reading the pinned roots"))?,
+            &st::meta_get(&txn, st::META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?,
         )?;
         let wrapped_ik = schema::decode_wrapped_key(
             &st::meta_get(&txn, st::META_INTEGRITY_KEY)?
@@ -369,17 +327,12 @@ impl TokenGuard {
             .into_iter()
             .enumerate()
             .filter_map(|(i, key)| {
-                matched
-                    .iter()
-                    .find(|(j, _)| *j == i)
-                    .map(|(_, id)| ActiveRoot { root_id: *id, key })
+                matched.iter().find(|(j, _)| *j == i).map(|(_, id)| ActiveRoot { root_id: *id, key })
             })
             .collect();
         let inner = Inner::new(store, store_id, active, pins, &ik, opts);
         inner.counters.unwraps.fetch_add(1, Ordering::Relaxed);
-        Ok(TokenGuard {
-            inner: Arc::new(inner),
-        })
+        Ok(TokenGuard { inner: Arc::new(inner) })
     }
 
     /// The store's random id (bound into every record's AAD).
@@ -398,19 +351,8 @@ impl TokenGuard {
     }
 
     /// Seals and stores `secret` under (provider, name), replacing any earlier value.
-    pub fn put(
-        &self,
-        provider: &str,
-        name: &str,
-        secret: Secret,
-        options: PutOptions,
-    ) -> Result<Metadata> {
-        let item = PutItem {
-            provider: provider.into(),
-            name: name.into(),
-            secret,
-            options,
-        };
+    pub fn put(&self, provider: &str, name: &str, secret: Secret, options: PutOptions) -> Result<Metadata> {
+        let item = PutItem { provider: provider.into(), name: name.into(), secret, options };
         let mut out = self.put_items(std::slice::from_ref(&item), "put")?;
         Ok(out.remove(0))
     }
@@ -431,16 +373,12 @@ impl TokenGuard {
                 Secret::TokenSet(t) => t.iter().map(|(n, v)| n.len() + v.len()).sum(),
             };
             if size == 0 || size > MAX_SECRET {
-                return Err(Error::InvalidInput(format!(
-                    "a secret must be 1 to {MAX_SECRET} bytes"
-                )));
+                return Err(Error::InvalidInput(format!("a secret must be 1 to {MAX_SECRET} bytes")));
             }
             for (k, v) in &it.options.labels {
                 validate_ident("label key", k)?;
                 if v.len() > 256 || v.chars().any(char::is_control) {
-                    return Err(Error::InvalidInput(
-                        "label values are at most 256 printable characters".into(),
-                    ));
+                    return Err(Error::InvalidInput("label values are at most 256 printable characters".into()));
                 }
             }
         }
@@ -448,13 +386,21 @@ impl TokenGuard {
         let t = now();
         inner.store.write(|txn| {
             let mut out = Vec::with_capacity(items.len());
-            let mut deks: BTreeMap<String, (u32, Arc<CachedDek>, u64)> = BTreeMap::new();
+            let mut upcoming: BTreeMap<&str, u64> = BTreeMap::new();
             for it in items {
-                if !deks.contains_key(&it.provider) {
-                    let (v, c) = inner.active_dek_for_write(txn, &it.provider)?;
-                    deks.insert(it.provider.clone(), (v, c, 0));
-                }
+                *upcoming.entry(it.provider.as_str()).or_default() += 1;
             }
+            let mut deks: BTreeMap<String, (u32, Arc<CachedDek>, u64)> = BTreeMap::new();
+            for (p, n) in upcoming {
+                let (v, c) = inner.active_dek_for_write(txn, p, n)?;
+                deks.insert(p.to_string(), (v, c, 0));
+            }
+            // A put re-issues a revoked name: its tombstone goes.
+            let mut tombs = txn.open_table(st::TOMBSTONES)?;
+            for it in items {
+                tombs.remove((it.provider.as_str(), it.name.as_str()))?;
+            }
+            drop(tombs);
             let mut tokens = txn.open_table(st::TOKENS)?;
             let mut by_dek = txn.open_table(st::BY_DEK)?;
             let mut by_exp = txn.open_table(st::BY_EXPIRY)?;
@@ -493,8 +439,7 @@ impl TokenGuard {
                         labels: it.options.labels.clone(),
                     },
                 };
-                let record =
-                    seal::seal_record(&cipher.cipher, &inner.store_id, &header, &it.secret)?;
+                let record = seal::seal_record(&cipher.cipher, &inner.store_id, &header, &it.secret)?;
                 tokens.insert((it.provider.as_str(), it.name.as_str()), record.as_slice())?;
                 by_dek.insert((it.provider.as_str(), *version, it.name.as_str()), ())?;
                 if let Some(e) = it.options.expires_at {
@@ -509,23 +454,12 @@ impl TokenGuard {
                 let it = &items[0];
                 inner.audit(
                     txn,
-                    NewEvent {
-                        op,
-                        provider: &it.provider,
-                        name: &it.name,
-                        outcome: "ok",
-                        detail: String::new(),
-                    },
+                    NewEvent { op, provider: &it.provider, name: &it.name, outcome: "ok", detail: String::new() },
                 )?;
             } else {
                 inner.audit(
                     txn,
-                    NewEvent {
-                        op,
-                        outcome: "ok",
-                        detail: format!("{} tokens", items.len()),
-                        ..Default::default()
-                    },
+                    NewEvent { op, outcome: "ok", detail: format!("{} tokens", items.len()), ..Default::default() },
                 )?;
             }
             Ok(out)
@@ -535,55 +469,48 @@ impl TokenGuard {
     /// Opens the token (provider, name). Fails with [`Error::Expired`] past its
     /// not-after and [`Error::Revoked`] once revoked.
     pub fn get(&self, provider: &str, name: &str) -> Result<Secret> {
-        self.get_with(provider, name, GetOptions::default())
-            .map(|(s, _)| s)
+        self.get_with(provider, name, GetOptions::default()).map(|(s, _)| s)
     }
 
     /// As [`TokenGuard::get`], with options, returning the metadata too.
-    pub fn get_with(
-        &self,
-        provider: &str,
-        name: &str,
-        opts: GetOptions,
-    ) -> Result<(Secret, Metadata)> {
+    pub fn get_with(&self, provider: &str, name: &str, opts: GetOptions) -> Result<(Secret, Metadata)> {
         let inner = &*self.inner;
         let txn = inner.store.read()?;
         let tokens = txn.open_table(st::TOKENS)?;
-        let guard = tokens
-            .get((provider, name))?
-            .ok_or_else(|| Error::NotFound {
-                provider: provider.into(),
-                name: name.into(),
-            })?;
+        let Some(guard) = tokens.get((provider, name))? else {
+            return Err(match inner.tombstone(&txn, provider, name)? {
+                Some(t) => Error::Revoked {
+                    provider: provider.into(),
+                    name: name.into(),
+                    revoked_at: t.revoked_at,
+                    reason: t.reason,
+                },
+                None => Error::NotFound { provider: provider.into(), name: name.into() },
+            });
+        };
         let rec = ParsedRecord::parse(guard.value())?;
         // The AAD binds the header to the ciphertext; this binds the header to the key
         // the record is stored under, so a record copied to another slot fails.
         if rec.header.provider != provider || rec.header.name != name {
             return Err(Error::integrity("checking a record's place"));
         }
-        let cipher = inner.cipher_for_read(&txn, provider, rec.header.dek_version)?;
+        let cipher = inner.cipher_for_read(&txn, provider, name, rec.header.dek_version)?;
         let secret = rec.open(&cipher.cipher, &inner.store_id)?;
         let meta = rec.header.meta;
         drop(guard);
         if meta.state == TokenState::Revoked {
-            let (at, reason) = inner
-                .tombstone(&txn, provider, name)?
-                .unwrap_or((meta.updated, "revoked".into()));
+            // Revocation removes the record; a record still marked revoked is honoured.
             return Err(Error::Revoked {
                 provider: provider.into(),
                 name: name.into(),
-                revoked_at: at,
-                reason,
+                revoked_at: meta.updated,
+                reason: "revoked".into(),
             });
         }
         if !opts.allow_expired
             && let Some(e) = meta.expires_at.filter(|_| meta.is_expired_at(now()))
         {
-            return Err(Error::Expired {
-                provider: provider.into(),
-                name: name.into(),
-                expired_at: e,
-            });
+            return Err(Error::Expired { provider: provider.into(), name: name.into(), expired_at: e });
         }
         Ok((secret, meta))
     }
@@ -632,47 +559,25 @@ impl TokenGuard {
             let mut tokens = txn.open_table(st::TOKENS)?;
             let old = tokens.remove((provider, name))?.map(|g| g.value().to_vec());
             let Some(old) = old else {
-                return Err(Error::NotFound {
-                    provider: provider.into(),
-                    name: name.into(),
-                });
+                return Err(Error::NotFound { provider: provider.into(), name: name.into() });
             };
             drop(tokens);
             if let Ok(rec) = ParsedRecord::parse(&old) {
                 let h = rec.header;
-                txn.open_table(st::BY_DEK)?
-                    .remove((provider, h.dek_version, name))?;
+                txn.open_table(st::BY_DEK)?.remove((provider, h.dek_version, name))?;
                 if let Some(e) = h.meta.expires_at {
                     txn.open_table(st::BY_EXPIRY)?.remove((e, provider, name))?;
                 }
             }
-            inner.audit(
-                txn,
-                NewEvent {
-                    op: "delete",
-                    provider,
-                    name,
-                    outcome: "ok",
-                    detail: String::new(),
-                },
-            )
+            inner.audit(txn, NewEvent { op: "delete", provider, name, outcome: "ok", detail: String::new() })
         })
     }
 
     /// Records an audit event on its own (used by the CLI for reads and failures).
     pub fn audit_event(&self, op: &str, provider: &str, name: &str, outcome: &str) -> Result<()> {
-        self.inner.store.write(|txn| {
-            self.inner.audit(
-                txn,
-                NewEvent {
-                    op,
-                    provider,
-                    name,
-                    outcome,
-                    detail: String::new(),
-                },
-            )
-        })
+        self.inner
+            .store
+            .write(|txn| self.inner.audit(txn, NewEvent { op, provider, name, outcome, detail: String::new() }))
     }
 
     /// Verifies the audit chain.
@@ -763,11 +668,7 @@ impl TokenGuard {
                 format!(
                     "{}{}",
                     p.description,
-                    if configured {
-                        " (configured, opens the store)"
-                    } else {
-                        " (not configured here)"
-                    }
+                    if configured { " (configured, opens the store)" } else { " (not configured here)" }
                 ),
             ));
         }
@@ -775,39 +676,25 @@ impl TokenGuard {
         out.push(Check::new(
             "store permissions",
             perms.is_empty(),
-            if perms.is_empty() {
-                "file 600, directory 700".into()
-            } else {
-                perms.join("; ")
-            },
+            if perms.is_empty() { "file 600, directory 700".into() } else { perms.join("; ") },
         ));
         out.push(match self.check_all_deks() {
-            Ok(n) => Check::new(
-                "wrapped DEKs unwrap",
-                true,
-                format!("{n} wrapped DEKs opened under the configured roots"),
-            ),
+            Ok(n) => {
+                Check::new("wrapped DEKs unwrap", true, format!("{n} wrapped DEKs opened under the configured roots"))
+            }
             Err(e) => Check::new("wrapped DEKs unwrap", false, e.to_string()),
         });
         out.push(match self.scan_records() {
-            Ok((n, bad)) if bad.is_empty() => {
-                Check::new("record integrity scan", true, format!("{n} records open"))
-            }
+            Ok((n, bad)) if bad.is_empty() => Check::new("record integrity scan", true, format!("{n} records open")),
             Ok((n, bad)) => Check::new(
                 "record integrity scan",
                 false,
-                format!(
-                    "{} of {n} records fail to open: {}",
-                    bad.len(),
-                    bad.join(", ")
-                ),
+                format!("{} of {n} records fail to open: {}", bad.len(), bad.join(", ")),
             ),
             Err(e) => Check::new("record integrity scan", false, e.to_string()),
         });
         out.push(match self.audit_verify() {
-            Ok(r) if r.first_bad.is_none() => {
-                Check::new("audit chain", true, format!("{} events verified", r.events))
-            }
+            Ok(r) if r.first_bad.is_none() => Check::new("audit chain", true, format!("{} events verified", r.events)),
             Ok(r) => {
                 let (seq, why) = r.first_bad.unwrap_or_default();
                 Check::new("audit chain", false, format!("event {seq}: {why}"))
@@ -829,19 +716,14 @@ impl TokenGuard {
                 continue;
             }
             for r in &inner.roots {
-                let w = e.for_root(r.root_id).ok_or(Error::Integrity {
-                    context: "finding a DEK wrapped for a configured root",
-                })?;
+                let w = e
+                    .for_root(r.root_id)
+                    .ok_or(Error::Integrity { context: "finding a DEK wrapped for a configured root" })?;
                 inner.counters.unwraps.fetch_add(1, Ordering::Relaxed);
                 r.key.unwrap(w).map_err(|err| match err {
                     Error::Integrity { .. } => {
                         let (p, ver) = k.value();
-                        tracing::warn!(
-                            provider = p,
-                            version = ver,
-                            root = r.root_id,
-                            "wrapped DEK does not unwrap"
-                        );
+                        tracing::warn!(provider = p, version = ver, root = r.root_id, "wrapped DEK does not unwrap");
                         Error::integrity("unwrapping a stored DEK")
                     }
                     other => other,
@@ -866,7 +748,7 @@ impl TokenGuard {
                 if rec.header.provider != p || rec.header.name != name {
                     return Err(Error::integrity("checking a record's place"));
                 }
-                let c = inner.cipher_for_read(&txn, p, rec.header.dek_version)?;
+                let c = inner.cipher_for_read(&txn, p, name, rec.header.dek_version)?;
                 rec.open(&c.cipher, &inner.store_id).map(drop)
             });
             if ok.is_err() {
@@ -885,15 +767,7 @@ impl TokenGuard {
     }
 
     pub(crate) fn audit_in(&self, txn: &WriteTransaction, op: &str, detail: String) -> Result<()> {
-        self.inner.audit(
-            txn,
-            NewEvent {
-                op,
-                outcome: "ok",
-                detail,
-                ..Default::default()
-            },
-        )
+        self.inner.audit(txn, NewEvent { op, outcome: "ok", detail, ..Default::default() })
     }
 }
 
@@ -909,19 +783,13 @@ fn match_pins(pins: &[RootPin], roots: &[Box<dyn RootKey>]) -> Result<Vec<(usize
         }
     }
     if matched.is_empty() {
-        return Err(Error::WrongRoot {
-            pinned: describe_pins(pins),
-            found: found.join(" and "),
-        });
+        return Err(Error::WrongRoot { pinned: describe_pins(pins), found: found.join(" and ") });
     }
     Ok(matched)
 }
 
 fn describe_pins(pins: &[RootPin]) -> String {
-    pins.iter()
-        .map(|p| p.description.clone())
-        .collect::<Vec<_>>()
-        .join(" or ")
+    pins.iter().map(|p| p.description.clone()).collect::<Vec<_>>().join(" or ")
 }
 
 /// Unwraps the store's integrity key with the first matched root that can.
@@ -941,7 +809,8 @@ fn unwrap_integrity_key(
             Err(Error::Integrity { .. }) => {
                 last_err = Some(Error::WrongRoot {
                     pinned: describe_pins(pins),
-                    found: "a key with the pinned identity that does not open this store (replaced or re-generated?)".into(),
+                    found: "a key with the pinned identity that does not open this store (replaced or re-generated?)"
+                        .into(),
                 })
             }
             Err(e) => last_err = Some(e),
@@ -999,34 +868,14 @@ impl Inner {
         audit::append(txn, &self.audit_key, &self.opts.actor, ev)
     }
 
-    fn tombstone(
-        &self,
-        txn: &ReadTransaction,
-        provider: &str,
-        name: &str,
-    ) -> Result<Option<(u64, String)>> {
+    fn tombstone(&self, txn: &ReadTransaction, provider: &str, name: &str) -> Result<Option<revoke::Tombstone>> {
         let t = txn.open_table(st::TOMBSTONES)?;
-        let Some(v) = t.get((provider, name))? else {
-            return Ok(None);
-        };
-        let mut r = crate::codec::Reader::new(v.value());
-        let at = r
-            .u64()
-            .map_err(|_| Error::integrity("reading a tombstone"))?;
-        let reason = r
-            .str()
-            .map_err(|_| Error::integrity("reading a tombstone"))?
-            .to_string();
-        Ok(Some((at, reason)))
+        let Some(v) = t.get((provider, name))? else { return Ok(None) };
+        revoke::Tombstone::decode(v.value()).map(Some)
     }
 
     /// Unwraps `entry` with the first configured root that has a blob for it.
     fn unwrap_entry(&self, entry: &DekEntry) -> Result<DekMaterial> {
-        if entry.state == DekState::Destroyed {
-            return Err(Error::integrity(
-                "opening a record whose data key was destroyed",
-            ));
-        }
         let mut last = None;
         for r in &self.roots {
             if let Some(w) = entry.for_root(r.root_id) {
@@ -1040,43 +889,63 @@ impl Inner {
         Err(last.unwrap_or_else(|| Error::integrity("finding a DEK wrapped for a configured root")))
     }
 
-    fn cipher_for_read(
+    /// The cipher of (provider, version), from the cache or unwrapped from the entry
+    /// in `deks` (a table of a read or a write transaction). Concurrent misses on
+    /// one DEK cost one hardware unwrap.
+    fn cipher_from(
         &self,
-        txn: &ReadTransaction,
+        deks: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
         provider: &str,
+        name: &str,
         version: u32,
     ) -> Result<Arc<CachedDek>> {
         if let Some(c) = self.cache.get(provider, version) {
             return Ok(c);
         }
-        let _load = self
-            .cache
-            .load_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _load = self.cache.load_lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = self.cache.get(provider, version) {
             return Ok(c);
         }
-        let deks = txn.open_table(st::DEKS)?;
-        let entry = deks
-            .get((provider, version))?
-            .ok_or_else(|| Error::integrity("finding the record's data key"))?;
+        let entry = deks.get((provider, version))?.ok_or_else(|| Error::integrity("finding the record's data key"))?;
         let entry = DekEntry::decode(entry.value())?;
         if entry.version != version {
             return Err(Error::integrity("checking a data key's version"));
+        }
+        if entry.state == DekState::Destroyed {
+            return Err(Error::Shredded { provider: provider.into(), name: name.into(), version });
         }
         let dek = self.unwrap_entry(&entry)?;
         Ok(self.cache.insert(provider, version, &dek))
     }
 
-    /// The provider's active DEK for a write, created (version = highest + 1) when the
-    /// provider has none. Runs inside the write transaction, so two processes never
-    /// both create version 1.
-    fn active_dek_for_write(
+    fn cipher_for_read(
+        &self,
+        txn: &ReadTransaction,
+        provider: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<Arc<CachedDek>> {
+        if let Some(c) = self.cache.get(provider, version) {
+            return Ok(c);
+        }
+        self.cipher_from(&txn.open_table(st::DEKS)?, provider, name, version)
+    }
+
+    fn cipher_for_write(
         &self,
         txn: &WriteTransaction,
         provider: &str,
-    ) -> Result<(u32, Arc<CachedDek>)> {
+        name: &str,
+        version: u32,
+    ) -> Result<Arc<CachedDek>> {
+        if let Some(c) = self.cache.get(provider, version) {
+            return Ok(c);
+        }
+        self.cipher_from(&txn.open_table(st::DEKS)?, provider, name, version)
+    }
+
+    /// The highest DEK version of `provider` (0 if none) and its active entry.
+    fn dek_versions(&self, txn: &WriteTransaction, provider: &str) -> Result<(u32, Option<DekEntry>)> {
         let deks = txn.open_table(st::DEKS)?;
         let mut highest = 0;
         let mut active = None;
@@ -1089,66 +958,83 @@ impl Inner {
                 break;
             }
         }
-        drop(deks);
+        Ok((highest, active))
+    }
+
+    /// Changes a DEK's state; retiring or destroying erases its wrapped material.
+    fn set_dek_state(&self, txn: &WriteTransaction, provider: &str, mut e: DekEntry, state: DekState) -> Result<()> {
+        e.state = state;
+        if matches!(state, DekState::Retired | DekState::Destroyed) {
+            e.wrapped.clear();
+        }
+        txn.open_table(st::DEKS)?.insert((provider, e.version), e.encode().as_slice())?;
+        Ok(())
+    }
+
+    /// The provider's active DEK for `upcoming` new encryptions. Creates version 1
+    /// for a new provider, and rotates automatically when the active version would
+    /// pass its encryption bound (random 96-bit nonces: NIST SP 800-38D caps one key
+    /// at 2^32 messages; the default bound is 2^30). Runs inside the write
+    /// transaction, so two processes never both create the same version.
+    fn active_dek_for_write(
+        &self,
+        txn: &WriteTransaction,
+        provider: &str,
+        upcoming: u64,
+    ) -> Result<(u32, Arc<CachedDek>)> {
+        let (highest, active) = self.dek_versions(txn, provider)?;
         if let Some(e) = active {
-            if let Some(c) = self.cache.get(provider, e.version) {
+            if e.encryptions.saturating_add(upcoming) <= self.opts.max_dek_encryptions {
+                let c = self.cipher_for_write(txn, provider, "", e.version)?;
                 return Ok((e.version, c));
             }
-            let _load = self
-                .cache
-                .load_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let dek = self.unwrap_entry(&e)?;
-            return Ok((e.version, self.cache.insert(provider, e.version, &dek)));
+            let v = e.version;
+            self.set_dek_state(txn, provider, e, DekState::DecryptOnly)?;
+            tracing::info!(provider, version = v, "data key reached its encryption bound; rotating");
+            let c = self.create_dek(txn, provider, highest + 1, "dek-auto-rotate")?;
+            return Ok((highest + 1, c));
         }
-        let version = highest + 1;
-        if self.roots.len() < self.pins.len() {
-            // A pinned root that is not configured here could not open this DEK:
-            // refuse rather than create a key only some roots can open.
+        let c = self.create_dek(txn, provider, highest + 1, "dek-create")?;
+        Ok((highest + 1, c))
+    }
+
+    /// Creates DEK `version` of `provider`: generated by the first root (in the
+    /// hardware), wrapped under every other root, inserted as active.
+    fn create_dek(&self, txn: &WriteTransaction, provider: &str, version: u32, op: &str) -> Result<Arc<CachedDek>> {
+        // Read the pinned roots inside the transaction: another process may have
+        // added one since this guard opened.
+        let pins = {
+            let meta = txn.open_table(st::META)?;
+            let bytes = meta.get(st::META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?;
+            schema::decode_roots(bytes.value())?
+        };
+        let missing: Vec<&str> = pins
+            .iter()
+            .filter(|p| !self.roots.iter().any(|r| r.root_id == p.root_id))
+            .map(|p| p.description.as_str())
+            .collect();
+        if !missing.is_empty() {
+            // A DEK some pinned root cannot open would silently weaken recovery.
             return Err(Error::Config(format!(
-                "creating a data key for {provider} needs every pinned root configured ({} of {} are)",
-                self.roots.len(),
-                self.pins.len()
+                "creating a data key for {provider} needs every pinned root configured; missing: {}",
+                missing.join("; ")
             )));
         }
-        let (first, rest) = self
-            .roots
-            .split_first()
-            .ok_or_else(|| Error::Config("no usable root".into()))?;
+        let (first, rest) = self.roots.split_first().ok_or_else(|| Error::Config("no usable root".into()))?;
         self.counters.generates.fetch_add(1, Ordering::Relaxed);
         let (dek, w) = first.key.generate_dek()?;
-        let mut wrapped = vec![RootWrapped {
-            root_id: first.root_id,
-            wrapped: w,
-        }];
+        let mut wrapped = vec![RootWrapped { root_id: first.root_id, wrapped: w }];
         for r in rest {
             self.counters.wraps.fetch_add(1, Ordering::Relaxed);
-            wrapped.push(RootWrapped {
-                root_id: r.root_id,
-                wrapped: r.key.wrap(&dek)?,
-            });
+            wrapped.push(RootWrapped { root_id: r.root_id, wrapped: r.key.wrap(&dek)? });
         }
-        let entry = DekEntry {
-            version,
-            state: DekState::Active,
-            created: now(),
-            encryptions: 0,
-            wrapped,
-        };
-        txn.open_table(st::DEKS)?
-            .insert((provider, version), entry.encode().as_slice())?;
+        let entry = DekEntry { version, state: DekState::Active, created: now(), encryptions: 0, wrapped };
+        txn.open_table(st::DEKS)?.insert((provider, version), entry.encode().as_slice())?;
         self.audit(
             txn,
-            NewEvent {
-                op: "dek-create",
-                provider,
-                outcome: "ok",
-                detail: format!("version {version}"),
-                ..Default::default()
-            },
+            NewEvent { op, provider, outcome: "ok", detail: format!("version {version}"), ..Default::default() },
         )?;
-        Ok((version, self.cache.insert(provider, version, &dek)))
+        Ok(self.cache.insert(provider, version, &dek))
     }
 
     fn count_encryptions(
@@ -1166,9 +1052,4 @@ impl Inner {
         }
         Ok(())
     }
-}
-
-/// Default path helpers used by the CLI.
-pub fn default_store_path(dir: &Path) -> PathBuf {
-    dir.join("store.redb")
 }
