@@ -685,8 +685,16 @@ impl TokenGuard {
             Err(e) => Check::new("wrapped DEKs unwrap", false, e.to_string()),
         });
         out.push(match self.scan_records() {
-            Ok((n, bad)) if bad.is_empty() => Check::new("record integrity scan", true, format!("{n} records open")),
-            Ok((n, bad)) => Check::new(
+            Ok((n, shredded, bad)) if bad.is_empty() => Check::new(
+                "record integrity scan",
+                true,
+                format!(
+                    "{} records open{}",
+                    n - shredded,
+                    if shredded > 0 { format!(", {shredded} shredded") } else { String::new() }
+                ),
+            ),
+            Ok((n, _, bad)) => Check::new(
                 "record integrity scan",
                 false,
                 format!("{} of {n} records fail to open: {}", bad.len(), bad.join(", ")),
@@ -734,11 +742,12 @@ impl TokenGuard {
         Ok(n)
     }
 
-    /// Opens every record; returns (count, names of records that fail).
-    fn scan_records(&self) -> Result<(usize, Vec<String>)> {
+    /// Opens every record; returns (count, shredded count, names that fail).
+    fn scan_records(&self) -> Result<(usize, usize, Vec<String>)> {
         let inner = &*self.inner;
         let txn = inner.store.read()?;
         let mut n = 0;
+        let mut shredded = 0;
         let mut bad = Vec::new();
         for item in txn.open_table(st::TOKENS)?.iter()? {
             let (k, v) = item?;
@@ -751,11 +760,14 @@ impl TokenGuard {
                 let c = inner.cipher_for_read(&txn, p, name, rec.header.dek_version)?;
                 rec.open(&c.cipher, &inner.store_id).map(drop)
             });
-            if ok.is_err() {
-                bad.push(format!("{p}/{name}"));
+            match ok {
+                Ok(()) => {}
+                // Destroyed on purpose: unrecoverable by design, not damage.
+                Err(Error::Shredded { .. }) => shredded += 1,
+                Err(_) => bad.push(format!("{p}/{name}")),
             }
         }
-        Ok((n, bad))
+        Ok((n, shredded, bad))
     }
 
     pub(crate) fn integrity_subkey(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
