@@ -224,13 +224,125 @@ impl<'a> ParsedRecord<'a> {
 
     /// Authenticates and decrypts with the DEK of `header.dek_version`.
     pub(crate) fn open(&self, cipher: &Aes256Gcm, store_id: &[u8; STORE_ID_LEN]) -> Result<Secret> {
-        let aad = record_aad(store_id, self.header_bytes);
-        let nonce = Nonce::<Aes256Gcm>::from(self.nonce);
-        let pt = cipher
-            .decrypt(&nonce, Payload { msg: self.ciphertext, aad: &aad })
-            .map_err(|_| Error::integrity("opening a sealed record"))?;
-        Secret::decode(zeroize::Zeroizing::new(pt))
+        open_parts(cipher, store_id, self.header_bytes, self.nonce, self.ciphertext)
     }
+}
+
+/// A record read in place for the hot path: the header fields a `get` needs,
+/// borrowed from the stored bytes, with the rest of the header validated but not
+/// decoded (no allocation). [`RecordView::metadata`] decodes it all on demand.
+pub struct RecordView<'a> {
+    header_bytes: &'a [u8],
+    /// Provider.
+    pub provider: &'a str,
+    /// Name.
+    pub name: &'a str,
+    /// DEK version.
+    pub dek_version: u32,
+    /// Not-after.
+    pub expires_at: Option<u64>,
+    /// First write.
+    pub created: u64,
+    /// Last write.
+    pub updated: u64,
+    /// State.
+    pub state: TokenState,
+    nonce: [u8; NONCE_LEN],
+    ciphertext: &'a [u8],
+}
+
+impl<'a> RecordView<'a> {
+    /// Splits and validates stored record bytes (the same strictness as
+    /// [`ParsedRecord::parse`]). Malformed input is an integrity failure.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        Self::parse_inner(bytes).map_err(|_| Error::integrity("parsing a sealed record"))
+    }
+
+    fn parse_inner(bytes: &'a [u8]) -> Result<Self, Malformed> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != RECORD_FORMAT_V1 {
+            return Err(Malformed);
+        }
+        let provider = r.str()?;
+        let name = r.str()?;
+        let dek_version = r.u32()?;
+        let created = r.u64()?;
+        let updated = r.u64()?;
+        let expires_at = r.opt_u64()?;
+        let state = TokenState::from_code(r.u8()?)?;
+        SecretKind::from_code(r.u8()?)?;
+        r.opt_str()?;
+        for _ in 0..r.count(4)? {
+            r.str()?;
+        }
+        let mut last: Option<&str> = None;
+        for _ in 0..r.count(8)? {
+            let k = r.str()?;
+            if last.is_some_and(|l| l >= k) {
+                return Err(Malformed);
+            }
+            r.str()?;
+            last = Some(k);
+        }
+        let header_len = bytes.len() - r.remaining();
+        let nonce = r.array::<NONCE_LEN>()?;
+        let ciphertext = r.bytes()?;
+        r.finish()?;
+        Ok(RecordView {
+            header_bytes: &bytes[..header_len],
+            provider,
+            name,
+            dek_version,
+            expires_at,
+            created,
+            updated,
+            state,
+            nonce,
+            ciphertext,
+        })
+    }
+
+    /// The full metadata (allocates).
+    pub fn metadata(&self) -> Result<Metadata> {
+        let mut r = Reader::new(self.header_bytes);
+        RecordHeader::decode(&mut r).map(|h| h.meta).map_err(|_| Error::integrity("parsing a sealed record"))
+    }
+
+    /// Authenticates and decrypts.
+    pub(crate) fn open(&self, cipher: &Aes256Gcm, store_id: &[u8; STORE_ID_LEN]) -> Result<Secret> {
+        open_parts(cipher, store_id, self.header_bytes, self.nonce, self.ciphertext)
+    }
+}
+
+/// AES-GCM open of a record's parts; the AAD is assembled on the stack when it fits.
+fn open_parts(
+    cipher: &Aes256Gcm,
+    store_id: &[u8; STORE_ID_LEN],
+    header_bytes: &[u8],
+    nonce: [u8; NONCE_LEN],
+    ciphertext: &[u8],
+) -> Result<Secret> {
+    let nonce = Nonce::<Aes256Gcm>::from(nonce);
+    let decrypt = |aad: &[u8]| {
+        cipher
+            .decrypt(&nonce, Payload { msg: ciphertext, aad })
+            .map_err(|_| Error::integrity("opening a sealed record"))
+    };
+    const STACK_AAD: usize = 512;
+    let aad_len = 4 + RECORD_AAD_DOMAIN.len() + STORE_ID_LEN + header_bytes.len();
+    let pt = if aad_len <= STACK_AAD {
+        let mut buf = [0u8; STACK_AAD];
+        buf[..4].copy_from_slice(&(RECORD_AAD_DOMAIN.len() as u32).to_be_bytes());
+        let mut at = 4;
+        for part in [RECORD_AAD_DOMAIN, &store_id[..], header_bytes] {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        decrypt(&buf[..aad_len])?
+    } else {
+        decrypt(&record_aad(store_id, header_bytes))?
+    };
+    Secret::decode(zeroize::Zeroizing::new(pt))
 }
 
 /// The AAD of a record: `bytes(RECORD_AAD_DOMAIN) ‖ store_id ‖ header`.
@@ -256,8 +368,9 @@ pub(crate) fn seal_record(
     seal_record_with_nonce(cipher, store_id, header, secret, nonce)
 }
 
-/// As [`seal_record`] with a caller-chosen nonce. Only for test vectors: a nonce must
-/// never repeat under one key.
+/// As [`seal_record`] with a caller-chosen nonce. The guard passes nonces it drew
+/// from the OS CSPRNG in one call for a whole batch; test vectors pass fixed ones. A
+/// nonce must never repeat under one key.
 pub(crate) fn seal_record_with_nonce(
     cipher: &Aes256Gcm,
     store_id: &[u8; STORE_ID_LEN],
