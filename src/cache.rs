@@ -23,13 +23,11 @@ pub struct CacheLimits {
     pub max_entries: usize,
     /// Longest time a DEK stays cached after its unwrap.
     pub max_age: Duration,
-    /// Most uses (seal or open) before it is unwrapped again.
-    pub max_uses: u64,
 }
 
 impl Default for CacheLimits {
     fn default() -> Self {
-        CacheLimits { max_entries: 1024, max_age: Duration::from_secs(3600), max_uses: 1 << 32 }
+        CacheLimits { max_entries: 1024, max_age: Duration::from_secs(3600) }
     }
 }
 
@@ -37,12 +35,11 @@ impl Default for CacheLimits {
 pub(crate) struct CachedDek {
     pub(crate) cipher: Aes256Gcm,
     loaded: Instant,
-    uses: AtomicU64,
 }
 
 impl CachedDek {
     pub(crate) fn new(dek: &DekMaterial) -> Self {
-        CachedDek { cipher: Aes256Gcm::new(dek.expose().into()), loaded: Instant::now(), uses: AtomicU64::new(0) }
+        CachedDek { cipher: Aes256Gcm::new(dek.expose().into()), loaded: Instant::now() }
     }
 }
 
@@ -55,34 +52,23 @@ pub(crate) struct DekCache {
     map: RwLock<HashMap<String, Versions>>,
     /// Serialises loads, so concurrent misses on one DEK cost one hardware unwrap.
     pub(crate) load_lock: Mutex<()>,
-    hits: AtomicU64,
     misses: AtomicU64,
 }
 
 impl DekCache {
     pub(crate) fn new(limits: CacheLimits) -> Self {
-        DekCache {
-            limits,
-            map: RwLock::new(HashMap::new()),
-            load_lock: Mutex::new(()),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-        }
+        DekCache { limits, map: RwLock::new(HashMap::new()), load_lock: Mutex::new(()), misses: AtomicU64::new(0) }
     }
 
     /// The cipher for (provider, version) if cached and within its limits.
     pub(crate) fn get(&self, provider: &str, version: u32) -> Option<Arc<CachedDek>> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        let hit =
-            map.get(provider).and_then(|v| v.iter().find(|(ver, _)| *ver == version)).map(|(_, c)| c.clone()).filter(
-                |c| {
-                    c.loaded.elapsed() < self.limits.max_age
-                        && c.uses.fetch_add(1, Ordering::Relaxed) < self.limits.max_uses
-                },
-            );
-        if hit.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-        } else {
+        let hit = map
+            .get(provider)
+            .and_then(|v| v.iter().find(|(ver, _)| *ver == version))
+            .filter(|(_, c)| c.loaded.elapsed() < self.limits.max_age)
+            .map(|(_, c)| c.clone());
+        if hit.is_none() {
             self.misses.fetch_add(1, Ordering::Relaxed);
         }
         hit
@@ -125,10 +111,6 @@ impl DekCache {
 
     pub(crate) fn len(&self) -> usize {
         self.map.read().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum()
-    }
-
-    pub(crate) fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
     }
 
     pub(crate) fn misses(&self) -> u64 {

@@ -37,6 +37,14 @@ pub struct Config {
     /// The roots; any one opens the store.
     #[serde(default)]
     pub roots: Vec<RootConfig>,
+    /// OAuth providers whose token sets the built-in client refreshes
+    /// (`[providers.NAME]`). Client secrets are stored sealed in the guard under
+    /// provider `oauth-client`, name NAME — never here.
+    #[serde(default)]
+    pub providers: BTreeMap<String, crate::oauth::OAuthConfig>,
+    /// Refresh policy (`[refresh]`).
+    #[serde(default)]
+    pub refresh: RefreshConfig,
     /// Directory of the config file, for relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -93,6 +101,64 @@ fn default_age() -> u64 {
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig { max_entries: default_entries(), max_age_secs: default_age() }
+    }
+}
+
+/// `[refresh]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshConfig {
+    /// Refresh after this fraction of a token's lifetime (default 0.9).
+    #[serde(default = "default_fraction")]
+    pub fraction: f64,
+    /// …or when it expires within this many seconds (default 60).
+    #[serde(default = "default_margin")]
+    pub margin_secs: u64,
+    /// Attempts while the old token is expired (default 5).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// First backoff delay in milliseconds (default 500).
+    #[serde(default = "default_base_delay")]
+    pub base_delay_ms: u64,
+    /// Backoff cap in seconds (default 60).
+    #[serde(default = "default_max_delay")]
+    pub max_delay_secs: u64,
+    /// How long a process's refresh lease holds off other processes, in seconds
+    /// (default 30); the longest another process waits after a refresher crashed.
+    #[serde(default = "default_lease")]
+    pub lease_secs: u64,
+}
+
+fn default_lease() -> u64 {
+    30
+}
+
+fn default_fraction() -> f64 {
+    0.9
+}
+fn default_margin() -> u64 {
+    60
+}
+fn default_attempts() -> u32 {
+    5
+}
+fn default_base_delay() -> u64 {
+    500
+}
+fn default_max_delay() -> u64 {
+    60
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        RefreshConfig {
+            fraction: default_fraction(),
+            margin_secs: default_margin(),
+            max_attempts: default_attempts(),
+            base_delay_ms: default_base_delay(),
+            max_delay_secs: default_max_delay(),
+            lease_secs: default_lease(),
+        }
     }
 }
 
@@ -358,7 +424,6 @@ impl Config {
             cache: CacheLimits {
                 max_entries: self.cache.max_entries,
                 max_age: Duration::from_secs(self.cache.max_age_secs),
-                ..CacheLimits::default()
             },
             require_hardware: self.require_hardware,
             ..GuardOptions::default()
@@ -488,10 +553,49 @@ impl Config {
         })
     }
 
-    /// Opens the configured store.
+    /// Opens the configured store, with the refresh policy and the OAuth refreshers
+    /// of `[providers]` installed.
     pub fn open_guard(&self) -> Result<TokenGuard> {
         let roots = self.build_roots(RootUse::Open)?;
-        TokenGuard::open(&self.store.path, self.store_options(), roots, self.guard_options())
+        let g = TokenGuard::open(&self.store.path, self.store_options(), roots, self.guard_options())?;
+        self.install_refreshers(&g)?;
+        Ok(g)
+    }
+
+    /// The refresh policy of `[refresh]`.
+    pub fn refresh_policy(&self) -> crate::guard::refresh::RefreshPolicy {
+        let r = &self.refresh;
+        crate::guard::refresh::RefreshPolicy {
+            fraction: r.fraction,
+            margin: Duration::from_secs(r.margin_secs),
+            max_attempts: r.max_attempts.max(1),
+            base_delay: Duration::from_millis(r.base_delay_ms),
+            max_delay: Duration::from_secs(r.max_delay_secs),
+            lease: Duration::from_secs(r.lease_secs.max(1)),
+        }
+    }
+
+    /// The built-in OAuth client of `provider`, with its client secret read (sealed)
+    /// from the guard.
+    pub fn oauth_client(&self, g: &TokenGuard, provider: &str) -> Result<Option<crate::oauth::OAuthClient>> {
+        let Some(p) = self.providers.get(provider) else { return Ok(None) };
+        let secret = match g.get(crate::oauth::CLIENT_SECRET_PROVIDER, provider) {
+            Ok(s) => s.field(None).map(crate::secret::SecretBytes::duplicate),
+            Err(Error::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        crate::oauth::OAuthClient::new(p.clone(), secret).map(Some)
+    }
+
+    /// Installs the refresh policy and an OAuth refresher per `[providers]` entry.
+    pub fn install_refreshers(&self, g: &TokenGuard) -> Result<()> {
+        g.set_refresh_policy(self.refresh_policy());
+        for name in self.providers.keys() {
+            if let Some(c) = self.oauth_client(g, name)? {
+                g.set_refresher(name, std::sync::Arc::new(c));
+            }
+        }
+        Ok(())
     }
 
     /// Creates the configured store (and root keys that do not exist yet).

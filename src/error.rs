@@ -144,6 +144,27 @@ pub enum Error {
         version: u32,
     },
 
+    /// The provider refused the refresh token (`invalid_grant`): a human must
+    /// re-authorise and store a new token set.
+    #[error("token {provider}/{name} needs re-authorisation: the provider rejected its refresh token")]
+    NeedsReauth {
+        /// Provider.
+        provider: String,
+        /// Name.
+        name: String,
+    },
+
+    /// A refresh failed and the stored token cannot be served.
+    #[error("refreshing {provider}/{name} failed: {detail}")]
+    RefreshFailed {
+        /// Provider.
+        provider: String,
+        /// Name.
+        name: String,
+        /// What failed (never a token).
+        detail: String,
+    },
+
     /// A DEK version cannot be retired while records use it.
     #[error("data keys of {provider} are still in use ({detail}): {records} records must move first")]
     InUse {
@@ -214,7 +235,10 @@ impl Error {
             Error::Integrity { .. } | Error::WrongRoot { .. } => exit::INTEGRITY,
             Error::Hardware { .. } | Error::Auth { .. } => exit::HARDWARE,
             Error::StoreBusy { .. } => exit::BUSY,
-            Error::Expired { .. } | Error::Revoked { .. } | Error::Shredded { .. } => exit::EXPIRED,
+            Error::Expired { .. } | Error::Revoked { .. } | Error::Shredded { .. } | Error::NeedsReauth { .. } => {
+                exit::EXPIRED
+            }
+            Error::RefreshFailed { .. } => exit::OTHER,
             Error::InUse { .. } => exit::OTHER,
             Error::Config(_) | Error::BackendNotCompiled(_) => exit::CONFIG,
             Error::InvalidInput(_) => exit::USAGE,
@@ -254,6 +278,14 @@ impl Error {
                 format!("run `tokenguard reencrypt {provider}` to move them to the active version, then retire again")
             }
             Error::Shredded { .. } => "the provider was crypto-shredded; store a new token under this name".into(),
+            Error::NeedsReauth { provider, name } => {
+                format!(
+                    "run the provider's consent flow again and `tokenguard put {provider} {name}` the new token set"
+                )
+            }
+            Error::RefreshFailed { .. } => {
+                "the provider or the network failed; the audit trail has each attempt (`tokenguard audit list`)".into()
+            }
             Error::Revoked { .. } => "store a new token with `tokenguard put` if the credential was re-issued".into(),
             Error::Config(_) => "see hsm-config/ for commented reference configurations".into(),
             Error::StoreExists(_) => "choose another store path, or use the existing store".into(),

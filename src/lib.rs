@@ -7,6 +7,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod guard;
+pub mod oauth;
 pub mod root;
 pub mod seal;
 pub mod secret;

@@ -7,6 +7,7 @@
 //! unwrap of the store's integrity key at open, which is also how a wrong root is
 //! caught before anything else happens).
 
+pub mod refresh;
 pub mod revoke;
 pub mod roots;
 pub mod rotate;
@@ -122,9 +123,8 @@ pub struct Stats {
     pub deks: Vec<DekInfo>,
     /// Hardware calls made by this process.
     pub hardware: HardwareCalls,
-    /// DEK cache hits and misses in this process.
-    pub cache_hits: u64,
-    /// See `cache_hits`.
+    /// DEK cache misses in this process (each one a lookup of the store's DEK entry,
+    /// and an unwrap unless another thread just did it).
     pub cache_misses: u64,
     /// DEKs cached now.
     pub cache_entries: usize,
@@ -180,6 +180,7 @@ struct Inner {
     cache: DekCache,
     counters: Counters,
     opts: GuardOptions,
+    refresh: refresh::RefreshState,
 }
 
 /// The credential guard. `Send + Sync` and cheap to clone: share one per process.
@@ -283,6 +284,7 @@ impl TokenGuard {
             txn.open_table(st::BY_EXPIRY)?;
             txn.open_table(st::TOMBSTONES)?;
             txn.open_table(st::AUDIT)?;
+            txn.open_table(st::REFRESH_LEASES)?;
             let detail = pins.iter().map(|p| p.description.as_str()).collect::<Vec<_>>().join("; ");
             inner.audit(txn, NewEvent { op: "init", outcome: "ok", detail, ..Default::default() })
         })?;
@@ -655,7 +657,6 @@ impl TokenGuard {
             tokens: total,
             deks,
             hardware: inner.hardware_calls(),
-            cache_hits: inner.cache.hits(),
             cache_misses: inner.cache.misses(),
             cache_entries: inner.cache.len(),
             audit_events,
@@ -888,6 +889,7 @@ impl Inner {
             cache: DekCache::new(opts.cache),
             counters: Counters::default(),
             opts,
+            refresh: refresh::RefreshState::new(),
         }
     }
 

@@ -8,7 +8,8 @@
 //! - `by_dek`: (provider, version, name) → () — "which records still use version N";
 //! - `by_expiry`: (not-after, provider, name) → () — "what expires within T";
 //! - `tombstones`: (provider, name) → revocation tombstone;
-//! - `audit`: sequence → MAC-chained event ([`crate::audit`]).
+//! - `audit`: sequence → MAC-chained event ([`crate::audit`]);
+//! - `refresh_leases`: (provider, name) → which process is refreshing it, until when.
 //!
 //! Concurrency: by default the file is opened in redb's `MultiWriter` mode, so the CLI
 //! can work on a store a service holds open; one write transaction runs at a time
@@ -40,6 +41,7 @@ pub(crate) const BY_DEK: TableDefinition<(&str, u32, &str), ()> = TableDefinitio
 pub(crate) const BY_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_expiry");
 pub(crate) const TOMBSTONES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tombstones");
 pub(crate) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+pub(crate) const REFRESH_LEASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("refresh_leases");
 
 pub(crate) const META_SCHEMA: &str = "schema_version";
 pub(crate) const META_STORE_ID: &str = "store_id";

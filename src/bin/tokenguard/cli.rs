@@ -130,6 +130,9 @@ pub enum Command {
         #[arg(long)]
         new_key_label: Option<String>,
     },
+    /// Refresh OAuth token sets: one now, every due one (--due), or keep refreshing
+    /// (--watch; stops cleanly on SIGTERM/SIGINT).
+    Refresh(RefreshArgs),
     /// Roots of the store: list, add, remove (rewrap only, no token re-encrypted).
     #[command(subcommand)]
     Root(RootCommand),
@@ -196,6 +199,26 @@ pub struct RevokeArgs {
     /// Why (recorded in the tombstone and the audit trail).
     #[arg(long)]
     pub reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RefreshArgs {
+    /// Provider (with NAME: refresh that token now).
+    pub provider: Option<String>,
+    /// Token name.
+    pub name: Option<String>,
+    /// Refresh every token set that is due (for cron / systemd timers).
+    #[arg(long)]
+    pub due: bool,
+    /// With --due/--watch: also refresh what expires within this duration.
+    #[arg(long, value_name = "DURATION")]
+    pub within: Option<String>,
+    /// Keep refreshing due tokens until stopped.
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: pause between passes (default 60s).
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    pub interval: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -54,7 +54,9 @@ fn open(config: &Config) -> Result<TokenGuard> {
     let roots = config.build_roots(RootUse::Open)?;
     let mut opts = config.guard_options();
     opts.actor = actor();
-    TokenGuard::open(&config.store.path, config.store_options(), roots, opts)
+    let g = TokenGuard::open(&config.store.path, config.store_options(), roots, opts)?;
+    config.install_refreshers(&g)?;
+    Ok(g)
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
@@ -93,6 +95,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         | Command::Shred { .. }
         | Command::RotateRoot { .. }
         | Command::Root(_)) => lifecycle(&config, c, json),
+        Command::Refresh(a) => refresh(&config, a, json),
         Command::Stats => {
             let s = open(&config)?.stats()?;
             if json {
@@ -260,6 +263,26 @@ fn lifecycle(config: &Config, command: Command, json: bool) -> Result<i32> {
                     ));
                 }
             };
+            // RFC 7009: tell the provider first, while the token is still readable.
+            if let RevokeTarget::One { provider, name } = &target
+                && let Some(client) = config.oauth_client(&g, provider)?
+                && let Ok(secret) =
+                    g.get_with(provider, name, tokenguard::GetOptions { allow_expired: true }).map(|(s, _)| s)
+            {
+                let (tok, hint) = match secret.field(Some("refresh_token")) {
+                    Some(rt) => (rt, "refresh_token"),
+                    None => {
+                        (secret.field(None).ok_or_else(|| Error::InvalidInput("empty token".into()))?, "access_token")
+                    }
+                };
+                match client.revoke(tok, hint) {
+                    Ok(true) => eprintln!("provider revocation endpoint accepted the {hint}"),
+                    Ok(false) => {
+                        eprintln!("warning: provider revocation endpoint refused the {hint}; revoking locally anyway")
+                    }
+                    Err(e) => eprintln!("warning: provider revocation failed ({e}); revoking locally anyway"),
+                }
+            }
             let done = g.revoke(target, &a.reason)?;
             let text = done.iter().map(|(p, n)| format!("revoked {p}/{n}")).collect::<Vec<_>>().join("\n");
             out(json!({"revoked": done}), if text.is_empty() { "nothing matched".into() } else { text })?;
@@ -384,6 +407,67 @@ fn lifecycle(config: &Config, command: Command, json: bool) -> Result<i32> {
         _ => return Err(Error::InvalidInput("not a lifecycle command".into())),
     }
     Ok(exit::OK)
+}
+
+fn refresh(config: &Config, a: crate::cli::RefreshArgs, json: bool) -> Result<i32> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let g = open(config)?;
+    let within = a.within.as_deref().map(input::duration).transpose()?.map(std::time::Duration::from_secs);
+    let report = |outcomes: &[tokenguard::guard::refresh::RefreshOutcome]| -> Result<i32> {
+        let mut code = exit::OK;
+        for o in outcomes {
+            if json {
+                print_json(&serde_json::to_value(o).unwrap_or_default())?;
+            } else {
+                println!(
+                    "{}/{}: {}{}",
+                    o.provider,
+                    o.name,
+                    o.outcome,
+                    if o.detail.is_empty() { String::new() } else { format!(" ({})", o.detail) }
+                );
+            }
+            code = match (o.outcome.as_str(), code) {
+                ("needs-reauth", exit::OK) => exit::EXPIRED,
+                ("failed", _) => exit::OTHER,
+                (_, c) => c,
+            };
+        }
+        Ok(code)
+    };
+    match (&a.provider, &a.name, a.due, a.watch) {
+        (Some(p), Some(n), false, false) => {
+            let (_, o) = g.refresh_now(p, n)?;
+            report(&[o])
+        }
+        (None, None, true, false) => report(&g.refresh_due(within)?),
+        (None, None, false, true) => {
+            let interval = std::time::Duration::from_secs(input::duration(&a.interval)?.max(1));
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::Io {
+                    operation: "installing a signal handler",
+                    path: "-".into(),
+                    source: e,
+                })?;
+            }
+            tracing::info!(interval_s = interval.as_secs(), "refresh --watch started");
+            let mut code = exit::OK;
+            while !stop.load(Ordering::Relaxed) {
+                // A pass refreshes token by token; a signal is only looked at between
+                // tokens, so it never interrupts a refresh between answer and commit.
+                code = code.max(report(&g.refresh_due(within)?)?);
+                let until = std::time::Instant::now() + interval;
+                while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+            tracing::info!("refresh --watch stopped");
+            Ok(code)
+        }
+        _ => Err(Error::InvalidInput("refresh takes PROVIDER NAME, or --due, or --watch".into())),
+    }
 }
 
 #[cfg(feature = "pkcs11")]

@@ -1,0 +1,533 @@
+//! The refresh engine: OAuth token sets kept fresh, one refresh at a time.
+//!
+//! - **When**: a token set is due once it has lived `fraction` (default 90 %) of its
+//!   lifetime (from its last write to its not-after), or is within `margin` of
+//!   expiring. A token with no not-after is never due.
+//! - **Single-flight in a process**: one lock per token; callers that queue behind a
+//!   refresh re-read the store when they get the lock and find the fresh token.
+//! - **Across processes**: a lease in the store (`refresh_leases`, taken in a write
+//!   transaction) makes one process the refresher; the others wait for the record to
+//!   change and adopt the winner's token, so the guard itself never spends a rotated
+//!   refresh token twice. The final write is a compare-and-set on the record's
+//!   `updated` time. A lease outlives a crashed holder by at most `lease`.
+//! - **Persist before handing out**: the new set is sealed and committed before
+//!   `get_fresh` returns it. A response without a refresh token keeps the old one;
+//!   `expires_in` becomes an absolute not-after.
+//! - **Failures**: `invalid_grant` marks the token as needing re-authorisation (no
+//!   retry loop; visible in `status`, `list`, `stats`). Transient failures back off
+//!   exponentially with jitter up to a cap, honour `Retry-After`, and serve the old
+//!   token while it is still valid. Every attempt is an audit event.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::Serialize;
+
+use super::{Inner, TokenGuard, now};
+use crate::audit::NewEvent;
+use crate::codec::{Reader, Writer};
+use crate::error::{Error, Result};
+use crate::seal::{self, Metadata, RecordHeader, RecordView, SecretKind, TokenState};
+use crate::secret::{Secret, TokenSet, field};
+use crate::store::{self as st};
+
+/// What a refresher returns on success.
+#[derive(Debug)]
+pub struct RefreshedTokens {
+    /// The new fields (at least `access_token`; `refresh_token` when rotated).
+    pub tokens: TokenSet,
+    /// Lifetime in seconds, if the provider said.
+    pub expires_in: Option<u64>,
+    /// `token_type`, if given.
+    pub token_type: Option<String>,
+    /// Granted scopes, if given.
+    pub scopes: Option<Vec<String>>,
+}
+
+/// Why a refresh failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshError {
+    /// The refresh token is no longer valid: a human must re-authorise.
+    InvalidGrant(String),
+    /// Worth retrying later (timeout, 5xx, 429, unreadable response).
+    Transient {
+        /// What happened.
+        detail: String,
+        /// The provider's `Retry-After`, if any.
+        retry_after: Option<Duration>,
+    },
+    /// Retrying will not help (bad client credentials, missing refresh token).
+    Failed(String),
+}
+
+/// A provider's refresh hook: the built-in OAuth client, or a service's own.
+pub trait Refresher: Send + Sync {
+    /// Exchanges `current` (the stored token set) for a new one.
+    fn refresh(
+        &self,
+        provider: &str,
+        name: &str,
+        current: &TokenSet,
+    ) -> std::result::Result<RefreshedTokens, RefreshError>;
+}
+
+/// When and how hard to refresh.
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshPolicy {
+    /// Refresh once this fraction of the lifetime has passed (default 0.9).
+    pub fraction: f64,
+    /// …or when the token expires within this margin (default 60 s).
+    pub margin: Duration,
+    /// Attempts per refresh while the old token is expired (default 5).
+    pub max_attempts: u32,
+    /// First backoff delay (default 500 ms); doubles per failure, with jitter.
+    pub base_delay: Duration,
+    /// Backoff cap (default 60 s).
+    pub max_delay: Duration,
+    /// How long a cross-process refresh lease lasts (default 30 s).
+    pub lease: Duration,
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        RefreshPolicy {
+            fraction: 0.9,
+            margin: Duration::from_secs(60),
+            max_attempts: 5,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(60),
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Outcome of one refresh attempt, for `refresh --due`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefreshOutcome {
+    /// Provider.
+    pub provider: String,
+    /// Name.
+    pub name: String,
+    /// `refreshed`, `fresh`, `adopted`, `needs-reauth`, `backing-off`, `failed`.
+    pub outcome: String,
+    /// Detail (never a token).
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    next_at: Instant,
+}
+
+type Key = (String, String);
+
+/// Per-guard refresh state.
+pub(crate) struct RefreshState {
+    refreshers: RwLock<HashMap<String, Arc<dyn Refresher>>>,
+    policy: RwLock<RefreshPolicy>,
+    flights: Mutex<HashMap<Key, Arc<Mutex<()>>>>,
+    backoff: Mutex<HashMap<Key, Backoff>>,
+    owner: [u8; 16],
+}
+
+impl RefreshState {
+    pub(crate) fn new() -> Self {
+        let mut owner = [0u8; 16];
+        let _ = getrandom::fill(&mut owner);
+        RefreshState {
+            refreshers: RwLock::new(HashMap::new()),
+            policy: RwLock::new(RefreshPolicy::default()),
+            flights: Mutex::new(HashMap::new()),
+            backoff: Mutex::new(HashMap::new()),
+            owner,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether `meta` is due for a refresh at `now` under `policy`.
+pub fn is_due(meta: &Metadata, policy: &RefreshPolicy, now: u64) -> bool {
+    let Some(exp) = meta.expires_at else { return false };
+    if now.saturating_add(policy.margin.as_secs()) >= exp {
+        return true;
+    }
+    let start = meta.updated.min(exp);
+    let lifetime = (exp - start) as f64;
+    now as f64 >= start as f64 + lifetime * policy.fraction.clamp(0.0, 1.0)
+}
+
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    // Full range 50-100 %: spreads retries of many tokens without ever waiting longer
+    // than the nominal delay.
+    let f = 0.5 + 0.5 * (u32::from_le_bytes(b) as f64 / u32::MAX as f64);
+    d.mul_f64(f)
+}
+
+enum Lease {
+    /// This guard holds it.
+    Ours,
+    /// Another holder refreshed the token meanwhile (the record changed).
+    Changed,
+    /// Another live lease; retry after waiting.
+    Busy,
+}
+
+impl TokenGuard {
+    /// Registers the refresher of `provider` (replacing any earlier one).
+    pub fn set_refresher(&self, provider: &str, refresher: Arc<dyn Refresher>) {
+        self.inner.refresh.refreshers.write().unwrap_or_else(|p| p.into_inner()).insert(provider.into(), refresher);
+    }
+
+    /// Sets the refresh policy.
+    pub fn set_refresh_policy(&self, policy: RefreshPolicy) {
+        *self.inner.refresh.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    fn policy(&self) -> RefreshPolicy {
+        *self.inner.refresh.policy.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A token that is valid for at least the policy's margin: refreshed first when
+    /// it is due (see the module docs).
+    pub fn get_fresh(&self, provider: &str, name: &str) -> Result<Secret> {
+        let (secret, meta) = self.get_with(provider, name, super::GetOptions { allow_expired: true })?;
+        if meta.state == TokenState::NeedsReauth {
+            return Err(Error::NeedsReauth { provider: provider.into(), name: name.into() });
+        }
+        if !is_due(&meta, &self.policy(), now()) {
+            return Ok(secret);
+        }
+        self.refresh_token(provider, name, false).map(|(s, _)| s)
+    }
+
+    /// Refreshes now, whether due or not (`tokenguard refresh PROVIDER NAME`).
+    pub fn refresh_now(&self, provider: &str, name: &str) -> Result<(Secret, RefreshOutcome)> {
+        self.refresh_token(provider, name, true)
+    }
+
+    /// Refreshes every token set that is due, or that expires within `within`
+    /// (`refresh --due`); one outcome per token considered. Never stops at the first
+    /// failure.
+    pub fn refresh_due(&self, within: Option<Duration>) -> Result<Vec<RefreshOutcome>> {
+        let policy = self.policy();
+        let t = now();
+        let mut out = Vec::new();
+        for info in self.list(None)? {
+            if info.meta.kind != SecretKind::TokenSet || info.meta.state != TokenState::Active {
+                continue;
+            }
+            let soon = within.is_some_and(|w| info.meta.expires_at.is_some_and(|e| e <= t.saturating_add(w.as_secs())));
+            if !(soon || is_due(&info.meta, &policy, t)) {
+                continue;
+            }
+            if !self.inner.refresh.refreshers.read().unwrap_or_else(|p| p.into_inner()).contains_key(&info.provider) {
+                continue;
+            }
+            let (p, n) = (info.provider, info.name);
+            out.push(match self.refresh_token(&p, &n, soon) {
+                Ok((_, o)) => o,
+                Err(e) => RefreshOutcome {
+                    outcome: match e {
+                        Error::NeedsReauth { .. } => "needs-reauth",
+                        _ => "failed",
+                    }
+                    .into(),
+                    detail: e.to_string(),
+                    provider: p,
+                    name: n,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    fn refresh_token(&self, provider: &str, name: &str, force: bool) -> Result<(Secret, RefreshOutcome)> {
+        let inner = &*self.inner;
+        let key: Key = (provider.into(), name.into());
+        let outcome = |o: &str, d: String| RefreshOutcome {
+            provider: provider.into(),
+            name: name.into(),
+            outcome: o.into(),
+            detail: d,
+        };
+        let refresher =
+            inner.refresh.refreshers.read().unwrap_or_else(|p| p.into_inner()).get(provider).cloned().ok_or_else(
+                || {
+                    Error::Config(format!(
+                        "no refresher for provider {provider}: add [providers.{provider}] to the config"
+                    ))
+                },
+            )?;
+        // What the record looked like before queueing: a forced refresh that finds it
+        // rewritten after the wait adopts that write instead of refreshing again.
+        let before = self.get_with(provider, name, super::GetOptions { allow_expired: true })?.1.updated;
+        let flight = lock(&inner.refresh.flights).entry(key.clone()).or_default().clone();
+        let _flight = lock(&flight);
+        let policy = self.policy();
+        let mut attempt = 0u32;
+        loop {
+            // Re-read under the flight lock: a refresh that finished while we waited
+            // (in this process or another) is adopted, not repeated.
+            let (secret, meta) = self.get_with(provider, name, super::GetOptions { allow_expired: true })?;
+            if meta.state == TokenState::NeedsReauth {
+                return Err(Error::NeedsReauth { provider: provider.into(), name: name.into() });
+            }
+            let t = now();
+            let rewritten = force && meta.updated != before;
+            if (!force && !is_due(&meta, &policy, t)) || rewritten {
+                return Ok((secret, outcome("fresh", "another caller refreshed it".into())));
+            }
+            let valid = !meta.is_expired_at(t);
+            if let Some(b) = lock(&inner.refresh.backoff).get(&key).copied() {
+                let wait = b.next_at.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    if valid && !force {
+                        return Ok((
+                            secret,
+                            outcome("backing-off", format!("next attempt in {wait:?}; serving the valid token")),
+                        ));
+                    }
+                    std::thread::sleep(wait.min(policy.max_delay));
+                }
+            }
+            let Secret::TokenSet(current) = &secret else {
+                return Err(Error::InvalidInput(format!(
+                    "{provider}/{name} is a raw secret, not a token set: nothing to refresh"
+                )));
+            };
+            match inner.take_lease(provider, name, meta.updated, &policy)? {
+                Lease::Ours => {}
+                Lease::Changed => continue,
+                Lease::Busy => {
+                    // Another process is refreshing: wait for its commit.
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            }
+            let result = refresher.refresh(provider, name, current);
+            match result {
+                Ok(new) => {
+                    lock(&inner.refresh.backoff).remove(&key);
+                    let committed = inner.store.write(|txn| {
+                        inner.release_lease(txn, provider, name)?;
+                        inner.commit_refresh(txn, provider, name, meta.updated, current, &meta, new)
+                    })?;
+                    return match committed {
+                        Some(s) => Ok((s, outcome("refreshed", String::new()))),
+                        None => {
+                            // Lost a race despite the lease (it expired under us):
+                            // the store holds the winner's token; use it.
+                            tracing::warn!(provider, name, "refresh lost a race; adopting the stored token");
+                            let s = self.get(provider, name)?;
+                            Ok((s, outcome("adopted", "another process committed first".into())))
+                        }
+                    };
+                }
+                Err(RefreshError::InvalidGrant(why)) => {
+                    lock(&inner.refresh.backoff).remove(&key);
+                    inner.store.write(|txn| {
+                        inner.release_lease(txn, provider, name)?;
+                        inner.mark_needs_reauth(txn, provider, name, meta.updated, &secret, &meta, &why)
+                    })?;
+                    return Err(Error::NeedsReauth { provider: provider.into(), name: name.into() });
+                }
+                Err(RefreshError::Failed(why)) => {
+                    inner.end_attempt(provider, name, "failed", &why)?;
+                    return Err(Error::RefreshFailed { provider: provider.into(), name: name.into(), detail: why });
+                }
+                Err(RefreshError::Transient { detail, retry_after }) => {
+                    inner.end_attempt(provider, name, "transient", &detail)?;
+                    attempt += 1;
+                    let failures = lock(&inner.refresh.backoff).get(&key).map_or(0, |b| b.failures) + 1;
+                    let exp = policy.base_delay.saturating_mul(1u32 << (failures - 1).min(16));
+                    let delay = jitter(exp.min(policy.max_delay)).max(retry_after.unwrap_or_default());
+                    lock(&inner.refresh.backoff)
+                        .insert(key.clone(), Backoff { failures, next_at: Instant::now() + delay });
+                    tracing::warn!(
+                        provider,
+                        name,
+                        attempt,
+                        delay_ms = delay.as_millis() as u64,
+                        "refresh failed transiently"
+                    );
+                    if valid && !force {
+                        return Ok((secret, outcome("backing-off", detail)));
+                    }
+                    if attempt >= policy.max_attempts {
+                        return Err(Error::RefreshFailed {
+                            provider: provider.into(),
+                            name: name.into(),
+                            detail: format!("{detail} (gave up after {attempt} attempts)"),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+const LEASE_V1: u8 = 1;
+
+impl Inner {
+    /// Takes the cross-process refresh lease of a token whose record was last written
+    /// at `seen_updated`.
+    fn take_lease(&self, provider: &str, name: &str, seen_updated: u64, policy: &RefreshPolicy) -> Result<Lease> {
+        self.store.write(|txn| {
+            let tokens = txn.open_table(st::TOKENS)?;
+            let current = match tokens.get((provider, name))? {
+                Some(g) => RecordView::parse(g.value())?.updated,
+                None => return Err(Error::NotFound { provider: provider.into(), name: name.into() }),
+            };
+            drop(tokens);
+            if current != seen_updated {
+                return Ok(Lease::Changed);
+            }
+            let mut leases = txn.open_table(st::REFRESH_LEASES)?;
+            let t = now();
+            if let Some(v) = leases.get((provider, name))? {
+                let mut r = Reader::new(v.value());
+                let parsed = (|| Some((r.u8().ok()?, r.array::<16>().ok()?, r.u64().ok()?)))();
+                if let Some((LEASE_V1, owner, until)) = parsed
+                    && owner != self.refresh.owner
+                    && until > t
+                {
+                    return Ok(Lease::Busy);
+                }
+            }
+            let mut w = Writer::with_capacity(25);
+            w.u8(LEASE_V1).raw(&self.refresh.owner).u64(t.saturating_add(policy.lease.as_secs().max(1)));
+            leases.insert((provider, name), w.finish().as_slice())?;
+            Ok(Lease::Ours)
+        })
+    }
+
+    /// Releases the lease and audits a failed attempt, in one transaction.
+    fn end_attempt(&self, provider: &str, name: &str, outcome: &str, detail: &str) -> Result<()> {
+        self.store.write(|txn| {
+            self.release_lease(txn, provider, name)?;
+            self.audit(txn, NewEvent { op: "refresh", provider, name, outcome, detail: detail.into() })
+        })
+    }
+
+    fn release_lease(&self, txn: &WriteTransaction, provider: &str, name: &str) -> Result<()> {
+        txn.open_table(st::REFRESH_LEASES)?.remove((provider, name))?;
+        Ok(())
+    }
+
+    /// Writes the refreshed set if the record is still the one we refreshed (its
+    /// `updated` unchanged); `None` when another writer got there first.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_refresh(
+        &self,
+        txn: &WriteTransaction,
+        provider: &str,
+        name: &str,
+        seen_updated: u64,
+        old: &TokenSet,
+        old_meta: &Metadata,
+        new: RefreshedTokens,
+    ) -> Result<Option<Secret>> {
+        let current = {
+            let tokens = txn.open_table(st::TOKENS)?;
+            tokens.get((provider, name))?.map(|g| RecordView::parse(g.value()).map(|v| v.updated)).transpose()?
+        };
+        if current != Some(seen_updated) {
+            return Ok(None);
+        }
+        let mut set = new.tokens;
+        if set.get(field::REFRESH_TOKEN).is_none() {
+            // RFC 6749 §6: the provider MAY issue a new refresh token; if it does not,
+            // the old one stays valid.
+            if let Some(rt) = old.get(field::REFRESH_TOKEN) {
+                set.insert(field::REFRESH_TOKEN, rt.duplicate());
+            }
+        }
+        if set.get(field::ID_TOKEN).is_none()
+            && let Some(id) = old.get(field::ID_TOKEN)
+        {
+            set.insert(field::ID_TOKEN, id.duplicate());
+        }
+        let t = now();
+        let meta = Metadata {
+            created: old_meta.created,
+            updated: t.max(seen_updated + 1),
+            expires_at: new.expires_in.map(|s| t.saturating_add(s)),
+            state: TokenState::Active,
+            kind: SecretKind::TokenSet,
+            token_type: new.token_type.or_else(|| old_meta.token_type.clone()),
+            scopes: new.scopes.unwrap_or_else(|| old_meta.scopes.clone()),
+            labels: old_meta.labels.clone(),
+        };
+        let secret = Secret::TokenSet(set);
+        self.store_one(txn, provider, name, &secret, meta)?;
+        self.audit(txn, NewEvent { op: "refresh", provider, name, outcome: "ok", detail: String::new() })?;
+        Ok(Some(secret))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mark_needs_reauth(
+        &self,
+        txn: &WriteTransaction,
+        provider: &str,
+        name: &str,
+        seen_updated: u64,
+        secret: &Secret,
+        meta: &Metadata,
+        why: &str,
+    ) -> Result<()> {
+        let current = {
+            let tokens = txn.open_table(st::TOKENS)?;
+            tokens.get((provider, name))?.map(|g| RecordView::parse(g.value()).map(|v| v.updated)).transpose()?
+        };
+        if current == Some(seen_updated) {
+            let mut m = meta.clone();
+            m.state = TokenState::NeedsReauth;
+            m.updated = now().max(seen_updated + 1);
+            self.store_one(txn, provider, name, secret, m)?;
+        }
+        self.audit(txn, NewEvent { op: "refresh", provider, name, outcome: "invalid_grant", detail: why.into() })
+    }
+
+    /// Seals and writes one record under the provider's active DEK, keeping the
+    /// indexes in step (the single-record form of `put_many`).
+    fn store_one(
+        &self,
+        txn: &WriteTransaction,
+        provider: &str,
+        name: &str,
+        secret: &Secret,
+        meta: Metadata,
+    ) -> Result<()> {
+        let (version, cipher) = self.active_dek_for_write(txn, provider, 1)?;
+        let mut tokens = txn.open_table(st::TOKENS)?;
+        let mut by_dek = txn.open_table(st::BY_DEK)?;
+        let mut by_exp = txn.open_table(st::BY_EXPIRY)?;
+        if let Some(g) = tokens.get((provider, name))?
+            && let Ok(h) = RecordView::parse(g.value())
+        {
+            by_dek.remove((provider, h.dek_version, name))?;
+            if let Some(e) = h.expires_at {
+                by_exp.remove((e, provider, name))?;
+            }
+        }
+        let expires_at = meta.expires_at;
+        let header = RecordHeader { provider: provider.into(), name: name.into(), dek_version: version, meta };
+        let record = seal::seal_record(&cipher.cipher, &self.store_id, &header, secret)?;
+        tokens.insert((provider, name), record.as_slice())?;
+        by_dek.insert((provider, version, name), ())?;
+        if let Some(e) = expires_at {
+            by_exp.insert((e, provider, name), ())?;
+        }
+        drop((tokens, by_dek, by_exp));
+        let used = [(provider.to_string(), (version, cipher, 1u64))].into_iter().collect();
+        self.count_encryptions(txn, &used)
+    }
+}
