@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need (SoftHSM2,
-# through apt when run as root) and runs every test against real components.
+# swtpm and libtss2-dev, through apt when run as root) and runs every test, with every
+# feature, against real components. A missing component fails the run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-./softhsm-setup.sh --deps-only
-command -v softhsm2-util >/dev/null || { echo "SoftHSM2 missing after setup" >&2; exit 1; }
+./softhsm-setup.sh --deps-only --tpm
+for c in softhsm2-util swtpm swtpm_ioctl; do command -v "$c" >/dev/null || { echo "$c missing after setup" >&2; exit 1; }; done
+pkg-config --exists tss2-esys || { echo "libtss2-dev missing after setup" >&2; exit 1; }
 cargo test --all-features --no-fail-fast "$@"

@@ -206,10 +206,17 @@ pub struct Pkcs11Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TpmConfig {
-    /// TCTI, as tpm2-tools spell it.
+    /// TCTI, as tpm2-tools spell it (default: `TPM2TOOLS_TCTI`, then `device:/dev/tpmrm0`).
     pub tcti: Option<String>,
-    /// Persistent handle of the storage key.
+    /// Persistent handle of the storage key, e.g. "0x81000a10".
     pub persistent_handle: Option<String>,
+    /// Salted, encrypted sessions for commands carrying a DEK (default true).
+    pub parameter_encryption: Option<bool>,
+    /// PCR policy bank: "sha256" (default) or "sha1".
+    pub pcr_bank: Option<String>,
+    /// PCRs to seal to (e.g. [0, 2, 4, 7]); absent or empty: no PCR policy.
+    #[serde(default)]
+    pub pcrs: Vec<u8>,
 }
 
 /// `backend = "soft"`.
@@ -477,8 +484,40 @@ impl Config {
                 Ok(Box::new(root))
             }
             RootConfig::Pkcs11(p) => self.build_pkcs11(p, usage),
-            RootConfig::Tpm(_) => Err(Error::BackendNotCompiled("tpm")),
+            RootConfig::Tpm(t) => self.build_tpm(t, usage),
         }
+    }
+
+    #[cfg(not(feature = "tpm"))]
+    fn build_tpm(&self, _t: &TpmConfig, _usage: RootUse) -> Result<Box<dyn RootKey>> {
+        Err(Error::BackendNotCompiled("tpm"))
+    }
+
+    #[cfg(feature = "tpm")]
+    fn build_tpm(&self, t: &TpmConfig, usage: RootUse) -> Result<Box<dyn RootKey>> {
+        use crate::root::tpm::{DEFAULT_PERSISTENT_HANDLE, TpmRoot, TpmSettings};
+        let tcti = t
+            .tcti
+            .clone()
+            .or_else(|| std::env::var("TPM2TOOLS_TCTI").ok())
+            .unwrap_or_else(|| "device:/dev/tpmrm0".into());
+        let persistent_handle = match &t.persistent_handle {
+            Some(h) => u32::from_str_radix(h.trim_start_matches("0x"), 16)
+                .map_err(|_| Error::Config(format!("persistent_handle {h:?} must be hex, e.g. \"0x81000a10\"")))?,
+            None => DEFAULT_PERSISTENT_HANDLE,
+        };
+        let bank = match t.pcr_bank.as_deref().unwrap_or("sha256") {
+            "sha256" => tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha256,
+            "sha1" => tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha1,
+            other => return Err(Error::Config(format!("pcr_bank must be sha256 or sha1 (got {other:?})"))),
+        };
+        let settings = TpmSettings {
+            tcti,
+            persistent_handle,
+            parameter_encryption: t.parameter_encryption.unwrap_or(true),
+            pcrs: (!t.pcrs.is_empty()).then(|| (bank, t.pcrs.clone())),
+        };
+        Ok(Box::new(TpmRoot::open(settings, usage == RootUse::Init)?))
     }
 
     #[cfg(not(feature = "pkcs11"))]
@@ -643,7 +682,11 @@ mod tests {
         .expect("parse");
         assert_eq!(c.store.path, Path::new("/tmp/s.redb"));
         match c.build_roots(RootUse::Open) {
+            #[cfg(not(feature = "tpm"))]
             Err(Error::BackendNotCompiled("tpm")) => {}
+            // Compiled in, but nothing listens on that port.
+            #[cfg(feature = "tpm")]
+            Err(Error::Hardware { backend: "tpm", .. }) => {}
             other => panic!("unexpected {other:?}"),
         }
         assert!(Config::parse("[store]\npath=\"x\"\n[[roots]]\nbackend = \"nope\"\n", Path::new("/")).is_err());

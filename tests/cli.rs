@@ -234,8 +234,16 @@ fn unreadable_or_invalid_config_is_exit_8() {
     assert_fails(&env, &["list"], 8, "configuration:");
     std::fs::write(&env.config_path, "[store]\npath = \"x\"\n[[roots]]\nbackend = \"hsm9000\"\n").unwrap();
     assert_fails(&env, &["list"], 8, "configuration:");
-    std::fs::write(&env.config_path, "[store]\npath = \"x\"\n[[roots]]\nbackend = \"tpm\"\n").unwrap();
-    assert_fails(&env, &["list"], 8, "backend \"tpm\" is not compiled into this build");
+    std::fs::write(
+        &env.config_path,
+        "[store]\npath = \"x\"\n[[roots]]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n",
+    )
+    .unwrap();
+    if cfg!(feature = "tpm") {
+        assert_fails(&env, &["list"], 5, "connecting to the TPM");
+    } else {
+        assert_fails(&env, &["list"], 8, "backend \"tpm\" is not compiled into this build");
+    }
     let o = run_cmd(env.cli().env_remove("TOKENGUARD_CONFIG").args(["list"]), b"");
     assert_eq!(code(&o), 8);
 }

@@ -234,6 +234,19 @@ fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
     Ok(())
 }
 
+/// A root that depends on PCR values is never the only way in: a firmware update
+/// would lock the store.
+fn check_not_only_policy_bound(roots: &[Box<dyn RootKey>]) -> Result<()> {
+    if !roots.is_empty() && roots.iter().all(|r| r.is_policy_bound()) {
+        return Err(Error::Config(
+            "a PCR-bound TPM root cannot be the only root (a firmware or boot change would lock the store): \
+             add a second root, e.g. an HSM or an offline recovery key"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 fn random_array<const N: usize>() -> Result<[u8; N]> {
     let mut a = [0u8; N];
     getrandom::fill(&mut a).map_err(|e| Error::Hardware {
@@ -254,6 +267,7 @@ impl TokenGuard {
         opts: GuardOptions,
     ) -> Result<Self> {
         check_hardware(&roots, opts.require_hardware)?;
+        check_not_only_policy_bound(&roots)?;
         let mut pins = Vec::new();
         for (i, r) in roots.iter().enumerate() {
             let id = r.identity()?;

@@ -115,6 +115,11 @@ impl TokenGuard {
                     "refusing to remove the last root: the store would never open again".into(),
                 ));
             }
+            if rest.iter().all(|p| p.pin.contains(crate::root::POLICY_BOUND_MARKER)) {
+                return Err(Error::InvalidInput(
+                    "refusing to leave only PCR-bound roots: a firmware or boot change would lock the store".into(),
+                ));
+            }
             if !rest.iter().any(|p| inner.roots.iter().any(|r| r.root_id == p.root_id)) {
                 return Err(Error::InvalidInput(format!(
                     "refusing to remove root {root_id}: configure one of the remaining roots in this process first, so the store is known to open without it"

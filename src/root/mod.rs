@@ -18,6 +18,8 @@ use crate::secret::DekMaterial;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod soft;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 /// How a DEK was wrapped; stored with every wrapped blob (docs/FORMAT.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -108,6 +110,10 @@ impl RootIdentity {
     }
 }
 
+/// Marker in a pin of a root that depends on platform state (see
+/// [`RootKey::is_policy_bound`]).
+pub const POLICY_BOUND_MARKER: &str = ";pcr=";
+
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -167,6 +173,10 @@ pub trait RootKey: Send + Sync + fmt::Debug {
 
     /// Checks for `doctor`: key attributes, reachability, policy.
     fn health(&self) -> Vec<Check>;
+
+    /// Whether opening depends on volatile platform state (TPM PCRs): such a root
+    /// can be locked out by a firmware update and is never allowed to be the only one.
+    fn is_policy_bound(&self) -> bool;
 }
 
 /// The software AES-KW unwrap shared by the soft root and the conformance tests.

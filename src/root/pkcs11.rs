@@ -751,6 +751,10 @@ impl RootKey for Pkcs11Root {
         BACKEND
     }
 
+    fn is_policy_bound(&self) -> bool {
+        false
+    }
+
     fn is_hardware(&self) -> bool {
         true
     }

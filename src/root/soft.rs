@@ -92,6 +92,10 @@ impl RootKey for SoftRoot {
         "soft"
     }
 
+    fn is_policy_bound(&self) -> bool {
+        false
+    }
+
     fn is_hardware(&self) -> bool {
         false
     }

@@ -64,7 +64,11 @@ pub fn softhsm() -> &'static SoftHsm {
         // SAFETY: runs once, inside OnceLock initialisation, before this process
         // loads the PKCS#11 module; test threads that need the module all wait on
         // this OnceLock first.
-        unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
+        unsafe {
+            std::env::set_var("SOFTHSM2_CONF", &conf);
+            // libtss2 logs expected TPM errors to stderr; keep test output readable.
+            std::env::set_var("TSS2_LOG", "all+NONE");
+        }
         let pin_file = dir.join("user.pin");
         write_0600(&pin_file, b"test-user-pin-1234");
         let so = secrecy::SecretString::from("test-so-pin-5678".to_string());
@@ -231,4 +235,114 @@ pub fn find_key(session: &cryptoki::session::Session, label: &str) -> Vec<crypto
     session
         .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.as_bytes().to_vec())])
         .unwrap()
+}
+
+/// A swtpm process on loopback, in its own state directory, stopped on drop. State
+/// survives `restart` (persistent handles); PCRs reset (startup-clear).
+pub struct Swtpm {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+fn free_port_pair() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        if port < 65000 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Swtpm {
+    pub fn start() -> Swtpm {
+        let which = Command::new("sh").args(["-c", "command -v swtpm"]).output().unwrap();
+        assert!(
+            which.status.success(),
+            "swtpm is not installed: run ./softhsm-setup.sh --deps-only --tpm (tests never skip)"
+        );
+        let dir = tempfile::Builder::new().prefix("tg-swtpm-").tempdir_in(tmp_base()).unwrap().keep();
+        let mut t = Swtpm { dir, port: 0, child: None };
+        t.spawn();
+        t
+    }
+
+    fn spawn(&mut self) {
+        for _ in 0..5 {
+            let port = if self.port == 0 { free_port_pair() } else { self.port };
+            let child = Command::new("swtpm")
+                .args([
+                    "socket",
+                    "--tpm2",
+                    "--server",
+                    &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                    "--ctrl",
+                    &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
+                    "--tpmstate",
+                    &format!("dir={}", self.dir.display()),
+                    "--flags",
+                    "not-need-init,startup-clear",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            self.child = Some(child);
+            // Ready when the server port accepts connections.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    self.port = port;
+                    return;
+                }
+                if let Some(c) = self.child.as_mut()
+                    && c.try_wait().unwrap().is_some()
+                {
+                    break; // port taken: try another
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            self.stop();
+            if self.port != 0 {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+        panic!("swtpm did not start");
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Kills the process (like a TPM going away).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port with the same state.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Extends a PCR through the TPM (as a boot component would).
+    pub fn wipe_state(&mut self) {
+        self.stop();
+        for f in files_below(&self.dir) {
+            let _ = std::fs::remove_file(f);
+        }
+        self.spawn();
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -12,6 +12,7 @@ use tokenguard::error::exit;
 
 fn main() -> ExitCode {
     harden_process();
+    quiet_libtss2();
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -45,9 +46,21 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn,cryptoki=off"));
+    let filter =
+        EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn,cryptoki=off,tss_esapi=off"));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// libtss2 logs every TPM error to stderr itself, including the expected "no object
+/// at this handle" of a first start; the guard reports errors its own way. An
+/// explicit TSS2_LOG from the user still wins.
+#[allow(unsafe_code)]
+fn quiet_libtss2() {
+    if std::env::var_os("TSS2_LOG").is_none() {
+        // SAFETY: first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("TSS2_LOG", "all+NONE") };
+    }
 }
 
 /// No core dumps and no ptrace by other processes of the same user: a core file or a

@@ -1,0 +1,562 @@
+//! TPM 2.0 root (feature `tpm`): each DEK is a TPM2 sealed data object under a
+//! storage primary key that never leaves the TPM, through tss-esapi 7 and the system
+//! libtss2.
+//!
+//! - **Storage key**: ECC P-256 (a simulator creates it ~40x faster than RSA-2048),
+//!   restricted decrypt, under the owner hierarchy, made persistent at a configurable
+//!   handle so a process start does not pay CreatePrimary. The guard never evicts or
+//!   overwrites a persistent object it did not create: an occupied handle is adopted
+//!   only if recreating our template gives the same Name.
+//! - **Identity**: the storage key's Name (a digest of its public area), pinned in the
+//!   store. A cleared or different TPM has a different owner seed, so a different
+//!   Name: the store refuses it (exit 4) and changes nothing.
+//! - **Seal / unseal**: TPM2_Create of a keyed-hash object holding the DEK; Load +
+//!   Unseal + FlushContext. TPM2_EncryptDecrypt is not used (optional on real TPMs).
+//!   Every transient object is flushed: a TPM without a resource manager has ~3 slots.
+//! - **Parameter encryption** (default on): commands that carry a DEK run in an HMAC
+//!   session salted with the storage key, AES-128-CFB, so the DEK never crosses the
+//!   bus in the clear. Its cost is measured in the README.
+//! - **Optional PCR policy**: the sealed object's auth policy is PolicyPCR over the
+//!   configured bank and PCRs, computed at seal time. Unsealing after the PCRs changed
+//!   fails with a clear error (exit 5). A PCR-bound root is never the only root.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
+use tss_esapi::constants::SessionType;
+use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
+use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::dynamic_handles::Persistent;
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+use tss_esapi::structures::{
+    Digest, EccParameter, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private,
+    Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, SymmetricDefinition,
+    SymmetricDefinitionObject,
+};
+use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::{Context, TctiNameConf};
+use zeroize::Zeroizing;
+
+use super::{Check, RootIdentity, RootKey, WrapMechanism, Wrapped};
+use crate::codec::{Reader, Writer};
+use crate::error::{Error, Result};
+use crate::secret::DekMaterial;
+
+const BACKEND: &str = "tpm";
+
+/// Default persistent handle: deliberately not 0x81000001, the default of other TPM
+/// tools.
+pub const DEFAULT_PERSISTENT_HANDLE: u32 = 0x8100_0A10;
+
+/// Settings of a TPM root.
+#[derive(Debug, Clone)]
+pub struct TpmSettings {
+    /// TCTI as tpm2-tools spell it (`device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`, `tabrmd:`).
+    pub tcti: String,
+    /// Persistent handle of the storage key.
+    pub persistent_handle: u32,
+    /// Salted, encrypted sessions for commands that carry a DEK.
+    pub parameter_encryption: bool,
+    /// PCR policy: bank and PCR indices; `None` for no policy.
+    pub pcrs: Option<(HashingAlgorithm, Vec<u8>)>,
+}
+
+/// The TPM root key.
+pub struct TpmRoot {
+    settings: TpmSettings,
+    ctx: Mutex<Context>,
+    srk: Mutex<KeyHandle>,
+    name: Vec<u8>,
+    /// The storage key is a transient object of ours (nothing was persisted): flushed on drop.
+    transient: bool,
+}
+
+impl Drop for TpmRoot {
+    fn drop(&mut self) {
+        if self.transient {
+            let srk = *self.srk.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = self.ctx.lock().unwrap_or_else(|p| p.into_inner()).flush_context(srk.into());
+        }
+    }
+}
+
+impl fmt::Debug for TpmRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TpmRoot").field("settings", &self.settings).field("name", &hex(&self.name)).finish()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn hw(operation: &'static str, e: tss_esapi::Error) -> Error {
+    Error::Hardware { backend: BACKEND, operation, detail: e.to_string() }
+}
+
+fn kind(e: &tss_esapi::Error) -> Option<Tss2ResponseCodeKind> {
+    match e {
+        tss_esapi::Error::Tss2Error(rc) => rc.kind(),
+        _ => None,
+    }
+}
+
+/// Errors of Load/Unseal that mean "this blob is not ours or was modified".
+fn unseal_error(e: tss_esapi::Error) -> Error {
+    use Tss2ResponseCodeKind as K;
+    match kind(&e) {
+        Some(K::PolicyFail | K::Pcr | K::PcrChanged) => Error::Hardware {
+            backend: BACKEND,
+            operation: "unsealing a data key",
+            detail: "the PCR values differ from the policy the key was sealed to (firmware or boot change?); \
+                     open the store with another root and re-seal (docs: PCR policy)"
+                .into(),
+        },
+        Some(
+            K::Integrity
+            | K::Size
+            | K::Value
+            | K::Key
+            | K::Hash
+            | K::Asymmetric
+            | K::Symmetric
+            | K::KeySize
+            | K::Type
+            | K::Mode
+            | K::Attributes
+            | K::Binding
+            | K::Insufficient
+            | K::Sensitive
+            | K::Scheme,
+        ) => Error::integrity("unsealing a data key"),
+        _ => hw("unsealing a data key", e),
+    }
+}
+
+/// The storage key template: ECC P-256, restricted decrypt, AES-128-CFB for children.
+fn srk_template() -> Result<Public> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_decrypt(true)
+        .with_restricted(true)
+        .with_no_da(true)
+        .build()
+        .map_err(|e| hw("building the storage key template", e))?;
+    // A unique value of our own: our template yields a key of our own under the same
+    // seed, distinct from other tools' default SRKs.
+    let marker = EccParameter::try_from(b"tokenguard-storage-key-v1".to_vec()).map_err(|e| hw("template", e))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()
+            .map_err(|e| hw("template", e))?,
+        )
+        .with_ecc_unique_identifier(EccPoint::new(marker, EccParameter::default()))
+        .build()
+        .map_err(|e| hw("building the storage key template", e))
+}
+
+fn sealed_template(policy: Option<Digest>) -> Result<Public> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_no_da(true)
+        // With a PCR policy, the policy is the only way in.
+        .with_user_with_auth(policy.is_none())
+        .build()
+        .map_err(|e| hw("building the sealed-object template", e))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::KeyedHash)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_auth_policy(policy.unwrap_or_default())
+        .with_keyed_hash_parameters(PublicKeyedHashParameters::new(KeyedHashScheme::Null))
+        .with_keyed_hash_unique_identifier(Digest::default())
+        .build()
+        .map_err(|e| hw("building the sealed-object template", e))
+}
+
+fn pcr_selection(bank: HashingAlgorithm, pcrs: &[u8]) -> Result<PcrSelectionList> {
+    let slots: Vec<PcrSlot> = pcrs
+        .iter()
+        .map(|p| {
+            PcrSlot::try_from(1u32 << p).map_err(|_| Error::Config(format!("PCR {p} is not a valid PCR index (0-23)")))
+        })
+        .collect::<Result<_>>()?;
+    PcrSelectionListBuilder::new().with_selection(bank, &slots).build().map_err(|e| hw("PCR selection", e))
+}
+
+fn connect(tcti: &str) -> Result<Context> {
+    let conf = TctiNameConf::from_str(tcti).map_err(|_| {
+        Error::Config(format!("TCTI {tcti:?} is not valid (device:/dev/tpmrm0, swtpm:host=H,port=P, tabrmd:)"))
+    })?;
+    Context::new(conf).map_err(|e| Error::Hardware {
+        backend: BACKEND,
+        operation: "connecting to the TPM",
+        detail: format!("{tcti}: {e}"),
+    })
+}
+
+/// A connection with the storage key found (or derived transiently).
+struct Attached {
+    ctx: Context,
+    srk: KeyHandle,
+    name: Vec<u8>,
+    transient: bool,
+}
+
+/// Connects and finds the persisted storage key (`create`: makes it if absent).
+fn attach(settings: &TpmSettings, create: bool) -> Result<Attached> {
+    let mut ctx = connect(&settings.tcti)?;
+    let handle = PersistentTpmHandle::new(settings.persistent_handle).map_err(|_| {
+        Error::Config(format!("{:#x} is not a persistent handle (0x81xxxxxx)", settings.persistent_handle))
+    })?;
+    let template = srk_template()?;
+    let existing = ctx.execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(handle)));
+    let srk: KeyHandle = match existing {
+        Ok(obj) => {
+            let key = KeyHandle::from(obj);
+            if create {
+                // Adopt only a key that is ours: same template, same seed, same Name.
+                let (_, name, _) =
+                    ctx.execute_without_session(|c| c.read_public(key)).map_err(|e| hw("TPM2_ReadPublic", e))?;
+                let primary = ctx
+                    .execute_with_session(Some(AuthSession::Password), |c| {
+                        c.create_primary(Hierarchy::Owner, template.clone(), None, None, None, None)
+                    })
+                    .map_err(|e| hw("TPM2_CreatePrimary", e))?;
+                let (_, ours, _) = ctx
+                    .execute_without_session(|c| c.read_public(primary.key_handle))
+                    .map_err(|e| hw("TPM2_ReadPublic", e))?;
+                let _ = ctx.flush_context(primary.key_handle.into());
+                if ours.value() != name.value() {
+                    return Err(Error::Config(format!(
+                        "persistent handle {:#x} holds an object tokenguard did not create; it is left untouched. \
+                             Choose another persistent_handle in the config",
+                        settings.persistent_handle
+                    )));
+                }
+            }
+            key
+        }
+        Err(_) if create => {
+            let primary = ctx
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+                })
+                .map_err(|e| hw("TPM2_CreatePrimary", e))?;
+            let persisted = ctx
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.evict_control(Provision::Owner, primary.key_handle.into(), Persistent::Persistent(handle))
+                })
+                .map_err(|e| hw("TPM2_EvictControl (persisting the storage key)", e))?;
+            let _ = ctx.flush_context(primary.key_handle.into());
+            tracing::info!(
+                backend = BACKEND,
+                handle = settings.persistent_handle,
+                "created and persisted the storage key"
+            );
+            KeyHandle::from(persisted)
+        }
+        Err(_) => {
+            // Nothing persisted: a cleared TPM, or another TPM. Derive our key
+            // transiently (nothing is written to the TPM) so that its Name can be
+            // compared with the store's pin, which then reports "wrong root"
+            // naming both, rather than a bare "not found".
+            tracing::warn!(
+                backend = BACKEND,
+                handle = settings.persistent_handle,
+                "no storage key at the persistent handle; the TPM was cleared or is another TPM"
+            );
+            let primary = ctx
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+                })
+                .map_err(|e| hw("TPM2_CreatePrimary", e))?;
+            let (_, name, _) = ctx
+                .execute_without_session(|c| c.read_public(primary.key_handle))
+                .map_err(|e| hw("TPM2_ReadPublic", e))?;
+            return Ok(Attached { name: name.value().to_vec(), ctx, srk: primary.key_handle, transient: true });
+        }
+    };
+    let (_, name, _) = ctx.execute_without_session(|c| c.read_public(srk)).map_err(|e| hw("TPM2_ReadPublic", e))?;
+    Ok(Attached { name: name.value().to_vec(), ctx, srk, transient: false })
+}
+
+impl TpmRoot {
+    /// Connects and finds the persisted storage key (`create`: makes it if absent).
+    pub fn open(settings: TpmSettings, create: bool) -> Result<Self> {
+        let a = attach(&settings, create)?;
+        Ok(TpmRoot { name: a.name, ctx: Mutex::new(a.ctx), srk: Mutex::new(a.srk), transient: a.transient, settings })
+    }
+
+    /// Runs `f` with the context; reconnects once if the TPM went away.
+    fn with_ctx<T>(&self, mut f: impl FnMut(&mut Context, KeyHandle) -> Result<T>) -> Result<T> {
+        let mut ctx = self.ctx.lock().unwrap_or_else(|p| p.into_inner());
+        let srk = *self.srk.lock().unwrap_or_else(|p| p.into_inner());
+        match f(&mut ctx, srk) {
+            Err(Error::Hardware { .. }) => {
+                // A TCTI failure (swtpm restarted, resource manager bounced):
+                // reconnect, find the persisted key again, retry once.
+                tracing::warn!(backend = BACKEND, "TPM command failed; reconnecting");
+                let fresh = attach(&self.settings, false)?;
+                if fresh.name != self.name || fresh.transient {
+                    return Err(Error::Hardware {
+                        backend: BACKEND,
+                        operation: "reconnecting",
+                        detail: "the TPM came back without this store's storage key (cleared, or another TPM)".into(),
+                    });
+                }
+                *ctx = fresh.ctx;
+                let new_srk = fresh.srk;
+                *self.srk.lock().unwrap_or_else(|p| p.into_inner()) = new_srk;
+                f(&mut ctx, new_srk)
+            }
+            other => other,
+        }
+    }
+
+    /// A salted HMAC session with parameter encryption, or none.
+    fn session(&self, ctx: &mut Context, srk: KeyHandle) -> Result<Option<AuthSession>> {
+        if !self.settings.parameter_encryption {
+            return Ok(Some(AuthSession::Password));
+        }
+        let s = ctx
+            .start_auth_session(
+                Some(srk),
+                None,
+                None,
+                SessionType::Hmac,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(|e| hw("TPM2_StartAuthSession", e))?
+            .ok_or_else(|| Error::Hardware {
+                backend: BACKEND,
+                operation: "TPM2_StartAuthSession",
+                detail: "no session".into(),
+            })?;
+        let (attrs, mask) = SessionAttributesBuilder::new().with_decrypt(true).with_encrypt(true).build();
+        ctx.tr_sess_set_attributes(s, attrs, mask).map_err(|e| hw("setting session attributes", e))?;
+        Ok(Some(s))
+    }
+
+    fn end_session(ctx: &mut Context, s: Option<AuthSession>) {
+        if let Some(s @ AuthSession::HmacSession(_)) = s {
+            let h: tss_esapi::handles::SessionHandle = s.into();
+            let _ = ctx.flush_context(ObjectHandle::from(h));
+        }
+    }
+
+    /// The PCR policy digest of the current PCR values (trial session).
+    fn pcr_policy(&self, ctx: &mut Context) -> Result<Option<Digest>> {
+        let Some((bank, pcrs)) = &self.settings.pcrs else { return Ok(None) };
+        let sel = pcr_selection(*bank, pcrs)?;
+        let trial = ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Trial,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(|e| hw("starting a trial session", e))?
+            .ok_or_else(|| Error::Hardware {
+                backend: BACKEND,
+                operation: "trial session",
+                detail: "no session".into(),
+            })?;
+        let ps = PolicySession::try_from(trial).map_err(|e| hw("trial session", e))?;
+        let out = ctx
+            .execute_without_session(|c| {
+                c.policy_pcr(ps, Digest::default(), sel.clone())?;
+                c.policy_get_digest(ps)
+            })
+            .map_err(|e| hw("TPM2_PolicyPCR (trial)", e));
+        let h: tss_esapi::handles::SessionHandle = trial.into();
+        let _ = ctx.flush_context(ObjectHandle::from(h));
+        out.map(Some)
+    }
+
+    fn seal(&self, dek: &DekMaterial) -> Result<Wrapped> {
+        self.with_ctx(|ctx, srk| {
+            let policy = self.pcr_policy(ctx)?;
+            let template = sealed_template(policy)?;
+            let data = SensitiveData::try_from(dek.expose().to_vec()).map_err(|e| hw("sealing", e))?;
+            let session = self.session(ctx, srk)?;
+            let created = ctx.execute_with_session(session, |c| {
+                c.create(srk, template.clone(), None, Some(data.clone()), None, None)
+            });
+            Self::end_session(ctx, session);
+            let created = created.map_err(|e| hw("TPM2_Create (sealing a data key)", e))?;
+            let public = created.out_public.marshall().map_err(|e| hw("marshalling", e))?;
+            let mut w = Writer::with_capacity(public.len() + created.out_private.value().len() + 8);
+            w.bytes(&public).bytes(created.out_private.value());
+            Ok(Wrapped { mechanism: WrapMechanism::TpmSealed, blob: w.finish() })
+        })
+    }
+
+    fn unseal(&self, blob: &[u8]) -> Result<DekMaterial> {
+        let mut r = Reader::new(blob);
+        let bad = |_| Error::integrity("unsealing a data key");
+        let public =
+            Public::unmarshall(r.bytes().map_err(bad)?).map_err(|_| Error::integrity("unsealing a data key"))?;
+        let private = Private::try_from(r.bytes().map_err(bad)?.to_vec())
+            .map_err(|_| Error::integrity("unsealing a data key"))?;
+        r.finish().map_err(bad)?;
+        self.with_ctx(|ctx, srk| {
+            let session = self.session(ctx, srk)?;
+            let loaded = ctx.execute_with_session(session, |c| c.load(srk, private.clone(), public.clone()));
+            let loaded = match loaded {
+                Ok(h) => h,
+                Err(e) => {
+                    Self::end_session(ctx, session);
+                    return Err(unseal_error(e));
+                }
+            };
+            let unsealed = if self.settings.pcrs.is_some() {
+                Self::end_session(ctx, session);
+                self.unseal_with_policy(ctx, loaded)
+            } else {
+                let u = ctx.execute_with_session(session, |c| c.unseal(loaded.into())).map_err(unseal_error);
+                Self::end_session(ctx, session);
+                u
+            };
+            let _ = ctx.flush_context(loaded.into());
+            let data = unsealed?;
+            let v = Zeroizing::new(data.value().to_vec());
+            DekMaterial::from_slice(&v)
+        })
+    }
+
+    fn unseal_with_policy(&self, ctx: &mut Context, loaded: KeyHandle) -> Result<SensitiveData> {
+        let Some((bank, pcrs)) = &self.settings.pcrs else { return Err(Error::integrity("unsealing a data key")) };
+        let sel = pcr_selection(*bank, pcrs)?;
+        let s = ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(|e| hw("starting a policy session", e))?
+            .ok_or_else(|| Error::Hardware {
+                backend: BACKEND,
+                operation: "policy session",
+                detail: "no session".into(),
+            })?;
+        let ps = PolicySession::try_from(s).map_err(|e| hw("policy session", e))?;
+        let out = ctx
+            .execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel.clone()))
+            .map_err(unseal_error)
+            .and_then(|_| ctx.execute_with_session(Some(s), |c| c.unseal(loaded.into())).map_err(unseal_error));
+        let h: tss_esapi::handles::SessionHandle = s.into();
+        let _ = ctx.flush_context(ObjectHandle::from(h));
+        out
+    }
+
+    /// Whether unsealing depends on PCR values.
+    pub fn is_pcr_bound(&self) -> bool {
+        self.settings.pcrs.is_some()
+    }
+}
+
+impl RootKey for TpmRoot {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn is_hardware(&self) -> bool {
+        true
+    }
+
+    fn is_policy_bound(&self) -> bool {
+        self.is_pcr_bound()
+    }
+
+    fn identity(&self) -> Result<RootIdentity> {
+        let pcr = match &self.settings.pcrs {
+            Some((bank, pcrs)) => format!(
+                "{}{bank:?}:{}",
+                super::POLICY_BOUND_MARKER,
+                pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+            ),
+            None => String::new(),
+        };
+        Ok(RootIdentity {
+            backend: BACKEND.into(),
+            fingerprint: format!("name={}{pcr}", hex(&self.name)),
+            description: format!(
+                "TPM storage key at {:#x} via {} (Name {}){}",
+                self.settings.persistent_handle,
+                self.settings.tcti,
+                hex(&self.name),
+                if self.is_pcr_bound() { ", PCR-bound" } else { "" }
+            ),
+        })
+    }
+
+    fn generate_dek(&self) -> Result<(DekMaterial, Wrapped)> {
+        let dek = DekMaterial::random()?;
+        let w = self.seal(&dek)?;
+        Ok((dek, w))
+    }
+
+    fn wrap(&self, dek: &DekMaterial) -> Result<Wrapped> {
+        self.seal(dek)
+    }
+
+    fn unwrap(&self, wrapped: &Wrapped) -> Result<DekMaterial> {
+        if wrapped.mechanism != WrapMechanism::TpmSealed {
+            return Err(Error::integrity("unsealing a data key"));
+        }
+        self.unseal(&wrapped.blob)
+    }
+
+    fn health(&self) -> Vec<Check> {
+        let mut out = vec![Check::new(
+            "tpm storage key",
+            true,
+            format!("{:#x} via {}, Name {}", self.settings.persistent_handle, self.settings.tcti, hex(&self.name)),
+        )];
+        out.push(if self.settings.parameter_encryption {
+            Check::new("tpm parameter encryption", true, "salted AES-128-CFB sessions for commands carrying a DEK")
+        } else {
+            Check::warn("tpm parameter encryption", "off: DEKs cross the TPM bus in the clear")
+        });
+        if let Some((bank, pcrs)) = &self.settings.pcrs {
+            let current = self.with_ctx(|ctx, _| {
+                let sel = pcr_selection(*bank, pcrs)?;
+                let (_, _, digests) =
+                    ctx.execute_without_session(|c| c.pcr_read(sel)).map_err(|e| hw("TPM2_PCR_Read", e))?;
+                Ok(digests.value().iter().map(|d| hex(d.value())).collect::<Vec<_>>().join(" "))
+            });
+            out.push(Check::new(
+                "tpm PCR policy",
+                current.is_ok(),
+                match current {
+                    Ok(v) => format!("sealed to {bank:?} PCRs {pcrs:?}; current values {v}"),
+                    Err(e) => e.to_string(),
+                },
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,232 @@
+//! The TPM 2.0 root against real swtpm processes, one per test, on loopback, started
+//! and stopped by the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::str::FromStr;
+
+use common::{Swtpm, TestEnv, code, stderr};
+use tokenguard::config::{Config, RootUse};
+use tokenguard::{Error, GuardOptions, PutOptions, Secret, TokenGuard};
+
+fn tpm_root_toml(tpm: &Swtpm, extra: &str) -> String {
+    format!("[[roots]]\nbackend = \"tpm\"\ntcti = \"{}\"\n{extra}\n", tpm.tcti())
+}
+
+/// An env whose config has the given roots (TOML) instead of the SoftHSM2 root.
+fn env_with_roots(name: &str, roots: &str, require_hardware: bool) -> TestEnv {
+    let env = TestEnv::new(name);
+    std::fs::write(
+        &env.config_path,
+        format!(
+            "require_hardware = {require_hardware}\n[store]\npath = \"{}\"\nbusy_timeout_ms = 2000\n{roots}",
+            env.store_path.display()
+        ),
+    )
+    .unwrap();
+    env
+}
+
+fn raw(s: &str) -> Secret {
+    Secret::raw(s.as_bytes().to_vec())
+}
+
+fn value(g: &TokenGuard, p: &str, n: &str) -> Vec<u8> {
+    g.get(p, n).unwrap_or_else(|e| panic!("{p}/{n}: {e}")).field(None).unwrap().expose().to_vec()
+}
+
+#[test]
+fn put_get_on_tpm_survives_a_restart_and_a_tpm_outage() {
+    let mut tpm = Swtpm::start();
+    let env = env_with_roots("tpm-basic", &tpm_root_toml(&tpm, ""), true);
+    let o = env.run(&["init"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("TPM storage key"));
+    assert_eq!(code(&env.run(&["put", "github", "a"], b"ghp_TPM_A")), 0);
+    let g = env.open();
+    g.put("slack", "b", raw("xoxb_TPM_B"), PutOptions::default()).unwrap();
+    assert_eq!(value(&g, "github", "a"), b"ghp_TPM_A");
+    assert_eq!(g.hardware_calls().unwraps, 2, "integrity key + github; slack's DEK came from generation");
+
+    // The TPM goes away: a cold DEK cannot be unsealed; a clear error, no panic.
+    tpm.stop();
+    g.clear_dek_cache();
+    match g.get("slack", "b") {
+        Err(e @ Error::Hardware { .. }) => assert_eq!(e.exit_code(), 5),
+        other => panic!("{other:?}"),
+    }
+    let o = env.run(&["get", "slack", "b"], b"");
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    // It comes back (same state): the same guard reconnects; a new process works.
+    tpm.restart();
+    assert_eq!(value(&g, "slack", "b"), b"xoxb_TPM_B");
+    let o = env.run(&["get", "github", "a"], b"");
+    assert_eq!((code(&o), o.stdout.as_slice()), (0, &b"ghp_TPM_A"[..]), "{}", stderr(&o));
+    let o = env.run(&["doctor"], b"");
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
+fn a_wiped_tpm_is_a_wrong_root_and_changes_nothing() {
+    let mut tpm = Swtpm::start();
+    let env = env_with_roots("tpm-wipe", &tpm_root_toml(&tpm, ""), true);
+    assert_eq!(code(&env.run(&["init"], b"")), 0);
+    assert_eq!(code(&env.run(&["put", "github", "a"], b"ghp_W")), 0);
+    let before = dump(&env);
+    tpm.wipe_state();
+    let o = env.run(&["get", "github", "a"], b"");
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("wrong root key") && stderr(&o).contains("TPM storage key"), "{}", stderr(&o));
+    assert!(dump(&env) == before, "the store's contents changed");
+}
+
+/// Every table's keys and values, as bytes (redb itself may rewrite its header on
+/// open; the contents are what must not change).
+fn dump(env: &TestEnv) -> Vec<Vec<u8>> {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    const DEKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deks");
+    const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
+    let mut b = redb::Builder::new();
+    b.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
+    let db = b.open(&env.store_path).unwrap();
+    let r = db.begin_read().unwrap();
+    let mut out = Vec::new();
+    for item in r.open_table(META).unwrap().iter().unwrap() {
+        let (k, v) = item.unwrap();
+        out.push([k.value().as_bytes(), v.value()].concat());
+    }
+    for item in r.open_table(DEKS).unwrap().iter().unwrap() {
+        let (k, v) = item.unwrap();
+        out.push([k.value().0.as_bytes(), &k.value().1.to_be_bytes(), v.value()].concat());
+    }
+    for item in r.open_table(TOKENS).unwrap().iter().unwrap() {
+        let (k, v) = item.unwrap();
+        out.push([k.value().0.as_bytes(), k.value().1.as_bytes(), v.value()].concat());
+    }
+    out
+}
+
+#[test]
+fn a_foreign_persistent_object_is_never_overwritten() {
+    let tpm = Swtpm::start();
+    // Another tool's key at our handle: a primary with a different template.
+    {
+        use tss_esapi::interface_types::dynamic_handles::Persistent;
+        use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
+        let mut ctx = tss_esapi::Context::new(tss_esapi::TctiNameConf::from_str(&tpm.tcti()).unwrap()).unwrap();
+        let public = tss_esapi::utils::create_restricted_decryption_rsa_public(
+            tss_esapi::structures::SymmetricDefinitionObject::AES_128_CFB,
+            tss_esapi::interface_types::key_bits::RsaKeyBits::Rsa2048,
+            tss_esapi::structures::RsaExponent::default(),
+        )
+        .unwrap();
+        let p = ctx
+            .execute_with_session(Some(tss_esapi::interface_types::session_handles::AuthSession::Password), |c| {
+                c.create_primary(Hierarchy::Owner, public, None, None, None, None)
+            })
+            .unwrap();
+        let h = tss_esapi::handles::PersistentTpmHandle::new(0x8100_0A10).unwrap();
+        ctx.execute_with_session(Some(tss_esapi::interface_types::session_handles::AuthSession::Password), |c| {
+            c.evict_control(Provision::Owner, p.key_handle.into(), Persistent::Persistent(h))
+        })
+        .unwrap();
+    }
+    let env = env_with_roots("tpm-foreign", &tpm_root_toml(&tpm, ""), true);
+    let o = env.run(&["init"], b"");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("did not create"), "{}", stderr(&o));
+    // A different handle works.
+    let env = env_with_roots("tpm-foreign2", &tpm_root_toml(&tpm, "persistent_handle = \"0x81000a11\""), true);
+    assert_eq!(code(&env.run(&["init"], b"")), 0);
+}
+
+fn extend_pcr(tpm: &Swtpm, pcr: u32) {
+    use tss_esapi::handles::PcrHandle;
+    use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+    use tss_esapi::structures::{Digest, DigestValues};
+    let mut ctx = tss_esapi::Context::new(tss_esapi::TctiNameConf::from_str(&tpm.tcti()).unwrap()).unwrap();
+    let mut vals = DigestValues::new();
+    vals.set(HashingAlgorithm::Sha256, Digest::try_from(vec![0x42u8; 32]).unwrap());
+    let handle = PcrHandle::try_from(pcr).unwrap();
+    ctx.execute_with_session(Some(tss_esapi::interface_types::session_handles::AuthSession::Password), |c| {
+        c.pcr_extend(handle, vals)
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_pcr_extend_locks_the_pcr_bound_root_but_the_second_root_opens() {
+    let tpm = Swtpm::start();
+    // PCR-bound alone is refused.
+    let alone = env_with_roots("tpm-pcr-alone", &tpm_root_toml(&tpm, "pcrs = [16]"), true);
+    let o = alone.run(&["init"], b"");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot be the only root"), "{}", stderr(&o));
+
+    let env = TestEnv::new("tpm-pcr");
+    let key = env.dir.join("recovery.key");
+    let roots = format!(
+        "{}[[roots]]\nbackend = \"soft\"\nkey_file = \"{}\"\n",
+        tpm_root_toml(&tpm, "pcrs = [16]"),
+        key.display()
+    );
+    std::fs::write(
+        &env.config_path,
+        format!("require_hardware = false\n[store]\npath = \"{}\"\n{roots}", env.store_path.display()),
+    )
+    .unwrap();
+    let g = env.config().init_guard().unwrap();
+    g.put("github", "a", raw("ghp_PCR"), PutOptions::default()).unwrap();
+    drop(g);
+    // Only the TPM root configured: works before the extend.
+    let c = env.config();
+    let tpm_only = || {
+        let mut roots = c.build_roots(RootUse::Open).unwrap();
+        roots.truncate(1);
+        TokenGuard::open(&c.store.path, c.store_options(), roots, GuardOptions::default())
+    };
+    assert_eq!(value(&tpm_only().unwrap(), "github", "a"), b"ghp_PCR");
+    // doctor shows the policy and the current values.
+    let checks = env.open().doctor();
+    let pcr = checks.iter().find(|c| c.name == "tpm PCR policy").unwrap();
+    assert!(pcr.detail.contains("PCRs [16]"), "{}", pcr.detail);
+
+    extend_pcr(&tpm, 16);
+    match tpm_only() {
+        Err(e @ Error::Hardware { .. }) => {
+            assert_eq!(e.exit_code(), 5);
+            assert!(e.to_string().contains("PCR values differ"), "{e}");
+        }
+        other => panic!("expected a PCR policy failure, got {other:?}"),
+    }
+    // With the recovery root also configured, the store opens and reads.
+    let g = env.open();
+    assert_eq!(value(&g, "github", "a"), b"ghp_PCR");
+    // The PCR-bound root may not be left alone.
+    let pins = g.pinned_roots().unwrap();
+    let soft_id = pins.iter().find(|p| p.pin.starts_with("soft:")).unwrap().root_id;
+    assert!(matches!(g.remove_root(soft_id), Err(Error::InvalidInput(_))));
+}
+
+#[test]
+fn multi_root_hsm_and_tpm() {
+    let tpm = Swtpm::start();
+    let env = TestEnv::new("tpm-multi");
+    let mut text = std::fs::read_to_string(&env.config_path).unwrap();
+    text.push_str(&tpm_root_toml(&tpm, ""));
+    std::fs::write(&env.config_path, text).unwrap();
+    let g = env.init();
+    assert_eq!(g.roots().len(), 2);
+    g.put("github", "a", raw("ghp_MULTI"), PutOptions::default()).unwrap();
+    drop(g);
+    // Either root alone opens the store.
+    let c: Config = env.config();
+    for keep in [0usize, 1] {
+        let mut roots = c.build_roots(RootUse::Open).unwrap();
+        let r = roots.remove(keep);
+        let g = TokenGuard::open(&c.store.path, c.store_options(), vec![r], GuardOptions::default()).unwrap();
+        assert_eq!(value(&g, "github", "a"), b"ghp_MULTI", "root {keep} alone");
+    }
+}
