@@ -362,35 +362,38 @@ impl TpmRoot {
         }
     }
 
-    /// The PCR policy digest of the current PCR values (trial session).
-    fn pcr_policy(&self, ctx: &mut Context) -> Result<Option<Digest>> {
+    /// Runs `f` in a fresh PolicyPCR session of `kind` (trial, to compute a digest;
+    /// policy, to satisfy one), flushing the session afterwards.
+    fn with_pcr_session<T>(
+        &self,
+        ctx: &mut Context,
+        kind: SessionType,
+        f: impl FnOnce(&mut Context, AuthSession, PolicySession) -> Result<T>,
+    ) -> Result<Option<T>> {
         let Some((bank, pcrs)) = &self.settings.pcrs else { return Ok(None) };
         let sel = pcr_selection(*bank, pcrs)?;
-        let trial = ctx
-            .start_auth_session(
-                None,
-                None,
-                None,
-                SessionType::Trial,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .map_err(|e| hw("starting a trial session", e))?
+        let s = ctx
+            .start_auth_session(None, None, None, kind, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)
+            .map_err(|e| hw("starting a policy session", e))?
             .ok_or_else(|| Error::Hardware {
                 backend: BACKEND,
-                operation: "trial session",
+                operation: "policy session",
                 detail: "no session".into(),
             })?;
-        let ps = PolicySession::try_from(trial).map_err(|e| hw("trial session", e))?;
-        let out = ctx
-            .execute_without_session(|c| {
-                c.policy_pcr(ps, Digest::default(), sel.clone())?;
-                c.policy_get_digest(ps)
-            })
-            .map_err(|e| hw("TPM2_PolicyPCR (trial)", e));
-        let h: tss_esapi::handles::SessionHandle = trial.into();
+        let out = PolicySession::try_from(s).map_err(|e| hw("policy session", e)).and_then(|ps| {
+            ctx.execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel.clone())).map_err(unseal_error)?;
+            f(ctx, s, ps)
+        });
+        let h: tss_esapi::handles::SessionHandle = s.into();
         let _ = ctx.flush_context(ObjectHandle::from(h));
         out.map(Some)
+    }
+
+    /// The PCR policy digest of the current PCR values (trial session).
+    fn pcr_policy(&self, ctx: &mut Context) -> Result<Option<Digest>> {
+        self.with_pcr_session(ctx, SessionType::Trial, |ctx, _, ps| {
+            ctx.execute_without_session(|c| c.policy_get_digest(ps)).map_err(|e| hw("TPM2_PolicyGetDigest", e))
+        })
     }
 
     fn seal(&self, dek: &DekMaterial) -> Result<Wrapped> {
@@ -445,31 +448,10 @@ impl TpmRoot {
     }
 
     fn unseal_with_policy(&self, ctx: &mut Context, loaded: KeyHandle) -> Result<SensitiveData> {
-        let Some((bank, pcrs)) = &self.settings.pcrs else { return Err(Error::integrity("unsealing a data key")) };
-        let sel = pcr_selection(*bank, pcrs)?;
-        let s = ctx
-            .start_auth_session(
-                None,
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .map_err(|e| hw("starting a policy session", e))?
-            .ok_or_else(|| Error::Hardware {
-                backend: BACKEND,
-                operation: "policy session",
-                detail: "no session".into(),
-            })?;
-        let ps = PolicySession::try_from(s).map_err(|e| hw("policy session", e))?;
-        let out = ctx
-            .execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel.clone()))
-            .map_err(unseal_error)
-            .and_then(|_| ctx.execute_with_session(Some(s), |c| c.unseal(loaded.into())).map_err(unseal_error));
-        let h: tss_esapi::handles::SessionHandle = s.into();
-        let _ = ctx.flush_context(ObjectHandle::from(h));
-        out
+        self.with_pcr_session(ctx, SessionType::Policy, |ctx, s, _| {
+            ctx.execute_with_session(Some(s), |c| c.unseal(loaded.into())).map_err(unseal_error)
+        })?
+        .ok_or_else(|| Error::integrity("unsealing a data key"))
     }
 
     /// Whether unsealing depends on PCR values.
