@@ -87,7 +87,8 @@ pub struct DekEntry {
 }
 
 impl DekEntry {
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The canonical encoding (docs/FORMAT.md).
+    pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(64 + self.wrapped.len() * 48);
         w.u8(ENTRY_FORMAT_V1).u32(self.version).u8(self.state.code()).u64(self.created).u64(self.encryptions);
         encode_wrapped_list(&mut w, &self.wrapped);
