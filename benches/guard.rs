@@ -370,9 +370,63 @@ fn threads(c: &mut Criterion) {
     grp.finish();
 }
 
+/// TPM figures on swtpm (`cargo bench --features tpm -- tpm`): process cold start with
+/// and without a persisted storage key, unseal latency with and without parameter
+/// encryption, and a cold `get` through the guard.
+#[cfg(feature = "tpm")]
+fn tpm(c: &mut Criterion) {
+    use tokenguard::root::RootKey;
+    use tokenguard::root::tpm::{TpmRoot, TpmSettings};
+    let t = common::Swtpm::start();
+    let settings = |handle: u32, enc: bool| TpmSettings {
+        tcti: t.tcti(),
+        persistent_handle: handle,
+        parameter_encryption: enc,
+        pcrs: None,
+    };
+    drop(TpmRoot::open(settings(0x8100_0A10, true), true).unwrap());
+    let mut grp = c.benchmark_group("tpm_swtpm");
+    grp.sample_size(30);
+    grp.bench_function("cold_start_persisted_key", |b| {
+        b.iter(|| TpmRoot::open(settings(0x8100_0A10, true), false).unwrap())
+    });
+    // Nothing persisted at this handle: every start pays CreatePrimary (ECC P-256).
+    grp.bench_function("cold_start_create_primary", |b| {
+        b.iter(|| TpmRoot::open(settings(0x8100_0A1F, true), false).unwrap())
+    });
+    for enc in [true, false] {
+        let root = TpmRoot::open(settings(0x8100_0A10, enc), false).unwrap();
+        let (_, wrapped) = root.generate_dek().unwrap();
+        let name = if enc { "unseal_param_encryption" } else { "unseal_plain" };
+        grp.bench_function(name, |b| b.iter(|| root.unwrap(&wrapped).unwrap()));
+    }
+    let env = TestEnv::new("bench-tpm");
+    std::fs::write(
+        &env.config_path,
+        format!(
+            "[store]\npath = \"{}\"\nmode = \"exclusive\"\n[[roots]]\nbackend = \"tpm\"\ntcti = \"{}\"\n",
+            env.store_path.display(),
+            t.tcti()
+        ),
+    )
+    .unwrap();
+    let g = env.init();
+    g.put("github", "a", secret(64, 1), PutOptions::default()).unwrap();
+    grp.bench_function("cold_get_first_of_provider", |b| {
+        b.iter(|| {
+            g.clear_dek_cache();
+            g.get("github", "a").unwrap()
+        })
+    });
+    grp.finish();
+}
+
+#[cfg(not(feature = "tpm"))]
+fn tpm(_c: &mut Criterion) {}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = primitives, warm, cold, writes, scale, threads
+    targets = primitives, warm, cold, writes, scale, threads, tpm
 }
 criterion_main!(benches);

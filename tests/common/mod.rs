@@ -245,12 +245,20 @@ pub struct Swtpm {
     child: Option<std::process::Child>,
 }
 
+/// A port P with P+1 free too, never handed out twice in this process (parallel tests
+/// would otherwise race for the same ephemeral port).
 fn free_port_pair() -> u16 {
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         drop(l);
-        if port < 65000 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+        let mut taken = TAKEN.lock().unwrap();
+        if port < 65000
+            && !taken.iter().any(|t| t.abs_diff(port) <= 1)
+            && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok()
+        {
+            taken.push(port);
             return port;
         }
     }
@@ -294,8 +302,14 @@ impl Swtpm {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             while std::time::Instant::now() < deadline {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    self.port = port;
-                    return;
+                    // Make sure it is *our* swtpm that answered, not another
+                    // process's on a port we lost the race for.
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    if self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none()) {
+                        self.port = port;
+                        return;
+                    }
+                    break;
                 }
                 if let Some(c) = self.child.as_mut()
                     && c.try_wait().unwrap().is_some()
