@@ -45,6 +45,9 @@ pub struct Config {
     /// Refresh policy (`[refresh]`).
     #[serde(default)]
     pub refresh: RefreshConfig,
+    /// Rotation policy (`[rotation]`).
+    #[serde(default)]
+    pub rotation: RotationConfig,
     /// Directory of the config file, for relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -102,6 +105,16 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig { max_entries: default_entries(), max_age_secs: default_age() }
     }
+}
+
+/// `[rotation]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// `doctor` warns about active DEKs older than this many days.
+    pub max_dek_age_days: Option<u64>,
+    /// Encryptions after which a DEK rotates by itself (default 2^30).
+    pub max_dek_encryptions: Option<u64>,
 }
 
 /// `[refresh]`.
@@ -433,6 +446,8 @@ impl Config {
                 max_age: Duration::from_secs(self.cache.max_age_secs),
             },
             require_hardware: self.require_hardware,
+            max_dek_age: self.rotation.max_dek_age_days.map(|d| Duration::from_secs(d * 86_400)),
+            max_dek_encryptions: self.rotation.max_dek_encryptions.unwrap_or(1 << 30).max(1),
             ..GuardOptions::default()
         }
     }

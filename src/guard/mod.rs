@@ -50,6 +50,8 @@ pub struct GuardOptions {
     /// Encryptions after which a DEK version is rotated automatically (default 2^30;
     /// NIST SP 800-38D allows 2^32 with random 96-bit nonces).
     pub max_dek_encryptions: u64,
+    /// Rotation policy: an active DEK older than this is reported by `doctor`.
+    pub max_dek_age: Option<std::time::Duration>,
 }
 
 impl Default for GuardOptions {
@@ -59,6 +61,7 @@ impl Default for GuardOptions {
             require_hardware: false,
             actor: format!("pid:{}", std::process::id()),
             max_dek_encryptions: 1 << 30,
+            max_dek_age: None,
         }
     }
 }
@@ -117,6 +120,9 @@ pub struct TokenInfo {
 pub struct Stats {
     /// Tokens per provider.
     pub tokens_per_provider: BTreeMap<String, u64>,
+    /// Tokens per provider and state (`active`, `expired`, `needs_reauth`), plus
+    /// `revoked` from the tombstones.
+    pub states_per_provider: BTreeMap<String, BTreeMap<String, u64>>,
     /// Total tokens.
     pub tokens: u64,
     /// DEK versions per provider, with state and encryption count.
@@ -636,11 +642,25 @@ impl TokenGuard {
         let inner = &*self.inner;
         let txn = inner.store.read()?;
         let mut per = BTreeMap::new();
+        let mut states: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         let mut total = 0;
+        let t = now();
         for item in txn.open_table(st::TOKENS)?.iter()? {
-            let (k, _) = item?;
-            *per.entry(k.value().0.to_string()).or_insert(0u64) += 1;
+            let (k, v) = item?;
+            let p = k.value().0.to_string();
+            let state = match RecordView::parse(v.value()) {
+                Ok(r) if r.state == TokenState::NeedsReauth => "needs_reauth",
+                Ok(r) if r.expires_at.is_some_and(|e| t >= e) => "expired",
+                Ok(_) => "active",
+                Err(_) => "damaged",
+            };
+            *states.entry(p.clone()).or_default().entry(state.into()).or_insert(0) += 1;
+            *per.entry(p).or_insert(0u64) += 1;
             total += 1;
+        }
+        for item in txn.open_table(st::TOMBSTONES)?.iter()? {
+            let (k, _) = item?;
+            *states.entry(k.value().0.to_string()).or_default().entry("revoked".into()).or_insert(0) += 1;
         }
         let by_dek = txn.open_table(st::BY_DEK)?;
         let mut deks = Vec::new();
@@ -668,6 +688,7 @@ impl TokenGuard {
         let audit_events = txn.open_table(st::AUDIT)?.len()?;
         Ok(Stats {
             tokens_per_provider: per,
+            states_per_provider: states,
             tokens: total,
             deks,
             hardware: inner.hardware_calls(),
@@ -709,6 +730,39 @@ impl TokenGuard {
                     if configured { " (configured, opens the store)" } else { " (not configured here)" }
                 ),
             ));
+        }
+        if let Some(max) = inner.opts.max_dek_age {
+            let t = now();
+            let mut old = Vec::new();
+            if let Ok(txn) = inner.store.read()
+                && let Ok(deks) = txn.open_table(st::DEKS)
+                && let Ok(iter) = deks.iter()
+            {
+                for (k, v) in iter.flatten() {
+                    let (p, ver) = k.value();
+                    if let Ok(e) = DekEntry::decode(v.value())
+                        && e.state == DekState::Active
+                        && t.saturating_sub(e.created) > max.as_secs()
+                    {
+                        old.push(format!("{p} v{ver} ({} days)", t.saturating_sub(e.created) / 86_400));
+                    }
+                }
+            }
+            out.push(if old.is_empty() {
+                Check::new(
+                    "rotation policy",
+                    true,
+                    format!("every active data key is younger than {} days", max.as_secs() / 86_400),
+                )
+            } else {
+                Check::warn(
+                    "rotation policy",
+                    format!(
+                        "older than the policy: {}; run `tokenguard rotate-dek PROVIDER` then `reencrypt`",
+                        old.join(", ")
+                    ),
+                )
+            });
         }
         let perms = inner.store.permission_problems();
         out.push(Check::new(

@@ -102,8 +102,10 @@ pub fn run(cli: Cli) -> Result<i32> {
                 print_json(&serde_json::to_value(&s).unwrap_or_default())?;
             } else {
                 println!("tokens: {}", s.tokens);
-                for (p, n) in &s.tokens_per_provider {
-                    println!("  {p}: {n}");
+                for (p, states) in &s.states_per_provider {
+                    let n = s.tokens_per_provider.get(p).copied().unwrap_or(0);
+                    let detail: Vec<String> = states.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                    println!("  {p}: {n} stored ({})", detail.join(", "));
                 }
                 println!("DEK versions:");
                 for d in &s.deks {
