@@ -345,7 +345,30 @@ fn threads(c: &mut Criterion) {
     let env = TestEnv::with_config("bench-threads", "mode = \"exclusive\"");
     let g = env.init();
     populate(&g, "github", 1000, 64);
+    let (cipher, recs) = floor_records(1000, 64);
+    let db = floor_db(&env, redb::ConcurrencyMode::ExclusiveWriter, &recs);
     let mut grp = c.benchmark_group("warm_get_threads");
+    for t in [1usize, 2] {
+        grp.throughput(Throughput::Elements(t as u64));
+        grp.bench_with_input(BenchmarkId::new("floor_per_thread", t), &t, |b, &t| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for k in 0..t {
+                        let (db, cipher) = (&db, &cipher);
+                        s.spawn(move || {
+                            let mut i = k * 500;
+                            for _ in 0..iters {
+                                i = (i + 7919) % 1000;
+                                black_box(floor_get(db, cipher, &format!("t{i:08}")));
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
     for t in [1usize, 2] {
         grp.throughput(Throughput::Elements(t as u64));
         grp.bench_with_input(BenchmarkId::new("get_per_thread", t), &t, |b, &t| {
