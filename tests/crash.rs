@@ -22,6 +22,10 @@ fn crash_child() {
     let g = config.open_guard().unwrap();
     let mut out = std::io::stdout().lock();
     use std::io::Write;
+    // Kill points start after the open (SoftHSM2's login rewrites a token file
+    // non-atomically; see tests/lifecycle.rs run_child_killed).
+    writeln!(out, "READY").unwrap();
+    out.flush().unwrap();
     for i in 0u64.. {
         let provider = ["github", "slack", "jira"][(i % 3) as usize];
         if i % 10 == 9 {
@@ -75,9 +79,15 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader =
-            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        while !first.contains("READY") {
+            first.clear();
+            if stdout.read_line(&mut first).unwrap() == 0 {
+                break;
+            }
+        }
+        let reader = std::thread::spawn(move || stdout.lines().map_while(Result::ok).collect::<Vec<_>>());
         let start = Instant::now();
         while start.elapsed() < delay {
             std::thread::sleep(Duration::from_millis(5));

@@ -302,6 +302,10 @@ fn root_add_remove_and_rotation() {
 fn lifecycle_child() {
     let (Ok(cfg), Ok(op)) = (std::env::var("TG_LC_CONFIG"), std::env::var("TG_LC_OP")) else { return };
     let g = tokenguard::Config::load(std::path::Path::new(&cfg)).unwrap().open_guard().unwrap();
+    // Kill points start after the open: see run_child_killed.
+    println!("READY");
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
     match op.as_str() {
         "reencrypt" => {
             drop(g.reencrypt(None, ReencryptOptions { batch_size: 40, ..Default::default() }, |_, _, _| {}).unwrap())
@@ -329,10 +333,25 @@ fn run_child_killed(env: &TestEnv, op: &str, delay: Duration, extra: &[(&str, St
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().unwrap();
+    // Wait until the child has opened the guard. SoftHSM2 rewrites its token.object
+    // file non-atomically when a process logs in: a SIGKILL at that moment truncates
+    // it and the development token is gone for every process (a SoftHSM2 limitation,
+    // not one of the store; real HSMs keep their state elsewhere). The kill points
+    // tested here are inside tokenguard's own operations.
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("READY") {
+        line.clear();
+        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
+            break;
+        }
+    }
     std::thread::sleep(delay);
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    contains(&out.stdout, b"DONE")
+    let _ = child.wait();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut out, &mut rest);
+    contains(&rest, b"DONE")
 }
 
 fn next_delay(seed: &mut u64, max_ms: u64) -> Duration {

@@ -5,7 +5,7 @@
 //! all commit together — a crash half-way leaves the store exactly as before. A root
 //! rotation is "add the new key, move the config to it, remove the old one".
 
-use redb::ReadableTable;
+use redb::{ReadableTable, WriteTransaction};
 
 use super::{TokenGuard, now};
 use crate::audit::NewEvent;
@@ -32,11 +32,7 @@ impl TokenGuard {
         let inner = &*self.inner;
         let id = root.identity()?;
         inner.store.write(|txn| {
-            let mut pins = {
-                let meta = txn.open_table(st::META)?;
-                let b = meta.get(st::META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?;
-                schema::decode_roots(b.value())?
-            };
+            let (mut pins, mut ik) = read_roots(txn)?;
             if pins.iter().any(|p| p.pin == id.pin()) {
                 return Err(Error::InvalidInput(format!("{} is already a root of this store", id.description)));
             }
@@ -44,26 +40,12 @@ impl TokenGuard {
             let pin = RootPin { root_id, pin: id.pin(), description: id.description.clone() };
 
             // The integrity key.
-            let mut ik = {
-                let meta = txn.open_table(st::META)?;
-                let b =
-                    meta.get(st::META_INTEGRITY_KEY)?.ok_or_else(|| Error::integrity("reading the integrity key"))?;
-                schema::decode_wrapped_key(b.value())?
-            };
             let ik_plain = DekMaterial::from_slice(&inner.integrity_key[..])?;
             inner.counters.wraps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             ik.push(RootWrapped { root_id, wrapped: root.wrap(&ik_plain)? });
 
             // Every DEK that still has material.
-            let entries: Vec<(String, DekEntry)> = {
-                let deks = txn.open_table(st::DEKS)?;
-                let mut v = Vec::new();
-                for item in deks.iter()? {
-                    let (k, val) = item?;
-                    v.push((k.value().0.to_string(), DekEntry::decode(val.value())?));
-                }
-                v
-            };
+            let entries = all_deks(txn)?;
             let mut deks = txn.open_table(st::DEKS)?;
             let mut n = 0;
             for (provider, mut e) in entries {
@@ -101,11 +83,7 @@ impl TokenGuard {
     pub fn remove_root(&self, root_id: u16) -> Result<RootPin> {
         let inner = &*self.inner;
         inner.store.write(|txn| {
-            let pins = {
-                let meta = txn.open_table(st::META)?;
-                let b = meta.get(st::META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?;
-                schema::decode_roots(b.value())?
-            };
+            let (pins, mut ik) = read_roots(txn)?;
             let Some(gone) = pins.iter().find(|p| p.root_id == root_id).cloned() else {
                 return Err(Error::NotFound { provider: "root".into(), name: root_id.to_string() });
             };
@@ -125,21 +103,8 @@ impl TokenGuard {
                     "refusing to remove root {root_id}: configure one of the remaining roots in this process first, so the store is known to open without it"
                 )));
             }
-            let mut ik = {
-                let meta = txn.open_table(st::META)?;
-                let b = meta.get(st::META_INTEGRITY_KEY)?.ok_or_else(|| Error::integrity("reading the integrity key"))?;
-                schema::decode_wrapped_key(b.value())?
-            };
             ik.retain(|w| w.root_id != root_id);
-            let entries: Vec<(String, DekEntry)> = {
-                let deks = txn.open_table(st::DEKS)?;
-                let mut v = Vec::new();
-                for item in deks.iter()? {
-                    let (k, val) = item?;
-                    v.push((k.value().0.to_string(), DekEntry::decode(val.value())?));
-                }
-                v
-            };
+            let entries = all_deks(txn)?;
             let mut deks = txn.open_table(st::DEKS)?;
             for (provider, mut e) in entries {
                 let before = e.wrapped.len();
@@ -160,4 +125,23 @@ impl TokenGuard {
             Ok(gone)
         })
     }
+}
+
+/// The pinned roots and the wrapped integrity key, as this transaction sees them.
+fn read_roots(txn: &WriteTransaction) -> Result<(Vec<RootPin>, Vec<RootWrapped>)> {
+    let meta = txn.open_table(st::META)?;
+    let pins = meta.get(st::META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?;
+    let ik = meta.get(st::META_INTEGRITY_KEY)?.ok_or_else(|| Error::integrity("reading the integrity key"))?;
+    Ok((schema::decode_roots(pins.value())?, schema::decode_wrapped_key(ik.value())?))
+}
+
+/// Every DEK entry, by provider.
+fn all_deks(txn: &WriteTransaction) -> Result<Vec<(String, DekEntry)>> {
+    let deks = txn.open_table(st::DEKS)?;
+    let mut v = Vec::new();
+    for item in deks.iter()? {
+        let (k, val) = item?;
+        v.push((k.value().0.to_string(), DekEntry::decode(val.value())?));
+    }
+    Ok(v)
 }
