@@ -160,6 +160,15 @@ fn the_encryption_bound_rotates_automatically() {
     for i in 0..25 {
         assert_eq!(value(&g, "jira", &format!("k{i}")), format!("v{i}").as_bytes());
     }
+    drop(g);
+    // The rotation policy: doctor warns about an active data key older than the bound.
+    std::thread::sleep(Duration::from_millis(1100));
+    let roots = c.build_roots(tokenguard::config::RootUse::Open).unwrap();
+    let opts = GuardOptions { max_dek_age: Some(Duration::ZERO), ..c.guard_options() };
+    let g = TokenGuard::open(&c.store.path, c.store_options(), roots, opts).unwrap();
+    let policy = g.doctor().into_iter().find(|c| c.name == "rotation policy").unwrap();
+    assert_eq!(policy.status, tokenguard::root::Status::Warn, "{policy:?}");
+    assert!(policy.detail.contains("jira v3"), "{}", policy.detail);
 }
 
 #[test]
