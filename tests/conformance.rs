@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use common::{TestEnv, code, stderr};
@@ -162,7 +162,7 @@ fn import_known_kek(imp: Impl, label: &str) {
         Impl::SoftHsm => common::user_session(),
         Impl::Kryoptic => {
             let k = kryoptic();
-            open_session(&k.module, KRYOPTIC_LABEL, &k.pin_file)
+            common::session_on(&k.module, KRYOPTIC_LABEL, &k.pin_file)
         }
     };
     session
@@ -181,22 +181,6 @@ fn import_known_kek(imp: Impl, label: &str) {
             Attribute::Label(label.as_bytes().to_vec()),
         ])
         .unwrap();
-}
-
-fn open_session(module: &Path, label: &str, pin_file: &Path) -> cryptoki::session::Session {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-    let ctx = Pkcs11::new(module).unwrap();
-    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = ctx
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == label)
-        .unwrap();
-    let s = ctx.open_rw_session(slot).unwrap();
-    let pin = secrecy::SecretString::from(std::fs::read_to_string(pin_file).unwrap());
-    let _ = s.login(cryptoki::session::UserType::User, Some(&pin));
-    s
 }
 
 /// Wraps the token made are exactly what an independent implementation makes.

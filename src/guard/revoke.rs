@@ -14,7 +14,7 @@ use super::{TokenGuard, now, validate_ident};
 use crate::audit::NewEvent;
 use crate::codec::{Malformed, Reader, Writer};
 use crate::error::{Error, Result};
-use crate::seal::{Metadata, ParsedRecord, TokenState};
+use crate::seal::{Metadata, ParsedRecord, RecordView, TokenState};
 use crate::store::schema::{DekEntry, DekState};
 use crate::store::{self as st};
 
@@ -254,90 +254,53 @@ impl TokenGuard {
         let mut report = PurgeReport::default();
         let cutoff = now().saturating_sub(opts.older_than);
         if opts.expired {
-            loop {
-                let n = inner.store.write(|txn| {
-                    let victims: Vec<(u64, String, String)> = {
-                        let idx = txn.open_table(st::BY_EXPIRY)?;
-                        let mut v = Vec::new();
-                        for item in idx.range((0u64, "", "")..(cutoff, "", ""))?.take(PURGE_BATCH) {
-                            let (k, _) = item?;
-                            let (t, p, n) = k.value();
-                            v.push((t, p.to_string(), n.to_string()));
-                        }
-                        v
-                    };
-                    let mut tokens = txn.open_table(st::TOKENS)?;
-                    let mut by_exp = txn.open_table(st::BY_EXPIRY)?;
-                    let mut by_dek = txn.open_table(st::BY_DEK)?;
-                    for (t, p, n) in &victims {
-                        by_exp.remove((*t, p.as_str(), n.as_str()))?;
-                        let old = tokens.remove((p.as_str(), n.as_str()))?.map(|g| g.value().to_vec());
-                        if let Some(h) = old.as_deref().and_then(|b| ParsedRecord::parse(b).ok()).map(|r| r.header) {
-                            by_dek.remove((p.as_str(), h.dek_version, n.as_str()))?;
-                        }
+            report.expired = inner.purge_in_batches("expired tokens", |txn| {
+                let victims: Vec<(u64, String, String)> = {
+                    let idx = txn.open_table(st::BY_EXPIRY)?;
+                    let mut v = Vec::new();
+                    for item in idx.range((0u64, "", "")..(cutoff, "", ""))?.take(PURGE_BATCH) {
+                        let (k, _) = item?;
+                        let (t, p, n) = k.value();
+                        v.push((t, p.to_string(), n.to_string()));
                     }
-                    drop((tokens, by_exp, by_dek));
-                    if !victims.is_empty() {
-                        inner.audit(
-                            txn,
-                            NewEvent {
-                                op: "purge",
-                                outcome: "ok",
-                                detail: format!("{} expired tokens", victims.len()),
-                                ..Default::default()
-                            },
-                        )?;
+                    v
+                };
+                let mut tokens = txn.open_table(st::TOKENS)?;
+                let mut by_exp = txn.open_table(st::BY_EXPIRY)?;
+                let mut by_dek = txn.open_table(st::BY_DEK)?;
+                for (t, p, n) in &victims {
+                    by_exp.remove((*t, p.as_str(), n.as_str()))?;
+                    let old = tokens.remove((p.as_str(), n.as_str()))?.map(|g| g.value().to_vec());
+                    if let Some(h) = old.as_deref().and_then(|b| RecordView::parse(b).ok()) {
+                        by_dek.remove((p.as_str(), h.dek_version, n.as_str()))?;
                     }
-                    Ok(victims.len())
-                })?;
-                report.expired += n as u64;
-                if n < PURGE_BATCH {
-                    break;
                 }
-            }
+                Ok(victims.len())
+            })?;
         }
         if opts.revoked {
-            loop {
-                let n = inner.store.write(|txn| {
-                    let victims: Vec<(String, String)> = {
-                        let t = txn.open_table(st::TOMBSTONES)?;
-                        let mut v = Vec::new();
-                        for item in t.iter()? {
-                            let (k, val) = item?;
-                            let ts = Tombstone::decode(val.value())?;
-                            if ts.revoked_at <= cutoff {
-                                let (p, n) = k.value();
-                                v.push((p.to_string(), n.to_string()));
-                                if v.len() == PURGE_BATCH {
-                                    break;
-                                }
+            report.tombstones = inner.purge_in_batches("tombstones", |txn| {
+                let victims: Vec<(String, String)> = {
+                    let t = txn.open_table(st::TOMBSTONES)?;
+                    let mut v = Vec::new();
+                    for item in t.iter()? {
+                        let (k, val) = item?;
+                        if Tombstone::decode(val.value())?.revoked_at <= cutoff {
+                            let (p, n) = k.value();
+                            v.push((p.to_string(), n.to_string()));
+                            if v.len() == PURGE_BATCH {
+                                break;
                             }
                         }
-                        v
-                    };
-                    let mut t = txn.open_table(st::TOMBSTONES)?;
-                    for (p, n) in &victims {
-                        t.remove((p.as_str(), n.as_str()))?;
                     }
-                    drop(t);
-                    if !victims.is_empty() {
-                        inner.audit(
-                            txn,
-                            NewEvent {
-                                op: "purge",
-                                outcome: "ok",
-                                detail: format!("{} tombstones", victims.len()),
-                                ..Default::default()
-                            },
-                        )?;
-                    }
-                    Ok(victims.len())
-                })?;
-                report.tombstones += n as u64;
-                if n < PURGE_BATCH {
-                    break;
+                    v
+                };
+                let mut t = txn.open_table(st::TOMBSTONES)?;
+                for (p, n) in &victims {
+                    t.remove((p.as_str(), n.as_str()))?;
                 }
-            }
+                Ok(victims.len())
+            })?;
         }
         Ok(report)
     }
@@ -385,6 +348,26 @@ impl TokenGuard {
 }
 
 impl super::Inner {
+    /// Runs `step` (which removes at most PURGE_BATCH items) in one transaction per
+    /// batch, auditing each batch, until a batch comes back short. Returns the total.
+    fn purge_in_batches(&self, what: &str, mut step: impl FnMut(&WriteTransaction) -> Result<usize>) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = self.store.write(|txn| {
+                let n = step(txn)?;
+                if n > 0 {
+                    let detail = format!("{n} {what}");
+                    self.audit(txn, NewEvent { op: "purge", outcome: "ok", detail, ..Default::default() })?;
+                }
+                Ok(n)
+            })?;
+            total += n as u64;
+            if n < PURGE_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
     fn revoke_one(&self, txn: &WriteTransaction, provider: &str, name: &str, reason: &str) -> Result<()> {
         let mut tokens = txn.open_table(st::TOKENS)?;
         let Some(old) = tokens.remove((provider, name))?.map(|g| g.value().to_vec()) else {

@@ -210,18 +210,23 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// A logged-in user session on the test token, through a separate cryptoki context
 /// (the same loaded module, as another library in the process would have).
 pub fn user_session() -> cryptoki::session::Session {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     let hsm = softhsm();
-    let ctx = Pkcs11::new(&hsm.module).unwrap();
+    session_on(&hsm.module, TOKEN_LABEL, &hsm.pin_file)
+}
+
+/// A logged-in user session on the token labelled `label` of `module`.
+pub fn session_on(module: &Path, label: &str, pin_file: &Path) -> cryptoki::session::Session {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    let ctx = Pkcs11::new(module).unwrap();
     let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
     let slot = ctx
         .get_slots_with_token()
         .unwrap()
         .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == TOKEN_LABEL)
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == label)
         .unwrap();
     let session = ctx.open_rw_session(slot).unwrap();
-    let pin = secrecy::SecretString::from(std::fs::read_to_string(&hsm.pin_file).unwrap());
+    let pin = secrecy::SecretString::from(std::fs::read_to_string(pin_file).unwrap());
     match session.login(cryptoki::session::UserType::User, Some(&pin)) {
         Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
         Err(e) => panic!("login: {e}"),
