@@ -5,25 +5,22 @@
 //! a sequence number and `mac = HMAC-SHA256(audit_key, encoding ‖ prev_mac)`. The audit
 //! key is derived from the store's integrity key, which only the root can unwrap. A
 //! deleted, reordered or edited event breaks the chain; a truncated tail is caught by
-//! the MAC'd head kept in `meta`. What the chain cannot catch: an attacker who restores
-//! an older copy of the whole store (events and head together) — that is a rollback,
-//! and only an external witness (e.g. exporting the head to a SIEM) detects it.
+//! the MAC'd head kept beside the chain, as long as the head itself is not replaced
+//! by an older one. What the chain cannot catch: an attacker who restores an older
+//! head, or an older copy of the whole store (events and head together) — that is a
+//! rollback, and only an external witness (e.g. exporting the head to a SIEM)
+//! detects it.
 
-use hmac::{Hmac, Mac};
-use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 use serde::Serialize;
-use sha2::Sha256;
 
 use crate::codec::{Malformed, Reader, Writer};
+use crate::crypto::hmac;
 use crate::error::{Error, Result};
-use crate::store::{AUDIT, META};
-
-type HmacSha256 = Hmac<Sha256>;
+use crate::store::{StoreRead, StoreWrite};
 
 const EVENT_FORMAT_V1: u8 = 1;
 const DOMAIN: &[u8] = b"tokenguard/audit/v1";
 const HEAD_DOMAIN: &[u8] = b"tokenguard/audit-head/v1";
-pub(crate) const META_AUDIT_HEAD: &str = "audit_head";
 
 /// One audit event as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -71,19 +68,11 @@ fn encode_body(e: &AuditEvent) -> Vec<u8> {
 }
 
 fn mac(key: &[u8; 32], body: &[u8], prev: &[u8; 32]) -> [u8; 32] {
-    let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
-    m.update(DOMAIN);
-    m.update(body);
-    m.update(prev);
-    m.finalize().into_bytes().into()
+    hmac(key, &[DOMAIN, body, prev])
 }
 
 fn head_mac(key: &[u8; 32], seq: u64, last: &[u8; 32]) -> [u8; 32] {
-    let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
-    m.update(HEAD_DOMAIN);
-    m.update(&seq.to_be_bytes());
-    m.update(last);
-    m.finalize().into_bytes().into()
+    hmac(key, &[HEAD_DOMAIN, &seq.to_be_bytes(), last])
 }
 
 fn decode_stored(bytes: &[u8]) -> Result<(AuditEvent, [u8; 32], [u8; 32]), Malformed> {
@@ -130,16 +119,15 @@ fn read_head(bytes: Option<&[u8]>) -> Result<(u64, [u8; 32], [u8; 32]), Malforme
 }
 
 /// Appends one event inside `txn`.
-pub(crate) fn append(txn: &WriteTransaction, key: &[u8; 32], actor: &str, ev: NewEvent<'_>) -> Result<()> {
-    let mut meta = txn.open_table(META)?;
-    let head = meta.get(META_AUDIT_HEAD)?.map(|v| v.value().to_vec());
+pub(crate) fn append(txn: &impl StoreWrite, key: &[u8; 32], actor: &str, ev: NewEvent<'_>) -> Result<()> {
+    let head = txn.audit_head()?;
     let (seq, last, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
     if seq > 0 && head_mac(key, seq, &last) != hm {
         return Err(Error::integrity("checking the audit head"));
     }
     let e = AuditEvent {
         seq: seq + 1,
-        time: crate::guard::now(),
+        time: crate::clock::now(),
         op: ev.op.into(),
         provider: ev.provider.into(),
         name: ev.name.into(),
@@ -151,11 +139,9 @@ pub(crate) fn append(txn: &WriteTransaction, key: &[u8; 32], actor: &str, ev: Ne
     let m = mac(key, &body, &last);
     let mut w = Writer::with_capacity(body.len() + 72);
     w.bytes(&body).raw(&last).raw(&m);
-    txn.open_table(AUDIT)?.insert(e.seq, w.finish().as_slice())?;
     let mut h = Writer::with_capacity(72);
     h.u64(e.seq).raw(&m).raw(&head_mac(key, e.seq, &m));
-    meta.insert(META_AUDIT_HEAD, h.finish().as_slice())?;
-    Ok(())
+    txn.append_audit(e.seq, &w.finish(), &h.finish())
 }
 
 /// Result of [`verify`].
@@ -168,16 +154,13 @@ pub struct AuditReport {
 }
 
 /// Walks the whole chain and the head.
-pub(crate) fn verify(txn: &ReadTransaction, key: &[u8; 32]) -> Result<AuditReport> {
-    let t = txn.open_table(AUDIT)?;
+pub(crate) fn verify(txn: &impl StoreRead, key: &[u8; 32]) -> Result<AuditReport> {
     let mut prev = [0u8; 32];
     let mut n = 0u64;
-    for item in t.iter()? {
+    for (seq, v) in txn.audit_entries(0)? {
         let expect = n + 1;
-        let (k, v) = item?;
-        let seq = k.value();
         let bad = |why: &str| Ok(AuditReport { events: n, first_bad: Some((seq, why.to_string())) });
-        let Ok((e, p, m)) = decode_stored(v.value()) else {
+        let Ok((e, p, m)) = decode_stored(&v) else {
             return bad("event is malformed");
         };
         if seq != expect {
@@ -198,8 +181,7 @@ pub(crate) fn verify(txn: &ReadTransaction, key: &[u8; 32]) -> Result<AuditRepor
         prev = m;
         n += 1;
     }
-    let meta = txn.open_table(META)?;
-    let head = meta.get(META_AUDIT_HEAD)?.map(|v| v.value().to_vec());
+    let head = txn.audit_head()?;
     let (hseq, hlast, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
     if hseq != n || hlast != prev || (hseq > 0 && head_mac(key, hseq, &hlast) != hm) {
         return Ok(AuditReport {
@@ -214,13 +196,9 @@ pub(crate) fn verify(txn: &ReadTransaction, key: &[u8; 32]) -> Result<AuditRepor
 }
 
 /// Events with `seq >= from`, oldest first, decoded without verification.
-pub(crate) fn list(txn: &ReadTransaction, from: u64) -> Result<Vec<AuditEvent>> {
-    let t = txn.open_table(AUDIT)?;
-    let mut out = Vec::new();
-    for item in t.range(from..)? {
-        let (_, v) = item?;
-        let (e, _, _) = decode_stored(v.value()).map_err(|_| Error::integrity("decoding an audit event"))?;
-        out.push(e);
-    }
-    Ok(out)
+pub(crate) fn list(txn: &impl StoreRead, from: u64) -> Result<Vec<AuditEvent>> {
+    txn.audit_entries(from)?
+        .iter()
+        .map(|(_, v)| decode_stored(v).map(|(e, _, _)| e).map_err(|_| Error::integrity("decoding an audit event")))
+        .collect()
 }

@@ -14,23 +14,18 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use hmac::{Hmac, Mac};
-use redb::{ReadableTable, ReadableTableMetadata};
-use sha2::Sha256;
-
 use crate::codec::{Malformed, Reader, Writer};
+use crate::crypto::{MAC_LEN, hmac, hmac_verify};
 use crate::error::{Error, Result};
 use crate::guard::{GuardOptions, TokenGuard};
 use crate::root::RootKey;
-use crate::seal::STORE_ID_LEN;
-use crate::store::{self as st, Store, StoreOptions, schema};
+use crate::store::{Dump, SCHEMA_VERSION, Store, StoreMeta, StoreOptions, StoreRead, schema};
 
 /// First bytes of every backup file.
 pub const BACKUP_MAGIC: &[u8; 8] = b"TGBACKUP";
 /// Backup format version written by this build.
 pub const BACKUP_FORMAT_V1: u8 = 1;
 const MAC_LABEL: &[u8] = b"tokenguard/backup-mac/v1";
-const MAC_LEN: usize = 32;
 
 /// What a backup held.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -45,57 +40,42 @@ pub struct BackupSummary {
     pub audit_events: u64,
 }
 
-fn mac_of(key: &[u8; 32], data: &[u8]) -> [u8; MAC_LEN] {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
-    m.update(data);
-    m.finalize().into_bytes().into()
+fn count(n: usize) -> u64 {
+    n as u64
 }
 
 /// Serialises the whole store (one read snapshot) into backup bytes.
 pub fn export(guard: &TokenGuard) -> Result<(Vec<u8>, BackupSummary)> {
-    let txn = guard.store().read()?;
-    let mut s = BackupSummary::default();
+    let d = guard.store().read()?.dump()?;
     let mut w = Writer::with_capacity(4096);
-    w.raw(BACKUP_MAGIC).u8(BACKUP_FORMAT_V1).raw(&guard.store_id()).u32(st::SCHEMA_VERSION);
-    let meta = |k| st::meta_get(&txn, k).and_then(|v| v.ok_or_else(|| Error::integrity("reading store metadata")));
-    w.bytes(&meta(st::META_ROOTS)?).bytes(&meta(st::META_INTEGRITY_KEY)?);
-
-    let deks = txn.open_table(st::DEKS)?;
-    w.u32(deks.len()? as u32);
-    for item in deks.iter()? {
-        let (k, v) = item?;
-        let (p, ver) = k.value();
-        w.str(p).u32(ver).bytes(v.value());
-        s.deks += 1;
+    w.raw(BACKUP_MAGIC).u8(BACKUP_FORMAT_V1).raw(&d.store_id).u32(SCHEMA_VERSION);
+    w.bytes(&d.roots).bytes(&d.integrity_key);
+    w.count(d.deks.len());
+    for (p, ver, v) in &d.deks {
+        w.str(p).u32(*ver).bytes(v);
     }
-    let tokens = txn.open_table(st::TOKENS)?;
-    w.u32(tokens.len()? as u32);
-    for item in tokens.iter()? {
-        let (k, v) = item?;
-        let (p, n) = k.value();
-        w.str(p).str(n).bytes(v.value());
-        s.tokens += 1;
+    w.count(d.tokens.len());
+    for (p, n, v) in &d.tokens {
+        w.str(p).str(n).bytes(v);
     }
-    let tombs = txn.open_table(st::TOMBSTONES)?;
-    w.u32(tombs.len()? as u32);
-    for item in tombs.iter()? {
-        let (k, v) = item?;
-        let (p, n) = k.value();
-        w.str(p).str(n).bytes(v.value());
-        s.tombstones += 1;
+    w.count(d.tombstones.len());
+    for (p, n, v) in &d.tombstones {
+        w.str(p).str(n).bytes(v);
     }
-    let audit = txn.open_table(st::AUDIT)?;
-    w.u32(audit.len()? as u32);
-    for item in audit.iter()? {
-        let (k, v) = item?;
-        w.u64(k.value()).bytes(v.value());
-        s.audit_events += 1;
+    w.count(d.audit.len());
+    for (seq, v) in &d.audit {
+        w.u64(*seq).bytes(v);
     }
-    w.bytes(&st::meta_get(&txn, crate::audit::META_AUDIT_HEAD)?.unwrap_or_default());
+    w.bytes(&d.audit_head);
     let mut out = w.finish();
-    let key = guard.integrity_subkey(MAC_LABEL);
-    let tag = mac_of(&key, &out);
+    let tag = hmac(&guard.integrity_subkey(MAC_LABEL), &[&out]);
     out.extend_from_slice(&tag);
+    let s = BackupSummary {
+        deks: count(d.deks.len()),
+        tokens: count(d.tokens.len()),
+        tombstones: count(d.tombstones.len()),
+        audit_events: count(d.audit.len()),
+    };
     Ok((out, s))
 }
 
@@ -124,52 +104,31 @@ pub fn write_backup(guard: &TokenGuard, path: &Path) -> Result<BackupSummary> {
     Ok(summary)
 }
 
-/// A parsed backup, borrowing the file bytes.
-struct Parsed<'a> {
-    store_id: [u8; STORE_ID_LEN],
-    roots: &'a [u8],
-    integrity_key: &'a [u8],
-    deks: Vec<(&'a str, u32, &'a [u8])>,
-    tokens: Vec<(&'a str, &'a str, &'a [u8])>,
-    tombstones: Vec<(&'a str, &'a str, &'a [u8])>,
-    audit: Vec<(u64, &'a [u8])>,
-    audit_head: &'a [u8],
-}
-
-fn parse(body: &[u8]) -> Result<Parsed<'_>, Malformed> {
+fn parse(body: &[u8]) -> Result<Dump, Malformed> {
     let mut r = Reader::new(body);
     if r.raw(8)? != BACKUP_MAGIC || r.u8()? != BACKUP_FORMAT_V1 {
         return Err(Malformed);
     }
-    let store_id = r.array::<STORE_ID_LEN>()?;
-    if r.u32()? != st::SCHEMA_VERSION {
+    let store_id = r.array()?;
+    if r.u32()? != SCHEMA_VERSION {
         return Err(Malformed);
     }
-    let roots = r.bytes()?;
-    let integrity_key = r.bytes()?;
-    let n = r.count(12)?;
-    let mut deks = Vec::with_capacity(n);
-    for _ in 0..n {
-        deks.push((r.str()?, r.u32()?, r.bytes()?));
+    let mut d = Dump { store_id, roots: r.bytes()?.to_vec(), integrity_key: r.bytes()?.to_vec(), ..Dump::default() };
+    for _ in 0..r.count(12)? {
+        d.deks.push((r.str()?.into(), r.u32()?, r.bytes()?.to_vec()));
     }
-    let n = r.count(12)?;
-    let mut tokens = Vec::with_capacity(n);
-    for _ in 0..n {
-        tokens.push((r.str()?, r.str()?, r.bytes()?));
+    for _ in 0..r.count(12)? {
+        d.tokens.push((r.str()?.into(), r.str()?.into(), r.bytes()?.to_vec()));
     }
-    let n = r.count(12)?;
-    let mut tombstones = Vec::with_capacity(n);
-    for _ in 0..n {
-        tombstones.push((r.str()?, r.str()?, r.bytes()?));
+    for _ in 0..r.count(12)? {
+        d.tombstones.push((r.str()?.into(), r.str()?.into(), r.bytes()?.to_vec()));
     }
-    let n = r.count(12)?;
-    let mut audit = Vec::with_capacity(n);
-    for _ in 0..n {
-        audit.push((r.u64()?, r.bytes()?));
+    for _ in 0..r.count(12)? {
+        d.audit.push((r.u64()?, r.bytes()?.to_vec()));
     }
-    let audit_head = r.bytes()?;
+    d.audit_head = r.bytes()?.to_vec();
     r.finish()?;
-    Ok(Parsed { store_id, roots, integrity_key, deks, tokens, tombstones, audit, audit_head })
+    Ok(d)
 }
 
 /// Checks a backup's structure (no key needed). For fuzzing and quick triage; the
@@ -202,67 +161,25 @@ pub fn restore(
         .checked_sub(MAC_LEN)
         .map(|n| bytes.split_at(n))
         .ok_or_else(|| Error::integrity("reading a backup (truncated)"))?;
-    let p = parse(body).map_err(|_| Error::integrity("parsing a backup"))?;
-    let pins = schema::decode_roots(p.roots)?;
-    let wrapped_ik = schema::decode_wrapped_key(p.integrity_key)?;
-    let ik = crate::guard::unlock_key(&pins, &wrapped_ik, &roots)?;
-    let key = crate::guard::derive_key(ik.expose(), MAC_LABEL);
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&*key).expect("HMAC takes any key length");
-    m.update(body);
-    // verify_slice compares in constant time.
-    m.verify_slice(tag).map_err(|_| Error::integrity("verifying the backup's MAC"))?;
-
-    let store = Store::create(store_path, store_opts)?;
-    let summary = BackupSummary {
-        deks: p.deks.len() as u64,
-        tokens: p.tokens.len() as u64,
-        tombstones: p.tombstones.len() as u64,
-        audit_events: p.audit.len() as u64,
+    let d = parse(body).map_err(|_| Error::integrity("parsing a backup"))?;
+    let meta = StoreMeta {
+        store_id: d.store_id,
+        roots: schema::decode_roots(&d.roots)?,
+        integrity_key: schema::decode_wrapped_key(&d.integrity_key)?,
     };
-    let written = store.write(|txn| {
-        let mut meta = txn.open_table(st::META)?;
-        meta.insert(st::META_SCHEMA, st::SCHEMA_VERSION.to_be_bytes().as_slice())?;
-        meta.insert(st::META_STORE_ID, p.store_id.as_slice())?;
-        meta.insert(st::META_ROOTS, p.roots)?;
-        meta.insert(st::META_INTEGRITY_KEY, p.integrity_key)?;
-        meta.insert(st::META_CREATED, crate::guard::now().to_be_bytes().as_slice())?;
-        if !p.audit_head.is_empty() {
-            meta.insert(crate::audit::META_AUDIT_HEAD, p.audit_head)?;
-        }
-        let mut deks = txn.open_table(st::DEKS)?;
-        for (prov, ver, v) in &p.deks {
-            deks.insert((*prov, *ver), *v)?;
-        }
-        let mut tokens = txn.open_table(st::TOKENS)?;
-        let mut by_dek = txn.open_table(st::BY_DEK)?;
-        let mut by_exp = txn.open_table(st::BY_EXPIRY)?;
-        for (prov, name, v) in &p.tokens {
-            // Rebuild the indexes from the records themselves.
-            let rec = crate::seal::ParsedRecord::parse(v)?;
-            if rec.header.provider != *prov || rec.header.name != *name {
-                return Err(Error::integrity("checking a record's place in the backup"));
-            }
-            tokens.insert((*prov, *name), *v)?;
-            by_dek.insert((*prov, rec.header.dek_version, *name), ())?;
-            if let Some(e) = rec.header.meta.expires_at {
-                by_exp.insert((e, *prov, *name), ())?;
-            }
-        }
-        let mut tombs = txn.open_table(st::TOMBSTONES)?;
-        for (prov, name, v) in &p.tombstones {
-            tombs.insert((*prov, *name), *v)?;
-        }
-        let mut audit = txn.open_table(st::AUDIT)?;
-        for (seq, v) in &p.audit {
-            audit.insert(*seq, *v)?;
-        }
-        Ok(())
-    });
-    drop(store);
-    if let Err(e) = written {
-        let _ = fs::remove_file(store_path);
-        return Err(e);
+    let ik = crate::guard::unlock_key(&meta.roots, &meta.integrity_key, &roots)?;
+    if !hmac_verify(&crate::crypto::derive(ik.expose(), MAC_LABEL), body, tag) {
+        return Err(Error::integrity("verifying the backup's MAC"));
     }
+    let summary = BackupSummary {
+        deks: count(d.deks.len()),
+        tokens: count(d.tokens.len()),
+        tombstones: count(d.tombstones.len()),
+        audit_events: count(d.audit.len()),
+    };
+    // The same creation as `init`, with the backup's rows in its first transaction:
+    // a failure leaves no store file behind.
+    drop(Store::create(store_path, store_opts, &meta, crate::clock::now(), |txn| txn.load(&d))?);
     let guard = TokenGuard::open(store_path, store_opts, roots, opts)?;
     guard
         .store()

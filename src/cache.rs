@@ -1,9 +1,9 @@
 //! The DEK cache: unwrapped DEKs kept as ready AES-256-GCM ciphers, so the hardware is
 //! touched once per provider DEK per process rather than once per token.
 //!
-//! Bounded three ways: number of entries (least recently loaded is evicted first), age
+//! Bounded two ways: number of entries (least recently loaded is evicted first) and age
 //! since unwrap (a reload goes back to the hardware, so a revoked root or a removed
-//! token is noticed), and uses. Ciphers are built with aes-gcm's `zeroize` feature, so
+//! token is noticed). Ciphers are built with aes-gcm's `zeroize` feature, so
 //! the expanded key is wiped when an entry is evicted or the cache is dropped. Lookups
 //! take a read lock and do not allocate.
 
@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use aes_gcm::{Aes256Gcm, KeyInit};
 
+use crate::error::Result;
 use crate::secret::DekMaterial;
+use crate::sync::{lock, read, write};
 
 /// Limits of the DEK cache.
 #[derive(Debug, Clone, Copy)]
@@ -51,7 +53,7 @@ pub(crate) struct DekCache {
     limits: CacheLimits,
     map: RwLock<HashMap<String, Versions>>,
     /// Serialises loads, so concurrent misses on one DEK cost one hardware unwrap.
-    pub(crate) load_lock: Mutex<()>,
+    load_lock: Mutex<()>,
     misses: AtomicU64,
 }
 
@@ -62,7 +64,7 @@ impl DekCache {
 
     /// The cipher for (provider, version) if cached and within its limits.
     pub(crate) fn get(&self, provider: &str, version: u32) -> Option<Arc<CachedDek>> {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let map = read(&self.map);
         let hit = map
             .get(provider)
             .and_then(|v| v.iter().find(|(ver, _)| *ver == version))
@@ -74,9 +76,29 @@ impl DekCache {
         hit
     }
 
+    /// The cipher for (provider, version): cached, or built from what `load` returns
+    /// (a store lookup and a hardware unwrap). Loads are single-flight: threads that
+    /// miss together wait for one load and then find its result.
+    pub(crate) fn get_or_load(
+        &self,
+        provider: &str,
+        version: u32,
+        load: impl FnOnce() -> Result<DekMaterial>,
+    ) -> Result<Arc<CachedDek>> {
+        if let Some(c) = self.get(provider, version) {
+            return Ok(c);
+        }
+        let _load = lock(&self.load_lock);
+        if let Some(c) = self.get(provider, version) {
+            return Ok(c);
+        }
+        let dek = load()?;
+        Ok(self.insert(provider, version, &dek))
+    }
+
     pub(crate) fn insert(&self, provider: &str, version: u32, dek: &DekMaterial) -> Arc<CachedDek> {
         let entry = Arc::new(CachedDek::new(dek));
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = write(&self.map);
         let total: usize = map.values().map(Vec::len).sum();
         if total >= self.limits.max_entries.max(1) {
             // Evict the oldest load.
@@ -98,7 +120,7 @@ impl DekCache {
 
     /// Forgets the given versions of `provider` (after retiring or shredding them).
     pub(crate) fn forget(&self, provider: &str, versions: &[u32]) {
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = write(&self.map);
         if let Some(v) = map.get_mut(provider) {
             v.retain(|(x, _)| !versions.contains(x));
         }
@@ -106,11 +128,11 @@ impl DekCache {
 
     /// Drops every cached DEK (their ciphers are zeroized as the last reference goes).
     pub(crate) fn clear(&self) {
-        self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
+        write(&self.map).clear();
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum()
+        read(&self.map).values().map(Vec::len).sum()
     }
 
     pub(crate) fn misses(&self) -> u64 {

@@ -62,6 +62,13 @@ impl Writer {
         self
     }
 
+    /// An item count as a `u32`. Every structure counted here is bounded far below
+    /// 2^32 (secrets ≤ 64 KiB, identifiers ≤ 128 bytes); a larger count saturates
+    /// rather than wrapping, and the strict reader then rejects the encoding.
+    pub fn count(&mut self, n: usize) -> &mut Self {
+        self.u32(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
     /// A `u32` length, then the bytes.
     pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
         let len = u32::try_from(v.len()).unwrap_or(u32::MAX);
@@ -94,11 +101,6 @@ impl Writer {
     /// Bytes written so far.
     pub fn len(&self) -> usize {
         self.buf.len()
-    }
-
-    /// Whether nothing has been written.
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
     }
 
     /// The encoding.

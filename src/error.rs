@@ -12,7 +12,9 @@ use std::path::PathBuf;
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Stable process exit codes of the `tokenguard` CLI (DESIGN §8).
+/// Stable process exit codes of the `tokenguard` CLI (DESIGN §8). This module is the
+/// one table of them: `tokenguard --help` prints [`exit::TABLE`], and a test holds the
+/// README's table to it.
 pub mod exit {
     /// Success.
     pub const OK: i32 = 0;
@@ -32,6 +34,25 @@ pub mod exit {
     pub const EXPIRED: i32 = 7;
     /// Configuration error.
     pub const CONFIG: i32 = 8;
+
+    /// Every exit code with its meaning, in order.
+    pub const TABLE: &[(i32, &str)] = &[
+        (OK, "ok"),
+        (OTHER, "other error"),
+        (USAGE, "usage"),
+        (NOT_FOUND, "not found"),
+        (INTEGRITY, "integrity failure (tamper, wrong root)"),
+        (HARDWARE, "hardware or authentication"),
+        (BUSY, "store busy"),
+        (EXPIRED, "expired or revoked"),
+        (CONFIG, "configuration"),
+    ];
+
+    /// The table as one line of help text.
+    pub fn help_text() -> String {
+        let codes: Vec<String> = TABLE.iter().map(|(c, m)| format!("{c} {m}")).collect();
+        format!("Exit codes: {}.", codes.join(", "))
+    }
 }
 
 /// Every error the library returns.
@@ -305,23 +326,3 @@ impl Error {
         move |source| Error::Io { operation, path, source }
     }
 }
-
-macro_rules! from_redb {
-    ($($t:ty => $op:literal),* $(,)?) => {$(
-        impl From<$t> for Error {
-            fn from(e: $t) -> Self {
-                match redb::Error::from(e) {
-                    redb::Error::Corrupted(_) => Error::integrity("reading the store file"),
-                    other => Error::Store { operation: $op, detail: other.to_string() },
-                }
-            }
-        }
-    )*};
-}
-
-from_redb!(
-    redb::TransactionError => "transaction",
-    redb::TableError => "table",
-    redb::StorageError => "storage",
-    redb::CommitError => "commit",
-);

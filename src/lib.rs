@@ -3,17 +3,23 @@
 pub mod audit;
 pub mod backup;
 mod cache;
-pub mod codec;
+mod clock;
+pub(crate) mod codec;
+pub mod compose;
 pub mod config;
+mod crypto;
 pub mod error;
 pub mod guard;
 pub mod oauth;
+mod pin;
 pub mod root;
 pub mod seal;
 pub mod secret;
 pub mod store;
+mod sync;
 
 pub use cache::CacheLimits;
+pub use clock::now;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use guard::{GetOptions, GuardOptions, PutItem, PutOptions, Stats, TokenGuard, TokenInfo};

@@ -108,7 +108,7 @@ fn retry_after(v: Option<&ureq::http::HeaderValue>) -> Option<Duration> {
         return Some(Duration::from_secs(secs.min(3600)));
     }
     let when = httpdate_secs(s)?;
-    let now = crate::guard::now();
+    let now = crate::clock::now();
     Some(Duration::from_secs(when.saturating_sub(now).min(3600)))
 }
 

@@ -150,81 +150,41 @@ impl RecordHeader {
             .u8(m.state.code())
             .u8(m.kind.code())
             .opt_str(m.token_type.as_deref())
-            .u32(m.scopes.len() as u32);
+            .count(m.scopes.len());
         for s in &m.scopes {
             w.str(s);
         }
-        w.u32(m.labels.len() as u32);
+        w.count(m.labels.len());
         for (k, v) in &m.labels {
             w.str(k).str(v);
         }
     }
-
-    fn decode(r: &mut Reader<'_>) -> Result<Self, Malformed> {
-        if r.u8()? != RECORD_FORMAT_V1 {
-            return Err(Malformed);
-        }
-        let provider = r.str()?.to_owned();
-        let name = r.str()?.to_owned();
-        let dek_version = r.u32()?;
-        let created = r.u64()?;
-        let updated = r.u64()?;
-        let expires_at = r.opt_u64()?;
-        let state = TokenState::from_code(r.u8()?)?;
-        let kind = SecretKind::from_code(r.u8()?)?;
-        let token_type = r.opt_str()?.map(str::to_owned);
-        let n = r.count(4)?;
-        let mut scopes = Vec::with_capacity(n);
-        for _ in 0..n {
-            scopes.push(r.str()?.to_owned());
-        }
-        let n = r.count(8)?;
-        let mut labels = BTreeMap::new();
-        let mut last: Option<String> = None;
-        for _ in 0..n {
-            let k = r.str()?.to_owned();
-            // Canonical: keys strictly increasing, so one label set has one encoding.
-            if last.as_deref().is_some_and(|l| l >= k.as_str()) {
-                return Err(Malformed);
-            }
-            let v = r.str()?.to_owned();
-            last = Some(k.clone());
-            labels.insert(k, v);
-        }
-        Ok(RecordHeader {
-            provider,
-            name,
-            dek_version,
-            meta: Metadata { created, updated, expires_at, state, kind, token_type, scopes, labels },
-        })
-    }
 }
 
-/// A record split into its parts, borrowing the stored bytes.
+/// A record split into its parts with its header fully decoded, borrowing the stored
+/// bytes. Built on [`RecordView`], the one decoder of the record format.
 pub struct ParsedRecord<'a> {
     /// The decoded header.
     pub header: RecordHeader,
-    header_bytes: &'a [u8],
-    nonce: [u8; NONCE_LEN],
-    ciphertext: &'a [u8],
+    view: RecordView<'a>,
 }
 
 impl<'a> ParsedRecord<'a> {
     /// Splits stored record bytes. Malformed input is an integrity failure.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
-        let bad = |_| Error::integrity("parsing a sealed record");
-        let mut r = Reader::new(bytes);
-        let header = RecordHeader::decode(&mut r).map_err(bad)?;
-        let header_len = bytes.len() - r.remaining();
-        let nonce = r.array::<NONCE_LEN>().map_err(bad)?;
-        let ciphertext = r.bytes().map_err(bad)?;
-        r.finish().map_err(bad)?;
-        Ok(ParsedRecord { header, header_bytes: &bytes[..header_len], nonce, ciphertext })
+        let view = RecordView::parse(bytes)?;
+        let header = RecordHeader {
+            provider: view.provider.to_owned(),
+            name: view.name.to_owned(),
+            dek_version: view.dek_version,
+            meta: view.metadata()?,
+        };
+        Ok(ParsedRecord { header, view })
     }
 
     /// Authenticates and decrypts with the DEK of `header.dek_version`.
     pub(crate) fn open(&self, cipher: &Aes256Gcm, store_id: &[u8; STORE_ID_LEN]) -> Result<Secret> {
-        open_parts(cipher, store_id, self.header_bytes, self.nonce, self.ciphertext)
+        self.view.open(cipher, store_id)
     }
 }
 
@@ -235,7 +195,7 @@ pub struct RecordView<'a> {
     header_bytes: &'a [u8],
     /// Provider.
     pub provider: &'a str,
-    /// Name.
+    /// Token name.
     pub name: &'a str,
     /// DEK version.
     pub dek_version: u32,
@@ -247,13 +207,41 @@ pub struct RecordView<'a> {
     pub updated: u64,
     /// State.
     pub state: TokenState,
+    kind: SecretKind,
+    token_type: Option<&'a str>,
+    /// The scopes and labels, validated but not decoded.
+    tail: &'a [u8],
     nonce: [u8; NONCE_LEN],
     ciphertext: &'a [u8],
 }
 
+/// Walks the scopes and labels at the end of a header, calling `scope` and `label`
+/// for each: the one decoder of that part, used both to validate (no-op callbacks) and
+/// to decode. Label keys must be strictly increasing (one encoding per label set).
+fn walk_tail<'a>(
+    r: &mut Reader<'a>,
+    mut scope: impl FnMut(&'a str),
+    mut label: impl FnMut(&'a str, &'a str),
+) -> Result<(), Malformed> {
+    for _ in 0..r.count(4)? {
+        scope(r.str()?);
+    }
+    let mut last: Option<&str> = None;
+    for _ in 0..r.count(8)? {
+        let k = r.str()?;
+        if last.is_some_and(|l| l >= k) {
+            return Err(Malformed);
+        }
+        label(k, r.str()?);
+        last = Some(k);
+    }
+    Ok(())
+}
+
 impl<'a> RecordView<'a> {
-    /// Splits and validates stored record bytes (the same strictness as
-    /// [`ParsedRecord::parse`]). Malformed input is an integrity failure.
+    /// Splits and validates stored record bytes: every field of the header is checked
+    /// (strict and canonical), the variable-length tail is kept borrowed. Malformed
+    /// input is an integrity failure.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
         Self::parse_inner(bytes).map_err(|_| Error::integrity("parsing a sealed record"))
     }
@@ -270,20 +258,10 @@ impl<'a> RecordView<'a> {
         let updated = r.u64()?;
         let expires_at = r.opt_u64()?;
         let state = TokenState::from_code(r.u8()?)?;
-        SecretKind::from_code(r.u8()?)?;
-        r.opt_str()?;
-        for _ in 0..r.count(4)? {
-            r.str()?;
-        }
-        let mut last: Option<&str> = None;
-        for _ in 0..r.count(8)? {
-            let k = r.str()?;
-            if last.is_some_and(|l| l >= k) {
-                return Err(Malformed);
-            }
-            r.str()?;
-            last = Some(k);
-        }
+        let kind = SecretKind::from_code(r.u8()?)?;
+        let token_type = r.opt_str()?;
+        let tail_start = bytes.len() - r.remaining();
+        walk_tail(&mut r, |_| {}, |_, _| {})?;
         let header_len = bytes.len() - r.remaining();
         let nonce = r.array::<NONCE_LEN>()?;
         let ciphertext = r.bytes()?;
@@ -297,6 +275,9 @@ impl<'a> RecordView<'a> {
             created,
             updated,
             state,
+            kind,
+            token_type,
+            tail: &bytes[tail_start..header_len],
             nonce,
             ciphertext,
         })
@@ -304,8 +285,26 @@ impl<'a> RecordView<'a> {
 
     /// The full metadata (allocates).
     pub fn metadata(&self) -> Result<Metadata> {
-        let mut r = Reader::new(self.header_bytes);
-        RecordHeader::decode(&mut r).map(|h| h.meta).map_err(|_| Error::integrity("parsing a sealed record"))
+        let mut scopes = Vec::new();
+        let mut labels = BTreeMap::new();
+        walk_tail(
+            &mut Reader::new(self.tail),
+            |s| scopes.push(s.to_owned()),
+            |k, v| {
+                labels.insert(k.to_owned(), v.to_owned());
+            },
+        )
+        .map_err(|_| Error::integrity("parsing a sealed record"))?;
+        Ok(Metadata {
+            created: self.created,
+            updated: self.updated,
+            expires_at: self.expires_at,
+            state: self.state,
+            kind: self.kind,
+            token_type: self.token_type.map(str::to_owned),
+            scopes,
+            labels,
+        })
     }
 
     /// Authenticates and decrypts.
@@ -332,7 +331,8 @@ fn open_parts(
     let aad_len = 4 + RECORD_AAD_DOMAIN.len() + STORE_ID_LEN + header_bytes.len();
     let pt = if aad_len <= STACK_AAD {
         let mut buf = [0u8; STACK_AAD];
-        buf[..4].copy_from_slice(&(RECORD_AAD_DOMAIN.len() as u32).to_be_bytes());
+        // The domain's length prefix, as `Writer::bytes` writes it (a 20-byte constant).
+        buf[..4].copy_from_slice(&u32::try_from(RECORD_AAD_DOMAIN.len()).unwrap_or(u32::MAX).to_be_bytes());
         let mut at = 4;
         for part in [RECORD_AAD_DOMAIN, &store_id[..], header_bytes] {
             buf[at..at + part.len()].copy_from_slice(part);
@@ -359,13 +359,7 @@ pub(crate) fn seal_record(
     header: &RecordHeader,
     secret: &Secret,
 ) -> Result<Vec<u8>> {
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::fill(&mut nonce).map_err(|e| Error::Hardware {
-        backend: "os",
-        operation: "getrandom",
-        detail: e.to_string(),
-    })?;
-    seal_record_with_nonce(cipher, store_id, header, secret, nonce)
+    seal_record_with_nonce(cipher, store_id, header, secret, crate::crypto::random_array()?)
 }
 
 /// As [`seal_record`] with a caller-chosen nonce. The guard passes nonces it drew

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use common::{TestEnv, code, stderr};
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use redb::{ReadableDatabase, TableDefinition};
-use tokenguard::store::schema::DekEntry;
+use tokenguard::store::DekEntry;
 use tokenguard::{Error, PutOptions, Secret, TokenSet};
 
 const KRYOPTIC_LABEL: &str = "tg-kryoptic";

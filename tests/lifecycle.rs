@@ -15,7 +15,7 @@ use common::{TestEnv, code, contains, files_below, stderr};
 use redb::{ReadableDatabase, TableDefinition};
 use tokenguard::guard::revoke::{PurgeOptions, RevokeTarget, TokenStatus};
 use tokenguard::guard::rotate::ReencryptOptions;
-use tokenguard::store::schema::DekState;
+use tokenguard::store::DekState;
 use tokenguard::{Error, GuardOptions, PutItem, PutOptions, Secret, TokenGuard};
 
 fn raw(s: &str) -> Secret {
@@ -95,10 +95,9 @@ fn rotate_reencrypt_retire() {
     b.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
     let db = b.open(&env.store_path).unwrap();
     let r = db.begin_read().unwrap();
-    let e = tokenguard::store::schema::DekEntry::decode(
-        r.open_table(DEKS).unwrap().get(("github", 1)).unwrap().unwrap().value(),
-    )
-    .unwrap();
+    let e =
+        tokenguard::store::DekEntry::decode(r.open_table(DEKS).unwrap().get(("github", 1)).unwrap().unwrap().value())
+            .unwrap();
     assert!(e.wrapped.is_empty(), "a retired version keeps no wrapped key");
 }
 
@@ -145,9 +144,7 @@ fn the_encryption_bound_rotates_automatically() {
     let env = TestEnv::new("bound");
     drop(env.init());
     let c = env.config();
-    let roots = c.build_roots(tokenguard::config::RootUse::Open).unwrap();
-    let opts = GuardOptions { max_dek_encryptions: 10, ..c.guard_options() };
-    let g = TokenGuard::open(&c.store.path, c.store_options(), roots, opts).unwrap();
+    let g = c.open_guard_with(GuardOptions { max_dek_encryptions: 10, ..c.guard_options() }).unwrap();
     for i in 0..25 {
         g.put("jira", &format!("k{i}"), raw(&format!("v{i}")), PutOptions::default()).unwrap();
     }
@@ -163,9 +160,7 @@ fn the_encryption_bound_rotates_automatically() {
     drop(g);
     // The rotation policy: doctor warns about an active data key older than the bound.
     std::thread::sleep(Duration::from_millis(1100));
-    let roots = c.build_roots(tokenguard::config::RootUse::Open).unwrap();
-    let opts = GuardOptions { max_dek_age: Some(Duration::ZERO), ..c.guard_options() };
-    let g = TokenGuard::open(&c.store.path, c.store_options(), roots, opts).unwrap();
+    let g = c.open_guard_with(GuardOptions { max_dek_age: Some(Duration::ZERO), ..c.guard_options() }).unwrap();
     let policy = g.doctor().into_iter().find(|c| c.name == "rotation policy").unwrap();
     assert_eq!(policy.status, tokenguard::root::Status::Warn, "{policy:?}");
     assert!(policy.detail.contains("jira v3"), "{}", policy.detail);

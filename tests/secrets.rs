@@ -82,7 +82,9 @@ fn debug_and_errors_never_show_secrets_or_pins() {
     let secret = g.get("github", "canary").unwrap();
     let config = env.config();
     let settings = match &config.roots[0] {
-        tokenguard::config::RootConfig::Pkcs11(p) => config.pkcs11_settings(p).unwrap(),
+        tokenguard::config::RootConfig::Pkcs11(p) => {
+            tokenguard::root::pkcs11::Pkcs11Settings::from_config(p, &config.base_dir).unwrap()
+        }
         _ => unreachable!(),
     };
     let pin = std::fs::read_to_string(&common::softhsm().pin_file).unwrap();

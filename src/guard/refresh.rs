@@ -18,20 +18,21 @@
 //!   exponentially with jitter up to a cap, honour `Retry-After`, and serve the old
 //!   token while it is still valid. Every attempt is an audit event.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{ReadableTable, WriteTransaction};
 use serde::Serialize;
 
-use super::{Inner, TokenGuard, now};
+use super::keys::Sealer;
+use super::{Inner, TokenGuard};
 use crate::audit::NewEvent;
-use crate::codec::{Reader, Writer};
-use crate::error::{Error, Result};
-use crate::seal::{self, Metadata, RecordHeader, RecordView, SecretKind, TokenState};
+use crate::clock::now;
+use crate::error::{Error, Result, exit};
+use crate::seal::{Metadata, SecretKind, TokenState};
 use crate::secret::{Secret, TokenSet, field};
-use crate::store::{self as st};
+use crate::store::{Lease as LeaseRow, StoreRead, StoreWrite, WriteTxn};
+use crate::sync::{lock, read, write};
 
 /// What a refresher returns on success.
 #[derive(Debug)]
@@ -103,15 +104,62 @@ impl Default for RefreshPolicy {
     }
 }
 
+/// What happened to one token in a refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// A new token set was fetched and stored.
+    Refreshed,
+    /// Nothing to do: another caller refreshed it, or it was not due.
+    Fresh,
+    /// Another process committed a refresh first; its token was taken.
+    Adopted,
+    /// The provider refused the refresh token: a human must re-authorise.
+    NeedsReauth,
+    /// A transient failure; the still-valid token is served until the next attempt.
+    BackingOff,
+    /// The refresh failed.
+    Failed,
+}
+
+impl Outcome {
+    /// The name printed and serialised (`refreshed`, `needs-reauth`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Refreshed => "refreshed",
+            Outcome::Fresh => "fresh",
+            Outcome::Adopted => "adopted",
+            Outcome::NeedsReauth => "needs-reauth",
+            Outcome::BackingOff => "backing-off",
+            Outcome::Failed => "failed",
+        }
+    }
+
+    /// The CLI exit code this outcome asks for (0 unless something needs attention).
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::NeedsReauth => exit::EXPIRED,
+            Outcome::Failed => exit::OTHER,
+            Outcome::Refreshed | Outcome::Fresh | Outcome::Adopted | Outcome::BackingOff => exit::OK,
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Outcome of one refresh attempt, for `refresh --due`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RefreshOutcome {
     /// Provider.
     pub provider: String,
-    /// Name.
+    /// Token name.
     pub name: String,
-    /// `refreshed`, `fresh`, `adopted`, `needs-reauth`, `backing-off`, `failed`.
-    pub outcome: String,
+    /// What happened.
+    pub outcome: Outcome,
     /// Detail (never a token).
     pub detail: String,
 }
@@ -134,21 +182,17 @@ pub(crate) struct RefreshState {
 }
 
 impl RefreshState {
-    pub(crate) fn new() -> Self {
-        let mut owner = [0u8; 16];
-        let _ = getrandom::fill(&mut owner);
-        RefreshState {
+    /// Fresh state with a random lease-owner id. A failed CSPRNG is an error: a
+    /// zero id would let two processes share one lease.
+    pub(crate) fn new() -> Result<Self> {
+        Ok(RefreshState {
             refreshers: RwLock::new(HashMap::new()),
             policy: RwLock::new(RefreshPolicy::default()),
             flights: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
-            owner,
-        }
+            owner: crate::crypto::random_array()?,
+        })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether `meta` is due for a refresh at `now` under `policy`.
@@ -163,11 +207,10 @@ pub fn is_due(meta: &Metadata, policy: &RefreshPolicy, now: u64) -> bool {
 }
 
 fn jitter(d: Duration) -> Duration {
-    let mut b = [0u8; 4];
-    let _ = getrandom::fill(&mut b);
     // Full range 50-100 %: spreads retries of many tokens without ever waiting longer
-    // than the nominal delay.
-    let f = 0.5 + 0.5 * (u32::from_le_bytes(b) as f64 / u32::MAX as f64);
+    // than the nominal delay. Without randomness, the nominal delay itself.
+    let Ok(b) = crate::crypto::random_array::<4>() else { return d };
+    let f = 0.5 + 0.5 * (f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX));
     d.mul_f64(f)
 }
 
@@ -183,16 +226,16 @@ enum Lease {
 impl TokenGuard {
     /// Registers the refresher of `provider` (replacing any earlier one).
     pub fn set_refresher(&self, provider: &str, refresher: Arc<dyn Refresher>) {
-        self.inner.refresh.refreshers.write().unwrap_or_else(|p| p.into_inner()).insert(provider.into(), refresher);
+        write(&self.inner.refresh.refreshers).insert(provider.into(), refresher);
     }
 
     /// Sets the refresh policy.
     pub fn set_refresh_policy(&self, policy: RefreshPolicy) {
-        *self.inner.refresh.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+        *write(&self.inner.refresh.policy) = policy;
     }
 
     fn policy(&self) -> RefreshPolicy {
-        *self.inner.refresh.policy.read().unwrap_or_else(|p| p.into_inner())
+        *read(&self.inner.refresh.policy)
     }
 
     /// A token that is valid for at least the policy's margin: refreshed first when
@@ -228,7 +271,7 @@ impl TokenGuard {
             if !(soon || is_due(&info.meta, &policy, t)) {
                 continue;
             }
-            if !self.inner.refresh.refreshers.read().unwrap_or_else(|p| p.into_inner()).contains_key(&info.provider) {
+            if !read(&self.inner.refresh.refreshers).contains_key(&info.provider) {
                 continue;
             }
             let (p, n) = (info.provider, info.name);
@@ -236,10 +279,9 @@ impl TokenGuard {
                 Ok((_, o)) => o,
                 Err(e) => RefreshOutcome {
                     outcome: match e {
-                        Error::NeedsReauth { .. } => "needs-reauth",
-                        _ => "failed",
-                    }
-                    .into(),
+                        Error::NeedsReauth { .. } => Outcome::NeedsReauth,
+                        _ => Outcome::Failed,
+                    },
                     detail: e.to_string(),
                     provider: p,
                     name: n,
@@ -252,20 +294,15 @@ impl TokenGuard {
     fn refresh_token(&self, provider: &str, name: &str, force: bool) -> Result<(Secret, RefreshOutcome)> {
         let inner = &*self.inner;
         let key: Key = (provider.into(), name.into());
-        let outcome = |o: &str, d: String| RefreshOutcome {
+        let outcome = |o: Outcome, d: String| RefreshOutcome {
             provider: provider.into(),
             name: name.into(),
-            outcome: o.into(),
+            outcome: o,
             detail: d,
         };
-        let refresher =
-            inner.refresh.refreshers.read().unwrap_or_else(|p| p.into_inner()).get(provider).cloned().ok_or_else(
-                || {
-                    Error::Config(format!(
-                        "no refresher for provider {provider}: add [providers.{provider}] to the config"
-                    ))
-                },
-            )?;
+        let refresher = read(&inner.refresh.refreshers).get(provider).cloned().ok_or_else(|| {
+            Error::Config(format!("no refresher for provider {provider}: add [providers.{provider}] to the config"))
+        })?;
         // What the record looked like before queueing: a forced refresh that finds it
         // rewritten after the wait adopts that write instead of refreshing again.
         let before = self.get_with(provider, name, super::GetOptions { allow_expired: true })?.1.updated;
@@ -283,7 +320,7 @@ impl TokenGuard {
             let t = now();
             let rewritten = force && meta.updated != before;
             if (!force && !is_due(&meta, &policy, t)) || rewritten {
-                return Ok((secret, outcome("fresh", "another caller refreshed it".into())));
+                return Ok((secret, outcome(Outcome::Fresh, "another caller refreshed it".into())));
             }
             let valid = !meta.is_expired_at(t);
             if let Some(b) = lock(&inner.refresh.backoff).get(&key).copied() {
@@ -292,7 +329,7 @@ impl TokenGuard {
                     if valid && !force {
                         return Ok((
                             secret,
-                            outcome("backing-off", format!("next attempt in {wait:?}; serving the valid token")),
+                            outcome(Outcome::BackingOff, format!("next attempt in {wait:?}; serving the valid token")),
                         ));
                     }
                     std::thread::sleep(wait.min(policy.max_delay));
@@ -321,13 +358,13 @@ impl TokenGuard {
                         inner.commit_refresh(txn, provider, name, meta.updated, current, &meta, new)
                     })?;
                     return match committed {
-                        Some(s) => Ok((s, outcome("refreshed", String::new()))),
+                        Some(s) => Ok((s, outcome(Outcome::Refreshed, String::new()))),
                         None => {
                             // Lost a race despite the lease (it expired under us):
                             // the store holds the winner's token; use it.
                             tracing::warn!(provider, name, "refresh lost a race; adopting the stored token");
                             let s = self.get(provider, name)?;
-                            Ok((s, outcome("adopted", "another process committed first".into())))
+                            Ok((s, outcome(Outcome::Adopted, "another process committed first".into())))
                         }
                     };
                 }
@@ -359,7 +396,7 @@ impl TokenGuard {
                         "refresh failed transiently"
                     );
                     if valid && !force {
-                        return Ok((secret, outcome("backing-off", detail)));
+                        return Ok((secret, outcome(Outcome::BackingOff, detail)));
                     }
                     if attempt >= policy.max_attempts {
                         return Err(Error::RefreshFailed {
@@ -374,37 +411,23 @@ impl TokenGuard {
     }
 }
 
-const LEASE_V1: u8 = 1;
-
 impl Inner {
     /// Takes the cross-process refresh lease of a token whose record was last written
     /// at `seen_updated`.
     fn take_lease(&self, provider: &str, name: &str, seen_updated: u64, policy: &RefreshPolicy) -> Result<Lease> {
         self.store.write(|txn| {
-            let tokens = txn.open_table(st::TOKENS)?;
-            let current = match tokens.get((provider, name))? {
-                Some(g) => RecordView::parse(g.value())?.updated,
-                None => return Err(Error::NotFound { provider: provider.into(), name: name.into() }),
-            };
-            drop(tokens);
+            let current = txn
+                .with_record(provider, name, |r| Ok(r.updated))?
+                .ok_or_else(|| Error::NotFound { provider: provider.into(), name: name.into() })?;
             if current != seen_updated {
                 return Ok(Lease::Changed);
             }
-            let mut leases = txn.open_table(st::REFRESH_LEASES)?;
             let t = now();
-            if let Some(v) = leases.get((provider, name))? {
-                let mut r = Reader::new(v.value());
-                let parsed = (|| Some((r.u8().ok()?, r.array::<16>().ok()?, r.u64().ok()?)))();
-                if let Some((LEASE_V1, owner, until)) = parsed
-                    && owner != self.refresh.owner
-                    && until > t
-                {
-                    return Ok(Lease::Busy);
-                }
+            if txn.lease(provider, name)?.is_some_and(|l| l.owner != self.refresh.owner && l.until > t) {
+                return Ok(Lease::Busy);
             }
-            let mut w = Writer::with_capacity(25);
-            w.u8(LEASE_V1).raw(&self.refresh.owner).u64(t.saturating_add(policy.lease.as_secs().max(1)));
-            leases.insert((provider, name), w.finish().as_slice())?;
+            let until = t.saturating_add(policy.lease.as_secs().max(1));
+            txn.put_lease(provider, name, Some(LeaseRow { owner: self.refresh.owner, until }))?;
             Ok(Lease::Ours)
         })
     }
@@ -417,9 +440,8 @@ impl Inner {
         })
     }
 
-    fn release_lease(&self, txn: &WriteTransaction, provider: &str, name: &str) -> Result<()> {
-        txn.open_table(st::REFRESH_LEASES)?.remove((provider, name))?;
-        Ok(())
+    fn release_lease(&self, txn: &WriteTxn, provider: &str, name: &str) -> Result<()> {
+        txn.put_lease(provider, name, None)
     }
 
     /// Writes the refreshed set if the record is still the one we refreshed (its
@@ -427,7 +449,7 @@ impl Inner {
     #[allow(clippy::too_many_arguments)]
     fn commit_refresh(
         &self,
-        txn: &WriteTransaction,
+        txn: &WriteTxn,
         provider: &str,
         name: &str,
         seen_updated: u64,
@@ -435,13 +457,6 @@ impl Inner {
         old_meta: &Metadata,
         new: RefreshedTokens,
     ) -> Result<Option<Secret>> {
-        let current = {
-            let tokens = txn.open_table(st::TOKENS)?;
-            tokens.get((provider, name))?.map(|g| RecordView::parse(g.value()).map(|v| v.updated)).transpose()?
-        };
-        if current != Some(seen_updated) {
-            return Ok(None);
-        }
         let mut set = new.tokens;
         if set.get(field::REFRESH_TOKEN).is_none() {
             // RFC 6749 §6: the provider MAY issue a new refresh token; if it does not,
@@ -467,7 +482,9 @@ impl Inner {
             labels: old_meta.labels.clone(),
         };
         let secret = Secret::TokenSet(set);
-        self.store_one(txn, provider, name, &secret, meta)?;
+        if !self.put_if_unchanged(txn, provider, name, seen_updated, &secret, meta)? {
+            return Ok(None);
+        }
         self.audit(txn, NewEvent { op: "refresh", provider, name, outcome: "ok", detail: String::new() })?;
         Ok(Some(secret))
     }
@@ -475,7 +492,7 @@ impl Inner {
     #[allow(clippy::too_many_arguments)]
     fn mark_needs_reauth(
         &self,
-        txn: &WriteTransaction,
+        txn: &WriteTxn,
         provider: &str,
         name: &str,
         seen_updated: u64,
@@ -483,51 +500,28 @@ impl Inner {
         meta: &Metadata,
         why: &str,
     ) -> Result<()> {
-        let current = {
-            let tokens = txn.open_table(st::TOKENS)?;
-            tokens.get((provider, name))?.map(|g| RecordView::parse(g.value()).map(|v| v.updated)).transpose()?
-        };
-        if current == Some(seen_updated) {
-            let mut m = meta.clone();
-            m.state = TokenState::NeedsReauth;
-            m.updated = now().max(seen_updated + 1);
-            self.store_one(txn, provider, name, secret, m)?;
-        }
+        let mut m = meta.clone();
+        m.state = TokenState::NeedsReauth;
+        m.updated = now().max(seen_updated + 1);
+        self.put_if_unchanged(txn, provider, name, seen_updated, secret, m)?;
         self.audit(txn, NewEvent { op: "refresh", provider, name, outcome: "invalid_grant", detail: why.into() })
     }
 
-    /// Seals and writes one record under the provider's active DEK, keeping the
-    /// indexes in step (the single-record form of `put_many`).
-    fn store_one(
+    /// Seals and writes one record if the stored one was last written at
+    /// `seen_updated` (compare-and-set); returns whether it was written.
+    fn put_if_unchanged(
         &self,
-        txn: &WriteTransaction,
+        txn: &WriteTxn,
         provider: &str,
         name: &str,
+        seen_updated: u64,
         secret: &Secret,
         meta: Metadata,
-    ) -> Result<()> {
-        let (version, cipher) = self.active_dek_for_write(txn, provider, 1)?;
-        let mut tokens = txn.open_table(st::TOKENS)?;
-        let mut by_dek = txn.open_table(st::BY_DEK)?;
-        let mut by_exp = txn.open_table(st::BY_EXPIRY)?;
-        if let Some(g) = tokens.get((provider, name))?
-            && let Ok(h) = RecordView::parse(g.value())
-        {
-            by_dek.remove((provider, h.dek_version, name))?;
-            if let Some(e) = h.expires_at {
-                by_exp.remove((e, provider, name))?;
-            }
-        }
-        let expires_at = meta.expires_at;
-        let header = RecordHeader { provider: provider.into(), name: name.into(), dek_version: version, meta };
-        let record = seal::seal_record(&cipher.cipher, &self.store_id, &header, secret)?;
-        tokens.insert((provider, name), record.as_slice())?;
-        by_dek.insert((provider, version, name), ())?;
-        if let Some(e) = expires_at {
-            by_exp.insert((e, provider, name), ())?;
-        }
-        drop((tokens, by_dek, by_exp));
-        let used = [(provider.to_string(), (version, cipher, 1u64))].into_iter().collect();
-        self.count_encryptions(txn, &used)
+    ) -> Result<bool> {
+        let mut sealer = Sealer::new(self, txn, &BTreeMap::from([(provider, 1)]))?;
+        let written =
+            sealer.put(txn, provider, name, secret, |old| old.filter(|o| o.updated == seen_updated).map(|_| meta))?;
+        sealer.finish(txn)?;
+        Ok(written.is_some())
     }
 }

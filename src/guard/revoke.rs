@@ -5,18 +5,18 @@
 //! found". Shredding destroys every DEK version of a provider: its records remain but
 //! can never be opened again, and the guard reports them as shredded, not corrupt.
 
-use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 
-use redb::{ReadableTable, WriteTransaction};
 use serde::Serialize;
 
-use super::{TokenGuard, now, validate_ident};
+use super::{TokenGuard, validate_ident};
 use crate::audit::NewEvent;
-use crate::codec::{Malformed, Reader, Writer};
+use crate::clock::now;
 use crate::error::{Error, Result};
-use crate::seal::{Metadata, ParsedRecord, RecordView, TokenState};
-use crate::store::schema::{DekEntry, DekState};
-use crate::store::{self as st};
+use crate::seal::{Metadata, RecordView, TokenState};
+use crate::store::{DekState, StoreRead, StoreWrite, WriteTxn};
+
+pub use crate::store::Tombstone;
 
 /// Which tokens a revocation applies to.
 #[derive(Debug, Clone)]
@@ -37,57 +37,6 @@ pub enum RevokeTarget<'a> {
         /// Label value.
         value: &'a str,
     },
-}
-
-/// A revoked token's tombstone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Tombstone {
-    /// When, unix seconds.
-    pub revoked_at: u64,
-    /// Why.
-    pub reason: String,
-    /// Who.
-    pub actor: String,
-    /// The token's not-after when it was revoked.
-    pub expires_at: Option<u64>,
-    /// Its labels.
-    pub labels: BTreeMap<String, String>,
-}
-
-const TOMBSTONE_V1: u8 = 1;
-
-impl Tombstone {
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::with_capacity(64);
-        w.u8(TOMBSTONE_V1).u64(self.revoked_at).str(&self.reason).str(&self.actor).opt_u64(self.expires_at);
-        w.u32(self.labels.len() as u32);
-        for (k, v) in &self.labels {
-            w.str(k).str(v);
-        }
-        w.finish()
-    }
-
-    /// Decodes a stored tombstone.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let f = || -> Result<Self, Malformed> {
-            let mut r = Reader::new(bytes);
-            if r.u8()? != TOMBSTONE_V1 {
-                return Err(Malformed);
-            }
-            let revoked_at = r.u64()?;
-            let reason = r.str()?.to_string();
-            let actor = r.str()?.to_string();
-            let expires_at = r.opt_u64()?;
-            let n = r.count(8)?;
-            let mut labels = BTreeMap::new();
-            for _ in 0..n {
-                labels.insert(r.str()?.to_string(), r.str()?.to_string());
-            }
-            r.finish()?;
-            Ok(Tombstone { revoked_at, reason, actor, expires_at, labels })
-        };
-        f().map_err(|_| Error::integrity("decoding a tombstone"))
-    }
 }
 
 /// What `status` reports for one token.
@@ -160,40 +109,17 @@ impl TokenGuard {
         }
         let inner = &*self.inner;
         inner.store.write(|txn| {
-            let victims: Vec<(String, String)> = {
-                let tokens = txn.open_table(st::TOKENS)?;
-                match &target {
-                    RevokeTarget::One { provider, name } => {
-                        if tokens.get((*provider, *name))?.is_none() {
-                            return Err(Error::NotFound { provider: provider.to_string(), name: name.to_string() });
-                        }
-                        vec![(provider.to_string(), name.to_string())]
+            let victims: Vec<(String, String)> = match &target {
+                RevokeTarget::One { provider, name } => {
+                    if txn.with_record(provider, name, |_| Ok(()))?.is_none() {
+                        return Err(Error::NotFound { provider: provider.to_string(), name: name.to_string() });
                     }
-                    RevokeTarget::Provider(p) => {
-                        let mut v = Vec::new();
-                        for item in tokens.range((*p, "")..)? {
-                            let (k, _) = item?;
-                            let (kp, kn) = k.value();
-                            if kp != *p {
-                                break;
-                            }
-                            v.push((kp.to_string(), kn.to_string()));
-                        }
-                        v
-                    }
-                    RevokeTarget::Label { key, value } => {
-                        let mut v = Vec::new();
-                        for item in tokens.iter()? {
-                            let (k, val) = item?;
-                            let rec = ParsedRecord::parse(val.value())?;
-                            if rec.header.meta.labels.get(*key).map(String::as_str) == Some(*value) {
-                                let (kp, kn) = k.value();
-                                v.push((kp.to_string(), kn.to_string()));
-                            }
-                        }
-                        v
-                    }
+                    vec![(provider.to_string(), name.to_string())]
                 }
+                RevokeTarget::Provider(p) => collect_names(txn, Some(p), |_| Ok(true))?,
+                RevokeTarget::Label { key, value } => collect_names(txn, None, |rec| {
+                    Ok(rec?.metadata()?.labels.get(*key).map(String::as_str) == Some(*value))
+                })?,
             };
             for (p, n) in &victims {
                 inner.revoke_one(txn, p, n, reason)?;
@@ -205,24 +131,15 @@ impl TokenGuard {
     /// The state of one token: active, expired, needs re-authorisation, revoked or
     /// shredded. Opens nothing.
     pub fn status(&self, provider: &str, name: &str) -> Result<TokenStatus> {
-        let inner = &*self.inner;
-        let txn = inner.store.read()?;
-        let tokens = txn.open_table(st::TOKENS)?;
-        let Some(v) = tokens.get((provider, name))? else {
-            return match inner.tombstone(&txn, provider, name)? {
+        let txn = self.inner.store.read()?;
+        let found = txn.with_record(provider, name, |rec| Ok((rec.dek_version, rec.metadata()?)))?;
+        let Some((version, meta)) = found else {
+            return match txn.tombstone(provider, name)? {
                 Some(t) => Ok(TokenStatus::Revoked { tombstone: t }),
                 None => Err(Error::NotFound { provider: provider.into(), name: name.into() }),
             };
         };
-        let rec = ParsedRecord::parse(v.value())?;
-        if rec.header.provider != provider || rec.header.name != name {
-            return Err(Error::integrity("checking a record's place"));
-        }
-        let meta = rec.header.meta;
-        let deks = txn.open_table(st::DEKS)?;
-        if let Some(e) = deks.get((provider, rec.header.dek_version))?
-            && DekEntry::decode(e.value())?.state == DekState::Destroyed
-        {
+        if txn.dek(provider, version)?.is_some_and(|e| e.state == DekState::Destroyed) {
             return Ok(TokenStatus::Shredded { meta });
         }
         Ok(match meta.state {
@@ -235,16 +152,9 @@ impl TokenGuard {
     /// Tokens whose not-after falls before `now + within` seconds (already expired
     /// ones included), soonest first, from the expiry index.
     pub fn expiring(&self, within: u64) -> Result<Vec<(String, String, u64)>> {
-        let txn = self.inner.store.read()?;
-        let idx = txn.open_table(st::BY_EXPIRY)?;
         let until = now().saturating_add(within);
-        let mut out = Vec::new();
-        for item in idx.range((0u64, "", "")..(until, "", ""))? {
-            let (k, _) = item?;
-            let (t, p, n) = k.value();
-            out.push((p.to_string(), n.to_string(), t));
-        }
-        Ok(out)
+        let list = self.inner.store.read()?.expiring_before(until, usize::MAX)?;
+        Ok(list.into_iter().map(|(t, p, n)| (p, n, t)).collect())
     }
 
     /// Removes expired tokens and/or tombstones, in batches (one transaction each),
@@ -255,51 +165,31 @@ impl TokenGuard {
         let cutoff = now().saturating_sub(opts.older_than);
         if opts.expired {
             report.expired = inner.purge_in_batches("expired tokens", |txn| {
-                let victims: Vec<(u64, String, String)> = {
-                    let idx = txn.open_table(st::BY_EXPIRY)?;
-                    let mut v = Vec::new();
-                    for item in idx.range((0u64, "", "")..(cutoff, "", ""))?.take(PURGE_BATCH) {
-                        let (k, _) = item?;
-                        let (t, p, n) = k.value();
-                        v.push((t, p.to_string(), n.to_string()));
-                    }
-                    v
-                };
-                let mut tokens = txn.open_table(st::TOKENS)?;
-                let mut by_exp = txn.open_table(st::BY_EXPIRY)?;
-                let mut by_dek = txn.open_table(st::BY_DEK)?;
+                let victims = txn.expiring_before(cutoff, PURGE_BATCH)?;
+                let mut removed = 0;
                 for (t, p, n) in &victims {
-                    by_exp.remove((*t, p.as_str(), n.as_str()))?;
-                    let old = tokens.remove((p.as_str(), n.as_str()))?.map(|g| g.value().to_vec());
-                    if let Some(h) = old.as_deref().and_then(|b| RecordView::parse(b).ok()) {
-                        by_dek.remove((p.as_str(), h.dek_version, n.as_str()))?;
+                    if txn.drop_stale_expiry(*t, p, n)? {
+                        continue;
                     }
+                    txn.delete_record(p, n)?;
+                    removed += 1;
                 }
-                Ok(victims.len())
+                Ok((victims.len(), removed))
             })?;
         }
         if opts.revoked {
             report.tombstones = inner.purge_in_batches("tombstones", |txn| {
-                let victims: Vec<(String, String)> = {
-                    let t = txn.open_table(st::TOMBSTONES)?;
-                    let mut v = Vec::new();
-                    for item in t.iter()? {
-                        let (k, val) = item?;
-                        if Tombstone::decode(val.value())?.revoked_at <= cutoff {
-                            let (p, n) = k.value();
-                            v.push((p.to_string(), n.to_string()));
-                            if v.len() == PURGE_BATCH {
-                                break;
-                            }
-                        }
-                    }
-                    v
-                };
-                let mut t = txn.open_table(st::TOMBSTONES)?;
+                let victims: Vec<(String, String)> = txn
+                    .tombstones()?
+                    .into_iter()
+                    .filter(|(_, _, t)| t.revoked_at <= cutoff)
+                    .take(PURGE_BATCH)
+                    .map(|(p, n, _)| (p, n))
+                    .collect();
                 for (p, n) in &victims {
-                    t.remove((p.as_str(), n.as_str()))?;
+                    txn.put_tombstone(p, n, None)?;
                 }
-                Ok(victims.len())
+                Ok((victims.len(), victims.len()))
             })?;
         }
         Ok(report)
@@ -311,20 +201,12 @@ impl TokenGuard {
         validate_ident("provider", provider)?;
         let inner = &*self.inner;
         let destroyed = inner.store.write(|txn| {
-            let entries: Vec<DekEntry> = {
-                let deks = txn.open_table(st::DEKS)?;
-                let mut v = Vec::new();
-                for item in deks.range((provider, 0u32)..=(provider, u32::MAX))? {
-                    let (_, val) = item?;
-                    v.push(DekEntry::decode(val.value())?);
-                }
-                v
-            };
+            let entries = txn.deks(Some(provider), None)?;
             if entries.is_empty() {
                 return Err(Error::NotFound { provider: provider.into(), name: "(no data keys)".into() });
             }
             let mut out = Vec::new();
-            for e in entries {
+            for (_, e) in entries {
                 if e.state != DekState::Destroyed {
                     out.push(e.version);
                     inner.set_dek_state(txn, provider, e, DekState::Destroyed)?;
@@ -348,47 +230,57 @@ impl TokenGuard {
 }
 
 impl super::Inner {
-    /// Runs `step` (which removes at most PURGE_BATCH items) in one transaction per
-    /// batch, auditing each batch, until a batch comes back short. Returns the total.
-    fn purge_in_batches(&self, what: &str, mut step: impl FnMut(&WriteTransaction) -> Result<usize>) -> Result<u64> {
+    /// Runs `step` in one transaction per batch, auditing each batch, until a batch
+    /// comes back short. `step` returns (entries looked at, items removed); looking
+    /// at at most PURGE_BATCH entries per batch bounds each transaction. Returns the
+    /// total removed.
+    fn purge_in_batches(&self, what: &str, mut step: impl FnMut(&WriteTxn) -> Result<(usize, usize)>) -> Result<u64> {
         let mut total = 0;
         loop {
-            let n = self.store.write(|txn| {
-                let n = step(txn)?;
+            let (seen, n) = self.store.write(|txn| {
+                let (seen, n) = step(txn)?;
                 if n > 0 {
                     let detail = format!("{n} {what}");
                     self.audit(txn, NewEvent { op: "purge", outcome: "ok", detail, ..Default::default() })?;
                 }
-                Ok(n)
+                Ok((seen, n))
             })?;
             total += n as u64;
-            if n < PURGE_BATCH {
+            if seen < PURGE_BATCH {
                 return Ok(total);
             }
         }
     }
 
-    fn revoke_one(&self, txn: &WriteTransaction, provider: &str, name: &str, reason: &str) -> Result<()> {
-        let mut tokens = txn.open_table(st::TOKENS)?;
-        let Some(old) = tokens.remove((provider, name))?.map(|g| g.value().to_vec()) else {
+    fn revoke_one(&self, txn: &WriteTxn, provider: &str, name: &str, reason: &str) -> Result<()> {
+        let Some(old) = txn.delete_record(provider, name)? else {
             return Ok(());
         };
-        drop(tokens);
-        let header = ParsedRecord::parse(&old).ok().map(|r| r.header);
-        if let Some(h) = &header {
-            txn.open_table(st::BY_DEK)?.remove((provider, h.dek_version, name))?;
-            if let Some(e) = h.meta.expires_at {
-                txn.open_table(st::BY_EXPIRY)?.remove((e, provider, name))?;
-            }
-        }
+        let meta = RecordView::parse(&old).and_then(|v| v.metadata()).ok();
         let ts = Tombstone {
             revoked_at: now(),
             reason: reason.into(),
             actor: self.opts.actor.clone(),
-            expires_at: header.as_ref().and_then(|h| h.meta.expires_at),
-            labels: header.map(|h| h.meta.labels).unwrap_or_default(),
+            expires_at: meta.as_ref().and_then(|m| m.expires_at),
+            labels: meta.map(|m| m.labels).unwrap_or_default(),
         };
-        txn.open_table(st::TOMBSTONES)?.insert((provider, name), ts.encode().as_slice())?;
+        txn.put_tombstone(provider, name, Some(&ts))?;
         self.audit(txn, NewEvent { op: "revoke", provider, name, outcome: "ok", detail: reason.into() })
     }
+}
+
+/// The names of the records (of one provider) that `keep` selects.
+fn collect_names(
+    txn: &WriteTxn,
+    provider: Option<&str>,
+    keep: impl Fn(Result<RecordView<'_>>) -> Result<bool>,
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    txn.scan_records(provider, &mut |p, n, rec| {
+        if keep(rec)? {
+            out.push((p.to_string(), n.to_string()));
+        }
+        Ok(ControlFlow::Continue(()))
+    })?;
+    Ok(out)
 }

@@ -5,24 +5,18 @@
 //! all commit together — a crash half-way leaves the store exactly as before. A root
 //! rotation is "add the new key, move the config to it, remove the old one".
 
-use redb::{ReadableTable, WriteTransaction};
-
-use super::{TokenGuard, now};
+use super::{Counters, TokenGuard};
 use crate::audit::NewEvent;
 use crate::error::{Error, Result};
 use crate::root::RootKey;
 use crate::secret::DekMaterial;
-use crate::store::schema::{self, DekEntry, DekState, RootPin, RootWrapped};
-use crate::store::{self as st};
+use crate::store::{DekState, RootPin, RootWrapped, StoreRead, StoreWrite};
 
 impl TokenGuard {
     /// The roots pinned in the store now (re-read; another process may have changed
     /// them since this guard opened).
     pub fn pinned_roots(&self) -> Result<Vec<RootPin>> {
-        let txn = self.inner.store.read()?;
-        schema::decode_roots(
-            &st::meta_get(&txn, st::META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?,
-        )
+        self.inner.store.read()?.roots()
     }
 
     /// Pins `root` in the store and wraps the integrity key and every live DEK under
@@ -32,7 +26,8 @@ impl TokenGuard {
         let inner = &*self.inner;
         let id = root.identity()?;
         inner.store.write(|txn| {
-            let (mut pins, mut ik) = read_roots(txn)?;
+            let meta = txn.meta()?;
+            let (mut pins, mut ik) = (meta.roots, meta.integrity_key);
             if pins.iter().any(|p| p.pin == id.pin()) {
                 return Err(Error::InvalidInput(format!("{} is already a root of this store", id.description)));
             }
@@ -41,35 +36,33 @@ impl TokenGuard {
 
             // The integrity key.
             let ik_plain = DekMaterial::from_slice(&inner.integrity_key[..])?;
-            inner.counters.wraps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Counters::add(&inner.counters.wraps, 1);
             ik.push(RootWrapped { root_id, wrapped: root.wrap(&ik_plain)? });
 
             // Every DEK that still has material.
-            let entries = all_deks(txn)?;
-            let mut deks = txn.open_table(st::DEKS)?;
             let mut n = 0;
-            for (provider, mut e) in entries {
+            for (provider, mut e) in txn.deks(None, None)? {
                 if matches!(e.state, DekState::Retired | DekState::Destroyed) {
                     continue;
                 }
                 let dek = inner.unwrap_entry(&e)?;
-                inner.counters.wraps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Counters::add(&inner.counters.wraps, 1);
                 e.wrapped.push(RootWrapped { root_id, wrapped: root.wrap(&dek)? });
-                deks.insert((provider.as_str(), e.version), e.encode().as_slice())?;
+                txn.put_dek(&provider, &e)?;
                 n += 1;
             }
-            drop(deks);
             pins.push(pin.clone());
-            let mut meta = txn.open_table(st::META)?;
-            meta.insert(st::META_ROOTS, schema::encode_roots(&pins).as_slice())?;
-            meta.insert(st::META_INTEGRITY_KEY, schema::encode_wrapped_key(&ik).as_slice())?;
-            drop(meta);
+            txn.put_roots(&pins, &ik)?;
             inner.audit(
                 txn,
                 NewEvent {
                     op: "root-add",
                     outcome: "ok",
-                    detail: format!("root {root_id}: {} ({n} data keys wrapped, at {})", id.description, now()),
+                    detail: format!(
+                        "root {root_id}: {} ({n} data keys wrapped, at {})",
+                        id.description,
+                        crate::clock::now()
+                    ),
                     ..Default::default()
                 },
             )?;
@@ -83,7 +76,8 @@ impl TokenGuard {
     pub fn remove_root(&self, root_id: u16) -> Result<RootPin> {
         let inner = &*self.inner;
         inner.store.write(|txn| {
-            let (pins, mut ik) = read_roots(txn)?;
+            let meta = txn.meta()?;
+            let (pins, mut ik) = (meta.roots, meta.integrity_key);
             let Some(gone) = pins.iter().find(|p| p.root_id == root_id).cloned() else {
                 return Err(Error::NotFound { provider: "root".into(), name: root_id.to_string() });
             };
@@ -104,20 +98,14 @@ impl TokenGuard {
                 )));
             }
             ik.retain(|w| w.root_id != root_id);
-            let entries = all_deks(txn)?;
-            let mut deks = txn.open_table(st::DEKS)?;
-            for (provider, mut e) in entries {
+            for (provider, mut e) in txn.deks(None, None)? {
                 let before = e.wrapped.len();
                 e.wrapped.retain(|w| w.root_id != root_id);
                 if e.wrapped.len() != before {
-                    deks.insert((provider.as_str(), e.version), e.encode().as_slice())?;
+                    txn.put_dek(&provider, &e)?;
                 }
             }
-            drop(deks);
-            let mut meta = txn.open_table(st::META)?;
-            meta.insert(st::META_ROOTS, schema::encode_roots(&rest).as_slice())?;
-            meta.insert(st::META_INTEGRITY_KEY, schema::encode_wrapped_key(&ik).as_slice())?;
-            drop(meta);
+            txn.put_roots(&rest, &ik)?;
             inner.audit(
                 txn,
                 NewEvent { op: "root-remove", outcome: "ok", detail: format!("root {root_id}: {}", gone.description), ..Default::default() },
@@ -125,23 +113,4 @@ impl TokenGuard {
             Ok(gone)
         })
     }
-}
-
-/// The pinned roots and the wrapped integrity key, as this transaction sees them.
-fn read_roots(txn: &WriteTransaction) -> Result<(Vec<RootPin>, Vec<RootWrapped>)> {
-    let meta = txn.open_table(st::META)?;
-    let pins = meta.get(st::META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?;
-    let ik = meta.get(st::META_INTEGRITY_KEY)?.ok_or_else(|| Error::integrity("reading the integrity key"))?;
-    Ok((schema::decode_roots(pins.value())?, schema::decode_wrapped_key(ik.value())?))
-}
-
-/// Every DEK entry, by provider.
-fn all_deks(txn: &WriteTransaction) -> Result<Vec<(String, DekEntry)>> {
-    let deks = txn.open_table(st::DEKS)?;
-    let mut v = Vec::new();
-    for item in deks.iter()? {
-        let (k, val) = item?;
-        v.push((k.value().0.to_string(), DekEntry::decode(val.value())?));
-    }
-    Ok(v)
 }

@@ -9,17 +9,16 @@
 //! `retire` refuses while any record uses a version and erases its wrapped material
 //! once none does.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use redb::ReadableTable;
 use serde::Serialize;
 
-use super::{TokenGuard, now};
+use super::TokenGuard;
+use super::keys::Sealer;
 use crate::audit::NewEvent;
 use crate::error::{Error, Result};
-use crate::seal::{self, ParsedRecord};
-use crate::store::schema::{DekEntry, DekState};
-use crate::store::{self as st};
+use crate::store::{DekState, StoreRead, StoreWrite};
 
 /// Options of [`TokenGuard::reencrypt`].
 #[derive(Debug, Clone, Copy)]
@@ -75,13 +74,10 @@ impl TokenGuard {
 
     /// Providers that have at least one DEK.
     pub fn providers(&self) -> Result<Vec<String>> {
-        let txn = self.inner.store.read()?;
         let mut out: Vec<String> = Vec::new();
-        for item in txn.open_table(st::DEKS)?.iter()? {
-            let (k, _) = item?;
-            let p = k.value().0;
-            if out.last().map(String::as_str) != Some(p) {
-                out.push(p.to_string());
+        for (p, _) in self.inner.store.read()?.deks(None, None)? {
+            if out.last() != Some(&p) {
+                out.push(p);
             }
         }
         Ok(out)
@@ -112,16 +108,14 @@ impl TokenGuard {
 
     fn pending(&self, provider: &str) -> Result<(u32, u64)> {
         let txn = self.inner.store.read()?;
-        let deks = txn.open_table(st::DEKS)?;
-        let mut target = 0;
-        for item in deks.range((provider, 0u32)..=(provider, u32::MAX))? {
-            let (k, v) = item?;
-            if DekEntry::decode(v.value())?.state == DekState::Active {
-                target = k.value().1;
-            }
-        }
-        let by_dek = txn.open_table(st::BY_DEK)?;
-        let n = by_dek.range((provider, 0u32, "")..(provider, target, ""))?.count() as u64;
+        let target = txn
+            .deks(Some(provider), None)?
+            .into_iter()
+            .filter(|(_, e)| e.state == DekState::Active)
+            .map(|(_, e)| e.version)
+            .max()
+            .unwrap_or(0);
+        let n = txn.indexed_under(provider, 0, target, usize::MAX)?.len() as u64;
         Ok((target, n))
     }
 
@@ -143,50 +137,33 @@ impl TokenGuard {
         loop {
             let moved = inner.store.write(|txn| {
                 // The active version may have changed since the count (a rotation
-                // in another process): re-read it inside the transaction.
-                let (version, cipher) = inner.active_dek_for_write(txn, provider, batch as u64)?;
-                let names: Vec<(u32, String)> = {
-                    let by_dek = txn.open_table(st::BY_DEK)?;
-                    let mut v = Vec::with_capacity(batch);
-                    for item in by_dek.range((provider, 0u32, "")..(provider, version, ""))?.take(batch) {
-                        let (k, _) = item?;
-                        let (_, ver, name) = k.value();
-                        v.push((ver, name.to_string()));
-                    }
-                    v
-                };
+                // in another process): the sealer reads it inside the transaction.
+                let upcoming = BTreeMap::from([(provider, batch as u64)]);
+                let mut sealer = Sealer::new(inner, txn, &upcoming)?;
+                let version = sealer.version(provider).ok_or_else(|| Error::integrity("selecting a data key"))?;
+                let names = txn.indexed_under(provider, 0, version, batch)?;
                 if names.is_empty() {
                     return Ok(None);
                 }
-                let mut tokens = txn.open_table(st::TOKENS)?;
-                let mut by_dek = txn.open_table(st::BY_DEK)?;
                 let mut count = 0u64;
                 for (old_version, name) in &names {
-                    by_dek.remove((provider, *old_version, name.as_str()))?;
-                    let bytes = match tokens.get((provider, name.as_str()))? {
-                        Some(g) => g.value().to_vec(),
-                        None => continue, // stale index entry: the record is gone
-                    };
-                    let rec = ParsedRecord::parse(&bytes)?;
-                    if rec.header.provider != provider || rec.header.name != *name {
-                        return Err(Error::integrity("checking a record's place"));
+                    if txn.drop_stale_index(provider, *old_version, name)? {
+                        continue; // the record is gone, or already moved
                     }
-                    if rec.header.dek_version >= version {
-                        by_dek.insert((provider, rec.header.dek_version, name.as_str()), ())?;
-                        continue;
+                    let secret = txn
+                        .with_record(provider, name, |rec| {
+                            let old = inner.cipher(txn, provider, name, rec.dek_version)?;
+                            rec.open(&old.cipher, &inner.store_id)
+                        })?
+                        .ok_or_else(|| Error::integrity("finding an indexed record"))?;
+                    // Same metadata, new key: only the DEK version in the header moves.
+                    let moved = sealer.put(txn, provider, name, &secret, |old| old.and_then(|o| o.metadata().ok()))?;
+                    if moved.is_none() {
+                        return Err(Error::integrity("re-sealing a record"));
                     }
-                    let old = inner.cipher_for_write(txn, provider, name, rec.header.dek_version)?;
-                    let secret = rec.open(&old.cipher, &inner.store_id)?;
-                    let mut header = rec.header;
-                    header.dek_version = version;
-                    let sealed = seal::seal_record(&cipher.cipher, &inner.store_id, &header, &secret)?;
-                    tokens.insert((provider, name.as_str()), sealed.as_slice())?;
-                    by_dek.insert((provider, version, name.as_str()), ())?;
                     count += 1;
                 }
-                drop((tokens, by_dek));
-                let used = [(provider.to_string(), (version, cipher, count))].into_iter().collect();
-                inner.count_encryptions(txn, &used)?;
+                sealer.finish(txn)?;
                 inner.audit(
                     txn,
                     NewEvent {
@@ -220,22 +197,13 @@ impl TokenGuard {
         super::validate_ident("provider", provider)?;
         let inner = &*self.inner;
         let retired = inner.store.write(|txn| {
-            let entries: Vec<DekEntry> = {
-                let deks = txn.open_table(st::DEKS)?;
-                let mut v = Vec::new();
-                for item in deks.range((provider, 0u32)..(provider, below))? {
-                    let (_, val) = item?;
-                    v.push(DekEntry::decode(val.value())?);
-                }
-                v
-            };
+            let entries: Vec<_> = txn.deks(Some(provider), Some(below))?.into_iter().map(|(_, e)| e).collect();
             if entries.is_empty() {
                 return Err(Error::NotFound {
                     provider: provider.into(),
                     name: format!("(DEK versions below {below})"),
                 });
             }
-            let by_dek = txn.open_table(st::BY_DEK)?;
             let mut in_use = Vec::new();
             for e in &entries {
                 if e.state == DekState::Active {
@@ -244,14 +212,13 @@ impl TokenGuard {
                         e.version
                     )));
                 }
-                let n = by_dek.range((provider, e.version, "")..(provider, e.version + 1, ""))?.count();
+                let n = txn.count_indexed(provider, e.version)?;
                 if n > 0 {
                     in_use.push((e.version, n));
                 }
             }
-            drop(by_dek);
             if !in_use.is_empty() {
-                let total: usize = in_use.iter().map(|(_, n)| n).sum();
+                let total: u64 = in_use.iter().map(|(_, n)| n).sum();
                 return Err(Error::InUse {
                     provider: provider.into(),
                     detail: in_use
@@ -259,7 +226,7 @@ impl TokenGuard {
                         .map(|(v, n)| format!("version {v}: {n} records"))
                         .collect::<Vec<_>>()
                         .join(", "),
-                    records: total as u64,
+                    records: total,
                 });
             }
             let mut out = Vec::new();
@@ -284,19 +251,5 @@ impl TokenGuard {
         })?;
         inner.cache.forget(provider, &retired);
         Ok(retired)
-    }
-
-    /// Versions of `provider` older than `max_age` (for the rotation policy).
-    pub fn dek_ages(&self) -> Result<Vec<(String, u32, DekState, u64)>> {
-        let txn = self.inner.store.read()?;
-        let t = now();
-        let mut out = Vec::new();
-        for item in txn.open_table(st::DEKS)?.iter()? {
-            let (k, v) = item?;
-            let (p, ver) = k.value();
-            let e = DekEntry::decode(v.value())?;
-            out.push((p.to_string(), ver, e.state, t.saturating_sub(e.created)));
-        }
-        Ok(out)
     }
 }

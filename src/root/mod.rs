@@ -126,6 +126,57 @@ pub enum Status {
     Fail,
 }
 
+/// What kind of failure a failed check reports: it decides `doctor`'s exit code
+/// (the most serious class among the failures wins), never the check's name. The
+/// order of the variants is that seriousness, least first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureClass {
+    /// Anything else (permissions, I/O): exit 1.
+    Other,
+    /// Invalid input: exit 2.
+    Usage,
+    /// Something named does not exist (e.g. no store): exit 3.
+    NotFound,
+    /// Expired or revoked: exit 7.
+    Expired,
+    /// The store is held by another process: exit 6.
+    Busy,
+    /// Configuration: exit 8.
+    Config,
+    /// Hardware or authentication: exit 5.
+    Hardware,
+    /// Tampering, corruption or a wrong root: exit 4.
+    Integrity,
+}
+
+impl FailureClass {
+    const CODES: [(FailureClass, i32); 8] = {
+        use crate::error::exit;
+        [
+            (FailureClass::Other, exit::OTHER),
+            (FailureClass::Usage, exit::USAGE),
+            (FailureClass::NotFound, exit::NOT_FOUND),
+            (FailureClass::Expired, exit::EXPIRED),
+            (FailureClass::Busy, exit::BUSY),
+            (FailureClass::Config, exit::CONFIG),
+            (FailureClass::Hardware, exit::HARDWARE),
+            (FailureClass::Integrity, exit::INTEGRITY),
+        ]
+    };
+
+    /// The class of a library error.
+    pub fn of(e: &Error) -> Self {
+        let code = e.exit_code();
+        Self::CODES.iter().find(|(_, c)| *c == code).map_or(FailureClass::Other, |(f, _)| *f)
+    }
+
+    /// The CLI exit code of this class.
+    pub fn exit_code(self) -> i32 {
+        Self::CODES.iter().find(|(f, _)| *f == self).map_or(crate::error::exit::OTHER, |(_, c)| *c)
+    }
+}
+
 /// One line of a health report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -135,18 +186,42 @@ pub struct Check {
     pub status: Status,
     /// Detail or advice.
     pub detail: String,
+    /// For a failure, what kind of failure it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureClass>,
 }
 
 impl Check {
-    /// A passed (`ok = true`) or failed check.
+    /// A passed (`ok = true`) or failed check; a failure of class
+    /// [`FailureClass::Other`].
     pub fn new(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> Self {
-        Check { name: name.into(), status: if ok { Status::Ok } else { Status::Fail }, detail: detail.into() }
+        if ok { Self::pass(name, detail) } else { Self::fail(name, FailureClass::Other, detail) }
+    }
+
+    /// A passed check.
+    pub fn pass(name: impl Into<String>, detail: impl Into<String>) -> Self {
+        Check { name: name.into(), status: Status::Ok, detail: detail.into(), failure: None }
+    }
+
+    /// A failed check of class `class`.
+    pub fn fail(name: impl Into<String>, class: FailureClass, detail: impl Into<String>) -> Self {
+        Check { name: name.into(), status: Status::Fail, detail: detail.into(), failure: Some(class) }
+    }
+
+    /// A failed check reporting `e`, classed by the error.
+    pub fn error(name: impl Into<String>, e: &Error) -> Self {
+        Self::fail(name, FailureClass::of(e), e.to_string())
     }
 
     /// A warning.
     pub fn warn(name: impl Into<String>, detail: impl Into<String>) -> Self {
-        Check { name: name.into(), status: Status::Warn, detail: detail.into() }
+        Check { name: name.into(), status: Status::Warn, detail: detail.into(), failure: None }
     }
+}
+
+/// The exit code of a report: 0 with no failure, else that of its most serious one.
+pub fn report_exit_code(checks: &[Check]) -> i32 {
+    checks.iter().filter_map(|c| c.failure).max().map_or(crate::error::exit::OK, FailureClass::exit_code)
 }
 
 /// A root key-encryption key. Implemented by every backend, entirely.

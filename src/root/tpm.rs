@@ -66,6 +66,42 @@ pub struct TpmSettings {
     pub pcrs: Option<(HashingAlgorithm, Vec<u8>)>,
 }
 
+impl TpmSettings {
+    /// Settings from a `[[roots]]` tpm entry. The TCTI defaults to `TPM2TOOLS_TCTI`,
+    /// then `device:/dev/tpmrm0`; PCR indices must name real PCRs (0–23).
+    pub fn from_config(t: &crate::config::TpmConfig) -> Result<Self> {
+        let tcti = t
+            .tcti
+            .clone()
+            .or_else(|| std::env::var("TPM2TOOLS_TCTI").ok())
+            .unwrap_or_else(|| "device:/dev/tpmrm0".into());
+        let persistent_handle = match &t.persistent_handle {
+            Some(h) => u32::from_str_radix(h.trim_start_matches("0x"), 16)
+                .map_err(|_| Error::Config(format!("persistent_handle {h:?} must be hex, e.g. \"0x81000a10\"")))?,
+            None => DEFAULT_PERSISTENT_HANDLE,
+        };
+        if let Some(p) = t.pcrs.iter().find(|p| **p >= PCR_COUNT) {
+            return Err(Error::Config(format!(
+                "pcrs: PCR {p} does not exist (a TPM 2.0 has PCRs 0-{})",
+                PCR_COUNT - 1
+            )));
+        }
+        let bank = match t.pcr_bank {
+            crate::config::PcrBank::Sha256 => HashingAlgorithm::Sha256,
+            crate::config::PcrBank::Sha1 => HashingAlgorithm::Sha1,
+        };
+        Ok(TpmSettings {
+            tcti,
+            persistent_handle,
+            parameter_encryption: t.parameter_encryption.unwrap_or(true),
+            pcrs: (!t.pcrs.is_empty()).then(|| (bank, t.pcrs.clone())),
+        })
+    }
+}
+
+/// PCRs a TPM 2.0 has (PC Client profile).
+const PCR_COUNT: u8 = 24;
+
 /// The TPM root key.
 pub struct TpmRoot {
     settings: TpmSettings,
@@ -200,7 +236,12 @@ fn pcr_selection(bank: HashingAlgorithm, pcrs: &[u8]) -> Result<PcrSelectionList
     let slots: Vec<PcrSlot> = pcrs
         .iter()
         .map(|p| {
-            PcrSlot::try_from(1u32 << p).map_err(|_| Error::Config(format!("PCR {p} is not a valid PCR index (0-23)")))
+            // A shift past 31 would wrap; PCRs past 23 do not exist.
+            (*p < PCR_COUNT)
+                .then(|| 1u32.checked_shl(u32::from(*p)))
+                .flatten()
+                .and_then(|bit| PcrSlot::try_from(bit).ok())
+                .ok_or_else(|| Error::Config(format!("PCR {p} is not a valid PCR index (0-23)")))
         })
         .collect::<Result<_>>()?;
     PcrSelectionListBuilder::new().with_selection(bank, &slots).build().map_err(|e| hw("PCR selection", e))

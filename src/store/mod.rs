@@ -1,61 +1,50 @@
-//! The redb store: one file, created 0600 in a 0700 directory, its tables, and
-//! transactions that never hang.
+//! The store: every persisted structure behind typed operations, inside read and
+//! write transactions. Nothing outside this module names the database engine.
 //!
-//! Tables (docs/FORMAT.md §store):
-//! - `meta`: schema version, store id, pinned roots, the wrapped integrity key;
-//! - `deks`: (provider, version) → [`schema::DekEntry`];
-//! - `tokens`: (provider, name) → sealed record ([`crate::seal`]);
-//! - `by_dek`: (provider, version, name) → () — "which records still use version N";
-//! - `by_expiry`: (not-after, provider, name) → () — "what expires within T";
-//! - `tombstones`: (provider, name) → revocation tombstone;
-//! - `audit`: sequence → MAC-chained event ([`crate::audit`]);
-//! - `refresh_leases`: (provider, name) → which process is refreshing it, until when.
+//! The seam is two traits: [`StoreRead`] (what a read snapshot answers) and
+//! [`StoreWrite`] (what a write transaction changes). The guard is written against
+//! them; `redb_store.rs` implements them on one redb file. A second backend (PostgreSQL)
+//! implements the same two traits with the same semantics:
+//! - a write transaction is atomic and durable on commit, one at a time per store;
+//! - [`StoreWrite::put_record`] keeps the `by_dek` and `by_expiry` indexes in step
+//!   with the record, always — no caller writes an index entry;
+//! - a record is only ever stored under the (provider, name) its header names;
+//! - the audit chain is appended under the write lock, never forked.
 //!
-//! Concurrency: by default the file is opened in redb's `MultiWriter` mode, so the CLI
-//! can work on a store a service holds open; one write transaction runs at a time
-//! across processes. `exclusive` mode is the faster single-process option (FACTS:
-//! ~1.7 µs vs ~5 µs per read transaction). Every open and every write waits at most
-//! `busy_timeout`, then fails with [`Error::StoreBusy`]: never a hang.
+//! Tables (docs/FORMAT.md §store): `meta`, `deks`, `tokens`, `by_dek`, `by_expiry`,
+//! `tombstones`, `audit`, `refresh_leases`. Store creation is written once
+//! ([`Store::create`]), and `restore` uses it.
+//!
+//! Concurrency: by default the file is opened so several processes can share it (the
+//! CLI beside a service); one write transaction runs at a time across processes.
+//! `exclusive` mode is the faster single-process option (FACTS: ~1.7 µs vs ~5 µs per
+//! read transaction). Every open and every write waits at most `busy_timeout`, then
+//! fails with [`Error::StoreBusy`]: never a hang.
 
-pub mod schema;
+mod redb_store;
+pub(crate) mod schema;
 
-use std::fs;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::ops::ControlFlow;
+use std::time::Duration;
 
-use redb::{
-    Builder, ConcurrencyMode, Database, DatabaseError, ReadTransaction, ReadableDatabase, TableDefinition,
-    TransactionError, WriteTransaction,
-};
+use crate::error::Result;
+use crate::seal::{RecordView, STORE_ID_LEN};
 
-use crate::error::{Error, Result};
+pub use redb_store::Store;
+pub(crate) use redb_store::WriteTxn;
+pub use schema::{DekEntry, DekState, RootPin, RootWrapped, Tombstone};
 
 /// Schema version written by this build.
 pub const SCHEMA_VERSION: u32 = 1;
 
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-pub(crate) const DEKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deks");
-pub(crate) const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
-pub(crate) const BY_DEK: TableDefinition<(&str, u32, &str), ()> = TableDefinition::new("by_dek");
-pub(crate) const BY_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_expiry");
-pub(crate) const TOMBSTONES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tombstones");
-pub(crate) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
-pub(crate) const REFRESH_LEASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("refresh_leases");
-
-pub(crate) const META_SCHEMA: &str = "schema_version";
-pub(crate) const META_STORE_ID: &str = "store_id";
-pub(crate) const META_ROOTS: &str = "roots";
-pub(crate) const META_INTEGRITY_KEY: &str = "integrity_key";
-pub(crate) const META_CREATED: &str = "created";
-
 /// How processes share the store file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StoreMode {
-    /// Several processes may read and write (redb `MultiWriter`). The default.
+    /// Several processes may read and write (one writer at a time). The default.
     #[default]
     Shared,
-    /// This process alone (redb `ExclusiveWriter`): faster reads; others get "busy".
+    /// This process alone: faster reads; others get "busy".
     Exclusive,
 }
 
@@ -68,188 +57,156 @@ pub struct StoreOptions {
     pub busy_timeout: Duration,
 }
 
+impl StoreOptions {
+    /// The default bounded wait for a busy store.
+    pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { mode: StoreMode::Shared, busy_timeout: Duration::from_secs(5) }
+        StoreOptions { mode: StoreMode::Shared, busy_timeout: Self::DEFAULT_BUSY_TIMEOUT }
     }
 }
 
-/// An open store.
-pub struct Store {
-    db: Database,
-    path: PathBuf,
-    opts: StoreOptions,
+/// The store's identity and keys (schema version checked on read), written once at
+/// creation; the roots change later.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreMeta {
+    pub store_id: [u8; STORE_ID_LEN],
+    pub roots: Vec<RootPin>,
+    pub integrity_key: Vec<RootWrapped>,
 }
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).field("mode", &self.opts.mode).finish()
-    }
+/// A record's index entries: the DEK version that sealed it and its not-after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IndexKeys {
+    pub dek_version: u32,
+    pub expires_at: Option<u64>,
 }
 
-fn builder(opts: &StoreOptions) -> Builder {
-    let mut b = Builder::new();
-    b.set_concurrency_mode(match opts.mode {
-        StoreMode::Shared => ConcurrencyMode::MultiWriter,
-        StoreMode::Exclusive => ConcurrencyMode::ExclusiveWriter,
-    });
-    b
+/// A refresh lease: which process refreshes a token, until when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub owner: [u8; 16],
+    pub until: u64,
 }
 
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((1u64 << attempt.min(6)).min(50))
+/// Every row of the store as stored, for a backup (one snapshot) and a restore.
+#[derive(Debug, Default)]
+pub(crate) struct Dump {
+    pub store_id: [u8; STORE_ID_LEN],
+    pub roots: Vec<u8>,
+    pub integrity_key: Vec<u8>,
+    pub deks: Vec<(String, u32, Vec<u8>)>,
+    pub tokens: Vec<(String, String, Vec<u8>)>,
+    pub tombstones: Vec<(String, String, Vec<u8>)>,
+    pub audit: Vec<(u64, Vec<u8>)>,
+    pub audit_head: Vec<u8>,
 }
 
-fn map_db_error(path: &Path, e: DatabaseError) -> Error {
-    match e {
-        DatabaseError::Storage(redb::StorageError::Io(io)) if io.kind() == std::io::ErrorKind::InvalidData => {
-            Error::integrity("opening the store file (not a tokenguard store, or damaged)")
-        }
-        DatabaseError::Storage(redb::StorageError::Io(io)) => {
-            Error::Io { operation: "opening store", path: path.into(), source: io }
-        }
-        DatabaseError::Storage(redb::StorageError::Corrupted(_)) => Error::integrity("opening the store file"),
-        other => Error::Store { operation: "open", detail: other.to_string() },
+/// Called by [`StoreRead::scan_records`] with each record's key and parsed view.
+pub(crate) type RecordVisitor<'f> = dyn FnMut(&str, &str, Result<RecordView<'_>>) -> Result<ControlFlow<()>> + 'f;
+
+/// What a read snapshot answers. Implemented by read and write transactions alike,
+/// so every read helper works in both.
+pub(crate) trait StoreRead {
+    /// Schema version, store id, pinned roots and the wrapped integrity key.
+    fn meta(&self) -> Result<StoreMeta>;
+
+    /// The pinned roots, as this transaction sees them.
+    fn roots(&self) -> Result<Vec<RootPin>> {
+        self.meta().map(|m| m.roots)
     }
+
+    /// Calls `f` with the record stored under (provider, name), borrowed in place
+    /// (the hot path: no copy of the record). `None` when there is none.
+    fn with_record<T>(
+        &self,
+        provider: &str,
+        name: &str,
+        f: impl FnOnce(&RecordView<'_>) -> Result<T>,
+    ) -> Result<Option<T>>;
+
+    /// Calls `f` with every record (of one provider), in key order, until it breaks.
+    /// A record that does not parse is passed as `Err` with its key, so a caller can
+    /// report it and go on.
+    fn scan_records(&self, provider: Option<&str>, f: &mut RecordVisitor<'_>) -> Result<()>;
+
+    /// DEK entry `version` of `provider`.
+    fn dek(&self, provider: &str, version: u32) -> Result<Option<DekEntry>>;
+
+    /// Every DEK entry (of one provider, and below a version), in key order.
+    fn deks(&self, provider: Option<&str>, below: Option<u32>) -> Result<Vec<(String, DekEntry)>>;
+
+    /// Records indexed under versions `from..to` of `provider`: (version, name), at
+    /// most `limit`.
+    fn indexed_under(&self, provider: &str, from: u32, to: u32, limit: usize) -> Result<Vec<(u32, String)>>;
+
+    /// Number of records indexed under `version` of `provider`.
+    fn count_indexed(&self, provider: &str, version: u32) -> Result<u64>;
+
+    /// Index entries of records whose not-after is before `until`, soonest first, at
+    /// most `limit`: (not-after, provider, name).
+    fn expiring_before(&self, until: u64, limit: usize) -> Result<Vec<(u64, String, String)>>;
+
+    /// The tombstone of (provider, name).
+    fn tombstone(&self, provider: &str, name: &str) -> Result<Option<Tombstone>>;
+
+    /// Every tombstone, in key order.
+    fn tombstones(&self) -> Result<Vec<(String, String, Tombstone)>>;
+
+    /// The refresh lease of (provider, name).
+    fn lease(&self, provider: &str, name: &str) -> Result<Option<Lease>>;
+
+    /// Stored audit entries with sequence ≥ `from`, in order.
+    fn audit_entries(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>>;
+
+    /// Number of stored audit entries.
+    fn audit_count(&self) -> Result<u64>;
+
+    /// The stored audit head, if any.
+    fn audit_head(&self) -> Result<Option<Vec<u8>>>;
+
+    /// Every row as stored (one snapshot), for a backup.
+    fn dump(&self) -> Result<Dump>;
 }
 
-impl Store {
-    /// Creates a new store file (mode 0600) in `path`'s directory (created 0700 when
-    /// missing). Fails if the file exists.
-    pub fn create(path: &Path, opts: StoreOptions) -> Result<Store> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-            && !dir.exists()
-        {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(Error::io("creating store directory", dir))?;
-        }
-        let file =
-            fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    Error::StoreExists(path.into())
-                } else {
-                    Error::Io { operation: "creating store", path: path.into(), source: e }
-                }
-            })?;
-        let backend = redb::backends::FileBackend::new(file).map_err(|e| map_db_error(path, e))?;
-        let db = builder(&opts).create_with_backend(backend).map_err(|e| map_db_error(path, e))?;
-        Ok(Store { db, path: path.into(), opts })
-    }
+/// What a write transaction changes, on top of what it reads.
+pub(crate) trait StoreWrite: StoreRead {
+    /// Writes the record `build` returns under (provider, name), given the record
+    /// stored there now (if it parses), and moves its index entries with it. `build`
+    /// returning `None` leaves the store unchanged (a compare-and-set that lost).
+    /// The new record must name (provider, name) in its header. Returns whether a
+    /// record was written.
+    fn put_record(
+        &self,
+        provider: &str,
+        name: &str,
+        build: impl FnOnce(Option<&RecordView<'_>>) -> Result<Option<Vec<u8>>>,
+    ) -> Result<bool>;
 
-    /// Opens an existing store, waiting up to `busy_timeout` while another process
-    /// holds it exclusively.
-    pub fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
-        if !path.exists() {
-            return Err(Error::NoStore(path.into()));
-        }
-        let start = Instant::now();
-        let mut attempt = 0;
-        loop {
-            match builder(&opts).open(path) {
-                Ok(db) => {
-                    return Ok(Store { db, path: path.into(), opts });
-                }
-                Err(DatabaseError::DatabaseAlreadyOpen) | Err(DatabaseError::LockProtocolMismatch) => {
-                    if start.elapsed() >= opts.busy_timeout {
-                        return Err(Error::StoreBusy {
-                            path: path.into(),
-                            waited_ms: start.elapsed().as_millis() as u64,
-                        });
-                    }
-                    std::thread::sleep(backoff(attempt));
-                    attempt += 1;
-                }
-                Err(e) => return Err(map_db_error(path, e)),
-            }
-        }
-    }
+    /// Removes the record and its index entries; returns the old record's bytes.
+    fn delete_record(&self, provider: &str, name: &str) -> Result<Option<Vec<u8>>>;
 
-    /// The store file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
+    /// Drops an index entry that no longer describes its record (the record is gone,
+    /// or is sealed under another version). Returns whether it was stale.
+    fn drop_stale_index(&self, provider: &str, version: u32, name: &str) -> Result<bool>;
 
-    /// Options in force.
-    pub fn options(&self) -> StoreOptions {
-        self.opts
-    }
+    /// Drops a stale expiry index entry (the record is gone or has another not-after).
+    fn drop_stale_expiry(&self, expires_at: u64, provider: &str, name: &str) -> Result<bool>;
 
-    /// A consistent read snapshot.
-    pub fn read(&self) -> Result<ReadTransaction> {
-        Ok(self.db.begin_read()?)
-    }
+    /// Inserts or replaces DEK entry `entry.version` of `provider`.
+    fn put_dek(&self, provider: &str, entry: &DekEntry) -> Result<()>;
 
-    /// Runs `f` in a write transaction and commits it durably. Waits at most
-    /// `busy_timeout` for the write lock. An error from `f` aborts the transaction.
-    pub fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
-        let txn = self.begin_write()?;
-        let out = f(&txn)?;
-        txn.commit()?;
-        Ok(out)
-    }
+    /// Replaces the pinned roots and the wrapped integrity key together.
+    fn put_roots(&self, roots: &[RootPin], integrity_key: &[RootWrapped]) -> Result<()>;
 
-    fn begin_write(&self) -> Result<WriteTransaction> {
-        let start = Instant::now();
-        let mut attempt = 0;
-        loop {
-            match self.db.try_begin_write() {
-                Ok(t) => return Ok(t),
-                Err(TransactionError::WouldBlock) => {
-                    if start.elapsed() >= self.opts.busy_timeout {
-                        return Err(Error::StoreBusy {
-                            path: self.path.clone(),
-                            waited_ms: start.elapsed().as_millis() as u64,
-                        });
-                    }
-                    std::thread::sleep(backoff(attempt).min(Duration::from_millis(5)));
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
+    /// Sets or removes the tombstone of (provider, name).
+    fn put_tombstone(&self, provider: &str, name: &str, tombstone: Option<&Tombstone>) -> Result<()>;
 
-    /// File-system permission problems of the store file and its directory.
-    pub fn permission_problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Ok(m) = fs::metadata(&self.path) {
-            let mode = m.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                out.push(format!("store file {} has mode {mode:o}; expected 600", self.path.display()));
-            }
-        }
-        if let Some(dir) = self.path.parent()
-            && let Ok(m) = fs::metadata(dir)
-        {
-            let mode = m.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                out.push(format!("store directory {} has mode {mode:o}; expected 700", dir.display()));
-            }
-        }
-        out
-    }
+    /// Sets or removes the refresh lease of (provider, name).
+    fn put_lease(&self, provider: &str, name: &str, lease: Option<Lease>) -> Result<()>;
 
-    /// redb's own structural check (B-tree and checksums). Needs exclusive access.
-    pub fn check_file_integrity(path: &Path) -> Result<bool> {
-        let mut db = builder(&StoreOptions { mode: StoreMode::Exclusive, ..Default::default() }).open(path).map_err(
-            |e| match e {
-                DatabaseError::DatabaseAlreadyOpen => Error::StoreBusy { path: path.into(), waited_ms: 0 },
-                e => map_db_error(path, e),
-            },
-        )?;
-        db.check_integrity().map_err(|e| map_db_error(path, e))
-    }
-}
-
-/// Reads a meta value in a read transaction.
-pub(crate) fn meta_get(txn: &ReadTransaction, key: &str) -> Result<Option<Vec<u8>>> {
-    let t = match txn.open_table(META) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    /// Appends an audit entry and moves the head, together.
+    fn append_audit(&self, seq: u64, entry: &[u8], head: &[u8]) -> Result<()>;
 }

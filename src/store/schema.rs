@@ -1,6 +1,13 @@
-//! Encodings of the store's own structures: wrapped keys, DEK entries, pinned roots.
-//! docs/FORMAT.md specifies each one; all use the canonical codec.
+//! Encodings of the store's own structures: wrapped keys, DEK entries, pinned roots,
+//! tombstones and refresh leases. docs/FORMAT.md specifies each one; all use the
+//! canonical codec, and every decoder is strict (a malformed value is an integrity
+//! failure, never a panic).
 
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::Lease;
 use crate::codec::{Malformed, Reader, Writer};
 use crate::error::{Error, Result};
 use crate::root::{WrapMechanism, Wrapped};
@@ -18,7 +25,7 @@ pub struct RootWrapped {
 }
 
 pub(crate) fn encode_wrapped_list(w: &mut Writer, list: &[RootWrapped]) {
-    w.u32(list.len() as u32);
+    w.count(list.len());
     for rw in list {
         w.u16(rw.root_id).u16(rw.wrapped.mechanism.code()).bytes(&rw.wrapped.blob);
     }
@@ -37,7 +44,7 @@ pub(crate) fn decode_wrapped_list(r: &mut Reader<'_>) -> Result<Vec<RootWrapped>
 }
 
 /// Lifecycle state of a DEK version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DekState {
     /// Used for new writes (the highest active version) and reads.
@@ -122,7 +129,7 @@ impl DekEntry {
 }
 
 /// A root pinned in the store.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RootPin {
     /// The store's id for this root.
     pub root_id: u16,
@@ -134,7 +141,7 @@ pub struct RootPin {
 
 pub(crate) fn encode_roots(roots: &[RootPin]) -> Vec<u8> {
     let mut w = Writer::default();
-    w.u8(ENTRY_FORMAT_V1).u32(roots.len() as u32);
+    w.u8(ENTRY_FORMAT_V1).count(roots.len());
     for r in roots {
         w.u16(r.root_id).str(&r.pin).str(&r.description);
     }
@@ -178,4 +185,75 @@ pub fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
         Ok(l)
     };
     f().map_err(|_| Error::integrity("decoding the store's wrapped integrity key"))
+}
+
+/// A revoked token's tombstone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tombstone {
+    /// When, unix seconds.
+    pub revoked_at: u64,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub actor: String,
+    /// The token's not-after when it was revoked.
+    pub expires_at: Option<u64>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+const TOMBSTONE_V1: u8 = 1;
+
+impl Tombstone {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64);
+        w.u8(TOMBSTONE_V1).u64(self.revoked_at).str(&self.reason).str(&self.actor).opt_u64(self.expires_at);
+        w.count(self.labels.len());
+        for (k, v) in &self.labels {
+            w.str(k).str(v);
+        }
+        w.finish()
+    }
+
+    /// Decodes a stored tombstone.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let f = || -> Result<Self, Malformed> {
+            let mut r = Reader::new(bytes);
+            if r.u8()? != TOMBSTONE_V1 {
+                return Err(Malformed);
+            }
+            let revoked_at = r.u64()?;
+            let reason = r.str()?.to_string();
+            let actor = r.str()?.to_string();
+            let expires_at = r.opt_u64()?;
+            let n = r.count(8)?;
+            let mut labels = BTreeMap::new();
+            for _ in 0..n {
+                labels.insert(r.str()?.to_string(), r.str()?.to_string());
+            }
+            r.finish()?;
+            Ok(Tombstone { revoked_at, reason, actor, expires_at, labels })
+        };
+        f().map_err(|_| Error::integrity("decoding a tombstone"))
+    }
+}
+
+const LEASE_V1: u8 = 1;
+
+pub(crate) fn encode_lease(l: &Lease) -> Vec<u8> {
+    let mut w = Writer::with_capacity(25);
+    w.u8(LEASE_V1).raw(&l.owner).u64(l.until);
+    w.finish()
+}
+
+/// A lease that does not decode is treated as absent: it only ever delays a refresh.
+pub(crate) fn decode_lease(bytes: &[u8]) -> Option<Lease> {
+    let mut r = Reader::new(bytes);
+    if r.u8().ok()? != LEASE_V1 {
+        return None;
+    }
+    let owner = r.array::<16>().ok()?;
+    let until = r.u64().ok()?;
+    r.finish().ok()?;
+    Some(Lease { owner, until })
 }

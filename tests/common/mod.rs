@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use tokenguard::config::{Config, RootUse};
+use tokenguard::config::Config;
 use tokenguard::{GuardOptions, TokenGuard};
 
 pub const TOKEN_LABEL: &str = "tg-test";
@@ -145,13 +145,7 @@ SOFTHSM2_CONF = "{conf}"
 
     pub fn try_open(&self) -> tokenguard::Result<TokenGuard> {
         let c = self.config();
-        let roots = c.build_roots(RootUse::Open)?;
-        TokenGuard::open(
-            &c.store.path,
-            c.store_options(),
-            roots,
-            GuardOptions { actor: "test".into(), ..c.guard_options() },
-        )
+        c.open_guard_with(GuardOptions { actor: "test".into(), ..c.guard_options() })
     }
 
     /// A `tokenguard` command with this env's config.

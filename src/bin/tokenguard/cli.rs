@@ -10,8 +10,6 @@ use clap::{Args, Parser, Subcommand};
 /// tokenguard — third-party tokens sealed under a hardware root key.
 #[derive(Debug, Parser)]
 #[command(name = "tokenguard", version, about, long_about = None)]
-#[command(after_help = "Exit codes: 0 ok, 1 other error, 2 usage, 3 not found, 4 integrity failure \
-(tamper, wrong root), 5 hardware or authentication, 6 store busy, 7 expired or revoked, 8 configuration.")]
 pub struct Cli {
     /// Configuration file (TOML).
     #[arg(long, global = true, env = "TOKENGUARD_CONFIG", value_name = "FILE")]

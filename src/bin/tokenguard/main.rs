@@ -7,13 +7,17 @@ mod input;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokenguard::error::exit;
 
 fn main() -> ExitCode {
     harden_process();
     quiet_libtss2();
-    let cli = match cli::Cli::try_parse() {
+    let parsed = cli::Cli::command()
+        .after_help(exit::help_text())
+        .try_get_matches()
+        .and_then(|m| cli::Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();

@@ -1,0 +1,152 @@
+//! Operating the store: doctor, stats, backup, restore, audit.
+
+use serde_json::json;
+use tokenguard::error::exit;
+use tokenguard::root::{Check, Status, report_exit_code};
+use tokenguard::{Result, backup};
+
+use super::{Ctx, fmt_time, print_json};
+use crate::cli::AuditCommand;
+use crate::input;
+
+pub fn doctor(ctx: &Ctx) -> Result<i32> {
+    let mut checks = Vec::new();
+    if ctx.config.require_hardware {
+        checks.push(Check::pass("require_hardware", "soft roots are refused"));
+    } else {
+        checks.push(Check::warn(
+            "require_hardware",
+            "false: a soft (file) root would be accepted; set require_hardware = true in production",
+        ));
+    }
+    match ctx.open() {
+        Ok(g) => checks.extend(g.doctor()),
+        Err(e) => {
+            let mut check = Check::error("open store", &e);
+            if let Some(h) = e.hint() {
+                check.detail.push_str("; ");
+                check.detail.push_str(&h);
+            }
+            checks.push(check);
+        }
+    }
+    let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
+    if ctx.json {
+        print_json(&json!({"ok": failed == 0, "checks": checks}))?;
+    } else {
+        for c in &checks {
+            let tag = match c.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "warn",
+                Status::Fail => "FAIL",
+            };
+            println!("{tag} {}: {}", c.name, c.detail);
+        }
+        if failed == 0 {
+            println!("doctor: no failures");
+        } else {
+            println!("doctor: {failed} check(s) failed");
+        }
+    }
+    Ok(report_exit_code(&checks))
+}
+
+pub fn stats(ctx: &Ctx) -> Result<i32> {
+    let s = ctx.open()?.stats()?;
+    if ctx.json {
+        print_json(&serde_json::to_value(&s).unwrap_or_default())?;
+        return Ok(exit::OK);
+    }
+    println!("tokens: {}", s.tokens);
+    for (p, states) in &s.states_per_provider {
+        let n = s.tokens_per_provider.get(p).copied().unwrap_or(0);
+        let detail: Vec<String> = states.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("  {p}: {n} stored ({})", detail.join(", "));
+    }
+    println!("DEK versions:");
+    for d in &s.deks {
+        println!("  {} v{} {:?}: {} records, {} encryptions", d.provider, d.version, d.state, d.records, d.encryptions);
+    }
+    println!(
+        "hardware calls (this process): {} unwraps, {} wraps, {} generates",
+        s.hardware.unwraps, s.hardware.wraps, s.hardware.generates
+    );
+    println!("audit events: {}", s.audit_events);
+    Ok(exit::OK)
+}
+
+pub fn backup(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
+    let s = backup::write_backup(&ctx.open()?, file)?;
+    ctx.out(
+        json!({"backup": file, "summary": s}),
+        format!(
+            "wrote {} ({} tokens, {} DEK versions, {} audit events)",
+            file.display(),
+            s.tokens,
+            s.deks,
+            s.audit_events
+        ),
+    )?;
+    Ok(exit::OK)
+}
+
+pub fn restore(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
+    let (_, s) = ctx.config.restore_guard(file, ctx.guard_options())?;
+    let path = &ctx.config.store.path;
+    ctx.out(json!({"restored": path, "summary": s}), format!("restored {} tokens into {}", s.tokens, path.display()))?;
+    Ok(exit::OK)
+}
+
+pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
+    let g = ctx.open()?;
+    match command {
+        AuditCommand::Verify => {
+            let r = g.audit_verify()?;
+            if ctx.json {
+                print_json(&serde_json::to_value(&r).unwrap_or_default())?;
+            }
+            match r.first_bad {
+                None => {
+                    if !ctx.json {
+                        println!("audit chain intact: {} events verified", r.events);
+                    }
+                    Ok(exit::OK)
+                }
+                Some((seq, why)) => {
+                    eprintln!("error: audit chain broken at event {seq}: {why}");
+                    Ok(exit::INTEGRITY)
+                }
+            }
+        }
+        AuditCommand::Export => {
+            for e in g.audit_list(1)? {
+                print_json(&serde_json::to_value(&e).unwrap_or_default())?;
+            }
+            Ok(exit::OK)
+        }
+        AuditCommand::List { since, provider } => {
+            let from = since.as_deref().map(|s| input::time_or_ago(s, tokenguard::now())).transpose()?.unwrap_or(0);
+            let events = g.audit_list(1)?;
+            let events =
+                events.iter().filter(|e| e.time >= from && provider.as_deref().is_none_or(|p| p == e.provider));
+            for e in events {
+                if ctx.json {
+                    print_json(&serde_json::to_value(e).unwrap_or_default())?;
+                } else {
+                    println!(
+                        "{:>6} {} {:<10} {}/{} {} [{}] {}",
+                        e.seq,
+                        fmt_time(Some(e.time)),
+                        e.op,
+                        e.provider,
+                        e.name,
+                        e.outcome,
+                        e.actor,
+                        e.detail
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}

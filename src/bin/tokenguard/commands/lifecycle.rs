@@ -1,0 +1,161 @@
+//! Lifecycle: revoke, expiring, purge, rotate-dek, reencrypt, retire, shred.
+
+use std::io::IsTerminal;
+
+use serde_json::json;
+use tokenguard::compose::UpstreamOutcome;
+use tokenguard::error::exit;
+use tokenguard::guard::revoke::{PurgeOptions, RevokeTarget};
+use tokenguard::guard::rotate::ReencryptOptions;
+use tokenguard::{Error, Result};
+
+use super::{Ctx, fmt_time};
+use crate::cli::RevokeArgs;
+use crate::input;
+
+fn lines(items: impl IntoIterator<Item = String>, empty: &str) -> String {
+    let text = items.into_iter().collect::<Vec<_>>().join("\n");
+    if text.is_empty() { empty.into() } else { text }
+}
+
+pub fn revoke(ctx: &Ctx, a: RevokeArgs) -> Result<i32> {
+    let target = match (&a.provider, &a.name, a.all, &a.label) {
+        (Some(p), Some(n), false, None) => RevokeTarget::One { provider: p, name: n },
+        (Some(p), None, true, None) => RevokeTarget::Provider(p),
+        (None, None, false, Some(l)) => {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| Error::InvalidInput(format!("--label must be KEY=VALUE (got {l:?})")))?;
+            RevokeTarget::Label { key: k, value: v }
+        }
+        _ => {
+            return Err(Error::InvalidInput(
+                "revoke takes PROVIDER NAME, or PROVIDER --all, or --label KEY=VALUE".into(),
+            ));
+        }
+    };
+    let g = ctx.open()?;
+    let r = ctx.config.revoke(&g, target, &a.reason)?;
+    if let Some(up) = &r.upstream {
+        let hint = up.hint;
+        match &up.outcome {
+            UpstreamOutcome::Accepted => eprintln!("provider revocation endpoint accepted the {hint}"),
+            UpstreamOutcome::Refused => {
+                eprintln!("warning: provider revocation endpoint refused the {hint}; revoking locally anyway")
+            }
+            UpstreamOutcome::Failed(e) => {
+                eprintln!("warning: provider revocation failed ({e}); revoking locally anyway")
+            }
+        }
+    }
+    let text = lines(r.revoked.iter().map(|(p, n)| format!("revoked {p}/{n}")), "nothing matched");
+    ctx.out(json!({"revoked": r.revoked}), text)?;
+    Ok(exit::OK)
+}
+
+pub fn expiring(ctx: &Ctx, within: &str) -> Result<i32> {
+    let list = ctx.open()?.expiring(input::duration(within)?)?;
+    let now = tokenguard::now();
+    let text = lines(
+        list.iter()
+            .map(|(p, n, t)| format!("{p}/{n}\t{}{}", fmt_time(Some(*t)), if *t <= now { " (EXPIRED)" } else { "" })),
+        "nothing expires in that window",
+    );
+    let v = list.iter().map(|(p, n, t)| json!({"provider": p, "name": n, "expires_at": t})).collect::<Vec<_>>();
+    ctx.out(json!(v), text)?;
+    Ok(exit::OK)
+}
+
+pub fn purge(ctx: &Ctx, expired: bool, revoked: bool, older_than: Option<String>) -> Result<i32> {
+    if !expired && !revoked {
+        return Err(Error::InvalidInput("purge needs --expired and/or --revoked".into()));
+    }
+    let older_than = older_than.as_deref().map(input::duration).transpose()?.unwrap_or(0);
+    let r = ctx.open()?.purge(PurgeOptions { expired, revoked, older_than })?;
+    ctx.out(json!(r), format!("purged {} expired tokens and {} tombstones", r.expired, r.tombstones))?;
+    Ok(exit::OK)
+}
+
+pub fn rotate_dek(ctx: &Ctx, provider: &str) -> Result<i32> {
+    let v = ctx.open()?.rotate_dek(provider)?;
+    ctx.out(
+        json!({"provider": provider, "version": v}),
+        format!(
+            "{provider}: new writes use DEK version {v}; run `tokenguard reencrypt {provider}` to move existing records"
+        ),
+    )?;
+    Ok(exit::OK)
+}
+
+pub fn reencrypt(
+    ctx: &Ctx,
+    provider: Option<&str>,
+    batch_size: usize,
+    rate: Option<f64>,
+    dry_run: bool,
+) -> Result<i32> {
+    let g = ctx.open()?;
+    let bar = (!ctx.json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let opts = ReencryptOptions { batch_size, max_per_second: rate, dry_run };
+    let reports = g.reencrypt(provider, opts, |p, done, total| {
+        if let Some(b) = &bar {
+            b.set_message(p.to_string());
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let text = lines(
+        reports.iter().map(|r| {
+            if dry_run {
+                format!("{}: {} records would move to version {}", r.provider, r.pending, r.target_version)
+            } else {
+                format!(
+                    "{}: moved {} records to version {} in {} batches",
+                    r.provider, r.moved, r.target_version, r.batches
+                )
+            }
+        }),
+        "no provider has data keys yet",
+    );
+    ctx.out(json!(reports), text)?;
+    Ok(exit::OK)
+}
+
+pub fn retire(ctx: &Ctx, provider: &str, below: u32) -> Result<i32> {
+    let v = ctx.open()?.retire(provider, below)?;
+    ctx.out(
+        json!({"provider": provider, "retired": v}),
+        format!("{provider}: retired versions {v:?}; their key material is erased"),
+    )?;
+    Ok(exit::OK)
+}
+
+pub fn shred(ctx: &Ctx, provider: &str, yes: bool) -> Result<i32> {
+    let g = ctx.open()?;
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(Error::InvalidInput("shred destroys keys for good: pass --yes in scripts".into()));
+        }
+        eprint!(
+            "Destroy every data key of {provider}? Its tokens become unrecoverable. Type the provider name to confirm: "
+        );
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map_err(|e| Error::InvalidInput(format!("reading confirmation: {e}")))?;
+        if line.trim() != provider {
+            return Err(Error::InvalidInput("not confirmed; nothing was destroyed".into()));
+        }
+    }
+    let v = g.shred(provider)?;
+    ctx.out(json!({"provider": provider, "destroyed": v}), format!("{provider}: destroyed data key versions {v:?}"))?;
+    Ok(exit::OK)
+}

@@ -1,0 +1,131 @@
+//! One function per command, grouped by family: load the config, call the library,
+//! print the result. Business logic lives in the library; exit codes come from typed
+//! values (`Error::exit_code`, `Outcome::exit_code`, `report_exit_code`).
+
+mod admin;
+mod lifecycle;
+mod refresh;
+mod roots;
+mod tokens;
+
+use std::fmt::Display;
+use std::io::Write;
+use std::path::PathBuf;
+
+use tokenguard::config::Config;
+use tokenguard::{Error, GuardOptions, Result, TokenGuard};
+
+use crate::cli::{Cli, Command};
+
+/// What every command has: the loaded config and the output mode.
+pub struct Ctx {
+    pub config: Config,
+    pub json: bool,
+}
+
+impl Ctx {
+    /// Opens the configured guard, with this process as the audit actor.
+    pub fn open(&self) -> Result<TokenGuard> {
+        self.config.open_guard_with(self.guard_options())
+    }
+
+    /// Guard options of the config, with this process as the audit actor.
+    pub fn guard_options(&self) -> GuardOptions {
+        GuardOptions { actor: actor(), ..self.config.guard_options() }
+    }
+
+    /// Prints `v` in JSON mode, `text` otherwise.
+    pub fn out(&self, v: serde_json::Value, text: impl Display) -> Result<()> {
+        if self.json {
+            print_json(&v)
+        } else {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{text}").map_err(stdout_error)
+        }
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config> {
+    let path = path.ok_or_else(|| {
+        Error::Config(
+            "no configuration: pass --config FILE or set TOKENGUARD_CONFIG (./softhsm-setup.sh prints one)".into(),
+        )
+    })?;
+    let config = Config::load(path)?;
+    apply_module_env(&config);
+    Ok(config)
+}
+
+/// Sets the environment the PKCS#11 module needs (e.g. SOFTHSM2_CONF) before the
+/// module is loaded.
+#[allow(unsafe_code)]
+fn apply_module_env(config: &Config) {
+    for (k, v) in config.module_env() {
+        // SAFETY: called from main's thread before any other thread exists (no
+        // module is loaded yet, logging writes synchronously), so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var(k, v) };
+    }
+}
+
+/// The audit actor of this CLI process: OS user (uid from /proc, name from the
+/// environment when set) and pid.
+fn actor() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_else(|_| "?".into());
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
+    format!("cli uid={uid}{}{} pid={}", if user.is_empty() { "" } else { " user=" }, user, std::process::id())
+}
+
+pub fn stdout_error(e: std::io::Error) -> Error {
+    Error::Io { operation: "writing", path: "stdout".into(), source: e }
+}
+
+pub fn print_json(v: &serde_json::Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{v}").map_err(stdout_error)
+}
+
+/// `t` as RFC 3339, or "never".
+pub fn fmt_time(t: Option<u64>) -> String {
+    match t {
+        Some(t) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+        }
+        None => "never".into(),
+    }
+}
+
+/// Runs the command; returns the exit code on success paths that are not 0.
+pub fn run(cli: Cli) -> Result<i32> {
+    if let Command::InitToken(a) = &cli.command {
+        return roots::init_token(a);
+    }
+    let ctx = Ctx { config: load_config(cli.config.as_ref())?, json: cli.json };
+    match cli.command {
+        Command::InitToken(a) => roots::init_token(&a),
+        Command::Init => roots::init(&ctx),
+        Command::Root(c) => roots::root(&ctx, c),
+        Command::RotateRoot { new_key_label } => roots::rotate_root(&ctx, new_key_label),
+        Command::Put(a) => tokens::put(&ctx, a),
+        Command::Get(a) => tokens::get(&ctx, a),
+        Command::List { provider } => tokens::list(&ctx, provider.as_deref()),
+        Command::Delete { provider, name } => tokens::delete(&ctx, &provider, &name),
+        Command::Status { provider, name } => tokens::status(&ctx, &provider, &name),
+        Command::Revoke(a) => lifecycle::revoke(&ctx, a),
+        Command::Expiring { within } => lifecycle::expiring(&ctx, &within),
+        Command::Purge { expired, revoked, older_than } => lifecycle::purge(&ctx, expired, revoked, older_than),
+        Command::RotateDek { provider } => lifecycle::rotate_dek(&ctx, &provider),
+        Command::Reencrypt { provider, batch_size, rate, dry_run } => {
+            lifecycle::reencrypt(&ctx, provider.as_deref(), batch_size, rate, dry_run)
+        }
+        Command::Retire { provider, below } => lifecycle::retire(&ctx, &provider, below),
+        Command::Shred { provider, yes } => lifecycle::shred(&ctx, &provider, yes),
+        Command::Refresh(a) => refresh::refresh(&ctx, a),
+        Command::Doctor => admin::doctor(&ctx),
+        Command::Stats => admin::stats(&ctx),
+        Command::Backup { file } => admin::backup(&ctx, &file),
+        Command::Restore { file } => admin::restore(&ctx, &file),
+        Command::Audit(c) => admin::audit(&ctx, c),
+    }
+}

@@ -1,0 +1,70 @@
+//! `refresh`: one token now, every due token once (`--due`), or until stopped
+//! (`--watch`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokenguard::error::exit;
+use tokenguard::guard::refresh::RefreshOutcome;
+use tokenguard::{Error, Result};
+
+use super::{Ctx, print_json};
+use crate::cli::RefreshArgs;
+use crate::input;
+
+/// Prints each outcome; the exit code is that of the most serious one.
+fn report(ctx: &Ctx, outcomes: &[RefreshOutcome]) -> Result<i32> {
+    let mut code = exit::OK;
+    for o in outcomes {
+        if ctx.json {
+            print_json(&serde_json::to_value(o).unwrap_or_default())?;
+        } else {
+            let detail = if o.detail.is_empty() { String::new() } else { format!(" ({})", o.detail) };
+            println!("{}/{}: {}{detail}", o.provider, o.name, o.outcome);
+        }
+        code = match (o.outcome.exit_code(), code) {
+            (exit::OTHER, _) => exit::OTHER,
+            (c, exit::OK) => c,
+            (_, c) => c,
+        };
+    }
+    Ok(code)
+}
+
+pub fn refresh(ctx: &Ctx, a: RefreshArgs) -> Result<i32> {
+    let g = ctx.open()?;
+    let within = a.within.as_deref().map(input::duration).transpose()?.map(Duration::from_secs);
+    match (&a.provider, &a.name, a.due, a.watch) {
+        (Some(p), Some(n), false, false) => {
+            let (_, o) = g.refresh_now(p, n)?;
+            report(ctx, &[o])
+        }
+        (None, None, true, false) => report(ctx, &g.refresh_due(within)?),
+        (None, None, false, true) => {
+            let interval = Duration::from_secs(input::duration(&a.interval)?.max(1));
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::Io {
+                    operation: "installing a signal handler",
+                    path: "-".into(),
+                    source: e,
+                })?;
+            }
+            tracing::info!(interval_s = interval.as_secs(), "refresh --watch started");
+            let mut code = exit::OK;
+            while !stop.load(Ordering::Relaxed) {
+                // A pass refreshes token by token; a signal is only looked at between
+                // tokens, so it never interrupts a refresh between answer and commit.
+                code = code.max(report(ctx, &g.refresh_due(within)?)?);
+                let until = Instant::now() + interval;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            tracing::info!("refresh --watch stopped");
+            Ok(code)
+        }
+        _ => Err(Error::InvalidInput("refresh takes PROVIDER NAME, or --due, or --watch".into())),
+    }
+}

@@ -1,0 +1,63 @@
+//! The store and its roots: init, init-token, root list/add/remove, rotate-root.
+
+use serde_json::json;
+use tokenguard::Result;
+use tokenguard::error::exit;
+
+use super::{Ctx, print_json};
+use crate::cli::{InitTokenArgs, RootCommand};
+
+pub fn init(ctx: &Ctx) -> Result<i32> {
+    let g = ctx.config.init_guard_with(ctx.guard_options())?;
+    if ctx.json {
+        print_json(&json!({"store": g.path(), "roots": g.roots()}))?;
+    } else {
+        println!("created store {}", g.path().display());
+        for r in g.roots() {
+            println!("  root {}: {}", r.root_id, r.description);
+        }
+    }
+    Ok(exit::OK)
+}
+
+#[cfg(feature = "pkcs11")]
+pub fn init_token(a: &InitTokenArgs) -> Result<i32> {
+    let here = std::path::Path::new(".");
+    let so = tokenguard::config::resolve_pin(&a.so_pin_source, here)?;
+    let user = tokenguard::config::resolve_pin(&a.pin_source, here)?;
+    let serial = tokenguard::root::pkcs11::init_token(&a.module, &a.label, &so, &user)?;
+    println!("token {:?} ready (serial {serial})", a.label);
+    Ok(exit::OK)
+}
+
+#[cfg(not(feature = "pkcs11"))]
+pub fn init_token(_a: &InitTokenArgs) -> Result<i32> {
+    Err(tokenguard::Error::BackendNotCompiled("pkcs11"))
+}
+
+pub fn root(ctx: &Ctx, command: RootCommand) -> Result<i32> {
+    let g = ctx.open()?;
+    match command {
+        RootCommand::List => {
+            let pins = g.pinned_roots()?;
+            let text = pins.iter().map(|p| format!("{}\t{}", p.root_id, p.description)).collect::<Vec<_>>().join("\n");
+            ctx.out(json!(pins), text)?;
+        }
+        RootCommand::Add { root_config } => {
+            let pin = ctx.config.add_root_from_file(&g, &root_config)?;
+            ctx.out(json!(pin), format!("added root {}: {}", pin.root_id, pin.description))?;
+        }
+        RootCommand::Remove { id } => {
+            let pin = g.remove_root(id)?;
+            ctx.out(json!(pin), format!("removed root {}: {}", pin.root_id, pin.description))?;
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub fn rotate_root(ctx: &Ctx, new_key_label: Option<String>) -> Result<i32> {
+    let g = ctx.open()?;
+    let r = ctx.config.rotate_root(&g, new_key_label)?;
+    ctx.out(json!({"added": r.added, "next": r.next}), &r.next)?;
+    Ok(exit::OK)
+}

@@ -1,0 +1,295 @@
+//! Composition: turning a [`Config`] into roots, options and a guard — written once,
+//! used by the CLI, the tests and library users alike — and the operations that need
+//! both a config and a guard (adding a root from a file, rotating the root key,
+//! revoking at the provider).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backup::{self, BackupSummary};
+use crate::cache::CacheLimits;
+use crate::config::{Config, RootConfig, RootsFile};
+use crate::error::{Error, Result};
+use crate::guard::refresh::RefreshPolicy;
+use crate::guard::revoke::RevokeTarget;
+use crate::guard::{GetOptions, GuardOptions, TokenGuard};
+use crate::oauth::{CLIENT_SECRET_PROVIDER, OAuthClient};
+use crate::root::RootKey;
+use crate::secret::SecretBytes;
+use crate::store::{RootPin, StoreOptions};
+
+/// What a root is being built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootUse {
+    /// Opening an existing store: keys must exist.
+    Open,
+    /// `init` or `root add`: keys are created when missing.
+    Init,
+}
+
+/// Builds one root from its config entry. `require_hardware` refuses a soft root.
+pub fn build_root(r: &RootConfig, base_dir: &Path, usage: RootUse, require_hardware: bool) -> Result<Box<dyn RootKey>> {
+    match r {
+        RootConfig::Soft(s) => {
+            if require_hardware {
+                return Err(Error::Config(format!(
+                    "require_hardware = true refuses the soft root {}: it is for development or offline recovery",
+                    s.key_file.display()
+                )));
+            }
+            let root = match usage {
+                RootUse::Init => crate::root::soft::SoftRoot::open_or_create(&s.key_file)?,
+                RootUse::Open => crate::root::soft::SoftRoot::open(&s.key_file)?,
+            };
+            Ok(Box::new(root))
+        }
+        #[cfg(feature = "pkcs11")]
+        RootConfig::Pkcs11(p) => {
+            let settings = crate::root::pkcs11::Pkcs11Settings::from_config(p, base_dir)?;
+            Ok(Box::new(crate::root::pkcs11::Pkcs11Root::connect(settings, usage == RootUse::Init)?))
+        }
+        #[cfg(not(feature = "pkcs11"))]
+        RootConfig::Pkcs11(_) => {
+            let _ = base_dir;
+            Err(Error::BackendNotCompiled("pkcs11"))
+        }
+        #[cfg(feature = "tpm")]
+        RootConfig::Tpm(t) => {
+            let settings = crate::root::tpm::TpmSettings::from_config(t)?;
+            Ok(Box::new(crate::root::tpm::TpmRoot::open(settings, usage == RootUse::Init)?))
+        }
+        #[cfg(not(feature = "tpm"))]
+        RootConfig::Tpm(_) => Err(Error::BackendNotCompiled("tpm")),
+    }
+}
+
+impl Config {
+    /// Builds every configured root.
+    pub fn build_roots(&self, usage: RootUse) -> Result<Vec<Box<dyn RootKey>>> {
+        if self.roots.is_empty() {
+            return Err(Error::Config("no [[roots]] configured".into()));
+        }
+        #[cfg(feature = "pkcs11")]
+        self.check_module_env()?;
+        self.roots.iter().map(|r| build_root(r, &self.base_dir, usage, self.require_hardware)).collect()
+    }
+
+    /// A PKCS#11 module reads its environment when it loads: make sure what the
+    /// config names is in force (the CLI sets it; a service must be started with it).
+    #[cfg(feature = "pkcs11")]
+    fn check_module_env(&self) -> Result<()> {
+        for (k, v) in self.module_env() {
+            if std::env::var(&k).ok().as_deref() != Some(v.as_str()) {
+                return Err(Error::Config(format!(
+                    "the PKCS#11 module needs {k}={v} in the environment (the tokenguard CLI sets it; a service must be started with it)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Store options of `[store]`.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions { mode: self.store.mode, busy_timeout: Duration::from_millis(self.store.busy_timeout_ms) }
+    }
+
+    /// Guard options of `[cache]`, `[rotation]` and `require_hardware`.
+    pub fn guard_options(&self) -> GuardOptions {
+        GuardOptions {
+            cache: CacheLimits {
+                max_entries: self.cache.max_entries,
+                max_age: Duration::from_secs(self.cache.max_age_secs),
+            },
+            require_hardware: self.require_hardware,
+            max_dek_age: self.rotation.max_dek_age_days.map(|d| Duration::from_secs(d.saturating_mul(86_400))),
+            max_dek_encryptions: self
+                .rotation
+                .max_dek_encryptions
+                .unwrap_or(GuardOptions::DEFAULT_MAX_DEK_ENCRYPTIONS)
+                .max(1),
+            ..GuardOptions::default()
+        }
+    }
+
+    /// The refresh policy of `[refresh]`.
+    pub fn refresh_policy(&self) -> RefreshPolicy {
+        let r = &self.refresh;
+        RefreshPolicy {
+            fraction: r.fraction,
+            margin: Duration::from_secs(r.margin_secs),
+            max_attempts: r.max_attempts.max(1),
+            base_delay: Duration::from_millis(r.base_delay_ms),
+            max_delay: Duration::from_secs(r.max_delay_secs),
+            lease: Duration::from_secs(r.lease_secs.max(1)),
+        }
+    }
+
+    /// Opens the configured store with the default options, with the refresh policy
+    /// and the OAuth refreshers of `[providers]` installed.
+    pub fn open_guard(&self) -> Result<TokenGuard> {
+        self.open_guard_with(self.guard_options())
+    }
+
+    /// As [`Config::open_guard`], with `opts` (e.g. [`Config::guard_options`] with an
+    /// actor set).
+    pub fn open_guard_with(&self, opts: GuardOptions) -> Result<TokenGuard> {
+        let roots = self.build_roots(RootUse::Open)?;
+        let g = TokenGuard::open(&self.store.path, self.store_options(), roots, opts)?;
+        self.install_refreshers(&g)?;
+        Ok(g)
+    }
+
+    /// Creates the configured store (and root keys that do not exist yet).
+    pub fn init_guard(&self) -> Result<TokenGuard> {
+        self.init_guard_with(self.guard_options())
+    }
+
+    /// As [`Config::init_guard`], with `opts`.
+    pub fn init_guard_with(&self, opts: GuardOptions) -> Result<TokenGuard> {
+        if self.store.path.exists() {
+            return Err(Error::StoreExists(self.store.path.clone()));
+        }
+        let roots = self.build_roots(RootUse::Init)?;
+        TokenGuard::create(&self.store.path, self.store_options(), roots, opts)
+    }
+
+    /// Restores the backup at `file` into the configured (new) store.
+    pub fn restore_guard(&self, file: &Path, opts: GuardOptions) -> Result<(TokenGuard, BackupSummary)> {
+        let roots = self.build_roots(RootUse::Open)?;
+        backup::restore(file, &self.store.path, self.store_options(), roots, opts)
+    }
+
+    /// The built-in OAuth client of `provider`, with its client secret read (sealed)
+    /// from the guard.
+    pub fn oauth_client(&self, g: &TokenGuard, provider: &str) -> Result<Option<OAuthClient>> {
+        let Some(p) = self.providers.get(provider) else { return Ok(None) };
+        let secret = match g.get(CLIENT_SECRET_PROVIDER, provider) {
+            Ok(s) => s.field(None).map(SecretBytes::duplicate),
+            Err(Error::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        OAuthClient::new(p.clone(), secret).map(Some)
+    }
+
+    /// Installs the refresh policy and an OAuth refresher per `[providers]` entry.
+    pub fn install_refreshers(&self, g: &TokenGuard) -> Result<()> {
+        g.set_refresh_policy(self.refresh_policy());
+        for name in self.providers.keys() {
+            if let Some(c) = self.oauth_client(g, name)? {
+                g.set_refresher(name, Arc::new(c));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pins the single root described in `root_file` (a file of one `[[roots]]`
+    /// entry; its key is created when missing) in `g`'s store.
+    pub fn add_root_from_file(&self, g: &TokenGuard, root_file: &Path) -> Result<RootPin> {
+        let f = RootsFile::load(root_file)?;
+        let [entry] = f.roots.as_slice() else {
+            return Err(Error::Config(format!("{} must hold exactly one [[roots]] entry", root_file.display())));
+        };
+        let base = root_file.parent().unwrap_or(Path::new(""));
+        // An added root is often an offline recovery key file: a soft root is
+        // accepted here whatever require_hardware says of the roots that open.
+        let root = build_root(entry, base, RootUse::Init, false)?;
+        g.add_root(root)
+    }
+
+    /// Generates a new key beside the first (PKCS#11) root's key in the same token,
+    /// labelled `new_label` (default: the old label with `.rN`), and pins it. The old
+    /// root stays pinned until `root remove`.
+    #[cfg(feature = "pkcs11")]
+    pub fn rotate_root(&self, g: &TokenGuard, new_label: Option<String>) -> Result<RootRotation> {
+        let Some(RootConfig::Pkcs11(p)) = self.roots.first() else {
+            return Err(Error::Config("rotate-root works on a pkcs11 first root; use `root add` for others".into()));
+        };
+        let mut settings = crate::root::pkcs11::Pkcs11Settings::from_config(p, &self.base_dir)?;
+        let label = new_label.unwrap_or_else(|| format!("{}.r{}", settings.key_label, g.roots().len() + 1));
+        settings.key_label = label.clone();
+        settings.key_id = None;
+        let added = g.add_root(Box::new(crate::root::pkcs11::Pkcs11Root::connect(settings, true)?))?;
+        let old = g.roots().iter().map(|r| r.root_id.to_string()).collect::<Vec<_>>().join(" ");
+        let next = format!(
+            "new root key {label:?} pinned as root {}. Next: set key_label = \"{label}\" in the config (and restart services), then `tokenguard root remove {old}` to retire the old key",
+            added.root_id
+        );
+        Ok(RootRotation { added, label, next })
+    }
+
+    /// Root rotation needs the PKCS#11 backend, which this build lacks.
+    #[cfg(not(feature = "pkcs11"))]
+    pub fn rotate_root(&self, _g: &TokenGuard, _new_label: Option<String>) -> Result<RootRotation> {
+        Err(Error::BackendNotCompiled("pkcs11"))
+    }
+
+    /// Revokes `target` in the store. For one token whose provider has a
+    /// `revocation_url` (RFC 7009), the provider is told first, while the token is
+    /// still readable; its answer never stops the local revocation.
+    pub fn revoke(&self, g: &TokenGuard, target: RevokeTarget<'_>, reason: &str) -> Result<Revocation> {
+        let upstream = match &target {
+            RevokeTarget::One { provider, name } => self.revoke_upstream(g, provider, name)?,
+            _ => None,
+        };
+        let revoked = g.revoke(target, reason)?;
+        Ok(Revocation { revoked, upstream })
+    }
+
+    fn revoke_upstream(&self, g: &TokenGuard, provider: &str, name: &str) -> Result<Option<Upstream>> {
+        let Some(client) = self.oauth_client(g, provider)? else { return Ok(None) };
+        let Ok((secret, _)) = g.get_with(provider, name, GetOptions { allow_expired: true }) else {
+            return Ok(None);
+        };
+        let (token, hint) = match secret.field(Some("refresh_token")) {
+            Some(rt) => (rt, "refresh_token"),
+            None => (secret.field(None).ok_or_else(|| Error::InvalidInput("empty token".into()))?, "access_token"),
+        };
+        let outcome = match client.revoke(token, hint) {
+            Ok(true) => UpstreamOutcome::Accepted,
+            Ok(false) => UpstreamOutcome::Refused,
+            Err(e) => UpstreamOutcome::Failed(e.to_string()),
+        };
+        Ok(Some(Upstream { hint, outcome }))
+    }
+}
+
+/// What [`Config::rotate_root`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RootRotation {
+    /// The new root.
+    pub added: RootPin,
+    /// Its key label.
+    pub label: String,
+    /// What the operator does next.
+    pub next: String,
+}
+
+/// What [`Config::revoke`] did.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    /// The (provider, name) pairs revoked in the store.
+    pub revoked: Vec<(String, String)>,
+    /// The provider's answer, when it was asked.
+    pub upstream: Option<Upstream>,
+}
+
+/// The provider's answer to an RFC 7009 revocation.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Which token was sent (`refresh_token` or `access_token`).
+    pub hint: &'static str,
+    /// The answer.
+    pub outcome: UpstreamOutcome,
+}
+
+/// How the provider answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    /// The endpoint accepted the revocation.
+    Accepted,
+    /// It answered with an error status (or there is no endpoint).
+    Refused,
+    /// The request failed (network, TLS); the detail never holds the token.
+    Failed(String),
+}

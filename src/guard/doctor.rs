@@ -1,0 +1,260 @@
+//! `doctor` and `stats`: what an operator asks of an open store. Each check is a
+//! typed [`Check`] whose failure class, not its name, decides the exit code.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+
+use serde::Serialize;
+
+use super::{Counters, Inner, TokenGuard};
+use crate::error::{Error, Result};
+use crate::root::{Check, FailureClass};
+use crate::seal::TokenState;
+use crate::store::{DekState, StoreRead};
+
+/// Counters and totals for `stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    /// Tokens per provider.
+    pub tokens_per_provider: BTreeMap<String, u64>,
+    /// Tokens per provider and state (`active`, `expired`, `needs_reauth`), plus
+    /// `revoked` from the tombstones.
+    pub states_per_provider: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Total tokens.
+    pub tokens: u64,
+    /// DEK versions per provider, with state and encryption count.
+    pub deks: Vec<DekInfo>,
+    /// Hardware calls made by this process.
+    pub hardware: HardwareCalls,
+    /// DEK cache misses in this process (each one a lookup of the store's DEK entry,
+    /// and an unwrap unless another thread just did it).
+    pub cache_misses: u64,
+    /// DEKs cached now.
+    pub cache_entries: usize,
+    /// Audit events stored.
+    pub audit_events: u64,
+}
+
+/// One DEK version as `stats` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DekInfo {
+    /// Provider.
+    pub provider: String,
+    /// Version.
+    pub version: u32,
+    /// State.
+    pub state: DekState,
+    /// Records sealed under it so far.
+    pub encryptions: u64,
+    /// Records that use it now.
+    pub records: u64,
+}
+
+/// Hardware calls of this process, by kind.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct HardwareCalls {
+    /// DEK (and integrity-key) unwraps.
+    pub unwraps: u64,
+    /// Wraps of existing DEKs.
+    pub wraps: u64,
+    /// DEK generations.
+    pub generates: u64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> HardwareCalls {
+        use std::sync::atomic::Ordering::Relaxed;
+        HardwareCalls {
+            unwraps: self.unwraps.load(Relaxed),
+            wraps: self.wraps.load(Relaxed),
+            generates: self.generates.load(Relaxed),
+        }
+    }
+}
+
+/// What the record scan found.
+struct Scan {
+    records: usize,
+    shredded: usize,
+    bad: Vec<String>,
+}
+
+impl TokenGuard {
+    /// Hardware calls made by this process so far.
+    pub fn hardware_calls(&self) -> HardwareCalls {
+        self.inner.counters.snapshot()
+    }
+
+    /// Counts, DEK versions and this process's hardware calls.
+    pub fn stats(&self) -> Result<Stats> {
+        let inner = &*self.inner;
+        let txn = inner.store.read()?;
+        let mut per = BTreeMap::new();
+        let mut states: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        let mut total = 0;
+        let t = crate::clock::now();
+        txn.scan_records(None, &mut |p, _, rec| {
+            let state = match rec {
+                Ok(r) if r.state == TokenState::NeedsReauth => "needs_reauth",
+                Ok(r) if r.expires_at.is_some_and(|e| t >= e) => "expired",
+                Ok(_) => "active",
+                Err(_) => "damaged",
+            };
+            *states.entry(p.to_string()).or_default().entry(state.into()).or_insert(0) += 1;
+            *per.entry(p.to_string()).or_insert(0u64) += 1;
+            total += 1;
+            Ok(ControlFlow::Continue(()))
+        })?;
+        for (p, _, _) in txn.tombstones()? {
+            *states.entry(p).or_default().entry("revoked".into()).or_insert(0) += 1;
+        }
+        let mut deks = Vec::new();
+        for (p, e) in txn.deks(None, None)? {
+            let records = txn.count_indexed(&p, e.version)?;
+            deks.push(DekInfo { provider: p, version: e.version, state: e.state, encryptions: e.encryptions, records });
+        }
+        Ok(Stats {
+            tokens_per_provider: per,
+            states_per_provider: states,
+            tokens: total,
+            deks,
+            hardware: inner.counters.snapshot(),
+            cache_misses: inner.cache.misses(),
+            cache_entries: inner.cache.len(),
+            audit_events: txn.audit_count()?,
+        })
+    }
+
+    /// The checks of `tokenguard doctor` that need an open guard: root health, every
+    /// wrapped DEK under every configured root, every record opened, the audit chain,
+    /// file permissions.
+    pub fn doctor(&self) -> Vec<Check> {
+        let inner = &*self.inner;
+        let mut out = Vec::new();
+        for r in &inner.roots {
+            out.extend(r.key.health());
+        }
+        for p in &inner.pins {
+            let configured = inner.roots.iter().any(|r| r.root_id == p.root_id);
+            let role = if configured { " (configured, opens the store)" } else { " (not configured here)" };
+            out.push(Check::pass(format!("root {} pinned", p.root_id), format!("{}{role}", p.description)));
+        }
+        if let Some(check) = inner.rotation_policy_check() {
+            out.push(check);
+        }
+        let perms = inner.store.permission_problems();
+        out.push(if perms.is_empty() {
+            Check::pass("store permissions", "file 600, directory 700")
+        } else {
+            Check::fail("store permissions", FailureClass::Other, perms.join("; "))
+        });
+        out.push(match inner.check_all_deks() {
+            Ok(n) => Check::pass("wrapped DEKs unwrap", format!("{n} wrapped DEKs opened under the configured roots")),
+            Err(e) => Check::error("wrapped DEKs unwrap", &e),
+        });
+        out.push(match inner.scan_records() {
+            Ok(s) if s.bad.is_empty() => Check::pass(
+                "record integrity scan",
+                format!(
+                    "{} records open{}",
+                    s.records - s.shredded,
+                    if s.shredded > 0 { format!(", {} shredded", s.shredded) } else { String::new() }
+                ),
+            ),
+            Ok(s) => Check::fail(
+                "record integrity scan",
+                FailureClass::Integrity,
+                format!("{} of {} records fail to open: {}", s.bad.len(), s.records, s.bad.join(", ")),
+            ),
+            Err(e) => Check::error("record integrity scan", &e),
+        });
+        out.push(match self.audit_verify() {
+            Ok(r) => match r.first_bad {
+                None => Check::pass("audit chain", format!("{} events verified", r.events)),
+                Some((seq, why)) => Check::fail("audit chain", FailureClass::Integrity, format!("event {seq}: {why}")),
+            },
+            Err(e) => Check::error("audit chain", &e),
+        });
+        out
+    }
+}
+
+impl Inner {
+    /// Active DEKs older than the rotation policy, if one is set.
+    fn rotation_policy_check(&self) -> Option<Check> {
+        let max = self.opts.max_dek_age?;
+        let t = crate::clock::now();
+        let deks = self.store.read().and_then(|txn| txn.deks(None, None)).unwrap_or_default();
+        let old: Vec<String> = deks
+            .iter()
+            .filter(|(_, e)| e.state == DekState::Active && t.saturating_sub(e.created) > max.as_secs())
+            .map(|(p, e)| format!("{p} v{} ({} days)", e.version, t.saturating_sub(e.created) / 86_400))
+            .collect();
+        Some(if old.is_empty() {
+            Check::pass(
+                "rotation policy",
+                format!("every active data key is younger than {} days", max.as_secs() / 86_400),
+            )
+        } else {
+            Check::warn(
+                "rotation policy",
+                format!(
+                    "older than the policy: {}; run `tokenguard rotate-dek PROVIDER` then `reencrypt`",
+                    old.join(", ")
+                ),
+            )
+        })
+    }
+
+    /// Unwraps every wrapped DEK under every configured root (bypassing the cache).
+    /// Retired and destroyed versions have no material left by design: nothing to
+    /// check, and not a failure.
+    fn check_all_deks(&self) -> Result<usize> {
+        let txn = self.store.read()?;
+        let mut n = 0;
+        for (p, e) in txn.deks(None, None)? {
+            if matches!(e.state, DekState::Retired | DekState::Destroyed) {
+                continue;
+            }
+            for r in &self.roots {
+                let w = e.for_root(r.root_id).ok_or(Error::integrity("finding a DEK wrapped for a configured root"))?;
+                Counters::add(&self.counters.unwraps, 1);
+                r.key.unwrap(w).map_err(|err| match err {
+                    Error::Integrity { .. } => {
+                        tracing::warn!(
+                            provider = p,
+                            version = e.version,
+                            root = r.root_id,
+                            "wrapped DEK does not unwrap"
+                        );
+                        Error::integrity("unwrapping a stored DEK")
+                    }
+                    other => other,
+                })?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Opens every record.
+    fn scan_records(&self) -> Result<Scan> {
+        let txn = self.store.read()?;
+        let mut scan = Scan { records: 0, shredded: 0, bad: Vec::new() };
+        txn.scan_records(None, &mut |p, name, rec| {
+            scan.records += 1;
+            let opened = rec.and_then(|rec| {
+                let c = self.cipher(&txn, p, name, rec.dek_version)?;
+                rec.open(&c.cipher, &self.store_id).map(drop)
+            });
+            match opened {
+                Ok(()) => {}
+                // Destroyed on purpose: unrecoverable by design, not damage.
+                Err(Error::Shredded { .. }) => scan.shredded += 1,
+                Err(_) => scan.bad.push(format!("{p}/{name}")),
+            }
+            Ok(ControlFlow::Continue(()))
+        })?;
+        Ok(scan)
+    }
+}

@@ -1,0 +1,166 @@
+//! Creating and opening a store: which configured roots are pinned in it, and the
+//! unwrap of the store's integrity key that proves one of them is the right key.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{ActiveRoot, Counters, GuardOptions, Inner, TokenGuard};
+use crate::audit::NewEvent;
+use crate::error::{Error, Result};
+use crate::root::RootKey;
+use crate::secret::DekMaterial;
+use crate::store::{RootPin, RootWrapped, Store, StoreMeta, StoreOptions, StoreRead};
+
+fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
+    if require && let Some(r) = roots.iter().find(|r| !r.is_hardware()) {
+        return Err(Error::Config(format!(
+            "require_hardware = true, but a {} root is configured; remove it or set require_hardware = false (development only)",
+            r.backend()
+        )));
+    }
+    if roots.is_empty() {
+        return Err(Error::Config("no root is configured: add a [[roots]] section".into()));
+    }
+    Ok(())
+}
+
+/// A root that depends on PCR values is never the only way in: a firmware update
+/// would lock the store.
+fn check_not_only_policy_bound(roots: &[Box<dyn RootKey>]) -> Result<()> {
+    if !roots.is_empty() && roots.iter().all(|r| r.is_policy_bound()) {
+        return Err(Error::Config(
+            "a PCR-bound TPM root cannot be the only root (a firmware or boot change would lock the store): \
+             add a second root, e.g. an HSM or an offline recovery key"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+impl TokenGuard {
+    /// Creates a new store at `path` pinned to `roots`; every root wraps the store's
+    /// integrity key (and later every DEK).
+    pub fn create(
+        path: &Path,
+        store_opts: StoreOptions,
+        roots: Vec<Box<dyn RootKey>>,
+        opts: GuardOptions,
+    ) -> Result<Self> {
+        check_hardware(&roots, opts.require_hardware)?;
+        check_not_only_policy_bound(&roots)?;
+        let mut pins = Vec::new();
+        for (i, r) in roots.iter().enumerate() {
+            let root_id = u16::try_from(i + 1).map_err(|_| Error::Config("too many roots".into()))?;
+            let id = r.identity()?;
+            pins.push(RootPin { root_id, pin: id.pin(), description: id.description });
+        }
+        let ik = DekMaterial::random()?;
+        let mut wrapped = Vec::new();
+        for (r, p) in roots.iter().zip(&pins) {
+            wrapped.push(RootWrapped { root_id: p.root_id, wrapped: r.wrap(&ik)? });
+        }
+        let meta = StoreMeta { store_id: crate::crypto::random_array()?, roots: pins.clone(), integrity_key: wrapped };
+        let active: Vec<ActiveRoot> =
+            roots.into_iter().zip(&pins).map(|(key, p)| ActiveRoot { root_id: p.root_id, key }).collect();
+        // The guard's audit key is needed inside the creating transaction; build the
+        // state first, then the store with the first event in the same commit.
+        let detail = pins.iter().map(|p| p.description.as_str()).collect::<Vec<_>>().join("; ");
+        let audit_key = crate::crypto::derive(ik.expose(), super::AUDIT_KEY_LABEL);
+        let store = Store::create(path, store_opts, &meta, crate::clock::now(), |txn| {
+            crate::audit::append(
+                txn,
+                &audit_key,
+                &opts.actor,
+                NewEvent { op: "init", outcome: "ok", detail, ..Default::default() },
+            )
+        })?;
+        let inner = Inner::new(store, meta.store_id, active, pins, &ik, opts)?;
+        Counters::add(&inner.counters.wraps, inner.roots.len() as u64);
+        tracing::info!(path = %path.display(), roots = inner.pins.len(), "created store");
+        Ok(TokenGuard { inner: Arc::new(inner) })
+    }
+
+    /// Opens an existing store. At least one of `roots` must be pinned in it and must
+    /// unwrap the store's integrity key; otherwise [`Error::WrongRoot`].
+    pub fn open(
+        path: &Path,
+        store_opts: StoreOptions,
+        roots: Vec<Box<dyn RootKey>>,
+        opts: GuardOptions,
+    ) -> Result<Self> {
+        check_hardware(&roots, opts.require_hardware)?;
+        let store = Store::open(path, store_opts)?;
+        let meta = store.read()?.meta()?;
+        let matched = match_pins(&meta.roots, &roots)?;
+        let ik = unwrap_integrity_key(&meta.roots, &meta.integrity_key, &matched, &roots)?;
+        let active = roots
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, key)| {
+                matched.iter().find(|(j, _)| *j == i).map(|(_, id)| ActiveRoot { root_id: *id, key })
+            })
+            .collect();
+        let inner = Inner::new(store, meta.store_id, active, meta.roots, &ik, opts)?;
+        Counters::add(&inner.counters.unwraps, 1);
+        tracing::debug!(path = %path.display(), "opened store; integrity key unwrapped");
+        Ok(TokenGuard { inner: Arc::new(inner) })
+    }
+}
+
+/// Which configured roots (by index) are pinned in the store, with their root ids.
+fn match_pins(pins: &[RootPin], roots: &[Box<dyn RootKey>]) -> Result<Vec<(usize, u16)>> {
+    let mut found = Vec::new();
+    let mut matched = Vec::new();
+    for (i, r) in roots.iter().enumerate() {
+        let id = r.identity()?;
+        match pins.iter().find(|p| p.pin == id.pin()) {
+            Some(p) => matched.push((i, p.root_id)),
+            None => found.push(id.description),
+        }
+    }
+    if matched.is_empty() {
+        return Err(Error::WrongRoot { pinned: describe_pins(pins), found: found.join(" and ") });
+    }
+    Ok(matched)
+}
+
+fn describe_pins(pins: &[RootPin]) -> String {
+    pins.iter().map(|p| p.description.clone()).collect::<Vec<_>>().join(" or ")
+}
+
+/// Unwraps the store's integrity key with the first matched root that can.
+fn unwrap_integrity_key(
+    pins: &[RootPin],
+    wrapped_ik: &[RootWrapped],
+    matched: &[(usize, u16)],
+    roots: &[Box<dyn RootKey>],
+) -> Result<DekMaterial> {
+    let mut last_err = None;
+    for (i, root_id) in matched {
+        let Some(w) = wrapped_ik.iter().find(|w| w.root_id == *root_id) else {
+            continue;
+        };
+        match roots[*i].unwrap(&w.wrapped) {
+            Ok(ik) => return Ok(ik),
+            Err(Error::Integrity { .. }) => {
+                last_err = Some(Error::WrongRoot {
+                    pinned: describe_pins(pins),
+                    found: "a key with the pinned identity that does not open this store (replaced or re-generated?)"
+                        .into(),
+                })
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| Error::integrity("finding the store's integrity key")))
+}
+
+/// The store's integrity key, unwrapped by one of `roots` (for restore).
+pub(crate) fn unlock_key(
+    pins: &[RootPin],
+    wrapped_ik: &[RootWrapped],
+    roots: &[Box<dyn RootKey>],
+) -> Result<DekMaterial> {
+    let matched = match_pins(pins, roots)?;
+    unwrap_integrity_key(pins, wrapped_ik, &matched, roots)
+}

@@ -1,0 +1,51 @@
+//! PIN sources. A PIN is never written in the config or on the command line:
+//! `pin_source` says where to read it — `env:VAR`, `file:PATH` (refused when group- or
+//! world-readable) or `prompt` (a terminal only). The PIN comes back as a
+//! [`SecretString`]; no error message ever carries it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+use crate::config::resolve_path;
+use crate::error::{Error, Result};
+
+/// Reads a PIN from its source. Never logs or returns it in an error.
+pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
+    if let Some(var) = source.strip_prefix("env:") {
+        let v = std::env::var(var)
+            .map_err(|_| Error::Config(format!("pin_source {source:?}: environment variable {var} is not set")))?;
+        return Ok(SecretString::from(v));
+    }
+    if let Some(p) = source.strip_prefix("file:") {
+        let path = resolve_path(base, Path::new(p));
+        let meta = std::fs::metadata(&path).map_err(|e| Error::Config(format!("pin file {}: {e}", path.display())))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "pin file {} is readable by group or others (mode {mode:o}); chmod 600 it",
+                path.display()
+            )));
+        }
+        let raw = Zeroizing::new(
+            std::fs::read(&path).map_err(|e| Error::Config(format!("pin file {}: {e}", path.display())))?,
+        );
+        let text = std::str::from_utf8(&raw)
+            .map_err(|_| Error::Config(format!("pin file {} is not UTF-8", path.display())))?;
+        return Ok(SecretString::from(text.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    if source == "prompt" {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            return Err(Error::Config(
+                "pin_source = \"prompt\" needs a terminal; use env: or file: for services".into(),
+            ));
+        }
+        let pin =
+            rpassword::prompt_password("Token PIN: ").map_err(|e| Error::Config(format!("reading the PIN: {e}")))?;
+        return Ok(SecretString::from(pin));
+    }
+    Err(Error::Config(format!("pin_source must be env:VAR, file:PATH or prompt (got {source:?})")))
+}
