@@ -4,7 +4,7 @@
 //! the overhead of tokenguard reads as a ratio. Runs on the same SoftHSM2 set-up as
 //! the tests (a per-run token directory). `TG_BENCH_SKIP_1M=1` leaves out the 1M-token
 //! scale point (it takes a minute to build).
-#![allow(missing_docs, clippy::unwrap_used)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;

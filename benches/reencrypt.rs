@@ -2,7 +2,7 @@
 //! on SoftHSM2, `rotate-dek`, then `reencrypt` in batches of 500 (and 5,000), timed
 //! end to end. Prints tokens per second; meanwhile a reader thread checks that reads
 //! keep working and reports their latency.
-#![allow(missing_docs, clippy::unwrap_used)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;

@@ -34,7 +34,7 @@ pub struct BackupSummary {
     pub deks: u64,
     /// Sealed records.
     pub tokens: u64,
-    /// Tombstones.
+    /// Tombstones of revoked tokens.
     pub tombstones: u64,
     /// Audit events.
     pub audit_events: u64,

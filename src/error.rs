@@ -148,7 +148,7 @@ pub enum Error {
         name: String,
         /// When, unix seconds.
         revoked_at: u64,
-        /// Why.
+        /// The reason recorded when it was revoked.
         reason: String,
     },
 
@@ -157,7 +157,7 @@ pub enum Error {
         "token {provider}/{name} is unrecoverable: data key version {version} of {provider} was destroyed (shredded)"
     )]
     Shredded {
-        /// Provider.
+        /// Provider of the token.
         provider: String,
         /// Name (empty when not known at the point of failure).
         name: String,
@@ -169,18 +169,18 @@ pub enum Error {
     /// re-authorise and store a new token set.
     #[error("token {provider}/{name} needs re-authorisation: the provider rejected its refresh token")]
     NeedsReauth {
-        /// Provider.
+        /// Provider of the token.
         provider: String,
-        /// Name.
+        /// Name of the token within its provider.
         name: String,
     },
 
     /// A refresh failed and the stored token cannot be served.
     #[error("refreshing {provider}/{name} failed: {detail}")]
     RefreshFailed {
-        /// Provider.
+        /// Provider of the token.
         provider: String,
-        /// Name.
+        /// Name of the token within its provider.
         name: String,
         /// What failed (never a token).
         detail: String,
@@ -189,7 +189,7 @@ pub enum Error {
     /// A DEK version cannot be retired while records use it.
     #[error("data keys of {provider} are still in use ({detail}): {records} records must move first")]
     InUse {
-        /// Provider.
+        /// Provider of the token.
         provider: String,
         /// Which versions and how many records each.
         detail: String,

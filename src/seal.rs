@@ -35,7 +35,7 @@ pub const STORE_ID_LEN: usize = 16;
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum TokenState {
-    /// Usable.
+    /// Usable (subject to its not-after).
     Active,
     /// The provider rejected its refresh token; a human must re-authorise.
     NeedsReauth,
@@ -193,19 +193,19 @@ impl<'a> ParsedRecord<'a> {
 /// decoded (no allocation). [`RecordView::metadata`] decodes it all on demand.
 pub struct RecordView<'a> {
     header_bytes: &'a [u8],
-    /// Provider.
+    /// Provider, as the header names it.
     pub provider: &'a str,
     /// Token name.
     pub name: &'a str,
     /// DEK version.
     pub dek_version: u32,
-    /// Not-after.
+    /// Not-after, unix seconds.
     pub expires_at: Option<u64>,
     /// First write.
     pub created: u64,
     /// Last write.
     pub updated: u64,
-    /// State.
+    /// Lifecycle state.
     pub state: TokenState,
     kind: SecretKind,
     token_type: Option<&'a str>,

@@ -1,59 +1,63 @@
-//! Types that carry secrets in and out of the guard.
+//! Types that carry secrets in and out of the guard: the crate's one vocabulary for
+//! secrets, built on `secrecy` (as the PINs are: [`secrecy::SecretString`]).
 //!
 //! None of them implements `Clone`, `Serialize` or a derived `Debug`: a secret is moved,
 //! never copied by accident, and printing one shows only its length. Memory is zeroized
-//! on drop (`zeroize`). `Zeroizing<T>` alone is not enough: it forwards `Debug`, so each
-//! type here writes its own.
+//! on drop (`secrecy` boxes zeroize). `Zeroizing<T>` alone is not enough for a type
+//! that leaves the crate: it forwards `Debug`, so each type here writes its own.
 
 use std::fmt;
 
+use secrecy::{ExposeSecret, SecretBox, SecretSlice};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
 
 /// Secret bytes: zeroized on drop, redacted in `Debug`, never cloned implicitly.
-pub struct SecretBytes(Zeroizing<Vec<u8>>);
+pub struct SecretBytes(SecretSlice<u8>);
 
 impl SecretBytes {
-    /// Takes ownership of `bytes`; they are zeroized when this value is dropped.
+    /// Takes ownership of `bytes`; they are zeroized when this value is dropped. The
+    /// bytes move into an exactly-sized box (shrinking a `Vec` in place could free its
+    /// old buffer unwiped); the `Vec` itself is zeroized, spare capacity included.
     pub fn new(bytes: Vec<u8>) -> Self {
-        SecretBytes(Zeroizing::new(bytes))
+        Self::from_slice(&Zeroizing::new(bytes))
     }
 
     /// Copies `bytes` into a new secret. The caller stays responsible for its own copy.
     pub fn from_slice(bytes: &[u8]) -> Self {
-        SecretBytes(Zeroizing::new(bytes.to_vec()))
+        SecretBytes(SecretSlice::from(bytes.to_vec()))
     }
 
     /// The secret itself. Keep the borrow short and do not copy it into plain memory.
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        self.0.expose_secret()
     }
 
     /// The secret as UTF-8, if it is valid UTF-8.
     pub fn expose_str(&self) -> Option<&str> {
-        std::str::from_utf8(&self.0).ok()
+        std::str::from_utf8(self.expose()).ok()
     }
 
     /// Length in bytes (not secret).
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.expose().len()
     }
 
     /// Whether the secret is empty.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.expose().is_empty()
     }
 
     /// An explicit copy, for the rare caller that needs two owners.
     pub fn duplicate(&self) -> Self {
-        Self::from_slice(&self.0)
+        Self::from_slice(self.expose())
     }
 }
 
 impl fmt::Debug for SecretBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretBytes([REDACTED; {} bytes])", self.0.len())
+        write!(f, "SecretBytes([REDACTED; {} bytes])", self.len())
     }
 }
 
@@ -182,11 +186,11 @@ impl Secret {
             }
             Secret::TokenSet(t) => {
                 out.push(PLAINTEXT_TOKEN_SET);
-                out.extend_from_slice(&(t.len() as u32).to_be_bytes());
+                out.extend_from_slice(&len_prefix(t.len()));
                 for (name, value) in t.iter() {
-                    out.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    out.extend_from_slice(&len_prefix(name.len()));
                     out.extend_from_slice(name.as_bytes());
-                    out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                    out.extend_from_slice(&len_prefix(value.len()));
                     out.extend_from_slice(value.expose());
                 }
             }
@@ -231,35 +235,41 @@ impl Secret {
     }
 }
 
+/// A `u32` big-endian length or count, as the codec writes them. Secrets are bounded
+/// at 64 KiB long before a `u32` could overflow; a larger value saturates and the
+/// strict decoder rejects the result.
+fn len_prefix(n: usize) -> [u8; 4] {
+    u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes()
+}
+
 const PLAINTEXT_RAW: u8 = 0x01;
 const PLAINTEXT_TOKEN_SET: u8 = 0x02;
 
 /// A 256-bit data-encryption key in the clear, only ever in memory: no `Clone`, no
 /// `Debug` of its bytes, zeroized on drop. Public so that a [`crate::root::RootKey`]
 /// can be implemented outside this crate; the guard never hands one to a caller.
-pub struct DekMaterial(Zeroizing<[u8; 32]>);
+pub struct DekMaterial(SecretBox<[u8; 32]>);
 
 impl DekMaterial {
     /// Copies exactly 32 bytes; any other length is an integrity failure.
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| Error::integrity("unwrapping a data key"))?;
-        Ok(DekMaterial(Zeroizing::new(arr)))
+        if bytes.len() != 32 {
+            return Err(Error::integrity("unwrapping a data key"));
+        }
+        Ok(DekMaterial(SecretBox::init_with_mut(|k: &mut [u8; 32]| k.copy_from_slice(bytes))))
     }
 
-    /// A fresh key from the operating system's CSPRNG.
+    /// A fresh key from the operating system's CSPRNG, drawn straight into the
+    /// zeroizing box.
     pub fn random() -> Result<Self> {
-        let mut k = Zeroizing::new([0u8; 32]);
-        getrandom::fill(&mut *k).map_err(|e| Error::Hardware {
-            backend: "os",
-            operation: "getrandom",
-            detail: e.to_string(),
-        })?;
-        Ok(DekMaterial(k))
+        let mut out = Ok(());
+        let k = SecretBox::init_with_mut(|k: &mut [u8; 32]| out = crate::crypto::fill_random(k));
+        out.map(|()| DekMaterial(k))
     }
 
     /// The key bytes, for a root to wrap.
     pub fn expose(&self) -> &[u8; 32] {
-        &self.0
+        self.0.expose_secret()
     }
 }
 

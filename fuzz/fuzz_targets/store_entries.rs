@@ -4,8 +4,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = tokenguard::store::schema::DekEntry::decode(data);
-    let _ = tokenguard::store::schema::decode_roots(data);
-    let _ = tokenguard::store::schema::decode_wrapped_key(data);
+    let _ = tokenguard::store::DekEntry::decode(data);
+    let _ = tokenguard::store::decode_roots(data);
+    let _ = tokenguard::store::decode_wrapped_key(data);
     let _ = tokenguard::audit::decode_entry(data);
 });

@@ -38,11 +38,11 @@ pub struct Stats {
 /// One DEK version as `stats` reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DekInfo {
-    /// Provider.
+    /// Provider the data key belongs to.
     pub provider: String,
-    /// Version.
+    /// Its version number (1, 2, …; never reused).
     pub version: u32,
-    /// State.
+    /// Lifecycle state (active, decrypt-only, retired, destroyed).
     pub state: DekState,
     /// Records sealed under it so far.
     pub encryptions: u64,

@@ -95,7 +95,7 @@ pub struct PutItem {
     pub name: String,
     /// The secret.
     pub secret: Secret,
-    /// Metadata.
+    /// Expiry, labels and OAuth metadata stored with it.
     pub options: PutOptions,
 }
 
@@ -109,7 +109,7 @@ pub struct GetOptions {
 /// What `list` shows of a token: never its secret.
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenInfo {
-    /// Provider.
+    /// Provider of the token.
     pub provider: String,
     /// Token name.
     pub name: String,
@@ -252,6 +252,32 @@ impl Inner {
 
     fn audit(&self, txn: &impl StoreWrite, ev: NewEvent<'_>) -> Result<()> {
         crate::audit::append(txn, &self.audit_key, &self.opts.actor, ev)
+    }
+
+    /// Ends `entries` of `provider` in `state` (retired or destroyed: the wrapped
+    /// material is erased), skipping any already there or destroyed, and audits
+    /// `op` with "`what` [versions]". Returns the versions changed; the caller drops
+    /// them from the cache once the transaction commits.
+    fn end_versions(
+        &self,
+        txn: &impl StoreWrite,
+        provider: &str,
+        entries: impl Iterator<Item = crate::store::DekEntry>,
+        state: DekState,
+        op: &str,
+        what: &str,
+    ) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for e in entries {
+            if e.state == state || e.state == DekState::Destroyed {
+                continue;
+            }
+            out.push(e.version);
+            self.set_dek_state(txn, provider, e, state)?;
+        }
+        let detail = format!("{what} {out:?}");
+        self.audit(txn, NewEvent { op, provider, outcome: "ok", detail, ..Default::default() })?;
+        Ok(out)
     }
 
     /// Changes a DEK's state; retiring or destroying erases its wrapped material.

@@ -154,7 +154,7 @@ impl std::fmt::Display for Outcome {
 /// Outcome of one refresh attempt, for `refresh --due`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RefreshOutcome {
-    /// Provider.
+    /// Provider of the token refreshed.
     pub provider: String,
     /// Token name.
     pub name: String,
@@ -392,7 +392,7 @@ impl TokenGuard {
                         provider,
                         name,
                         attempt,
-                        delay_ms = delay.as_millis() as u64,
+                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                         "refresh failed transiently"
                     );
                     if valid && !force {

@@ -23,9 +23,9 @@ pub use crate::store::Tombstone;
 pub enum RevokeTarget<'a> {
     /// One token.
     One {
-        /// Provider.
+        /// Provider of the token.
         provider: &'a str,
-        /// Name.
+        /// Name of the token.
         name: &'a str,
     },
     /// Every token of a provider.
@@ -43,19 +43,19 @@ pub enum RevokeTarget<'a> {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum TokenStatus {
-    /// Usable.
+    /// Usable: not expired, not revoked, not awaiting re-authorisation.
     Active {
-        /// Metadata.
+        /// Its authenticated metadata.
         meta: Metadata,
     },
     /// Past its not-after.
     Expired {
-        /// Metadata.
+        /// Its authenticated metadata.
         meta: Metadata,
     },
     /// The provider refused its refresh token; needs a human.
     NeedsReauth {
-        /// Metadata.
+        /// Its authenticated metadata.
         meta: Metadata,
     },
     /// Revoked; only the tombstone remains.
@@ -65,7 +65,7 @@ pub enum TokenStatus {
     },
     /// Its provider's keys were destroyed: unrecoverable.
     Shredded {
-        /// Metadata.
+        /// Its authenticated metadata.
         meta: Metadata,
     },
 }
@@ -205,24 +205,8 @@ impl TokenGuard {
             if entries.is_empty() {
                 return Err(Error::NotFound { provider: provider.into(), name: "(no data keys)".into() });
             }
-            let mut out = Vec::new();
-            for (_, e) in entries {
-                if e.state != DekState::Destroyed {
-                    out.push(e.version);
-                    inner.set_dek_state(txn, provider, e, DekState::Destroyed)?;
-                }
-            }
-            inner.audit(
-                txn,
-                NewEvent {
-                    op: "shred",
-                    provider,
-                    outcome: "ok",
-                    detail: format!("destroyed versions {out:?}"),
-                    ..Default::default()
-                },
-            )?;
-            Ok(out)
+            let entries = entries.into_iter().map(|(_, e)| e);
+            inner.end_versions(txn, provider, entries, DekState::Destroyed, "shred", "destroyed versions")
         })?;
         inner.cache.forget(provider, &destroyed);
         Ok(destroyed)

@@ -40,7 +40,7 @@ impl Default for ReencryptOptions {
 /// What a re-encryption did (or, dry, would do) for one provider.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReencryptReport {
-    /// Provider.
+    /// Provider whose records were re-encrypted.
     pub provider: String,
     /// The version records were moved to.
     pub target_version: u32,
@@ -229,25 +229,7 @@ impl TokenGuard {
                     records: total,
                 });
             }
-            let mut out = Vec::new();
-            for e in entries {
-                if matches!(e.state, DekState::Retired | DekState::Destroyed) {
-                    continue;
-                }
-                out.push(e.version);
-                inner.set_dek_state(txn, provider, e, DekState::Retired)?;
-            }
-            inner.audit(
-                txn,
-                NewEvent {
-                    op: "retire",
-                    provider,
-                    outcome: "ok",
-                    detail: format!("versions {out:?}"),
-                    ..Default::default()
-                },
-            )?;
-            Ok(out)
+            inner.end_versions(txn, provider, entries.into_iter(), DekState::Retired, "retire", "versions")
         })?;
         inner.cache.forget(provider, &retired);
         Ok(retired)

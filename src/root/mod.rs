@@ -182,7 +182,7 @@ impl FailureClass {
 pub struct Check {
     /// What was checked.
     pub name: String,
-    /// Outcome.
+    /// Pass, warning or failure.
     pub status: Status,
     /// Detail or advice.
     pub detail: String,

@@ -82,7 +82,7 @@ fn parse_key(raw: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
     for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
         let hi = (chunk[0] as char).to_digit(16)?;
         let lo = (chunk[1] as char).to_digit(16)?;
-        key[i] = (hi * 16 + lo) as u8;
+        key[i] = u8::try_from(hi * 16 + lo).ok()?;
     }
     Some(key)
 }

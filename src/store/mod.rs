@@ -30,9 +30,20 @@ use std::time::Duration;
 use crate::error::Result;
 use crate::seal::{RecordView, STORE_ID_LEN};
 
-pub use redb_store::Store;
+pub(crate) use redb_store::Store;
 pub(crate) use redb_store::WriteTxn;
 pub use schema::{DekEntry, DekState, RootPin, RootWrapped, Tombstone};
+
+/// Decodes the pinned-roots value of a store or backup (docs/FORMAT.md): the
+/// deliberate way in to the store's encodings for independent verifiers and fuzzing.
+pub fn decode_roots(bytes: &[u8]) -> Result<Vec<RootPin>> {
+    schema::decode_roots(bytes)
+}
+
+/// Decodes a wrapped-integrity-key value (docs/FORMAT.md), as [`decode_roots`].
+pub fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
+    schema::decode_wrapped_key(bytes)
+}
 
 /// Schema version written by this build.
 pub const SCHEMA_VERSION: u32 = 1;

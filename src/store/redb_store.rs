@@ -56,7 +56,7 @@ from_redb!(
 );
 
 /// An open store.
-pub struct Store {
+pub(crate) struct Store {
     db: Database,
     path: PathBuf,
     opts: StoreOptions,
@@ -185,11 +185,6 @@ impl Store {
         &self.path
     }
 
-    /// Options in force.
-    pub fn options(&self) -> StoreOptions {
-        self.opts
-    }
-
     /// A consistent read snapshot.
     pub(crate) fn read(&self) -> Result<ReadTxn> {
         Ok(ReadTxn(self.db.begin_read()?))
@@ -240,17 +235,6 @@ impl Store {
             }
         }
         out
-    }
-
-    /// redb's own structural check (B-tree and checksums). Needs exclusive access.
-    pub fn check_file_integrity(path: &Path) -> Result<bool> {
-        let mut db = builder(&StoreOptions { mode: StoreMode::Exclusive, ..Default::default() }).open(path).map_err(
-            |e| match e {
-                DatabaseError::DatabaseAlreadyOpen => Error::StoreBusy { path: path.into(), waited_ms: 0 },
-                e => map_db_error(path, e),
-            },
-        )?;
-        db.check_integrity().map_err(|e| map_db_error(path, e))
     }
 }
 

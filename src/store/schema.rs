@@ -149,7 +149,7 @@ pub(crate) fn encode_roots(roots: &[RootPin]) -> Vec<u8> {
 }
 
 /// Decodes the pinned-roots meta value.
-pub fn decode_roots(bytes: &[u8]) -> Result<Vec<RootPin>> {
+pub(crate) fn decode_roots(bytes: &[u8]) -> Result<Vec<RootPin>> {
     let f = || -> Result<Vec<RootPin>, Malformed> {
         let mut r = Reader::new(bytes);
         if r.u8()? != ENTRY_FORMAT_V1 {
@@ -174,7 +174,7 @@ pub(crate) fn encode_wrapped_key(list: &[RootWrapped]) -> Vec<u8> {
 }
 
 /// Decodes the wrapped integrity-key meta value.
-pub fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
+pub(crate) fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
     let f = || -> Result<Vec<RootWrapped>, Malformed> {
         let mut r = Reader::new(bytes);
         if r.u8()? != ENTRY_FORMAT_V1 {
@@ -192,9 +192,9 @@ pub fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
 pub struct Tombstone {
     /// When, unix seconds.
     pub revoked_at: u64,
-    /// Why.
+    /// The reason given (`revoke --reason`).
     pub reason: String,
-    /// Who.
+    /// The audit actor that revoked it.
     pub actor: String,
     /// The token's not-after when it was revoked.
     pub expires_at: Option<u64>,

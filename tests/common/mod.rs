@@ -343,7 +343,8 @@ impl Swtpm {
         self.spawn();
     }
 
-    /// Extends a PCR through the TPM (as a boot component would).
+    /// Stops the TPM, deletes its state (as a TPM clear, or another machine, would)
+    /// and starts it again on the same port.
     pub fn wipe_state(&mut self) {
         self.stop();
         for f in files_below(&self.dir) {

@@ -38,7 +38,7 @@ pub enum Command {
     },
     /// Delete a token.
     Delete {
-        /// Provider.
+        /// Provider (github, slack, google, jira, …).
         provider: String,
         /// Token name.
         name: String,
@@ -62,7 +62,7 @@ pub enum Command {
     Audit(AuditCommand),
     /// A token's state: active, expired, needs-reauth, revoked or shredded.
     Status {
-        /// Provider.
+        /// Provider (github, slack, google, jira, …).
         provider: String,
         /// Token name.
         name: String,
@@ -89,7 +89,7 @@ pub enum Command {
     },
     /// New DEK version for a provider's new writes (old records stay readable).
     RotateDek {
-        /// Provider.
+        /// Provider (github, slack, google, jira, …).
         provider: String,
     },
     /// Move records sealed under older DEK versions to the active one.
@@ -108,7 +108,7 @@ pub enum Command {
     },
     /// Retire DEK versions below VERSION (refused while any record uses them).
     Retire {
-        /// Provider.
+        /// Provider (github, slack, google, jira, …).
         provider: String,
         /// Retire versions strictly below this one.
         #[arg(long)]
@@ -116,7 +116,7 @@ pub enum Command {
     },
     /// Destroy every DEK of a provider: its tokens become unrecoverable.
     Shred {
-        /// Provider.
+        /// Provider (github, slack, google, jira, …).
         provider: String,
         /// Do not ask for confirmation.
         #[arg(long)]
@@ -184,7 +184,7 @@ pub struct PutArgs {
 
 #[derive(Debug, Args)]
 pub struct RevokeArgs {
-    /// Provider.
+    /// Provider (github, slack, google, jira, …).
     pub provider: Option<String>,
     /// Token name (omit with --all or --label).
     pub name: Option<String>,
@@ -238,7 +238,7 @@ pub enum RootCommand {
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// Provider.
+    /// Provider (github, slack, google, jira, …).
     pub provider: String,
     /// Token name.
     pub name: String,

@@ -21,13 +21,13 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
+            return if e.use_stderr() { exit_code(exit::USAGE) } else { ExitCode::SUCCESS };
         }
     };
     init_logging();
     let json = cli.json;
     match commands::run(cli) {
-        Ok(code) => ExitCode::from(code as u8),
+        Ok(code) => exit_code(code),
         Err(e) => {
             let mut err = std::io::stderr().lock();
             if json {
@@ -43,9 +43,14 @@ fn main() -> ExitCode {
                     let _ = writeln!(err, "hint: {h}");
                 }
             }
-            ExitCode::from(e.exit_code() as u8)
+            exit_code(e.exit_code())
         }
     }
+}
+
+/// A process exit code from the table in `tokenguard::error::exit` (all fit in a byte).
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn init_logging() {

@@ -18,7 +18,7 @@
 //!   mechanism is `CKM_AES_KEY_WRAP` (RFC 3394): it is defined identically by every
 //!   vendor, whereas `0x210A` means RFC 5649 on SoftHSM2 but PKCS#7-padded KW in the
 //!   PKCS#11 2.40 text. Then `0x210A`, then AES-GCM `C_Encrypt` as a last resort. KWP
-//!   (`0x210B`) cannot be expressed through cryptoki 0.12 (docs/DECISIONS.md).
+//!   (`0x210B`) cannot be expressed through cryptoki 0.12 (docs/DESIGN-NOTES.md, "Wrap mechanism order").
 //! - **DEKs are generated in the token** as session objects, wrapped, their value read
 //!   once into zeroizing memory, and the object destroyed.
 //! - **Tampered blobs**: SoftHSM2 reports `CKR_GENERAL_ERROR` and kryoptic
