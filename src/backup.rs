@@ -84,24 +84,43 @@ pub fn write_backup(guard: &TokenGuard, path: &Path) -> Result<BackupSummary> {
     if path.exists() {
         return Err(Error::InvalidInput(format!("{} exists; choose a new backup file name", path.display())));
     }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(Error::InvalidInput(format!(
+            "directory {} does not exist; create it first (mkdir -p -m 700 {})",
+            dir.display(),
+            dir.display()
+        )));
+    }
     let (bytes, summary) = export(guard)?;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(Error::io("creating backup", &tmp))?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| Error::Io {
+        operation: "creating backup",
+        path: path.into(),
+        source: e,
+    })?;
     let res = f.write_all(&bytes).and_then(|_| f.sync_all());
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);
-        return Err(Error::Io { operation: "writing backup", path: tmp, source: e });
+        return Err(Error::Io { operation: "writing backup", path: path.into(), source: e });
     }
     fs::rename(&tmp, path).map_err(Error::io("renaming backup into place", path))?;
-    guard
-        .store()
-        .write(|txn| guard.audit_in(txn, "backup", format!("{} tokens to {}", summary.tokens, path.display())))?;
+    audit_backup(guard, &summary, &path.display().to_string())?;
     Ok(summary)
+}
+
+/// Writes a backup of `guard` to `out` (e.g. stdout, `backup -`); `to` names it in
+/// the audit trail.
+pub fn write_backup_to(guard: &TokenGuard, out: &mut impl Write, to: &str) -> Result<BackupSummary> {
+    let (bytes, summary) = export(guard)?;
+    out.write_all(&bytes).map_err(|e| Error::Io { operation: "writing backup to", path: to.into(), source: e })?;
+    audit_backup(guard, &summary, to)?;
+    Ok(summary)
+}
+
+fn audit_backup(guard: &TokenGuard, summary: &BackupSummary, to: &str) -> Result<()> {
+    guard.store().write(|txn| guard.audit_in(txn, "backup", format!("{} tokens to {to}", summary.tokens)))
 }
 
 fn parse(body: &[u8]) -> Result<Dump, Malformed> {

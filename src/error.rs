@@ -34,24 +34,52 @@ pub mod exit {
     pub const EXPIRED: i32 = 7;
     /// Configuration error.
     pub const CONFIG: i32 = 8;
+    /// Interrupted at a prompt (Ctrl-C), the terminal restored: 128 + SIGINT, as a
+    /// shell reports it.
+    pub const INTERRUPTED: i32 = 130;
+    /// Standard output was closed by its reader (`tokenguard list | head -1`): the
+    /// CLI stops quietly with the status a shell gives `ls | head` (128 + SIGPIPE).
+    pub const CLOSED_PIPE: i32 = 141;
 
     /// Every exit code with its meaning, in order.
     pub const TABLE: &[(i32, &str)] = &[
         (OK, "ok"),
         (OTHER, "other error"),
-        (USAGE, "usage"),
-        (NOT_FOUND, "not found"),
-        (INTEGRITY, "integrity failure (tamper, wrong root)"),
-        (HARDWARE, "hardware or authentication"),
-        (BUSY, "store busy"),
+        (USAGE, "usage or invalid input"),
+        (NOT_FOUND, "not found (token, field, store)"),
+        (INTEGRITY, "integrity failure: tampering, corruption, wrong root key"),
+        (HARDWARE, "hardware or authentication: module, token, PIN, TPM"),
+        (BUSY, "store busy: held by another process beyond `busy_timeout_ms`"),
         (EXPIRED, "expired or revoked"),
         (CONFIG, "configuration"),
+        (INTERRUPTED, "interrupted at a prompt (Ctrl-C); the terminal is restored"),
+        (CLOSED_PIPE, "stdout closed by its reader (piped into `head`); it stops quietly, as `ls` does"),
     ];
 
-    /// The table as one line of help text.
+    /// The table as help text.
     pub fn help_text() -> String {
-        let codes: Vec<String> = TABLE.iter().map(|(c, m)| format!("{c} {m}")).collect();
-        format!("Exit codes: {}.", codes.join(", "))
+        let codes: Vec<String> = TABLE.iter().map(|(c, m)| format!("  {c}  {}", m.replace('`', ""))).collect();
+        format!("Exit codes:\n{}", codes.join("\n"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// The README's table is this table, row for row.
+        #[test]
+        fn readme_table_is_the_code_table() {
+            let readme = include_str!("../README.md");
+            let section = readme.split("### Exit codes").nth(1).expect("README has an exit-code section");
+            let rows: Vec<(i32, &str)> = section
+                .lines()
+                .skip_while(|l| !l.starts_with('|'))
+                .take_while(|l| l.starts_with('|'))
+                .filter_map(|l| {
+                    let mut cells = l.split('|').map(str::trim).filter(|c| !c.is_empty());
+                    Some((cells.next()?.parse().ok()?, cells.next()?))
+                })
+                .collect();
+            assert_eq!(rows, super::TABLE);
+        }
     }
 }
 
@@ -205,6 +233,15 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// `put --no-overwrite` of a token that exists.
+    #[error("token {provider}/{name} exists (and --no-overwrite was given)")]
+    Exists {
+        /// Provider of the token.
+        provider: String,
+        /// Name of the token within its provider.
+        name: String,
+    },
+
     /// `init` on a store that already exists, or `restore` over a non-empty store.
     #[error("store {0} already exists")]
     StoreExists(PathBuf),
@@ -243,6 +280,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The user pressed Ctrl-C at a prompt.
+    #[error("interrupted")]
+    Interrupted,
+
     /// A backend was named that this build does not include.
     #[error("backend {0:?} is not compiled into this build (enable the cargo feature of the same name)")]
     BackendNotCompiled(&'static str),
@@ -262,7 +303,8 @@ impl Error {
             Error::RefreshFailed { .. } => exit::OTHER,
             Error::InUse { .. } => exit::OTHER,
             Error::Config(_) | Error::BackendNotCompiled(_) => exit::CONFIG,
-            Error::InvalidInput(_) => exit::USAGE,
+            Error::Interrupted => exit::INTERRUPTED,
+            Error::InvalidInput(_) | Error::Exists { .. } => exit::USAGE,
             Error::StoreExists(_) | Error::UnsupportedVersion { .. } | Error::Store { .. } | Error::Io { .. } => {
                 exit::OTHER
             }
@@ -283,6 +325,11 @@ impl Error {
             }
             Error::Auth { .. } => {
                 "check the PIN named by pin_source in the config; repeated failures may lock the token".into()
+            }
+            Error::Hardware { backend: "pkcs11", operation: "finding the root key", .. } => {
+                "run `tokenguard init` to create the store and its root key in the token \
+                 (or check key_label / object= in the config)"
+                    .into()
             }
             Error::Hardware { backend: "pkcs11", .. } => {
                 "check module and token in the config, or run ./softhsm-setup.sh for a development token".into()
@@ -310,6 +357,9 @@ impl Error {
             Error::Revoked { .. } => "store a new token with `tokenguard put` if the credential was re-issued".into(),
             Error::Config(_) => "see hsm-config/ for commented reference configurations".into(),
             Error::StoreExists(_) => "choose another store path, or use the existing store".into(),
+            Error::Exists { provider, name } => {
+                format!("drop --no-overwrite to replace it, or `tokenguard revoke {provider}/{name}` first")
+            }
             Error::BackendNotCompiled(b) => {
                 format!("rebuild with `cargo build --features {b}`, or remove that root from the config")
             }

@@ -17,12 +17,14 @@ pub mod seal;
 pub mod secret;
 pub mod store;
 mod sync;
+pub mod token_response;
+pub mod tty;
 
 pub use cache::CacheLimits;
 pub use clock::now;
 pub use config::Config;
 pub use error::{Error, Result};
-pub use guard::{GetOptions, GuardOptions, PutItem, PutOptions, Stats, TokenGuard, TokenInfo};
+pub use guard::{Condition, GetOptions, GuardOptions, PutItem, PutOptions, Stats, TokenGuard, TokenInfo};
 pub use seal::{Metadata, SecretKind, TokenState};
 pub use secret::{DekMaterial, Secret, SecretBytes, TokenSet};
 pub use store::{StoreMode, StoreOptions};

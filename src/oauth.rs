@@ -88,16 +88,6 @@ pub fn check_endpoint(url: &str) -> Result<()> {
 }
 
 #[derive(Deserialize)]
-struct TokenResponse {
-    access_token: Option<String>,
-    refresh_token: Option<String>,
-    id_token: Option<String>,
-    token_type: Option<String>,
-    expires_in: Option<serde_json::Value>,
-    scope: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct ErrorResponse {
     error: Option<String>,
 }
@@ -208,31 +198,25 @@ impl Refresher for OAuthClient {
         })?);
         match status {
             200 => {
-                let r: TokenResponse = serde_json::from_str(&text).map_err(|_| RefreshError::Transient {
+                let not_a_response = || RefreshError::Transient {
                     detail: "token endpoint answered 200 with a body that is not a token response".into(),
                     retry_after: None,
-                })?;
-                let access = r.access_token.ok_or_else(|| RefreshError::Transient {
-                    detail: "token response has no access_token".into(),
-                    retry_after: None,
-                })?;
-                let mut tokens = TokenSet::new().with(field::ACCESS_TOKEN, access);
-                if let Some(rt) = r.refresh_token {
-                    tokens.insert(field::REFRESH_TOKEN, SecretBytes::from(rt));
-                }
-                if let Some(id) = r.id_token {
-                    tokens.insert(field::ID_TOKEN, SecretBytes::from(id));
-                }
-                let expires_in = match r.expires_in {
-                    Some(serde_json::Value::Number(n)) => n.as_u64(),
-                    Some(serde_json::Value::String(s)) => s.parse().ok(),
-                    _ => None,
                 };
+                let now = crate::clock::now();
+                let r = crate::token_response::parse(text.as_bytes(), now)
+                    .map_err(|_| not_a_response())?
+                    .ok_or_else(not_a_response)?;
+                if r.tokens.get(field::ACCESS_TOKEN).is_none() {
+                    return Err(RefreshError::Transient {
+                        detail: "token response has no access_token".into(),
+                        retry_after: None,
+                    });
+                }
                 Ok(RefreshedTokens {
-                    tokens,
-                    expires_in,
+                    tokens: r.tokens,
+                    expires_in: r.expires_at.map(|at| at.saturating_sub(now)),
                     token_type: r.token_type,
-                    scopes: r.scope.map(|s| s.split_whitespace().map(str::to_owned).collect()),
+                    scopes: r.scopes,
                 })
             }
             429 => Err(RefreshError::Transient { detail: "rate limited (429)".into(), retry_after: ra }),

@@ -43,9 +43,8 @@ pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
                 "pin_source = \"prompt\" needs a terminal; use env: or file: for services".into(),
             ));
         }
-        let pin =
-            rpassword::prompt_password("Token PIN: ").map_err(|e| Error::Config(format!("reading the PIN: {e}")))?;
-        return Ok(SecretString::from(pin));
+        let pin = crate::tty::read_hidden("Token PIN: ")?;
+        return Ok(SecretString::from(pin.as_str()));
     }
     Err(Error::Config(format!("pin_source must be env:VAR, file:PATH or prompt (got {source:?})")))
 }

@@ -105,7 +105,9 @@ pub struct Metadata {
     pub updated: u64,
     /// Not-after (unix seconds); `None` for a token that does not expire.
     pub expires_at: Option<u64>,
-    /// Lifecycle state.
+    /// Stored lifecycle state. Not serialised: outputs carry one computed status
+    /// ([`crate::guard::Condition`]) instead, so "active" never stands beside "expired".
+    #[serde(skip)]
     pub state: TokenState,
     /// Raw secret or token set.
     pub kind: SecretKind,

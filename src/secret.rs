@@ -81,6 +81,9 @@ pub mod field {
     pub const REFRESH_TOKEN: &str = "refresh_token";
     /// OpenID Connect ID token.
     pub const ID_TOKEN: &str = "id_token";
+    /// A bare `token` (GitHub App installation tokens): the access token of a set
+    /// that has no `access_token`.
+    pub const TOKEN: &str = "token";
 }
 
 /// A set of named secret fields, as an OAuth token response carries
@@ -166,12 +169,12 @@ impl Secret {
 
     /// The field `name` of a token set, or the whole raw secret when `name` is `None`.
     /// A raw secret has no named fields; a token set without a name yields its
-    /// `access_token`.
+    /// `access_token` (or its `token`, when it has no `access_token`).
     pub fn field(&self, name: Option<&str>) -> Option<&SecretBytes> {
         match (self, name) {
             (Secret::Raw(s), None) => Some(s),
             (Secret::Raw(_), Some(_)) => None,
-            (Secret::TokenSet(t), None) => t.get(field::ACCESS_TOKEN),
+            (Secret::TokenSet(t), None) => t.get(field::ACCESS_TOKEN).or_else(|| t.get(field::TOKEN)),
             (Secret::TokenSet(t), Some(n)) => t.get(n),
         }
     }

@@ -64,7 +64,22 @@ fn snapshot_cases() {
                 stdout: Some(""),
                 stderr: "error: no token github/nobody in the store\nhint: `tokenguard list` shows what is stored\n",
             },
-            Case { args: &["put", "github", "old", "--expires-at", "1000"], stdin: b"ghp_OLD", code: 0, stdout: Some(""), stderr: "" },
+            // A not-after in the past is refused on the command line …
+            Case {
+                args: &["put", "github", "old", "--expires-at", "1000"],
+                stdin: b"ghp_OLD",
+                code: 2,
+                stdout: Some(""),
+                stderr: "error: invalid input: --expires-at \"1000\" is not in the future\n",
+            },
+            // … but a provider's response is stored as it came (a GitHub App token).
+            Case {
+                args: &["put", "github", "old"],
+                stdin: br#"{"token":"ghp_OLD","expires_at":"1970-01-01T00:16:40Z","permissions":{"contents":"read"}}"#,
+                code: 0,
+                stdout: Some(""),
+                stderr: "",
+            },
             Case {
                 args: &["get", "github", "old"],
                 stdin: b"",
@@ -85,7 +100,9 @@ fn snapshot_cases() {
                 stdin: b"s",
                 code: 2,
                 stdout: Some(""),
-                stderr: "error: invalid input: provider must be 1-128 characters of A-Z a-z 0-9 . _ @ + : - (got 7 bytes)\n",
+                stderr: "error: invalid input: provider: character ' ' at position 4 is not allowed; names are 1-128 \
+                         characters of A-Z a-z 0-9 . _ @ + : - (safe unquoted in shells, file names, URLs and audit lines; \
+                         `/` separates provider and name); case matters\n",
             },
             Case {
                 args: &["put", "github", "x", "--expires-in", "soon"],
@@ -103,12 +120,13 @@ fn snapshot_cases() {
                 stderr: "error: no token github/old in the store\nhint: `tokenguard list` shows what is stored\n",
             },
             Case { args: &["audit", "verify"], stdin: b"", code: 0, stdout: None, stderr: "" },
+            // A second init of the store this config opens is a no-op, and says so.
             Case {
                 args: &["init"],
                 stdin: b"",
-                code: 1,
-                stdout: Some(""),
-                stderr: "error: store [DIR]/store/tokens.redb already exists\nhint: choose another store path, or use the existing store\n",
+                code: 0,
+                stdout: Some("store [DIR]/store/tokens.redb is already initialised; nothing to do\n"),
+                stderr: "",
             },
         ],
     );

@@ -106,6 +106,46 @@ pub struct GetOptions {
     pub allow_expired: bool,
 }
 
+/// What a token is now: the one status every output shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Condition {
+    /// Usable.
+    Active,
+    /// Past its not-after.
+    Expired,
+    /// The provider refused its refresh token: a human must re-authorise.
+    NeedsReauth,
+    /// Its provider's data keys were destroyed: unrecoverable.
+    Shredded,
+}
+
+impl Condition {
+    /// The condition of a record with `meta`, sealed under a DEK version that is
+    /// `destroyed` or not, at `now`.
+    pub fn of(meta: &Metadata, destroyed: bool, now: u64) -> Self {
+        if destroyed {
+            Condition::Shredded
+        } else if meta.state == crate::seal::TokenState::NeedsReauth {
+            Condition::NeedsReauth
+        } else if meta.is_expired_at(now) {
+            Condition::Expired
+        } else {
+            Condition::Active
+        }
+    }
+
+    /// The name printed and serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Condition::Active => "active",
+            Condition::Expired => "expired",
+            Condition::NeedsReauth => "needs_reauth",
+            Condition::Shredded => "shredded",
+        }
+    }
+}
+
 /// What `list` shows of a token: never its secret.
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenInfo {
@@ -113,6 +153,8 @@ pub struct TokenInfo {
     pub provider: String,
     /// Token name.
     pub name: String,
+    /// What it is now.
+    pub status: Condition,
     /// DEK version that sealed it.
     pub dek_version: u32,
     /// Metadata (as stored; authenticated when the token is opened).
@@ -172,18 +214,31 @@ impl std::fmt::Debug for TokenGuard {
 const MAX_IDENT: usize = 128;
 const IDENT_PUNCTUATION: &[u8] = b"._@+:-";
 
-/// Checks a provider or token name: 1–128 bytes of `[A-Za-z0-9._@+:-]`.
+/// The rule every provider, token name, label key and token-set field name follows,
+/// and why.
+pub const IDENT_RULE: &str = "names are 1-128 characters of A-Z a-z 0-9 . _ @ + : - (safe unquoted in shells, \
+     file names, URLs and audit lines; `/` separates provider and name); case matters";
+
+/// Checks a provider or token name against [`IDENT_RULE`]. The error names the first
+/// character that is not allowed and its position, never the value (a secret typed
+/// in the wrong place must not reach a log).
 pub fn validate_ident(kind: &str, s: &str) -> Result<()> {
-    let ok = !s.is_empty()
-        && s.len() <= MAX_IDENT
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || IDENT_PUNCTUATION.contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidInput(format!(
-            "{kind} must be 1-{MAX_IDENT} characters of A-Z a-z 0-9 . _ @ + : - (got {} bytes)",
-            s.len()
-        )))
+    if s.is_empty() || s.len() > MAX_IDENT {
+        return Err(Error::InvalidInput(format!("{kind} is {} bytes long; {IDENT_RULE}", s.len())));
+    }
+    match s
+        .char_indices()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || c.is_ascii() && IDENT_PUNCTUATION.contains(&(*c as u8))))
+    {
+        None => Ok(()),
+        Some((i, c)) => {
+            let shown =
+                if c.is_ascii_graphic() || c == ' ' { format!("{c:?}") } else { format!("U+{:04X}", u32::from(c)) };
+            Err(Error::InvalidInput(format!(
+                "{kind}: character {shown} at position {} is not allowed; {IDENT_RULE}",
+                i + 1
+            )))
+        }
     }
 }
 

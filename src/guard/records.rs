@@ -38,18 +38,34 @@ fn validate_item(it: &PutItem) -> Result<()> {
 impl TokenGuard {
     /// Seals and stores `secret` under (provider, name), replacing any earlier value.
     pub fn put(&self, provider: &str, name: &str, secret: Secret, options: PutOptions) -> Result<Metadata> {
+        self.put_checked(provider, name, secret, options, true).map(|(m, _)| m)
+    }
+
+    /// As [`TokenGuard::put`]; with `overwrite` false, an existing token is refused
+    /// ([`Error::Exists`]) in the same transaction that would replace it. Returns the
+    /// metadata written and whether a token was replaced.
+    pub fn put_checked(
+        &self,
+        provider: &str,
+        name: &str,
+        secret: Secret,
+        options: PutOptions,
+        overwrite: bool,
+    ) -> Result<(Metadata, bool)> {
         let item = PutItem { provider: provider.into(), name: name.into(), secret, options };
-        let mut out = self.put_items(std::slice::from_ref(&item), "put")?;
-        out.pop().ok_or_else(|| Error::integrity("storing a record"))
+        let (mut out, replaced) = self.put_items(std::slice::from_ref(&item), "put", overwrite)?;
+        Ok((out.pop().ok_or_else(|| Error::integrity("storing a record"))?, replaced > 0))
     }
 
     /// Stores many tokens in one transaction: one durable commit for all of them.
     pub fn put_many(&self, items: Vec<PutItem>) -> Result<usize> {
-        self.put_items(&items, "put_many")?;
+        self.put_items(&items, "put_many", true)?;
         Ok(items.len())
     }
 
-    fn put_items(&self, items: &[PutItem], op: &str) -> Result<Vec<Metadata>> {
+    /// Writes `items` in one transaction; returns their metadata and how many
+    /// replaced an existing token.
+    fn put_items(&self, items: &[PutItem], op: &str, overwrite: bool) -> Result<(Vec<Metadata>, usize)> {
         for it in items {
             validate_item(it)?;
         }
@@ -61,25 +77,38 @@ impl TokenGuard {
                 *upcoming.entry(it.provider.as_str()).or_default() += 1;
             }
             let mut sealer = Sealer::new(inner, txn, &upcoming)?;
-            let mut out = Vec::with_capacity(items.len());
-            for it in items {
-                // A put re-issues a revoked name: its tombstone goes.
-                txn.put_tombstone(&it.provider, &it.name, None)?;
-                let meta = sealer.put(txn, &it.provider, &it.name, &it.secret, |old| {
-                    Some(Metadata {
-                        // An existing record keeps its first-stored time.
-                        created: old.map_or(t, |o| o.created),
-                        updated: t,
-                        expires_at: it.options.expires_at,
-                        state: TokenState::Active,
-                        kind: SecretKind::of(&it.secret),
-                        token_type: it.options.token_type.clone(),
-                        scopes: it.options.scopes.clone(),
-                        labels: it.options.labels.clone(),
-                    })
-                })?;
-                out.push(meta.ok_or_else(|| Error::integrity("storing a record"))?);
+            let keys: Vec<(&str, &str)> = items.iter().map(|it| (it.provider.as_str(), it.name.as_str())).collect();
+            // A put re-issues a revoked name: its tombstone goes.
+            txn.remove_tombstones(&keys)?;
+            let batch: Vec<(&str, &str, &Secret)> =
+                items.iter().map(|it| (it.provider.as_str(), it.name.as_str(), &it.secret)).collect();
+            let mut replaced = 0;
+            let written = sealer.put_many(txn, &batch, &mut |i, old| {
+                let it = items.get(i)?;
+                if old.is_some() {
+                    replaced += 1;
+                    if !overwrite {
+                        return None;
+                    }
+                }
+                Some(Metadata {
+                    // An existing record keeps its first-stored time.
+                    created: old.map_or(t, |o| o.created),
+                    updated: t,
+                    expires_at: it.options.expires_at,
+                    state: TokenState::Active,
+                    kind: SecretKind::of(&it.secret),
+                    token_type: it.options.token_type.clone(),
+                    scopes: it.options.scopes.clone(),
+                    labels: it.options.labels.clone(),
+                })
+            })?;
+            if !overwrite && replaced > 0 {
+                let it = &items[0];
+                return Err(Error::Exists { provider: it.provider.clone(), name: it.name.clone() });
             }
+            let out =
+                written.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Error::integrity("storing a record"))?;
             sealer.finish(txn)?;
             match items {
                 [it] => inner.audit(
@@ -92,7 +121,7 @@ impl TokenGuard {
                 )?,
             }
             tracing::debug!(op, records = items.len(), "records sealed and committed");
-            Ok(out)
+            Ok((out, replaced))
         })
     }
 
@@ -106,6 +135,41 @@ impl TokenGuard {
     pub fn get_with(&self, provider: &str, name: &str, opts: GetOptions) -> Result<(Secret, Metadata)> {
         let (s, m) = self.get_inner(provider, name, opts, true)?;
         Ok((s, m.ok_or_else(|| Error::integrity("decoding metadata"))?))
+    }
+
+    /// One field of a token (`None`: the raw secret, or a token set's access token),
+    /// with the token's metadata. The token's not-after is its access token's: it
+    /// governs the access token only. Any other field is governed by its own
+    /// `FIELD_expires_at` in the set, if there is one (a refresh token outlives the
+    /// access token it came with).
+    pub fn get_field(
+        &self,
+        provider: &str,
+        name: &str,
+        field: Option<&str>,
+        opts: GetOptions,
+    ) -> Result<(crate::secret::SecretBytes, Metadata)> {
+        use crate::secret::field as f;
+        let (secret, meta) = self.get_inner(provider, name, GetOptions { allow_expired: true }, true)?;
+        let meta = meta.ok_or_else(|| Error::integrity("decoding metadata"))?;
+        let value = secret.field(field).ok_or_else(|| Error::NoSuchField {
+            provider: provider.into(),
+            name: name.into(),
+            field: field.unwrap_or(f::ACCESS_TOKEN).into(),
+        })?;
+        let not_after = match (field, &secret) {
+            (None | Some(f::ACCESS_TOKEN | f::TOKEN), _) | (_, Secret::Raw(_)) => meta.expires_at,
+            (Some(other), Secret::TokenSet(set)) => set
+                .get(&format!("{other}_expires_at"))
+                .and_then(|v| v.expose_str())
+                .and_then(|v| v.trim().parse::<u64>().ok()),
+        };
+        if !opts.allow_expired
+            && let Some(e) = not_after.filter(|t| crate::clock::now() >= *t)
+        {
+            return Err(Error::Expired { provider: provider.into(), name: name.into(), expired_at: e });
+        }
+        Ok((value.duplicate(), meta))
     }
 
     /// The read path. Works on a borrowed view of the stored record: no copy of the
@@ -137,6 +201,7 @@ impl TokenGuard {
                 return Err(Error::Expired { provider: provider.into(), name: name.into(), expired_at: e });
             }
             let meta = if with_meta { Some(rec.metadata()?) } else { None };
+            tracing::trace!(provider, name, version = rec.dek_version, "record opened");
             Ok((secret, meta))
         })?;
         match found {
@@ -160,13 +225,21 @@ impl TokenGuard {
         }
         let txn = self.inner.store.read()?;
         let t = crate::clock::now();
+        let destroyed: std::collections::BTreeSet<(String, u32)> = txn
+            .deks(provider, None)?
+            .into_iter()
+            .filter(|(_, e)| e.state == crate::store::DekState::Destroyed)
+            .map(|(p, e)| (p, e.version))
+            .collect();
         let mut out = Vec::new();
         txn.scan_records(provider, &mut |_, _, rec| {
             let rec = rec?;
             let meta = rec.metadata()?;
+            let shredded = destroyed.contains(&(rec.provider.to_string(), rec.dek_version));
             out.push(TokenInfo {
                 provider: rec.provider.to_string(),
                 name: rec.name.to_string(),
+                status: super::Condition::of(&meta, shredded, t),
                 dek_version: rec.dek_version,
                 expired: meta.is_expired_at(t),
                 meta,

@@ -460,9 +460,11 @@ impl Inner {
         let mut set = new.tokens;
         if set.get(field::REFRESH_TOKEN).is_none() {
             // RFC 6749 §6: the provider MAY issue a new refresh token; if it does not,
-            // the old one stays valid.
-            if let Some(rt) = old.get(field::REFRESH_TOKEN) {
-                set.insert(field::REFRESH_TOKEN, rt.duplicate());
+            // the old one stays valid, with its own lifetime.
+            for kept in [field::REFRESH_TOKEN, "refresh_token_expires_at"] {
+                if let Some(v) = old.get(kept) {
+                    set.insert(kept, v.duplicate());
+                }
             }
         }
         if set.get(field::ID_TOKEN).is_none()

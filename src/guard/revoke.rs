@@ -157,6 +157,42 @@ impl TokenGuard {
         Ok(list.into_iter().map(|(t, p, n)| (p, n, t)).collect())
     }
 
+    /// What [`TokenGuard::purge`] with `opts` would remove now; changes nothing.
+    pub fn purge_preview(&self, opts: PurgeOptions) -> Result<PurgeReport> {
+        let txn = self.inner.store.read()?;
+        let cutoff = now().saturating_sub(opts.older_than);
+        let mut report = PurgeReport::default();
+        if opts.expired {
+            for (t, p, n) in txn.expiring_before(cutoff, usize::MAX)? {
+                // An index entry counts only if its record says the same.
+                if txn.with_record(&p, &n, |r| Ok(r.expires_at == Some(t))).unwrap_or(None) == Some(true) {
+                    report.expired += 1;
+                }
+            }
+        }
+        if opts.revoked {
+            report.tombstones = txn.tombstones()?.iter().filter(|(_, _, t)| t.revoked_at <= cutoff).count() as u64;
+        }
+        Ok(report)
+    }
+
+    /// The (provider, name) pairs [`TokenGuard::revoke`] of `target` would revoke now;
+    /// changes nothing.
+    pub fn revoke_preview(&self, target: &RevokeTarget<'_>) -> Result<Vec<(String, String)>> {
+        let txn = self.inner.store.read()?;
+        match target {
+            RevokeTarget::One { provider, name } => Ok(txn
+                .with_record(provider, name, |_| Ok(()))?
+                .map(|()| (provider.to_string(), name.to_string()))
+                .into_iter()
+                .collect()),
+            RevokeTarget::Provider(p) => collect_names(&txn, Some(p), |_| Ok(true)),
+            RevokeTarget::Label { key, value } => collect_names(&txn, None, |rec| {
+                Ok(rec?.metadata()?.labels.get(*key).map(String::as_str) == Some(*value))
+            }),
+        }
+    }
+
     /// Removes expired tokens and/or tombstones, in batches (one transaction each),
     /// so a crash part-way leaves a consistent store and a re-run finishes the work.
     pub fn purge(&self, opts: PurgeOptions) -> Result<PurgeReport> {
@@ -255,7 +291,7 @@ impl super::Inner {
 
 /// The names of the records (of one provider) that `keep` selects.
 fn collect_names(
-    txn: &WriteTxn,
+    txn: &impl StoreRead,
     provider: Option<&str>,
     keep: impl Fn(Result<RecordView<'_>>) -> Result<bool>,
 ) -> Result<Vec<(String, String)>> {

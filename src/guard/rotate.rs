@@ -18,6 +18,7 @@ use super::TokenGuard;
 use super::keys::Sealer;
 use crate::audit::NewEvent;
 use crate::error::{Error, Result};
+use crate::secret::Secret;
 use crate::store::{DekState, StoreRead, StoreWrite};
 
 /// Options of [`TokenGuard::reencrypt`].
@@ -145,7 +146,7 @@ impl TokenGuard {
                 if names.is_empty() {
                     return Ok(None);
                 }
-                let mut count = 0u64;
+                let mut moving = Vec::with_capacity(names.len());
                 for (old_version, name) in &names {
                     if txn.drop_stale_index(provider, *old_version, name)? {
                         continue; // the record is gone, or already moved
@@ -156,13 +157,15 @@ impl TokenGuard {
                             rec.open(&old.cipher, &inner.store_id)
                         })?
                         .ok_or_else(|| Error::integrity("finding an indexed record"))?;
-                    // Same metadata, new key: only the DEK version in the header moves.
-                    let moved = sealer.put(txn, provider, name, &secret, |old| old.and_then(|o| o.metadata().ok()))?;
-                    if moved.is_none() {
-                        return Err(Error::integrity("re-sealing a record"));
-                    }
-                    count += 1;
+                    moving.push((name.as_str(), secret));
                 }
+                let items: Vec<(&str, &str, &Secret)> = moving.iter().map(|(n, s)| (provider, *n, s)).collect();
+                // Same metadata, new key: only the DEK version in the header moves.
+                let written = sealer.put_many(txn, &items, &mut |_, old| old.and_then(|o| o.metadata().ok()))?;
+                if written.iter().any(Option::is_none) {
+                    return Err(Error::integrity("re-sealing a record"));
+                }
+                let count = written.len() as u64;
                 sealer.finish(txn)?;
                 inner.audit(
                     txn,

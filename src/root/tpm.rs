@@ -156,7 +156,7 @@ fn unseal_error(e: tss_esapi::Error) -> Error {
             backend: BACKEND,
             operation: "unsealing a data key",
             detail: "the PCR values differ from the policy the key was sealed to (firmware or boot change?); \
-                     open the store with another root and re-seal (docs: PCR policy)"
+                     open the store with another root and re-seal (README: TPM 2.0 root)"
                 .into(),
         },
         Some(

@@ -118,6 +118,10 @@ pub(crate) struct Dump {
 /// Called by [`StoreRead::scan_records`] with each record's key and parsed view.
 pub(crate) type RecordVisitor<'f> = dyn FnMut(&str, &str, Result<RecordView<'_>>) -> Result<ControlFlow<()>> + 'f;
 
+/// Called by [`StoreWrite::put_records`] with a key's index and the record stored
+/// there now; returns the new record's bytes, or `None` to leave it.
+pub(crate) type RecordBuilder<'f> = dyn FnMut(usize, Option<&RecordView<'_>>) -> Result<Option<Vec<u8>>> + 'f;
+
 /// What a read snapshot answers. Implemented by read and write transactions alike,
 /// so every read helper works in both.
 pub(crate) trait StoreRead {
@@ -184,17 +188,13 @@ pub(crate) trait StoreRead {
 
 /// What a write transaction changes, on top of what it reads.
 pub(crate) trait StoreWrite: StoreRead {
-    /// Writes the record `build` returns under (provider, name), given the record
-    /// stored there now (if it parses), and moves its index entries with it. `build`
-    /// returning `None` leaves the store unchanged (a compare-and-set that lost).
-    /// The new record must name (provider, name) in its header. Returns whether a
-    /// record was written.
-    fn put_record(
-        &self,
-        provider: &str,
-        name: &str,
-        build: impl FnOnce(Option<&RecordView<'_>>) -> Result<Option<Vec<u8>>>,
-    ) -> Result<bool>;
+    /// Writes the records `build` returns for each (provider, name) of `keys`, given
+    /// the index of the key and the record stored there now (if it parses), and moves
+    /// each record's index entries with it. `build` returning `None` leaves that key
+    /// unchanged (a compare-and-set that lost). Every new record must name its
+    /// (provider, name) in its header. Returns how many records were written. The
+    /// tables are opened once for the batch.
+    fn put_records(&self, keys: &[(&str, &str)], build: &mut RecordBuilder<'_>) -> Result<usize>;
 
     /// Removes the record and its index entries; returns the old record's bytes.
     fn delete_record(&self, provider: &str, name: &str) -> Result<Option<Vec<u8>>>;
@@ -214,6 +214,10 @@ pub(crate) trait StoreWrite: StoreRead {
 
     /// Sets or removes the tombstone of (provider, name).
     fn put_tombstone(&self, provider: &str, name: &str, tombstone: Option<&Tombstone>) -> Result<()>;
+
+    /// Removes the tombstones of `keys` (a put re-issuing revoked names), opening the
+    /// table once.
+    fn remove_tombstones(&self, keys: &[(&str, &str)]) -> Result<()>;
 
     /// Sets or removes the refresh lease of (provider, name).
     fn put_lease(&self, provider: &str, name: &str, lease: Option<Lease>) -> Result<()>;

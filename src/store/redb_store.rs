@@ -14,7 +14,8 @@ use redb::{
 
 use super::schema::{self, DekEntry, RootPin, RootWrapped, Tombstone};
 use super::{
-    Dump, IndexKeys, Lease, RecordVisitor, SCHEMA_VERSION, StoreMeta, StoreMode, StoreOptions, StoreRead, StoreWrite,
+    Dump, IndexKeys, Lease, RecordBuilder, RecordVisitor, SCHEMA_VERSION, StoreMeta, StoreMode, StoreOptions,
+    StoreRead, StoreWrite,
 };
 use crate::error::{Error, Result};
 use crate::seal::{RecordView, STORE_ID_LEN};
@@ -504,42 +505,40 @@ impl<T: Tables> StoreRead for T {
 }
 
 impl StoreWrite for WriteTxn {
-    fn put_record(
-        &self,
-        provider: &str,
-        name: &str,
-        build: impl FnOnce(Option<&RecordView<'_>>) -> Result<Option<Vec<u8>>>,
-    ) -> Result<bool> {
+    fn put_records(&self, keys: &[(&str, &str)], build: &mut RecordBuilder<'_>) -> Result<usize> {
         let mut tokens = self.0.open_table(TOKENS)?;
-        let (new, old_idx) = {
-            let guard = tokens.get((provider, name))?;
-            // A damaged old record is replaced; its index entries cannot be known,
-            // so stale ones stay for the index users to skip.
-            let old = guard.as_ref().and_then(|g| RecordView::parse(g.value()).ok());
-            let old = old.filter(|v| v.provider == provider && v.name == name);
-            (build(old.as_ref())?, old.as_ref().map(index_keys))
-        };
-        let Some(new) = new else { return Ok(false) };
-        let view = RecordView::parse(&new)?;
-        if view.provider != provider || view.name != name {
-            return Err(Error::integrity("checking a record's place"));
-        }
-        let idx = index_keys(&view);
-        tokens.insert((provider, name), new.as_slice())?;
-        drop(tokens);
         let mut by_dek = self.0.open_table(BY_DEK)?;
         let mut by_exp = self.0.open_table(BY_EXPIRY)?;
-        if let Some(old) = old_idx {
-            by_dek.remove((provider, old.dek_version, name))?;
-            if let Some(e) = old.expires_at {
-                by_exp.remove((e, provider, name))?;
+        let mut written = 0;
+        for (i, &(provider, name)) in keys.iter().enumerate() {
+            let (new, old_idx) = {
+                let guard = tokens.get((provider, name))?;
+                // A damaged old record is replaced; its index entries cannot be known,
+                // so stale ones stay for the index users to skip.
+                let old = guard.as_ref().and_then(|g| RecordView::parse(g.value()).ok());
+                let old = old.filter(|v| v.provider == provider && v.name == name);
+                (build(i, old.as_ref())?, old.as_ref().map(index_keys))
+            };
+            let Some(new) = new else { continue };
+            let view = RecordView::parse(&new)?;
+            if view.provider != provider || view.name != name {
+                return Err(Error::integrity("checking a record's place"));
             }
+            let idx = index_keys(&view);
+            tokens.insert((provider, name), new.as_slice())?;
+            if let Some(old) = old_idx {
+                by_dek.remove((provider, old.dek_version, name))?;
+                if let Some(e) = old.expires_at {
+                    by_exp.remove((e, provider, name))?;
+                }
+            }
+            by_dek.insert((provider, idx.dek_version, name), ())?;
+            if let Some(e) = idx.expires_at {
+                by_exp.insert((e, provider, name), ())?;
+            }
+            written += 1;
         }
-        by_dek.insert((provider, idx.dek_version, name), ())?;
-        if let Some(e) = idx.expires_at {
-            by_exp.insert((e, provider, name), ())?;
-        }
-        Ok(true)
+        Ok(written)
     }
 
     fn delete_record(&self, provider: &str, name: &str) -> Result<Option<Vec<u8>>> {
@@ -592,6 +591,14 @@ impl StoreWrite for WriteTxn {
         Ok(())
     }
 
+    fn remove_tombstones(&self, keys: &[(&str, &str)]) -> Result<()> {
+        let mut t = self.0.open_table(TOMBSTONES)?;
+        for k in keys {
+            t.remove(*k)?;
+        }
+        Ok(())
+    }
+
     fn put_lease(&self, provider: &str, name: &str, lease: Option<Lease>) -> Result<()> {
         let mut t = self.0.open_table(REFRESH_LEASES)?;
         match lease {
@@ -616,9 +623,8 @@ impl WriteTxn {
         for (p, _, v) in &d.deks {
             self.put_dek(p, &DekEntry::decode(v)?)?;
         }
-        for (p, n, v) in &d.tokens {
-            self.put_record(p, n, |_| Ok(Some(v.clone())))?;
-        }
+        let keys: Vec<(&str, &str)> = d.tokens.iter().map(|(p, n, _)| (p.as_str(), n.as_str())).collect();
+        self.put_records(&keys, &mut |i, _| Ok(d.tokens.get(i).map(|(_, _, v)| v.clone())))?;
         for (p, n, v) in &d.tombstones {
             self.put_tombstone(p, n, Some(&Tombstone::decode(v)?))?;
         }

@@ -57,6 +57,17 @@ pub enum DekState {
     Destroyed,
 }
 
+impl std::fmt::Display for DekState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DekState::Active => "active",
+            DekState::DecryptOnly => "decrypt-only",
+            DekState::Retired => "retired",
+            DekState::Destroyed => "destroyed",
+        })
+    }
+}
+
 impl DekState {
     fn code(self) -> u8 {
         match self {
@@ -133,7 +144,8 @@ impl DekEntry {
 pub struct RootPin {
     /// The store's id for this root.
     pub root_id: u16,
-    /// `backend:fingerprint`, compared at open.
+    /// `backend:fingerprint`, compared at open (shown as `identity`).
+    #[serde(rename = "identity")]
     pub pin: String,
     /// Human description.
     pub description: String,

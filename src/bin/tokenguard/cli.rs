@@ -5,22 +5,40 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 /// tokenguard — third-party tokens sealed under a hardware root key.
 #[derive(Debug, Parser)]
 #[command(name = "tokenguard", version, about, long_about = None)]
 pub struct Cli {
-    /// Configuration file (TOML).
-    #[arg(long, global = true, env = "TOKENGUARD_CONFIG", value_name = "FILE")]
+    /// Configuration file (TOML). Default: $XDG_CONFIG_HOME/tokenguard/tokenguard.toml,
+    /// then /etc/tokenguard/tokenguard.toml.
+    #[arg(short = 'c', long, global = true, env = "TOKENGUARD_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
     /// Machine-readable JSON output.
-    #[arg(long, global = true)]
+    #[arg(short = 'j', long, global = true)]
     pub json: bool,
+
+    /// More log output on stderr (-v: info, -vv: debug, -vvv: trace). RUST_LOG wins.
+    #[arg(short = 'v', long, global = true, action = ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Only errors on stderr.
+    #[arg(short = 'q', long, global = true)]
+    pub quiet: bool,
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// A token: `PROVIDER NAME`, or `PROVIDER/NAME` as `list` prints it.
+#[derive(Debug, Args)]
+pub struct TokenRef {
+    /// Provider (github, slack, google, jira, …), or PROVIDER/NAME.
+    pub provider: String,
+    /// Token name within the provider (omit with PROVIDER/NAME).
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -38,18 +56,20 @@ pub enum Command {
     },
     /// Delete a token.
     Delete {
-        /// Provider (github, slack, google, jira, …).
-        provider: String,
-        /// Token name.
-        name: String,
+        #[command(flatten)]
+        token: TokenRef,
+        /// Say what would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Check that the set-up is safe and the store is intact.
     Doctor,
     /// Counts, DEK versions, hardware calls.
     Stats,
-    /// Write a sealed backup (ciphertexts and wrapped keys only).
+    /// Write a sealed backup (ciphertexts and wrapped keys only); `-` writes it to
+    /// stdout.
     Backup {
-        /// Backup file to create (must not exist).
+        /// Backup file to create (must not exist), or `-` for stdout.
         file: PathBuf,
     },
     /// Restore a sealed backup into the configured (new) store path.
@@ -62,17 +82,15 @@ pub enum Command {
     Audit(AuditCommand),
     /// A token's state: active, expired, needs-reauth, revoked or shredded.
     Status {
-        /// Provider (github, slack, google, jira, …).
-        provider: String,
-        /// Token name.
-        name: String,
+        #[command(flatten)]
+        token: TokenRef,
     },
     /// Revoke one token, a provider's tokens (--all) or tokens by label.
     Revoke(RevokeArgs),
     /// Tokens expiring within a duration (expired ones included).
     Expiring {
         /// e.g. 24h, 7d.
-        #[arg(long, value_name = "DURATION")]
+        #[arg(short = 'w', long, value_name = "DURATION")]
         within: String,
     },
     /// Remove expired tokens and/or revoked tombstones.
@@ -86,6 +104,9 @@ pub enum Command {
         /// Only those that expired / were revoked at least this long ago.
         #[arg(long, value_name = "DURATION")]
         older_than: Option<String>,
+        /// Count what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// New DEK version for a provider's new writes (old records stay readable).
     RotateDek {
@@ -96,9 +117,9 @@ pub enum Command {
     Reencrypt {
         /// Only this provider (default: all).
         provider: Option<String>,
-        /// Records per transaction.
-        #[arg(long, default_value_t = 500)]
-        batch_size: usize,
+        /// Records per transaction (at least 1).
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+        batch_size: u32,
         /// At most this many records per second.
         #[arg(long)]
         rate: Option<f64>,
@@ -134,6 +155,20 @@ pub enum Command {
     /// Roots of the store: list, add, remove (rewrap only, no token re-encrypted).
     #[command(subcommand)]
     Root(RootCommand),
+    /// Run a command with tokens in its environment or in private files, like
+    /// `sops exec-env`: `exec --env GH_TOKEN=github/ci-bot -- gh pr list`.
+    Exec(ExecArgs),
+    /// Git credential helper: `git config credential.helper 'tokenguard git-credential'`
+    /// (the token is looked up as provider `git`, name HOST, unless --token says).
+    GitCredential(GitCredentialArgs),
+    /// Shell completions for bash, zsh or fish, on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// The man page (roff), on stdout.
+    #[command(hide = true)]
+    Man,
     /// Development: initialise a SoftHSM2/kryoptic token (PINs from sources, never
     /// argv). Used by softhsm-setup.sh; production HSMs use their vendor's tools.
     #[command(hide = true)]
@@ -158,12 +193,10 @@ pub struct InitTokenArgs {
 
 #[derive(Debug, Args)]
 pub struct PutArgs {
-    /// Provider (github, slack, google, jira, …).
-    pub provider: String,
-    /// Token name within the provider.
-    pub name: String,
-    /// Read the secret from this file instead of stdin.
-    #[arg(long, value_name = "FILE")]
+    #[command(flatten)]
+    pub token: TokenRef,
+    /// Read the secret from this file (its bytes exactly) instead of stdin.
+    #[arg(short = 'f', long, value_name = "FILE")]
     pub from_file: Option<PathBuf>,
     /// Expires this long from now (e.g. 8h, 30m, 7d).
     #[arg(long, value_name = "DURATION", conflicts_with = "expires_at")]
@@ -172,21 +205,41 @@ pub struct PutArgs {
     #[arg(long, value_name = "TIME")]
     pub expires_at: Option<String>,
     /// A label key=value (repeatable).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
+    #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
-    /// Keep a trailing newline of the input (stripped by default).
+    /// Keep a trailing newline of text on stdin (stripped by default; a file's bytes
+    /// are always kept exactly).
     #[arg(long)]
     pub keep_newline: bool,
     /// Treat the input as a raw secret even if it is JSON.
     #[arg(long)]
     pub raw: bool,
+    /// Refuse to replace an existing token.
+    #[arg(long)]
+    pub no_overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub token: TokenRef,
+    /// Field of a token set (default: access_token; a raw secret has no fields).
+    #[arg(short = 'F', long)]
+    pub field: Option<String>,
+    /// Return the token even if it has expired.
+    #[arg(long)]
+    pub allow_expired: bool,
+    /// Write the secret to this new file (mode 0600; never overwrites) instead of
+    /// stdout.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct RevokeArgs {
-    /// Provider (github, slack, google, jira, …).
+    /// Provider, or PROVIDER/NAME.
     pub provider: Option<String>,
-    /// Token name (omit with --all or --label).
+    /// Token name (omit with --all, --label or PROVIDER/NAME).
     pub name: Option<String>,
     /// Every token of PROVIDER.
     #[arg(long)]
@@ -195,13 +248,16 @@ pub struct RevokeArgs {
     #[arg(long, value_name = "KEY=VALUE")]
     pub label: Option<String>,
     /// Why (recorded in the tombstone and the audit trail).
-    #[arg(long)]
+    #[arg(short = 'r', long)]
     pub reason: String,
+    /// Say what would be revoked; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct RefreshArgs {
-    /// Provider (with NAME: refresh that token now).
+    /// Provider (with NAME: refresh that token now), or PROVIDER/NAME.
     pub provider: Option<String>,
     /// Token name.
     pub name: Option<String>,
@@ -219,6 +275,45 @@ pub struct RefreshArgs {
     pub interval: String,
 }
 
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// VAR=PROVIDER/NAME[:FIELD]: put the token in the child's environment as VAR
+    /// (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "VAR=TOKEN")]
+    pub env: Vec<String>,
+    /// VAR=PROVIDER/NAME[:FIELD]: write the token to a private 0600 file (removed when
+    /// the child exits) and put its path in VAR (repeatable).
+    #[arg(short = 'f', long = "file", value_name = "VAR=TOKEN")]
+    pub file: Vec<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GitCredentialArgs {
+    /// The git credential operation: get, store or erase (only get answers).
+    pub operation: GitOperation,
+    /// The token to answer with (PROVIDER/NAME[:FIELD]); default: provider `git`,
+    /// the name being the host git asks for.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// The user name git sends with the token (GitHub accepts any; default
+    /// x-access-token).
+    #[arg(long, default_value = "x-access-token")]
+    pub username: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GitOperation {
+    /// Answer with the credential.
+    Get,
+    /// Ignored: tokenguard is managed with `put`.
+    Store,
+    /// Ignored: tokenguard is managed with `revoke`/`delete`.
+    Erase,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum RootCommand {
     /// The pinned roots.
@@ -234,20 +329,6 @@ pub enum RootCommand {
         /// Root id, from `root list`.
         id: u16,
     },
-}
-
-#[derive(Debug, Args)]
-pub struct GetArgs {
-    /// Provider (github, slack, google, jira, …).
-    pub provider: String,
-    /// Token name.
-    pub name: String,
-    /// Field of a token set (default: access_token; a raw secret has no fields).
-    #[arg(long)]
-    pub field: Option<String>,
-    /// Return the token even if it has expired.
-    #[arg(long)]
-    pub allow_expired: bool,
 }
 
 #[derive(Debug, Subcommand)]

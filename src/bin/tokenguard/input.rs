@@ -1,16 +1,18 @@
-//! Reading a secret from stdin or a file, and turning it into a [`Secret`].
+//! Reading a secret from stdin or a file, and turning it into a [`Secret`]; token
+//! references (`PROVIDER NAME`, `PROVIDER/NAME`, `PROVIDER/NAME:FIELD`).
 //!
-//! Input that is a JSON object with an `access_token` or `refresh_token` is an OAuth
-//! token set: string fields become secret fields, except `token_type` and `scope`,
-//! which are metadata, and `expires_in`, which becomes a not-after. Anything else is a
-//! raw secret. Buffers are zeroized; nothing here is logged.
+//! Input that is a JSON object with an `access_token`, `refresh_token` or `token` is
+//! an OAuth token response, parsed by the library (`tokenguard::token_response`):
+//! every field is sealed, `token_type` and `scope` become metadata, and the
+//! `*_expires_in` lifetimes become absolute times. Anything else is a raw secret.
+//! Buffers are zeroized; nothing here is logged.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
 use std::path::Path;
 
-use tokenguard::secret::field;
-use tokenguard::{Error, PutOptions, Result, Secret, SecretBytes, TokenSet};
+use tokenguard::guard::validate_ident;
+use tokenguard::{Error, PutOptions, Result, Secret, SecretBytes};
 use zeroize::Zeroizing;
 
 const MAX_INPUT: u64 = 64 * 1024;
@@ -27,9 +29,8 @@ pub fn read_input(from_file: Option<&Path>) -> Result<Zeroizing<Vec<u8>>> {
                 .map_err(|e| Error::InvalidInput(format!("reading {}: {e}", p.display())))?;
         }
         None if std::io::stdin().is_terminal() => {
-            let s = rpassword::prompt_password("Secret (input hidden): ")
-                .map_err(|e| Error::InvalidInput(format!("reading the secret: {e}")))?;
-            buf = Zeroizing::new(s.into_bytes());
+            let s = tokenguard::tty::read_hidden("Secret (input hidden): ")?;
+            buf = Zeroizing::new(s.as_bytes().to_vec());
         }
         None => {
             std::io::stdin()
@@ -47,14 +48,20 @@ pub fn read_input(from_file: Option<&Path>) -> Result<Zeroizing<Vec<u8>>> {
 /// What a parsed input yields besides the secret.
 #[derive(Debug, Default)]
 pub struct Parsed {
-    pub expires_in: Option<u64>,
+    pub expires_at: Option<u64>,
     pub token_type: Option<String>,
     pub scopes: Vec<String>,
 }
 
-/// Turns input bytes into a secret.
-pub fn parse_secret(mut input: Zeroizing<Vec<u8>>, raw: bool, keep_newline: bool) -> Result<(Secret, Parsed)> {
-    if !keep_newline {
+/// Turns input bytes into a secret. `strip_newline` drops one trailing newline (text
+/// typed or piped on stdin); a file's bytes are kept exactly.
+pub fn parse_secret(
+    mut input: Zeroizing<Vec<u8>>,
+    raw: bool,
+    strip_newline: bool,
+    now: u64,
+) -> Result<(Secret, Parsed)> {
+    if strip_newline {
         let n = input.len();
         // Truncated bytes stay in the Vec's capacity, which Zeroizing wipes on drop.
         if input.ends_with(b"\r\n") {
@@ -67,52 +74,69 @@ pub fn parse_secret(mut input: Zeroizing<Vec<u8>>, raw: bool, keep_newline: bool
         return Err(Error::InvalidInput("the secret is empty (nothing on stdin?)".into()));
     }
     let looks_json = input.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if raw || !looks_json {
-        let v = std::mem::take(&mut *input);
-        return Ok((Secret::Raw(SecretBytes::new(v)), Parsed::default()));
+    if !raw
+        && looks_json
+        && let Some(r) = tokenguard::token_response::parse(&input, now)?
+    {
+        let parsed =
+            Parsed { expires_at: r.expires_at, token_type: r.token_type, scopes: r.scopes.unwrap_or_default() };
+        return Ok((Secret::TokenSet(r.tokens), parsed));
     }
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&input).map_err(|e| {
-        Error::InvalidInput(format!(
-            "input looks like JSON but does not parse (line {}, column {}); use --raw to store it as is",
-            e.line(),
-            e.column()
-        ))
-    })?;
-    if !map.contains_key(field::ACCESS_TOKEN) && !map.contains_key(field::REFRESH_TOKEN) {
-        let v = std::mem::take(&mut *input);
-        return Ok((Secret::Raw(SecretBytes::new(v)), Parsed::default()));
+    let v = std::mem::take(&mut *input);
+    Ok((Secret::Raw(SecretBytes::new(v)), Parsed::default()))
+}
+
+/// A token named on the command line: `PROVIDER/NAME[:FIELD]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSpec {
+    pub provider: String,
+    pub name: String,
+    pub field: Option<String>,
+}
+
+impl TokenSpec {
+    /// Parses `PROVIDER/NAME[:FIELD]`. (`:` is allowed in names, so the field is what
+    /// follows the last `:` only when a field is asked for explicitly this way.)
+    pub fn parse(s: &str) -> Result<Self> {
+        let (token, field) = match s.rsplit_once(':') {
+            Some((t, f)) if t.contains('/') && !f.contains('/') => (t, Some(f.to_string())),
+            _ => (s, None),
+        };
+        let (provider, name) = token.split_once('/').ok_or_else(|| {
+            Error::InvalidInput("a token is PROVIDER/NAME or PROVIDER/NAME:FIELD (e.g. github/ci-bot)".into())
+        })?;
+        validate_ident("provider", provider)?;
+        validate_ident("name", name)?;
+        Ok(TokenSpec { provider: provider.into(), name: name.into(), field })
     }
-    let mut parsed = Parsed::default();
-    let mut set = TokenSet::new();
-    for (k, v) in map {
-        match (k.as_str(), v) {
-            ("expires_in", serde_json::Value::Number(n)) => {
-                parsed.expires_in = Some(
-                    n.as_u64()
-                        .ok_or_else(|| Error::InvalidInput("expires_in must be a whole number of seconds".into()))?,
-                );
-            }
-            ("expires_in", serde_json::Value::String(s)) => {
-                parsed.expires_in = Some(
-                    s.parse()
-                        .map_err(|_| Error::InvalidInput("expires_in must be a whole number of seconds".into()))?,
-                );
-            }
-            ("token_type", serde_json::Value::String(s)) => parsed.token_type = Some(s),
-            ("scope", serde_json::Value::String(s)) => {
-                parsed.scopes = s.split_whitespace().map(str::to_owned).collect()
-            }
-            (_, serde_json::Value::String(s)) => {
-                tokenguard::guard::validate_ident("token-set field name", &k)?;
-                set.insert(k, SecretBytes::from(s));
-            }
-            (_, serde_json::Value::Null) => {}
-            (_, _) => {
-                return Err(Error::InvalidInput(format!("token-set field {k:?} must be a string")));
-            }
+
+    /// Parses `VAR=PROVIDER/NAME[:FIELD]`.
+    pub fn assignment(s: &str) -> Result<(&str, Self)> {
+        let (var, spec) =
+            s.split_once('=').ok_or_else(|| Error::InvalidInput("expected VAR=PROVIDER/NAME[:FIELD]".into()))?;
+        let ok = !var.is_empty()
+            && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !var.as_bytes()[0].is_ascii_digit();
+        if !ok {
+            return Err(Error::InvalidInput(format!("{var:?} is not an environment variable name")));
         }
+        Ok((var, Self::parse(spec)?))
     }
-    Ok((Secret::TokenSet(set), parsed))
+}
+
+/// (provider, name) from `PROVIDER NAME` or `PROVIDER/NAME`.
+pub fn token_ref(provider: &str, name: Option<&str>) -> Result<(String, String)> {
+    let (p, n) = match (name, provider.split_once('/')) {
+        (Some(n), None) => (provider, n),
+        (None, Some((p, n))) => (p, n),
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidInput("give the token as PROVIDER NAME or as PROVIDER/NAME, not both".into()));
+        }
+        (None, None) => return Err(Error::InvalidInput("which token? give PROVIDER NAME or PROVIDER/NAME".into())),
+    };
+    validate_ident("provider", p)?;
+    validate_ident("name", n)?;
+    Ok((p.to_string(), n.to_string()))
 }
 
 /// Parses `--label k=v` pairs.
@@ -126,31 +150,38 @@ pub fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-/// Resolves the not-after from the flags and the input.
+/// Resolves the not-after from the flags and the input. A not-after that is not in
+/// the future is refused: a token stored already expired is a mistake.
 pub fn expiry(
     expires_in: Option<&str>,
     expires_at: Option<&str>,
     from_input: Option<u64>,
     now: u64,
 ) -> Result<Option<u64>> {
-    if let Some(d) = expires_in {
+    let at = if let Some(d) = expires_in {
         let d = humantime::parse_duration(d)
             .map_err(|e| Error::InvalidInput(format!("--expires-in {d:?}: {e} (examples: 8h, 30m, 7d)")))?;
-        return Ok(Some(now.saturating_add(d.as_secs())));
-    }
-    if let Some(t) = expires_at {
-        if let Ok(secs) = t.parse::<u64>() {
-            return Ok(Some(secs));
+        if d.as_secs() == 0 {
+            return Err(Error::InvalidInput("--expires-in must be at least one second".into()));
         }
-        let ts = humantime::parse_rfc3339_weak(t)
-            .map_err(|e| Error::InvalidInput(format!("--expires-at {t:?}: {e} (RFC 3339 or unix seconds)")))?;
-        let secs = ts
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|_| Error::InvalidInput("--expires-at is before 1970".into()))?
-            .as_secs();
-        return Ok(Some(secs));
-    }
-    Ok(from_input.map(|s| now.saturating_add(s)))
+        now.saturating_add(d.as_secs())
+    } else if let Some(t) = expires_at {
+        let secs = match t.parse::<u64>() {
+            Ok(secs) => secs,
+            Err(_) => humantime::parse_rfc3339_weak(t)
+                .map_err(|e| Error::InvalidInput(format!("--expires-at {t:?}: {e} (RFC 3339 or unix seconds)")))?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| Error::InvalidInput("--expires-at is before 1970".into()))?
+                .as_secs(),
+        };
+        if secs <= now {
+            return Err(Error::InvalidInput(format!("--expires-at {t:?} is not in the future")));
+        }
+        secs
+    } else {
+        return Ok(from_input);
+    };
+    Ok(Some(at))
 }
 
 /// A duration like `8h`, `30m`, `7d`, in seconds.
@@ -185,21 +216,41 @@ mod tests {
         let (s, p) = parse_secret(
             Zeroizing::new(br#"{"access_token":"a1","refresh_token":"r1","expires_in":3600,"token_type":"Bearer","scope":"repo read:org"}"#.to_vec()),
             false,
-            false,
+            true,
+            100,
         )
         .expect("parse");
         assert_eq!(s.field(None).map(|v| v.expose()), Some(&b"a1"[..]));
         assert_eq!(s.field(Some("refresh_token")).map(|v| v.expose()), Some(&b"r1"[..]));
-        assert_eq!(p.expires_in, Some(3600));
+        assert_eq!(p.expires_at, Some(3700));
         assert_eq!(p.token_type.as_deref(), Some("Bearer"));
         assert_eq!(p.scopes, vec!["repo", "read:org"]);
 
-        let (s, _) = parse_secret(Zeroizing::new(b"ghp_abc\n".to_vec()), false, false).expect("raw");
+        let (s, _) = parse_secret(Zeroizing::new(b"ghp_abc\n".to_vec()), false, true, 0).expect("raw");
         assert_eq!(s.field(None).map(|v| v.expose()), Some(&b"ghp_abc"[..]));
-        let (s, _) = parse_secret(Zeroizing::new(b"{\"x\":1}".to_vec()), false, false).expect("raw json");
+        let (s, _) = parse_secret(Zeroizing::new(b"ghp_abc\n".to_vec()), false, false, 0).expect("exact");
+        assert_eq!(s.field(None).map(|v| v.expose()), Some(&b"ghp_abc\n"[..]));
+        let (s, _) = parse_secret(Zeroizing::new(b"{\"x\":1}".to_vec()), false, true, 0).expect("raw json");
         assert!(matches!(s, Secret::Raw(_)));
-        assert!(parse_secret(Zeroizing::new(b"\n".to_vec()), false, false).is_err());
-        assert!(parse_secret(Zeroizing::new(b"{broken".to_vec()), false, false).is_err());
+        assert!(parse_secret(Zeroizing::new(b"\n".to_vec()), false, true, 0).is_err());
+        assert!(parse_secret(Zeroizing::new(b"{broken".to_vec()), false, true, 0).is_err());
+    }
+
+    #[test]
+    fn token_references() {
+        assert_eq!(token_ref("github/ci-bot", None).expect("slash"), ("github".into(), "ci-bot".into()));
+        assert_eq!(token_ref("github", Some("ci-bot")).expect("two"), ("github".into(), "ci-bot".into()));
+        assert!(token_ref("github/a", Some("b")).is_err());
+        assert!(token_ref("github", None).is_err());
+        let s = TokenSpec::parse("slack/bot:authed_user.access_token").expect("field");
+        assert_eq!(
+            (s.provider.as_str(), s.name.as_str(), s.field.as_deref()),
+            ("slack", "bot", Some("authed_user.access_token"))
+        );
+        assert_eq!(TokenSpec::parse("github/ci-bot").expect("plain").field, None);
+        assert!(TokenSpec::assignment("1X=github/a").is_err());
+        assert!(TokenSpec::assignment("GH_TOKEN=github").is_err());
+        assert_eq!(TokenSpec::assignment("GH_TOKEN=github/a").expect("ok").0, "GH_TOKEN");
     }
 
     #[test]
@@ -207,7 +258,9 @@ mod tests {
         assert_eq!(expiry(Some("8h"), None, None, 100).expect("in"), Some(100 + 8 * 3600));
         assert_eq!(expiry(None, Some("1700000000"), None, 0).expect("at"), Some(1_700_000_000));
         assert_eq!(expiry(None, Some("2023-11-14T22:13:20Z"), None, 0).expect("rfc"), Some(1_700_000_000));
-        assert_eq!(expiry(None, None, Some(60), 10).expect("input"), Some(70));
+        assert_eq!(expiry(None, None, Some(70), 10).expect("input"), Some(70));
         assert!(expiry(Some("soon"), None, None, 0).is_err());
+        assert!(expiry(Some("0s"), None, None, 0).is_err(), "zero lifetime");
+        assert!(expiry(None, Some("1700000000"), None, 1_800_000_000).is_err(), "in the past");
     }
 }

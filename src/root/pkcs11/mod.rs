@@ -484,21 +484,42 @@ impl RootKey for Pkcs11Root {
                         format!("CKA_VALUE is readable ({value:?}): replace this key")
                     },
                 ));
-                out.push(Check::new("CKA_SENSITIVE", sensitive == Some(true), format!("{sensitive:?}")));
+                let attr = |v: Option<bool>| match v {
+                    Some(true) => "true",
+                    Some(false) => "false",
+                    None => "not reported by the token",
+                };
                 out.push(Check::new(
-                    "CKA_EXTRACTABLE is false",
+                    "key is sensitive",
+                    sensitive == Some(true),
+                    format!("CKA_SENSITIVE {}", attr(sensitive)),
+                ));
+                out.push(Check::new(
+                    "key is not extractable",
                     extractable == Some(false),
-                    format!("{extractable:?}"),
+                    format!("CKA_EXTRACTABLE {}", attr(extractable)),
                 ));
                 out.push(Check::new(
-                    "CKA_NEVER_EXTRACTABLE",
+                    "key was never extractable",
                     never_ex == Some(true),
-                    format!("{never_ex:?} (false means the key was once extractable: it may exist outside the token)"),
+                    format!(
+                        "CKA_NEVER_EXTRACTABLE {}{}",
+                        attr(never_ex),
+                        if never_ex == Some(true) {
+                            ""
+                        } else {
+                            " (the key was once extractable: it may exist outside the token)"
+                        }
+                    ),
                 ));
                 out.push(Check::new(
-                    "CKA_LOCAL",
+                    "key was generated in the token",
                     local == Some(true),
-                    format!("{local:?} (false means the key was imported, not generated in the token)"),
+                    format!(
+                        "CKA_LOCAL {}{}",
+                        attr(local),
+                        if local == Some(true) { "" } else { " (the key was imported, not generated in the token)" }
+                    ),
                 ));
                 out.push(Check::new("wrap mechanism", true, self.mechanism.to_string()));
             }

@@ -40,12 +40,12 @@ pub fn doctor(ctx: &Ctx) -> Result<i32> {
                 Status::Warn => "warn",
                 Status::Fail => "FAIL",
             };
-            println!("{tag} {}: {}", c.name, c.detail);
+            say!("{tag} {}: {}", c.name, c.detail)?;
         }
         if failed == 0 {
-            println!("doctor: no failures");
+            say!("doctor: no failures")?;
         } else {
-            println!("doctor: {failed} check(s) failed");
+            say!("doctor: {failed} check(s) failed")?;
         }
     }
     Ok(report_exit_code(&checks))
@@ -57,26 +57,46 @@ pub fn stats(ctx: &Ctx) -> Result<i32> {
         print_json(&serde_json::to_value(&s).unwrap_or_default())?;
         return Ok(exit::OK);
     }
-    println!("tokens: {}", s.tokens);
+    say!("tokens: {}", s.tokens)?;
     for (p, states) in &s.states_per_provider {
         let n = s.tokens_per_provider.get(p).copied().unwrap_or(0);
         let detail: Vec<String> = states.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("  {p}: {n} stored ({})", detail.join(", "));
+        say!("  {p}: {n} stored ({})", detail.join(", "))?;
     }
-    println!("DEK versions:");
+    say!("DEK versions:")?;
     for d in &s.deks {
-        println!("  {} v{} {:?}: {} records, {} encryptions", d.provider, d.version, d.state, d.records, d.encryptions);
+        say!("  {} v{} {}: {} records, {} encryptions", d.provider, d.version, d.state, d.records, d.encryptions)?;
     }
-    println!(
+    say!(
         "hardware calls (this process): {} unwraps, {} wraps, {} generates",
-        s.hardware.unwraps, s.hardware.wraps, s.hardware.generates
-    );
-    println!("audit events: {}", s.audit_events);
+        s.hardware.unwraps,
+        s.hardware.wraps,
+        s.hardware.generates
+    )?;
+    say!("audit events: {}", s.audit_events)?;
     Ok(exit::OK)
 }
 
 pub fn backup(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
-    let s = backup::write_backup(&ctx.open()?, file)?;
+    use std::io::{IsTerminal, Write};
+    let g = ctx.open()?;
+    if file == std::path::Path::new("-") {
+        if std::io::stdout().is_terminal() {
+            return Err(tokenguard::Error::InvalidInput(
+                "a backup is binary: redirect stdout to a file (`backup - > FILE`), or name the file".into(),
+            ));
+        }
+        let s = backup::write_backup_to(&g, &mut std::io::stdout().lock(), "stdout")?;
+        std::io::stdout().flush().map_err(super::stdout_error)?;
+        note!(
+            "wrote a backup to stdout ({} tokens, {} DEK versions, {} audit events)",
+            s.tokens,
+            s.deks,
+            s.audit_events
+        );
+        return Ok(exit::OK);
+    }
+    let s = backup::write_backup(&g, file)?;
     ctx.out(
         json!({"backup": file, "summary": s}),
         format!(
@@ -108,12 +128,12 @@ pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
             match r.first_bad {
                 None => {
                     if !ctx.json {
-                        println!("audit chain intact: {} events verified", r.events);
+                        say!("audit chain intact: {} events verified", r.events)?;
                     }
                     Ok(exit::OK)
                 }
                 Some((seq, why)) => {
-                    eprintln!("error: audit chain broken at event {seq}: {why}");
+                    note!("error: audit chain broken at event {seq}: {why}");
                     Ok(exit::INTEGRITY)
                 }
             }
@@ -133,7 +153,7 @@ pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
                 if ctx.json {
                     print_json(&serde_json::to_value(e).unwrap_or_default())?;
                 } else {
-                    println!(
+                    say!(
                         "{:>6} {} {:<10} {}/{} {} [{}] {}",
                         e.seq,
                         fmt_time(Some(e.time)),
@@ -143,7 +163,7 @@ pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
                         e.outcome,
                         e.actor,
                         e.detail
-                    );
+                    )?;
                 }
             }
             Ok(exit::OK)

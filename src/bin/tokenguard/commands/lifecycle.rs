@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use serde_json::json;
 use tokenguard::compose::UpstreamOutcome;
 use tokenguard::error::exit;
-use tokenguard::guard::revoke::{PurgeOptions, RevokeTarget};
+use tokenguard::guard::revoke::{PurgeOptions, RevokeTarget, TokenStatus};
 use tokenguard::guard::rotate::ReencryptOptions;
 use tokenguard::{Error, Result};
 
@@ -19,10 +19,14 @@ fn lines(items: impl IntoIterator<Item = String>, empty: &str) -> String {
 }
 
 pub fn revoke(ctx: &Ctx, a: RevokeArgs) -> Result<i32> {
-    let target = match (&a.provider, &a.name, a.all, &a.label) {
-        (Some(p), Some(n), false, None) => RevokeTarget::One { provider: p, name: n },
-        (Some(p), None, true, None) => RevokeTarget::Provider(p),
-        (None, None, false, Some(l)) => {
+    let one = match (&a.provider, &a.name, a.all, &a.label) {
+        (Some(p), n, false, None) if n.is_some() || p.contains('/') => Some(input::token_ref(p, n.as_deref())?),
+        _ => None,
+    };
+    let target = match (&one, &a.provider, &a.name, a.all, &a.label) {
+        (Some((p, n)), ..) => RevokeTarget::One { provider: p, name: n },
+        (None, Some(p), None, true, None) => RevokeTarget::Provider(p),
+        (None, None, None, false, Some(l)) => {
             let (k, v) = l
                 .split_once('=')
                 .ok_or_else(|| Error::InvalidInput(format!("--label must be KEY=VALUE (got {l:?})")))?;
@@ -30,26 +34,45 @@ pub fn revoke(ctx: &Ctx, a: RevokeArgs) -> Result<i32> {
         }
         _ => {
             return Err(Error::InvalidInput(
-                "revoke takes PROVIDER NAME, or PROVIDER --all, or --label KEY=VALUE".into(),
+                "revoke takes PROVIDER NAME (or PROVIDER/NAME), or PROVIDER --all, or --label KEY=VALUE".into(),
             ));
         }
     };
     let g = ctx.open()?;
+    let objects = |pairs: &[(String, String)]| -> serde_json::Value {
+        pairs.iter().map(|(p, n)| json!({"provider": p, "name": n})).collect()
+    };
+    if let RevokeTarget::One { provider, name } = &target
+        && let Ok(TokenStatus::Revoked { tombstone: t }) = g.status(provider, name)
+    {
+        let text = format!(
+            "{provider}/{name}: already revoked at {} by {}: {}",
+            fmt_time(Some(t.revoked_at)),
+            t.actor,
+            t.reason
+        );
+        ctx.out(json!({"revoked": [], "already_revoked": objects(&[(provider.to_string(), name.to_string())])}), text)?;
+        return Ok(exit::OK);
+    }
+    if a.dry_run {
+        let would = g.revoke_preview(&target)?;
+        let text = lines(would.iter().map(|(p, n)| format!("would revoke {p}/{n}")), "nothing matches");
+        ctx.out(json!({"would_revoke": objects(&would)}), text)?;
+        return Ok(exit::OK);
+    }
     let r = ctx.config.revoke(&g, target, &a.reason)?;
     if let Some(up) = &r.upstream {
         let hint = up.hint;
         match &up.outcome {
-            UpstreamOutcome::Accepted => eprintln!("provider revocation endpoint accepted the {hint}"),
+            UpstreamOutcome::Accepted => note!("provider revocation endpoint accepted the {hint}"),
             UpstreamOutcome::Refused => {
-                eprintln!("warning: provider revocation endpoint refused the {hint}; revoking locally anyway")
+                note!("warning: provider revocation endpoint refused the {hint}; revoking locally anyway")
             }
-            UpstreamOutcome::Failed(e) => {
-                eprintln!("warning: provider revocation failed ({e}); revoking locally anyway")
-            }
+            UpstreamOutcome::Failed(e) => note!("warning: provider revocation failed ({e}); revoking locally anyway"),
         }
     }
     let text = lines(r.revoked.iter().map(|(p, n)| format!("revoked {p}/{n}")), "nothing matched");
-    ctx.out(json!({"revoked": r.revoked}), text)?;
+    ctx.out(json!({"revoked": objects(&r.revoked)}), text)?;
     Ok(exit::OK)
 }
 
@@ -66,12 +89,20 @@ pub fn expiring(ctx: &Ctx, within: &str) -> Result<i32> {
     Ok(exit::OK)
 }
 
-pub fn purge(ctx: &Ctx, expired: bool, revoked: bool, older_than: Option<String>) -> Result<i32> {
+pub fn purge(ctx: &Ctx, expired: bool, revoked: bool, older_than: Option<String>, dry_run: bool) -> Result<i32> {
     if !expired && !revoked {
         return Err(Error::InvalidInput("purge needs --expired and/or --revoked".into()));
     }
     let older_than = older_than.as_deref().map(input::duration).transpose()?.unwrap_or(0);
-    let r = ctx.open()?.purge(PurgeOptions { expired, revoked, older_than })?;
+    let opts = PurgeOptions { expired, revoked, older_than };
+    let g = ctx.open()?;
+    if dry_run {
+        let r = g.purge_preview(opts)?;
+        let text = format!("would purge {} expired tokens and {} tombstones", r.expired, r.tombstones);
+        ctx.out(json!({"would_purge": r}), text)?;
+        return Ok(exit::OK);
+    }
+    let r = g.purge(opts)?;
     ctx.out(json!(r), format!("purged {} expired tokens and {} tombstones", r.expired, r.tombstones))?;
     Ok(exit::OK)
 }
@@ -87,13 +118,7 @@ pub fn rotate_dek(ctx: &Ctx, provider: &str) -> Result<i32> {
     Ok(exit::OK)
 }
 
-pub fn reencrypt(
-    ctx: &Ctx,
-    provider: Option<&str>,
-    batch_size: usize,
-    rate: Option<f64>,
-    dry_run: bool,
-) -> Result<i32> {
+pub fn reencrypt(ctx: &Ctx, provider: Option<&str>, batch_size: u32, rate: Option<f64>, dry_run: bool) -> Result<i32> {
     let g = ctx.open()?;
     let bar = (!ctx.json && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(0);
@@ -103,6 +128,7 @@ pub fn reencrypt(
         );
         b
     });
+    let batch_size = usize::try_from(batch_size).unwrap_or(usize::MAX);
     let opts = ReencryptOptions { batch_size, max_per_second: rate, dry_run };
     let reports = g.reencrypt(provider, opts, |p, done, total| {
         if let Some(b) = &bar {
@@ -146,7 +172,7 @@ pub fn shred(ctx: &Ctx, provider: &str, yes: bool) -> Result<i32> {
         if !std::io::stdin().is_terminal() {
             return Err(Error::InvalidInput("shred destroys keys for good: pass --yes in scripts".into()));
         }
-        eprint!(
+        note_inline!(
             "Destroy every data key of {provider}? Its tokens become unrecoverable. Type the provider name to confirm: "
         );
         let mut line = String::new();

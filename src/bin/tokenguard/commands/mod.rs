@@ -2,6 +2,22 @@
 //! print the result. Business logic lives in the library; exit codes come from typed
 //! values (`Error::exit_code`, `Outcome::exit_code`, `report_exit_code`).
 
+/// Prints a line on stdout; a closed stdout is an error the caller returns (and
+/// `main` turns into a quiet exit), never a panic.
+macro_rules! say {
+    ($($t:tt)*) => { $crate::commands::say(format_args!($($t)*)) };
+}
+
+/// Prints a line on stderr, best effort (a closed stderr is not worth failing for).
+macro_rules! note {
+    ($($t:tt)*) => { $crate::commands::note(format_args!($($t)*), true) };
+}
+
+/// As `note!`, without the newline (a prompt).
+macro_rules! note_inline {
+    ($($t:tt)*) => { $crate::commands::note(format_args!($($t)*), false) };
+}
+
 mod admin;
 mod lifecycle;
 mod refresh;
@@ -45,13 +61,30 @@ impl Ctx {
     }
 }
 
+/// Where the config is when neither --config nor TOKENGUARD_CONFIG says:
+/// `$XDG_CONFIG_HOME/tokenguard/tokenguard.toml` (`~/.config/…`), then
+/// `/etc/tokenguard/tokenguard.toml`.
+fn default_config() -> Option<PathBuf> {
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    user.map(|d| d.join("tokenguard/tokenguard.toml"))
+        .into_iter()
+        .chain([PathBuf::from("/etc/tokenguard/tokenguard.toml")])
+        .find(|p| p.is_file())
+}
+
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
-    let path = path.ok_or_else(|| {
+    let path = path.cloned().or_else(default_config).ok_or_else(|| {
         Error::Config(
-            "no configuration: pass --config FILE or set TOKENGUARD_CONFIG (./softhsm-setup.sh prints one)".into(),
+            "no configuration: pass --config FILE, set TOKENGUARD_CONFIG, or create \
+             ~/.config/tokenguard/tokenguard.toml or /etc/tokenguard/tokenguard.toml \
+             (./softhsm-setup.sh writes one for a development token)"
+                .into(),
         )
     })?;
-    let config = Config::load(path)?;
+    let config = Config::load(&path)?;
     apply_module_env(&config);
     Ok(config)
 }
@@ -77,6 +110,19 @@ fn actor() -> String {
     format!("cli uid={uid}{}{} pid={}", if user.is_empty() { "" } else { " user=" }, user, std::process::id())
 }
 
+pub fn say(args: std::fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args).and_then(|()| out.write_all(b"\n")).map_err(stdout_error)
+}
+
+pub fn note(args: std::fmt::Arguments<'_>, newline: bool) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args);
+    if newline {
+        let _ = err.write_all(b"\n");
+    }
+}
+
 pub fn stdout_error(e: std::io::Error) -> Error {
     Error::Io { operation: "writing", path: "stdout".into(), source: e }
 }
@@ -98,23 +144,39 @@ pub fn fmt_time(t: Option<u64>) -> String {
 
 /// Runs the command; returns the exit code on success paths that are not 0.
 pub fn run(cli: Cli) -> Result<i32> {
-    if let Command::InitToken(a) = &cli.command {
-        return roots::init_token(a);
+    // Commands that need no config.
+    match &cli.command {
+        Command::InitToken(a) => return roots::init_token(a),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "tokenguard", &mut std::io::stdout().lock());
+            return Ok(tokenguard::error::exit::OK);
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command().after_help(tokenguard::error::exit::help_text());
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock()).map_err(stdout_error)?;
+            return Ok(tokenguard::error::exit::OK);
+        }
+        _ => {}
     }
     let ctx = Ctx { config: load_config(cli.config.as_ref())?, json: cli.json };
     match cli.command {
-        Command::InitToken(a) => roots::init_token(&a),
+        Command::InitToken(_) | Command::Completions { .. } | Command::Man => Ok(tokenguard::error::exit::OK),
         Command::Init => roots::init(&ctx),
         Command::Root(c) => roots::root(&ctx, c),
         Command::RotateRoot { new_key_label } => roots::rotate_root(&ctx, new_key_label),
         Command::Put(a) => tokens::put(&ctx, a),
         Command::Get(a) => tokens::get(&ctx, a),
         Command::List { provider } => tokens::list(&ctx, provider.as_deref()),
-        Command::Delete { provider, name } => tokens::delete(&ctx, &provider, &name),
-        Command::Status { provider, name } => tokens::status(&ctx, &provider, &name),
+        Command::Delete { token, dry_run } => tokens::delete(&ctx, &token, dry_run),
+        Command::Status { token } => tokens::status(&ctx, &token),
+        Command::Exec(a) => crate::exec::run(&ctx.open()?, &a.env, &a.file, &a.command),
+        Command::GitCredential(a) => tokens::git_credential(&ctx, &a),
         Command::Revoke(a) => lifecycle::revoke(&ctx, a),
         Command::Expiring { within } => lifecycle::expiring(&ctx, &within),
-        Command::Purge { expired, revoked, older_than } => lifecycle::purge(&ctx, expired, revoked, older_than),
+        Command::Purge { expired, revoked, older_than, dry_run } => {
+            lifecycle::purge(&ctx, expired, revoked, older_than, dry_run)
+        }
         Command::RotateDek { provider } => lifecycle::rotate_dek(&ctx, &provider),
         Command::Reencrypt { provider, batch_size, rate, dry_run } => {
             lifecycle::reencrypt(&ctx, provider.as_deref(), batch_size, rate, dry_run)

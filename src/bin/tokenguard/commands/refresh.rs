@@ -21,7 +21,7 @@ fn report(ctx: &Ctx, outcomes: &[RefreshOutcome]) -> Result<i32> {
             print_json(&serde_json::to_value(o).unwrap_or_default())?;
         } else {
             let detail = if o.detail.is_empty() { String::new() } else { format!(" ({})", o.detail) };
-            println!("{}/{}: {}{detail}", o.provider, o.name, o.outcome);
+            say!("{}/{}: {}{detail}", o.provider, o.name, o.outcome)?;
         }
         code = match (o.outcome.exit_code(), code) {
             (exit::OTHER, _) => exit::OTHER,

@@ -8,13 +8,21 @@ use super::{Ctx, print_json};
 use crate::cli::{InitTokenArgs, RootCommand};
 
 pub fn init(ctx: &Ctx) -> Result<i32> {
+    if ctx.config.store.path.exists() {
+        // Idempotent, but only for the store this config opens: a wrong root or a
+        // damaged store is still an error.
+        let g = ctx.open()?;
+        let text = format!("store {} is already initialised; nothing to do", g.path().display());
+        ctx.out(json!({"store": g.path(), "roots": g.roots(), "created": false}), text)?;
+        return Ok(exit::OK);
+    }
     let g = ctx.config.init_guard_with(ctx.guard_options())?;
     if ctx.json {
-        print_json(&json!({"store": g.path(), "roots": g.roots()}))?;
+        print_json(&json!({"store": g.path(), "roots": g.roots(), "created": true}))?;
     } else {
-        println!("created store {}", g.path().display());
+        say!("created store {}", g.path().display())?;
         for r in g.roots() {
-            println!("  root {}: {}", r.root_id, r.description);
+            say!("  root {}: {}", r.root_id, r.description)?;
         }
     }
     Ok(exit::OK)
@@ -26,7 +34,7 @@ pub fn init_token(a: &InitTokenArgs) -> Result<i32> {
     let so = tokenguard::config::resolve_pin(&a.so_pin_source, here)?;
     let user = tokenguard::config::resolve_pin(&a.pin_source, here)?;
     let serial = tokenguard::root::pkcs11::init_token(&a.module, &a.label, &so, &user)?;
-    println!("token {:?} ready (serial {serial})", a.label);
+    say!("token {:?} ready (serial {serial})", a.label)?;
     Ok(exit::OK)
 }
 

@@ -8,28 +8,32 @@ use tokenguard::guard::revoke::TokenStatus;
 use tokenguard::{Error, GetOptions, Result};
 
 use super::{Ctx, fmt_time, print_json, stdout_error};
-use crate::cli::{GetArgs, PutArgs};
+use crate::cli::{GetArgs, PutArgs, TokenRef};
 use crate::input;
 
 pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32> {
-    tokenguard::guard::validate_ident("provider", &a.provider)?;
-    tokenguard::guard::validate_ident("name", &a.name)?;
+    let (provider, name) = input::token_ref(&a.token.provider, a.token.name.as_deref())?;
     let labels = input::parse_labels(&a.labels)?;
     let raw = input::read_input(a.from_file.as_deref())?;
-    let (secret, parsed) = input::parse_secret(raw, a.raw, a.keep_newline)?;
     let t = tokenguard::now();
-    let expires_at = input::expiry(a.expires_in.as_deref(), a.expires_at.as_deref(), parsed.expires_in, t)?;
+    // A file's bytes are kept exactly; text on stdin loses one trailing newline.
+    let strip = a.from_file.is_none() && !a.keep_newline;
+    let (secret, parsed) = input::parse_secret(raw, a.raw, strip, t)?;
+    let expires_at = input::expiry(a.expires_in.as_deref(), a.expires_at.as_deref(), parsed.expires_at, t)?;
     let opts = input::put_options(labels, expires_at, parsed);
-    let meta = ctx.open()?.put(&a.provider, &a.name, secret, opts)?;
+    let (meta, replaced) = ctx.open()?.put_checked(&provider, &name, secret, opts, !a.no_overwrite)?;
     if ctx.json {
-        print_json(&json!({"stored": {"provider": a.provider, "name": a.name, "meta": meta}}))?;
+        print_json(&json!({"stored": {"provider": provider, "name": name, "replaced": replaced, "meta": meta}}))?;
+    } else if replaced {
+        note!("replaced the existing token {provider}/{name} (--no-overwrite refuses)");
     }
     Ok(exit::OK)
 }
 
 pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32> {
+    let (provider, name) = input::token_ref(&a.token.provider, a.token.name.as_deref())?;
     let g = ctx.open()?;
-    let res = g.get_with(&a.provider, &a.name, GetOptions { allow_expired: a.allow_expired });
+    let res = g.get_field(&provider, &name, a.field.as_deref(), GetOptions { allow_expired: a.allow_expired });
     let outcome = match &res {
         Ok(_) => "ok",
         Err(e) => match e.exit_code() {
@@ -41,21 +45,23 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32> {
     };
     // Reads through the CLI are audited (one commit per process is cheap next to the
     // process start); a failure to audit does not hide the read's own error.
-    let audited = g.audit_event("get", &a.provider, &a.name, outcome);
-    let (secret, meta) = res?;
+    let audited = g.audit_event("get", &provider, &name, outcome);
+    let (value, meta) = res?;
     audited?;
-    let value = secret.field(a.field.as_deref()).ok_or_else(|| Error::NoSuchField {
-        provider: a.provider.clone(),
-        name: a.name.clone(),
-        field: a.field.clone().unwrap_or_else(|| "access_token".into()),
-    })?;
+    if let Some(path) = &a.output {
+        write_private_file(path, value.expose())?;
+        if ctx.json {
+            print_json(&json!({"provider": provider, "name": name, "field": a.field, "written_to": path}))?;
+        }
+        return Ok(exit::OK);
+    }
     let mut out = std::io::stdout().lock();
     if ctx.json {
         let text = value
             .expose_str()
             .ok_or_else(|| Error::InvalidInput("the secret is not UTF-8; use get without --json".into()))?;
         let v = zeroize::Zeroizing::new(
-            json!({"provider": a.provider, "name": a.name, "field": a.field, "value": text, "meta": meta}).to_string(),
+            json!({"provider": provider, "name": name, "field": a.field, "value": text, "meta": meta}).to_string(),
         );
         writeln!(out, "{}", v.as_str()).map_err(stdout_error)?;
     } else {
@@ -66,6 +72,20 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32> {
     }
     out.flush().map_err(stdout_error)?;
     Ok(exit::OK)
+}
+
+/// Writes a secret to a new file, mode 0600, never over an existing one.
+fn write_private_file(path: &std::path::Path, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e| Error::Io { operation: "writing", path: path.into(), source: e };
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::InvalidInput(format!("{} exists; --output never overwrites", path.display()))
+        } else {
+            io(e)
+        }
+    })?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(io)
 }
 
 pub fn list(ctx: &Ctx, provider: Option<&str>) -> Result<i32> {
@@ -82,12 +102,11 @@ pub fn list(ctx: &Ctx, provider: Option<&str>) -> Result<i32> {
         let labels: Vec<String> = t.meta.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         writeln!(
             out,
-            "{}/{}\t{:?}\texpires {}{}\tdek v{}\t{}",
+            "{}/{}\t{}\texpires {}\tdek v{}\t{}",
             t.provider,
             t.name,
-            t.meta.state,
+            t.status.as_str(),
             fmt_time(t.meta.expires_at),
-            if t.expired { " (EXPIRED)" } else { "" },
             t.dek_version,
             labels.join(",")
         )
@@ -96,16 +115,30 @@ pub fn list(ctx: &Ctx, provider: Option<&str>) -> Result<i32> {
     Ok(exit::OK)
 }
 
-pub fn delete(ctx: &Ctx, provider: &str, name: &str) -> Result<i32> {
-    ctx.open()?.delete(provider, name)?;
+pub fn delete(ctx: &Ctx, token: &TokenRef, dry_run: bool) -> Result<i32> {
+    let (provider, name) = input::token_ref(&token.provider, token.name.as_deref())?;
+    let g = ctx.open()?;
+    if dry_run {
+        let exists = g.list(Some(&provider))?.iter().any(|t| t.name == name);
+        if !exists {
+            return Err(Error::NotFound { provider, name });
+        }
+        ctx.out(
+            json!({"would_delete": {"provider": provider, "name": name}}),
+            format!("would delete {provider}/{name}"),
+        )?;
+        return Ok(exit::OK);
+    }
+    g.delete(&provider, &name)?;
     if ctx.json {
         print_json(&json!({"deleted": {"provider": provider, "name": name}}))?;
     }
     Ok(exit::OK)
 }
 
-pub fn status(ctx: &Ctx, provider: &str, name: &str) -> Result<i32> {
-    let st = ctx.open()?.status(provider, name)?;
+pub fn status(ctx: &Ctx, token: &TokenRef) -> Result<i32> {
+    let (provider, name) = input::token_ref(&token.provider, token.name.as_deref())?;
+    let st = ctx.open()?.status(&provider, &name)?;
     let text = match &st {
         TokenStatus::Active { meta } => format!("active (expires {})", fmt_time(meta.expires_at)),
         TokenStatus::Expired { meta } => format!("expired at {}", fmt_time(meta.expires_at)),
@@ -116,5 +149,47 @@ pub fn status(ctx: &Ctx, provider: &str, name: &str) -> Result<i32> {
         TokenStatus::Shredded { .. } => "shredded: its provider's data keys were destroyed".into(),
     };
     ctx.out(serde_json::to_value(&st).unwrap_or_default(), text)?;
+    Ok(exit::OK)
+}
+
+/// `git-credential get|store|erase` (git's credential helper protocol): answers
+/// `get` with the token as the password; `store` and `erase` are acknowledged and
+/// ignored (tokens are managed with `put` and `revoke`). An unknown host gets no
+/// answer, so git asks its next helper.
+pub fn git_credential(ctx: &Ctx, a: &crate::cli::GitCredentialArgs) -> Result<i32> {
+    use std::io::BufRead;
+    let mut host = None;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| Error::InvalidInput(format!("reading git's request: {e}")))?;
+        if line.is_empty() {
+            break;
+        }
+        if let Some(h) = line.strip_prefix("host=") {
+            host = Some(h.to_string());
+        }
+    }
+    if !matches!(a.operation, crate::cli::GitOperation::Get) {
+        return Ok(exit::OK);
+    }
+    let spec = match (&a.token, &host) {
+        (Some(t), _) => input::TokenSpec::parse(t)?,
+        (None, Some(h)) => input::TokenSpec { provider: "git".into(), name: h.clone(), field: None },
+        (None, None) => return Ok(exit::OK),
+    };
+    let g = ctx.open()?;
+    let res = g.get_field(&spec.provider, &spec.name, spec.field.as_deref(), GetOptions::default());
+    let outcome = if res.is_ok() { "ok" } else { "error" };
+    g.audit_event("git-credential", &spec.provider, &spec.name, outcome)?;
+    let value = match res {
+        Ok((v, _)) => v,
+        Err(Error::NotFound { .. }) if a.token.is_none() => return Ok(exit::OK),
+        Err(e) => return Err(e),
+    };
+    let token = value.expose_str().filter(|t| !t.contains('\n')).ok_or_else(|| {
+        Error::InvalidInput("the token is not one line of UTF-8 text; git cannot use it as a password".into())
+    })?;
+    let answer = zeroize::Zeroizing::new(format!("username={}\npassword={token}\n\n", a.username));
+    let mut out = std::io::stdout().lock();
+    out.write_all(answer.as_bytes()).and_then(|()| out.flush()).map_err(stdout_error)?;
     Ok(exit::OK)
 }

@@ -1,0 +1,124 @@
+//! `tokenguard exec`: a child process with tokens in its environment or in private
+//! files, like `sops exec-env` / `exec-file` and systemd's `LoadCredential=`.
+//!
+//! - A secret is put only into the child's environment (never this process's, so
+//!   `/proc/PID/environ` of the parent never holds it) and never into anyone's argv.
+//! - `--file` writes each secret to a 0600 file in a 0700 directory on a tmpfs
+//!   (`$XDG_RUNTIME_DIR`, else `/dev/shm`, else the temp directory), passes its path,
+//!   and removes the directory when the child exits — also when this process gets
+//!   SIGINT, SIGTERM or SIGHUP, which it forwards to the child first.
+//! - The child's exit code is passed through (128 + N when a signal ended it).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokenguard::{Error, GetOptions, Result, TokenGuard};
+
+use crate::input::TokenSpec;
+
+/// A private directory removed on drop, files and all.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn create() -> Result<Self> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()))
+            .unwrap_or_else(std::env::temp_dir);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let dir = base.join(format!("tokenguard-exec-{}-{nanos:08x}", std::process::id()));
+        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| Error::Io {
+            operation: "creating a private directory",
+            path: dir.clone(),
+            source: e,
+        })?;
+        Ok(PrivateDir(dir))
+    }
+
+    fn write(&self, var: &str, value: &[u8]) -> Result<PathBuf> {
+        let path = self.0.join(var);
+        let io = |e| Error::Io { operation: "writing a secret file", path: path.clone(), source: e };
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
+        f.write_all(value).map_err(io)?;
+        Ok(path)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        // Overwrite before unlinking: a tmpfs page may outlive the unlink otherwise.
+        if let Ok(entries) = fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                if let Ok(m) = e.metadata() {
+                    let _ = fs::write(e.path(), vec![0u8; usize::try_from(m.len()).unwrap_or(0)]);
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn read(g: &TokenGuard, spec: &TokenSpec) -> Result<tokenguard::SecretBytes> {
+    let res = g.get_field(&spec.provider, &spec.name, spec.field.as_deref(), GetOptions::default());
+    let outcome = if res.is_ok() { "ok" } else { "error" };
+    g.audit_event("exec", &spec.provider, &spec.name, outcome)?;
+    res.map(|(v, _)| v)
+}
+
+/// Runs `command` with the tokens of `env` (`VAR=TOKEN`) and `files` (`VAR=TOKEN`);
+/// returns the child's exit code.
+pub fn run(g: &TokenGuard, env: &[String], files: &[String], command: &[String]) -> Result<i32> {
+    let (program, args) = command.split_first().ok_or_else(|| Error::InvalidInput("exec needs a command".into()))?;
+    let mut child = Command::new(program);
+    child.args(args);
+    for e in env {
+        let (var, spec) = TokenSpec::assignment(e)?;
+        let value = read(g, &spec)?;
+        let text = value.expose_str().ok_or_else(|| {
+            Error::InvalidInput(format!("{var}: the secret is not UTF-8; use --file for binary secrets"))
+        })?;
+        child.env(var, text);
+    }
+    let dir = if files.is_empty() { None } else { Some(PrivateDir::create()?) };
+    if let Some(dir) = &dir {
+        for f in files {
+            let (var, spec) = TokenSpec::assignment(f)?;
+            let path = dir.write(var, read(g, &spec)?.expose())?;
+            child.env(var, path);
+        }
+    }
+    // Signals that would end this process are caught and forwarded, so the files
+    // are removed after the child is gone.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| Error::Io {
+        operation: "installing signal handlers",
+        path: "-".into(),
+        source: e,
+    })?;
+    let mut running =
+        child.spawn().map_err(|e| Error::Io { operation: "starting", path: Path::new(program).into(), source: e })?;
+    let pid = running.id();
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if let Ok(pid) = i32::try_from(pid) {
+                // SAFETY: kill sends a signal to the child we started; it touches no memory.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::kill(pid, sig)
+                };
+            }
+        }
+    });
+    let status = running.wait().map_err(|e| Error::Io { operation: "waiting for", path: program.into(), source: e });
+    handle.close();
+    let _ = forwarder.join();
+    drop(dir);
+    let status = status?;
+    Ok(status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1))
+}
