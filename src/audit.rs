@@ -22,8 +22,8 @@ const EVENT_FORMAT_V1: u8 = 1;
 const DOMAIN: &[u8] = b"tokenguard/audit/v1";
 const HEAD_DOMAIN: &[u8] = b"tokenguard/audit-head/v1";
 
-/// One audit event as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One audit event as stored. In JSON, `time` is RFC 3339 and `time_unix` seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEvent {
     /// Position in the chain, from 1.
     pub seq: u64,
@@ -41,6 +41,22 @@ pub struct AuditEvent {
     pub actor: String,
     /// Non-secret detail (DEK version, counts).
     pub detail: String,
+}
+
+impl Serialize for AuditEvent {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = ser.serialize_struct("AuditEvent", 9)?;
+        s.serialize_field("seq", &self.seq)?;
+        crate::clock::serialize_time(&mut s, "time", "time_unix", Some(self.time))?;
+        s.serialize_field("op", &self.op)?;
+        s.serialize_field("provider", &self.provider)?;
+        s.serialize_field("name", &self.name)?;
+        s.serialize_field("outcome", &self.outcome)?;
+        s.serialize_field("actor", &self.actor)?;
+        s.serialize_field("detail", &self.detail)?;
+        s.end()
+    }
 }
 
 /// An event to append (sequence and time are filled in).

@@ -7,3 +7,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
+
+/// `t` (unix seconds) as RFC 3339 UTC, e.g. `2026-11-23T19:00:00Z`.
+pub fn rfc3339(t: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+}
+
+/// Serialises a time both ways: `NAME` as RFC 3339 and `NAME_unix` as seconds, so
+/// JSON readers get a readable time and an exact one.
+pub(crate) fn serialize_time<S: serde::ser::SerializeStruct>(
+    s: &mut S,
+    name: &'static str,
+    unix_name: &'static str,
+    t: Option<u64>,
+) -> Result<(), S::Error> {
+    s.serialize_field(name, &t.map(rfc3339))?;
+    s.serialize_field(unix_name, &t)
+}

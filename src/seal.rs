@@ -96,8 +96,10 @@ impl SecretKind {
     }
 }
 
-/// Non-secret metadata of a token, authenticated with it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Non-secret metadata of a token, authenticated with it. In JSON, times come as
+/// RFC 3339 (`expires_at`) and unix seconds (`expires_at_unix`); the stored state is
+/// left out in favour of one computed status ([`crate::guard::Condition`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metadata {
     /// When the token was first stored (unix seconds).
     pub created: u64,
@@ -107,7 +109,6 @@ pub struct Metadata {
     pub expires_at: Option<u64>,
     /// Stored lifecycle state. Not serialised: outputs carry one computed status
     /// ([`crate::guard::Condition`]) instead, so "active" never stands beside "expired".
-    #[serde(skip)]
     pub state: TokenState,
     /// Raw secret or token set.
     pub kind: SecretKind,
@@ -117,6 +118,21 @@ pub struct Metadata {
     pub scopes: Vec<String>,
     /// Free-form labels (owner, environment, ticket…), sorted by key.
     pub labels: BTreeMap<String, String>,
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = ser.serialize_struct("Metadata", 10)?;
+        crate::clock::serialize_time(&mut s, "created", "created_unix", Some(self.created))?;
+        crate::clock::serialize_time(&mut s, "updated", "updated_unix", Some(self.updated))?;
+        crate::clock::serialize_time(&mut s, "expires_at", "expires_at_unix", self.expires_at)?;
+        s.serialize_field("kind", &self.kind)?;
+        s.serialize_field("token_type", &self.token_type)?;
+        s.serialize_field("scopes", &self.scopes)?;
+        s.serialize_field("labels", &self.labels)?;
+        s.end()
+    }
 }
 
 impl Metadata {

@@ -432,8 +432,9 @@ fn cli_refresh_due_and_watch_stop_cleanly() {
     drop(g);
     let o = env.run(&["refresh", "--due", "--json"], b"");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // `--due --json` is one array (a list); `--watch --json` streams JSON lines.
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let lines = v.as_array().unwrap();
     assert_eq!(lines.len(), 1, "only the due token: {lines:?}");
     assert_eq!(lines[0]["outcome"], "refreshed");
     assert!(!String::from_utf8_lossy(&o.stdout).contains("at-1"), "no token in the output");

@@ -199,8 +199,8 @@ pub(crate) fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
     f().map_err(|_| Error::integrity("decoding the store's wrapped integrity key"))
 }
 
-/// A revoked token's tombstone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A revoked token's tombstone. In JSON, times are RFC 3339 plus `*_unix` seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tombstone {
     /// When, unix seconds.
     pub revoked_at: u64,
@@ -212,6 +212,19 @@ pub struct Tombstone {
     pub expires_at: Option<u64>,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
+}
+
+impl Serialize for Tombstone {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = ser.serialize_struct("Tombstone", 7)?;
+        crate::clock::serialize_time(&mut s, "revoked_at", "revoked_at_unix", Some(self.revoked_at))?;
+        s.serialize_field("reason", &self.reason)?;
+        s.serialize_field("actor", &self.actor)?;
+        crate::clock::serialize_time(&mut s, "expires_at", "expires_at_unix", self.expires_at)?;
+        s.serialize_field("labels", &self.labels)?;
+        s.end()
+    }
 }
 
 const TOMBSTONE_V1: u8 = 1;

@@ -25,6 +25,7 @@
 //!   `CKR_DEVICE_ERROR` instead of `CKR_WRAPPED_KEY_INVALID`; all map to the opaque
 //!   integrity error.
 
+mod lock;
 mod module;
 mod settings;
 mod token;
@@ -50,6 +51,7 @@ use crate::secret::DekMaterial;
 
 const BACKEND: &str = "pkcs11";
 
+use lock::TokenLock;
 #[allow(clippy::wildcard_imports)]
 use module::*;
 pub use settings::{DEFAULT_KEY_LABEL, MechanismPreference, Pkcs11Settings, Pkcs11Uri};
@@ -100,11 +102,15 @@ impl Pkcs11Root {
     /// token if no key carries the label yet. An existing key is adopted only if it is
     /// sensitive and not extractable.
     pub fn connect(settings: Pkcs11Settings, generate: bool) -> Result<Self> {
+        let _lock = TokenLock::exclusive(&settings.module)?;
         let module = module(&settings.module)?;
         let generation = module.generation.load(Ordering::Acquire);
-        let (slot, token_serial, token_label) = find_slot(&module.ctx, &settings)?;
-        let session = module.ctx.open_rw_session(slot).map_err(|e| hw("C_OpenSession", e))?;
-        login(&session, &settings.pin)?;
+        let (slot, token_serial, token_label, session) = retry_transient(|| {
+            let (slot, serial, label) = find_slot(&module.ctx, &settings)?;
+            let session = module.ctx.open_rw_session(slot).map_err(|e| hw("C_OpenSession", e))?;
+            login(&session, &settings.pin)?;
+            Ok((slot, serial, label, session))
+        })?;
 
         let (key, key_id, mechanism) = match find_key(&session, &settings)? {
             Some((key, id)) => {
@@ -158,7 +164,13 @@ impl Pkcs11Root {
         let mut attempt = 0;
         loop {
             let (pooled, key) = self.checkout()?;
-            let result = f(&pooled.session, key);
+            let result = match TokenLock::shared(&self.settings.module) {
+                Ok(_lock) => f(&pooled.session, key),
+                Err(e) => {
+                    self.checkin(pooled);
+                    return Err(e);
+                }
+            };
             match result {
                 Ok(v) => {
                     self.checkin(pooled);
@@ -181,6 +193,7 @@ impl Pkcs11Root {
                         Recovery::Device => {
                             tracing::warn!(backend = BACKEND, error = %ck_detail(&e), "device error; re-initialising");
                             self.drain_pool();
+                            let _lock = TokenLock::exclusive(&self.settings.module)?;
                             self.module.reinitialize(generation)?;
                             self.relocate()?;
                         }
@@ -198,7 +211,10 @@ impl Pkcs11Root {
         if generation != self.module.generation.load(Ordering::Acquire) {
             // Another root in this process re-initialised the module.
             self.drain_pool();
-            self.relocate()?;
+            {
+                let _lock = TokenLock::exclusive(&self.settings.module)?;
+                self.relocate()?;
+            }
             return self.checkout();
         }
         loop {
@@ -213,19 +229,20 @@ impl Pkcs11Root {
             if *open < self.settings.max_sessions.max(1) {
                 *open += 1;
                 drop(open);
-                let session = match self.module.ctx.open_rw_session(slot) {
-                    Ok(s) => s,
+                let opened = TokenLock::exclusive(&self.settings.module).and_then(|_lock| {
+                    retry_transient(|| {
+                        let session = self.module.ctx.open_rw_session(slot).map_err(|e| hw("C_OpenSession", e))?;
+                        login(&session, &self.settings.pin)?;
+                        Ok(session)
+                    })
+                });
+                return match opened {
+                    Ok(session) => Ok((PooledSession { generation, session }, key)),
                     Err(e) => {
                         self.release_slot();
-                        return Err(hw("C_OpenSession", e));
+                        Err(e)
                     }
                 };
-                if let Err(e) = login(&session, &self.settings.pin) {
-                    drop(session);
-                    self.release_slot();
-                    return Err(e);
-                }
-                return Ok((PooledSession { generation, session }, key));
             }
             // All sessions are borrowed: wait for one to come back.
             let _unused = self
@@ -260,6 +277,8 @@ impl Pkcs11Root {
 
     /// Finds the token and key again (after a re-initialisation slot ids and object
     /// handles may have changed). Refuses a token whose serial changed.
+    /// Finds the token and the key again after a re-initialisation. The caller holds
+    /// the exclusive token lock.
     fn relocate(&self) -> Result<()> {
         let generation = self.module.generation.load(Ordering::Acquire);
         let (slot, serial, _) = find_slot(&self.module.ctx, &self.settings)?;
@@ -321,6 +340,32 @@ impl Pkcs11Root {
 }
 
 /// AAD of the GCM fallback wrap, so a blob cannot be confused with other GCM output.
+/// Runs `f` again, a bounded number of times, while it fails with the states another
+/// program can cause by rewriting the token's files (SoftHSM2: no token visible, or
+/// "PIN not initialised" mid-rewrite). Other errors return at once.
+fn retry_transient<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    const ATTEMPTS: u32 = 20;
+    let mut attempt = 0;
+    loop {
+        match f() {
+            Err(e) if attempt + 1 < ATTEMPTS && is_transient(&e) => {
+                attempt += 1;
+                tracing::debug!(backend = BACKEND, attempt, error = %e, "token not ready; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_transient(e: &Error) -> bool {
+    match e {
+        Error::Hardware { operation: "finding the token", .. } => true,
+        Error::Auth { detail, .. } => detail.ends_with("USER_PIN_NOT_INITIALIZED"),
+        _ => false,
+    }
+}
+
 impl RootKey for Pkcs11Root {
     fn backend(&self) -> &'static str {
         BACKEND

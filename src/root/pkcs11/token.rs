@@ -256,6 +256,7 @@ pub(super) fn key_mechanism(
 /// kryoptic); production HSMs are initialised with their vendor's tools. An existing
 /// token with the same label is left untouched and its serial returned.
 pub fn init_token(module_path: &Path, label: &str, so_pin: &SecretString, user_pin: &SecretString) -> Result<String> {
+    let _lock = super::lock::TokenLock::exclusive(module_path)?;
     let m = module(module_path)?;
     let ctx = &m.ctx;
     let find = |label: &str| -> Result<Option<(Slot, String)>> {

@@ -147,12 +147,15 @@ pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
         AuditCommand::List { since, provider } => {
             let from = since.as_deref().map(|s| input::time_or_ago(s, tokenguard::now())).transpose()?.unwrap_or(0);
             let events = g.audit_list(1)?;
-            let events =
-                events.iter().filter(|e| e.time >= from && provider.as_deref().is_none_or(|p| p == e.provider));
-            for e in events {
-                if ctx.json {
-                    print_json(&serde_json::to_value(e).unwrap_or_default())?;
-                } else {
+            let events: Vec<_> = events
+                .iter()
+                .filter(|e| e.time >= from && provider.as_deref().is_none_or(|p| p == e.provider))
+                .collect();
+            if ctx.json {
+                // A list is an array; `audit export` is the JSON-lines stream.
+                print_json(&serde_json::to_value(&events).unwrap_or_default())?;
+            } else {
+                for e in events {
                     say!(
                         "{:>6} {} {:<10} {}/{} {} [{}] {}",
                         e.seq,

@@ -84,7 +84,10 @@ pub fn expiring(ctx: &Ctx, within: &str) -> Result<i32> {
             .map(|(p, n, t)| format!("{p}/{n}\t{}{}", fmt_time(Some(*t)), if *t <= now { " (EXPIRED)" } else { "" })),
         "nothing expires in that window",
     );
-    let v = list.iter().map(|(p, n, t)| json!({"provider": p, "name": n, "expires_at": t})).collect::<Vec<_>>();
+    let v = list
+        .iter()
+        .map(|(p, n, t)| json!({"provider": p, "name": n, "expires_at": fmt_time(Some(*t)), "expires_at_unix": t}))
+        .collect::<Vec<_>>();
     ctx.out(json!(v), text)?;
     Ok(exit::OK)
 }

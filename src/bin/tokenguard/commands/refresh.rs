@@ -13,12 +13,29 @@ use super::{Ctx, print_json};
 use crate::cli::RefreshArgs;
 use crate::input;
 
+/// How a report is printed in JSON: one object, an array, or JSON lines (a stream).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    One,
+    List,
+    Stream,
+}
+
 /// Prints each outcome; the exit code is that of the most serious one.
-fn report(ctx: &Ctx, outcomes: &[RefreshOutcome]) -> Result<i32> {
+fn report(ctx: &Ctx, outcomes: &[RefreshOutcome], shape: Shape) -> Result<i32> {
+    if ctx.json && shape != Shape::Stream {
+        let v = match (shape, outcomes) {
+            (Shape::One, [o]) => serde_json::to_value(o),
+            _ => serde_json::to_value(outcomes),
+        };
+        print_json(&v.unwrap_or_default())?;
+    }
     let mut code = exit::OK;
     for o in outcomes {
         if ctx.json {
-            print_json(&serde_json::to_value(o).unwrap_or_default())?;
+            if shape == Shape::Stream {
+                print_json(&serde_json::to_value(o).unwrap_or_default())?;
+            }
         } else {
             let detail = if o.detail.is_empty() { String::new() } else { format!(" ({})", o.detail) };
             say!("{}/{}: {}{detail}", o.provider, o.name, o.outcome)?;
@@ -35,12 +52,16 @@ fn report(ctx: &Ctx, outcomes: &[RefreshOutcome]) -> Result<i32> {
 pub fn refresh(ctx: &Ctx, a: RefreshArgs) -> Result<i32> {
     let g = ctx.open()?;
     let within = a.within.as_deref().map(input::duration).transpose()?.map(Duration::from_secs);
-    match (&a.provider, &a.name, a.due, a.watch) {
-        (Some(p), Some(n), false, false) => {
+    let one = match (&a.provider, a.due, a.watch) {
+        (Some(p), false, false) => Some(crate::input::token_ref(p, a.name.as_deref())?),
+        _ => None,
+    };
+    match (&one, &a.provider, a.due, a.watch) {
+        (Some((p, n)), ..) => {
             let (_, o) = g.refresh_now(p, n)?;
-            report(ctx, &[o])
+            report(ctx, &[o], Shape::One)
         }
-        (None, None, true, false) => report(ctx, &g.refresh_due(within)?),
+        (None, None, true, false) => report(ctx, &g.refresh_due(within)?, Shape::List),
         (None, None, false, true) => {
             let interval = Duration::from_secs(input::duration(&a.interval)?.max(1));
             let stop = Arc::new(AtomicBool::new(false));
@@ -56,7 +77,7 @@ pub fn refresh(ctx: &Ctx, a: RefreshArgs) -> Result<i32> {
             while !stop.load(Ordering::Relaxed) {
                 // A pass refreshes token by token; a signal is only looked at between
                 // tokens, so it never interrupts a refresh between answer and commit.
-                code = code.max(report(ctx, &g.refresh_due(within)?)?);
+                code = code.max(report(ctx, &g.refresh_due(within)?, Shape::Stream)?);
                 let until = Instant::now() + interval;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < until {
                     std::thread::sleep(Duration::from_millis(100));

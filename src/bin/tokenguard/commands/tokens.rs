@@ -148,7 +148,12 @@ pub fn status(ctx: &Ctx, token: &TokenRef) -> Result<i32> {
         }
         TokenStatus::Shredded { .. } => "shredded: its provider's data keys were destroyed".into(),
     };
-    ctx.out(serde_json::to_value(&st).unwrap_or_default(), text)?;
+    let mut v = serde_json::to_value(&st).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("provider".into(), provider.into());
+        o.insert("name".into(), name.into());
+    }
+    ctx.out(v, text)?;
     Ok(exit::OK)
 }
 
