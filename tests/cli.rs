@@ -152,6 +152,73 @@ fn snapshot_cases() {
     assert_eq!(code(&env.run(&["put", "github", "x", "--secret", "ghp_ARGV"], b"")), 2);
 }
 
+#[test]
+fn snapshot_cases_of_the_newer_commands() {
+    let env = TestEnv::new("snap2");
+    assert_eq!(code(&env.run(&["init"], b"")), 0);
+    let out = env.dir.join("out.txt");
+    std::fs::write(&out, b"already here").unwrap();
+    let out_arg: &'static str = Box::leak(out.display().to_string().into_boxed_str());
+    let get_out: &'static [&'static str] = Box::leak(Box::new(["get", "github/a", "--output", out_arg]));
+    check(
+        &env,
+        &[
+            Case { args: &["put", "github/a"], stdin: b"ghp_ONE", code: 0, stdout: Some(""), stderr: "" },
+            Case {
+                args: &["put", "github", "a", "--no-overwrite"],
+                stdin: b"ghp_TWO",
+                code: 2,
+                stdout: Some(""),
+                stderr: "error: token github/a exists (and --no-overwrite was given)\nhint: drop --no-overwrite to replace it, or `tokenguard revoke github/a` first\n",
+            },
+            Case {
+                args: &["put", "github", "argv", "ghp_STRAY"],
+                stdin: b"",
+                code: 2,
+                stdout: Some(""),
+                stderr: "error: unexpected argument (not shown: it may be a secret)\nhint: secrets are read from stdin or --from-file, never from the command line; see `tokenguard help`\n",
+            },
+            Case {
+                args: &["delete", "github/a", "--dry-run"],
+                stdin: b"",
+                code: 0,
+                stdout: Some("would delete github/a\n"),
+                stderr: "",
+            },
+            Case {
+                args: get_out,
+                stdin: b"",
+                code: 2,
+                stdout: Some(""),
+                stderr: "error: invalid input: [DIR]/out.txt exists; --output never overwrites\n",
+            },
+            Case {
+                args: &["exec", "--env", "GH=github", "--", "true"],
+                stdin: b"",
+                code: 2,
+                stdout: Some(""),
+                stderr: "error: invalid input: a token is PROVIDER/NAME or PROVIDER/NAME:FIELD (e.g. github/ci-bot)\n",
+            },
+            Case { args: &["exec", "--", "sh", "-c", "exit 3"], stdin: b"", code: 3, stdout: Some(""), stderr: "" },
+            Case {
+                args: &["git-credential", "store"],
+                stdin: b"host=github.com\npassword=x\n\n",
+                code: 0,
+                stdout: Some(""),
+                stderr: "",
+            },
+            Case {
+                args: &["purge", "--expired", "--dry-run"],
+                stdin: b"",
+                code: 0,
+                stdout: Some("would purge 0 expired tokens and 0 tombstones\n"),
+                stderr: "",
+            },
+            Case { args: &["get", "github/a"], stdin: b"", code: 0, stdout: Some("ghp_ONE"), stderr: "" },
+        ],
+    );
+}
+
 fn rewrite_config(env: &TestEnv, from: &str, to: &str) {
     let text = std::fs::read_to_string(&env.config_path).unwrap();
     assert!(text.contains(from), "{from} not in config");

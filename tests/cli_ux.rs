@@ -396,3 +396,25 @@ fn guard_rails_and_conveniences() {
     assert!(log.contains("record opened") && log.contains("audit event appended"), "{log}");
     assert!(!log.contains("xoxb-OUT") && !log.contains('\u{1b}'), "no secret, no colour into a file: {log}");
 }
+
+#[test]
+fn the_readme_quickstart_runs_as_written() {
+    let env = init("quickstart");
+    let readme = include_str!("../README.md");
+    let section = readme.split("## Quickstart").nth(1).unwrap();
+    let block = section.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
+    assert!(block.starts_with("T=target/release/tokenguard\n"), "{block}");
+    let script = block.replacen("T=target/release/tokenguard", &format!("T={}", env!("CARGO_BIN_EXE_tokenguard")), 1);
+    let o = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(&env.dir)
+        .env("TOKENGUARD_CONFIG", &env.config_path)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{}", String::from_utf8_lossy(&o.stderr));
+    for want in ["ghp_example0123456789", "1//example", "doctor: no failures", "audit chain intact", "the child has it"]
+    {
+        assert!(out.contains(want), "{want} missing from:\n{out}");
+    }
+}
