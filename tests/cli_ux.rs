@@ -94,29 +94,37 @@ fn ctrl_c_at_the_hidden_prompt_restores_the_terminal() {
 import os, pty, sys, termios, time
 pid, fd = pty.fork()
 if pid == 0:
-    os.execv(sys.argv[1], [sys.argv[1], "put", "github", "typed"])
+    os.execv(sys.argv[1], [sys.argv[1]] + sys.argv[3:])
 out = b""
 deadline = time.time() + 20
-while b"input hidden" not in out and time.time() < deadline:
+while sys.argv[2].encode() not in out and time.time() < deadline:
     out += os.read(fd, 1024)
-os.write(fd, b"ghp_TYPED\x03")
+os.write(fd, b"typed-half\x03")
 _, status = os.waitpid(pid, 0)
 echo = bool(termios.tcgetattr(fd)[3] & termios.ECHO)
 print(os.waitstatus_to_exitcode(status), echo)
 "#;
-    let o = std::process::Command::new("python3")
-        .args(["-c", script, env!("CARGO_BIN_EXE_tokenguard")])
-        .env("TOKENGUARD_CONFIG", &env.config_path)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(
-        out.trim(),
-        "130 True",
-        "exit code and echo after Ctrl-C; stderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let on_pty = |config: &std::path::Path, prompt: &str, args: &[&str]| {
+        let o = std::process::Command::new("python3")
+            .args(["-c", script, env!("CARGO_BIN_EXE_tokenguard"), prompt])
+            .args(args)
+            .env("TOKENGUARD_CONFIG", config)
+            .output()
+            .unwrap();
+        (String::from_utf8_lossy(&o.stdout).trim().to_string(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // At the secret prompt of `put`.
+    let (out, err) = on_pty(&env.config_path, "input hidden", &["put", "github", "typed"]);
+    assert_eq!(out, "130 True", "exit code and echo after Ctrl-C; stderr: {err}");
     assert_eq!(code(&env.run(&["get", "github", "typed"], b"")), 3, "nothing was stored");
+    // At the PIN prompt (pin_source = "prompt").
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let start = text.find("pin_source = \"file:").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    let prompt_config = env.dir.join("prompt.toml");
+    std::fs::write(&prompt_config, format!("{}pin_source = \"prompt\"{}", &text[..start], &text[end..])).unwrap();
+    let (out, err) = on_pty(&prompt_config, "Token PIN", &["list"]);
+    assert_eq!(out, "130 True", "exit code and echo after Ctrl-C at the PIN prompt; stderr: {err}");
 }
 
 #[test]
