@@ -3,7 +3,7 @@
 //!
 //! The seam is two traits: [`StoreRead`] (what a read snapshot answers) and
 //! [`StoreWrite`] (what a write transaction changes). The guard is written against
-//! them; `redb_store.rs` implements them on one redb file. A second backend (PostgreSQL)
+//! them; `redb_store/` implements them on one redb file. A second backend (PostgreSQL)
 //! implements the same two traits with the same semantics:
 //! - a write transaction is atomic and durable on commit, one at a time per store;
 //! - [`StoreWrite::put_record`] keeps the `by_dek` and `by_expiry` indexes in step

@@ -1,0 +1,293 @@
+//! The redb implementation of [`StoreRead`] and [`StoreWrite`]: one file, created 0600
+//! in a 0700 directory, opened shared (`MultiWriter`) or exclusive.
+
+//!
+//! `mod.rs` holds the file, its tables and the transactions; `read.rs` the read
+//! operations (written once for both transaction kinds), `write.rs` the writes.
+
+mod read;
+mod write;
+
+use std::fs;
+use std::ops::Bound;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use redb::{
+    Builder, ConcurrencyMode, Database, DatabaseError, Key, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, TableDefinition, TableError, TransactionError, Value, WriteTransaction,
+};
+
+use super::schema::{self, DekEntry, RootPin, RootWrapped, Tombstone};
+use super::{
+    Dump, IndexKeys, Lease, RecordBuilder, RecordVisitor, SCHEMA_VERSION, StoreMeta, StoreMode, StoreOptions,
+    StoreRead, StoreWrite,
+};
+use crate::error::{Error, Result};
+use crate::seal::{RecordView, STORE_ID_LEN};
+
+pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(super) const DEKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deks");
+pub(super) const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
+pub(super) const BY_DEK: TableDefinition<(&str, u32, &str), ()> = TableDefinition::new("by_dek");
+pub(super) const BY_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_expiry");
+pub(super) const TOMBSTONES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tombstones");
+pub(super) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+pub(super) const REFRESH_LEASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("refresh_leases");
+
+pub(super) const META_SCHEMA: &str = "schema_version";
+pub(super) const META_STORE_ID: &str = "store_id";
+pub(super) const META_ROOTS: &str = "roots";
+pub(super) const META_INTEGRITY_KEY: &str = "integrity_key";
+pub(super) const META_CREATED: &str = "created";
+pub(super) const META_AUDIT_HEAD: &str = "audit_head";
+
+macro_rules! from_redb {
+    ($($t:ty => $op:literal),* $(,)?) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                match redb::Error::from(e) {
+                    redb::Error::Corrupted(_) => Error::integrity("reading the store file"),
+                    other => Error::Store { operation: $op, detail: other.to_string() },
+                }
+            }
+        }
+    )*};
+}
+
+from_redb!(
+    redb::TransactionError => "transaction",
+    redb::TableError => "table",
+    redb::StorageError => "storage",
+    redb::CommitError => "commit",
+);
+
+/// An open store.
+pub(crate) struct Store {
+    db: Database,
+    path: PathBuf,
+    opts: StoreOptions,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).field("mode", &self.opts.mode).finish()
+    }
+}
+
+fn builder(opts: &StoreOptions) -> Builder {
+    let mut b = Builder::new();
+    b.set_concurrency_mode(match opts.mode {
+        StoreMode::Shared => ConcurrencyMode::MultiWriter,
+        StoreMode::Exclusive => ConcurrencyMode::ExclusiveWriter,
+    });
+    b
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((1u64 << attempt.min(6)).min(50))
+}
+
+fn waited_ms(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn map_db_error(path: &Path, e: DatabaseError) -> Error {
+    match e {
+        DatabaseError::Storage(redb::StorageError::Io(io)) if io.kind() == std::io::ErrorKind::InvalidData => {
+            Error::integrity("opening the store file (not a tokenguard store, or damaged)")
+        }
+        DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            Error::Io { operation: "opening store", path: path.into(), source: io }
+        }
+        DatabaseError::Storage(redb::StorageError::Corrupted(_)) => Error::integrity("opening the store file"),
+        other => Error::Store { operation: "open", detail: other.to_string() },
+    }
+}
+
+impl Store {
+    /// Creates a new store file (mode 0600) in `path`'s directory (created 0700 when
+    /// missing), writes `meta` and every table, then runs `then` in the same
+    /// transaction (the first audit event, or a restore's rows). Fails if the file
+    /// exists; a failure removes the half-made file.
+    pub(crate) fn create(
+        path: &Path,
+        opts: StoreOptions,
+        meta: &StoreMeta,
+        created: u64,
+        then: impl FnOnce(&WriteTxn) -> Result<()>,
+    ) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(Error::io("creating store directory", dir))?;
+        }
+        let file =
+            fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::StoreExists(path.into())
+                } else {
+                    Error::Io { operation: "creating store", path: path.into(), source: e }
+                }
+            })?;
+        let made = (|| {
+            let backend = redb::backends::FileBackend::new(file).map_err(|e| map_db_error(path, e))?;
+            let db = builder(&opts).create_with_backend(backend).map_err(|e| map_db_error(path, e))?;
+            let store = Store { db, path: path.into(), opts };
+            store.write(|txn| {
+                let mut m = txn.0.open_table(META)?;
+                m.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
+                m.insert(META_STORE_ID, meta.store_id.as_slice())?;
+                m.insert(META_ROOTS, schema::encode_roots(&meta.roots).as_slice())?;
+                m.insert(META_INTEGRITY_KEY, schema::encode_wrapped_key(&meta.integrity_key).as_slice())?;
+                m.insert(META_CREATED, created.to_be_bytes().as_slice())?;
+                drop(m);
+                // Every table exists from the start, so readers never meet a missing one.
+                txn.0.open_table(DEKS)?;
+                txn.0.open_table(TOKENS)?;
+                txn.0.open_table(BY_DEK)?;
+                txn.0.open_table(BY_EXPIRY)?;
+                txn.0.open_table(TOMBSTONES)?;
+                txn.0.open_table(AUDIT)?;
+                txn.0.open_table(REFRESH_LEASES)?;
+                then(txn)
+            })?;
+            Ok(store)
+        })();
+        if made.is_err() {
+            let _ = fs::remove_file(path);
+        }
+        made
+    }
+
+    /// Opens an existing store, waiting up to `busy_timeout` while another process
+    /// holds it exclusively.
+    pub(crate) fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
+        if !path.exists() {
+            return Err(Error::NoStore(path.into()));
+        }
+        let start = Instant::now();
+        let mut attempt = 0;
+        loop {
+            match builder(&opts).open(path) {
+                Ok(db) => return Ok(Store { db, path: path.into(), opts }),
+                Err(DatabaseError::DatabaseAlreadyOpen) | Err(DatabaseError::LockProtocolMismatch) => {
+                    if start.elapsed() >= opts.busy_timeout {
+                        return Err(Error::StoreBusy { path: path.into(), waited_ms: waited_ms(start) });
+                    }
+                    std::thread::sleep(backoff(attempt));
+                    attempt += 1;
+                }
+                Err(e) => return Err(map_db_error(path, e)),
+            }
+        }
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A consistent read snapshot.
+    pub(crate) fn read(&self) -> Result<ReadTxn> {
+        Ok(ReadTxn(self.db.begin_read()?))
+    }
+
+    /// Runs `f` in a write transaction and commits it durably. Waits at most
+    /// `busy_timeout` for the write lock. An error from `f` aborts the transaction.
+    pub(crate) fn write<T>(&self, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+        let txn = WriteTxn(self.begin_write()?);
+        let out = f(&txn)?;
+        txn.0.commit()?;
+        Ok(out)
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction> {
+        let start = Instant::now();
+        let mut attempt = 0;
+        loop {
+            match self.db.try_begin_write() {
+                Ok(t) => return Ok(t),
+                Err(TransactionError::WouldBlock) => {
+                    if start.elapsed() >= self.opts.busy_timeout {
+                        return Err(Error::StoreBusy { path: self.path.clone(), waited_ms: waited_ms(start) });
+                    }
+                    std::thread::sleep(backoff(attempt).min(Duration::from_millis(5)));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// File-system permission problems of the store file and its directory.
+    pub fn permission_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(m) = fs::metadata(&self.path) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                out.push(format!("store file {} has mode {mode:o}; expected 600", self.path.display()));
+            }
+        }
+        if let Some(dir) = self.path.parent()
+            && let Ok(m) = fs::metadata(dir)
+        {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                out.push(format!("store directory {} has mode {mode:o}; expected 700", dir.display()));
+            }
+        }
+        out
+    }
+}
+
+/// A read snapshot.
+pub(crate) struct ReadTxn(pub(super) ReadTransaction);
+
+/// A write transaction (committed by [`Store::write`]).
+pub(crate) struct WriteTxn(pub(super) WriteTransaction);
+
+/// Opening a table for reading, the one thing the two transaction kinds do
+/// differently; every read operation is written once on top of it.
+pub(super) trait Tables {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<'static, K, V>,
+    ) -> Result<Option<impl ReadableTable<K, V> + '_>>;
+}
+
+impl Tables for ReadTxn {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<'static, K, V>,
+    ) -> Result<Option<impl ReadableTable<K, V> + '_>> {
+        match self.0.open_table(def) {
+            Ok(t) => Ok(Some(t)),
+            // A store restored by an older build may lack a table created later.
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Tables for WriteTxn {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<'static, K, V>,
+    ) -> Result<Option<impl ReadableTable<K, V> + '_>> {
+        Ok(Some(self.0.open_table(def)?))
+    }
+}
+
+pub(super) fn meta_value(t: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Option<Vec<u8>>> {
+    Ok(t.get(key)?.map(|v| v.value().to_vec()))
+}
+
+pub(super) fn index_keys(v: &RecordView<'_>) -> IndexKeys {
+    IndexKeys { dek_version: v.dek_version, expires_at: v.expires_at }
+}
