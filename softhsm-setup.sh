@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # softhsm-setup.sh — a SoftHSM2 token and a tokenguard config, ready to use.
 #
-#   ./softhsm-setup.sh [--dir DIR] [--init] [--deps-only]
+#   ./softhsm-setup.sh [--dir DIR] [--init] [--deps-only] [--repair]
 #
 #   --dir DIR     where the token, PIN files, config and store live
 #                 (default: .softhsm/ in the repository; it is git-ignored)
@@ -10,9 +10,17 @@
 #   --deps-only   only install what tokenguard needs (SoftHSM2; with --tpm also swtpm
 #                 and libtss2-dev) and exit
 #   --tpm         with --deps-only: include the TPM packages
+#   --repair      only restore a token file a killed process left empty, and exit
+#                 (every run does this first)
 #
 # Idempotent: re-running never re-initialises an existing token, never overwrites the
 # PIN files or the config, and never touches an existing store.
+#
+# SoftHSM2 truncates and rewrites token.object on every login; a process killed in
+# that window (SIGKILL, the OOM killer) leaves it empty, and the token with its root
+# key would be gone. This script keeps a copy of each token's token.object taken
+# right after initialisation (token-backup/, 0600) — the file does not change after
+# that except for its flags — and restores it whenever it finds the file empty.
 # PINs are random, kept in 0600 files, and never passed on a command line.
 set -euo pipefail
 
@@ -20,6 +28,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 dir="$repo/.softhsm"
 do_init=0
 deps_only=0
+repair_only=0
 want_tpm=0
 label=tokenguard
 
@@ -30,7 +39,8 @@ while [ $# -gt 0 ]; do
     --init) do_init=1; shift ;;
     --deps-only) deps_only=1; shift ;;
     --tpm) want_tpm=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --repair) repair_only=1; shift ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "softhsm-setup.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -79,6 +89,32 @@ module=$(find_module) || die "SoftHSM2 is installed but libsofthsm2.so was not f
 # --- token directory and SoftHSM2 config -------------------------------------------
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
+
+# Restores token.object of every token whose file a killed process left empty, and
+# keeps a copy of every intact one that has none yet.
+repair_tokens() {
+  local t id bak
+  mkdir -p "$dir/token-backup"
+  chmod 700 "$dir/token-backup"
+  for t in "$dir"/tokens/*/; do
+    [ -d "$t" ] || continue
+    id=$(basename "$t")
+    bak="$dir/token-backup/$id/token.object"
+    if [ -f "$t/token.object" ] && [ ! -s "$t/token.object" ]; then
+      if [ -s "$bak" ]; then
+        cp "$bak" "$t/token.object"
+        chmod 600 "$t/token.object"
+        say "repaired token $id: token.object was empty (a process killed while logging in); restored from $bak"
+      else
+        say "token $id: token.object is empty and there is no copy to restore it from"
+      fi
+    elif [ -s "$t/token.object" ] && [ ! -f "$bak" ]; then
+      (umask 077; mkdir -p "$(dirname "$bak")"; cp "$t/token.object" "$bak")
+    fi
+  done
+}
+repair_tokens
+[ "$repair_only" = 1 ] && exit 0
 chmod 700 "$dir"
 mkdir -p "$dir/tokens"
 chmod 700 "$dir/tokens"
@@ -104,8 +140,9 @@ new_pin "$dir/so.pin"
 new_pin "$dir/user.pin"
 
 # --- tokenguard binary (initialises the token without putting PINs on argv) --------
-tg="$repo/target/release/tokenguard"
-if [ ! -x "$tg" ] || [ "$do_init" = 1 ]; then
+# TOKENGUARD_BIN names a binary that is already built (the test scripts pass theirs).
+tg="${TOKENGUARD_BIN:-$repo/target/release/tokenguard}"
+if [ -z "${TOKENGUARD_BIN:-}" ] && { [ ! -x "$tg" ] || [ "$do_init" = 1 ]; }; then
   command -v cargo >/dev/null || die "cargo is needed to build tokenguard (https://rustup.rs)"
   say "building tokenguard (release)"
   (cd "$repo" && cargo build --release --quiet --bin tokenguard)
@@ -117,6 +154,7 @@ else
   say "initialising SoftHSM2 token '$label' in $dir/tokens"
   "$tg" init-token --module "$module" --label "$label" \
     --so-pin-source "file:$dir/so.pin" --pin-source "file:$dir/user.pin" >/dev/null
+  repair_tokens   # keeps the new token's copy
 fi
 
 # --- tokenguard config ----------------------------------------------------------

@@ -7,16 +7,22 @@
 # on any failure.
 #
 #   benches/concurrent-cli.sh [LOOPS] [CALLS]
+#
+# It works on a fresh token made by softhsm-setup.sh in a temporary directory.
+# TOKENGUARD_BIN=path uses that binary instead of building target/release/tokenguard.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 loops=${1:-3}
 calls=${2:-200}
-[ -f .softhsm/tokenguard.toml ] || ./softhsm-setup.sh >/dev/null
-cargo build --release --quiet --bin tokenguard
-tg=$PWD/target/release/tokenguard
+if [ -z "${TOKENGUARD_BIN:-}" ]; then
+  cargo build --release --quiet --bin tokenguard
+  TOKENGUARD_BIN=$PWD/target/release/tokenguard
+fi
+tg=$(cd "$(dirname "$TOKENGUARD_BIN")" && pwd)/$(basename "$TOKENGUARD_BIN")
+export TOKENGUARD_BIN=$tg
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-sed "s#^path = .*#path = \"$work/store/tokens.redb\"#" .softhsm/tokenguard.toml >"$work/tokenguard.toml"
+./softhsm-setup.sh --dir "$work" >/dev/null 2>&1
 export TOKENGUARD_CONFIG=$work/tokenguard.toml
 $tg init >/dev/null
 printf 'seed' | $tg put conc seed

@@ -15,6 +15,7 @@ mod pin;
 pub mod root;
 pub mod seal;
 pub mod secret;
+pub mod signals;
 pub mod store;
 mod sync;
 pub mod token_response;

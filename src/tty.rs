@@ -10,6 +10,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::Mutex;
 
 use zeroize::Zeroizing;
 
@@ -27,6 +28,23 @@ struct RawMode {
     saved: libc::termios,
 }
 
+/// The settings to put back if a signal ends the process mid-prompt.
+static SAVED: Mutex<Option<(i32, libc::termios)>> = Mutex::new(None);
+
+#[allow(unsafe_code)]
+fn restore(fd: i32, saved: &libc::termios) {
+    // SAFETY: restores settings tcgetattr returned for the same fd.
+    unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, saved) };
+}
+
+/// Puts the terminal back as a prompt found it, when a signal ends the process while
+/// the prompt is up (called by `signals`).
+pub(crate) fn restore_after_signal() {
+    if let Some((fd, saved)) = crate::sync::lock(&SAVED).take() {
+        restore(fd, &saved);
+    }
+}
+
 impl RawMode {
     #[allow(unsafe_code)]
     fn enter(fd: i32) -> std::io::Result<Self> {
@@ -41,8 +59,10 @@ impl RawMode {
         raw.c_lflag &= !(libc::ECHO | libc::ICANON | libc::ISIG | libc::IEXTEN);
         raw.c_cc[libc::VMIN] = 1;
         raw.c_cc[libc::VTIME] = 0;
+        *crate::sync::lock(&SAVED) = Some((fd, saved));
         // SAFETY: `raw` is a copy of a termios tcgetattr filled; the fd is valid.
         if unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &raw) } != 0 {
+            crate::sync::lock(&SAVED).take();
             return Err(std::io::Error::last_os_error());
         }
         Ok(RawMode { fd, saved })
@@ -50,10 +70,9 @@ impl RawMode {
 }
 
 impl Drop for RawMode {
-    #[allow(unsafe_code)]
     fn drop(&mut self) {
-        // SAFETY: restores the settings tcgetattr returned for the same fd.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSAFLUSH, &self.saved) };
+        crate::sync::lock(&SAVED).take();
+        restore(self.fd, &self.saved);
     }
 }
 
@@ -62,10 +81,12 @@ impl Drop for RawMode {
 pub fn read_hidden(prompt: &str) -> Result<Zeroizing<String>> {
     let io = |e: std::io::Error| Error::Io { operation: "reading from", path: "/dev/tty".into(), source: e };
     let mut tty = File::options().read(true).write(true).open("/dev/tty").map_err(io)?;
-    tty.write_all(prompt.as_bytes()).and_then(|()| tty.flush()).map_err(io)?;
     let mut line = Zeroizing::new(Vec::with_capacity(128));
     let outcome = {
+        // Raw mode first, then the prompt: a Ctrl-C typed as soon as the prompt shows
+        // must already arrive as a byte, not as a signal.
         let _raw = RawMode::enter(tty.as_raw_fd()).map_err(io)?;
+        tty.write_all(prompt.as_bytes()).and_then(|()| tty.flush()).map_err(io)?;
         read_line(&mut tty, &mut line)
     };
     // The user's Enter was not echoed: end the prompt's line ourselves.

@@ -99,23 +99,32 @@ out = b""
 deadline = time.time() + 20
 while sys.argv[2].encode() not in out and time.time() < deadline:
     out += os.read(fd, 1024)
-os.write(fd, b"typed-half\x03")
+if os.environ.get("PTY_SEND") == "TERM":
+    os.write(fd, b"typed-half")
+    time.sleep(0.2)
+    os.kill(pid, 15)
+else:
+    os.write(fd, b"typed-half\x03")
 _, status = os.waitpid(pid, 0)
 echo = bool(termios.tcgetattr(fd)[3] & termios.ECHO)
 print(os.waitstatus_to_exitcode(status), echo)
 "#;
-    let on_pty = |config: &std::path::Path, prompt: &str, args: &[&str]| {
+    let on_pty = |config: &std::path::Path, prompt: &str, args: &[&str], send: &str| {
         let o = std::process::Command::new("python3")
             .args(["-c", script, env!("CARGO_BIN_EXE_tokenguard"), prompt])
             .args(args)
             .env("TOKENGUARD_CONFIG", config)
+            .env("PTY_SEND", send)
             .output()
             .unwrap();
         (String::from_utf8_lossy(&o.stdout).trim().to_string(), String::from_utf8_lossy(&o.stderr).into_owned())
     };
     // At the secret prompt of `put`.
-    let (out, err) = on_pty(&env.config_path, "input hidden", &["put", "github", "typed"]);
+    let (out, err) = on_pty(&env.config_path, "input hidden", &["put", "github", "typed"], "CTRL-C");
     assert_eq!(out, "130 True", "exit code and echo after Ctrl-C; stderr: {err}");
+    // A SIGTERM at the prompt ends the process as SIGTERM does, the terminal restored.
+    let (out, err) = on_pty(&env.config_path, "input hidden", &["put", "github", "typed"], "TERM");
+    assert_eq!(out, "-15 True", "exit status and echo after SIGTERM; stderr: {err}");
     assert_eq!(code(&env.run(&["get", "github", "typed"], b"")), 3, "nothing was stored");
     // At the PIN prompt (pin_source = "prompt").
     let text = std::fs::read_to_string(&env.config_path).unwrap();
@@ -123,7 +132,7 @@ print(os.waitstatus_to_exitcode(status), echo)
     let end = start + text[start..].find('\n').unwrap();
     let prompt_config = env.dir.join("prompt.toml");
     std::fs::write(&prompt_config, format!("{}pin_source = \"prompt\"{}", &text[..start], &text[end..])).unwrap();
-    let (out, err) = on_pty(&prompt_config, "Token PIN", &["list"]);
+    let (out, err) = on_pty(&prompt_config, "Token PIN", &["list"], "CTRL-C");
     assert_eq!(out, "130 True", "exit code and echo after Ctrl-C at the PIN prompt; stderr: {err}");
 }
 

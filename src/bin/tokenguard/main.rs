@@ -40,6 +40,15 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose, cli.quiet);
+    // `exec` forwards signals to its child and `refresh --watch` stops between
+    // passes; every other command lets SIGINT/SIGTERM/SIGHUP end it at once, except
+    // inside a login or a write transaction, which finish first.
+    let own_signals =
+        matches!(&cli.command, cli::Command::Exec(_)) || matches!(&cli.command, cli::Command::Refresh(a) if a.watch);
+    if !own_signals && let Err(e) = tokenguard::signals::defer_termination_signals() {
+        let _ = writeln!(std::io::stderr(), "error: {e}");
+        return exit_code(e.exit_code());
+    }
     let json = cli.json;
     match commands::run(cli) {
         Ok(code) => exit_code(code),

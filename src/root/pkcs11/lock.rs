@@ -20,9 +20,11 @@ use crate::error::{Error, Result};
 /// Longest wait for the lock before giving up with an error.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// A held lock on the token's files.
+/// A held lock on the token's files. An exclusive one is also a critical step:
+/// a termination signal waits for it (SoftHSM2 truncates its token file mid-login).
 pub(super) struct TokenLock {
     _file: File,
+    _critical: Option<crate::signals::Critical>,
 }
 
 /// The lock file of `module` for this user: in `$XDG_RUNTIME_DIR`, else the temp
@@ -66,7 +68,10 @@ impl TokenLock {
         loop {
             let taken = if exclusive { file.try_lock() } else { file.try_lock_shared() };
             match taken {
-                Ok(()) => return Ok(TokenLock { _file: file }),
+                Ok(()) => {
+                    let critical = exclusive.then(crate::signals::Critical::enter);
+                    return Ok(TokenLock { _file: file, _critical: critical });
+                }
                 Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < MAX_WAIT => {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(10));

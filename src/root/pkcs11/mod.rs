@@ -52,6 +52,7 @@ use crate::secret::DekMaterial;
 const BACKEND: &str = "pkcs11";
 
 use lock::TokenLock;
+pub use module::softhsm_empty_token_files;
 #[allow(clippy::wildcard_imports)]
 use module::*;
 pub use settings::{DEFAULT_KEY_LABEL, MechanismPreference, Pkcs11Settings, Pkcs11Uri};

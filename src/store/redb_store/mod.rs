@@ -201,6 +201,8 @@ impl Store {
     /// Runs `f` in a write transaction and commits it durably. Waits at most
     /// `busy_timeout` for the write lock. An error from `f` aborts the transaction.
     pub(crate) fn write<T>(&self, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+        // A termination signal waits for the commit (or the abort) to finish.
+        let _critical = crate::signals::Critical::enter();
         let txn = WriteTxn(self.begin_write()?);
         let out = f(&txn)?;
         txn.0.commit()?;

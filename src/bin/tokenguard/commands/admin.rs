@@ -28,6 +28,18 @@ pub fn doctor(ctx: &Ctx) -> Result<i32> {
                 check.detail.push_str(&h);
             }
             checks.push(check);
+            #[cfg(feature = "pkcs11")]
+            for file in tokenguard::root::pkcs11::softhsm_empty_token_files() {
+                checks.push(Check::fail(
+                    "SoftHSM2 token file",
+                    tokenguard::root::FailureClass::Hardware,
+                    format!(
+                        "{} is empty: a process was killed while logging in; run ./softhsm-setup.sh --repair \
+                         (it restores the copy it kept when it initialised the token)",
+                        file.display()
+                    ),
+                ));
+            }
         }
     }
     let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
