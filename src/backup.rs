@@ -105,7 +105,16 @@ pub fn write_backup(guard: &TokenGuard, path: &Path) -> Result<BackupSummary> {
         let _ = fs::remove_file(&tmp);
         return Err(Error::Io { operation: "writing backup", path: path.into(), source: e });
     }
-    fs::rename(&tmp, path).map_err(Error::io("renaming backup into place", path))?;
+    // A hard link never replaces a file another process created meanwhile.
+    let placed = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    placed.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::InvalidInput(format!("{} exists; choose a new backup file name", path.display()))
+        } else {
+            Error::Io { operation: "placing backup", path: path.into(), source: e }
+        }
+    })?;
     audit_backup(guard, &summary, &path.display().to_string())?;
     Ok(summary)
 }

@@ -8,9 +8,14 @@ pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// `t` (unix seconds) as RFC 3339 UTC, e.g. `2026-11-23T19:00:00Z`.
+/// The last second RFC 3339 can write: 9999-12-31T23:59:59Z.
+pub const MAX_RFC3339: u64 = 253_402_300_799;
+
+/// `t` (unix seconds) as RFC 3339 UTC, e.g. `2026-11-23T19:00:00Z`. Any `u64`
+/// formats: a time past year 9999 (a provider's absurd `expires_in`) shows as the
+/// last second RFC 3339 can write.
 pub fn rfc3339(t: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t.min(MAX_RFC3339))).to_string()
 }
 
 /// Serialises a time both ways: `NAME` as RFC 3339 and `NAME_unix` as seconds, so

@@ -3,7 +3,7 @@
 pub mod audit;
 pub mod backup;
 mod cache;
-mod clock;
+pub mod clock;
 pub(crate) mod codec;
 pub mod compose;
 pub mod config;

@@ -301,6 +301,11 @@ impl<'a> RecordView<'a> {
         })
     }
 
+    /// Raw secret or token set.
+    pub fn kind(&self) -> SecretKind {
+        self.kind
+    }
+
     /// The full metadata (allocates).
     pub fn metadata(&self) -> Result<Metadata> {
         let mut scopes = Vec::new();

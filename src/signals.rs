@@ -8,7 +8,7 @@
 //! handle signals themselves). SIGKILL cannot be deferred: README "Reliability" says
 //! what survives it.
 
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
@@ -16,6 +16,11 @@ use crate::error::{Error, Result};
 
 static CRITICAL: AtomicUsize = AtomicUsize::new(0);
 static PENDING: AtomicI32 = AtomicI32::new(0);
+/// A child process that SIGTERM and SIGHUP are passed on to (0: none).
+static CHILD: AtomicI32 = AtomicI32::new(0);
+/// Set instead of ending the process, for a loop that stops between passes.
+static STOP: AtomicBool = AtomicBool::new(false);
+static STOP_MODE: AtomicBool = AtomicBool::new(false);
 
 /// A step a termination signal must not split; the signal waits for its drop.
 pub(crate) struct Critical(());
@@ -59,6 +64,24 @@ pub fn defer_termination_signals() -> Result<()> {
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                let child = CHILD.load(Ordering::SeqCst);
+                if child != 0 {
+                    // The terminal already sent SIGINT to the whole process group,
+                    // the child included: passing it on would deliver it twice.
+                    if sig != SIGINT {
+                        // SAFETY: kill sends a signal to the child this process
+                        // started; it touches no memory.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            libc::kill(child, sig)
+                        };
+                    }
+                    continue;
+                }
+                if STOP_MODE.load(Ordering::SeqCst) {
+                    STOP.store(true, Ordering::SeqCst);
+                    continue;
+                }
                 if CRITICAL.load(Ordering::SeqCst) == 0 {
                     die(sig);
                 }
@@ -71,4 +94,23 @@ pub fn defer_termination_signals() -> Result<()> {
         })
         .map_err(|e| Error::Io { operation: "starting the signal thread", path: "-".into(), source: e })?;
     Ok(())
+}
+
+/// From now on, SIGTERM and SIGHUP are passed on to `pid` (a child this process
+/// waits for) and SIGINT is left to the terminal, which sends it to the child too;
+/// the process itself goes on to clean up after the child.
+pub fn forward_to_child(pid: u32) {
+    CHILD.store(i32::try_from(pid).unwrap_or(0), Ordering::SeqCst);
+}
+
+/// From now on, a termination signal only sets [`stop_requested`], for a loop that
+/// stops cleanly between passes (critical steps are still never split: the loop
+/// looks at the flag between them).
+pub fn stop_between_passes() {
+    STOP_MODE.store(true, Ordering::SeqCst);
+}
+
+/// Whether a termination signal arrived since [`stop_between_passes`].
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
 }

@@ -10,8 +10,10 @@
 //!   access token's not-after; `token_type` and `scope` (space- or comma-separated,
 //!   or an array) become metadata; none of these four is stored as a field;
 //! - any other `NAME_expires_in` becomes a field `NAME_expires_at` holding an absolute
-//!   unix time (e.g. `refresh_token_expires_at`), so a later read knows when that
-//!   token lapses without knowing when it was stored;
+//!   unix time (e.g. `refresh_token_expires_at`), and so does a nested object's own
+//!   `expires_in` (`authed_user.expires_at`), so a later read knows when that token
+//!   lapses without knowing when it was stored;
+//! - two values for one field name (after flattening) are refused, never one kept;
 //! - every other value is a sealed field: strings as they are, numbers and booleans
 //!   as their JSON text, nested objects flattened with dots (`authed_user.access_token`,
 //!   `team.id`), arrays as their JSON text; `null` is dropped.
@@ -72,9 +74,15 @@ pub fn parse(json: &[u8], now: u64) -> Result<Option<TokenResponse>> {
 }
 
 fn flatten(set: &mut TokenSet, name: &str, v: Value, now: u64, depth: usize) -> Result<()> {
-    if let Some(stem) = name.strip_suffix(EXPIRES_IN) {
+    // `x_expires_in` at any depth, and a nested object's own `expires_in` (Slack's
+    // `authed_user.expires_in`), become absolute times.
+    let stem = name
+        .strip_suffix(EXPIRES_IN)
+        .map(|s| format!("{s}_expires_at"))
+        .or_else(|| name.strip_suffix(".expires_in").map(|parent| format!("{parent}.expires_at")));
+    if let Some(at_name) = stem {
         let at = now.saturating_add(seconds(name, &v)?);
-        return insert(set, &format!("{stem}_expires_at"), at.to_string());
+        return insert(set, &at_name, at.to_string());
     }
     match v {
         Value::Null => Ok(()),
@@ -93,8 +101,14 @@ fn flatten(set: &mut TokenSet, name: &str, v: Value, now: u64, depth: usize) -> 
 }
 
 fn insert(set: &mut TokenSet, name: &str, value: String) -> Result<()> {
-    crate::guard::validate_ident("token-set field name", name)
-        .map_err(|_| Error::InvalidInput(format!("token response field {name:?}: {}", crate::guard::IDENT_RULE)))?;
+    crate::guard::validate_ident("token-set field name", name).map_err(|_| {
+        Error::InvalidInput(format!("a token response field name is not allowed: {}", crate::guard::IDENT_RULE))
+    })?;
+    // Two values for one field (`{"a.b":…,"a":{"b":…}}`, or `x_expires_in` beside
+    // `x_expires_at`): refuse rather than keep one silently.
+    if set.get(name).is_some() {
+        return Err(Error::InvalidInput(format!("the token response has two values for field {name:?}")));
+    }
     set.insert(name, SecretBytes::from(value));
     Ok(())
 }

@@ -70,7 +70,7 @@ fn snapshot_cases() {
                 stdin: b"ghp_OLD",
                 code: 2,
                 stdout: Some(""),
-                stderr: "error: invalid input: --expires-at \"1000\" is not in the future\n",
+                stderr: "error: invalid input: --expires-at is not in the future\n",
             },
             // … but a provider's response is stored as it came (a GitHub App token).
             Case {
@@ -109,7 +109,7 @@ fn snapshot_cases() {
                 stdin: b"s",
                 code: 2,
                 stdout: Some(""),
-                stderr: "error: invalid input: --expires-in \"soon\": expected number at 0 (examples: 8h, 30m, 7d)\n",
+                stderr: "error: invalid input: --expires-in: expected number at 0 (examples: 8h, 30m, 7d)\n",
             },
             Case { args: &["delete", "github", "old"], stdin: b"", code: 0, stdout: Some(""), stderr: "" },
             Case {

@@ -435,3 +435,81 @@ fn the_readme_quickstart_runs_as_written() {
         assert!(out.contains(want), "{want} missing from:\n{out}");
     }
 }
+
+/// What the adversarial review of this CLI found, kept found.
+#[test]
+fn review_findings_stay_fixed() {
+    let env = init("review");
+    // 1. HTTP/TLS trace logs would carry the client secret and fresh tokens.
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let port = server.server_addr().to_ip().unwrap().port();
+    let endpoint = std::thread::spawn(move || {
+        if let Ok(Some(req)) = server.recv_timeout(std::time::Duration::from_secs(20)) {
+            let body = r#"{"access_token":"at-FRESH-SECRET","refresh_token":"rt-NEW","expires_in":3600}"#;
+            let _ = req.respond(tiny_http::Response::from_string(body));
+        }
+    });
+    let mut text = std::fs::read_to_string(&env.config_path).unwrap();
+    text.push_str(&format!("\n[providers.acme]\ntoken_url = \"http://127.0.0.1:{port}/token\"\nclient_id = \"cid\"\n"));
+    std::fs::write(&env.config_path, text).unwrap();
+    ok(&env, &["put", "oauth-client", "acme"], b"CLIENT-SECRET-VALUE");
+    ok(&env, &["put", "acme", "svc"], br#"{"access_token":"at-OLD","refresh_token":"rt-OLD","expires_in":3600}"#);
+    let o = env.cli().args(["-vvv", "refresh", "acme/svc"]).output().unwrap();
+    endpoint.join().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let log = String::from_utf8_lossy(&o.stderr);
+    let basic = "Y2lkOkNMSUVOVC1TRUNSRVQtVkFMVUU"; // base64 of "cid:CLIENT-SECRET-VALUE", cut
+    for secret in ["CLIENT-SECRET", basic, "at-FRESH", "rt-OLD", "rt-NEW", "authorization"] {
+        assert!(!log.to_lowercase().contains(&secret.to_lowercase()), "{secret} in the trace log:\n{log}");
+    }
+    // 2. A far-future not-after: refused on the command line, clamped when a
+    //    provider sends it, and never a crash of list.
+    assert_eq!(code(&env.run(&["put", "g/n", "--expires-at", "253402300800"], b"x")), 2);
+    ok(&env, &["put", "g/far"], br#"{"access_token":"A","expires_in":18446744073709551615}"#);
+    assert!(ok(&env, &["list"], b"").contains("9999-12-31T23:59:59Z"));
+    json(&env, &["status", "g/far"]);
+    // 3. exec's clean-up never writes through a link the child left.
+    let victim = env.dir.join("victim.txt");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let link = format!("ln -s {} \"$(dirname \"$F\")/zz\"", victim.display());
+    ok(&env, &["exec", "--file", "F=g/far", "--", "sh", "-c", &link], b"");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    // 4. purge --expired keeps a token set whose refresh token is still good.
+    ok(&env, &["put", "google", "rt"], br#"{"access_token":"AT","refresh_token":"RT","expires_at":1000}"#);
+    ok(&env, &["put", "google", "gone"], br#"{"access_token":"AT","expires_at":1000}"#);
+    let r = json(&env, &["purge", "--expired"]);
+    assert_eq!(r["expired"], 1, "{r}");
+    assert_eq!(ok(&env, &["get", "google/rt", "--field", "refresh_token"], b""), "RT");
+    // 5. A nested expires_in becomes an absolute time that governs its token.
+    ok(
+        &env,
+        &["put", "slack", "bot"],
+        br#"{"access_token":"xoxb","authed_user":{"access_token":"xoxp","expires_in":0}}"#,
+    );
+    assert_eq!(code(&env.run(&["get", "slack/bot", "--field", "authed_user.access_token"], b"")), 7);
+    // 6. Two values for one field are refused, not one dropped.
+    assert_eq!(code(&env.run(&["put", "x", "y"], br#"{"access_token":"a","k.v":"1","k":{"v":"2"}}"#)), 2);
+    // 7. Control characters never reach the terminal or the audit trail.
+    assert_eq!(code(&env.run(&["revoke", "g/far", "--reason", "x\u{1b}[2J\nFAKE"], b"")), 2);
+    ok(&env, &["put", "git", "github.com"], b"ghp_GIT");
+    for req in [&b"protocol=http\nhost=github.com\n\n"[..], b"protocol=https\nhost=git\x1bhub.com\n\n"] {
+        let o = env.run(&["git-credential", "get"], req);
+        assert_eq!((code(&o), o.stdout.len()), (0, 0), "no password over plain HTTP or for an odd host");
+    }
+    // 8. No value typed on the command line is echoed back, whatever the mistake.
+    for args in [
+        &["ghp_STRAYVALUE"][..],
+        &["put", "a", "b", "--expires-in", "ghp_STRAYVALUE"],
+        &["reencrypt", "--batch-size", "ghp_STRAYVALUE"],
+    ] {
+        let o = env.run(args, b"x");
+        assert_eq!(code(&o), 2, "{args:?}");
+        assert!(!stderr(&o).contains("ghp_STRAYVALUE"), "{args:?}: {}", stderr(&o));
+    }
+    // 9. A closed pipe after completions. (A closed stdout at start cannot be told
+    //    from /dev/null: Rust's runtime puts /dev/null there before main runs, which
+    //    also keeps a later open from taking descriptor 1.)
+    let (c, err) = into_closed_pipe(&env, &["completions", "bash"]);
+    assert!(c == 141 || c == 0, "{c}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

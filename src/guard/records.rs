@@ -159,10 +159,16 @@ impl TokenGuard {
         })?;
         let not_after = match (field, &secret) {
             (None | Some(f::ACCESS_TOKEN | f::TOKEN), _) | (_, Secret::Raw(_)) => meta.expires_at,
-            (Some(other), Secret::TokenSet(set)) => set
-                .get(&format!("{other}_expires_at"))
-                .and_then(|v| v.expose_str())
-                .and_then(|v| v.trim().parse::<u64>().ok()),
+            (Some(other), Secret::TokenSet(set)) => {
+                // `FIELD_expires_at`, or for a nested access token (Slack's
+                // `authed_user.access_token`) its object's `expires_at`.
+                let sibling =
+                    other.strip_suffix(f::ACCESS_TOKEN).filter(|p| p.ends_with('.')).map(|p| format!("{p}expires_at"));
+                [Some(format!("{other}_expires_at")), sibling]
+                    .into_iter()
+                    .flatten()
+                    .find_map(|k| set.get(&k).and_then(|v| v.expose_str()).and_then(|v| v.trim().parse::<u64>().ok()))
+            }
         };
         if !opts.allow_expired
             && let Some(e) = not_after.filter(|t| crate::clock::now() >= *t)

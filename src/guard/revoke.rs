@@ -90,14 +90,17 @@ pub struct PurgeReport {
     pub tombstones: u64,
 }
 
+/// Items removed per purge transaction.
 const PURGE_BATCH: usize = 500;
 
 impl TokenGuard {
     /// Revokes the targeted tokens with `reason`: each sealed record is removed and a
     /// tombstone left. Returns the (provider, name) pairs revoked.
     pub fn revoke(&self, target: RevokeTarget<'_>, reason: &str) -> Result<Vec<(String, String)>> {
-        if reason.trim().is_empty() || reason.len() > 512 {
-            return Err(Error::InvalidInput("a revocation needs a reason of 1-512 characters".into()));
+        if reason.trim().is_empty() || reason.len() > 512 || reason.chars().any(char::is_control) {
+            return Err(Error::InvalidInput(
+                "a revocation needs a reason of 1-512 printable characters (no newlines or control characters)".into(),
+            ));
         }
         match &target {
             RevokeTarget::One { provider, name } => {
@@ -164,8 +167,10 @@ impl TokenGuard {
         let mut report = PurgeReport::default();
         if opts.expired {
             for (t, p, n) in txn.expiring_before(cutoff, usize::MAX)? {
-                // An index entry counts only if its record says the same.
-                if txn.with_record(&p, &n, |r| Ok(r.expires_at == Some(t))).unwrap_or(None) == Some(true) {
+                // An index entry counts only if its record says the same, and a token
+                // set whose refresh token is still good is kept.
+                let matches = txn.with_record(&p, &n, |r| Ok(r.expires_at == Some(t))).unwrap_or(None) == Some(true);
+                if matches && !self.inner.refresh_token_alive(&txn, &p, &n)? {
                     report.expired += 1;
                 }
             }
@@ -200,32 +205,28 @@ impl TokenGuard {
         let mut report = PurgeReport::default();
         let cutoff = now().saturating_sub(opts.older_than);
         if opts.expired {
-            report.expired = inner.purge_in_batches("expired tokens", |txn| {
-                let victims = txn.expiring_before(cutoff, PURGE_BATCH)?;
-                let mut removed = 0;
-                for (t, p, n) in &victims {
-                    if txn.drop_stale_expiry(*t, p, n)? {
-                        continue;
-                    }
-                    txn.delete_record(p, n)?;
-                    removed += 1;
+            // The candidates are read once, then removed in batches (one transaction
+            // each): a crash part-way leaves a consistent store, and a re-run finishes.
+            let candidates = inner.store.read()?.expiring_before(cutoff, usize::MAX)?;
+            report.expired = inner.purge_in_batches("expired tokens", &candidates, |txn, (t, p, n)| {
+                if txn.drop_stale_expiry(*t, p, n)? || inner.refresh_token_alive(txn, p, n)? {
+                    return Ok(false);
                 }
-                Ok((victims.len(), removed))
+                Ok(txn.delete_record(p, n)?.is_some())
             })?;
         }
         if opts.revoked {
-            report.tombstones = inner.purge_in_batches("tombstones", |txn| {
-                let victims: Vec<(String, String)> = txn
-                    .tombstones()?
-                    .into_iter()
-                    .filter(|(_, _, t)| t.revoked_at <= cutoff)
-                    .take(PURGE_BATCH)
-                    .map(|(p, n, _)| (p, n))
-                    .collect();
-                for (p, n) in &victims {
-                    txn.put_tombstone(p, n, None)?;
-                }
-                Ok((victims.len(), victims.len()))
+            let candidates: Vec<(String, String)> = inner
+                .store
+                .read()?
+                .tombstones()?
+                .into_iter()
+                .filter(|(_, _, t)| t.revoked_at <= cutoff)
+                .map(|(p, n, _)| (p, n))
+                .collect();
+            report.tombstones = inner.purge_in_batches("tombstones", &candidates, |txn, (p, n)| {
+                txn.put_tombstone(p, n, None)?;
+                Ok(true)
             })?;
         }
         Ok(report)
@@ -250,26 +251,51 @@ impl TokenGuard {
 }
 
 impl super::Inner {
-    /// Runs `step` in one transaction per batch, auditing each batch, until a batch
-    /// comes back short. `step` returns (entries looked at, items removed); looking
-    /// at at most PURGE_BATCH entries per batch bounds each transaction. Returns the
-    /// total removed.
-    fn purge_in_batches(&self, what: &str, mut step: impl FnMut(&WriteTxn) -> Result<(usize, usize)>) -> Result<u64> {
+    /// Runs `step` on each of `items`, PURGE_BATCH items per transaction, auditing
+    /// each batch that removed something. `step` says whether it removed its item.
+    /// Returns the total removed.
+    fn purge_in_batches<T>(
+        &self,
+        what: &str,
+        items: &[T],
+        mut step: impl FnMut(&WriteTxn, &T) -> Result<bool>,
+    ) -> Result<u64> {
         let mut total = 0;
-        loop {
-            let (seen, n) = self.store.write(|txn| {
-                let (seen, n) = step(txn)?;
+        for chunk in items.chunks(PURGE_BATCH) {
+            total += self.store.write(|txn| {
+                let mut n = 0u64;
+                for item in chunk {
+                    n += u64::from(step(txn, item)?);
+                }
                 if n > 0 {
                     let detail = format!("{n} {what}");
                     self.audit(txn, NewEvent { op: "purge", outcome: "ok", detail, ..Default::default() })?;
                 }
-                Ok((seen, n))
+                Ok(n)
             })?;
-            total += n as u64;
-            if seen < PURGE_BATCH {
-                return Ok(total);
-            }
         }
+        Ok(total)
+    }
+
+    /// Whether (provider, name) is a token set whose refresh token is still good: its
+    /// not-after is the access token's, and purging it would throw away what can
+    /// renew it.
+    fn refresh_token_alive(&self, txn: &impl StoreRead, provider: &str, name: &str) -> Result<bool> {
+        let alive = txn.with_record(provider, name, |rec| {
+            if rec.kind() != crate::seal::SecretKind::TokenSet {
+                return Ok(false);
+            }
+            let Ok(cipher) = self.cipher(txn, provider, name, rec.dek_version) else { return Ok(false) };
+            let Ok(crate::secret::Secret::TokenSet(set)) = rec.open(&cipher.cipher, &self.store_id) else {
+                return Ok(false);
+            };
+            if set.get(crate::secret::field::REFRESH_TOKEN).is_none() {
+                return Ok(false);
+            }
+            let until = set.get("refresh_token_expires_at").and_then(|v| v.expose_str()?.trim().parse::<u64>().ok());
+            Ok(until.is_none_or(|u| u > now()))
+        })?;
+        Ok(alive == Some(true))
     }
 
     fn revoke_one(&self, txn: &WriteTxn, provider: &str, name: &str, reason: &str) -> Result<()> {

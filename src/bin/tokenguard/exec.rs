@@ -4,10 +4,14 @@
 //! - A secret is put only into the child's environment (never this process's, so
 //!   `/proc/PID/environ` of the parent never holds it) and never into anyone's argv.
 //! - `--file` writes each secret to a 0600 file in a 0700 directory on a tmpfs
-//!   (`$XDG_RUNTIME_DIR`, else `/dev/shm`, else the temp directory), passes its path,
-//!   and removes the directory when the child exits — also when this process gets
-//!   SIGINT, SIGTERM or SIGHUP, which it forwards to the child first.
+//!   (`$XDG_RUNTIME_DIR`, else `/dev/shm`; with neither, `--file` is refused rather
+//!   than putting a secret on a disk), passes its path, and removes the directory
+//!   when the child exits — also when this process gets SIGTERM or SIGHUP, which it
+//!   passes on to the child first. SIGINT from a terminal reaches the child directly
+//!   (same process group), so it is not passed on twice.
 //! - The child's exit code is passed through (128 + N when a signal ended it).
+//! - A SIGKILL of this process cannot be caught: the directory then stays until the
+//!   tmpfs is cleared (logout, reboot). Named files cannot avoid that.
 
 use std::fs;
 use std::io::Write;
@@ -16,7 +20,6 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokenguard::{Error, GetOptions, Result, TokenGuard};
 
 use crate::input::TokenSpec;
@@ -30,7 +33,12 @@ impl PrivateDir {
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
             .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()))
-            .unwrap_or_else(std::env::temp_dir);
+            .ok_or_else(|| {
+                Error::InvalidInput(
+                    "--file needs a tmpfs ($XDG_RUNTIME_DIR or /dev/shm) so no secret lands on a disk; use --env"
+                        .into(),
+                )
+            })?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let dir = base.join(format!("tokenguard-exec-{}-{nanos:08x}", std::process::id()));
         fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| Error::Io {
@@ -52,11 +60,16 @@ impl PrivateDir {
 
 impl Drop for PrivateDir {
     fn drop(&mut self) {
-        // Overwrite before unlinking: a tmpfs page may outlive the unlink otherwise.
+        // Overwrite our files before unlinking them; never follow a link the child
+        // may have put there (it would point the zeros at another file).
         if let Ok(entries) = fs::read_dir(&self.0) {
             for e in entries.flatten() {
-                if let Ok(m) = e.metadata() {
-                    let _ = fs::write(e.path(), vec![0u8; usize::try_from(m.len()).unwrap_or(0)]);
+                let is_file = fs::symlink_metadata(e.path()).is_ok_and(|m| m.file_type().is_file());
+                if let (true, Ok(mut f)) =
+                    (is_file, fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(e.path()))
+                    && let Ok(m) = f.metadata()
+                {
+                    let _ = f.write_all(&vec![0u8; usize::try_from(m.len()).unwrap_or(0)]);
                 }
             }
         }
@@ -65,10 +78,15 @@ impl Drop for PrivateDir {
 }
 
 fn read(g: &TokenGuard, spec: &TokenSpec) -> Result<tokenguard::SecretBytes> {
-    let res = g.get_field(&spec.provider, &spec.name, spec.field.as_deref(), GetOptions::default());
-    let outcome = if res.is_ok() { "ok" } else { "error" };
-    g.audit_event("exec", &spec.provider, &spec.name, outcome)?;
-    res.map(|(v, _)| v)
+    let (value, _) = crate::commands::read_audited(
+        g,
+        "exec",
+        &spec.provider,
+        &spec.name,
+        spec.field.as_deref(),
+        GetOptions::default(),
+    )?;
+    Ok(value)
 }
 
 /// Runs `command` with the tokens of `env` (`VAR=TOKEN`) and `files` (`VAR=TOKEN`);
@@ -93,31 +111,12 @@ pub fn run(g: &TokenGuard, env: &[String], files: &[String], command: &[String])
             child.env(var, path);
         }
     }
-    // Signals that would end this process are caught and forwarded, so the files
-    // are removed after the child is gone.
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| Error::Io {
-        operation: "installing signal handlers",
-        path: "-".into(),
-        source: e,
-    })?;
     let mut running =
         child.spawn().map_err(|e| Error::Io { operation: "starting", path: Path::new(program).into(), source: e })?;
-    let pid = running.id();
-    let handle = signals.handle();
-    let forwarder = std::thread::spawn(move || {
-        for sig in signals.forever() {
-            if let Ok(pid) = i32::try_from(pid) {
-                // SAFETY: kill sends a signal to the child we started; it touches no memory.
-                #[allow(unsafe_code)]
-                unsafe {
-                    libc::kill(pid, sig)
-                };
-            }
-        }
-    });
+    // From here on, SIGTERM and SIGHUP go to the child, and this process stays to
+    // remove the files after it.
+    tokenguard::signals::forward_to_child(running.id());
     let status = running.wait().map_err(|e| Error::Io { operation: "waiting for", path: program.into(), source: e });
-    handle.close();
-    let _ = forwarder.join();
     drop(dir);
     let status = status?;
     Ok(status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1))

@@ -143,8 +143,7 @@ pub fn token_ref(provider: &str, name: Option<&str>) -> Result<(String, String)>
 pub fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for l in labels {
-        let (k, v) =
-            l.split_once('=').ok_or_else(|| Error::InvalidInput(format!("--label must be KEY=VALUE (got {l:?})")))?;
+        let (k, v) = l.split_once('=').ok_or_else(|| Error::InvalidInput("--label must be KEY=VALUE".into()))?;
         out.insert(k.to_owned(), v.to_owned());
     }
     Ok(out)
@@ -160,7 +159,7 @@ pub fn expiry(
 ) -> Result<Option<u64>> {
     let at = if let Some(d) = expires_in {
         let d = humantime::parse_duration(d)
-            .map_err(|e| Error::InvalidInput(format!("--expires-in {d:?}: {e} (examples: 8h, 30m, 7d)")))?;
+            .map_err(|e| Error::InvalidInput(format!("--expires-in: {e} (examples: 8h, 30m, 7d)")))?;
         if d.as_secs() == 0 {
             return Err(Error::InvalidInput("--expires-in must be at least one second".into()));
         }
@@ -169,18 +168,21 @@ pub fn expiry(
         let secs = match t.parse::<u64>() {
             Ok(secs) => secs,
             Err(_) => humantime::parse_rfc3339_weak(t)
-                .map_err(|e| Error::InvalidInput(format!("--expires-at {t:?}: {e} (RFC 3339 or unix seconds)")))?
+                .map_err(|e| Error::InvalidInput(format!("--expires-at: {e} (RFC 3339 or unix seconds)")))?
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_err(|_| Error::InvalidInput("--expires-at is before 1970".into()))?
                 .as_secs(),
         };
         if secs <= now {
-            return Err(Error::InvalidInput(format!("--expires-at {t:?} is not in the future")));
+            return Err(Error::InvalidInput("--expires-at is not in the future".into()));
         }
         secs
     } else {
         return Ok(from_input);
     };
+    if at > tokenguard::clock::MAX_RFC3339 {
+        return Err(Error::InvalidInput("the not-after is past the year 9999".into()));
+    }
     Ok(Some(at))
 }
 
@@ -188,7 +190,7 @@ pub fn expiry(
 pub fn duration(s: &str) -> Result<u64> {
     humantime::parse_duration(s)
         .map(|d| d.as_secs())
-        .map_err(|e| Error::InvalidInput(format!("{s:?}: {e} (examples: 8h, 30m, 7d)")))
+        .map_err(|e| Error::InvalidInput(format!("a duration: {e} (examples: 8h, 30m, 7d)")))
 }
 
 /// A point in time: RFC 3339, unix seconds, or a duration ago (`24h`).

@@ -8,12 +8,13 @@ mod input;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, FromArgMatches};
 use tokenguard::Error;
 use tokenguard::error::exit;
 
 fn main() -> ExitCode {
+    quiet_engine_panics();
     harden_process();
     quiet_libtss2();
     let parsed = cli::Cli::command()
@@ -23,12 +24,22 @@ fn main() -> ExitCode {
         .and_then(|m| cli::Cli::from_arg_matches(&m));
     let cli = match parsed {
         Ok(c) => c,
-        Err(e) if e.kind() == ErrorKind::UnknownArgument => {
-            // clap would quote the stray argument, and a stray argument is often a
-            // secret typed where it never belongs: say what is wrong, not what it was.
+        Err(e) if echoes_a_value(e.kind()) => {
+            // clap would quote the offending argument, and a stray or misplaced
+            // argument is often a secret typed where it never belongs: say what is
+            // wrong and where, not what it was.
+            let which = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(a)) => format!(" for {a}"),
+                _ => String::new(),
+            };
+            let what = match e.kind() {
+                ErrorKind::UnknownArgument => "unexpected argument".to_string(),
+                ErrorKind::InvalidSubcommand => "unknown command".to_string(),
+                _ => format!("invalid value{which}"),
+            };
             let _ = writeln!(
                 std::io::stderr(),
-                "error: unexpected argument (not shown: it may be a secret)\n\
+                "error: {what} (not shown: it may be a secret)\n\
                  hint: secrets are read from stdin or --from-file, never from the command line; \
                  see `tokenguard help`"
             );
@@ -40,12 +51,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose, cli.quiet);
-    // `exec` forwards signals to its child and `refresh --watch` stops between
-    // passes; every other command lets SIGINT/SIGTERM/SIGHUP end it at once, except
-    // inside a login or a write transaction, which finish first.
-    let own_signals =
-        matches!(&cli.command, cli::Command::Exec(_)) || matches!(&cli.command, cli::Command::Refresh(a) if a.watch);
-    if !own_signals && let Err(e) = tokenguard::signals::defer_termination_signals() {
+    // SIGINT/SIGTERM/SIGHUP end a command at once, except inside a login or a write
+    // transaction, which finish first; `exec` passes them on to its child once it
+    // runs, and `refresh --watch` stops between passes.
+    if let Err(e) = tokenguard::signals::defer_termination_signals() {
         let _ = writeln!(std::io::stderr(), "error: {e}");
         return exit_code(e.exit_code());
     }
@@ -71,6 +80,19 @@ fn main() -> ExitCode {
             exit_code(e.exit_code())
         }
     }
+}
+
+/// clap errors whose message would quote what the user typed.
+fn echoes_a_value(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::UnknownArgument
+            | ErrorKind::InvalidSubcommand
+            | ErrorKind::InvalidValue
+            | ErrorKind::ValueValidation
+            | ErrorKind::InvalidUtf8
+            | ErrorKind::NoEquals
+    )
 }
 
 /// The reader of stdout went away (`tokenguard list | head -1`): stop quietly, as
@@ -99,6 +121,9 @@ fn long_version() -> &'static str {
     Box::leak(text.into_boxed_str())
 }
 
+/// Crates whose trace logs would carry secrets (HTTP headers and bodies).
+const SECRET_LOGGERS: [&str; 4] = ["ureq", "ureq_proto", "rustls", "http"];
+
 /// Log filter: RUST_LOG when set, else the level -v/-q ask for. The PKCS#11 and TPM
 /// libraries' own logs are off unless RUST_LOG names them: cryptoki logs an ERROR for
 /// every mechanism type it does not know while listing a token's mechanisms. Colour
@@ -115,11 +140,21 @@ fn init_logging(verbose: u8, quiet: bool) {
         }
         .to_string()
     });
+    // The HTTP and TLS stacks log request headers and bodies at trace level — the
+    // OAuth client secret and fresh tokens among them — so they are always off,
+    // whatever RUST_LOG says.
+    let mut parts: Vec<String> = spec
+        .split(',')
+        .filter(|d| !SECRET_LOGGERS.iter().any(|t| d.trim_start().starts_with(t)))
+        .map(str::to_string)
+        .collect();
+    parts.extend(SECRET_LOGGERS.iter().map(|t| format!("{t}=off")));
     for noisy in ["cryptoki", "tss_esapi"] {
-        if !spec.contains(noisy) {
-            spec.push_str(&format!(",{noisy}=off"));
+        if !parts.iter().any(|d| d.contains(noisy)) {
+            parts.push(format!("{noisy}=off"));
         }
     }
+    spec = parts.join(",");
     let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("warn,cryptoki=off,tss_esapi=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -127,6 +162,19 @@ fn init_logging(verbose: u8, quiet: bool) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
+}
+
+/// The storage engine answers some kinds of damage in a store file with a panic,
+/// which the store layer turns into an integrity error (exit 4, with a hint): its
+/// panic message is noise next to that. Any other panic is a bug and says so.
+fn quiet_engine_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let in_engine = info.location().is_some_and(|l| l.file().contains("/redb-"));
+        if !in_engine {
+            let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+            let _ = writeln!(std::io::stderr(), "error: internal error{at} (a bug in tokenguard; please report it)");
+        }
+    }));
 }
 
 /// libtss2 logs every TPM error to stderr itself, including the expected "no object

@@ -10,7 +10,6 @@
 //! kernel when a process dies, so a SIGKILL never leaves it held). Waits are bounded.
 
 use std::fs::{File, OpenOptions};
-use std::hash::{Hash, Hasher};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -27,17 +26,46 @@ pub(super) struct TokenLock {
     _critical: Option<crate::signals::Critical>,
 }
 
-/// The lock file of `module` for this user: in `$XDG_RUNTIME_DIR`, else the temp
-/// directory.
-fn lock_path(module: &Path) -> PathBuf {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    module.hash(&mut h);
+/// The lock file of `module` for this user, in a directory only this user can
+/// write: `$XDG_RUNTIME_DIR`, else `/run/user/UID`, else a private
+/// `tokenguard-UID` directory (0700) in the temp directory — never a name in a shared
+/// directory that another user could take first and hold. The name comes from the
+/// module's canonical path through SHA-256, so every build and every spelling of
+/// the path agree.
+fn lock_path(module: &Path) -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
     let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|d| d.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    dir.join(format!("tokenguard-pkcs11-{uid}-{:016x}.lock", h.finish()))
+    let canonical = std::fs::canonicalize(module).unwrap_or_else(|_| module.to_path_buf());
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    let name: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|d| d.is_dir()) {
+        Some(d) => d,
+        None => {
+            let run = PathBuf::from(format!("/run/user/{uid}"));
+            if run.is_dir() { run } else { private_dir(&std::env::temp_dir().join(format!("tokenguard-{uid}")), uid)? }
+        }
+    };
+    Ok(dir.join(format!("tokenguard-pkcs11-{name}.lock")))
+}
+
+/// `dir`, created 0700 if missing, and refused unless it is a real directory owned
+/// by `uid` that no one else can write.
+fn private_dir(dir: &Path, uid: u32) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(dir);
+    let m =
+        std::fs::symlink_metadata(dir).map_err(|e| Error::Io { operation: "checking", path: dir.into(), source: e })?;
+    if !m.is_dir() || m.uid() != uid || m.permissions().mode() & 0o022 != 0 {
+        return Err(Error::Hardware {
+            backend: "pkcs11",
+            operation: "locking the token",
+            detail: format!(
+                "{} is not a private directory of this user; remove it or set XDG_RUNTIME_DIR",
+                dir.display()
+            ),
+        });
+    }
+    Ok(dir.to_path_buf())
 }
 
 impl TokenLock {
@@ -52,7 +80,7 @@ impl TokenLock {
     }
 
     fn take(module: &Path, exclusive: bool) -> Result<Self> {
-        let path = lock_path(module);
+        let path = lock_path(module)?;
         let io = |e| Error::Io { operation: "opening the token lock", path: path.clone(), source: e };
         let file = OpenOptions::new()
             .read(true)

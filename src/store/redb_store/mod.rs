@@ -76,6 +76,14 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Runs one storage-engine operation. redb answers some damage in a file (a page
+/// of zeros, garbage where a B-tree node should be) with a panic rather than an
+/// error; that is a damaged store, reported as one — never a crash of the caller.
+pub(super) fn engine<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(Error::integrity("reading the store file (a damaged page)")))
+}
+
 fn builder(opts: &StoreOptions) -> Builder {
     let mut b = Builder::new();
     b.set_concurrency_mode(match opts.mode {
@@ -174,7 +182,9 @@ impl Store {
         let start = Instant::now();
         let mut attempt = 0;
         loop {
-            match builder(&opts).open(path) {
+            let opened = std::panic::catch_unwind(|| builder(&opts).open(path))
+                .map_err(|_| Error::integrity("opening the store file (a damaged page)"))?;
+            match opened {
                 Ok(db) => return Ok(Store { db, path: path.into(), opts }),
                 Err(DatabaseError::DatabaseAlreadyOpen) | Err(DatabaseError::LockProtocolMismatch) => {
                     if start.elapsed() >= opts.busy_timeout {
@@ -195,7 +205,7 @@ impl Store {
 
     /// A consistent read snapshot.
     pub(crate) fn read(&self) -> Result<ReadTxn> {
-        Ok(ReadTxn(self.db.begin_read()?))
+        engine(|| Ok(ReadTxn(self.db.begin_read()?)))
     }
 
     /// Runs `f` in a write transaction and commits it durably. Waits at most
@@ -204,8 +214,8 @@ impl Store {
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
         let txn = WriteTxn(self.begin_write()?);
-        let out = f(&txn)?;
-        txn.0.commit()?;
+        let out = engine(|| f(&txn))?;
+        engine(|| Ok(txn.0.commit()?))?;
         Ok(out)
     }
 

@@ -5,29 +5,35 @@ use super::*;
 
 impl<T: Tables> StoreRead for T {
     fn meta(&self) -> Result<StoreMeta> {
-        let missing = |what| move || Error::integrity(what);
-        let t = self.table(META)?.ok_or_else(missing("reading the store metadata"))?;
-        let schema_bytes = meta_value(&t, META_SCHEMA)?.ok_or_else(missing("reading the store schema version"))?;
-        let schema_version = u32::from_be_bytes(
-            schema_bytes.as_slice().try_into().map_err(|_| Error::integrity("reading the store schema version"))?,
-        );
-        if schema_version != SCHEMA_VERSION {
-            return Err(Error::UnsupportedVersion { found: schema_version, supported: SCHEMA_VERSION });
-        }
-        let store_id: [u8; STORE_ID_LEN] = meta_value(&t, META_STORE_ID)?
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(missing("reading the store id"))?;
-        let roots =
-            schema::decode_roots(&meta_value(&t, META_ROOTS)?.ok_or_else(missing("reading the pinned roots"))?)?;
-        let integrity_key = schema::decode_wrapped_key(
-            &meta_value(&t, META_INTEGRITY_KEY)?.ok_or_else(missing("reading the integrity key"))?,
-        )?;
-        Ok(StoreMeta { store_id, roots, integrity_key })
+        engine(|| {
+            let missing = |what| move || Error::integrity(what);
+            let t = self.table(META)?.ok_or_else(missing("reading the store metadata"))?;
+            let schema_bytes = meta_value(&t, META_SCHEMA)?.ok_or_else(missing("reading the store schema version"))?;
+            let schema_version = u32::from_be_bytes(
+                schema_bytes.as_slice().try_into().map_err(|_| Error::integrity("reading the store schema version"))?,
+            );
+            if schema_version != SCHEMA_VERSION {
+                return Err(Error::UnsupportedVersion { found: schema_version, supported: SCHEMA_VERSION });
+            }
+            let store_id: [u8; STORE_ID_LEN] = meta_value(&t, META_STORE_ID)?
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(missing("reading the store id"))?;
+            let roots =
+                schema::decode_roots(&meta_value(&t, META_ROOTS)?.ok_or_else(missing("reading the pinned roots"))?)?;
+            let integrity_key = schema::decode_wrapped_key(
+                &meta_value(&t, META_INTEGRITY_KEY)?.ok_or_else(missing("reading the integrity key"))?,
+            )?;
+            Ok(StoreMeta { store_id, roots, integrity_key })
+        })
     }
 
     fn roots(&self) -> Result<Vec<RootPin>> {
-        let t = self.table(META)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?;
-        schema::decode_roots(&meta_value(&t, META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?)
+        engine(|| {
+            let t = self.table(META)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?;
+            schema::decode_roots(
+                &meta_value(&t, META_ROOTS)?.ok_or_else(|| Error::integrity("reading the pinned roots"))?,
+            )
+        })
     }
 
     fn with_record<R>(
@@ -36,188 +42,216 @@ impl<T: Tables> StoreRead for T {
         name: &str,
         f: impl FnOnce(&RecordView<'_>) -> Result<R>,
     ) -> Result<Option<R>> {
-        let Some(t) = self.table(TOKENS)? else { return Ok(None) };
-        let Some(guard) = t.get((provider, name))? else { return Ok(None) };
-        let view = RecordView::parse(guard.value())?;
-        // The AAD binds the header to the ciphertext; this binds the header to the key
-        // the record is stored under, so a record copied to another slot fails.
-        if view.provider != provider || view.name != name {
-            return Err(Error::integrity("checking a record's place"));
-        }
-        f(&view).map(Some)
+        engine(|| {
+            let Some(t) = self.table(TOKENS)? else { return Ok(None) };
+            let Some(guard) = t.get((provider, name))? else { return Ok(None) };
+            let view = RecordView::parse(guard.value())?;
+            // The AAD binds the header to the ciphertext; this binds the header to the key
+            // the record is stored under, so a record copied to another slot fails.
+            if view.provider != provider || view.name != name {
+                return Err(Error::integrity("checking a record's place"));
+            }
+            f(&view).map(Some)
+        })
     }
 
     fn scan_records(&self, provider: Option<&str>, f: &mut RecordVisitor<'_>) -> Result<()> {
-        let Some(t) = self.table(TOKENS)? else { return Ok(()) };
-        let iter = match provider {
-            Some(p) => t.range((p, "")..)?,
-            None => t.range::<(&str, &str)>(..)?,
-        };
-        for item in iter {
-            let (k, v) = item?;
-            let (p, n) = k.value();
-            if provider.is_some_and(|want| want != p) {
-                break;
-            }
-            let view = RecordView::parse(v.value()).and_then(|view| {
-                if view.provider != p || view.name != n {
-                    return Err(Error::integrity("checking a record's place"));
+        engine(|| {
+            let Some(t) = self.table(TOKENS)? else { return Ok(()) };
+            let iter = match provider {
+                Some(p) => t.range((p, "")..)?,
+                None => t.range::<(&str, &str)>(..)?,
+            };
+            for item in iter {
+                let (k, v) = item?;
+                let (p, n) = k.value();
+                if provider.is_some_and(|want| want != p) {
+                    break;
                 }
-                Ok(view)
-            });
-            if f(p, n, view)?.is_break() {
-                break;
+                let view = RecordView::parse(v.value()).and_then(|view| {
+                    if view.provider != p || view.name != n {
+                        return Err(Error::integrity("checking a record's place"));
+                    }
+                    Ok(view)
+                });
+                if f(p, n, view)?.is_break() {
+                    break;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn dek(&self, provider: &str, version: u32) -> Result<Option<DekEntry>> {
-        let Some(t) = self.table(DEKS)? else { return Ok(None) };
-        let Some(v) = t.get((provider, version))? else { return Ok(None) };
-        let e = DekEntry::decode(v.value())?;
-        if e.version != version {
-            return Err(Error::integrity("checking a data key's version"));
-        }
-        Ok(Some(e))
+        engine(|| {
+            let Some(t) = self.table(DEKS)? else { return Ok(None) };
+            let Some(v) = t.get((provider, version))? else { return Ok(None) };
+            let e = DekEntry::decode(v.value())?;
+            if e.version != version {
+                return Err(Error::integrity("checking a data key's version"));
+            }
+            Ok(Some(e))
+        })
     }
 
     fn deks(&self, provider: Option<&str>, below: Option<u32>) -> Result<Vec<(String, DekEntry)>> {
-        let Some(t) = self.table(DEKS)? else { return Ok(Vec::new()) };
-        type DekKey<'k> = (&'k str, u32);
-        let range: (Bound<DekKey<'_>>, Bound<DekKey<'_>>) = match (provider, below) {
-            (Some(p), Some(b)) => (Bound::Included((p, 0)), Bound::Excluded((p, b))),
-            (Some(p), None) => (Bound::Included((p, 0)), Bound::Included((p, u32::MAX))),
-            (None, _) => (Bound::Unbounded, Bound::Unbounded),
-        };
-        let mut out = Vec::new();
-        for item in t.range(range)? {
-            let (k, v) = item?;
-            let (p, ver) = k.value();
-            if provider.is_none() && below.is_some_and(|b| ver >= b) {
-                continue;
+        engine(|| {
+            let Some(t) = self.table(DEKS)? else { return Ok(Vec::new()) };
+            type DekKey<'k> = (&'k str, u32);
+            let range: (Bound<DekKey<'_>>, Bound<DekKey<'_>>) = match (provider, below) {
+                (Some(p), Some(b)) => (Bound::Included((p, 0)), Bound::Excluded((p, b))),
+                (Some(p), None) => (Bound::Included((p, 0)), Bound::Included((p, u32::MAX))),
+                (None, _) => (Bound::Unbounded, Bound::Unbounded),
+            };
+            let mut out = Vec::new();
+            for item in t.range(range)? {
+                let (k, v) = item?;
+                let (p, ver) = k.value();
+                if provider.is_none() && below.is_some_and(|b| ver >= b) {
+                    continue;
+                }
+                let e = DekEntry::decode(v.value())?;
+                if e.version != ver {
+                    return Err(Error::integrity("checking a data key's version"));
+                }
+                out.push((p.to_string(), e));
             }
-            let e = DekEntry::decode(v.value())?;
-            if e.version != ver {
-                return Err(Error::integrity("checking a data key's version"));
-            }
-            out.push((p.to_string(), e));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn indexed_under(&self, provider: &str, from: u32, to: u32, limit: usize) -> Result<Vec<(u32, String)>> {
-        let Some(t) = self.table(BY_DEK)? else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for item in t.range((provider, from, "")..(provider, to, ""))?.take(limit) {
-            let (k, _) = item?;
-            let (_, ver, name) = k.value();
-            out.push((ver, name.to_string()));
-        }
-        Ok(out)
+        engine(|| {
+            let Some(t) = self.table(BY_DEK)? else { return Ok(Vec::new()) };
+            let mut out = Vec::new();
+            for item in t.range((provider, from, "")..(provider, to, ""))?.take(limit) {
+                let (k, _) = item?;
+                let (_, ver, name) = k.value();
+                out.push((ver, name.to_string()));
+            }
+            Ok(out)
+        })
     }
 
     fn count_indexed(&self, provider: &str, version: u32) -> Result<u64> {
-        let Some(t) = self.table(BY_DEK)? else { return Ok(0) };
-        let mut n = 0;
-        for item in t.range((provider, version, "")..)? {
-            let (k, _) = item?;
-            let (p, v, _) = k.value();
-            if p != provider || v != version {
-                break;
+        engine(|| {
+            let Some(t) = self.table(BY_DEK)? else { return Ok(0) };
+            let mut n = 0;
+            for item in t.range((provider, version, "")..)? {
+                let (k, _) = item?;
+                let (p, v, _) = k.value();
+                if p != provider || v != version {
+                    break;
+                }
+                n += 1;
             }
-            n += 1;
-        }
-        Ok(n)
+            Ok(n)
+        })
     }
 
     fn expiring_before(&self, until: u64, limit: usize) -> Result<Vec<(u64, String, String)>> {
-        let Some(t) = self.table(BY_EXPIRY)? else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for item in t.range((0u64, "", "")..(until, "", ""))?.take(limit) {
-            let (k, _) = item?;
-            let (at, p, n) = k.value();
-            out.push((at, p.to_string(), n.to_string()));
-        }
-        Ok(out)
+        engine(|| {
+            let Some(t) = self.table(BY_EXPIRY)? else { return Ok(Vec::new()) };
+            let mut out = Vec::new();
+            for item in t.range((0u64, "", "")..(until, "", ""))?.take(limit) {
+                let (k, _) = item?;
+                let (at, p, n) = k.value();
+                out.push((at, p.to_string(), n.to_string()));
+            }
+            Ok(out)
+        })
     }
 
     fn tombstone(&self, provider: &str, name: &str) -> Result<Option<Tombstone>> {
-        let Some(t) = self.table(TOMBSTONES)? else { return Ok(None) };
-        let Some(v) = t.get((provider, name))? else { return Ok(None) };
-        Tombstone::decode(v.value()).map(Some)
+        engine(|| {
+            let Some(t) = self.table(TOMBSTONES)? else { return Ok(None) };
+            let Some(v) = t.get((provider, name))? else { return Ok(None) };
+            Tombstone::decode(v.value()).map(Some)
+        })
     }
 
     fn tombstones(&self) -> Result<Vec<(String, String, Tombstone)>> {
-        let Some(t) = self.table(TOMBSTONES)? else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            let (p, n) = k.value();
-            out.push((p.to_string(), n.to_string(), Tombstone::decode(v.value())?));
-        }
-        Ok(out)
+        engine(|| {
+            let Some(t) = self.table(TOMBSTONES)? else { return Ok(Vec::new()) };
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                let (p, n) = k.value();
+                out.push((p.to_string(), n.to_string(), Tombstone::decode(v.value())?));
+            }
+            Ok(out)
+        })
     }
 
     fn lease(&self, provider: &str, name: &str) -> Result<Option<Lease>> {
-        let Some(t) = self.table(REFRESH_LEASES)? else { return Ok(None) };
-        Ok(t.get((provider, name))?.and_then(|v| schema::decode_lease(v.value())))
+        engine(|| {
+            let Some(t) = self.table(REFRESH_LEASES)? else { return Ok(None) };
+            Ok(t.get((provider, name))?.and_then(|v| schema::decode_lease(v.value())))
+        })
     }
 
     fn audit_entries(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>> {
-        let Some(t) = self.table(AUDIT)? else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for item in t.range(from..)? {
-            let (k, v) = item?;
-            out.push((k.value(), v.value().to_vec()));
-        }
-        Ok(out)
+        engine(|| {
+            let Some(t) = self.table(AUDIT)? else { return Ok(Vec::new()) };
+            let mut out = Vec::new();
+            for item in t.range(from..)? {
+                let (k, v) = item?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     fn audit_count(&self) -> Result<u64> {
-        Ok(match self.table(AUDIT)? {
-            Some(t) => t.len()?,
-            None => 0,
+        engine(|| {
+            Ok(match self.table(AUDIT)? {
+                Some(t) => t.len()?,
+                None => 0,
+            })
         })
     }
 
     fn audit_head(&self) -> Result<Option<Vec<u8>>> {
-        let Some(t) = self.table(META)? else { return Ok(None) };
-        meta_value(&t, META_AUDIT_HEAD)
+        engine(|| {
+            let Some(t) = self.table(META)? else { return Ok(None) };
+            meta_value(&t, META_AUDIT_HEAD)
+        })
     }
 
     fn dump(&self) -> Result<Dump> {
-        let meta_t = self.table(META)?.ok_or_else(|| Error::integrity("reading store metadata"))?;
-        let need = |k| meta_value(&meta_t, k)?.ok_or_else(|| Error::integrity("reading store metadata"));
-        let mut d = Dump {
-            store_id: self.meta()?.store_id,
-            roots: need(META_ROOTS)?,
-            integrity_key: need(META_INTEGRITY_KEY)?,
-            audit_head: meta_value(&meta_t, META_AUDIT_HEAD)?.unwrap_or_default(),
-            ..Dump::default()
-        };
-        if let Some(t) = self.table(DEKS)? {
-            for item in t.iter()? {
-                let (k, v) = item?;
-                let (p, ver) = k.value();
-                d.deks.push((p.into(), ver, v.value().to_vec()));
+        engine(|| {
+            let meta_t = self.table(META)?.ok_or_else(|| Error::integrity("reading store metadata"))?;
+            let need = |k| meta_value(&meta_t, k)?.ok_or_else(|| Error::integrity("reading store metadata"));
+            let mut d = Dump {
+                store_id: self.meta()?.store_id,
+                roots: need(META_ROOTS)?,
+                integrity_key: need(META_INTEGRITY_KEY)?,
+                audit_head: meta_value(&meta_t, META_AUDIT_HEAD)?.unwrap_or_default(),
+                ..Dump::default()
+            };
+            if let Some(t) = self.table(DEKS)? {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    let (p, ver) = k.value();
+                    d.deks.push((p.into(), ver, v.value().to_vec()));
+                }
             }
-        }
-        if let Some(t) = self.table(TOKENS)? {
-            for item in t.iter()? {
-                let (k, v) = item?;
-                let (p, n) = k.value();
-                d.tokens.push((p.into(), n.into(), v.value().to_vec()));
+            if let Some(t) = self.table(TOKENS)? {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    let (p, n) = k.value();
+                    d.tokens.push((p.into(), n.into(), v.value().to_vec()));
+                }
             }
-        }
-        if let Some(t) = self.table(TOMBSTONES)? {
-            for item in t.iter()? {
-                let (k, v) = item?;
-                let (p, n) = k.value();
-                d.tombstones.push((p.into(), n.into(), v.value().to_vec()));
+            if let Some(t) = self.table(TOMBSTONES)? {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    let (p, n) = k.value();
+                    d.tombstones.push((p.into(), n.into(), v.value().to_vec()));
+                }
             }
-        }
-        d.audit = self.audit_entries(0)?;
-        Ok(d)
+            d.audit = self.audit_entries(0)?;
+            Ok(d)
+        })
     }
 }

@@ -5,112 +5,132 @@ use super::*;
 
 impl StoreWrite for WriteTxn {
     fn put_records(&self, keys: &[(&str, &str)], build: &mut RecordBuilder<'_>) -> Result<usize> {
-        let mut tokens = self.0.open_table(TOKENS)?;
-        let mut by_dek = self.0.open_table(BY_DEK)?;
-        let mut by_exp = self.0.open_table(BY_EXPIRY)?;
-        let mut written = 0;
-        for (i, &(provider, name)) in keys.iter().enumerate() {
-            let (new, old_idx) = {
-                let guard = tokens.get((provider, name))?;
-                // A damaged old record is replaced; its index entries cannot be known,
-                // so stale ones stay for the index users to skip.
-                let old = guard.as_ref().and_then(|g| RecordView::parse(g.value()).ok());
-                let old = old.filter(|v| v.provider == provider && v.name == name);
-                (build(i, old.as_ref())?, old.as_ref().map(index_keys))
-            };
-            let Some(new) = new else { continue };
-            let view = RecordView::parse(&new)?;
-            if view.provider != provider || view.name != name {
-                return Err(Error::integrity("checking a record's place"));
-            }
-            let idx = index_keys(&view);
-            tokens.insert((provider, name), new.as_slice())?;
-            if let Some(old) = old_idx {
-                by_dek.remove((provider, old.dek_version, name))?;
-                if let Some(e) = old.expires_at {
-                    by_exp.remove((e, provider, name))?;
+        engine(|| {
+            let mut tokens = self.0.open_table(TOKENS)?;
+            let mut by_dek = self.0.open_table(BY_DEK)?;
+            let mut by_exp = self.0.open_table(BY_EXPIRY)?;
+            let mut written = 0;
+            for (i, &(provider, name)) in keys.iter().enumerate() {
+                let (new, old_idx) = {
+                    let guard = tokens.get((provider, name))?;
+                    // A damaged old record is replaced; its index entries cannot be known,
+                    // so stale ones stay for the index users to skip.
+                    let old = guard.as_ref().and_then(|g| RecordView::parse(g.value()).ok());
+                    let old = old.filter(|v| v.provider == provider && v.name == name);
+                    (build(i, old.as_ref())?, old.as_ref().map(index_keys))
+                };
+                let Some(new) = new else { continue };
+                let view = RecordView::parse(&new)?;
+                if view.provider != provider || view.name != name {
+                    return Err(Error::integrity("checking a record's place"));
                 }
+                let idx = index_keys(&view);
+                tokens.insert((provider, name), new.as_slice())?;
+                if let Some(old) = old_idx {
+                    by_dek.remove((provider, old.dek_version, name))?;
+                    if let Some(e) = old.expires_at {
+                        by_exp.remove((e, provider, name))?;
+                    }
+                }
+                by_dek.insert((provider, idx.dek_version, name), ())?;
+                if let Some(e) = idx.expires_at {
+                    by_exp.insert((e, provider, name), ())?;
+                }
+                written += 1;
             }
-            by_dek.insert((provider, idx.dek_version, name), ())?;
-            if let Some(e) = idx.expires_at {
-                by_exp.insert((e, provider, name), ())?;
-            }
-            written += 1;
-        }
-        Ok(written)
+            Ok(written)
+        })
     }
 
     fn delete_record(&self, provider: &str, name: &str) -> Result<Option<Vec<u8>>> {
-        let old = self.0.open_table(TOKENS)?.remove((provider, name))?.map(|g| g.value().to_vec());
-        if let Some(view) = old.as_deref().and_then(|b| RecordView::parse(b).ok()) {
-            self.0.open_table(BY_DEK)?.remove((provider, view.dek_version, name))?;
-            if let Some(e) = view.expires_at {
-                self.0.open_table(BY_EXPIRY)?.remove((e, provider, name))?;
+        engine(|| {
+            let old = self.0.open_table(TOKENS)?.remove((provider, name))?.map(|g| g.value().to_vec());
+            if let Some(view) = old.as_deref().and_then(|b| RecordView::parse(b).ok()) {
+                self.0.open_table(BY_DEK)?.remove((provider, view.dek_version, name))?;
+                if let Some(e) = view.expires_at {
+                    self.0.open_table(BY_EXPIRY)?.remove((e, provider, name))?;
+                }
             }
-        }
-        Ok(old)
+            Ok(old)
+        })
     }
 
     fn drop_stale_index(&self, provider: &str, version: u32, name: &str) -> Result<bool> {
-        let current = self.with_record(provider, name, |v| Ok(v.dek_version)).unwrap_or(None);
-        if current == Some(version) {
-            return Ok(false);
-        }
-        self.0.open_table(BY_DEK)?.remove((provider, version, name))?;
-        Ok(true)
+        engine(|| {
+            let current = self.with_record(provider, name, |v| Ok(v.dek_version)).unwrap_or(None);
+            if current == Some(version) {
+                return Ok(false);
+            }
+            self.0.open_table(BY_DEK)?.remove((provider, version, name))?;
+            Ok(true)
+        })
     }
 
     fn drop_stale_expiry(&self, expires_at: u64, provider: &str, name: &str) -> Result<bool> {
-        let current = self.with_record(provider, name, |v| Ok(v.expires_at)).unwrap_or(None);
-        if current == Some(Some(expires_at)) {
-            return Ok(false);
-        }
-        self.0.open_table(BY_EXPIRY)?.remove((expires_at, provider, name))?;
-        Ok(true)
+        engine(|| {
+            let current = self.with_record(provider, name, |v| Ok(v.expires_at)).unwrap_or(None);
+            if current == Some(Some(expires_at)) {
+                return Ok(false);
+            }
+            self.0.open_table(BY_EXPIRY)?.remove((expires_at, provider, name))?;
+            Ok(true)
+        })
     }
 
     fn put_dek(&self, provider: &str, entry: &DekEntry) -> Result<()> {
-        self.0.open_table(DEKS)?.insert((provider, entry.version), entry.encode().as_slice())?;
-        Ok(())
+        engine(|| {
+            self.0.open_table(DEKS)?.insert((provider, entry.version), entry.encode().as_slice())?;
+            Ok(())
+        })
     }
 
     fn put_roots(&self, roots: &[RootPin], integrity_key: &[RootWrapped]) -> Result<()> {
-        let mut m = self.0.open_table(META)?;
-        m.insert(META_ROOTS, schema::encode_roots(roots).as_slice())?;
-        m.insert(META_INTEGRITY_KEY, schema::encode_wrapped_key(integrity_key).as_slice())?;
-        Ok(())
+        engine(|| {
+            let mut m = self.0.open_table(META)?;
+            m.insert(META_ROOTS, schema::encode_roots(roots).as_slice())?;
+            m.insert(META_INTEGRITY_KEY, schema::encode_wrapped_key(integrity_key).as_slice())?;
+            Ok(())
+        })
     }
 
     fn put_tombstone(&self, provider: &str, name: &str, tombstone: Option<&Tombstone>) -> Result<()> {
-        let mut t = self.0.open_table(TOMBSTONES)?;
-        match tombstone {
-            Some(ts) => t.insert((provider, name), ts.encode().as_slice())?,
-            None => t.remove((provider, name))?,
-        };
-        Ok(())
+        engine(|| {
+            let mut t = self.0.open_table(TOMBSTONES)?;
+            match tombstone {
+                Some(ts) => t.insert((provider, name), ts.encode().as_slice())?,
+                None => t.remove((provider, name))?,
+            };
+            Ok(())
+        })
     }
 
     fn remove_tombstones(&self, keys: &[(&str, &str)]) -> Result<()> {
-        let mut t = self.0.open_table(TOMBSTONES)?;
-        for k in keys {
-            t.remove(*k)?;
-        }
-        Ok(())
+        engine(|| {
+            let mut t = self.0.open_table(TOMBSTONES)?;
+            for k in keys {
+                t.remove(*k)?;
+            }
+            Ok(())
+        })
     }
 
     fn put_lease(&self, provider: &str, name: &str, lease: Option<Lease>) -> Result<()> {
-        let mut t = self.0.open_table(REFRESH_LEASES)?;
-        match lease {
-            Some(l) => t.insert((provider, name), schema::encode_lease(&l).as_slice())?,
-            None => t.remove((provider, name))?,
-        };
-        Ok(())
+        engine(|| {
+            let mut t = self.0.open_table(REFRESH_LEASES)?;
+            match lease {
+                Some(l) => t.insert((provider, name), schema::encode_lease(&l).as_slice())?,
+                None => t.remove((provider, name))?,
+            };
+            Ok(())
+        })
     }
 
     fn append_audit(&self, seq: u64, entry: &[u8], head: &[u8]) -> Result<()> {
-        self.0.open_table(AUDIT)?.insert(seq, entry)?;
-        self.0.open_table(META)?.insert(META_AUDIT_HEAD, head)?;
-        Ok(())
+        engine(|| {
+            self.0.open_table(AUDIT)?.insert(seq, entry)?;
+            self.0.open_table(META)?.insert(META_AUDIT_HEAD, head)?;
+            Ok(())
+        })
     }
 }
 

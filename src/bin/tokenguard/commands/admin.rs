@@ -5,7 +5,7 @@ use tokenguard::error::exit;
 use tokenguard::root::{Check, Status, report_exit_code};
 use tokenguard::{Result, backup};
 
-use super::{Ctx, fmt_time, print_json};
+use super::{Ctx, fmt_time, print_json, printable};
 use crate::cli::AuditCommand;
 use crate::input;
 
@@ -172,12 +172,12 @@ pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
                         "{:>6} {} {:<10} {}/{} {} [{}] {}",
                         e.seq,
                         fmt_time(Some(e.time)),
-                        e.op,
-                        e.provider,
-                        e.name,
-                        e.outcome,
-                        e.actor,
-                        e.detail
+                        printable(&e.op),
+                        printable(&e.provider),
+                        printable(&e.name),
+                        printable(&e.outcome),
+                        printable(&e.actor),
+                        printable(&e.detail)
                     )?;
                 }
             }

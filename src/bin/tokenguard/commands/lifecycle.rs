@@ -27,9 +27,7 @@ pub fn revoke(ctx: &Ctx, a: RevokeArgs) -> Result<i32> {
         (Some((p, n)), ..) => RevokeTarget::One { provider: p, name: n },
         (None, Some(p), None, true, None) => RevokeTarget::Provider(p),
         (None, None, None, false, Some(l)) => {
-            let (k, v) = l
-                .split_once('=')
-                .ok_or_else(|| Error::InvalidInput(format!("--label must be KEY=VALUE (got {l:?})")))?;
+            let (k, v) = l.split_once('=').ok_or_else(|| Error::InvalidInput("--label must be KEY=VALUE".into()))?;
             RevokeTarget::Label { key: k, value: v }
         }
         _ => {

@@ -106,8 +106,57 @@ fn apply_module_env(config: &Config) {
 fn actor() -> String {
     use std::os::unix::fs::MetadataExt;
     let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_else(|_| "?".into());
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
+    // The name comes from the environment: keep only what cannot forge an audit line.
+    let user: String = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._@-".contains(*c))
+        .take(64)
+        .collect();
     format!("cli uid={uid}{}{} pid={}", if user.is_empty() { "" } else { " user=" }, user, std::process::id())
+}
+
+/// Reads one field of a token and audits the read as `op`, with its outcome. Reads
+/// through the CLI are audited (one commit per process is cheap next to the process
+/// start); a failure to audit does not hide the read's own error.
+pub fn read_audited(
+    g: &TokenGuard,
+    op: &str,
+    provider: &str,
+    name: &str,
+    field: Option<&str>,
+    opts: tokenguard::GetOptions,
+) -> Result<(tokenguard::SecretBytes, tokenguard::Metadata)> {
+    use tokenguard::error::exit;
+    let res = g.get_field(provider, name, field, opts);
+    let outcome = match &res {
+        Ok(_) => "ok",
+        Err(e) => match e.exit_code() {
+            exit::NOT_FOUND => "not-found",
+            exit::INTEGRITY => "integrity-failure",
+            exit::EXPIRED => "expired-or-revoked",
+            _ => "error",
+        },
+    };
+    let audited = g.audit_event(op, provider, name, outcome);
+    let out = res?;
+    audited?;
+    Ok(out)
+}
+
+/// Text from the store (names, reasons, actors, details) made safe for a terminal:
+/// control characters are shown escaped, so a stored value cannot forge output
+/// lines or send escape sequences.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
 }
 
 pub fn say(args: std::fmt::Arguments<'_>) -> Result<()> {
@@ -134,12 +183,7 @@ pub fn print_json(v: &serde_json::Value) -> Result<()> {
 
 /// `t` as RFC 3339, or "never".
 pub fn fmt_time(t: Option<u64>) -> String {
-    match t {
-        Some(t) => {
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
-        }
-        None => "never".into(),
-    }
+    t.map_or_else(|| "never".into(), tokenguard::clock::rfc3339)
 }
 
 /// Runs the command; returns the exit code on success paths that are not 0.
@@ -148,13 +192,17 @@ pub fn run(cli: Cli) -> Result<i32> {
     match &cli.command {
         Command::InitToken(a) => return roots::init_token(a),
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut cmd, "tokenguard", &mut std::io::stdout().lock());
+            // Generated into memory first: the generator panics on a closed stdout.
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "tokenguard", &mut buf);
+            std::io::stdout().lock().write_all(&buf).map_err(stdout_error)?;
             return Ok(tokenguard::error::exit::OK);
         }
         Command::Man => {
             let cmd = <Cli as clap::CommandFactory>::command().after_help(tokenguard::error::exit::help_text());
-            clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock()).map_err(stdout_error)?;
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut buf).map_err(stdout_error)?;
+            std::io::stdout().lock().write_all(&buf).map_err(stdout_error)?;
             return Ok(tokenguard::error::exit::OK);
         }
         _ => {}

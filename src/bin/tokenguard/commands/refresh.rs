@@ -1,8 +1,6 @@
 //! `refresh`: one token now, every due token once (`--due`), or until stopped
 //! (`--watch`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokenguard::error::exit;
@@ -64,22 +62,15 @@ pub fn refresh(ctx: &Ctx, a: RefreshArgs) -> Result<i32> {
         (None, None, true, false) => report(ctx, &g.refresh_due(within)?, Shape::List),
         (None, None, false, true) => {
             let interval = Duration::from_secs(input::duration(&a.interval)?.max(1));
-            let stop = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::Io {
-                    operation: "installing a signal handler",
-                    path: "-".into(),
-                    source: e,
-                })?;
-            }
+            tokenguard::signals::stop_between_passes();
             tracing::info!(interval_s = interval.as_secs(), "refresh --watch started");
             let mut code = exit::OK;
-            while !stop.load(Ordering::Relaxed) {
+            while !tokenguard::signals::stop_requested() {
                 // A pass refreshes token by token; a signal is only looked at between
                 // tokens, so it never interrupts a refresh between answer and commit.
                 code = code.max(report(ctx, &g.refresh_due(within)?, Shape::Stream)?);
                 let until = Instant::now() + interval;
-                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                while !tokenguard::signals::stop_requested() && Instant::now() < until {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }

@@ -5,9 +5,10 @@ use std::io::{IsTerminal, Write};
 use serde_json::json;
 use tokenguard::error::exit;
 use tokenguard::guard::revoke::TokenStatus;
+use tokenguard::guard::validate_ident;
 use tokenguard::{Error, GetOptions, Result};
 
-use super::{Ctx, fmt_time, print_json, stdout_error};
+use super::{Ctx, fmt_time, print_json, printable, read_audited, stdout_error};
 use crate::cli::{GetArgs, PutArgs, TokenRef};
 use crate::input;
 
@@ -33,21 +34,8 @@ pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32> {
 pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32> {
     let (provider, name) = input::token_ref(&a.token.provider, a.token.name.as_deref())?;
     let g = ctx.open()?;
-    let res = g.get_field(&provider, &name, a.field.as_deref(), GetOptions { allow_expired: a.allow_expired });
-    let outcome = match &res {
-        Ok(_) => "ok",
-        Err(e) => match e.exit_code() {
-            exit::NOT_FOUND => "not-found",
-            exit::INTEGRITY => "integrity-failure",
-            exit::EXPIRED => "expired-or-revoked",
-            _ => "error",
-        },
-    };
-    // Reads through the CLI are audited (one commit per process is cheap next to the
-    // process start); a failure to audit does not hide the read's own error.
-    let audited = g.audit_event("get", &provider, &name, outcome);
-    let (value, meta) = res?;
-    audited?;
+    let opts = GetOptions { allow_expired: a.allow_expired };
+    let (value, meta) = read_audited(&g, "get", &provider, &name, a.field.as_deref(), opts)?;
     if let Some(path) = &a.output {
         write_private_file(path, value.expose())?;
         if ctx.json {
@@ -119,15 +107,15 @@ pub fn delete(ctx: &Ctx, token: &TokenRef, dry_run: bool) -> Result<i32> {
     let (provider, name) = input::token_ref(&token.provider, token.name.as_deref())?;
     let g = ctx.open()?;
     if dry_run {
-        let exists = g.list(Some(&provider))?.iter().any(|t| t.name == name);
-        if !exists {
-            return Err(Error::NotFound { provider, name });
+        // The token must exist as a record: a revoked one has only a tombstone.
+        match g.status(&provider, &name)? {
+            TokenStatus::Revoked { .. } => return Err(Error::NotFound { provider, name }),
+            _ => {
+                let text = format!("would delete {provider}/{name}");
+                ctx.out(json!({"would_delete": {"provider": provider, "name": name}}), text)?;
+                return Ok(exit::OK);
+            }
         }
-        ctx.out(
-            json!({"would_delete": {"provider": provider, "name": name}}),
-            format!("would delete {provider}/{name}"),
-        )?;
-        return Ok(exit::OK);
     }
     g.delete(&provider, &name)?;
     if ctx.json {
@@ -144,7 +132,7 @@ pub fn status(ctx: &Ctx, token: &TokenRef) -> Result<i32> {
         TokenStatus::Expired { meta } => format!("expired at {}", fmt_time(meta.expires_at)),
         TokenStatus::NeedsReauth { .. } => "needs re-authorisation (the provider refused its refresh token)".into(),
         TokenStatus::Revoked { tombstone: t } => {
-            format!("revoked at {} by {}: {}", fmt_time(Some(t.revoked_at)), t.actor, t.reason)
+            format!("revoked at {} by {}: {}", fmt_time(Some(t.revoked_at)), printable(&t.actor), printable(&t.reason))
         }
         TokenStatus::Shredded { .. } => "shredded: its provider's data keys were destroyed".into(),
     };
@@ -163,7 +151,7 @@ pub fn status(ctx: &Ctx, token: &TokenRef) -> Result<i32> {
 /// answer, so git asks its next helper.
 pub fn git_credential(ctx: &Ctx, a: &crate::cli::GitCredentialArgs) -> Result<i32> {
     use std::io::BufRead;
-    let mut host = None;
+    let (mut host, mut protocol) = (None, None);
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(|e| Error::InvalidInput(format!("reading git's request: {e}")))?;
         if line.is_empty() {
@@ -171,9 +159,16 @@ pub fn git_credential(ctx: &Ctx, a: &crate::cli::GitCredentialArgs) -> Result<i3
         }
         if let Some(h) = line.strip_prefix("host=") {
             host = Some(h.to_string());
+        } else if let Some(p) = line.strip_prefix("protocol=") {
+            protocol = Some(p.to_string());
         }
     }
     if !matches!(a.operation, crate::cli::GitOperation::Get) {
+        return Ok(exit::OK);
+    }
+    // A token is only ever sent over TLS, and only for a host that is a valid
+    // token name (no control characters or other oddities reach the audit trail).
+    if protocol.as_deref() != Some("https") || host.as_deref().is_some_and(|h| validate_ident("host", h).is_err()) {
         return Ok(exit::OK);
     }
     let spec = match (&a.token, &host) {
@@ -182,10 +177,14 @@ pub fn git_credential(ctx: &Ctx, a: &crate::cli::GitCredentialArgs) -> Result<i3
         (None, None) => return Ok(exit::OK),
     };
     let g = ctx.open()?;
-    let res = g.get_field(&spec.provider, &spec.name, spec.field.as_deref(), GetOptions::default());
-    let outcome = if res.is_ok() { "ok" } else { "error" };
-    g.audit_event("git-credential", &spec.provider, &spec.name, outcome)?;
-    let value = match res {
+    let value = match read_audited(
+        &g,
+        "git-credential",
+        &spec.provider,
+        &spec.name,
+        spec.field.as_deref(),
+        GetOptions::default(),
+    ) {
         Ok((v, _)) => v,
         Err(Error::NotFound { .. }) if a.token.is_none() => return Ok(exit::OK),
         Err(e) => return Err(e),
