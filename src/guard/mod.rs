@@ -20,6 +20,7 @@ pub mod refresh;
 pub mod revoke;
 pub mod roots;
 pub mod rotate;
+mod salvage;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,6 +40,7 @@ use crate::store::{DekState, RootPin, Store, StoreWrite};
 
 pub use doctor::{DekInfo, HardwareCalls, Stats};
 pub(crate) use open::unlock_key;
+pub use salvage::SalvageReport;
 
 /// Options of a guard beyond its store and roots.
 #[derive(Debug, Clone)]

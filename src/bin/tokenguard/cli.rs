@@ -72,6 +72,13 @@ pub enum Command {
         /// Backup file to create (must not exist), or `-` for stdout.
         file: PathBuf,
     },
+    /// Copy every record that still verifies (with its keys) into a new store, when
+    /// doctor finds damaged records; names what it could not save.
+    Salvage {
+        /// The new store file (must not exist).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
     /// Restore a sealed backup into the configured (new) store path.
     Restore {
         /// Backup file.

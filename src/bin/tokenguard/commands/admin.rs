@@ -129,6 +129,19 @@ pub fn restore(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
     Ok(exit::OK)
 }
 
+pub fn salvage(ctx: &Ctx, to: &std::path::Path) -> Result<i32> {
+    let r = ctx.open()?.salvage(to, ctx.config.store_options())?;
+    let mut text = format!("saved {} of {} records into {}", r.saved, r.records, to.display());
+    if !r.lost.is_empty() {
+        text.push_str(&format!("\ncould not save (they do not verify): {}", r.lost.join(", ")));
+    }
+    if !r.audit_kept {
+        text.push_str("\nthe audit chain did not verify: the new store's chain starts with the salvage");
+    }
+    ctx.out(serde_json::to_value(&r).unwrap_or_default(), text)?;
+    Ok(if r.lost.is_empty() { exit::OK } else { exit::OTHER })
+}
+
 pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
     let g = ctx.open()?;
     match command {

@@ -236,6 +236,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Stats => admin::stats(&ctx),
         Command::Backup { file } => admin::backup(&ctx, &file),
         Command::Restore { file } => admin::restore(&ctx, &file),
+        Command::Salvage { to } => admin::salvage(&ctx, &to),
         Command::Audit(c) => admin::audit(&ctx, c),
     }
 }
