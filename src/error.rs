@@ -363,6 +363,16 @@ impl Error {
             Error::BackendNotCompiled(b) => {
                 format!("rebuild with `cargo build --features {b}`, or remove that root from the config")
             }
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                "the file system is full: free space there; everything acknowledged before is intact, \
+                 and writes resume once there is room"
+                    .into()
+            }
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+                "the file system is read-only: tokenguard writes even to read (audit events); \
+                 mount it read-write, or restore a backup elsewhere"
+                    .into()
+            }
             _ => return None,
         })
     }

@@ -49,6 +49,9 @@ macro_rules! from_redb {
             fn from(e: $t) -> Self {
                 match redb::Error::from(e) {
                     redb::Error::Corrupted(_) => Error::integrity("reading the store file"),
+                    // The file system said no (full, read-only, …): keep the cause, so
+                    // the message and the hint can say what to do.
+                    redb::Error::Io(io) => Error::Io { operation: concat!("store ", $op), path: "the store file".into(), source: io },
                     other => Error::Store { operation: $op, detail: other.to_string() },
                 }
             }
