@@ -125,6 +125,9 @@ impl OAuthClient {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
+            // A token endpoint answers; it does not redirect. Following a 302 would
+            // turn the POST into a GET and take any 200 as a token response.
+            .max_redirects(0)
             .user_agent(concat!("tokenguard/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();

@@ -289,6 +289,31 @@ fn a_slow_endpoint_times_out_and_the_valid_token_is_served() {
 }
 
 #[test]
+fn a_redirect_is_not_followed() {
+    // First answer: 302 to the same endpoint; any later (followed) request would get a
+    // valid token set, which must never be taken.
+    let ep = Endpoint::start(Box::new(|_, n| {
+        if n == 1 {
+            Reply {
+                status: 302,
+                body: String::new(),
+                headers: vec![("Location", "/token?again".into())],
+                delay: Duration::ZERO,
+            }
+        } else {
+            Reply::json(200, serde_json::json!({"access_token": "at-REDIRECTED", "expires_in": 3600}))
+        }
+    }));
+    let env = env_for("rf-redirect", &ep.url, "");
+    seed(&env.init(), -5);
+    let g = open(&env);
+    assert!(matches!(g.refresh_now("acme", "svc"), Err(Error::RefreshFailed { .. })));
+    assert_eq!(ep.count(), 1, "the redirect was not followed");
+    let (s, _) = g.get_with("acme", "svc", tokenguard::GetOptions { allow_expired: true }).unwrap();
+    assert_ne!(field(&s, "access_token"), "at-REDIRECTED");
+}
+
+#[test]
 fn a_malformed_body_is_transient_and_gives_up_after_the_cap() {
     let ep = Endpoint::start(Box::new(|_, _| Reply {
         status: 200,
