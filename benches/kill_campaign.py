@@ -17,7 +17,6 @@ and that `doctor` and `audit verify` pass. It prints the figures and exits 1 on 
 loss or failed check.
 """
 
-import http.server
 import json
 import os
 import random
@@ -26,10 +25,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+
 KILLS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 # Each kill lands at a uniformly random moment between the process's start and the
 # longest run of its operation seen so far (first guess below), so every moment from
@@ -37,33 +36,8 @@ KILLS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 FIRST_GUESS = 0.030
 
 
-class TokenEndpoint(http.server.BaseHTTPRequestHandler):
-    """A loopback OAuth token endpoint: every refresh gets a new access token."""
-
-    count = 0
-
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        TokenEndpoint.count += 1
-        body = json.dumps(
-            {"access_token": f"at-{TokenEndpoint.count}", "refresh_token": "rt", "expires_in": 3600}
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def main():
-    tg = os.environ.get("TOKENGUARD_BIN")
-    if not tg:
-        subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "tokenguard"], cwd=REPO, check=True)
-        tg = os.path.join(REPO, "target/release/tokenguard")
-    os.environ["TOKENGUARD_BIN"] = os.path.abspath(tg)
+    tg = harness.binary()
     work = tempfile.mkdtemp(prefix="tg-kills-")
     try:
         return campaign(tg, work)
@@ -72,15 +46,10 @@ def main():
 
 
 def campaign(tg, work):
-    setup = os.path.join(REPO, "softhsm-setup.sh")
-    subprocess.run([setup, "--dir", work], check=True, capture_output=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    config = os.path.join(work, "tokenguard.toml")
-    with open(config, "a") as f:
-        f.write(
-            f'\n[providers.acme]\ntoken_url = "http://127.0.0.1:{server.server_port}/token"\nclient_id = "kills"\n'
-        )
+    setup = os.path.join(harness.REPO, "softhsm-setup.sh")
+    config = harness.fresh_token(work)
+    endpoint = harness.Endpoint(expires_in=3600)
+    endpoint.add_to(config, "acme")
     soft = os.path.join(work, "recovery.toml")
     with open(soft, "w") as f:
         f.write(f'[[roots]]\nbackend = "soft"\nkey_file = "{work}/recovery.key"\n')
@@ -179,7 +148,7 @@ def campaign(tg, work):
             lost.append((name, r.returncode, r.stderr.decode().strip()[:200]))
     doctor = run(["doctor"])
     audit = run(["audit", "verify"])
-    server.shutdown()
+    endpoint.shutdown()
     print(
         f"kills: {stats['kills']} of {n} processes (the others finished first: {stats['finished']}); "
         f"acknowledged writes: {len(acked)}; lost: {len(lost)}; token repairs needed: {repaired}; "

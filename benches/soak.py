@@ -15,7 +15,6 @@ a failed check.
 TOKENGUARD_BIN=path uses that binary instead of building target/release/tokenguard.
 """
 
-import http.server
 import json
 import os
 import random
@@ -26,30 +25,9 @@ import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
 SECONDS = float(sys.argv[1]) if len(sys.argv) > 1 else 1800.0
 WORKERS = 4
-
-
-class TokenEndpoint(http.server.BaseHTTPRequestHandler):
-    count = 0
-    lock = threading.Lock()
-
-    def do_POST(self):  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        with TokenEndpoint.lock:
-            TokenEndpoint.count += 1
-            n = TokenEndpoint.count
-        # Short lifetimes, so the watcher refreshes every few seconds.
-        body = json.dumps({"access_token": f"at-{n}", "refresh_token": f"rt-{n}", "expires_in": 4}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 def rss_kib(pid):
@@ -64,12 +42,7 @@ def rss_kib(pid):
 
 
 def main():
-    tg = os.environ.get("TOKENGUARD_BIN")
-    if not tg:
-        subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "tokenguard"], cwd=REPO, check=True)
-        tg = os.path.join(REPO, "target/release/tokenguard")
-    tg = os.path.abspath(tg)
-    os.environ["TOKENGUARD_BIN"] = tg
+    tg = harness.binary()
     work = tempfile.mkdtemp(prefix="tg-soak-")
     try:
         return soak(tg, work)
@@ -78,13 +51,12 @@ def main():
 
 
 def soak(tg, work):
-    subprocess.run([os.path.join(REPO, "softhsm-setup.sh"), "--dir", work], check=True, capture_output=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    config = os.path.join(work, "tokenguard.toml")
+    config = harness.fresh_token(work)
+    # Short lifetimes, so the watcher refreshes every few seconds.
+    endpoint = harness.Endpoint(expires_in=4)
+    endpoint.add_to(config, "acme")
     with open(config, "a") as f:
-        f.write(f'\n[providers.acme]\ntoken_url = "http://127.0.0.1:{server.server_port}/token"\nclient_id = "soak"\n'
-                '[refresh]\nmargin_secs = 2\n')
+        f.write("[refresh]\nmargin_secs = 2\n")
     env = dict(os.environ, TOKENGUARD_CONFIG=config, RUST_LOG="off")
     store = os.path.join(work, "store", "tokens.redb")
 
@@ -153,7 +125,7 @@ def soak(tg, work):
     watcher.terminate()
     watch_code = watcher.wait(timeout=30)
     watch_err = watcher.stderr.read().decode()
-    server.shutdown()
+    endpoint.shutdown()
     doctor = run(["doctor"])
     audit = run(["audit", "verify"])
     stats = json.loads(run(["stats", "--json"]).stdout or b"{}")
@@ -162,7 +134,7 @@ def soak(tg, work):
     rss_first, rss_last = warm[0][1], warm[-1][1]
     mid_size = samples[len(samples) // 2][2] if samples else final_size
     print(f"soak: {SECONDS:.0f}s, {WORKERS} workers, {sum(ops.values())} CLI calls {ops}; "
-          f"errors: {len(errors)}; refreshes served: {TokenEndpoint.count}; "
+          f"errors: {len(errors)}; refreshes served: {endpoint.count}; "
           f"refresher RSS {rss_first} -> {rss_last} KiB (after warm-up); "
           f"store {mid_size // 1024} KiB at half-time, {final_size // 1024} KiB at the end after purge "
           f"({stats.get('tokens')} tokens, {stats.get('audit_events')} audit events); "
@@ -177,7 +149,7 @@ def soak(tg, work):
         or audit.returncode != 0
         or rss_last > rss_first + 8 * 1024  # flat: under 8 MiB of growth after warm-up
         or stats.get("tokens", 10**9) > WORKERS * 200 + 1  # bounded: purge keeps up
-        or TokenEndpoint.count == 0
+        or endpoint.count == 0
     )
     if watch_err.strip():
         print("refresher stderr:", watch_err.strip()[:500])
