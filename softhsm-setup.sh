@@ -102,14 +102,15 @@ repair_tokens() {
     bak="$dir/token-backup/$id/token.object"
     if [ -f "$t/token.object" ] && [ ! -s "$t/token.object" ]; then
       if [ -s "$bak" ]; then
-        cp "$bak" "$t/token.object"
-        chmod 600 "$t/token.object"
+        # A copy and a rename: a repair cut short never leaves a half file.
+        cp "$bak" "$t/token.object.repair" && chmod 600 "$t/token.object.repair" \
+          && mv -f "$t/token.object.repair" "$t/token.object"
         say "repaired token $id: token.object was empty (a process killed while logging in); restored from $bak"
       else
         say "token $id: token.object is empty and there is no copy to restore it from"
       fi
     elif [ -s "$t/token.object" ] && [ ! -f "$bak" ]; then
-      (umask 077; mkdir -p "$(dirname "$bak")"; cp "$t/token.object" "$bak")
+      (umask 077; mkdir -p "$(dirname "$bak")"; cp "$t/token.object" "$bak.tmp" && mv -f "$bak.tmp" "$bak")
     fi
   done
 }

@@ -65,14 +65,19 @@ def campaign(tg, work):
         return r.stdout
 
     must(["init"])
-    must(["put", "p0/seed"], b"seed")
+    # Every provider gets its data key before any recovery root is added: a new data
+    # key needs every pinned root configured (a symmetric recovery root is not; see
+    # the recovery issue), so only rotate-dek meets that refusal below.
+    for i in range(5):
+        must(["put", f"p{i}/seed"], b"seed")
     must(["put", "acme/svc"], b'{"access_token":"at-0","refresh_token":"rt","expires_in":3600}')
     for i in range(50):
         must(["put", f"victims/v{i}"], b"to-revoke")
 
     def damaged():
         tokens = os.path.join(work, "tokens")
-        return [t for t in os.listdir(tokens) if os.path.getsize(os.path.join(tokens, t, "token.object")) == 0]
+        return [t for t in os.listdir(tokens)
+                if os.path.isdir(os.path.join(tokens, t)) and os.path.getsize(os.path.join(tokens, t, "token.object")) == 0]
 
     repairs = 0
 
@@ -90,6 +95,8 @@ def campaign(tg, work):
     rng = random.Random(int(os.environ.get("KILL_SEED", time.time_ns())))
     victim = 0
     longest = {}  # op -> longest run seen, seconds
+    killed_in_a_row = {}
+    unexpected = []  # (op, exit code) of processes that failed without being killed
     n = 0
     while stats["kills"] < KILLS:
         n += 1
@@ -131,6 +138,18 @@ def campaign(tg, work):
         code = p.wait()
         if code != -signal.SIGKILL:
             longest[op] = max(longest.get(op, 0), time.monotonic() - started)
+            killed_in_a_row[op] = 0
+        else:
+            # An operation killed every time never shows how long it runs: widen
+            # its window so its commit, too, gets hit.
+            killed_in_a_row[op] = killed_in_a_row.get(op, 0) + 1
+            if killed_in_a_row[op] >= 3:
+                longest[op] = longest.get(op, FIRST_GUESS) * 1.5
+                killed_in_a_row[op] = 0
+        # rotate-dek may meet "no data key yet" (3) or the pinned recovery root that is
+        # not configured here (8): refusals, not failures.
+        if code not in (0, -signal.SIGKILL) and not (op == "rotate" and code in (3, 8)):
+            unexpected.append((op, code))
         if code == 0:
             stats["finished"] += 1
             if op == "put":
@@ -151,7 +170,8 @@ def campaign(tg, work):
     endpoint.shutdown()
     print(
         f"kills: {stats['kills']} of {n} processes (the others finished first: {stats['finished']}); "
-        f"acknowledged writes: {len(acked)}; lost: {len(lost)}; token repairs needed: {repaired}; "
+        f"acknowledged writes: {len(acked)}; lost: {len(lost)}; unexpected failures: {len(unexpected)}; "
+        f"token repairs needed: {repaired}; "
         f"doctor exit {doctor.returncode}; audit verify exit {audit.returncode}; ops {stats['ops']}"
     )
     for item in lost[:10]:
@@ -160,7 +180,10 @@ def campaign(tg, work):
         print(doctor.stdout.decode(), doctor.stderr.decode())
     if audit.returncode != 0:
         print(audit.stdout.decode(), audit.stderr.decode())
-    return 0 if not lost and doctor.returncode == 0 and audit.returncode == 0 else 1
+    for item in unexpected[:10]:
+        print("UNEXPECTED", item)
+    ok = not lost and not unexpected and doctor.returncode == 0 and audit.returncode == 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

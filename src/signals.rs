@@ -21,14 +21,24 @@ static CHILD: AtomicI32 = AtomicI32::new(0);
 /// Set instead of ending the process, for a loop that stops between passes.
 static STOP: AtomicBool = AtomicBool::new(false);
 static STOP_MODE: AtomicBool = AtomicBool::new(false);
+/// Set while the signal thread decides to end the process: no critical step may
+/// start meanwhile.
+static DYING: AtomicBool = AtomicBool::new(false);
 
 /// A step a termination signal must not split; the signal waits for its drop.
 pub(crate) struct Critical(());
 
 impl Critical {
     pub(crate) fn enter() -> Self {
-        CRITICAL.fetch_add(1, Ordering::SeqCst);
-        Critical(())
+        loop {
+            CRITICAL.fetch_add(1, Ordering::SeqCst);
+            if !DYING.load(Ordering::SeqCst) {
+                return Critical(());
+            }
+            // The process is being ended: do not start a step it would split.
+            CRITICAL.fetch_sub(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
@@ -82,11 +92,14 @@ pub fn defer_termination_signals() -> Result<()> {
                     STOP.store(true, Ordering::SeqCst);
                     continue;
                 }
+                DYING.store(true, Ordering::SeqCst);
                 if CRITICAL.load(Ordering::SeqCst) == 0 {
                     die(sig);
                 }
+                // A step is in progress: its end acts on the signal.
                 PENDING.store(sig, Ordering::SeqCst);
-                // The step may have ended between the two lines above.
+                DYING.store(false, Ordering::SeqCst);
+                // The step may have ended between the lines above.
                 if CRITICAL.load(Ordering::SeqCst) == 0 && PENDING.swap(0, Ordering::SeqCst) != 0 {
                     die(sig);
                 }

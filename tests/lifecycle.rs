@@ -109,7 +109,16 @@ fn reads_never_fail_during_reencryption() {
     g.rotate_dek("slack").unwrap();
     let stop = AtomicBool::new(false);
     let reads = AtomicU64::new(0);
+    /// Stops the readers however the scope's main closure ends: a failed assertion
+    /// must fail the test, not leave the readers spinning forever.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     std::thread::scope(|s| {
+        let _stop_readers = StopOnDrop(&stop);
         for t in 0..3 {
             let (g, stop, reads) = (&g, &stop, &reads);
             s.spawn(move || {

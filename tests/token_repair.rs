@@ -35,7 +35,8 @@ fn an_emptied_token_file_is_named_by_doctor_and_repaired_by_the_setup_script() {
     assert!(tg(&["put", "github/ci-bot"], b"ghp_REPAIR").status.success());
 
     // What a kill in the login window leaves behind.
-    let token_dir = std::fs::read_dir(dir.path().join("tokens")).unwrap().flatten().next().unwrap().path();
+    let token_dir =
+        std::fs::read_dir(dir.path().join("tokens")).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).unwrap();
     std::fs::write(token_dir.join("token.object"), b"").unwrap();
     let o = tg(&["get", "github/ci-bot"], b"");
     assert_eq!(o.status.code(), Some(5), "the token is gone until repaired");

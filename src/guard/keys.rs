@@ -126,6 +126,7 @@ impl Inner {
             NewEvent { op, provider, outcome: "ok", detail: format!("version {version}"), ..Default::default() },
         )?;
         tracing::debug!(provider, version, "created data key");
+        crate::sync::lock(&self.uncommitted).push((provider.to_string(), version));
         Ok(self.cache.insert(provider, version, &dek))
     }
 }

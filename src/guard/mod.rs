@@ -193,6 +193,10 @@ struct Inner {
     integrity_key: Zeroizing<[u8; 32]>,
     audit_key: Zeroizing<[u8; 32]>,
     cache: DekCache,
+    /// DEK versions created in the write transaction in progress: cached for it, and
+    /// forgotten again if it does not commit (another process may then create the
+    /// same version with another key).
+    uncommitted: std::sync::Mutex<Vec<(String, u32)>>,
     counters: Counters,
     opts: GuardOptions,
     refresh: refresh::RefreshState,
@@ -301,10 +305,24 @@ impl Inner {
             integrity_key: Zeroizing::new(*ik.expose()),
             audit_key: crate::crypto::derive(ik.expose(), AUDIT_KEY_LABEL),
             cache: DekCache::new(opts.cache),
+            uncommitted: std::sync::Mutex::new(Vec::new()),
             counters: Counters::default(),
             opts,
             refresh: refresh::RefreshState::new()?,
         })
+    }
+
+    /// A write transaction of this guard: the store's, plus the cache kept true to
+    /// what committed.
+    fn write<T>(&self, f: impl FnOnce(&crate::store::WriteTxn) -> Result<T>) -> Result<T> {
+        let out = self.store.write(f);
+        let created = std::mem::take(&mut *crate::sync::lock(&self.uncommitted));
+        if out.is_err() {
+            for (provider, version) in created {
+                self.cache.forget(&provider, &[version]);
+            }
+        }
+        out
     }
 
     fn audit(&self, txn: &impl StoreWrite, ev: NewEvent<'_>) -> Result<()> {

@@ -71,7 +71,7 @@ impl TokenGuard {
         }
         let inner = &*self.inner;
         let t = crate::clock::now();
-        inner.store.write(|txn| {
+        inner.write(|txn| {
             let mut upcoming: BTreeMap<&str, u64> = BTreeMap::new();
             for it in items {
                 *upcoming.entry(it.provider.as_str()).or_default() += 1;
@@ -260,7 +260,7 @@ impl TokenGuard {
         validate_ident("provider", provider)?;
         validate_ident("name", name)?;
         let inner = &*self.inner;
-        inner.store.write(|txn| {
+        inner.write(|txn| {
             if txn.delete_record(provider, name)?.is_none() {
                 return Err(Error::NotFound { provider: provider.into(), name: name.into() });
             }
@@ -271,7 +271,7 @@ impl TokenGuard {
     /// Records an audit event on its own (used by the CLI for reads and failures).
     pub fn audit_event(&self, op: &str, provider: &str, name: &str, outcome: &str) -> Result<()> {
         let inner = &*self.inner;
-        inner.store.write(|txn| inner.audit(txn, NewEvent { op, provider, name, outcome, detail: String::new() }))?;
+        inner.write(|txn| inner.audit(txn, NewEvent { op, provider, name, outcome, detail: String::new() }))?;
         tracing::debug!(op, provider, name, outcome, "audit event appended");
         Ok(())
     }

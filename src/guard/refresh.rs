@@ -353,7 +353,7 @@ impl TokenGuard {
             match result {
                 Ok(new) => {
                     lock(&inner.refresh.backoff).remove(&key);
-                    let committed = inner.store.write(|txn| {
+                    let committed = inner.write(|txn| {
                         inner.release_lease(txn, provider, name)?;
                         inner.commit_refresh(txn, provider, name, meta.updated, current, &meta, new)
                     })?;
@@ -370,7 +370,7 @@ impl TokenGuard {
                 }
                 Err(RefreshError::InvalidGrant(why)) => {
                     lock(&inner.refresh.backoff).remove(&key);
-                    inner.store.write(|txn| {
+                    inner.write(|txn| {
                         inner.release_lease(txn, provider, name)?;
                         inner.mark_needs_reauth(txn, provider, name, meta.updated, &secret, &meta, &why)
                     })?;
@@ -415,7 +415,7 @@ impl Inner {
     /// Takes the cross-process refresh lease of a token whose record was last written
     /// at `seen_updated`.
     fn take_lease(&self, provider: &str, name: &str, seen_updated: u64, policy: &RefreshPolicy) -> Result<Lease> {
-        self.store.write(|txn| {
+        self.write(|txn| {
             let current = txn
                 .with_record(provider, name, |r| Ok(r.updated))?
                 .ok_or_else(|| Error::NotFound { provider: provider.into(), name: name.into() })?;
@@ -434,7 +434,7 @@ impl Inner {
 
     /// Releases the lease and audits a failed attempt, in one transaction.
     fn end_attempt(&self, provider: &str, name: &str, outcome: &str, detail: &str) -> Result<()> {
-        self.store.write(|txn| {
+        self.write(|txn| {
             self.release_lease(txn, provider, name)?;
             self.audit(txn, NewEvent { op: "refresh", provider, name, outcome, detail: detail.into() })
         })

@@ -111,7 +111,7 @@ impl TokenGuard {
             RevokeTarget::Label { key, .. } => validate_ident("label key", key)?,
         }
         let inner = &*self.inner;
-        inner.store.write(|txn| {
+        inner.write(|txn| {
             let victims: Vec<(String, String)> = match &target {
                 RevokeTarget::One { provider, name } => {
                     if txn.with_record(provider, name, |_| Ok(()))?.is_none() {
@@ -209,7 +209,19 @@ impl TokenGuard {
             // each): a crash part-way leaves a consistent store, and a re-run finishes.
             let candidates = inner.store.read()?.expiring_before(cutoff, usize::MAX)?;
             report.expired = inner.purge_in_batches("expired tokens", &candidates, |txn, (t, p, n)| {
-                if txn.drop_stale_expiry(*t, p, n)? || inner.refresh_token_alive(txn, p, n)? {
+                match txn.with_record(p, n, |r| Ok(r.expires_at == Some(*t))) {
+                    Ok(Some(true)) => {}
+                    // Gone, or another not-after: the index entry is stale.
+                    Ok(_) => {
+                        txn.drop_stale_expiry(*t, p, n)?;
+                        return Ok(false);
+                    }
+                    // Damaged: its expiry cannot be trusted; doctor names it, salvage
+                    // leaves it behind. Never deleted on an index entry's word.
+                    Err(Error::Integrity { .. }) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+                if inner.refresh_token_alive(txn, p, n)? {
                     return Ok(false);
                 }
                 Ok(txn.delete_record(p, n)?.is_some())
@@ -225,6 +237,10 @@ impl TokenGuard {
                 .map(|(p, n, _)| (p, n))
                 .collect();
             report.tombstones = inner.purge_in_batches("tombstones", &candidates, |txn, (p, n)| {
+                // Re-read: a name revoked again since the list was read is kept.
+                if txn.tombstone(p, n)?.is_none_or(|t| t.revoked_at > cutoff) {
+                    return Ok(false);
+                }
                 txn.put_tombstone(p, n, None)?;
                 Ok(true)
             })?;
@@ -237,7 +253,7 @@ impl TokenGuard {
     pub fn shred(&self, provider: &str) -> Result<Vec<u32>> {
         validate_ident("provider", provider)?;
         let inner = &*self.inner;
-        let destroyed = inner.store.write(|txn| {
+        let destroyed = inner.write(|txn| {
             let entries = txn.deks(Some(provider), None)?;
             if entries.is_empty() {
                 return Err(Error::NotFound { provider: provider.into(), name: "(no data keys)".into() });
@@ -262,7 +278,7 @@ impl super::Inner {
     ) -> Result<u64> {
         let mut total = 0;
         for chunk in items.chunks(PURGE_BATCH) {
-            total += self.store.write(|txn| {
+            total += self.write(|txn| {
                 let mut n = 0u64;
                 for item in chunk {
                     n += u64::from(step(txn, item)?);
@@ -285,9 +301,16 @@ impl super::Inner {
             if rec.kind() != crate::seal::SecretKind::TokenSet {
                 return Ok(false);
             }
-            let Ok(cipher) = self.cipher(txn, provider, name, rec.dek_version) else { return Ok(false) };
-            let Ok(crate::secret::Secret::TokenSet(set)) = rec.open(&cipher.cipher, &self.store_id) else {
-                return Ok(false);
+            // Damage or shredding: nothing left to renew. Anything else (the hardware,
+            // the PIN, a lock) is an error, never a reason to delete.
+            let opened =
+                self.cipher(txn, provider, name, rec.dek_version).and_then(|c| rec.open(&c.cipher, &self.store_id));
+            let set = match opened {
+                Ok(crate::secret::Secret::TokenSet(set)) => set,
+                Ok(crate::secret::Secret::Raw(_)) | Err(Error::Integrity { .. } | Error::Shredded { .. }) => {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
             };
             if set.get(crate::secret::field::REFRESH_TOKEN).is_none() {
                 return Ok(false);

@@ -25,7 +25,7 @@ impl TokenGuard {
     pub fn add_root(&self, root: Box<dyn RootKey>) -> Result<RootPin> {
         let inner = &*self.inner;
         let id = root.identity()?;
-        inner.store.write(|txn| {
+        inner.write(|txn| {
             let meta = txn.meta()?;
             let (mut pins, mut ik) = (meta.roots, meta.integrity_key);
             if pins.iter().any(|p| p.pin == id.pin()) {
@@ -75,7 +75,7 @@ impl TokenGuard {
     /// process (nothing here could then prove the store still opens).
     pub fn remove_root(&self, root_id: u16) -> Result<RootPin> {
         let inner = &*self.inner;
-        inner.store.write(|txn| {
+        inner.write(|txn| {
             let meta = txn.meta()?;
             let (pins, mut ik) = (meta.roots, meta.integrity_key);
             let Some(gone) = pins.iter().find(|p| p.root_id == root_id).cloned() else {

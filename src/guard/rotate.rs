@@ -59,7 +59,7 @@ impl TokenGuard {
     pub fn rotate_dek(&self, provider: &str) -> Result<u32> {
         super::validate_ident("provider", provider)?;
         let inner = &*self.inner;
-        inner.store.write(|txn| {
+        inner.write(|txn| {
             let (highest, active) = inner.dek_versions(txn, provider)?;
             if highest == 0 {
                 return Err(Error::NotFound { provider: provider.into(), name: "(no data key yet)".into() });
@@ -136,7 +136,7 @@ impl TokenGuard {
         let batch = opts.batch_size.max(1);
         let start = Instant::now();
         loop {
-            let moved = inner.store.write(|txn| {
+            let moved = inner.write(|txn| {
                 // The active version may have changed since the count (a rotation
                 // in another process): the sealer reads it inside the transaction.
                 let upcoming = BTreeMap::from([(provider, batch as u64)]);
@@ -199,7 +199,7 @@ impl TokenGuard {
     pub fn retire(&self, provider: &str, below: u32) -> Result<Vec<u32>> {
         super::validate_ident("provider", provider)?;
         let inner = &*self.inner;
-        let retired = inner.store.write(|txn| {
+        let retired = inner.write(|txn| {
             let entries: Vec<_> = txn.deks(Some(provider), Some(below))?.into_iter().map(|(_, e)| e).collect();
             if entries.is_empty() {
                 return Err(Error::NotFound {

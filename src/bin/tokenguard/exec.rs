@@ -118,6 +118,8 @@ pub fn run(g: &TokenGuard, env: &[String], files: &[String], command: &[String])
     tokenguard::signals::forward_to_child(running.id());
     let status = running.wait().map_err(|e| Error::Io { operation: "waiting for", path: program.into(), source: e });
     drop(dir);
+    // The pid is free again: nothing more is passed on to it.
+    tokenguard::signals::forward_to_child(0);
     let status = status?;
     Ok(status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1))
 }

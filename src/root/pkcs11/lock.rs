@@ -26,14 +26,20 @@ pub(super) struct TokenLock {
     _critical: Option<crate::signals::Critical>,
 }
 
-/// The lock file of `module` for this user, in a directory only this user can
-/// write: `$XDG_RUNTIME_DIR`, else `/run/user/UID`, else a private
+/// The lock file: for SoftHSM2, in its token directory; for any other module, one
+/// per module and user, in a directory only this user can write: `$XDG_RUNTIME_DIR`, else `/run/user/UID`, else a private
 /// `tokenguard-UID` directory (0700) in the temp directory — never a name in a shared
 /// directory that another user could take first and hold. The name comes from the
 /// module's canonical path through SHA-256, so every build and every spelling of
 /// the path agree.
 fn lock_path(module: &Path) -> Result<PathBuf> {
     use sha2::{Digest, Sha256};
+    // SoftHSM2, whose files are the ones at stake: beside them, so every process
+    // that uses that token directory — whatever its user or environment — takes the
+    // same lock.
+    if let Some(dir) = super::module::softhsm_token_dir().filter(|d| d.is_dir()) {
+        return Ok(dir.join(".tokenguard.lock"));
+    }
     let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
     let canonical = std::fs::canonicalize(module).unwrap_or_else(|_| module.to_path_buf());
     let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());

@@ -141,19 +141,21 @@ pub(super) fn unwrap_error(e: CkError) -> Error {
     }
 }
 
-/// SoftHSM2 token files left empty: the sign of a process killed while it logged in
-/// (SoftHSM2 truncates `token.object` and writes it again on every login). Read from
-/// the token directory `SOFTHSM2_CONF` names; empty when that is not SoftHSM2.
-pub fn softhsm_empty_token_files() -> Vec<std::path::PathBuf> {
-    let Some(conf) = std::env::var_os("SOFTHSM2_CONF") else { return Vec::new() };
-    let Ok(text) = std::fs::read_to_string(conf) else { return Vec::new() };
-    let Some(dir) = text.lines().find_map(|l| {
+/// SoftHSM2's token directory, read from the file `SOFTHSM2_CONF` names; `None`
+/// when that is not set (another module).
+pub(super) fn softhsm_token_dir() -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(std::env::var_os("SOFTHSM2_CONF")?).ok()?;
+    text.lines().find_map(|l| {
         let (k, v) = l.split_once('=')?;
         (k.trim() == "directories.tokendir").then(|| std::path::PathBuf::from(v.trim()))
-    }) else {
-        return Vec::new();
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    })
+}
+
+/// SoftHSM2 token files left empty: the sign of a process killed while it logged in
+/// (SoftHSM2 truncates `token.object` and writes it again on every login). Empty
+/// when the module is not SoftHSM2.
+pub fn softhsm_empty_token_files() -> Vec<std::path::PathBuf> {
+    let Some(Ok(entries)) = softhsm_token_dir().map(std::fs::read_dir) else { return Vec::new() };
     entries
         .flatten()
         .map(|e| e.path().join("token.object"))

@@ -69,6 +69,8 @@ from_redb!(
 /// An open store.
 pub(crate) struct Store {
     db: Database,
+    /// Set when an engine panic was caught during a write: no later write commits.
+    poisoned: std::sync::atomic::AtomicBool,
     path: PathBuf,
     opts: StoreOptions,
 }
@@ -83,9 +85,11 @@ impl std::fmt::Debug for Store {
 /// of zeros, garbage where a B-tree node should be) with a panic rather than an
 /// error; that is a damaged store, reported as one — never a crash of the caller.
 pub(super) fn engine<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|_| Err(Error::integrity("reading the store file (a damaged page)")))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| Err(Error::integrity(PANIC_CONTEXT)))
 }
+
+/// The context of an integrity error that stands for a caught engine panic.
+const PANIC_CONTEXT: &str = "reading the store file (a damaged page)";
 
 fn builder(opts: &StoreOptions) -> Builder {
     let mut b = Builder::new();
@@ -149,7 +153,7 @@ impl Store {
         let made = (|| {
             let backend = redb::backends::FileBackend::new(file).map_err(|e| map_db_error(path, e))?;
             let db = builder(&opts).create_with_backend(backend).map_err(|e| map_db_error(path, e))?;
-            let store = Store { db, path: path.into(), opts };
+            let store = Store { db, path: path.into(), opts, poisoned: Default::default() };
             store.write(|txn| {
                 let mut m = txn.0.open_table(META)?;
                 m.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
@@ -188,7 +192,7 @@ impl Store {
             let opened = std::panic::catch_unwind(|| builder(&opts).open(path))
                 .map_err(|_| Error::integrity("opening the store file (a damaged page)"))?;
             match opened {
-                Ok(db) => return Ok(Store { db, path: path.into(), opts }),
+                Ok(db) => return Ok(Store { db, path: path.into(), opts, poisoned: Default::default() }),
                 Err(DatabaseError::DatabaseAlreadyOpen) | Err(DatabaseError::LockProtocolMismatch) => {
                     if start.elapsed() >= opts.busy_timeout {
                         return Err(Error::StoreBusy { path: path.into(), waited_ms: waited_ms(start) });
@@ -214,11 +218,22 @@ impl Store {
     /// Runs `f` in a write transaction and commits it durably. Waits at most
     /// `busy_timeout` for the write lock. An error from `f` aborts the transaction.
     pub(crate) fn write<T>(&self, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+        if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
+        }
+        let txn = WriteTxn(self.begin_write()?);
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
-        let txn = WriteTxn(self.begin_write()?);
-        let out = engine(|| f(&txn))?;
-        engine(|| Ok(txn.0.commit()?))?;
+        let poison = |e: Error| {
+            // After a caught engine panic the in-memory state is not to be trusted:
+            // no later write of this process may commit it.
+            if matches!(e, Error::Integrity { context: PANIC_CONTEXT }) {
+                self.poisoned.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            e
+        };
+        let out = engine(|| f(&txn)).map_err(poison)?;
+        engine(|| Ok(txn.0.commit()?)).map_err(poison)?;
         Ok(out)
     }
 

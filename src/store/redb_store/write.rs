@@ -57,7 +57,13 @@ impl StoreWrite for WriteTxn {
 
     fn drop_stale_index(&self, provider: &str, version: u32, name: &str) -> Result<bool> {
         engine(|| {
-            let current = self.with_record(provider, name, |v| Ok(v.dek_version)).unwrap_or(None);
+            let current = match self.with_record(provider, name, |v| Ok(v.dek_version)) {
+                Ok(c) => c,
+                // A record that does not parse: whether the entry is stale cannot be
+                // told, so it stays (retire must keep counting it as a user).
+                Err(Error::Integrity { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            };
             if current == Some(version) {
                 return Ok(false);
             }
@@ -68,7 +74,13 @@ impl StoreWrite for WriteTxn {
 
     fn drop_stale_expiry(&self, expires_at: u64, provider: &str, name: &str) -> Result<bool> {
         engine(|| {
-            let current = self.with_record(provider, name, |v| Ok(v.expires_at)).unwrap_or(None);
+            let current = match self.with_record(provider, name, |v| Ok(v.expires_at)) {
+                Ok(c) => c,
+                // A record that does not parse: whether the entry is stale cannot be
+                // told, so it stays (retire must keep counting it as a user).
+                Err(Error::Integrity { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            };
             if current == Some(Some(expires_at)) {
                 return Ok(false);
             }
