@@ -5,7 +5,9 @@ loopback OAuth token endpoint that answers every refresh with a new token set.""
 import http.server
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +23,17 @@ def binary():
     tg = os.path.abspath(tg)
     os.environ["TOKENGUARD_BIN"] = tg
     return tg
+
+
+def run(prefix, body):
+    """`body(tokenguard binary, work directory)` in a temporary directory removed
+    afterwards; returns its exit code."""
+    tg = binary()
+    work = tempfile.mkdtemp(prefix=prefix)
+    try:
+        return body(tg, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def fresh_token(work):

@@ -20,11 +20,9 @@ loss or failed check.
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import harness
@@ -36,13 +34,6 @@ KILLS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 FIRST_GUESS = 0.030
 
 
-def main():
-    tg = harness.binary()
-    work = tempfile.mkdtemp(prefix="tg-kills-")
-    try:
-        return campaign(tg, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def campaign(tg, work):
@@ -187,4 +178,4 @@ def campaign(tg, work):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run("tg-kills-", campaign))

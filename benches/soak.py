@@ -18,10 +18,8 @@ TOKENGUARD_BIN=path uses that binary instead of building target/release/tokengua
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -41,13 +39,6 @@ def rss_kib(pid):
     return 0
 
 
-def main():
-    tg = harness.binary()
-    work = tempfile.mkdtemp(prefix="tg-soak-")
-    try:
-        return soak(tg, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def soak(tg, work):
@@ -157,4 +148,4 @@ def soak(tg, work):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run("tg-soak-", soak))
