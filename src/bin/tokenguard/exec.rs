@@ -91,13 +91,13 @@ fn read(g: &TokenGuard, spec: &TokenSpec) -> Result<tokenguard::SecretBytes> {
 
 /// Runs `command` with the tokens of `env` (`VAR=TOKEN`) and `files` (`VAR=TOKEN`);
 /// returns the child's exit code.
-pub fn run(g: &TokenGuard, env: &[String], files: &[String], command: &[String]) -> Result<i32> {
+pub fn run(g: TokenGuard, env: &[String], files: &[String], command: &[String]) -> Result<i32> {
     let (program, args) = command.split_first().ok_or_else(|| Error::InvalidInput("exec needs a command".into()))?;
     let mut child = Command::new(program);
     child.args(args);
     for e in env {
         let (var, spec) = TokenSpec::assignment(e)?;
-        let value = read(g, &spec)?;
+        let value = read(&g, &spec)?;
         let text = value.expose_str().ok_or_else(|| {
             Error::InvalidInput(format!("{var}: the secret is not UTF-8; use --file for binary secrets"))
         })?;
@@ -107,10 +107,13 @@ pub fn run(g: &TokenGuard, env: &[String], files: &[String], command: &[String])
     if let Some(dir) = &dir {
         for f in files {
             let (var, spec) = TokenSpec::assignment(f)?;
-            let path = dir.write(var, read(g, &spec)?.expose())?;
+            let path = dir.write(var, read(&g, &spec)?.expose())?;
             child.env(var, path);
         }
     }
+    // The child may run for hours, and may call tokenguard itself: the store, the
+    // token session and the cached keys are let go before it starts.
+    drop(g);
     let mut running =
         child.spawn().map_err(|e| Error::Io { operation: "starting", path: Path::new(program).into(), source: e })?;
     // From here on, SIGTERM and SIGHUP go to the child, and this process stays to

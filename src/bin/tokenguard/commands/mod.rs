@@ -225,7 +225,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::List { provider } => tokens::list(&ctx, provider.as_deref()),
         Command::Delete { token, dry_run } => tokens::delete(&ctx, &token, dry_run),
         Command::Status { token } => tokens::status(&ctx, &token),
-        Command::Exec(a) => crate::exec::run(&ctx.open()?, &a.env, &a.file, &a.command),
+        Command::Exec(a) => crate::exec::run(ctx.open()?, &a.env, &a.file, &a.command),
         Command::GitCredential(a) => tokens::git_credential(&ctx, &a),
         Command::Revoke(a) => lifecycle::revoke(&ctx, a),
         Command::Expiring { within } => lifecycle::expiring(&ctx, &within),
