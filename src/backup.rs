@@ -138,7 +138,7 @@ fn parse(body: &[u8]) -> Result<Dump, Malformed> {
         return Err(Malformed);
     }
     let store_id = r.array()?;
-    if r.u32()? != SCHEMA_VERSION {
+    if !(crate::store::MIN_SCHEMA_VERSION..=SCHEMA_VERSION).contains(&r.u32()?) {
         return Err(Malformed);
     }
     let mut d = Dump { store_id, roots: r.bytes()?.to_vec(), integrity_key: r.bytes()?.to_vec(), ..Dump::default() };
@@ -191,6 +191,7 @@ pub fn restore(
         .ok_or_else(|| Error::integrity("reading a backup (truncated)"))?;
     let d = parse(body).map_err(|_| Error::integrity("parsing a backup"))?;
     let meta = StoreMeta {
+        schema: crate::store::SCHEMA_VERSION,
         store_id: d.store_id,
         roots: schema::decode_roots(&d.roots)?,
         integrity_key: schema::decode_wrapped_key(&d.integrity_key)?,
@@ -207,7 +208,8 @@ pub fn restore(
     };
     // The same creation as `init`, with the backup's rows in its first transaction:
     // a failure leaves no store file behind.
-    drop(Store::create(store_path, store_opts, &meta, crate::clock::now(), |txn| txn.load(&d))?);
+    let key = crate::store::state::StateKey::derive(ik.expose());
+    drop(Store::create(store_path, store_opts, &meta, key, crate::clock::now(), |txn| txn.load(&d))?);
     let guard = TokenGuard::open(store_path, store_opts, roots, opts)?;
     guard
         .store()

@@ -102,6 +102,7 @@ impl Config {
                 max_age: Duration::from_secs(self.cache.max_age_secs),
             },
             require_hardware: self.require_hardware,
+            state_recheck: Duration::from_millis(self.store.recheck_ms.min(60_000)),
             max_dek_age: self.rotation.max_dek_age_days.map(|d| Duration::from_secs(d.saturating_mul(86_400))),
             max_dek_encryptions: self
                 .rotation

@@ -64,10 +64,19 @@ pub struct StoreConfig {
     /// Longest wait for a busy store, milliseconds (default 5000).
     #[serde(default = "default_busy_ms")]
     pub busy_timeout_ms: u64,
+    /// How often a running process looks whether another changed the store,
+    /// milliseconds (default 1000): the bound on how long a revocation, shred or
+    /// rotation elsewhere, or an edit of the file, stays unseen. At most 60000.
+    #[serde(default = "default_recheck_ms")]
+    pub recheck_ms: u64,
 }
 
 fn default_busy_ms() -> u64 {
     u64::try_from(StoreOptions::DEFAULT_BUSY_TIMEOUT.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn default_recheck_ms() -> u64 {
+    u64::try_from(crate::guard::GuardOptions::DEFAULT_STATE_RECHECK.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `[cache]`.

@@ -250,8 +250,9 @@ pub enum Error {
     #[error("no store at {0}")]
     NoStore(PathBuf),
 
-    /// The store was written by a newer tokenguard.
-    #[error("store schema version {found} is not supported (this build reads up to {supported})")]
+    /// The store was written by a newer tokenguard, or by an older one and needs
+    /// `tokenguard upgrade`.
+    #[error("store schema version {found} is not supported here (this build works on version {supported})")]
     UnsupportedVersion {
         /// Version found in the store or backup.
         found: u32,
@@ -357,6 +358,11 @@ impl Error {
             Error::Revoked { .. } => "store a new token with `tokenguard put` if the credential was re-issued".into(),
             Error::Config(_) => "see hsm-config/ for commented reference configurations".into(),
             Error::StoreExists(_) => "choose another store path, or use the existing store".into(),
+            Error::UnsupportedVersion { found, supported } if found < supported => {
+                "the store was made by an older tokenguard: run `tokenguard upgrade` once, after checking the \
+                 file is the one you expect (the upgrade vouches for its rows as they are)"
+                    .into()
+            }
             Error::Exists { provider, name } => {
                 format!("drop --no-overwrite to replace it, or `tokenguard revoke {provider}/{name}` first")
             }

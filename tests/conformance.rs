@@ -111,7 +111,8 @@ fn suite(imp: Impl) {
     // A tampered wrapped DEK: integrity error, whatever the module's return code
     // (SoftHSM2: CKR_GENERAL_ERROR, kryoptic: CKR_DEVICE_ERROR).
     edit_dek(&env, "github", |e| e.wrapped[0].wrapped.blob[10] ^= 1);
-    match env.open().get("github", "a") {
+    env.assert_state_refused("tampered wrapped key");
+    match env.accept_state().get("github", "a") {
         Err(e @ Error::Integrity { .. }) => assert_eq!(e.exit_code(), 4),
         other => panic!("{imp:?}: tampered wrapped key: {other:?}"),
     }

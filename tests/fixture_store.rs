@@ -53,13 +53,31 @@ fn check_contents(g: &TokenGuard) {
 }
 
 #[test]
-fn a_store_written_by_0_1_opens_reads_and_verifies() {
+fn a_store_written_by_0_1_opens_after_an_upgrade_reads_and_verifies() {
     let (_dir, config) = copy_fixture();
+    // A store without the state head is not opened silently: an attacker could make
+    // any store look old by deleting its head.
+    match config.open_guard() {
+        Err(e @ Error::UnsupportedVersion { found: 1, supported: 2 }) => {
+            assert!(e.hint().unwrap().contains("tokenguard upgrade"), "{:?}", e.hint());
+        }
+        other => panic!("expected the upgrade refusal, got {other:?}"),
+    }
+    let inspect =
+        tokenguard::GuardOptions { state_check: tokenguard::store::StateCheck::Report, ..config.guard_options() };
+    let g = config.open_guard_with(inspect).unwrap();
+    assert!(g.state().upgrade_needed);
+    // Secrets stay closed until the upgrade.
+    assert!(matches!(g.get("github", "ci-bot"), Err(Error::Integrity { .. })));
+    let (before, after) = g.upgrade(false).unwrap();
+    assert!(!before.verified && after.verified, "{before:?} {after:?}");
+    drop(g);
     let g = config.open_guard().unwrap();
     check_contents(&g);
     let audit = g.audit_verify().unwrap();
     assert_eq!(audit.first_bad, None);
-    assert_eq!(audit.events, 14, "13 events, then the backup's own");
+    assert_eq!(audit.events, 15, "13 events, the backup's own, then the upgrade");
+    assert_eq!(g.audit_list(0).unwrap().last().unwrap().op, "upgrade");
     let failed: Vec<_> = g.doctor().into_iter().filter(|c| c.status == tokenguard::root::Status::Fail).collect();
     assert!(failed.is_empty(), "{failed:?}");
 

@@ -1,7 +1,9 @@
 //! Tampering with the store file directly: every single-byte flip in a sealed record,
 //! a record moved to another provider or name, an edited expiry or state, a swapped
 //! DEK, a corrupt file. Each must fail closed with the integrity error (exit 4) and
-//! never open into any plaintext.
+//! never open into any plaintext: first at the authenticated state (the store does
+//! not open), then, once an operator accepts the edited rows, at the layer below
+//! (AES-GCM, the AAD, the key wrap). tests/store_attacks.rs replays valid old rows.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -68,18 +70,22 @@ fn every_single_byte_flip_fails_closed() {
             let mut t = orig.clone();
             t[pos] ^= bit;
             write_record(&env, "github", "ci-bot", &t);
-            let g = env.open();
-            assert_integrity(g.get("github", "ci-bot"), &format!("flip {bit:#x} at byte {pos}"));
+            let what = format!("flip {bit:#x} at byte {pos}");
+            env.assert_state_refused(&what);
+            assert_integrity(env.accept_state().get("github", "ci-bot"), &what);
         }
     }
     // Truncations too.
     for cut in [0, 1, orig.len() / 2, orig.len() - 1] {
         write_record(&env, "github", "ci-bot", &orig[..cut]);
-        assert_integrity(env.open().get("github", "ci-bot"), &format!("truncated to {cut}"));
+        env.assert_state_refused(&format!("truncated to {cut}"));
+        assert_integrity(env.accept_state().get("github", "ci-bot"), &format!("truncated to {cut}"));
     }
-    // The untouched records still open, and restoring the original bytes works.
+    // The untouched records still open, and restoring the original bytes works (once
+    // accepted: the last accepted state held the truncated record).
     write_record(&env, "github", "ci-bot", &orig);
-    let g = env.open();
+    env.assert_state_refused("original bytes back");
+    let g = env.accept_state();
     assert_eq!(g.get("github", "ci-bot").unwrap().field(None).unwrap().expose(), b"ghp_TAMPER_TARGET");
     assert_eq!(g.get("github", "other").unwrap().field(None).unwrap().expose(), b"ghp_OTHER_SECRET");
 }
@@ -92,7 +98,8 @@ fn moved_records_fail_closed() {
     write_record(&env, "github", "other", &rec);
     // Other provider, same name: wrong DEK and wrong AAD.
     write_record(&env, "slack", "ci-bot", &rec);
-    let g = env.open();
+    env.assert_state_refused("moved records");
+    let g = env.accept_state();
     assert_integrity(g.get("github", "other"), "record copied to another name");
     assert_integrity(g.get("slack", "ci-bot"), "record copied to another provider");
     assert_eq!(g.get("github", "ci-bot").unwrap().field(None).unwrap().expose(), b"ghp_TAMPER_TARGET");
@@ -110,14 +117,16 @@ fn edited_metadata_fails_closed() {
     let mut t = rec.clone();
     t[at + 3] = 0xff;
     write_record(&env, "github", "ci-bot", &t);
-    assert_integrity(env.open().get("github", "ci-bot"), "edited expiry");
+    env.assert_state_refused("edited expiry");
+    assert_integrity(env.accept_state().get("github", "ci-bot"), "edited expiry");
 
     // Edit the label value ("alice" -> "mallo").
     let at = rec.windows(5).position(|w| w == b"alice").expect("label in header");
     let mut t = rec.clone();
     t[at..at + 5].copy_from_slice(b"mallo");
     write_record(&env, "github", "ci-bot", &t);
-    assert_integrity(env.open().get("github", "ci-bot"), "edited label");
+    env.assert_state_refused("edited label");
+    assert_integrity(env.accept_state().get("github", "ci-bot"), "edited label");
 }
 
 #[test]
@@ -134,7 +143,8 @@ fn swapped_dek_entries_fail_closed() {
         w.open_table(DEKS).unwrap().insert(("github", 1), slack.as_slice()).unwrap();
         w.commit().unwrap();
     }
-    let g = env.open();
+    env.assert_state_refused("swapped DEK entries");
+    let g = env.accept_state();
     assert_integrity(g.get("github", "ci-bot"), "github records under slack's DEK");
     // doctor reports it.
     let checks = g.doctor();

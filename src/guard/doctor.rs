@@ -142,6 +142,18 @@ impl TokenGuard {
         if let Some(check) = inner.rotation_policy_check() {
             out.push(check);
         }
+        out.push(match inner.store.reverify_state() {
+            Ok(r) if r.verified => Check::pass(
+                "authenticated state",
+                format!("{} covered rows match the state head (generation {})", r.rows, r.generation),
+            ),
+            Ok(r) => Check::fail(
+                "authenticated state",
+                FailureClass::Integrity,
+                r.problem.unwrap_or_else(|| "the rows do not match the state head".into()),
+            ),
+            Err(e) => Check::error("authenticated state", &e),
+        });
         let perms = inner.store.permission_problems();
         out.push(if perms.is_empty() {
             Check::pass("store permissions", "file 600, directory 700")

@@ -38,6 +38,12 @@ impl Inner {
         name: &str,
         version: u32,
     ) -> Result<Arc<CachedDek>> {
+        // A DEK another process rotated, retired or shredded leaves the cache before
+        // it is used again (the store notices within its recheck interval).
+        for (p, v) in self.store.take_changed_deks() {
+            tracing::debug!(provider = %p, version = v, "data key changed in the store; dropped from the cache");
+            self.cache.forget(&p, &[v]);
+        }
         self.cache.get_or_load(provider, version, || {
             let entry = txn.dek(provider, version)?.ok_or_else(|| Error::integrity("finding the record's data key"))?;
             if entry.state == DekState::Destroyed {

@@ -56,11 +56,21 @@ pub struct GuardOptions {
     pub max_dek_encryptions: u64,
     /// Rotation policy: an active DEK older than this is reported by `doctor`.
     pub max_dek_age: Option<std::time::Duration>,
+    /// How often a running guard looks whether another process changed the store
+    /// (default 1 s): the bound on how long a revocation, shred, retirement or
+    /// rotation by another process, or an edit of the file, stays unseen.
+    pub state_recheck: std::time::Duration,
+    /// Whether a store whose rows do not match its authenticated state is refused
+    /// (the default) or opened for inspection (`doctor`, `upgrade`, incident
+    /// response; secrets are never opened then).
+    pub state_check: crate::store::StateCheck,
 }
 
 impl GuardOptions {
     /// The default automatic-rotation bound: 2^30 encryptions per DEK version.
     pub const DEFAULT_MAX_DEK_ENCRYPTIONS: u64 = 1 << 30;
+    /// The default bound on how long a change by another process stays unseen.
+    pub const DEFAULT_STATE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 }
 
 impl Default for GuardOptions {
@@ -71,6 +81,8 @@ impl Default for GuardOptions {
             actor: format!("pid:{}", std::process::id()),
             max_dek_encryptions: Self::DEFAULT_MAX_DEK_ENCRYPTIONS,
             max_dek_age: None,
+            state_recheck: Self::DEFAULT_STATE_RECHECK,
+            state_check: crate::store::StateCheck::Enforce,
         }
     }
 }
@@ -269,6 +281,41 @@ impl TokenGuard {
     /// the window in which keys sit in memory) and for measuring the cold path.
     pub fn clear_dek_cache(&self) {
         self.inner.cache.clear();
+    }
+
+    /// The authenticated state as this guard last verified it (at open, or when
+    /// another process moved it).
+    pub fn state(&self) -> crate::store::StateReport {
+        self.inner.store.state_report()
+    }
+
+    /// Accepts the store's rows as they are now as its authenticated state, with an
+    /// audit event: for a store made by tokenguard 0.1 (no state head), or, with
+    /// `accept_mismatch`, after an operator has investigated rows that do not match
+    /// the head (doctor's "authenticated state" failure). Open the guard with
+    /// [`crate::store::StateCheck::Report`] to reach a store that needs it. Returns
+    /// the state before and after.
+    pub fn upgrade(&self, accept_mismatch: bool) -> Result<(crate::store::StateReport, crate::store::StateReport)> {
+        let inner = &*self.inner;
+        let before = inner.store.reverify_state()?;
+        if before.verified {
+            return Ok((before.clone(), before));
+        }
+        if !before.upgrade_needed && !accept_mismatch {
+            return Err(Error::integrity(
+                "accepting a store whose rows do not match its state head (pass --accept-current-state \
+                 after investigating)",
+            ));
+        }
+        let (op, detail) = if before.upgrade_needed {
+            ("upgrade", "schema 1 to 2: state head added over the rows as found".to_string())
+        } else {
+            ("state-accept", format!("rows accepted as found: {}", before.problem.clone().unwrap_or_default()))
+        };
+        inner.store.reseal(|txn| inner.audit(txn, NewEvent { op, outcome: "ok", detail, ..Default::default() }))?;
+        let after = inner.store.reverify_state()?;
+        tracing::warn!(op, generation = after.generation, "store state resealed over its current rows");
+        Ok((before, after))
     }
 
     /// A sub-key of the store's integrity key, for MACs over store data (backups).

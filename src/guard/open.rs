@@ -9,6 +9,7 @@ use crate::audit::NewEvent;
 use crate::error::{Error, Result};
 use crate::root::RootKey;
 use crate::secret::DekMaterial;
+use crate::store::state::StateKey;
 use crate::store::{RootPin, RootWrapped, Store, StoreMeta, StoreOptions, StoreRead};
 
 fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
@@ -59,21 +60,28 @@ impl TokenGuard {
         for (r, p) in roots.iter().zip(&pins) {
             wrapped.push(RootWrapped { root_id: p.root_id, wrapped: r.wrap(&ik)? });
         }
-        let meta = StoreMeta { store_id: crate::crypto::random_array()?, roots: pins.clone(), integrity_key: wrapped };
+        let meta = StoreMeta {
+            schema: crate::store::SCHEMA_VERSION,
+            store_id: crate::crypto::random_array()?,
+            roots: pins.clone(),
+            integrity_key: wrapped,
+        };
         let active: Vec<ActiveRoot> =
             roots.into_iter().zip(&pins).map(|(key, p)| ActiveRoot { root_id: p.root_id, key }).collect();
         // The guard's audit key is needed inside the creating transaction; build the
         // state first, then the store with the first event in the same commit.
         let detail = pins.iter().map(|p| p.description.as_str()).collect::<Vec<_>>().join("; ");
         let audit_key = crate::crypto::derive(ik.expose(), super::AUDIT_KEY_LABEL);
-        let store = Store::create(path, store_opts, &meta, crate::clock::now(), |txn| {
-            crate::audit::append(
-                txn,
-                &audit_key,
-                &opts.actor,
-                NewEvent { op: "init", outcome: "ok", detail, ..Default::default() },
-            )
-        })?;
+        let store =
+            Store::create(path, store_opts, &meta, StateKey::derive(ik.expose()), crate::clock::now(), |txn| {
+                crate::audit::append(
+                    txn,
+                    &audit_key,
+                    &opts.actor,
+                    NewEvent { op: "init", outcome: "ok", detail, ..Default::default() },
+                )
+            })?;
+        store.verify_state(StateKey::derive(ik.expose()), meta.store_id, opts.state_recheck, opts.state_check)?;
         let inner = Inner::new(store, meta.store_id, active, pins, &ik, opts)?;
         Counters::add(&inner.counters.wraps, inner.roots.len() as u64);
         tracing::info!(path = %path.display(), roots = inner.pins.len(), "created store");
@@ -100,6 +108,16 @@ impl TokenGuard {
                 matched.iter().find(|(j, _)| *j == i).map(|(_, id)| ActiveRoot { root_id: *id, key })
             })
             .collect();
+        // Every covered row against the head: a replayed, edited or deleted row
+        // refuses the open (or, for inspection, is reported).
+        let state =
+            store.verify_state(StateKey::derive(ik.expose()), meta.store_id, opts.state_recheck, opts.state_check)?;
+        tracing::debug!(
+            generation = state.generation,
+            rows = state.rows,
+            verified = state.verified,
+            "store state checked"
+        );
         let inner = Inner::new(store, meta.store_id, active, meta.roots, &ik, opts)?;
         Counters::add(&inner.counters.unwraps, 1);
         tracing::debug!(path = %path.display(), "opened store; integrity key unwrapped");

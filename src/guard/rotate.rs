@@ -207,29 +207,37 @@ impl TokenGuard {
                     name: format!("(DEK versions below {below})"),
                 });
             }
-            let mut in_use = Vec::new();
-            for e in &entries {
-                if e.state == DekState::Active {
-                    return Err(Error::InvalidInput(format!(
-                        "version {} of {provider} is the active data key; run `tokenguard rotate-dek {provider}` first",
-                        e.version
-                    )));
-                }
-                let n = txn.count_indexed(provider, e.version)?;
-                if n > 0 {
-                    in_use.push((e.version, n));
-                }
+            if let Some(e) = entries.iter().find(|e| e.state == DekState::Active) {
+                return Err(Error::InvalidInput(format!(
+                    "version {} of {provider} is the active data key; run `tokenguard rotate-dek {provider}` first",
+                    e.version
+                )));
             }
-            if !in_use.is_empty() {
-                let total: u64 = in_use.iter().map(|(_, n)| n).sum();
+            // The records themselves say which versions are in use, not the by_dek
+            // index: an index entry a file writer deleted must not let a key that a
+            // record still needs be erased. A record that does not parse could be
+            // under any version, so it keeps them all.
+            let mut users: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+            let mut unreadable = 0u64;
+            txn.scan_records(Some(provider), &mut |_, _, rec| {
+                match rec {
+                    Ok(r) if entries.iter().any(|e| e.version == r.dek_version) => {
+                        *users.entry(r.dek_version).or_default() += 1;
+                    }
+                    Ok(_) => {}
+                    Err(_) => unreadable += 1,
+                }
+                Ok(std::ops::ControlFlow::Continue(()))
+            })?;
+            if !users.is_empty() || unreadable > 0 {
+                let mut detail: Vec<String> = users.iter().map(|(v, n)| format!("version {v}: {n} records")).collect();
+                if unreadable > 0 {
+                    detail.push(format!("{unreadable} records that do not parse (see `tokenguard doctor`)"));
+                }
                 return Err(Error::InUse {
                     provider: provider.into(),
-                    detail: in_use
-                        .iter()
-                        .map(|(v, n)| format!("version {v}: {n} records"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    records: total,
+                    detail: detail.join(", "),
+                    records: users.values().sum::<u64>() + unreadable,
                 });
             }
             inner.end_versions(txn, provider, entries.into_iter(), DekState::Retired, "retire", "versions")

@@ -23,6 +23,7 @@
 
 mod redb_store;
 pub(crate) mod schema;
+pub(crate) mod state;
 
 use std::ops::ControlFlow;
 use std::time::Duration;
@@ -33,6 +34,7 @@ use crate::seal::{RecordView, STORE_ID_LEN};
 pub(crate) use redb_store::Store;
 pub(crate) use redb_store::WriteTxn;
 pub use schema::{DekEntry, DekState, RootPin, RootWrapped, Tombstone};
+pub use state::{StateCheck, StateReport};
 
 /// Decodes the pinned-roots value of a store or backup (docs/FORMAT.md): the
 /// deliberate way in to the store's encodings for independent verifiers and fuzzing.
@@ -45,8 +47,12 @@ pub fn decode_wrapped_key(bytes: &[u8]) -> Result<Vec<RootWrapped>> {
     schema::decode_wrapped_key(bytes)
 }
 
-/// Schema version written by this build.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Schema version written by this build. 2 added the authenticated state head; a
+/// version-1 store opens after an explicit `tokenguard upgrade`.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The oldest schema version this build reads (and upgrades).
+pub const MIN_SCHEMA_VERSION: u32 = 1;
 
 /// How processes share the store file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -83,6 +89,8 @@ impl Default for StoreOptions {
 /// creation; the roots change later.
 #[derive(Debug, Clone)]
 pub(crate) struct StoreMeta {
+    /// Schema version (ignored on create: a new store is always [`SCHEMA_VERSION`]).
+    pub schema: u32,
     pub store_id: [u8; STORE_ID_LEN],
     pub roots: Vec<RootPin>,
     pub integrity_key: Vec<RootWrapped>,
@@ -117,6 +125,9 @@ pub(crate) struct Dump {
 
 /// Called by [`StoreRead::scan_records`] with each record's key and parsed view.
 pub(crate) type RecordVisitor<'f> = dyn FnMut(&str, &str, Result<RecordView<'_>>) -> Result<ControlFlow<()>> + 'f;
+
+/// Called by [`StoreRead::visit_covered`] with each covered row as stored.
+pub(crate) type CoveredVisitor<'f> = dyn FnMut(state::Row, state::RowKey<'_>, &[u8]) -> Result<()> + 'f;
 
 /// Called by [`StoreWrite::put_records`] with a key's index and the record stored
 /// there now; returns the new record's bytes, or `None` to leave it.
@@ -184,6 +195,13 @@ pub(crate) trait StoreRead {
 
     /// Every row as stored (one snapshot), for a backup.
     fn dump(&self) -> Result<Dump>;
+
+    /// Calls `f` with every row the authenticated state covers, as stored (see
+    /// [`state`]).
+    fn visit_covered(&self, f: &mut CoveredVisitor<'_>) -> Result<()>;
+
+    /// The stored state head, if any.
+    fn state_head(&self) -> Result<Option<Vec<u8>>>;
 }
 
 /// What a write transaction changes, on top of what it reads.

@@ -148,6 +148,33 @@ SOFTHSM2_CONF = "{conf}"
         c.open_guard_with(GuardOptions { actor: "test".into(), ..c.guard_options() })
     }
 
+    /// Asserts that the store no longer opens because its rows do not match its
+    /// authenticated state (exit 4), as after any edit of the file.
+    pub fn assert_state_refused(&self, what: &str) {
+        match self.try_open() {
+            Err(e @ tokenguard::Error::Integrity { .. }) => assert_eq!(e.exit_code(), 4),
+            Err(other) => panic!("{what}: expected the state check to refuse the open, got {other:?}"),
+            Ok(_) => panic!("{what}: an edited store opened"),
+        }
+    }
+
+    /// What an operator does with `tokenguard upgrade --accept-current-state`: opens
+    /// for inspection and accepts the rows as they are. Tamper tests use it to reach
+    /// the layer below the state check (AEAD, AAD, key wrap) and show that it fails
+    /// closed too. Returns the guard, which then opens secrets again.
+    pub fn accept_state(&self) -> TokenGuard {
+        let c = self.config();
+        let g = c
+            .open_guard_with(GuardOptions {
+                actor: "test".into(),
+                state_check: tokenguard::store::StateCheck::Report,
+                ..c.guard_options()
+            })
+            .unwrap();
+        g.upgrade(true).unwrap();
+        g
+    }
+
     /// A `tokenguard` command with this env's config.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tokenguard"));

@@ -87,6 +87,15 @@ pub enum Command {
     /// The tamper-evident audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Add the authenticated state head to a store made by tokenguard 0.1 (once, after
+    /// checking the store is yours); or accept rows that doctor says do not match it.
+    Upgrade {
+        /// Accept rows that do not match the state head, as they are now. Only after
+        /// an investigation: it makes whatever an attacker changed part of the
+        /// verified state (restoring a backup is the other way).
+        #[arg(long)]
+        accept_current_state: bool,
+    },
     /// A token's state: active, expired, needs-reauth, revoked or shredded.
     Status {
         #[command(flatten)]

@@ -20,9 +20,10 @@ use redb::{
 };
 
 use super::schema::{self, DekEntry, RootPin, RootWrapped, Tombstone};
+use super::state::{self, Acc, Change, Head, Mark, Row, RowKey, StateCell, StateCheck, StateKey, StateReport};
 use super::{
-    Dump, IndexKeys, Lease, RecordBuilder, RecordVisitor, SCHEMA_VERSION, StoreMeta, StoreMode, StoreOptions,
-    StoreRead, StoreWrite,
+    CoveredVisitor, Dump, IndexKeys, Lease, RecordBuilder, RecordVisitor, SCHEMA_VERSION, StoreMeta, StoreMode,
+    StoreOptions, StoreRead, StoreWrite,
 };
 use crate::error::{Error, Result};
 use crate::seal::{RecordView, STORE_ID_LEN};
@@ -42,6 +43,7 @@ pub(super) const META_ROOTS: &str = "roots";
 pub(super) const META_INTEGRITY_KEY: &str = "integrity_key";
 pub(super) const META_CREATED: &str = "created";
 pub(super) const META_AUDIT_HEAD: &str = "audit_head";
+pub(super) const META_STATE_HEAD: &str = "state_head";
 
 macro_rules! from_redb {
     ($($t:ty => $op:literal),* $(,)?) => {$(
@@ -71,6 +73,8 @@ pub(crate) struct Store {
     db: Database,
     /// Set when an engine panic was caught during a write: no later write commits.
     poisoned: std::sync::atomic::AtomicBool,
+    /// The authenticated state this process has verified (see `store::state`).
+    state: std::sync::Arc<StateCell>,
     path: PathBuf,
     opts: StoreOptions,
 }
@@ -124,12 +128,14 @@ fn map_db_error(path: &Path, e: DatabaseError) -> Error {
 impl Store {
     /// Creates a new store file (mode 0600) in `path`'s directory (created 0700 when
     /// missing), writes `meta` and every table, then runs `then` in the same
-    /// transaction (the first audit event, or a restore's rows). Fails if the file
-    /// exists; a failure removes the half-made file.
+    /// transaction (the first audit event, or a restore's rows), and seals the first
+    /// state head under `key`. Fails if the file exists; a failure removes the
+    /// half-made file.
     pub(crate) fn create(
         path: &Path,
         opts: StoreOptions,
         meta: &StoreMeta,
+        key: StateKey,
         created: u64,
         then: impl FnOnce(&WriteTxn) -> Result<()>,
     ) -> Result<Store> {
@@ -153,23 +159,23 @@ impl Store {
         let made = (|| {
             let backend = redb::backends::FileBackend::new(file).map_err(|e| map_db_error(path, e))?;
             let db = builder(&opts).create_with_backend(backend).map_err(|e| map_db_error(path, e))?;
-            let store = Store { db, path: path.into(), opts, poisoned: Default::default() };
-            store.write(|txn| {
-                let mut m = txn.0.open_table(META)?;
+            let store = Store::new(db, path, opts);
+            store.state.arm(key, meta.store_id, Duration::ZERO, StateCheck::Enforce);
+            store.write_from(Some(state::GENESIS), |txn| {
+                let mut m = txn.txn.open_table(META)?;
                 m.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
                 m.insert(META_STORE_ID, meta.store_id.as_slice())?;
-                m.insert(META_ROOTS, schema::encode_roots(&meta.roots).as_slice())?;
-                m.insert(META_INTEGRITY_KEY, schema::encode_wrapped_key(&meta.integrity_key).as_slice())?;
                 m.insert(META_CREATED, created.to_be_bytes().as_slice())?;
                 drop(m);
+                txn.put_roots(&meta.roots, &meta.integrity_key)?;
                 // Every table exists from the start, so readers never meet a missing one.
-                txn.0.open_table(DEKS)?;
-                txn.0.open_table(TOKENS)?;
-                txn.0.open_table(BY_DEK)?;
-                txn.0.open_table(BY_EXPIRY)?;
-                txn.0.open_table(TOMBSTONES)?;
-                txn.0.open_table(AUDIT)?;
-                txn.0.open_table(REFRESH_LEASES)?;
+                txn.txn.open_table(DEKS)?;
+                txn.txn.open_table(TOKENS)?;
+                txn.txn.open_table(BY_DEK)?;
+                txn.txn.open_table(BY_EXPIRY)?;
+                txn.txn.open_table(TOMBSTONES)?;
+                txn.txn.open_table(AUDIT)?;
+                txn.txn.open_table(REFRESH_LEASES)?;
                 then(txn)
             })?;
             Ok(store)
@@ -192,7 +198,7 @@ impl Store {
             let opened = std::panic::catch_unwind(|| builder(&opts).open(path))
                 .map_err(|_| Error::integrity("opening the store file (a damaged page)"))?;
             match opened {
-                Ok(db) => return Ok(Store { db, path: path.into(), opts, poisoned: Default::default() }),
+                Ok(db) => return Ok(Store::new(db, path, opts)),
                 Err(DatabaseError::DatabaseAlreadyOpen) | Err(DatabaseError::LockProtocolMismatch) => {
                     if start.elapsed() >= opts.busy_timeout {
                         return Err(Error::StoreBusy { path: path.into(), waited_ms: waited_ms(start) });
@@ -205,23 +211,111 @@ impl Store {
         }
     }
 
+    fn new(db: Database, path: &Path, opts: StoreOptions) -> Store {
+        Store { db, path: path.into(), opts, poisoned: Default::default(), state: Default::default() }
+    }
+
     /// The store file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// A consistent read snapshot.
-    pub(crate) fn read(&self) -> Result<ReadTxn> {
-        engine(|| Ok(ReadTxn(self.db.begin_read()?)))
+    /// Gives the store its state key (derived from the unwrapped integrity key) and
+    /// verifies every covered row against the head: the open-time check. `recheck`
+    /// bounds how long a change by another process stays unseen.
+    pub(crate) fn verify_state(
+        &self,
+        key: StateKey,
+        store_id: [u8; STORE_ID_LEN],
+        recheck: Duration,
+        check: StateCheck,
+    ) -> Result<StateReport> {
+        self.state.arm(key, store_id, recheck, check);
+        self.state.verify(&self.read()?)
     }
 
-    /// Runs `f` in a write transaction and commits it durably. Waits at most
-    /// `busy_timeout` for the write lock. An error from `f` aborts the transaction.
+    /// Verifies the whole state again now (doctor).
+    pub(crate) fn reverify_state(&self) -> Result<StateReport> {
+        self.state.verify(&self.read()?)
+    }
+
+    /// The last verification's result.
+    pub(crate) fn state_report(&self) -> StateReport {
+        self.state.report()
+    }
+
+    /// DEK versions another process changed since the last call (see
+    /// `StateCell::take_changed_deks`).
+    pub(crate) fn take_changed_deks(&self) -> Vec<(String, u32)> {
+        self.state.take_changed_deks()
+    }
+
+    /// A consistent read snapshot.
+    pub(crate) fn read(&self) -> Result<ReadTxn> {
+        engine(|| Ok(ReadTxn(self.db.begin_read()?, self.state.clone())))
+    }
+
+    /// Runs `f` in a write transaction, moves the state head by the covered rows it
+    /// changed, and commits both durably. Waits at most `busy_timeout` for the write
+    /// lock. An error from `f` aborts the transaction.
     pub(crate) fn write<T>(&self, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+        self.write_from(None, f)
+    }
+
+    /// Runs `f`, then recomputes the accumulator from every covered row and writes a
+    /// new head (generation one past the old one, if it verifies), and the current
+    /// schema version: `tokenguard upgrade`, which accepts the store's rows as they
+    /// are. The caller has made sure the operator asked for exactly that.
+    pub(crate) fn reseal<T>(&self, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+        self.write_inner(f, |txn| {
+            let (key, store_id) = self.state.key()?;
+            txn.txn.open_table(META)?.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
+            let old = txn.state_head()?.and_then(|b| Head::decode(&b, key, store_id).ok());
+            let mut acc = Acc::default();
+            txn.visit_covered(&mut |row, k, v| {
+                acc.add(&key.row(row, k, v));
+                Ok(())
+            })?;
+            let before = old.map_or(0, |h| h.generation);
+            Ok((Head { generation: before, acc: Acc::default() }, Head { generation: before + 1, acc }))
+        })
+        .and_then(|out| {
+            self.state.verify(&self.read()?)?;
+            Ok(out)
+        })
+    }
+
+    /// [`Store::write`], starting from `genesis` instead of the stored head (the
+    /// creating transaction).
+    fn write_from<T>(&self, genesis: Option<Head>, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+        self.write_inner(f, |txn| {
+            let (key, store_id) = self.state.key()?;
+            let before = match genesis {
+                Some(g) => g,
+                None => match txn.state_head()? {
+                    Some(b) => Head::decode(&b, key, store_id)?,
+                    None => {
+                        return Err(Error::integrity(
+                            "writing to a store without a state head (run `tokenguard upgrade` first)",
+                        ));
+                    }
+                },
+            };
+            let mut acc = before.acc;
+            acc.merge(&txn.delta.borrow());
+            Ok((before, Head { generation: before.generation + 1, acc }))
+        })
+    }
+
+    fn write_inner<T>(
+        &self,
+        f: impl FnOnce(&WriteTxn) -> Result<T>,
+        seal: impl FnOnce(&WriteTxn) -> Result<(Head, Head)>,
+    ) -> Result<T> {
         if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
         }
-        let txn = WriteTxn(self.begin_write()?);
+        let txn = WriteTxn::new(self.begin_write()?, self.state.clone());
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
         let poison = |e: Error| {
@@ -233,7 +327,16 @@ impl Store {
             e
         };
         let out = engine(|| f(&txn)).map_err(poison)?;
-        engine(|| Ok(txn.0.commit()?)).map_err(poison)?;
+        let (before, after) = engine(|| {
+            let (before, after) = seal(&txn)?;
+            let (key, store_id) = self.state.key()?;
+            txn.txn.open_table(META)?.insert(META_STATE_HEAD, after.encode(key, store_id).as_slice())?;
+            Ok((before, after))
+        })
+        .map_err(poison)?;
+        let changes = std::mem::take(&mut *txn.changes.borrow_mut());
+        engine(|| Ok(txn.txn.commit()?)).map_err(poison)?;
+        self.state.committed(before.generation, after.generation, changes);
         Ok(out)
     }
 
@@ -276,11 +379,54 @@ impl Store {
     }
 }
 
-/// A read snapshot.
-pub(crate) struct ReadTxn(pub(super) ReadTransaction);
+/// A read snapshot, with the state it is checked against.
+pub(crate) struct ReadTxn(pub(super) ReadTransaction, std::sync::Arc<StateCell>);
 
-/// A write transaction (committed by [`Store::write`]).
-pub(crate) struct WriteTxn(pub(super) WriteTransaction);
+/// A write transaction (committed by [`Store::write`]), with the accumulator delta of
+/// the covered rows it changed.
+pub(crate) struct WriteTxn {
+    pub(super) txn: WriteTransaction,
+    state: std::sync::Arc<StateCell>,
+    delta: std::cell::RefCell<Acc>,
+    changes: std::cell::RefCell<Vec<Change>>,
+}
+
+impl WriteTxn {
+    fn new(txn: WriteTransaction, state: std::sync::Arc<StateCell>) -> Self {
+        WriteTxn { txn, state, delta: Default::default(), changes: Default::default() }
+    }
+
+    /// Moves the accumulator from a covered row's `old` value to its `new` one (either
+    /// absent), and notes the change for this process's known state.
+    pub(super) fn moved(&self, row: Row, k: RowKey<'_>, old: Option<&[u8]>, new: Option<&[u8]>) -> Result<()> {
+        if old == new {
+            return Ok(());
+        }
+        let (key, _) = self.state.key()?;
+        let mut delta = self.delta.borrow_mut();
+        if let Some(o) = old {
+            delta.sub(&key.row(row, k, o));
+        }
+        let change = match (row, k) {
+            (Row::Record, RowKey::Name(p, n)) => {
+                let mark = new.map(|v| Mark::of(key, p, n, v));
+                if let Some(m) = &mark {
+                    delta.add(&m.digest());
+                }
+                Change::Record { provider: p.to_owned(), name: n.to_owned(), mark }
+            }
+            _ => {
+                let d = new.map(|v| key.row(row, k, v));
+                if let Some(d) = &d {
+                    delta.add(d);
+                }
+                Change::Row { key: state::owned_key(row, k), digest: d }
+            }
+        };
+        self.changes.borrow_mut().push(change);
+        Ok(())
+    }
+}
 
 /// Opening a table for reading, the one thing the two transaction kinds do
 /// differently; every read operation is written once on top of it.
@@ -289,6 +435,11 @@ pub(super) trait Tables {
         &self,
         def: TableDefinition<'static, K, V>,
     ) -> Result<Option<impl ReadableTable<K, V> + '_>>;
+
+    /// The state reads are checked against: a read snapshot's; none for a write
+    /// transaction (it works on the newest rows and moves the head by what it
+    /// changes; a mismatch it carries forward is caught by the next verification).
+    fn checked(&self) -> Option<&StateCell>;
 }
 
 impl Tables for ReadTxn {
@@ -303,6 +454,10 @@ impl Tables for ReadTxn {
             Err(e) => Err(e.into()),
         }
     }
+
+    fn checked(&self) -> Option<&StateCell> {
+        Some(&self.1)
+    }
 }
 
 impl Tables for WriteTxn {
@@ -310,7 +465,11 @@ impl Tables for WriteTxn {
         &self,
         def: TableDefinition<'static, K, V>,
     ) -> Result<Option<impl ReadableTable<K, V> + '_>> {
-        Ok(Some(self.0.open_table(def)?))
+        Ok(Some(self.txn.open_table(def)?))
+    }
+
+    fn checked(&self) -> Option<&StateCell> {
+        None
     }
 }
 

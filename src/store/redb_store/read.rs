@@ -12,7 +12,7 @@ impl<T: Tables> StoreRead for T {
             let schema_version = u32::from_be_bytes(
                 schema_bytes.as_slice().try_into().map_err(|_| Error::integrity("reading the store schema version"))?,
             );
-            if schema_version != SCHEMA_VERSION {
+            if !(super::super::MIN_SCHEMA_VERSION..=SCHEMA_VERSION).contains(&schema_version) {
                 return Err(Error::UnsupportedVersion { found: schema_version, supported: SCHEMA_VERSION });
             }
             let store_id: [u8; STORE_ID_LEN] = meta_value(&t, META_STORE_ID)?
@@ -23,7 +23,7 @@ impl<T: Tables> StoreRead for T {
             let integrity_key = schema::decode_wrapped_key(
                 &meta_value(&t, META_INTEGRITY_KEY)?.ok_or_else(missing("reading the integrity key"))?,
             )?;
-            Ok(StoreMeta { store_id, roots, integrity_key })
+            Ok(StoreMeta { schema: schema_version, store_id, roots, integrity_key })
         })
     }
 
@@ -44,7 +44,13 @@ impl<T: Tables> StoreRead for T {
     ) -> Result<Option<R>> {
         engine(|| {
             let Some(t) = self.table(TOKENS)? else { return Ok(None) };
-            let Some(guard) = t.get((provider, name))? else { return Ok(None) };
+            let guard = t.get((provider, name))?;
+            // The newest verified version of the record, or its verified absence: an
+            // older copy of the row (a revoked or overwritten token) fails here.
+            if let Some(state) = self.checked() {
+                state.check_record_tag(self, provider, name, guard.as_ref().map(|g| g.value()))?;
+            }
+            let Some(guard) = guard else { return Ok(None) };
             let view = RecordView::parse(guard.value())?;
             // The AAD binds the header to the ciphertext; this binds the header to the key
             // the record is stored under, so a record copied to another slot fails.
@@ -72,6 +78,9 @@ impl<T: Tables> StoreRead for T {
                     if view.provider != p || view.name != n {
                         return Err(Error::integrity("checking a record's place"));
                     }
+                    if let Some(state) = self.checked() {
+                        state.check_record_row(self, p, n, v.value())?;
+                    }
                     Ok(view)
                 });
                 if f(p, n, view)?.is_break() {
@@ -85,7 +94,11 @@ impl<T: Tables> StoreRead for T {
     fn dek(&self, provider: &str, version: u32) -> Result<Option<DekEntry>> {
         engine(|| {
             let Some(t) = self.table(DEKS)? else { return Ok(None) };
-            let Some(v) = t.get((provider, version))? else { return Ok(None) };
+            let v = t.get((provider, version))?;
+            if let Some(state) = self.checked() {
+                state.check_row(self, Row::Dek, RowKey::Version(provider, version), v.as_ref().map(|g| g.value()))?;
+            }
+            let Some(v) = v else { return Ok(None) };
             let e = DekEntry::decode(v.value())?;
             if e.version != version {
                 return Err(Error::integrity("checking a data key's version"));
@@ -109,6 +122,9 @@ impl<T: Tables> StoreRead for T {
                 let (p, ver) = k.value();
                 if provider.is_none() && below.is_some_and(|b| ver >= b) {
                     continue;
+                }
+                if let Some(state) = self.checked() {
+                    state.check_row(self, Row::Dek, RowKey::Version(p, ver), Some(v.value()))?;
                 }
                 let e = DekEntry::decode(v.value())?;
                 if e.version != ver {
@@ -165,7 +181,11 @@ impl<T: Tables> StoreRead for T {
     fn tombstone(&self, provider: &str, name: &str) -> Result<Option<Tombstone>> {
         engine(|| {
             let Some(t) = self.table(TOMBSTONES)? else { return Ok(None) };
-            let Some(v) = t.get((provider, name))? else { return Ok(None) };
+            let v = t.get((provider, name))?;
+            if let Some(state) = self.checked() {
+                state.check_row(self, Row::Tombstone, RowKey::Name(provider, name), v.as_ref().map(|g| g.value()))?;
+            }
+            let Some(v) = v else { return Ok(None) };
             Tombstone::decode(v.value()).map(Some)
         })
     }
@@ -177,6 +197,9 @@ impl<T: Tables> StoreRead for T {
             for item in t.iter()? {
                 let (k, v) = item?;
                 let (p, n) = k.value();
+                if let Some(state) = self.checked() {
+                    state.check_row(self, Row::Tombstone, RowKey::Name(p, n), Some(v.value()))?;
+                }
                 out.push((p.to_string(), n.to_string(), Tombstone::decode(v.value())?));
             }
             Ok(out)
@@ -214,7 +237,53 @@ impl<T: Tables> StoreRead for T {
     fn audit_head(&self) -> Result<Option<Vec<u8>>> {
         engine(|| {
             let Some(t) = self.table(META)? else { return Ok(None) };
-            meta_value(&t, META_AUDIT_HEAD)
+            let head = meta_value(&t, META_AUDIT_HEAD)?;
+            if let Some(state) = self.checked() {
+                state.check_row(self, Row::AuditHead, RowKey::Single, head.as_deref())?;
+            }
+            Ok(head)
+        })
+    }
+
+    fn state_head(&self) -> Result<Option<Vec<u8>>> {
+        engine(|| {
+            let Some(t) = self.table(META)? else { return Ok(None) };
+            meta_value(&t, META_STATE_HEAD)
+        })
+    }
+
+    fn visit_covered(&self, f: &mut CoveredVisitor<'_>) -> Result<()> {
+        engine(|| {
+            let meta = self.table(META)?.ok_or_else(|| Error::integrity("reading the store metadata"))?;
+            for (row, key) in
+                [(Row::Roots, META_ROOTS), (Row::IntegrityKey, META_INTEGRITY_KEY), (Row::AuditHead, META_AUDIT_HEAD)]
+            {
+                if let Some(v) = meta.get(key)? {
+                    f(row, RowKey::Single, v.value())?;
+                }
+            }
+            if let Some(t) = self.table(TOKENS)? {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    let (p, n) = k.value();
+                    f(Row::Record, RowKey::Name(p, n), v.value())?;
+                }
+            }
+            if let Some(t) = self.table(TOMBSTONES)? {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    let (p, n) = k.value();
+                    f(Row::Tombstone, RowKey::Name(p, n), v.value())?;
+                }
+            }
+            if let Some(t) = self.table(DEKS)? {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    let (p, ver) = k.value();
+                    f(Row::Dek, RowKey::Version(p, ver), v.value())?;
+                }
+            }
+            Ok(())
         })
     }
 

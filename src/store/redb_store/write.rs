@@ -1,4 +1,5 @@
-//! [`StoreWrite`] on a redb write transaction, and a restore's bulk load.
+//! [`StoreWrite`] on a redb write transaction, and a restore's bulk load. Every change
+//! to a covered row goes through [`WriteTxn::moved`], so the state head moves with it.
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
@@ -6,18 +7,19 @@ use super::*;
 impl StoreWrite for WriteTxn {
     fn put_records(&self, keys: &[(&str, &str)], build: &mut RecordBuilder<'_>) -> Result<usize> {
         engine(|| {
-            let mut tokens = self.0.open_table(TOKENS)?;
-            let mut by_dek = self.0.open_table(BY_DEK)?;
-            let mut by_exp = self.0.open_table(BY_EXPIRY)?;
+            let mut tokens = self.txn.open_table(TOKENS)?;
+            let mut by_dek = self.txn.open_table(BY_DEK)?;
+            let mut by_exp = self.txn.open_table(BY_EXPIRY)?;
             let mut written = 0;
             for (i, &(provider, name)) in keys.iter().enumerate() {
-                let (new, old_idx) = {
+                let (new, old_bytes, old_idx) = {
                     let guard = tokens.get((provider, name))?;
+                    let old_bytes = guard.as_ref().map(|g| g.value().to_vec());
                     // A damaged old record is replaced; its index entries cannot be known,
                     // so stale ones stay for the index users to skip.
                     let old = guard.as_ref().and_then(|g| RecordView::parse(g.value()).ok());
                     let old = old.filter(|v| v.provider == provider && v.name == name);
-                    (build(i, old.as_ref())?, old.as_ref().map(index_keys))
+                    (build(i, old.as_ref())?, old_bytes, old.as_ref().map(index_keys))
                 };
                 let Some(new) = new else { continue };
                 let view = RecordView::parse(&new)?;
@@ -26,6 +28,7 @@ impl StoreWrite for WriteTxn {
                 }
                 let idx = index_keys(&view);
                 tokens.insert((provider, name), new.as_slice())?;
+                self.moved(Row::Record, RowKey::Name(provider, name), old_bytes.as_deref(), Some(&new))?;
                 if let Some(old) = old_idx {
                     by_dek.remove((provider, old.dek_version, name))?;
                     if let Some(e) = old.expires_at {
@@ -44,11 +47,12 @@ impl StoreWrite for WriteTxn {
 
     fn delete_record(&self, provider: &str, name: &str) -> Result<Option<Vec<u8>>> {
         engine(|| {
-            let old = self.0.open_table(TOKENS)?.remove((provider, name))?.map(|g| g.value().to_vec());
+            let old = self.txn.open_table(TOKENS)?.remove((provider, name))?.map(|g| g.value().to_vec());
+            self.moved(Row::Record, RowKey::Name(provider, name), old.as_deref(), None)?;
             if let Some(view) = old.as_deref().and_then(|b| RecordView::parse(b).ok()) {
-                self.0.open_table(BY_DEK)?.remove((provider, view.dek_version, name))?;
+                self.txn.open_table(BY_DEK)?.remove((provider, view.dek_version, name))?;
                 if let Some(e) = view.expires_at {
-                    self.0.open_table(BY_EXPIRY)?.remove((e, provider, name))?;
+                    self.txn.open_table(BY_EXPIRY)?.remove((e, provider, name))?;
                 }
             }
             Ok(old)
@@ -67,7 +71,7 @@ impl StoreWrite for WriteTxn {
             if current == Some(version) {
                 return Ok(false);
             }
-            self.0.open_table(BY_DEK)?.remove((provider, version, name))?;
+            self.txn.open_table(BY_DEK)?.remove((provider, version, name))?;
             Ok(true)
         })
     }
@@ -84,43 +88,53 @@ impl StoreWrite for WriteTxn {
             if current == Some(Some(expires_at)) {
                 return Ok(false);
             }
-            self.0.open_table(BY_EXPIRY)?.remove((expires_at, provider, name))?;
+            self.txn.open_table(BY_EXPIRY)?.remove((expires_at, provider, name))?;
             Ok(true)
         })
     }
 
     fn put_dek(&self, provider: &str, entry: &DekEntry) -> Result<()> {
         engine(|| {
-            self.0.open_table(DEKS)?.insert((provider, entry.version), entry.encode().as_slice())?;
-            Ok(())
+            let new = entry.encode();
+            let old = self
+                .txn
+                .open_table(DEKS)?
+                .insert((provider, entry.version), new.as_slice())?
+                .map(|g| g.value().to_vec());
+            self.moved(Row::Dek, RowKey::Version(provider, entry.version), old.as_deref(), Some(&new))
         })
     }
 
     fn put_roots(&self, roots: &[RootPin], integrity_key: &[RootWrapped]) -> Result<()> {
         engine(|| {
-            let mut m = self.0.open_table(META)?;
-            m.insert(META_ROOTS, schema::encode_roots(roots).as_slice())?;
-            m.insert(META_INTEGRITY_KEY, schema::encode_wrapped_key(integrity_key).as_slice())?;
-            Ok(())
+            let mut m = self.txn.open_table(META)?;
+            let (r, k) = (schema::encode_roots(roots), schema::encode_wrapped_key(integrity_key));
+            let old_r = m.insert(META_ROOTS, r.as_slice())?.map(|g| g.value().to_vec());
+            let old_k = m.insert(META_INTEGRITY_KEY, k.as_slice())?.map(|g| g.value().to_vec());
+            self.moved(Row::Roots, RowKey::Single, old_r.as_deref(), Some(&r))?;
+            self.moved(Row::IntegrityKey, RowKey::Single, old_k.as_deref(), Some(&k))
         })
     }
 
     fn put_tombstone(&self, provider: &str, name: &str, tombstone: Option<&Tombstone>) -> Result<()> {
         engine(|| {
-            let mut t = self.0.open_table(TOMBSTONES)?;
-            match tombstone {
-                Some(ts) => t.insert((provider, name), ts.encode().as_slice())?,
+            let mut t = self.txn.open_table(TOMBSTONES)?;
+            let new = tombstone.map(Tombstone::encode);
+            let old = match &new {
+                Some(v) => t.insert((provider, name), v.as_slice())?,
                 None => t.remove((provider, name))?,
-            };
-            Ok(())
+            }
+            .map(|g| g.value().to_vec());
+            self.moved(Row::Tombstone, RowKey::Name(provider, name), old.as_deref(), new.as_deref())
         })
     }
 
     fn remove_tombstones(&self, keys: &[(&str, &str)]) -> Result<()> {
         engine(|| {
-            let mut t = self.0.open_table(TOMBSTONES)?;
-            for k in keys {
-                t.remove(*k)?;
+            let mut t = self.txn.open_table(TOMBSTONES)?;
+            for &(p, n) in keys {
+                let old = t.remove((p, n))?.map(|g| g.value().to_vec());
+                self.moved(Row::Tombstone, RowKey::Name(p, n), old.as_deref(), None)?;
             }
             Ok(())
         })
@@ -128,7 +142,7 @@ impl StoreWrite for WriteTxn {
 
     fn put_lease(&self, provider: &str, name: &str, lease: Option<Lease>) -> Result<()> {
         engine(|| {
-            let mut t = self.0.open_table(REFRESH_LEASES)?;
+            let mut t = self.txn.open_table(REFRESH_LEASES)?;
             match lease {
                 Some(l) => t.insert((provider, name), schema::encode_lease(&l).as_slice())?,
                 None => t.remove((provider, name))?,
@@ -139,14 +153,18 @@ impl StoreWrite for WriteTxn {
 
     fn append_audit(&self, seq: u64, entry: &[u8], head: &[u8]) -> Result<()> {
         engine(|| {
-            self.0.open_table(AUDIT)?.insert(seq, entry)?;
-            self.0.open_table(META)?.insert(META_AUDIT_HEAD, head)?;
-            Ok(())
+            self.txn.open_table(AUDIT)?.insert(seq, entry)?;
+            self.set_audit_head(head)
         })
     }
 }
 
 impl WriteTxn {
+    fn set_audit_head(&self, head: &[u8]) -> Result<()> {
+        let old = self.txn.open_table(META)?.insert(META_AUDIT_HEAD, head)?.map(|g| g.value().to_vec());
+        self.moved(Row::AuditHead, RowKey::Single, old.as_deref(), Some(head))
+    }
+
     /// Writes a backup's rows into this (new) store: DEK entries, records with their
     /// indexes rebuilt from the records themselves, tombstones, the audit chain and
     /// its head, all verbatim.
@@ -159,12 +177,13 @@ impl WriteTxn {
         for (p, n, v) in &d.tombstones {
             self.put_tombstone(p, n, Some(&Tombstone::decode(v)?))?;
         }
-        let mut audit = self.0.open_table(AUDIT)?;
+        let mut audit = self.txn.open_table(AUDIT)?;
         for (seq, v) in &d.audit {
             audit.insert(*seq, v.as_slice())?;
         }
+        drop(audit);
         if !d.audit_head.is_empty() {
-            self.0.open_table(META)?.insert(META_AUDIT_HEAD, d.audit_head.as_slice())?;
+            self.set_audit_head(&d.audit_head)?;
         }
         Ok(())
     }

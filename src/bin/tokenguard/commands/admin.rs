@@ -19,7 +19,7 @@ pub fn doctor(ctx: &Ctx) -> Result<i32> {
             "false: a soft (file) root would be accepted; set require_hardware = true in production",
         ));
     }
-    match ctx.open() {
+    match ctx.open_for_inspection(false) {
         Ok(g) => checks.extend(g.doctor()),
         Err(e) => {
             let mut check = Check::error("open store", &e);
@@ -64,7 +64,7 @@ pub fn doctor(ctx: &Ctx) -> Result<i32> {
 }
 
 pub fn stats(ctx: &Ctx) -> Result<i32> {
-    let s = ctx.open()?.stats()?;
+    let s = ctx.open_for_inspection(true)?.stats()?;
     if ctx.json {
         print_json(&serde_json::to_value(&s).unwrap_or_default())?;
         return Ok(exit::OK);
@@ -130,7 +130,7 @@ pub fn restore(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
 }
 
 pub fn salvage(ctx: &Ctx, to: &std::path::Path) -> Result<i32> {
-    let r = ctx.open()?.salvage(to, ctx.config.store_options())?;
+    let r = ctx.open_for_inspection(true)?.salvage(to, ctx.config.store_options())?;
     let mut text = format!("saved {} of {} records into {}", r.saved, r.records, to.display());
     if !r.lost.is_empty() {
         text.push_str(&format!("\ncould not save (they do not verify): {}", r.lost.join(", ")));
@@ -143,7 +143,7 @@ pub fn salvage(ctx: &Ctx, to: &std::path::Path) -> Result<i32> {
 }
 
 pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
-    let g = ctx.open()?;
+    let g = ctx.open_for_inspection(true)?;
     match command {
         AuditCommand::Verify => {
             let r = g.audit_verify()?;
@@ -197,4 +197,25 @@ pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
             Ok(exit::OK)
         }
     }
+}
+
+/// `upgrade`: adds the authenticated state head to a store made by tokenguard 0.1, or,
+/// with `--accept-current-state`, accepts rows that do not match the head after an
+/// investigation. Both are audited.
+pub fn upgrade(ctx: &Ctx, accept: bool) -> Result<i32> {
+    let g = ctx.open_for_inspection(false)?;
+    let (before, after) = g.upgrade(accept)?;
+    ctx.degraded.set(false);
+    let text = if before.verified {
+        format!("the store's state already verifies (generation {}); nothing to do", before.generation)
+    } else {
+        format!(
+            "state head written over {} rows (generation {}); was: {}",
+            after.rows,
+            after.generation,
+            before.problem.as_deref().unwrap_or("unverified")
+        )
+    };
+    ctx.out(json!({"before": before, "after": after}), text)?;
+    Ok(exit::OK)
 }

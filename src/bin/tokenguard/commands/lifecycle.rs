@@ -36,7 +36,7 @@ pub fn revoke(ctx: &Ctx, a: RevokeArgs) -> Result<i32> {
             ));
         }
     };
-    let g = ctx.open()?;
+    let g = ctx.open_for_inspection(true)?;
     let objects = |pairs: &[(String, String)]| -> serde_json::Value {
         pairs.iter().map(|(p, n)| json!({"provider": p, "name": n})).collect()
     };
@@ -168,7 +168,7 @@ pub fn retire(ctx: &Ctx, provider: &str, below: u32) -> Result<i32> {
 }
 
 pub fn shred(ctx: &Ctx, provider: &str, yes: bool) -> Result<i32> {
-    let g = ctx.open()?;
+    let g = ctx.open_for_inspection(true)?;
     if !yes {
         if !std::io::stdin().is_terminal() {
             return Err(Error::InvalidInput("shred destroys keys for good: pass --yes in scripts".into()));

@@ -37,12 +37,34 @@ use crate::cli::{Cli, Command};
 pub struct Ctx {
     pub config: Config,
     pub json: bool,
+    /// Set when a command ran on a store whose authenticated state does not verify:
+    /// it finishes its report, and the exit code still says integrity (4).
+    pub degraded: std::cell::Cell<bool>,
 }
 
 impl Ctx {
     /// Opens the configured guard, with this process as the audit actor.
     pub fn open(&self) -> Result<TokenGuard> {
         self.config.open_guard_with(self.guard_options())
+    }
+
+    /// Opens the guard for inspection and incident response (doctor, list, status,
+    /// audit, revoke, shred, upgrade, salvage): a store whose rows do not match its
+    /// authenticated state still opens, with a warning; secrets are never opened then.
+    pub fn open_for_inspection(&self, warn: bool) -> Result<TokenGuard> {
+        let g = self.config.open_guard_with(GuardOptions {
+            state_check: tokenguard::store::StateCheck::Report,
+            ..self.guard_options()
+        })?;
+        let s = g.state();
+        self.degraded.set(!s.verified);
+        if warn && let Some(p) = &s.problem {
+            note!(
+                "warning: {p}. Secrets are not opened; reports and revocations go ahead. See `tokenguard doctor` \
+                 and SECURITY in the README."
+            );
+        }
+        Ok(g)
     }
 
     /// Guard options of the config, with this process as the audit actor.
@@ -214,8 +236,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         _ => {}
     }
-    let ctx = Ctx { config: load_config(cli.config.as_ref())?, json: cli.json };
-    match cli.command {
+    let ctx = Ctx { config: load_config(cli.config.as_ref())?, json: cli.json, degraded: Default::default() };
+    let code = match cli.command {
         Command::InitToken(_) | Command::Completions { .. } | Command::Man => Ok(tokenguard::error::exit::OK),
         Command::Init => roots::init(&ctx),
         Command::Root(c) => roots::root(&ctx, c),
@@ -245,5 +267,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Restore { file } => admin::restore(&ctx, &file),
         Command::Salvage { to } => admin::salvage(&ctx, &to),
         Command::Audit(c) => admin::audit(&ctx, c),
-    }
+        Command::Upgrade { accept_current_state } => admin::upgrade(&ctx, accept_current_state),
+    }?;
+    Ok(if code == tokenguard::error::exit::OK && ctx.degraded.get() {
+        tokenguard::error::exit::INTEGRITY
+    } else {
+        code
+    })
 }

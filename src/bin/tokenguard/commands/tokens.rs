@@ -77,7 +77,7 @@ fn write_private_file(path: &std::path::Path, data: &[u8]) -> Result<()> {
 }
 
 pub fn list(ctx: &Ctx, provider: Option<&str>) -> Result<i32> {
-    let items = ctx.open()?.list(provider)?;
+    let items = ctx.open_for_inspection(true)?.list(provider)?;
     if ctx.json {
         print_json(&serde_json::to_value(&items).unwrap_or_default())?;
         return Ok(exit::OK);
@@ -126,7 +126,7 @@ pub fn delete(ctx: &Ctx, token: &TokenRef, dry_run: bool) -> Result<i32> {
 
 pub fn status(ctx: &Ctx, token: &TokenRef) -> Result<i32> {
     let (provider, name) = input::token_ref(&token.provider, token.name.as_deref())?;
-    let st = ctx.open()?.status(&provider, &name)?;
+    let st = ctx.open_for_inspection(true)?.status(&provider, &name)?;
     let text = match &st {
         TokenStatus::Active { meta } => format!("active (expires {})", fmt_time(meta.expires_at)),
         TokenStatus::Expired { meta } => format!("expired at {}", fmt_time(meta.expires_at)),

@@ -1,0 +1,359 @@
+//! The store-writer attack suite (README "Security notes"): an attacker who can read
+//! and write the store file, but holds no root, edits it between CLI calls. The edits
+//! are made by `raw` below, which links redb and names the tables itself; it uses none
+//! of tokenguard's store code, as an attacker's tool would not. Every case replays a
+//! row that was once valid (an old token after a revoke or an overwrite, an old DEK
+//! entry after a rotation or a shred, an old tombstone, old roots, an old audit head)
+//! or edits an index, and must end in exit 4 or a refusal — never in old plaintext.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, code, stderr};
+
+/// The attacker's tool: redb and the table names, nothing of tokenguard.
+mod raw {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+    pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    pub const DEKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deks");
+    pub const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
+    pub const BY_DEK: TableDefinition<(&str, u32, &str), ()> = TableDefinition::new("by_dek");
+    pub const BY_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_expiry");
+    pub const TOMBSTONES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tombstones");
+    pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+    fn db(path: &Path) -> Database {
+        let mut b = redb::Builder::new();
+        b.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
+        b.open(path).unwrap()
+    }
+
+    /// Every security-relevant row, as stored.
+    #[derive(Clone, Debug, Default)]
+    pub struct Snap {
+        pub meta: BTreeMap<String, Vec<u8>>,
+        pub deks: BTreeMap<(String, u32), Vec<u8>>,
+        pub tokens: BTreeMap<(String, String), Vec<u8>>,
+        pub tombstones: BTreeMap<(String, String), Vec<u8>>,
+        pub audit: BTreeMap<u64, Vec<u8>>,
+    }
+
+    pub fn snapshot(path: &Path) -> Snap {
+        let db = db(path);
+        let r = db.begin_read().unwrap();
+        let mut s = Snap::default();
+        for item in r.open_table(META).unwrap().iter().unwrap() {
+            let (k, v) = item.unwrap();
+            s.meta.insert(k.value().into(), v.value().to_vec());
+        }
+        for item in r.open_table(DEKS).unwrap().iter().unwrap() {
+            let (k, v) = item.unwrap();
+            let (p, ver) = k.value();
+            s.deks.insert((p.into(), ver), v.value().to_vec());
+        }
+        for item in r.open_table(TOKENS).unwrap().iter().unwrap() {
+            let (k, v) = item.unwrap();
+            let (p, n) = k.value();
+            s.tokens.insert((p.into(), n.into()), v.value().to_vec());
+        }
+        for item in r.open_table(TOMBSTONES).unwrap().iter().unwrap() {
+            let (k, v) = item.unwrap();
+            let (p, n) = k.value();
+            s.tombstones.insert((p.into(), n.into()), v.value().to_vec());
+        }
+        for item in r.open_table(AUDIT).unwrap().iter().unwrap() {
+            let (k, v) = item.unwrap();
+            s.audit.insert(k.value(), v.value().to_vec());
+        }
+        s
+    }
+
+    /// One edit of the file, in one redb transaction.
+    pub enum Edit<'a> {
+        Token(&'a str, &'a str, Option<&'a [u8]>),
+        Dek(&'a str, u32, Option<&'a [u8]>),
+        Tombstone(&'a str, &'a str, Option<&'a [u8]>),
+        Meta(&'a str, Option<&'a [u8]>),
+        AuditFrom(u64),
+        ByDek(&'a str, u32, &'a str, bool),
+        ByExpiry(u64, &'a str, &'a str, bool),
+    }
+
+    pub fn edit(path: &Path, edits: &[Edit<'_>]) {
+        let db = db(path);
+        let w = db.begin_write().unwrap();
+        for e in edits {
+            match *e {
+                Edit::Token(p, n, v) => {
+                    let mut t = w.open_table(TOKENS).unwrap();
+                    match v {
+                        Some(v) => drop(t.insert((p, n), v).unwrap()),
+                        None => drop(t.remove((p, n)).unwrap()),
+                    }
+                }
+                Edit::Dek(p, ver, v) => {
+                    let mut t = w.open_table(DEKS).unwrap();
+                    match v {
+                        Some(v) => drop(t.insert((p, ver), v).unwrap()),
+                        None => drop(t.remove((p, ver)).unwrap()),
+                    }
+                }
+                Edit::Tombstone(p, n, v) => {
+                    let mut t = w.open_table(TOMBSTONES).unwrap();
+                    match v {
+                        Some(v) => drop(t.insert((p, n), v).unwrap()),
+                        None => drop(t.remove((p, n)).unwrap()),
+                    }
+                }
+                Edit::Meta(k, v) => {
+                    let mut t = w.open_table(META).unwrap();
+                    match v {
+                        Some(v) => drop(t.insert(k, v).unwrap()),
+                        None => drop(t.remove(k).unwrap()),
+                    }
+                }
+                Edit::AuditFrom(seq) => {
+                    let mut t = w.open_table(AUDIT).unwrap();
+                    let later: Vec<u64> = t.range(seq..).unwrap().map(|i| i.unwrap().0.value()).collect();
+                    for s in later {
+                        t.remove(s).unwrap();
+                    }
+                }
+                Edit::ByDek(p, v, n, add) => {
+                    let mut t = w.open_table(BY_DEK).unwrap();
+                    if add {
+                        t.insert((p, v, n), ()).unwrap();
+                    } else {
+                        t.remove((p, v, n)).unwrap();
+                    }
+                }
+                Edit::ByExpiry(at, p, n, add) => {
+                    let mut t = w.open_table(BY_EXPIRY).unwrap();
+                    if add {
+                        t.insert((at, p, n), ()).unwrap();
+                    } else {
+                        t.remove((at, p, n)).unwrap();
+                    }
+                }
+            }
+        }
+        w.commit().unwrap();
+    }
+}
+
+use raw::Edit;
+
+const OLD: &[u8] = b"ghp_OLD_SECRET_MUST_NOT_COME_BACK";
+
+fn ok(env: &TestEnv, args: &[&str], stdin: &[u8]) -> String {
+    let o = env.run(args, stdin);
+    assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The edited store: `get` exits 4 without the old plaintext, and `status`,
+/// `doctor` and `audit verify` all say something is wrong.
+fn assert_caught(env: &TestEnv, what: &str, token: &str) {
+    let (p, n) = token.split_once('/').unwrap();
+    let o = env.run(&["get", p, n], b"");
+    assert_eq!(code(&o), 4, "{what}: get: {}", stderr(&o));
+    assert!(!o.stdout.windows(OLD.len()).any(|w| w == OLD), "{what}: old plaintext on stdout");
+    for args in [&["status", token][..], &["doctor"], &["audit", "verify"], &["list"]] {
+        let o = env.run(args, b"");
+        assert_eq!(code(&o), 4, "{what}: {args:?} must fail with 4: {}", stderr(&o));
+        assert!(!o.stdout.windows(OLD.len()).any(|w| w == OLD), "{what}: {args:?} printed the old plaintext");
+    }
+    let o = env.run(&["doctor"], b"");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("FAIL authenticated state"),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+fn store(name: &str) -> TestEnv {
+    let env = TestEnv::new(name);
+    ok(&env, &["init"], b"");
+    ok(&env, &["put", "github", "ci-bot"], OLD);
+    ok(&env, &["put", "github", "other"], b"ghp_other");
+    env
+}
+
+#[test]
+fn a_revoked_token_does_not_come_back() {
+    let env = store("atk-revoke");
+    let before = raw::snapshot(&env.store_path);
+    ok(&env, &["revoke", "github/ci-bot", "--reason", "leaked"], b"");
+    let row = &before.tokens[&("github".into(), "ci-bot".into())];
+    // The old row alone (its tombstone stays), then the old row without the tombstone.
+    raw::edit(&env.store_path, &[Edit::Token("github", "ci-bot", Some(row))]);
+    assert_caught(&env, "old row after revoke", "github/ci-bot");
+    raw::edit(&env.store_path, &[Edit::Tombstone("github", "ci-bot", None)]);
+    assert_caught(&env, "old row and no tombstone after revoke", "github/ci-bot");
+}
+
+#[test]
+fn an_overwritten_token_does_not_roll_back() {
+    let env = store("atk-overwrite");
+    let before = raw::snapshot(&env.store_path);
+    ok(&env, &["put", "github", "ci-bot"], b"ghp_NEW");
+    let row = &before.tokens[&("github".into(), "ci-bot".into())];
+    raw::edit(&env.store_path, &[Edit::Token("github", "ci-bot", Some(row))]);
+    assert_caught(&env, "old row after overwrite", "github/ci-bot");
+}
+
+#[test]
+fn old_dek_rows_undo_neither_rotation_nor_shred() {
+    let env = store("atk-dek");
+    let before = raw::snapshot(&env.store_path);
+    let v1 = before.deks[&("github".into(), 1)].clone();
+    ok(&env, &["rotate-dek", "github"], b"");
+    // The active v1 entry back: new writes would land on the old version with its
+    // encryption counter reset.
+    raw::edit(&env.store_path, &[Edit::Dek("github", 1, Some(&v1)), Edit::Dek("github", 2, None)]);
+    assert_caught(&env, "old DEK row after rotate", "github/ci-bot");
+    assert_eq!(code(&env.run(&["put", "github", "new"], b"x")), 4, "no write on the rolled-back DEK table");
+
+    let env = store("atk-shred");
+    let before = raw::snapshot(&env.store_path);
+    ok(&env, &["shred", "github", "--yes"], b"");
+    let v1 = &before.deks[&("github".into(), 1)];
+    raw::edit(&env.store_path, &[Edit::Dek("github", 1, Some(v1))]);
+    assert_caught(&env, "old DEK row after shred", "github/ci-bot");
+}
+
+#[test]
+fn old_tombstones_roots_and_state_heads_are_caught() {
+    // A tombstone replayed over a re-issued name.
+    let env = store("atk-tomb");
+    ok(&env, &["revoke", "github/ci-bot", "--reason", "leaked"], b"");
+    let revoked = raw::snapshot(&env.store_path);
+    ok(&env, &["put", "github", "ci-bot"], b"ghp_REISSUED");
+    let ts = &revoked.tombstones[&("github".into(), "ci-bot".into())];
+    raw::edit(&env.store_path, &[Edit::Tombstone("github", "ci-bot", Some(ts))]);
+    assert_caught(&env, "old tombstone", "github/ci-bot");
+
+    // A tombstone deleted: status would say "not found" instead of "revoked".
+    let env = store("atk-tomb-del");
+    ok(&env, &["revoke", "github/ci-bot", "--reason", "leaked"], b"");
+    raw::edit(&env.store_path, &[Edit::Tombstone("github", "ci-bot", None)]);
+    assert_caught(&env, "deleted tombstone", "github/ci-bot");
+
+    // The state head deleted, or an older one put back over newer rows.
+    let env = store("atk-head");
+    let before = raw::snapshot(&env.store_path);
+    ok(&env, &["put", "github", "third"], b"x");
+    raw::edit(&env.store_path, &[Edit::Meta("state_head", Some(&before.meta["state_head"]))]);
+    assert_caught(&env, "older state head", "github/ci-bot");
+    raw::edit(&env.store_path, &[Edit::Meta("state_head", None)]);
+    assert_caught(&env, "no state head", "github/ci-bot");
+    // Nor can it pose as a store from before the head: the refusal names the upgrade.
+    raw::edit(&env.store_path, &[Edit::Meta("schema_version", Some(&1u32.to_be_bytes()))]);
+    let o = env.run(&["get", "github", "ci-bot"], b"");
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("tokenguard upgrade"), "{}", stderr(&o));
+
+    // The roots and the wrapped integrity key from before a root was removed.
+    let env = store("atk-roots");
+    let o = env.run(&["rotate-root", "--new-key-label", &format!("{}-next", env.key_label)], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let two_roots = raw::snapshot(&env.store_path);
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let moved =
+        text.replace(&format!("key_label = \"{}\"", env.key_label), &format!("key_label = \"{}-next\"", env.key_label));
+    std::fs::write(&env.config_path, moved).unwrap();
+    ok(&env, &["root", "remove", "1"], b"");
+    raw::edit(
+        &env.store_path,
+        &[
+            Edit::Meta("roots", Some(&two_roots.meta["roots"])),
+            Edit::Meta("integrity_key", Some(&two_roots.meta["integrity_key"])),
+        ],
+    );
+    assert_caught(&env, "old roots", "github/ci-bot");
+}
+
+#[test]
+fn a_cut_audit_tail_is_caught() {
+    let env = store("atk-audit");
+    let before = raw::snapshot(&env.store_path);
+    let cut_at = before.audit.keys().max().unwrap() + 1;
+    ok(&env, &["put", "github", "later1"], b"x");
+    ok(&env, &["revoke", "github/later1", "--reason", "r"], b"");
+    // The older head back, and the later events gone: a consistent, shorter chain.
+    raw::edit(&env.store_path, &[Edit::Meta("audit_head", Some(&before.meta["audit_head"])), Edit::AuditFrom(cut_at)]);
+    assert_caught(&env, "cut audit tail", "github/ci-bot");
+
+    // The whole trail wiped.
+    let env = store("atk-audit-wipe");
+    raw::edit(&env.store_path, &[Edit::Meta("audit_head", None), Edit::AuditFrom(0)]);
+    assert_caught(&env, "wiped audit trail", "github/ci-bot");
+}
+
+#[test]
+fn edited_indexes_change_nothing() {
+    // A stale expiry entry for a live token: purge must not delete it.
+    let env = store("atk-index");
+    raw::edit(&env.store_path, &[Edit::ByExpiry(1, "github", "ci-bot", true)]);
+    let o = env.run(&["purge", "--expired"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(ok(&env, &["get", "github", "ci-bot"], b"").as_bytes(), OLD);
+
+    // The by_dek entries of the version-1 records gone: retire must still see them.
+    ok(&env, &["rotate-dek", "github"], b"");
+    raw::edit(&env.store_path, &[Edit::ByDek("github", 1, "ci-bot", false), Edit::ByDek("github", 1, "other", false)]);
+    let o = env.run(&["retire", "github", "--below", "2"], b"");
+    assert_ne!(code(&o), 0, "retire erased a data key records still use");
+    assert!(stderr(&o).contains("2 records"), "{}", stderr(&o));
+    assert_eq!(ok(&env, &["get", "github", "ci-bot"], b"").as_bytes(), OLD);
+    // An index entry for a record that does not exist is ignored too.
+    raw::edit(&env.store_path, &[Edit::ByDek("github", 2, "ghost", true), Edit::ByExpiry(2, "github", "ghost", true)]);
+    ok(&env, &["purge", "--expired"], b"");
+    let doctor = ok(&env, &["doctor"], b"");
+    assert!(!doctor.contains("FAIL"), "{doctor}");
+}
+
+/// A long-running library guard sees a change made by another process within its
+/// recheck interval (default 1 s): revocation at once (the row is gone), shredding
+/// and an edit of the file within the interval, although it holds the DEK cached.
+#[test]
+fn lifecycle_changes_reach_a_running_process_within_the_recheck_interval() {
+    let env = store("atk-running");
+    let g = env.open();
+    assert_eq!(g.get("github", "ci-bot").unwrap().field(None).unwrap().expose(), OLD);
+    let before = raw::snapshot(&env.store_path);
+
+    ok(&env, &["revoke", "github/ci-bot", "--reason", "leaked"], b"");
+    assert!(matches!(g.get("github", "ci-bot"), Err(tokenguard::Error::Revoked { .. })));
+
+    // The file edited under the running process: the old row put back.
+    let row = &before.tokens[&("github".into(), "ci-bot".into())];
+    raw::edit(&env.store_path, &[Edit::Token("github", "ci-bot", Some(row))]);
+    // It knows the row is gone at this generation: the replay is caught at once.
+    match g.get("github", "ci-bot") {
+        Err(e @ tokenguard::Error::Integrity { .. }) => assert_eq!(e.exit_code(), 4),
+        other => panic!("replayed row under a running guard: {:?}", other.map(|_| "plaintext")),
+    }
+    drop(g);
+
+    // Shredding by another process reaches a guard that holds the DEK in its cache.
+    let env = store("atk-running-shred");
+    let g = env.open();
+    assert_eq!(g.get("github", "other").unwrap().field(None).unwrap().expose(), b"ghp_other");
+    ok(&env, &["shred", "github", "--yes"], b"");
+    let t = Instant::now();
+    loop {
+        match g.get("github", "other") {
+            Err(tokenguard::Error::Shredded { .. }) => break,
+            Ok(_) => assert!(t.elapsed() < Duration::from_millis(1500), "shredded key used for {:?}", t.elapsed()),
+            Err(e) => panic!("after shred: unexpected {e:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
