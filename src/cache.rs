@@ -51,7 +51,8 @@ type Versions = Vec<(u32, Arc<CachedDek>)>;
 /// Cache of ciphers by provider and DEK version.
 pub(crate) struct DekCache {
     limits: CacheLimits,
-    map: RwLock<HashMap<String, Versions>>,
+    /// foldhash (seeded per process): looked up on every `get`.
+    map: RwLock<HashMap<String, Versions, foldhash::fast::RandomState>>,
     /// Serialises loads, so concurrent misses on one DEK cost one hardware unwrap.
     load_lock: Mutex<()>,
     misses: AtomicU64,
@@ -59,7 +60,7 @@ pub(crate) struct DekCache {
 
 impl DekCache {
     pub(crate) fn new(limits: CacheLimits) -> Self {
-        DekCache { limits, map: RwLock::new(HashMap::new()), load_lock: Mutex::new(()), misses: AtomicU64::new(0) }
+        DekCache { limits, map: RwLock::new(HashMap::default()), load_lock: Mutex::new(()), misses: AtomicU64::new(0) }
     }
 
     /// The cipher for (provider, version) if cached and within its limits.

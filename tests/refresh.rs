@@ -488,3 +488,32 @@ fn cli_refresh_due_and_watch_stop_cleanly() {
     assert!(!dbg.contains("s3cr"));
     let _ = SecretBytes::from_slice(b"");
 }
+
+/// Issue 10, finding 15: the refresh compare-and-set must not overwrite a `put` that
+/// lands while the provider is being called, even within the same second as the
+/// record it refreshed (`updated` has one-second resolution; every write moves it
+/// forward, so it is the record's version).
+#[test]
+fn a_put_during_a_refresh_is_not_overwritten() {
+    let env = env_for("rf-put-race", "http://127.0.0.1:9", "");
+    seed(&env.init(), -10);
+    let g = open(&env);
+    struct PutsFirst(TokenGuard);
+    impl Refresher for PutsFirst {
+        fn refresh(&self, p: &str, n: &str, _cur: &TokenSet) -> Result<RefreshedTokens, RefreshError> {
+            let set =
+                TokenSet::new().with("access_token", "at-put".to_string()).with("refresh_token", "rt-put".to_string());
+            self.0.put(p, n, Secret::TokenSet(set), PutOptions::default()).unwrap();
+            Ok(RefreshedTokens {
+                tokens: TokenSet::new().with("access_token", "at-refreshed".to_string()),
+                expires_in: Some(3600),
+                token_type: None,
+                scopes: None,
+            })
+        }
+    }
+    g.set_refresher("acme", Arc::new(PutsFirst(g.clone())));
+    let (s, out) = g.refresh_now("acme", "svc").unwrap();
+    assert_eq!(field(&s, "access_token"), "at-put", "{out:?}");
+    assert_eq!(field(&g.get("acme", "svc").unwrap(), "access_token"), "at-put", "the put was overwritten");
+}

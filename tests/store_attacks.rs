@@ -357,3 +357,66 @@ fn lifecycle_changes_reach_a_running_process_within_the_recheck_interval() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Finding 10: a configured root whose key was replaced under the pinned label and id
+/// (someone with token access generated a new key there) must not be used, although
+/// another root opens the store: it would otherwise wrap every new data key, for
+/// whoever made it.
+#[test]
+fn a_replaced_root_key_is_not_used() {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+    use tokenguard::{GuardOptions, TokenGuard};
+
+    let env = TestEnv::new("atk-replaced-root");
+    let g = env.init();
+    g.put("github", "x", tokenguard::Secret::raw(b"ghp_X".to_vec()), Default::default()).unwrap();
+    let recovery = env.dir.join("recovery.key");
+    let soft = tokenguard::root::soft::SoftRoot::open_or_create(&recovery).unwrap();
+    g.add_root(Box::new(soft)).unwrap();
+    drop(g);
+
+    // The HSM key replaced by another with the same label and id.
+    let session = common::user_session();
+    let old = common::find_key(&session, &env.key_label);
+    assert_eq!(old.len(), 1);
+    let id = match session.get_attributes(old[0], &[AttributeType::Id]).unwrap().pop() {
+        Some(Attribute::Id(id)) => id,
+        other => panic!("key id: {other:?}"),
+    };
+    session.destroy_object(old[0]).unwrap();
+    session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Label(env.key_label.as_bytes().to_vec()),
+                Attribute::Id(id),
+                Attribute::Wrap(true),
+                Attribute::Unwrap(true),
+            ],
+        )
+        .unwrap();
+
+    let c = env.config();
+    let mut roots = c.build_roots(tokenguard::compose::RootUse::Open).unwrap();
+    roots.push(Box::new(tokenguard::root::soft::SoftRoot::open(&recovery).unwrap()));
+    let g = TokenGuard::open(&c.store.path, c.store_options(), roots, GuardOptions::default()).unwrap();
+    // Reads go on through the recovery root …
+    assert_eq!(g.get("github", "x").unwrap().field(None).unwrap().expose(), b"ghp_X");
+    // … but nothing is wrapped under the impostor: a new provider's key is refused.
+    assert!(matches!(
+        g.put("newprov", "y", tokenguard::Secret::raw(b"y".to_vec()), Default::default()),
+        Err(tokenguard::Error::Config(_))
+    ));
+    let checks = g.doctor();
+    let root1 = checks.iter().find(|c| c.name == "root 1 pinned").unwrap();
+    assert_eq!(root1.status, tokenguard::root::Status::Fail, "{root1:?}");
+    assert!(root1.detail.contains("does not open this store"), "{}", root1.detail);
+}

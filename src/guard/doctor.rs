@@ -135,6 +135,18 @@ impl TokenGuard {
             out.extend(r.key.health());
         }
         for p in &inner.pins {
+            if inner.rejected_roots.contains(&p.root_id) {
+                out.push(Check::fail(
+                    format!("root {} pinned", p.root_id),
+                    FailureClass::Integrity,
+                    format!(
+                        "{}: the configured key has the pinned identity but does not open this store (replaced or \
+                         re-generated?); it is not used, and new providers cannot get a data key until it is fixed",
+                        p.description
+                    ),
+                ));
+                continue;
+            }
             let configured = inner.roots.iter().any(|r| r.root_id == p.root_id);
             let role = if configured { " (configured, opens the store)" } else { " (not configured here)" };
             out.push(Check::pass(format!("root {} pinned", p.root_id), format!("{}{role}", p.description)));

@@ -212,6 +212,9 @@ struct Inner {
     counters: Counters,
     opts: GuardOptions,
     refresh: refresh::RefreshState,
+    /// Configured roots with a pinned identity that did not open the integrity key at
+    /// open: left out of `roots` (they wrap nothing), reported by `doctor`.
+    rejected_roots: Vec<u16>,
 }
 
 /// The credential guard. `Send + Sync` and cheap to clone: share one per process.
@@ -356,6 +359,7 @@ impl Inner {
             counters: Counters::default(),
             opts,
             refresh: refresh::RefreshState::new()?,
+            rejected_roots: Vec::new(),
         })
     }
 

@@ -81,6 +81,8 @@ impl TokenGuard {
                     NewEvent { op: "init", outcome: "ok", detail, ..Default::default() },
                 )
             })?;
+        // The new store's state, known to this guard from the start (and its recheck
+        // interval set), as an open would.
         store.verify_state(StateKey::derive(ik.expose()), meta.store_id, opts.state_recheck, opts.state_check)?;
         let inner = Inner::new(store, meta.store_id, active, pins, &ik, opts)?;
         Counters::add(&inner.counters.wraps, inner.roots.len() as u64);
@@ -100,7 +102,30 @@ impl TokenGuard {
         let store = Store::open(path, store_opts)?;
         let meta = store.read()?.meta()?;
         let matched = match_pins(&meta.roots, &roots)?;
-        let ik = unwrap_integrity_key(&meta.roots, &meta.integrity_key, &matched, &roots)?;
+        let (ik, opened_by) = unwrap_integrity_key(&meta.roots, &meta.integrity_key, &matched, &roots)?;
+        // Every other configured root must open the same integrity key. One that
+        // carries a pinned identity but does not (a key replaced under the same label
+        // and id) is not used: it would otherwise wrap every new data key.
+        let mut rejected = Vec::new();
+        let matched: Vec<(usize, u16)> = matched
+            .into_iter()
+            .filter(|&(i, root_id)| {
+                let opens = i == opened_by
+                    || meta
+                        .integrity_key
+                        .iter()
+                        .find(|w| w.root_id == root_id)
+                        .is_some_and(|w| roots[i].unwrap(&w.wrapped).is_ok_and(|k| k.expose() == ik.expose()));
+                if !opens {
+                    tracing::warn!(
+                        root_id,
+                        "a configured root has the pinned identity but does not open the store; not used"
+                    );
+                    rejected.push(root_id);
+                }
+                opens
+            })
+            .collect();
         let active = roots
             .into_iter()
             .enumerate()
@@ -118,7 +143,8 @@ impl TokenGuard {
             verified = state.verified,
             "store state checked"
         );
-        let inner = Inner::new(store, meta.store_id, active, meta.roots, &ik, opts)?;
+        let mut inner = Inner::new(store, meta.store_id, active, meta.roots, &ik, opts)?;
+        inner.rejected_roots = rejected;
         Counters::add(&inner.counters.unwraps, 1);
         tracing::debug!(path = %path.display(), "opened store; integrity key unwrapped");
         Ok(TokenGuard { inner: Arc::new(inner) })
@@ -152,14 +178,14 @@ fn unwrap_integrity_key(
     wrapped_ik: &[RootWrapped],
     matched: &[(usize, u16)],
     roots: &[Box<dyn RootKey>],
-) -> Result<DekMaterial> {
+) -> Result<(DekMaterial, usize)> {
     let mut last_err = None;
     for (i, root_id) in matched {
         let Some(w) = wrapped_ik.iter().find(|w| w.root_id == *root_id) else {
             continue;
         };
         match roots[*i].unwrap(&w.wrapped) {
-            Ok(ik) => return Ok(ik),
+            Ok(ik) => return Ok((ik, *i)),
             Err(Error::Integrity { .. }) => {
                 last_err = Some(Error::WrongRoot {
                     pinned: describe_pins(pins),
@@ -180,5 +206,5 @@ pub(crate) fn unlock_key(
     roots: &[Box<dyn RootKey>],
 ) -> Result<DekMaterial> {
     let matched = match_pins(pins, roots)?;
-    unwrap_integrity_key(pins, wrapped_ik, &matched, roots)
+    unwrap_integrity_key(pins, wrapped_ik, &matched, roots).map(|(ik, _)| ik)
 }

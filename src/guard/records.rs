@@ -94,7 +94,9 @@ impl TokenGuard {
                 Some(Metadata {
                     // An existing record keeps its first-stored time.
                     created: old.map_or(t, |o| o.created),
-                    updated: t,
+                    // Every write moves `updated` forward, even within one second: it
+                    // is the record's version, which refresh compares and sets.
+                    updated: old.map_or(t, |o| t.max(o.updated.saturating_add(1))),
                     expires_at: it.options.expires_at,
                     state: TokenState::Active,
                     kind: SecretKind::of(&it.secret),

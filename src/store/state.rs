@@ -22,6 +22,8 @@
 //! process (a revocation, a shred) or a file edit stays unseen.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -267,8 +269,10 @@ struct Known {
     problem: Option<String>,
     /// The store predates the head (schema 1): `tokenguard upgrade` is the way on.
     upgrade_needed: bool,
-    records: HashMap<String, HashMap<String, Mark>>,
-    rows: HashMap<OwnedKey, Digest>,
+    /// By provider, then name. foldhash (seeded per process) rather than SipHash:
+    /// this lookup is on every `get`.
+    records: HashMap<String, HashMap<String, Mark, RandomState>, RandomState>,
+    rows: HashMap<OwnedKey, Digest, RandomState>,
 }
 
 impl Known {
@@ -634,5 +638,56 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, c);
         assert_ne!(key.row(Row::Roots, RowKey::Single, b"x"), key.row(Row::IntegrityKey, RowKey::Single, b"x"));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+mod vector {
+    use super::*;
+
+    /// The worked vector of docs/FORMAT.md §"Authenticated state", from its inputs.
+    pub(super) fn compute() -> Vec<(&'static str, Vec<u8>)> {
+        let ik: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let store_id: [u8; STORE_ID_LEN] = std::array::from_fn(|i| 0xa0 + i as u8);
+        let key = StateKey::derive(&ik);
+        let rows = [
+            key.row(Row::Record, RowKey::Name("github", "ci-bot"), b"record bytes"),
+            key.row(Row::Dek, RowKey::Version("github", 1), b"dek entry bytes"),
+            key.row(Row::AuditHead, RowKey::Single, b"audit head bytes"),
+        ];
+        let mut acc = Acc::default();
+        for r in &rows {
+            acc.add(r);
+        }
+        let head = Head { generation: 7, acc }.encode(&key, &store_id);
+        vec![
+            ("state_key", key.0.to_vec()),
+            ("state_row_record", rows[0].to_vec()),
+            ("state_row_dek", rows[1].to_vec()),
+            ("state_row_audit_head", rows[2].to_vec()),
+            ("state_acc", acc.to_bytes().to_vec()),
+            ("state_head", head),
+        ]
+    }
+
+    fn doc_hex(doc: &str, name: &str) -> Vec<u8> {
+        let start = doc.find(&format!("```hex {name}\n")).unwrap_or_else(|| panic!("{name} not in FORMAT.md"));
+        let rest = &doc[start + 8 + name.len()..];
+        let hex: String = rest[..rest.find("```").unwrap()].chars().filter(char::is_ascii_hexdigit).collect();
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+    }
+
+    #[test]
+    fn state_vector_matches_the_document() {
+        let doc = include_str!("../../docs/FORMAT.md");
+        for (name, want) in compute() {
+            if std::env::var_os("TOKENGUARD_PRINT_VECTORS").is_some() {
+                let hex: String = want.iter().map(|b| format!("{b:02x}")).collect();
+                println!("{name}: {hex}");
+                continue;
+            }
+            assert_eq!(doc_hex(doc, name), want, "{name}");
+        }
     }
 }

@@ -45,6 +45,9 @@ pub(super) const META_CREATED: &str = "created";
 pub(super) const META_AUDIT_HEAD: &str = "audit_head";
 pub(super) const META_STATE_HEAD: &str = "state_head";
 
+/// The recheck interval of a store until a guard sets its own.
+const DEFAULT_RECHECK: Duration = Duration::from_secs(1);
+
 macro_rules! from_redb {
     ($($t:ty => $op:literal),* $(,)?) => {$(
         impl From<$t> for Error {
@@ -160,7 +163,7 @@ impl Store {
             let backend = redb::backends::FileBackend::new(file).map_err(|e| map_db_error(path, e))?;
             let db = builder(&opts).create_with_backend(backend).map_err(|e| map_db_error(path, e))?;
             let store = Store::new(db, path, opts);
-            store.state.arm(key, meta.store_id, Duration::ZERO, StateCheck::Enforce);
+            store.state.arm(key, meta.store_id, DEFAULT_RECHECK, StateCheck::Enforce);
             store.write_from(Some(state::GENESIS), |txn| {
                 let mut m = txn.txn.open_table(META)?;
                 m.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
