@@ -503,7 +503,9 @@ fn a_put_during_a_refresh_is_not_overwritten() {
         fn refresh(&self, p: &str, n: &str, _cur: &TokenSet) -> Result<RefreshedTokens, RefreshError> {
             let set =
                 TokenSet::new().with("access_token", "at-put".to_string()).with("refresh_token", "rt-put".to_string());
-            self.0.put(p, n, Secret::TokenSet(set), PutOptions::default()).unwrap();
+            self.0
+                .put(p, n, Secret::TokenSet(set), PutOptions::default())
+                .map_err(|e| RefreshError::Failed(e.to_string()))?;
             Ok(RefreshedTokens {
                 tokens: TokenSet::new().with("access_token", "at-refreshed".to_string()),
                 expires_in: Some(3600),
