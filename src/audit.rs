@@ -5,13 +5,18 @@
 //! a sequence number and `mac = HMAC-SHA256(audit_key, encoding ‖ prev_mac)`. The audit
 //! key is derived from the store's integrity key, which only the root can unwrap. A
 //! deleted, reordered or edited event breaks the chain; a truncated tail is caught by
-//! the MAC'd head kept beside the chain, as long as the head itself is not replaced
-//! by an older one. What the chain cannot catch: an attacker who restores an older
-//! head, or an older copy of the whole store (events and head together) — that is a
-//! rollback, and only an external witness (e.g. exporting the head to a SIEM)
-//! detects it.
+//! the MAC'd head kept beside the chain, and the head itself is a row of the store's
+//! authenticated state (`store::state`), so an older head put back is caught there.
+//! What neither catches: an older copy of the whole store (events, head and state
+//! together) — a rollback, which only a hardware counter or an external witness
+//! (e.g. exporting the head to a SIEM) detects.
+//!
+//! Removing a root rotates the integrity key, and with it the audit key: the keys of
+//! earlier eras stay in an archive sealed under the current integrity key
+//! ([`AuditKeys`]), each with the last sequence number it MAC'd.
 
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::codec::{Malformed, Reader, Writer};
 use crate::crypto::hmac;
@@ -19,6 +24,77 @@ use crate::error::{Error, Result};
 use crate::store::{StoreRead, StoreWrite};
 
 const EVENT_FORMAT_V1: u8 = 1;
+const AUDIT_KEY_LABEL: &[u8] = b"tokenguard/audit-key/v1";
+const ARCHIVE_KEY_LABEL: &[u8] = b"tokenguard/audit-archive/v1";
+/// One archived key: the last sequence number it MAC'd, and the key.
+const ARCHIVE_ENTRY_LEN: usize = 8 + 32;
+
+/// The audit keys of a store: the one in force and those of earlier eras.
+pub(crate) struct AuditKeys {
+    current: Zeroizing<[u8; 32]>,
+    /// (last sequence number MAC'd under it, key), ascending.
+    archive: Vec<(u64, Zeroizing<[u8; 32]>)>,
+}
+
+impl AuditKeys {
+    /// The keys of a store whose integrity key is `ik`, with the archive `sealed`
+    /// (from `meta.audit_archive`) if there is one.
+    pub(crate) fn load(ik: &[u8; 32], sealed: Option<&[u8]>) -> Result<Self> {
+        let mut keys = AuditKeys { current: crate::crypto::derive(ik, AUDIT_KEY_LABEL), archive: Vec::new() };
+        let Some(sealed) = sealed else { return Ok(keys) };
+        let bad = || Error::integrity("opening the archive of audit keys");
+        use aes_kw::KeyInit;
+        let kek = crate::crypto::derive(ik, ARCHIVE_KEY_LABEL);
+        let mut plain = Zeroizing::new(vec![0u8; sealed.len().saturating_sub(8)]);
+        aes_kw::KwAes256::new((&*kek).into()).unwrap_key(sealed, &mut plain).map_err(|_| bad())?;
+        if plain.len() % ARCHIVE_ENTRY_LEN != 0 {
+            return Err(bad());
+        }
+        for e in plain.chunks_exact(ARCHIVE_ENTRY_LEN) {
+            let (seq, key) = e.split_at(8);
+            let seq = u64::from_be_bytes(seq.try_into().map_err(|_| bad())?);
+            let key: [u8; 32] = key.try_into().map_err(|_| bad())?;
+            if keys.archive.last().is_some_and(|(last, _)| *last >= seq) {
+                return Err(bad());
+            }
+            keys.archive.push((seq, Zeroizing::new(key)));
+        }
+        Ok(keys)
+    }
+
+    /// The key that MAC'd event `seq`.
+    pub(crate) fn for_seq(&self, seq: u64) -> &[u8; 32] {
+        self.archive.iter().find(|(last, _)| seq <= *last).map_or(&*self.current, |(_, k)| k)
+    }
+
+    /// The key new events are MAC'd with.
+    pub(crate) fn current(&self) -> &[u8; 32] {
+        &self.current
+    }
+
+    /// The keys after a rotation to integrity key `new_ik`, the current key archived
+    /// as the one of events up to `last_seq`; and the archive sealed under `new_ik`
+    /// (AES-KW, RFC 3394, of `(last_seq:u64 ‖ key:raw[32])*`).
+    pub(crate) fn rotated(&self, new_ik: &[u8; 32], last_seq: u64) -> Result<(Self, Vec<u8>)> {
+        let mut archive: Vec<(u64, Zeroizing<[u8; 32]>)> =
+            self.archive.iter().map(|(s, k)| (*s, Zeroizing::new(**k))).collect();
+        if archive.last().is_none_or(|(s, _)| *s < last_seq) {
+            archive.push((last_seq, Zeroizing::new(*self.current)));
+        }
+        let mut plain = Zeroizing::new(Vec::with_capacity(archive.len() * ARCHIVE_ENTRY_LEN));
+        for (s, k) in &archive {
+            plain.extend_from_slice(&s.to_be_bytes());
+            plain.extend_from_slice(&k[..]);
+        }
+        use aes_kw::KeyInit;
+        let kek = crate::crypto::derive(new_ik, ARCHIVE_KEY_LABEL);
+        let mut sealed = vec![0u8; plain.len() + 8];
+        aes_kw::KwAes256::new((&*kek).into())
+            .wrap_key(&plain, &mut sealed)
+            .map_err(|_| Error::integrity("sealing the archive of audit keys"))?;
+        Ok((AuditKeys { current: crate::crypto::derive(new_ik, AUDIT_KEY_LABEL), archive }, sealed))
+    }
+}
 const DOMAIN: &[u8] = b"tokenguard/audit/v1";
 const HEAD_DOMAIN: &[u8] = b"tokenguard/audit-head/v1";
 
@@ -135,12 +211,13 @@ fn read_head(bytes: Option<&[u8]>) -> Result<(u64, [u8; 32], [u8; 32]), Malforme
 }
 
 /// Appends one event inside `txn`.
-pub(crate) fn append(txn: &impl StoreWrite, key: &[u8; 32], actor: &str, ev: NewEvent<'_>) -> Result<()> {
+pub(crate) fn append(txn: &impl StoreWrite, keys: &AuditKeys, actor: &str, ev: NewEvent<'_>) -> Result<u64> {
     let head = txn.audit_head()?;
     let (seq, last, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
-    if seq > 0 && head_mac(key, seq, &last) != hm {
+    if seq > 0 && head_mac(keys.for_seq(seq), seq, &last) != hm {
         return Err(Error::integrity("checking the audit head"));
     }
+    let key = keys.current();
     let e = AuditEvent {
         seq: seq + 1,
         time: crate::clock::now(),
@@ -157,7 +234,8 @@ pub(crate) fn append(txn: &impl StoreWrite, key: &[u8; 32], actor: &str, ev: New
     w.bytes(&body).raw(&last).raw(&m);
     let mut h = Writer::with_capacity(72);
     h.u64(e.seq).raw(&m).raw(&head_mac(key, e.seq, &m));
-    txn.append_audit(e.seq, &w.finish(), &h.finish())
+    txn.append_audit(e.seq, &w.finish(), &h.finish())?;
+    Ok(e.seq)
 }
 
 /// Result of [`verify`].
@@ -170,7 +248,7 @@ pub struct AuditReport {
 }
 
 /// Walks the whole chain and the head.
-pub(crate) fn verify(txn: &impl StoreRead, key: &[u8; 32]) -> Result<AuditReport> {
+pub(crate) fn verify(txn: &impl StoreRead, keys: &AuditKeys) -> Result<AuditReport> {
     let mut prev = [0u8; 32];
     let mut n = 0u64;
     for (seq, v) in txn.audit_entries(0)? {
@@ -191,7 +269,7 @@ pub(crate) fn verify(txn: &impl StoreRead, key: &[u8; 32]) -> Result<AuditReport
         if p != prev {
             return bad("chain broken: previous-MAC does not match (an event before it was deleted or reordered)");
         }
-        if mac(key, &encode_body(&e), &p) != m {
+        if mac(keys.for_seq(seq), &encode_body(&e), &p) != m {
             return bad("MAC mismatch: the event was edited");
         }
         prev = m;
@@ -199,7 +277,7 @@ pub(crate) fn verify(txn: &impl StoreRead, key: &[u8; 32]) -> Result<AuditReport
     }
     let head = txn.audit_head()?;
     let (hseq, hlast, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
-    if hseq != n || hlast != prev || (hseq > 0 && head_mac(key, hseq, &hlast) != hm) {
+    if hseq != n || hlast != prev || (hseq > 0 && head_mac(keys.for_seq(hseq), hseq, &hlast) != hm) {
         return Ok(AuditReport {
             events: n,
             first_bad: Some((

@@ -23,8 +23,11 @@ use crate::store::{Dump, SCHEMA_VERSION, Store, StoreMeta, StoreOptions, StoreRe
 
 /// First bytes of every backup file.
 pub const BACKUP_MAGIC: &[u8; 8] = b"TGBACKUP";
-/// Backup format version written by this build.
+/// Backup format version 1 (tokenguard 0.1): everything up to the audit head.
 pub const BACKUP_FORMAT_V1: u8 = 1;
+/// Backup format version written by this build: version 1 plus the archive of
+/// earlier audit keys (docs/FORMAT.md).
+pub const BACKUP_FORMAT_V2: u8 = 2;
 const MAC_LABEL: &[u8] = b"tokenguard/backup-mac/v1";
 
 /// What a backup held.
@@ -46,9 +49,16 @@ fn count(n: usize) -> u64 {
 
 /// Serialises the whole store (one read snapshot) into backup bytes.
 pub fn export(guard: &TokenGuard) -> Result<(Vec<u8>, BackupSummary)> {
-    let d = guard.store().read()?.dump()?;
+    // The snapshot is verified against its state head before it is dumped: a backup
+    // MAC'd over replayed rows would bring them back at the next restore.
+    let txn = guard.store().read()?;
+    let state = guard.store().verify_snapshot(&txn)?;
+    if !state.verified {
+        return Err(Error::integrity("backing up a store whose rows do not match its authenticated state"));
+    }
+    let d = txn.dump()?;
     let mut w = Writer::with_capacity(4096);
-    w.raw(BACKUP_MAGIC).u8(BACKUP_FORMAT_V1).raw(&d.store_id).u32(SCHEMA_VERSION);
+    w.raw(BACKUP_MAGIC).u8(BACKUP_FORMAT_V2).raw(&d.store_id).u32(SCHEMA_VERSION);
     w.bytes(&d.roots).bytes(&d.integrity_key);
     w.count(d.deks.len());
     for (p, ver, v) in &d.deks {
@@ -67,6 +77,7 @@ pub fn export(guard: &TokenGuard) -> Result<(Vec<u8>, BackupSummary)> {
         w.u64(*seq).bytes(v);
     }
     w.bytes(&d.audit_head);
+    w.bytes(&d.audit_archive);
     let mut out = w.finish();
     let tag = hmac(&guard.integrity_subkey(MAC_LABEL), &[&out]);
     out.extend_from_slice(&tag);
@@ -134,7 +145,11 @@ fn audit_backup(guard: &TokenGuard, summary: &BackupSummary, to: &str) -> Result
 
 fn parse(body: &[u8]) -> Result<Dump, Malformed> {
     let mut r = Reader::new(body);
-    if r.raw(8)? != BACKUP_MAGIC || r.u8()? != BACKUP_FORMAT_V1 {
+    if r.raw(8)? != BACKUP_MAGIC {
+        return Err(Malformed);
+    }
+    let format = r.u8()?;
+    if !matches!(format, BACKUP_FORMAT_V1 | BACKUP_FORMAT_V2) {
         return Err(Malformed);
     }
     let store_id = r.array()?;
@@ -155,6 +170,9 @@ fn parse(body: &[u8]) -> Result<Dump, Malformed> {
         d.audit.push((r.u64()?, r.bytes()?.to_vec()));
     }
     d.audit_head = r.bytes()?.to_vec();
+    if format == BACKUP_FORMAT_V2 {
+        d.audit_archive = r.bytes()?.to_vec();
+    }
     r.finish()?;
     Ok(d)
 }

@@ -102,7 +102,13 @@ fn doctor_names_records_that_no_longer_open() {
     assert!(out.contains("1 of 5 records fail to open: p/t2"), "{out}");
     // salvage copies every record that still verifies into a new store.
     let to = env.dir.join("salvaged").join("tokens.redb");
+    // A damaged record is also a state mismatch: salvage copies rows as they are, so
+    // it wants the operator's explicit acceptance, and writes nothing without it.
     let o = run_bounded(&env, &["salvage", "--to", to.to_str().unwrap()]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--accept-current-state"), "{}", stderr(&o));
+    assert!(!to.exists());
+    let o = run_bounded(&env, &["salvage", "--to", to.to_str().unwrap(), "--accept-current-state"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(code(&o), 1, "a salvage that lost a record says so: {out}{}", stderr(&o));
     assert!(out.contains("saved 4 of 5 records") && out.contains("p/t2"), "{out}");

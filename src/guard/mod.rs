@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::root::RootKey;
 use crate::seal::{Metadata, STORE_ID_LEN};
 use crate::secret::{DekMaterial, Secret};
-use crate::store::{DekState, RootPin, Store, StoreWrite};
+use crate::store::{DekState, RootPin, Store, StoreRead, StoreWrite};
 
 pub use doctor::{DekInfo, HardwareCalls, Stats};
 pub(crate) use open::unlock_key;
@@ -202,8 +202,9 @@ struct Inner {
     store_id: [u8; STORE_ID_LEN],
     roots: Vec<ActiveRoot>,
     pins: Vec<RootPin>,
-    integrity_key: Zeroizing<[u8; 32]>,
-    audit_key: Zeroizing<[u8; 32]>,
+    /// The integrity key and the audit keys: replaced together when `root remove`
+    /// rotates the integrity key.
+    keys: std::sync::RwLock<Arc<GuardKeys>>,
     cache: DekCache,
     /// DEK versions created in the write transaction in progress: cached for it, and
     /// forgotten again if it does not commit (another process may then create the
@@ -215,6 +216,12 @@ struct Inner {
     /// Configured roots with a pinned identity that did not open the integrity key at
     /// open: left out of `roots` (they wrap nothing), reported by `doctor`.
     rejected_roots: Vec<u16>,
+}
+
+/// The store's integrity key and the audit keys derived from and archived under it.
+struct GuardKeys {
+    integrity_key: Zeroizing<[u8; 32]>,
+    audit: crate::audit::AuditKeys,
 }
 
 /// The credential guard. `Send + Sync` and cheap to clone: share one per process.
@@ -323,7 +330,7 @@ impl TokenGuard {
 
     /// A sub-key of the store's integrity key, for MACs over store data (backups).
     pub(crate) fn integrity_subkey(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
-        crate::crypto::derive(&self.inner.integrity_key, label)
+        crate::crypto::derive(&self.inner.keys().integrity_key, label)
     }
 
     pub(crate) fn store(&self) -> &Store {
@@ -336,8 +343,6 @@ impl TokenGuard {
     }
 }
 
-const AUDIT_KEY_LABEL: &[u8] = b"tokenguard/audit-key/v1";
-
 impl Inner {
     fn new(
         store: Store,
@@ -347,13 +352,14 @@ impl Inner {
         ik: &DekMaterial,
         opts: GuardOptions,
     ) -> Result<Self> {
+        let archive = store.read()?.audit_archive()?;
+        let audit = crate::audit::AuditKeys::load(ik.expose(), archive.as_deref())?;
         Ok(Inner {
             store,
             store_id,
             roots,
             pins,
-            integrity_key: Zeroizing::new(*ik.expose()),
-            audit_key: crate::crypto::derive(ik.expose(), AUDIT_KEY_LABEL),
+            keys: std::sync::RwLock::new(Arc::new(GuardKeys { integrity_key: Zeroizing::new(*ik.expose()), audit })),
             cache: DekCache::new(opts.cache),
             uncommitted: std::sync::Mutex::new(Vec::new()),
             counters: Counters::default(),
@@ -367,6 +373,12 @@ impl Inner {
     /// what committed.
     fn write<T>(&self, f: impl FnOnce(&crate::store::WriteTxn) -> Result<T>) -> Result<T> {
         let out = self.store.write(f);
+        self.settle_uncommitted(out)
+    }
+
+    /// After a write transaction: forgets the DEK versions it created if it did not
+    /// commit.
+    fn settle_uncommitted<T>(&self, out: Result<T>) -> Result<T> {
         let created = std::mem::take(&mut *crate::sync::lock(&self.uncommitted));
         if out.is_err() {
             for (provider, version) in created {
@@ -376,8 +388,12 @@ impl Inner {
         out
     }
 
+    fn keys(&self) -> Arc<GuardKeys> {
+        crate::sync::read(&self.keys).clone()
+    }
+
     fn audit(&self, txn: &impl StoreWrite, ev: NewEvent<'_>) -> Result<()> {
-        crate::audit::append(txn, &self.audit_key, &self.opts.actor, ev)
+        crate::audit::append(txn, &self.keys().audit, &self.opts.actor, ev).map(drop)
     }
 
     /// Ends `entries` of `provider` in `state` (retired or destroyed: the wrapped

@@ -71,15 +71,16 @@ impl TokenGuard {
         // The guard's audit key is needed inside the creating transaction; build the
         // state first, then the store with the first event in the same commit.
         let detail = pins.iter().map(|p| p.description.as_str()).collect::<Vec<_>>().join("; ");
-        let audit_key = crate::crypto::derive(ik.expose(), super::AUDIT_KEY_LABEL);
+        let audit_keys = crate::audit::AuditKeys::load(ik.expose(), None)?;
         let store =
             Store::create(path, store_opts, &meta, StateKey::derive(ik.expose()), crate::clock::now(), |txn| {
                 crate::audit::append(
                     txn,
-                    &audit_key,
+                    &audit_keys,
                     &opts.actor,
                     NewEvent { op: "init", outcome: "ok", detail, ..Default::default() },
                 )
+                .map(drop)
             })?;
         // The new store's state, known to this guard from the start (and its recheck
         // interval set), as an open would.

@@ -280,7 +280,7 @@ impl TokenGuard {
 
     /// Verifies the audit chain.
     pub fn audit_verify(&self) -> Result<AuditReport> {
-        audit::verify(&self.inner.store.read()?, &self.inner.audit_key)
+        audit::verify(&self.inner.store.read()?, &self.inner.keys().audit)
     }
 
     /// Audit events from sequence `from` on (unverified; run `audit_verify` to check).

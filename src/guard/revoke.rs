@@ -135,7 +135,7 @@ impl TokenGuard {
     /// shredded. Opens nothing.
     pub fn status(&self, provider: &str, name: &str) -> Result<TokenStatus> {
         let txn = self.inner.store.read()?;
-        let found = txn.with_record(provider, name, |rec| Ok((rec.dek_version, rec.metadata()?)))?;
+        let found = txn.with_record_meta(provider, name, |rec| Ok((rec.dek_version, rec.metadata()?)))?;
         let Some((version, meta)) = found else {
             return match txn.tombstone(provider, name)? {
                 Some(t) => Ok(TokenStatus::Revoked { tombstone: t }),
@@ -169,7 +169,8 @@ impl TokenGuard {
             for (t, p, n) in txn.expiring_before(cutoff, usize::MAX)? {
                 // An index entry counts only if its record says the same, and a token
                 // set whose refresh token is still good is kept.
-                let matches = txn.with_record(&p, &n, |r| Ok(r.expires_at == Some(t))).unwrap_or(None) == Some(true);
+                let matches =
+                    txn.with_record_meta(&p, &n, |r| Ok(r.expires_at == Some(t))).unwrap_or(None) == Some(true);
                 if matches && !self.inner.refresh_token_alive(&txn, &p, &n)? {
                     report.expired += 1;
                 }

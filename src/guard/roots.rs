@@ -1,8 +1,10 @@
-//! Adding and removing roots: rewrap only, never a token touched.
+//! Adding and removing roots.
 //!
-//! Each change is one write transaction: the new root's wrap of the integrity key
-//! and of every live DEK, or the removal of a root's wraps, and the pinned-roots list
-//! all commit together — a crash half-way leaves the store exactly as before. A root
+//! Each change is one write transaction, so a crash half-way leaves the store exactly
+//! as before. Adding wraps the integrity key and every live DEK under the new root.
+//! Removing also replaces the integrity key and rotates every provider's DEK, so the
+//! removed root is cut off from everything written afterwards (the records are then
+//! moved by `reencrypt`, resumable, and the old versions erased by `retire`). A root
 //! rotation is "add the new key, move the config to it, remove the old one".
 
 use super::{Counters, TokenGuard};
@@ -35,7 +37,7 @@ impl TokenGuard {
             let pin = RootPin { root_id, pin: id.pin(), description: id.description.clone() };
 
             // The integrity key.
-            let ik_plain = DekMaterial::from_slice(&inner.integrity_key[..])?;
+            let ik_plain = DekMaterial::from_slice(&inner.keys().integrity_key[..])?;
             Counters::add(&inner.counters.wraps, 1);
             ik.push(RootWrapped { root_id, wrapped: root.wrap(&ik_plain)? });
 
@@ -70,14 +72,30 @@ impl TokenGuard {
         })
     }
 
-    /// Unpins root `root_id` and erases its wraps, in one transaction. Refused when it
-    /// is the last root, or when none of the remaining roots is configured in this
-    /// process (nothing here could then prove the store still opens).
+    /// Removes root `root_id` and cuts it off from everything written afterwards, in
+    /// one transaction:
+    /// - its wraps are erased and it is unpinned;
+    /// - every provider's data key is rotated: new versions are wrapped under the
+    ///   remaining roots only (the old ones stay readable, decrypt-only, until
+    ///   [`TokenGuard::reencrypt`] has moved the records and [`TokenGuard::retire`]
+    ///   has erased them — `tokenguard root remove` runs both);
+    /// - the integrity key is replaced, and with it the state key, the audit key
+    ///   (earlier audit keys are archived under the new integrity key) and the backup
+    ///   MAC key, so the removed root can neither read nor forge anything written
+    ///   from now on.
+    ///
+    /// Refused when it is the last root, when only PCR-bound roots would remain, or
+    /// when a remaining root is not configured in this process (each one must wrap
+    /// the new keys). Other processes that have the store open must reopen it: their
+    /// next use of the store fails with an integrity error until they do.
     pub fn remove_root(&self, root_id: u16) -> Result<RootPin> {
         let inner = &*self.inner;
-        inner.write(|txn| {
+        let old = inner.keys();
+        let new_ik = DekMaterial::random()?;
+        let new_keys = std::cell::RefCell::new(None);
+        let out = inner.store.rekey(crate::store::state::StateKey::derive(new_ik.expose()), |txn| {
             let meta = txn.meta()?;
-            let (pins, mut ik) = (meta.roots, meta.integrity_key);
+            let pins = meta.roots;
             let Some(gone) = pins.iter().find(|p| p.root_id == root_id).cloned() else {
                 return Err(Error::NotFound { provider: "root".into(), name: root_id.to_string() });
             };
@@ -92,25 +110,81 @@ impl TokenGuard {
                     "refusing to leave only PCR-bound roots: a firmware or boot change would lock the store".into(),
                 ));
             }
-            if !rest.iter().any(|p| inner.roots.iter().any(|r| r.root_id == p.root_id)) {
+            let missing: Vec<&str> = rest
+                .iter()
+                .filter(|p| !inner.roots.iter().any(|r| r.root_id == p.root_id))
+                .map(|p| p.description.as_str())
+                .collect();
+            if !missing.is_empty() {
                 return Err(Error::InvalidInput(format!(
-                    "refusing to remove root {root_id}: configure one of the remaining roots in this process first, so the store is known to open without it"
+                    "refusing to remove root {root_id}: every remaining root must be configured in this process, \
+                     to wrap the new integrity key and data keys; missing: {}",
+                    missing.join("; ")
                 )));
             }
-            ik.retain(|w| w.root_id != root_id);
+            // 1. The removed root's wraps go, and it is unpinned (so the new data keys
+            //    below are made for the remaining roots only).
+            let ik_rest: Vec<RootWrapped> = meta.integrity_key.into_iter().filter(|w| w.root_id != root_id).collect();
+            txn.put_roots(&rest, &ik_rest)?;
+            let mut live_providers = Vec::new();
             for (provider, mut e) in txn.deks(None, None)? {
                 let before = e.wrapped.len();
                 e.wrapped.retain(|w| w.root_id != root_id);
                 if e.wrapped.len() != before {
                     txn.put_dek(&provider, &e)?;
                 }
+                if e.state == DekState::Active && live_providers.last() != Some(&provider) {
+                    live_providers.push(provider);
+                }
             }
-            txn.put_roots(&rest, &ik)?;
-            inner.audit(
+            // 2. A new data key per provider: what is written from now on is out of
+            //    the removed root's reach.
+            for provider in &live_providers {
+                let (highest, active) = inner.dek_versions(txn, provider)?;
+                if let Some(e) = active {
+                    inner.set_dek_state(txn, provider, e, DekState::DecryptOnly)?;
+                }
+                inner.create_dek(txn, provider, highest + 1, "dek-rotate")?;
+            }
+            // 3. The last event under the old audit key.
+            let last_seq = crate::audit::append(
                 txn,
-                NewEvent { op: "root-remove", outcome: "ok", detail: format!("root {root_id}: {}", gone.description), ..Default::default() },
+                &old.audit,
+                &inner.opts.actor,
+                NewEvent {
+                    op: "root-remove",
+                    outcome: "ok",
+                    detail: format!(
+                        "root {root_id}: {}; integrity key replaced, data keys rotated for {} providers",
+                        gone.description,
+                        live_providers.len()
+                    ),
+                    ..Default::default()
+                },
             )?;
+            // 4. The new integrity key under every remaining root, and the audit keys
+            //    of earlier eras archived under it.
+            let mut ik_new = Vec::new();
+            for r in &inner.roots {
+                if rest.iter().any(|p| p.root_id == r.root_id) {
+                    Counters::add(&inner.counters.wraps, 1);
+                    ik_new.push(RootWrapped { root_id: r.root_id, wrapped: r.key.wrap(&new_ik)? });
+                }
+            }
+            txn.put_roots(&rest, &ik_new)?;
+            let (audit, sealed) = old.audit.rotated(new_ik.expose(), last_seq)?;
+            txn.put_audit_archive(&sealed)?;
+            *new_keys.borrow_mut() =
+                Some(super::GuardKeys { integrity_key: zeroize::Zeroizing::new(*new_ik.expose()), audit });
             Ok(gone)
-        })
+        });
+        let out = inner.settle_uncommitted(out);
+        if out.is_ok()
+            && let Some(k) = new_keys.into_inner()
+        {
+            *crate::sync::write(&inner.keys) = std::sync::Arc::new(k);
+            tracing::warn!(root_id, "root removed; integrity key replaced and data keys rotated");
+        }
+        out
     }
 }

@@ -57,7 +57,7 @@ impl TokenGuard {
         drop(txn);
         let saved = dump.tokens.len() as u64;
         let detail = format!("{saved} of {records} records from {}", inner.store.path().display());
-        let key = crate::store::state::StateKey::derive(&inner.integrity_key);
+        let key = crate::store::state::StateKey::derive(&inner.keys().integrity_key);
         drop(Store::create(to, opts, &meta, key, crate::clock::now(), |t| {
             t.load(&dump)?;
             inner.audit(t, NewEvent { op: "salvage", outcome: "ok", detail, ..Default::default() })

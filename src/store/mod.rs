@@ -121,6 +121,8 @@ pub(crate) struct Dump {
     pub tombstones: Vec<(String, String, Vec<u8>)>,
     pub audit: Vec<(u64, Vec<u8>)>,
     pub audit_head: Vec<u8>,
+    /// The archive of earlier audit keys (empty before the first key rotation).
+    pub audit_archive: Vec<u8>,
 }
 
 /// Called by [`StoreRead::scan_records`] with each record's key and parsed view.
@@ -147,6 +149,16 @@ pub(crate) trait StoreRead {
     /// Calls `f` with the record stored under (provider, name), borrowed in place
     /// (the hot path: no copy of the record). `None` when there is none.
     fn with_record<T>(
+        &self,
+        provider: &str,
+        name: &str,
+        f: impl FnOnce(&RecordView<'_>) -> Result<T>,
+    ) -> Result<Option<T>>;
+
+    /// As [`StoreRead::with_record`], for callers that read the metadata without
+    /// opening the secret: the whole stored row is checked against the verified
+    /// state, not only the AES-GCM tag that the open would authenticate the rest by.
+    fn with_record_meta<T>(
         &self,
         provider: &str,
         name: &str,
@@ -202,6 +214,9 @@ pub(crate) trait StoreRead {
 
     /// The stored state head, if any.
     fn state_head(&self) -> Result<Option<Vec<u8>>>;
+
+    /// The archive of earlier audit keys (sealed under the integrity key), if any.
+    fn audit_archive(&self) -> Result<Option<Vec<u8>>>;
 }
 
 /// What a write transaction changes, on top of what it reads.
@@ -242,4 +257,7 @@ pub(crate) trait StoreWrite: StoreRead {
 
     /// Appends an audit entry and moves the head, together.
     fn append_audit(&self, seq: u64, entry: &[u8], head: &[u8]) -> Result<()>;
+
+    /// Replaces the archive of earlier audit keys (a rotation of the integrity key).
+    fn put_audit_archive(&self, sealed: &[u8]) -> Result<()>;
 }

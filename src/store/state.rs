@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
@@ -56,6 +56,7 @@ pub(crate) enum Row {
     Roots = 4,
     IntegrityKey = 5,
     AuditHead = 6,
+    AuditArchive = 7,
 }
 
 /// A covered row's key.
@@ -354,7 +355,15 @@ pub enum StateCheck {
 /// processes changed since this process last looked.
 #[derive(Default)]
 pub(crate) struct StateCell {
-    key: OnceLock<(StateKey, [u8; STORE_ID_LEN])>,
+    /// The state key and the store id it is bound to: set when a guard opens the
+    /// store, replaced when the integrity key is rotated (`root remove`).
+    key: RwLock<Option<Arc<(StateKey, [u8; STORE_ID_LEN])>>>,
+    /// Set with the key (read on every `get`, so an atomic rather than the lock).
+    is_armed: AtomicBool,
+    /// The highest generation this process has seen verified or committed. A
+    /// snapshot begun after it was seen cannot legitimately be older: that is a
+    /// rollback of the file under the running process.
+    max_seen: AtomicU64,
     recheck_ms: AtomicU64,
     report_only: AtomicBool,
     known: RwLock<Known>,
@@ -369,13 +378,37 @@ const MISMATCH: &str = "matching a row with the store's authenticated state (rep
 impl StateCell {
     /// Gives the cell its key; the first call wins (one store, one integrity key).
     pub(crate) fn arm(&self, key: StateKey, store_id: [u8; STORE_ID_LEN], recheck: Duration, check: StateCheck) {
-        let _ = self.key.set((key, store_id));
+        let mut k = write(&self.key);
+        if k.is_none() {
+            *k = Some(Arc::new((key, store_id)));
+        }
+        drop(k);
+        self.is_armed.store(true, Ordering::Release);
         self.recheck_ms.store(u64::try_from(recheck.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
         self.report_only.store(check == StateCheck::Report, Ordering::Relaxed);
     }
 
-    pub(crate) fn key(&self) -> Result<&(StateKey, [u8; STORE_ID_LEN])> {
-        self.key.get().ok_or_else(|| Error::integrity("using the store before its state key is known"))
+    /// Whether a guard has given the store its key (reads before that — the open
+    /// reading the pinned roots — are not checked; every other read comes after).
+    pub(crate) fn armed(&self) -> bool {
+        self.is_armed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn key(&self) -> Result<Arc<(StateKey, [u8; STORE_ID_LEN])>> {
+        read(&self.key).clone().ok_or_else(|| Error::integrity("using the store before its state key is known"))
+    }
+
+    /// Gives the cell its key for the creating transaction only: reads are not
+    /// checked until a guard arms it (there is no state to check them against yet).
+    pub(crate) fn key_for_creation(&self, key: StateKey, store_id: [u8; STORE_ID_LEN]) {
+        *write(&self.key) = Some(Arc::new((key, store_id)));
+    }
+
+    /// Replaces the state key (after a committed rotation of the integrity key).
+    pub(crate) fn rekey(&self, key: StateKey) -> Result<()> {
+        let store_id = self.key()?.1;
+        *write(&self.key) = Some(Arc::new((key, store_id)));
+        Ok(())
     }
 
     fn recheck(&self) -> Duration {
@@ -395,7 +428,8 @@ impl StateCell {
 
     /// The full verification of one snapshot, O(covered rows).
     fn verify_snapshot(&self, txn: &impl StoreRead) -> Result<Known> {
-        let (key, store_id) = self.key()?;
+        let armed = self.key()?;
+        let (key, store_id) = &*armed;
         let mut fresh = Known::default();
         let mut acc = Acc::default();
         txn.visit_covered(&mut |row, k, value| {
@@ -451,8 +485,12 @@ impl StateCell {
     /// the DEK rows that changed for the guard's cache.
     fn install(&self, fresh: Known) {
         let mut known = write(&self.known);
-        if known.checked.is_some() && known.problem.is_none() && fresh.generation < known.generation {
+        if fresh.problem.is_none() && fresh.generation < self.max_seen.load(Ordering::Acquire) {
+            // An older snapshot (one that began before a commit): checked, not kept.
             return;
+        }
+        if fresh.problem.is_none() {
+            self.max_seen.fetch_max(fresh.generation, Ordering::AcqRel);
         }
         let changed: Vec<(String, u32)> = known
             .rows
@@ -479,12 +517,17 @@ impl StateCell {
     pub(crate) fn check_record_tag(
         &self,
         txn: &impl StoreRead,
+        floor: u64,
+        pending: &[Change],
         provider: &str,
         name: &str,
         bytes: Option<&[u8]>,
     ) -> Result<()> {
+        if let Some(mark) = pending_record(pending, provider, name) {
+            return same(mark.map(|m| m.tag) == bytes.map(tag_of));
+        }
         let matches = |k: &Known| k.record(provider, name).map(|m| m.tag) == bytes.map(tag_of);
-        self.check(txn, true, matches)
+        self.check(txn, floor, true, matches)
     }
 
     /// Checks a scanned record's full contribution (metadata reads: the header is not
@@ -492,21 +535,73 @@ impl StateCell {
     pub(crate) fn check_record_row(
         &self,
         txn: &impl StoreRead,
+        floor: u64,
+        pending: &[Change],
         provider: &str,
         name: &str,
-        bytes: &[u8],
+        bytes: Option<&[u8]>,
     ) -> Result<()> {
-        let (key, _) = self.key()?;
-        let digest = key.row(Row::Record, RowKey::Name(provider, name), bytes);
-        self.check(txn, false, |k| k.record(provider, name).map(|m| m.digest) == Some(digest))
+        let armed = self.key()?;
+        let (key, _) = &*armed;
+        let digest = bytes.map(|b| key.row(Row::Record, RowKey::Name(provider, name), b));
+        if let Some(mark) = pending_record(pending, provider, name) {
+            return same(mark.map(|m| m.digest) == digest);
+        }
+        self.check(txn, floor, false, |k| k.record(provider, name).map(|m| m.digest) == digest)
     }
 
     /// Checks a tombstone or DEK row (or its absence).
-    pub(crate) fn check_row(&self, txn: &impl StoreRead, row: Row, k: RowKey<'_>, value: Option<&[u8]>) -> Result<()> {
-        let (key, _) = self.key()?;
+    pub(crate) fn check_row(
+        &self,
+        txn: &impl StoreRead,
+        floor: u64,
+        pending: &[Change],
+        row: Row,
+        k: RowKey<'_>,
+        value: Option<&[u8]>,
+    ) -> Result<()> {
+        let armed = self.key()?;
+        let (key, _) = &*armed;
         let digest = value.map(|v| key.row(row, k, v));
         let owned = k.owned(row);
-        self.check(txn, false, |known| known.rows.get(&owned).copied() == digest)
+        if let Some(d) = pending.iter().rev().find_map(|c| match c {
+            Change::Row { key, digest } if *key == owned => Some(*digest),
+            _ => None,
+        }) {
+            return same(d == digest);
+        }
+        self.check(txn, floor, false, |known| known.rows.get(&owned).copied() == digest)
+    }
+
+    /// At the start of a write transaction: if the stored head is not at the
+    /// generation this process verified (another process wrote, or the file was
+    /// edited), the transaction's snapshot is verified in full first, so every read
+    /// the write makes is checked against a state that is the snapshot's own.
+    pub(crate) fn before_write(&self, txn: &impl StoreRead) -> Result<()> {
+        if read(&self.key).is_none() {
+            return Ok(());
+        }
+        let armed = self.key()?;
+        let (key, store_id) = &*armed;
+        let Some(bytes) = txn.state_head()? else { return Ok(()) };
+        let Ok(head) = Head::decode(&bytes, key, store_id) else { return Ok(()) };
+        if head.generation < self.floor() {
+            return Err(Error::integrity(
+                "checking the store's generation (the file went back to an older state under this process)",
+            ));
+        }
+        {
+            let k = read(&self.known);
+            if k.checked.is_some() && k.generation == head.generation {
+                return Ok(());
+            }
+        }
+        self.verify(txn).map(drop)
+    }
+
+    /// The generation floor of a snapshot beginning now (see `max_seen`).
+    pub(crate) fn floor(&self) -> u64 {
+        self.max_seen.load(Ordering::Acquire)
     }
 
     /// The one check: `matches` against the known state. The fast path is one map
@@ -516,7 +611,7 @@ impl StateCell {
     /// process wrote, or the snapshot predates a commit), the snapshot is verified
     /// in full and checked against that. In report mode, secrets (`opens`) are
     /// refused and everything else passes.
-    fn check(&self, txn: &impl StoreRead, opens: bool, matches: impl Fn(&Known) -> bool) -> Result<()> {
+    fn check(&self, txn: &impl StoreRead, floor: u64, opens: bool, matches: impl Fn(&Known) -> bool) -> Result<()> {
         {
             let k = read(&self.known);
             if k.problem.is_some() {
@@ -532,11 +627,22 @@ impl StateCell {
                 return Ok(());
             }
         }
-        let (key, store_id) = self.key()?;
+        let armed = self.key()?;
+        let (key, store_id) = &*armed;
         let head = match txn.state_head()? {
-            Some(b) => Head::decode(&b, key, store_id)?,
+            Some(b) => Head::decode(&b, key, store_id).map_err(|_| {
+                Error::integrity(
+                    "verifying the store's state head (forged, or the keys were rotated by a `root remove` in \
+                     another process: reopen the store)",
+                )
+            })?,
             None => return Err(Error::integrity("reading the store's state head")),
         };
+        if head.generation < floor {
+            return Err(Error::integrity(
+                "checking the store's generation (the file went back to an older state under this process)",
+            ));
+        }
         {
             let mut k = write(&self.known);
             if k.checked.is_some() && k.generation == head.generation {
@@ -560,6 +666,7 @@ impl StateCell {
             return;
         }
         k.generation = after;
+        self.max_seen.fetch_max(after, Ordering::AcqRel);
         for c in changes {
             match c {
                 Change::Record { provider, name, mark } => k.set_record(&provider, &name, mark),
@@ -576,6 +683,19 @@ impl StateCell {
         }
         std::mem::take(&mut *lock(&self.changed_deks))
     }
+}
+
+/// The latest change of (provider, name) in a write transaction's own pending
+/// changes, if it made one: `Some(None)` when it deleted the record.
+fn pending_record(pending: &[Change], provider: &str, name: &str) -> Option<Option<Mark>> {
+    pending.iter().rev().find_map(|c| match c {
+        Change::Record { provider: p, name: n, mark } if p == provider && n == name => Some(*mark),
+        _ => None,
+    })
+}
+
+fn same(ok: bool) -> Result<()> {
+    if ok { Ok(()) } else { Err(Error::integrity(MISMATCH)) }
 }
 
 /// The head a new store starts from.

@@ -78,6 +78,11 @@ pub enum Command {
         /// The new store file (must not exist).
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
+        /// Salvage a store whose rows do not match its authenticated state (which a
+        /// damaged record also causes). Only after an investigation: the rows are
+        /// copied as they are, including any an attacker put back.
+        #[arg(long)]
+        accept_current_state: bool,
     },
     /// Restore a sealed backup into the configured (new) store path.
     Restore {

@@ -44,9 +44,7 @@ pub(super) const META_INTEGRITY_KEY: &str = "integrity_key";
 pub(super) const META_CREATED: &str = "created";
 pub(super) const META_AUDIT_HEAD: &str = "audit_head";
 pub(super) const META_STATE_HEAD: &str = "state_head";
-
-/// The recheck interval of a store until a guard sets its own.
-const DEFAULT_RECHECK: Duration = Duration::from_secs(1);
+pub(super) const META_AUDIT_ARCHIVE: &str = "audit_archive";
 
 macro_rules! from_redb {
     ($($t:ty => $op:literal),* $(,)?) => {$(
@@ -163,7 +161,7 @@ impl Store {
             let backend = redb::backends::FileBackend::new(file).map_err(|e| map_db_error(path, e))?;
             let db = builder(&opts).create_with_backend(backend).map_err(|e| map_db_error(path, e))?;
             let store = Store::new(db, path, opts);
-            store.state.arm(key, meta.store_id, DEFAULT_RECHECK, StateCheck::Enforce);
+            store.state.key_for_creation(key, meta.store_id);
             store.write_from(Some(state::GENESIS), |txn| {
                 let mut m = txn.txn.open_table(META)?;
                 m.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
@@ -237,6 +235,11 @@ impl Store {
         self.state.verify(&self.read()?)
     }
 
+    /// Verifies the state of the snapshot `txn` in full (a backup, before its dump).
+    pub(crate) fn verify_snapshot(&self, txn: &ReadTxn) -> Result<StateReport> {
+        self.state.verify(txn)
+    }
+
     /// Verifies the whole state again now (doctor).
     pub(crate) fn reverify_state(&self) -> Result<StateReport> {
         self.state.verify(&self.read()?)
@@ -255,7 +258,9 @@ impl Store {
 
     /// A consistent read snapshot.
     pub(crate) fn read(&self) -> Result<ReadTxn> {
-        engine(|| Ok(ReadTxn(self.db.begin_read()?, self.state.clone())))
+        // The floor is read before the snapshot begins: anything seen by then is in it.
+        let floor = self.state.floor();
+        engine(|| Ok(ReadTxn(self.db.begin_read()?, self.state.clone(), floor)))
     }
 
     /// Runs `f` in a write transaction, moves the state head by the covered rows it
@@ -270,29 +275,48 @@ impl Store {
     /// schema version: `tokenguard upgrade`, which accepts the store's rows as they
     /// are. The caller has made sure the operator asked for exactly that.
     pub(crate) fn reseal<T>(&self, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.write_inner(f, |txn| {
-            let (key, store_id) = self.state.key()?;
+        self.reseal_under(None, f)
+    }
+
+    /// As [`Store::reseal`], with the head and every row's contribution under
+    /// `new_key` from this commit on: the integrity key was rotated in `f`.
+    pub(crate) fn rekey<T>(&self, new_key: StateKey, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+        self.reseal_under(Some(new_key), f)
+    }
+
+    fn reseal_under<T>(&self, new_key: Option<StateKey>, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+        let out = self.write_inner(f, |txn| {
+            let armed = self.state.key()?;
+            let (old_key, store_id) = &*armed;
+            let key = new_key.as_ref().unwrap_or(old_key);
             txn.txn.open_table(META)?.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
-            let old = txn.state_head()?.and_then(|b| Head::decode(&b, key, store_id).ok());
+            let old = txn.state_head()?.and_then(|b| Head::decode(&b, old_key, store_id).ok());
+            if new_key.is_some() && old.is_none() {
+                // A key rotation vouches only for a store whose state verifies.
+                return Err(Error::integrity("verifying the store's state head before a key rotation"));
+            }
             let mut acc = Acc::default();
             txn.visit_covered(&mut |row, k, v| {
                 acc.add(&key.row(row, k, v));
                 Ok(())
             })?;
             let before = old.map_or(0, |h| h.generation);
-            Ok((Head { generation: before, acc: Acc::default() }, Head { generation: before + 1, acc }))
-        })
-        .and_then(|out| {
-            self.state.verify(&self.read()?)?;
-            Ok(out)
-        })
+            let after = Head { generation: before + 1, acc };
+            Ok((before, after.generation, after.encode(key, store_id)))
+        })?;
+        if let Some(k) = new_key {
+            self.state.rekey(k)?;
+        }
+        self.state.verify(&self.read()?)?;
+        Ok(out)
     }
 
     /// [`Store::write`], starting from `genesis` instead of the stored head (the
     /// creating transaction).
     fn write_from<T>(&self, genesis: Option<Head>, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
         self.write_inner(f, |txn| {
-            let (key, store_id) = self.state.key()?;
+            let armed = self.state.key()?;
+            let (key, store_id) = &*armed;
             let before = match genesis {
                 Some(g) => g,
                 None => match txn.state_head()? {
@@ -306,14 +330,15 @@ impl Store {
             };
             let mut acc = before.acc;
             acc.merge(&txn.delta.borrow());
-            Ok((before, Head { generation: before.generation + 1, acc }))
+            let after = Head { generation: before.generation + 1, acc };
+            Ok((before.generation, after.generation, after.encode(key, store_id)))
         })
     }
 
     fn write_inner<T>(
         &self,
         f: impl FnOnce(&WriteTxn) -> Result<T>,
-        seal: impl FnOnce(&WriteTxn) -> Result<(Head, Head)>,
+        seal: impl FnOnce(&WriteTxn) -> Result<(u64, u64, Vec<u8>)>,
     ) -> Result<T> {
         if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
@@ -321,6 +346,7 @@ impl Store {
         let txn = WriteTxn::new(self.begin_write()?, self.state.clone());
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
+        engine(|| self.state.before_write(&txn))?;
         let poison = |e: Error| {
             // After a caught engine panic the in-memory state is not to be trusted:
             // no later write of this process may commit it.
@@ -331,15 +357,14 @@ impl Store {
         };
         let out = engine(|| f(&txn)).map_err(poison)?;
         let (before, after) = engine(|| {
-            let (before, after) = seal(&txn)?;
-            let (key, store_id) = self.state.key()?;
-            txn.txn.open_table(META)?.insert(META_STATE_HEAD, after.encode(key, store_id).as_slice())?;
+            let (before, after, head) = seal(&txn)?;
+            txn.txn.open_table(META)?.insert(META_STATE_HEAD, head.as_slice())?;
             Ok((before, after))
         })
         .map_err(poison)?;
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
         engine(|| Ok(txn.txn.commit()?)).map_err(poison)?;
-        self.state.committed(before.generation, after.generation, changes);
+        self.state.committed(before, after, changes);
         Ok(out)
     }
 
@@ -383,7 +408,7 @@ impl Store {
 }
 
 /// A read snapshot, with the state it is checked against.
-pub(crate) struct ReadTxn(pub(super) ReadTransaction, std::sync::Arc<StateCell>);
+pub(crate) struct ReadTxn(pub(super) ReadTransaction, std::sync::Arc<StateCell>, u64);
 
 /// A write transaction (committed by [`Store::write`]), with the accumulator delta of
 /// the covered rows it changed.
@@ -392,11 +417,14 @@ pub(crate) struct WriteTxn {
     state: std::sync::Arc<StateCell>,
     delta: std::cell::RefCell<Acc>,
     changes: std::cell::RefCell<Vec<Change>>,
+    floor: u64,
 }
 
 impl WriteTxn {
     fn new(txn: WriteTransaction, state: std::sync::Arc<StateCell>) -> Self {
-        WriteTxn { txn, state, delta: Default::default(), changes: Default::default() }
+        // A write transaction sees the newest commit: everything seen so far.
+        let floor = state.floor();
+        WriteTxn { txn, state, delta: Default::default(), changes: Default::default(), floor }
     }
 
     /// Moves the accumulator from a covered row's `old` value to its `new` one (either
@@ -405,7 +433,8 @@ impl WriteTxn {
         if old == new {
             return Ok(());
         }
-        let (key, _) = self.state.key()?;
+        let armed = self.state.key()?;
+        let (key, _) = &*armed;
         let mut delta = self.delta.borrow_mut();
         if let Some(o) = old {
             delta.sub(&key.row(row, k, o));
@@ -439,10 +468,45 @@ pub(super) trait Tables {
         def: TableDefinition<'static, K, V>,
     ) -> Result<Option<impl ReadableTable<K, V> + '_>>;
 
-    /// The state reads are checked against: a read snapshot's; none for a write
-    /// transaction (it works on the newest rows and moves the head by what it
-    /// changes; a mismatch it carries forward is caught by the next verification).
+    /// Whether this is a write transaction (its reads are checked in full: nothing
+    /// there is on the `get` hot path).
+    const WRITE: bool;
+
+    /// The state reads are checked against, once a guard has armed it.
     fn checked(&self) -> Option<&StateCell>;
+
+    /// Calls `f` with the covered-row changes this transaction made so far (none for
+    /// a read snapshot): a row it wrote is checked against what it wrote.
+    fn with_pending<R>(&self, f: impl FnOnce(&[Change]) -> R) -> R;
+
+    /// The lowest generation this snapshot may be at (what the process had seen when
+    /// it began).
+    fn floor(&self) -> u64;
+}
+
+/// Checks a record (or its absence) read in `t`: its AES-GCM tag on a read snapshot
+/// (the `get` path, where the open that follows authenticates the rest), its full
+/// contribution when `full` or in a write transaction.
+pub(super) fn check_record<T: Tables + StoreRead>(
+    t: &T,
+    provider: &str,
+    name: &str,
+    bytes: Option<&[u8]>,
+    full: bool,
+) -> Result<()> {
+    match t.checked().filter(|s| s.armed()) {
+        None => Ok(()),
+        Some(s) if full || T::WRITE => t.with_pending(|p| s.check_record_row(t, t.floor(), p, provider, name, bytes)),
+        Some(s) => t.with_pending(|p| s.check_record_tag(t, t.floor(), p, provider, name, bytes)),
+    }
+}
+
+/// Checks a covered row other than a record (or its absence) read in `t`.
+pub(super) fn check_row<T: Tables + StoreRead>(t: &T, row: Row, key: RowKey<'_>, value: Option<&[u8]>) -> Result<()> {
+    match t.checked().filter(|s| s.armed()) {
+        None => Ok(()),
+        Some(s) => t.with_pending(|p| s.check_row(t, t.floor(), p, row, key, value)),
+    }
 }
 
 impl Tables for ReadTxn {
@@ -458,8 +522,18 @@ impl Tables for ReadTxn {
         }
     }
 
+    const WRITE: bool = false;
+
     fn checked(&self) -> Option<&StateCell> {
         Some(&self.1)
+    }
+
+    fn with_pending<R>(&self, f: impl FnOnce(&[Change]) -> R) -> R {
+        f(&[])
+    }
+
+    fn floor(&self) -> u64 {
+        self.2
     }
 }
 
@@ -471,8 +545,18 @@ impl Tables for WriteTxn {
         Ok(Some(self.txn.open_table(def)?))
     }
 
+    const WRITE: bool = true;
+
     fn checked(&self) -> Option<&StateCell> {
-        None
+        Some(&self.state)
+    }
+
+    fn with_pending<R>(&self, f: impl FnOnce(&[Change]) -> R) -> R {
+        f(&self.changes.borrow())
+    }
+
+    fn floor(&self) -> u64 {
+        self.floor
     }
 }
 

@@ -42,23 +42,16 @@ impl<T: Tables> StoreRead for T {
         name: &str,
         f: impl FnOnce(&RecordView<'_>) -> Result<R>,
     ) -> Result<Option<R>> {
-        engine(|| {
-            let Some(t) = self.table(TOKENS)? else { return Ok(None) };
-            let guard = t.get((provider, name))?;
-            // The newest verified version of the record, or its verified absence: an
-            // older copy of the row (a revoked or overwritten token) fails here.
-            if let Some(state) = self.checked() {
-                state.check_record_tag(self, provider, name, guard.as_ref().map(|g| g.value()))?;
-            }
-            let Some(guard) = guard else { return Ok(None) };
-            let view = RecordView::parse(guard.value())?;
-            // The AAD binds the header to the ciphertext; this binds the header to the key
-            // the record is stored under, so a record copied to another slot fails.
-            if view.provider != provider || view.name != name {
-                return Err(Error::integrity("checking a record's place"));
-            }
-            f(&view).map(Some)
-        })
+        record_in(self, provider, name, false, f)
+    }
+
+    fn with_record_meta<R>(
+        &self,
+        provider: &str,
+        name: &str,
+        f: impl FnOnce(&RecordView<'_>) -> Result<R>,
+    ) -> Result<Option<R>> {
+        record_in(self, provider, name, true, f)
     }
 
     fn scan_records(&self, provider: Option<&str>, f: &mut RecordVisitor<'_>) -> Result<()> {
@@ -78,9 +71,7 @@ impl<T: Tables> StoreRead for T {
                     if view.provider != p || view.name != n {
                         return Err(Error::integrity("checking a record's place"));
                     }
-                    if let Some(state) = self.checked() {
-                        state.check_record_row(self, p, n, v.value())?;
-                    }
+                    check_record(self, p, n, Some(v.value()), true)?;
                     Ok(view)
                 });
                 if f(p, n, view)?.is_break() {
@@ -93,13 +84,13 @@ impl<T: Tables> StoreRead for T {
 
     fn dek(&self, provider: &str, version: u32) -> Result<Option<DekEntry>> {
         engine(|| {
-            let Some(t) = self.table(DEKS)? else { return Ok(None) };
-            let v = t.get((provider, version))?;
-            if let Some(state) = self.checked() {
-                state.check_row(self, Row::Dek, RowKey::Version(provider, version), v.as_ref().map(|g| g.value()))?;
-            }
+            let v = match self.table(DEKS)? {
+                Some(t) => t.get((provider, version))?.map(|g| g.value().to_vec()),
+                None => return Ok(None),
+            };
+            check_row(self, Row::Dek, RowKey::Version(provider, version), v.as_deref())?;
             let Some(v) = v else { return Ok(None) };
-            let e = DekEntry::decode(v.value())?;
+            let e = DekEntry::decode(&v)?;
             if e.version != version {
                 return Err(Error::integrity("checking a data key's version"));
             }
@@ -123,9 +114,7 @@ impl<T: Tables> StoreRead for T {
                 if provider.is_none() && below.is_some_and(|b| ver >= b) {
                     continue;
                 }
-                if let Some(state) = self.checked() {
-                    state.check_row(self, Row::Dek, RowKey::Version(p, ver), Some(v.value()))?;
-                }
+                check_row(self, Row::Dek, RowKey::Version(p, ver), Some(v.value()))?;
                 let e = DekEntry::decode(v.value())?;
                 if e.version != ver {
                     return Err(Error::integrity("checking a data key's version"));
@@ -180,13 +169,13 @@ impl<T: Tables> StoreRead for T {
 
     fn tombstone(&self, provider: &str, name: &str) -> Result<Option<Tombstone>> {
         engine(|| {
-            let Some(t) = self.table(TOMBSTONES)? else { return Ok(None) };
-            let v = t.get((provider, name))?;
-            if let Some(state) = self.checked() {
-                state.check_row(self, Row::Tombstone, RowKey::Name(provider, name), v.as_ref().map(|g| g.value()))?;
-            }
+            let v = match self.table(TOMBSTONES)? {
+                Some(t) => t.get((provider, name))?.map(|g| g.value().to_vec()),
+                None => return Ok(None),
+            };
+            check_row(self, Row::Tombstone, RowKey::Name(provider, name), v.as_deref())?;
             let Some(v) = v else { return Ok(None) };
-            Tombstone::decode(v.value()).map(Some)
+            Tombstone::decode(&v).map(Some)
         })
     }
 
@@ -197,9 +186,7 @@ impl<T: Tables> StoreRead for T {
             for item in t.iter()? {
                 let (k, v) = item?;
                 let (p, n) = k.value();
-                if let Some(state) = self.checked() {
-                    state.check_row(self, Row::Tombstone, RowKey::Name(p, n), Some(v.value()))?;
-                }
+                check_row(self, Row::Tombstone, RowKey::Name(p, n), Some(v.value()))?;
                 out.push((p.to_string(), n.to_string(), Tombstone::decode(v.value())?));
             }
             Ok(out)
@@ -236,12 +223,24 @@ impl<T: Tables> StoreRead for T {
 
     fn audit_head(&self) -> Result<Option<Vec<u8>>> {
         engine(|| {
-            let Some(t) = self.table(META)? else { return Ok(None) };
-            let head = meta_value(&t, META_AUDIT_HEAD)?;
-            if let Some(state) = self.checked() {
-                state.check_row(self, Row::AuditHead, RowKey::Single, head.as_deref())?;
-            }
+            let head = match self.table(META)? {
+                Some(t) => meta_value(&t, META_AUDIT_HEAD)?,
+                None => return Ok(None),
+            };
+            // (The table is closed first: a check may read the state head in it.)
+            check_row(self, Row::AuditHead, RowKey::Single, head.as_deref())?;
             Ok(head)
+        })
+    }
+
+    fn audit_archive(&self) -> Result<Option<Vec<u8>>> {
+        engine(|| {
+            let v = match self.table(META)? {
+                Some(t) => meta_value(&t, META_AUDIT_ARCHIVE)?,
+                None => return Ok(None),
+            };
+            check_row(self, Row::AuditArchive, RowKey::Single, v.as_deref())?;
+            Ok(v)
         })
     }
 
@@ -255,9 +254,12 @@ impl<T: Tables> StoreRead for T {
     fn visit_covered(&self, f: &mut CoveredVisitor<'_>) -> Result<()> {
         engine(|| {
             let meta = self.table(META)?.ok_or_else(|| Error::integrity("reading the store metadata"))?;
-            for (row, key) in
-                [(Row::Roots, META_ROOTS), (Row::IntegrityKey, META_INTEGRITY_KEY), (Row::AuditHead, META_AUDIT_HEAD)]
-            {
+            for (row, key) in [
+                (Row::Roots, META_ROOTS),
+                (Row::IntegrityKey, META_INTEGRITY_KEY),
+                (Row::AuditHead, META_AUDIT_HEAD),
+                (Row::AuditArchive, META_AUDIT_ARCHIVE),
+            ] {
                 if let Some(v) = meta.get(key)? {
                     f(row, RowKey::Single, v.value())?;
                 }
@@ -296,6 +298,7 @@ impl<T: Tables> StoreRead for T {
                 roots: need(META_ROOTS)?,
                 integrity_key: need(META_INTEGRITY_KEY)?,
                 audit_head: meta_value(&meta_t, META_AUDIT_HEAD)?.unwrap_or_default(),
+                audit_archive: meta_value(&meta_t, META_AUDIT_ARCHIVE)?.unwrap_or_default(),
                 ..Dump::default()
             };
             if let Some(t) = self.table(DEKS)? {
@@ -323,4 +326,30 @@ impl<T: Tables> StoreRead for T {
             Ok(d)
         })
     }
+}
+
+/// The one record read: `full` checks the whole row (metadata readers), otherwise
+/// the tag (the `get` path, which opens the record).
+fn record_in<T: Tables + StoreRead, R>(
+    t: &T,
+    provider: &str,
+    name: &str,
+    full: bool,
+    f: impl FnOnce(&RecordView<'_>) -> Result<R>,
+) -> Result<Option<R>> {
+    engine(|| {
+        let Some(table) = t.table(TOKENS)? else { return Ok(None) };
+        let guard = table.get((provider, name))?;
+        // The newest verified version of the record, or its verified absence: an
+        // older copy of the row (a revoked or overwritten token) fails here.
+        check_record(t, provider, name, guard.as_ref().map(|g| g.value()), full)?;
+        let Some(guard) = guard else { return Ok(None) };
+        let view = RecordView::parse(guard.value())?;
+        // The AAD binds the header to the ciphertext; this binds the header to the key
+        // the record is stored under, so a record copied to another slot fails.
+        if view.provider != provider || view.name != name {
+            return Err(Error::integrity("checking a record's place"));
+        }
+        f(&view).map(Some)
+    })
 }

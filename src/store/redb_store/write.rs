@@ -15,6 +15,9 @@ impl StoreWrite for WriteTxn {
                 let (new, old_bytes, old_idx) = {
                     let guard = tokens.get((provider, name))?;
                     let old_bytes = guard.as_ref().map(|g| g.value().to_vec());
+                    // What the builder sees (the compare-and-set of a refresh, the
+                    // re-encryption's input) is the verified record, or nothing.
+                    check_record(self, provider, name, old_bytes.as_deref(), true)?;
                     // A damaged old record is replaced; its index entries cannot be known,
                     // so stale ones stay for the index users to skip.
                     let old = guard.as_ref().and_then(|g| RecordView::parse(g.value()).ok());
@@ -157,9 +160,18 @@ impl StoreWrite for WriteTxn {
             self.set_audit_head(head)
         })
     }
+
+    fn put_audit_archive(&self, sealed: &[u8]) -> Result<()> {
+        engine(|| self.set_audit_archive(sealed))
+    }
 }
 
 impl WriteTxn {
+    fn set_audit_archive(&self, sealed: &[u8]) -> Result<()> {
+        let old = self.txn.open_table(META)?.insert(META_AUDIT_ARCHIVE, sealed)?.map(|g| g.value().to_vec());
+        self.moved(Row::AuditArchive, RowKey::Single, old.as_deref(), Some(sealed))
+    }
+
     fn set_audit_head(&self, head: &[u8]) -> Result<()> {
         let old = self.txn.open_table(META)?.insert(META_AUDIT_HEAD, head)?.map(|g| g.value().to_vec());
         self.moved(Row::AuditHead, RowKey::Single, old.as_deref(), Some(head))
@@ -184,6 +196,9 @@ impl WriteTxn {
         drop(audit);
         if !d.audit_head.is_empty() {
             self.set_audit_head(&d.audit_head)?;
+        }
+        if !d.audit_archive.is_empty() {
+            self.set_audit_archive(&d.audit_archive)?;
         }
         Ok(())
     }

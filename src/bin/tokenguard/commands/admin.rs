@@ -129,8 +129,19 @@ pub fn restore(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
     Ok(exit::OK)
 }
 
-pub fn salvage(ctx: &Ctx, to: &std::path::Path) -> Result<i32> {
-    let r = ctx.open_for_inspection(true)?.salvage(to, ctx.config.store_options())?;
+pub fn salvage(ctx: &Ctx, to: &std::path::Path, accept: bool) -> Result<i32> {
+    let g = ctx.open_for_inspection(true)?;
+    let state = g.state();
+    if !state.verified && !accept {
+        return Err(tokenguard::Error::Integrity {
+            context: "salvaging a store whose rows do not match its authenticated state (the new store would vouch \
+                      for them): investigate with `tokenguard doctor`, restore a backup, or pass \
+                      --accept-current-state",
+        });
+    }
+    let r = g.salvage(to, ctx.config.store_options())?;
+    // The operator accepted the rows; the result is the salvage's own.
+    ctx.degraded.set(false);
     let mut text = format!("saved {} of {} records into {}", r.saved, r.records, to.display());
     if !r.lost.is_empty() {
         text.push_str(&format!("\ncould not save (they do not verify): {}", r.lost.join(", ")));

@@ -265,13 +265,18 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Stats => admin::stats(&ctx),
         Command::Backup { file } => admin::backup(&ctx, &file),
         Command::Restore { file } => admin::restore(&ctx, &file),
-        Command::Salvage { to } => admin::salvage(&ctx, &to),
+        Command::Salvage { to, accept_current_state } => admin::salvage(&ctx, &to, accept_current_state),
         Command::Audit(c) => admin::audit(&ctx, c),
         Command::Upgrade { accept_current_state } => admin::upgrade(&ctx, accept_current_state),
-    }?;
-    Ok(if code == tokenguard::error::exit::OK && ctx.degraded.get() {
-        tokenguard::error::exit::INTEGRITY
-    } else {
-        code
-    })
+    };
+    // On a store whose state does not verify, whatever the command found may be what
+    // an attacker left there: the exit code says integrity, whatever happened.
+    match code {
+        Ok(_) if ctx.degraded.get() => Ok(tokenguard::error::exit::INTEGRITY),
+        Err(e) if ctx.degraded.get() && !matches!(e, Error::Integrity { .. }) => {
+            note!("error: {e}");
+            Ok(tokenguard::error::exit::INTEGRITY)
+        }
+        other => other,
+    }
 }

@@ -57,7 +57,34 @@ pub fn root(ctx: &Ctx, command: RootCommand) -> Result<i32> {
         }
         RootCommand::Remove { id } => {
             let pin = g.remove_root(id)?;
-            ctx.out(json!(pin), format!("removed root {}: {}", pin.root_id, pin.description))?;
+            note!(
+                "removed root {}: {}; integrity key replaced and data keys rotated. Moving every record to the \
+                 new keys (if this is interrupted, run `tokenguard reencrypt` and `tokenguard retire`)",
+                pin.root_id,
+                pin.description
+            );
+            // The records to the new data keys, then the old versions erased: the
+            // removed root's wraps are already gone; this takes the old keys' material
+            // out of the live file.
+            let reports = g.reencrypt(None, tokenguard::guard::rotate::ReencryptOptions::default(), |_, _, _| {})?;
+            let mut retired = Vec::new();
+            for r in &reports {
+                match g.retire(&r.provider, r.target_version) {
+                    Ok(v) if !v.is_empty() => retired.push((r.provider.clone(), v)),
+                    Ok(_) | Err(tokenguard::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let moved: u64 = reports.iter().map(|r| r.moved).sum();
+            ctx.out(
+                json!({"removed": pin, "reencrypted": moved, "retired": retired}),
+                format!(
+                    "removed root {}: {}; {moved} records re-encrypted, old data keys of {} providers retired",
+                    pin.root_id,
+                    pin.description,
+                    retired.len()
+                ),
+            )?;
         }
     }
     Ok(exit::OK)
