@@ -350,6 +350,9 @@ pub enum StateCheck {
     Report,
 }
 
+/// The state key and the store id it is bound to.
+pub(crate) type Armed = Arc<(StateKey, [u8; STORE_ID_LEN])>;
+
 /// A store's view of its authenticated state: the key (once a guard has unwrapped
 /// the integrity key), the verified [`Known`] state, and the DEK rows other
 /// processes changed since this process last looked.
@@ -357,7 +360,7 @@ pub enum StateCheck {
 pub(crate) struct StateCell {
     /// The state key and the store id it is bound to: set when a guard opens the
     /// store, replaced when the integrity key is rotated (`root remove`).
-    key: RwLock<Option<Arc<(StateKey, [u8; STORE_ID_LEN])>>>,
+    key: RwLock<Option<Armed>>,
     /// Set with the key (read on every `get`, so an atomic rather than the lock).
     is_armed: AtomicBool,
     /// The highest generation this process has seen verified or committed. A
@@ -394,7 +397,7 @@ impl StateCell {
         self.is_armed.load(Ordering::Acquire)
     }
 
-    pub(crate) fn key(&self) -> Result<Arc<(StateKey, [u8; STORE_ID_LEN])>> {
+    pub(crate) fn key(&self) -> Result<Armed> {
         read(&self.key).clone().ok_or_else(|| Error::integrity("using the store before its state key is known"))
     }
 
