@@ -12,6 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestEnv, code, stderr};
+use tokenguard::TokenGuard;
 
 /// The attacker's tool: redb and the table names, nothing of tokenguard.
 mod raw {
@@ -367,7 +368,7 @@ fn lifecycle_changes_reach_a_running_process_within_the_recheck_interval() {
 fn a_replaced_root_key_is_not_used() {
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
-    use tokenguard::{GuardOptions, TokenGuard};
+    use tokenguard::GuardOptions;
 
     let env = TestEnv::new("atk-replaced-root");
     let g = env.init();
@@ -420,4 +421,190 @@ fn a_replaced_root_key_is_not_used() {
     let root1 = checks.iter().find(|c| c.name == "root 1 pinned").unwrap();
     assert_eq!(root1.status, tokenguard::root::Status::Fail, "{root1:?}");
     assert!(root1.detail.contains("does not open this store"), "{}", root1.detail);
+}
+
+/// Finding 2: `root remove` cuts the removed root off. Its holder keeps the root (a
+/// lost recovery key file), a copy of the store file and a backup from before the
+/// removal, and the live file afterwards: nothing written after the removal opens
+/// with any key they can unwrap, and they can neither open nor re-pin themselves in
+/// the live store. The audit trail still verifies across the key change.
+#[test]
+fn a_removed_root_opens_nothing_written_afterwards() {
+    use tokenguard::root::RootKey;
+    use tokenguard::root::soft::SoftRoot;
+    use tokenguard::store::{DekEntry, decode_wrapped_key};
+
+    let env = TestEnv::new("atk-removed-root");
+    let g = env.init();
+    g.put("github", "before", tokenguard::Secret::raw(b"ghp_BEFORE".to_vec()), Default::default()).unwrap();
+    let lost = env.dir.join("lost-recovery.key");
+    let pin = g.add_root(Box::new(SoftRoot::open_or_create(&lost).unwrap())).unwrap();
+    // What the attacker keeps from before the removal: a copy of the file and a backup.
+    let copy_before = raw::snapshot(&env.store_path);
+    let backup_before = env.dir.join("before.tgbackup");
+    drop(g);
+    ok(&env, &["backup", backup_before.to_str().unwrap()], b"");
+    let o = env.run(&["root", "remove", &pin.root_id.to_string()], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("records re-encrypted"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    ok(&env, &["put", "github", "after"], b"ghp_AFTER_REMOVAL");
+    ok(&env, &["put", "newprov", "after"], b"np_AFTER_REMOVAL");
+    ok(&env, &["put", "github", "before"], b"ghp_BEFORE_REWRITTEN");
+    ok(&env, &["audit", "verify"], b"");
+    let after = raw::snapshot(&env.store_path);
+
+    // Every data key the removed root can unwrap, from every copy it could have.
+    let root = SoftRoot::open(&lost).unwrap();
+    let mut keys: Vec<[u8; 32]> = Vec::new();
+    for snap in [&copy_before, &after] {
+        for v in snap.deks.values() {
+            let e = DekEntry::decode(v).unwrap();
+            for w in &e.wrapped {
+                if let Ok(k) = root.unwrap(&w.wrapped) {
+                    keys.push(*k.expose());
+                }
+            }
+        }
+    }
+    assert!(!keys.is_empty(), "the old copy holds data keys the removed root opens");
+    // And the integrity key of the old copy: nothing of the new state verifies under it.
+    let old_ik = decode_wrapped_key(&copy_before.meta["integrity_key"]).unwrap();
+    assert!(old_ik.iter().any(|w| root.unwrap(&w.wrapped).is_ok()));
+    let new_ik = decode_wrapped_key(&after.meta["integrity_key"]).unwrap();
+    assert!(new_ik.iter().all(|w| root.unwrap(&w.wrapped).is_err()), "the new integrity key is not wrapped for it");
+    assert!(
+        !after
+            .deks
+            .values()
+            .any(|v| { DekEntry::decode(v).unwrap().wrapped.iter().any(|w| root.unwrap(&w.wrapped).is_ok()) }),
+        "no data key in the live file opens under the removed root"
+    );
+
+    let store_id: [u8; 16] = after.meta["store_id"].as_slice().try_into().unwrap();
+    for ((p, n), rec) in &after.tokens {
+        for k in &keys {
+            assert!(
+                tokenguard::seal::open_record_with_key(k, &store_id, rec).is_err(),
+                "{p}/{n} written after the removal opens under a key of the removed root"
+            );
+        }
+    }
+
+    // The removed root opens neither the live store nor one with its old pin put back.
+    let c = env.config();
+    let open_with_lost = || {
+        TokenGuard::open(
+            &c.store.path,
+            c.store_options(),
+            vec![Box::new(SoftRoot::open(&lost).unwrap())],
+            Default::default(),
+        )
+    };
+    assert!(matches!(open_with_lost(), Err(tokenguard::Error::WrongRoot { .. })));
+    raw::edit(
+        &env.store_path,
+        &[
+            Edit::Meta("roots", Some(&copy_before.meta["roots"])),
+            Edit::Meta("integrity_key", Some(&copy_before.meta["integrity_key"])),
+        ],
+    );
+    match open_with_lost() {
+        Err(e) => assert_eq!(e.exit_code(), 4, "{e:?}"),
+        Ok(_) => panic!("the removed root re-pinned itself"),
+    }
+    // What it can still open, as documented: the backup from before the removal.
+    let restored = env.dir.join("restored").join("tokens.redb");
+    let (rg, _) = tokenguard::backup::restore(
+        &backup_before,
+        &restored,
+        c.store_options(),
+        vec![Box::new(SoftRoot::open(&lost).unwrap())],
+        Default::default(),
+    )
+    .unwrap();
+    assert_eq!(rg.get("github", "before").unwrap().field(None).unwrap().expose(), b"ghp_BEFORE");
+}
+
+/// Review findings against a running guard: its own writes must not launder a
+/// replayed row (they would otherwise cache a shredded key, or re-seal a revoked
+/// token), it must refuse the file going back to an older consistent state under
+/// it, its backups must not carry replayed rows, and `status` must not trust an
+/// edited header.
+#[test]
+fn a_running_guard_launders_nothing() {
+    use tokenguard::Error;
+
+    // A replayed DEK row after a shred, then a write by the running guard.
+    let env = store("atk-launder-shred");
+    let g = env.open();
+    let before = raw::snapshot(&env.store_path);
+    g.shred("github").unwrap();
+    raw::edit(&env.store_path, &[Edit::Dek("github", 1, Some(&before.deks[&("github".into(), 1)]))]);
+    assert!(matches!(
+        g.put("github", "new", tokenguard::Secret::raw(b"x".to_vec()), Default::default()),
+        Err(Error::Integrity { .. })
+    ));
+    assert!(g.get("github", "ci-bot").is_err(), "the shredded token opened");
+    drop(g);
+
+    // The file put back to an older consistent state (rows, audit and state head):
+    // a new process cannot tell (that is the whole-store rollback, README), but the
+    // running one has seen the newer generation.
+    let env = store("atk-rollback-running");
+    let g = env.open();
+    assert_eq!(g.get("github", "ci-bot").unwrap().field(None).unwrap().expose(), OLD);
+    let older = raw::snapshot(&env.store_path);
+    ok(&env, &["revoke", "github/ci-bot", "--reason", "leaked"], b"");
+    assert!(matches!(g.get("github", "ci-bot"), Err(Error::Revoked { .. })));
+    let cut = older.audit.keys().max().unwrap() + 1;
+    raw::edit(
+        &env.store_path,
+        &[
+            Edit::Token("github", "ci-bot", Some(&older.tokens[&("github".into(), "ci-bot".into())])),
+            Edit::Tombstone("github", "ci-bot", None),
+            Edit::Meta("audit_head", Some(&older.meta["audit_head"])),
+            Edit::AuditFrom(cut),
+            Edit::Meta("state_head", Some(&older.meta["state_head"])),
+        ],
+    );
+    match g.get("github", "ci-bot") {
+        Err(e @ Error::Integrity { .. }) => assert_eq!(e.exit_code(), 4),
+        other => panic!("rolled-back store under a running guard: {:?}", other.map(|_| "plaintext")),
+    }
+    assert!(g.put("github", "z", tokenguard::Secret::raw(b"z".to_vec()), Default::default()).is_err());
+    drop(g);
+
+    // A backup by a running guard after a replay: refused, nothing written.
+    let env = store("atk-backup-running");
+    let g = env.open();
+    let before = raw::snapshot(&env.store_path);
+    ok(&env, &["revoke", "github/ci-bot", "--reason", "leaked"], b"");
+    raw::edit(
+        &env.store_path,
+        &[
+            Edit::Token("github", "ci-bot", Some(&before.tokens[&("github".into(), "ci-bot".into())])),
+            Edit::Tombstone("github", "ci-bot", None),
+        ],
+    );
+    let file = env.dir.join("laundered.tgbackup");
+    assert!(tokenguard::backup::write_backup(&g, &file).is_err());
+    assert!(!file.exists());
+    drop(g);
+
+    // `status` of a record whose header was edited (its tag kept): refused.
+    let env = store("atk-status-header");
+    let g = env.open();
+    assert!(g.status("github", "ci-bot").is_ok());
+    let rec = raw::snapshot(&env.store_path).tokens[&("github".into(), "ci-bot".into())].clone();
+    let mut edited = rec.clone();
+    // The record's state byte (active = 1) sits right after the header's times; flip
+    // the first byte after the name instead: the DEK version.
+    let at = rec.windows(6).position(|w| w == b"ci-bot").unwrap() + 6 + 3;
+    edited[at] ^= 1;
+    raw::edit(&env.store_path, &[Edit::Token("github", "ci-bot", Some(&edited))]);
+    assert!(matches!(g.status("github", "ci-bot"), Err(Error::Integrity { .. })), "{:?}", g.status("github", "ci-bot"));
 }
