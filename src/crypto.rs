@@ -43,6 +43,32 @@ pub(crate) fn derive(key: &[u8; 32], label: &[u8]) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(hmac(key, &[label]))
 }
 
+const IK_MARKER_LABEL: &[u8] = b"tokenguard/integrity-key-marker/v1";
+
+/// Whether `ik` carries the marker of an integrity key made by a build with the
+/// authenticated store state: `HMAC-SHA256(ik, label)` begins with 12 zero bits.
+/// Keyed, so it can be neither removed nor faked without the key: a store whose key
+/// carries it and whose state head is gone was tampered with, not made by 0.1 (a
+/// 0.1 store's random key carries it by chance once in 4,096; such a store then
+/// needs `upgrade --accept-current-state`).
+pub(crate) fn is_marked_integrity_key(ik: &[u8; 32]) -> bool {
+    let m = hmac(ik, &[IK_MARKER_LABEL]);
+    m[0] == 0 && m[1] & 0xf0 == 0
+}
+
+/// A new integrity key carrying the marker: candidates derived from one random seed
+/// (each as random as the seed) until one does, 4,096 tries on average (a few ms).
+pub(crate) fn new_integrity_key() -> Result<crate::secret::DekMaterial> {
+    let seed = Zeroizing::new(random_array::<32>()?);
+    for i in 0u64..(1 << 24) {
+        let candidate = Zeroizing::new(hmac(&seed, &[b"tokenguard/integrity-key-candidate/v1", &i.to_be_bytes()]));
+        if is_marked_integrity_key(&candidate) {
+            return crate::secret::DekMaterial::from_slice(&candidate[..]);
+        }
+    }
+    Err(Error::Hardware { backend: "os", operation: "drawing an integrity key", detail: "no candidate found".into() })
+}
+
 /// Fills `buf` from the OS CSPRNG. A failure is an error, never a zero buffer.
 pub(crate) fn fill_random(buf: &mut [u8]) -> Result<()> {
     getrandom::fill(buf).map_err(|e| Error::Hardware { backend: "os", operation: "getrandom", detail: e.to_string() })

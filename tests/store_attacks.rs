@@ -259,7 +259,12 @@ fn old_tombstones_roots_and_state_heads_are_caught() {
     raw::edit(&env.store_path, &[Edit::Meta("schema_version", Some(&1u32.to_be_bytes()))]);
     let o = env.run(&["get", "github", "ci-bot"], b"");
     assert_ne!(code(&o), 0);
-    assert!(stderr(&o).contains("tokenguard upgrade"), "{}", stderr(&o));
+    // … and the upgrade that would vouch for its rows refuses: its integrity key
+    // carries the (keyed) marker of a store made with a state head.
+    let o = env.run(&["upgrade"], b"");
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("state head was removed"), "{}", stderr(&o));
+    assert_ne!(code(&env.run(&["get", "github", "ci-bot"], b"")), 0, "still refused after the refused upgrade");
 
     // The roots and the wrapped integrity key from before a root was removed.
     let env = store("atk-roots");

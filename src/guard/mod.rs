@@ -311,18 +311,43 @@ impl TokenGuard {
         if before.verified {
             return Ok((before.clone(), before));
         }
-        if !before.upgrade_needed && !accept_mismatch {
-            return Err(Error::integrity(
+        let old = inner.keys();
+        // A plain upgrade is for a store made by 0.1. One whose integrity key carries
+        // this build's marker had a state head: it was removed, and the rows may be
+        // anyone's.
+        let downgraded = before.upgrade_needed && crate::crypto::is_marked_integrity_key(&old.integrity_key);
+        if (!before.upgrade_needed || downgraded) && !accept_mismatch {
+            return Err(Error::integrity(if downgraded {
+                "upgrading a store whose state head was removed (it was made with one): treat it as tampered; \
+                 restore a backup, or pass --accept-current-state after investigating"
+            } else {
                 "accepting a store whose rows do not match its state head (pass --accept-current-state \
-                 after investigating)",
-            ));
+                 after investigating)"
+            }));
         }
-        let (op, detail) = if before.upgrade_needed {
-            ("upgrade", "schema 1 to 2: state head added over the rows as found".to_string())
+        let (op, detail) = if before.upgrade_needed && !downgraded {
+            ("upgrade", "schema 1 to 2: state head added over the rows as found; integrity key replaced".to_string())
         } else {
             ("state-accept", format!("rows accepted as found: {}", before.problem.clone().unwrap_or_default()))
         };
-        inner.store.reseal(|txn| inner.audit(txn, NewEvent { op, outcome: "ok", detail, ..Default::default() }))?;
+        // The integrity key is replaced by one with the marker, so the store cannot be
+        // passed off as a 0.1 store again; the audit keys so far are archived.
+        let new_ik = crate::crypto::new_integrity_key()?;
+        let new_keys = std::cell::RefCell::new(None);
+        inner.store.reseal_with_key(crate::store::state::StateKey::derive(new_ik.expose()), |txn| {
+            let last_seq = crate::audit::append(
+                txn,
+                &old.audit,
+                &inner.opts.actor,
+                NewEvent { op, outcome: "ok", detail, ..Default::default() },
+            )?;
+            let pins = txn.roots()?;
+            *new_keys.borrow_mut() = Some(inner.replace_integrity_key(txn, &pins, &new_ik, &old, last_seq)?);
+            Ok(())
+        })?;
+        if let Some(k) = new_keys.into_inner() {
+            *crate::sync::write(&inner.keys) = Arc::new(k);
+        }
         let after = inner.store.reverify_state()?;
         tracing::warn!(op, generation = after.generation, "store state resealed over its current rows");
         Ok((before, after))

@@ -55,7 +55,7 @@ impl TokenGuard {
             let id = r.identity()?;
             pins.push(RootPin { root_id, pin: id.pin(), description: id.description });
         }
-        let ik = DekMaterial::random()?;
+        let ik = crate::crypto::new_integrity_key()?;
         let mut wrapped = Vec::new();
         for (r, p) in roots.iter().zip(&pins) {
             wrapped.push(RootWrapped { root_id: p.root_id, wrapped: r.wrap(&ik)? });

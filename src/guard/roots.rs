@@ -91,7 +91,7 @@ impl TokenGuard {
     pub fn remove_root(&self, root_id: u16) -> Result<RootPin> {
         let inner = &*self.inner;
         let old = inner.keys();
-        let new_ik = DekMaterial::random()?;
+        let new_ik = crate::crypto::new_integrity_key()?;
         let new_keys = std::cell::RefCell::new(None);
         let out = inner.store.rekey(crate::store::state::StateKey::derive(new_ik.expose()), |txn| {
             let meta = txn.meta()?;
@@ -164,18 +164,7 @@ impl TokenGuard {
             )?;
             // 4. The new integrity key under every remaining root, and the audit keys
             //    of earlier eras archived under it.
-            let mut ik_new = Vec::new();
-            for r in &inner.roots {
-                if rest.iter().any(|p| p.root_id == r.root_id) {
-                    Counters::add(&inner.counters.wraps, 1);
-                    ik_new.push(RootWrapped { root_id: r.root_id, wrapped: r.key.wrap(&new_ik)? });
-                }
-            }
-            txn.put_roots(&rest, &ik_new)?;
-            let (audit, sealed) = old.audit.rotated(new_ik.expose(), last_seq)?;
-            txn.put_audit_archive(&sealed)?;
-            *new_keys.borrow_mut() =
-                Some(super::GuardKeys { integrity_key: zeroize::Zeroizing::new(*new_ik.expose()), audit });
+            *new_keys.borrow_mut() = Some(inner.replace_integrity_key(txn, &rest, &new_ik, &old, last_seq)?);
             Ok(gone)
         });
         let out = inner.settle_uncommitted(out);
@@ -186,5 +175,36 @@ impl TokenGuard {
             tracing::warn!(root_id, "root removed; integrity key replaced and data keys rotated");
         }
         out
+    }
+}
+
+impl super::Inner {
+    /// In a rekeying write transaction: wraps `new_ik` under every root of `pins`
+    /// (each must be configured here), pins them with it, and archives the audit key
+    /// in force for the events up to `last_seq` under it. Returns the keys this guard
+    /// uses once the transaction commits.
+    pub(super) fn replace_integrity_key(
+        &self,
+        txn: &impl StoreWrite,
+        pins: &[RootPin],
+        new_ik: &DekMaterial,
+        old: &super::GuardKeys,
+        last_seq: u64,
+    ) -> Result<super::GuardKeys> {
+        let mut wrapped = Vec::new();
+        for p in pins {
+            let r = self.roots.iter().find(|r| r.root_id == p.root_id).ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "replacing the integrity key needs every pinned root configured in this process; missing: {}",
+                    p.description
+                ))
+            })?;
+            Counters::add(&self.counters.wraps, 1);
+            wrapped.push(RootWrapped { root_id: r.root_id, wrapped: r.key.wrap(new_ik)? });
+        }
+        txn.put_roots(pins, &wrapped)?;
+        let (audit, sealed) = old.audit.rotated(new_ik.expose(), last_seq)?;
+        txn.put_audit_archive(&sealed)?;
+        Ok(super::GuardKeys { integrity_key: zeroize::Zeroizing::new(*new_ik.expose()), audit })
     }
 }

@@ -274,24 +274,30 @@ impl Store {
     /// new head (generation one past the old one, if it verifies), and the current
     /// schema version: `tokenguard upgrade`, which accepts the store's rows as they
     /// are. The caller has made sure the operator asked for exactly that.
-    pub(crate) fn reseal<T>(&self, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.reseal_under(None, f)
+    pub(crate) fn reseal_with_key<T>(&self, new_key: StateKey, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+        self.reseal_under(Some(new_key), false, f)
     }
 
-    /// As [`Store::reseal`], with the head and every row's contribution under
-    /// `new_key` from this commit on: the integrity key was rotated in `f`.
+    /// A write whose head, and every row's contribution, are under `new_key` from
+    /// this commit on (`f` rotated the integrity key). Only over a state that
+    /// verifies: a rotation vouches for nothing it has not checked.
     pub(crate) fn rekey<T>(&self, new_key: StateKey, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.reseal_under(Some(new_key), f)
+        self.reseal_under(Some(new_key), true, f)
     }
 
-    fn reseal_under<T>(&self, new_key: Option<StateKey>, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
+    fn reseal_under<T>(
+        &self,
+        new_key: Option<StateKey>,
+        require_head: bool,
+        f: impl FnOnce(&WriteTxn) -> Result<T>,
+    ) -> Result<T> {
         let out = self.write_inner(f, |txn| {
             let armed = self.state.key()?;
             let (old_key, store_id) = &*armed;
             let key = new_key.as_ref().unwrap_or(old_key);
             txn.txn.open_table(META)?.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
             let old = txn.state_head()?.and_then(|b| Head::decode(&b, old_key, store_id).ok());
-            if new_key.is_some() && old.is_none() {
+            if require_head && old.is_none() {
                 // A key rotation vouches only for a store whose state verifies.
                 return Err(Error::integrity("verifying the store's state head before a key rotation"));
             }
