@@ -121,3 +121,41 @@ fn doctor_names_records_that_no_longer_open() {
     let o = env.cli().args(["doctor"]).env("TOKENGUARD_CONFIG", &cfg).output().unwrap();
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+/// Finding 9: one damaged record does not stop incident response. `list` and
+/// `revoke --label` report it and carry on with the others; the exit code still says
+/// integrity (4), since the store's state does not verify.
+#[test]
+fn a_damaged_record_does_not_stop_list_or_revoke_by_label() {
+    let env = TestEnv::new("damaged-ir");
+    let g = env.init();
+    for i in 0..4 {
+        let labels = [("team".to_string(), "payments".to_string())].into();
+        let opts = tokenguard::PutOptions { labels, ..Default::default() };
+        g.put("p", &format!("t{i}"), tokenguard::Secret::raw(format!("value-{i}").into_bytes()), opts).unwrap();
+    }
+    drop(g);
+    let db = redb::Database::open(&env.store_path).unwrap();
+    let table: redb::TableDefinition<(&str, &str), &[u8]> = redb::TableDefinition::new("tokens");
+    let w = db.begin_write().unwrap();
+    // A record cut short: it no longer parses at all.
+    w.open_table(table).unwrap().insert(("p", "t1"), &b"\x01\x00"[..]).unwrap();
+    w.commit().unwrap();
+    drop(db);
+
+    let o = run_bounded(&env, &["list"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(code(&o), 4, "{out}{}", stderr(&o));
+    for n in ["p/t0", "p/t2", "p/t3"] {
+        assert!(out.contains(n), "{n} missing from the list: {out}");
+    }
+    assert!(stderr(&o).contains("t1"), "the damaged record is named: {}", stderr(&o));
+
+    let o = run_bounded(&env, &["revoke", "--label", "team=payments", "--reason", "incident"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("t1"), "{}", stderr(&o));
+    for n in ["t0", "t2", "t3"] {
+        let o = run_bounded(&env, &["status", &format!("p/{n}")]);
+        assert!(String::from_utf8_lossy(&o.stdout).contains("revoked"), "{n}: {}", String::from_utf8_lossy(&o.stdout));
+    }
+}

@@ -240,9 +240,19 @@ impl TokenGuard {
             .map(|(p, e)| (p, e.version))
             .collect();
         let mut out = Vec::new();
-        txn.scan_records(provider, &mut |_, _, rec| {
-            let rec = rec?;
-            let meta = rec.metadata()?;
+        // In a store opened for inspection whose state does not verify, a record that
+        // does not parse is named in a warning and left out; the others are listed.
+        // Anywhere else it is an error (a verified store holds none).
+        let inspecting = !self.inner.store.state_report().verified;
+        txn.scan_records(provider, &mut |p, n, rec| {
+            let (rec, meta) = match rec.and_then(|r| r.metadata().map(|m| (r, m))) {
+                Ok(x) => x,
+                Err(Error::Integrity { .. }) if inspecting => {
+                    tracing::warn!(provider = p, name = n, "damaged record left out of the list");
+                    return Ok(ControlFlow::Continue(()));
+                }
+                Err(e) => return Err(e),
+            };
             let shredded = destroyed.contains(&(rec.provider.to_string(), rec.dek_version));
             out.push(TokenInfo {
                 provider: rec.provider.to_string(),

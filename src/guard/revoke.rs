@@ -111,6 +111,7 @@ impl TokenGuard {
             RevokeTarget::Label { key, .. } => validate_ident("label key", key)?,
         }
         let inner = &*self.inner;
+        let inspecting = !inner.store.state_report().verified;
         inner.write(|txn| {
             let victims: Vec<(String, String)> = match &target {
                 RevokeTarget::One { provider, name } => {
@@ -120,9 +121,9 @@ impl TokenGuard {
                     vec![(provider.to_string(), name.to_string())]
                 }
                 RevokeTarget::Provider(p) => collect_names(txn, Some(p), |_| Ok(true))?,
-                RevokeTarget::Label { key, value } => collect_names(txn, None, |rec| {
-                    Ok(rec?.metadata()?.labels.get(*key).map(String::as_str) == Some(*value))
-                })?,
+                RevokeTarget::Label { key, value } => {
+                    collect_names(txn, None, |rec| label_matches(rec, key, value, inspecting))?
+                }
             };
             for (p, n) in &victims {
                 inner.revoke_one(txn, p, n, reason)?;
@@ -193,9 +194,10 @@ impl TokenGuard {
                 .into_iter()
                 .collect()),
             RevokeTarget::Provider(p) => collect_names(&txn, Some(p), |_| Ok(true)),
-            RevokeTarget::Label { key, value } => collect_names(&txn, None, |rec| {
-                Ok(rec?.metadata()?.labels.get(*key).map(String::as_str) == Some(*value))
-            }),
+            RevokeTarget::Label { key, value } => {
+                let inspecting = !self.inner.store.state_report().verified;
+                collect_names(&txn, None, |rec| label_matches(rec, key, value, inspecting))
+            }
         }
     }
 
@@ -339,6 +341,18 @@ impl super::Inner {
     }
 }
 
+/// Whether a scanned record carries label `key=value`. A record that does not parse
+/// while `inspecting` a store whose state does not verify is named in a warning and
+/// skipped: its labels cannot be read, and it must not stop the revocation of the
+/// others (the exit code still says integrity). Anywhere else it is an error.
+fn label_matches(rec: Result<RecordView<'_>>, key: &str, value: &str, inspecting: bool) -> Result<bool> {
+    match rec.and_then(|r| r.metadata()) {
+        Ok(m) => Ok(m.labels.get(key).map(String::as_str) == Some(value)),
+        Err(Error::Integrity { .. }) if inspecting => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The names of the records (of one provider) that `keep` selects.
 fn collect_names(
     txn: &impl StoreRead,
@@ -347,6 +361,9 @@ fn collect_names(
 ) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     txn.scan_records(provider, &mut |p, n, rec| {
+        if let Err(e) = &rec {
+            tracing::warn!(provider = p, name = n, error = %e, "damaged record skipped");
+        }
         if keep(rec)? {
             out.push((p.to_string(), n.to_string()));
         }
