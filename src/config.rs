@@ -102,7 +102,7 @@ impl Default for CacheConfig {
 pub struct RotationConfig {
     /// `doctor` warns about active DEKs older than this many days.
     pub max_dek_age_days: Option<u64>,
-    /// Encryptions after which a DEK rotates by itself (default 2^30).
+    /// Encryptions after which a DEK rotates by itself (default 2^30, at most 2^32).
     pub max_dek_encryptions: Option<u64>,
 }
 
@@ -271,6 +271,14 @@ impl Config {
     /// Parses config text; relative paths resolve against `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Self> {
         let mut c: Config = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        if let Some(n) = c.rotation.max_dek_encryptions
+            && !(1..=crate::guard::GuardOptions::MAX_DEK_ENCRYPTIONS).contains(&n)
+        {
+            return Err(Error::Config(format!(
+                "rotation.max_dek_encryptions = {n}: it must be 1 to 2^32 (NIST SP 800-38D's bound for random \
+                 96-bit nonces under one key)"
+            )));
+        }
         c.base_dir = base_dir.to_owned();
         c.store.path = resolve_path(base_dir, &c.store.path);
         for r in &mut c.roots {
@@ -346,5 +354,22 @@ mod tests {
         let e = Config::parse(bad, Path::new("/")).expect_err("md5 is no bank");
         assert!(e.to_string().contains("line 3, column 1") && e.to_string().contains("md5"), "{e}");
         assert!(Config::parse("[store]\npath=\"x\"\n[[roots]]\nbackend = \"nope\"\n", Path::new("/")).is_err());
+    }
+
+    /// Finding 18: a DEK never makes more than 2^32 encryptions (random nonces).
+    #[test]
+    fn max_dek_encryptions_is_capped_at_2_32() {
+        let at = |n: u64| format!("[store]\npath = \"s\"\n[rotation]\nmax_dek_encryptions = {n}\n");
+        assert!(Config::parse(&at(1 << 32), Path::new("/")).is_ok());
+        let e = Config::parse(&at((1 << 32) + 1), Path::new("/")).expect_err("over 2^32");
+        assert!(e.to_string().contains("2^32"), "{e}");
+        assert!(Config::parse(&at(0), Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn recheck_ms_defaults_to_one_second() {
+        let c = Config::parse("[store]\npath = \"s\"\n", Path::new("/")).expect("parse");
+        assert_eq!(c.store.recheck_ms, 1000);
+        assert_eq!(c.guard_options().state_recheck, std::time::Duration::from_secs(1));
     }
 }

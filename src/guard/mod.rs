@@ -69,6 +69,9 @@ pub struct GuardOptions {
 impl GuardOptions {
     /// The default automatic-rotation bound: 2^30 encryptions per DEK version.
     pub const DEFAULT_MAX_DEK_ENCRYPTIONS: u64 = 1 << 30;
+    /// The most encryptions one DEK version may ever make: 2^32 (NIST SP 800-38D
+    /// §8.3, random 96-bit nonces). A larger setting is capped to it.
+    pub const MAX_DEK_ENCRYPTIONS: u64 = 1 << 32;
     /// The default bound on how long a change by another process stays unseen.
     pub const DEFAULT_STATE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 }
@@ -377,6 +380,8 @@ impl Inner {
         ik: &DekMaterial,
         opts: GuardOptions,
     ) -> Result<Self> {
+        let mut opts = opts;
+        opts.max_dek_encryptions = opts.max_dek_encryptions.clamp(1, GuardOptions::MAX_DEK_ENCRYPTIONS);
         let archive = store.read()?.audit_archive()?;
         let audit = crate::audit::AuditKeys::load(ik.expose(), archive.as_deref())?;
         Ok(Inner {
