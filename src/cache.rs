@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aes_gcm::{Aes256Gcm, KeyInit};
 
@@ -36,12 +36,13 @@ impl Default for CacheLimits {
 /// One unwrapped DEK.
 pub(crate) struct CachedDek {
     pub(crate) cipher: Aes256Gcm,
-    loaded: Instant,
+    /// When it was unwrapped (`clock::coarse_ms`: checked on every `get`).
+    loaded: u64,
 }
 
 impl CachedDek {
     pub(crate) fn new(dek: &DekMaterial) -> Self {
-        CachedDek { cipher: Aes256Gcm::new(dek.expose().into()), loaded: Instant::now() }
+        CachedDek { cipher: Aes256Gcm::new(dek.expose().into()), loaded: crate::clock::coarse_ms() }
     }
 }
 
@@ -69,7 +70,10 @@ impl DekCache {
         let hit = map
             .get(provider)
             .and_then(|v| v.iter().find(|(ver, _)| *ver == version))
-            .filter(|(_, c)| c.loaded.elapsed() < self.limits.max_age)
+            .filter(|(_, c)| {
+                crate::clock::coarse_ms().saturating_sub(c.loaded)
+                    < u64::try_from(self.limits.max_age.as_millis()).unwrap_or(u64::MAX)
+            })
             .map(|(_, c)| c.clone());
         if hit.is_none() {
             self.misses.fetch_add(1, Ordering::Relaxed);

@@ -8,6 +8,22 @@ pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// A monotonic clock in milliseconds, coarse (the kernel's tick, a few ms) and cheap
+/// (no syscall): for bounds of a second or more checked on every read. Never 0.
+#[allow(unsafe_code)]
+pub(crate) fn coarse_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to the pointer it is given, which
+    // points to a live local; CLOCK_MONOTONIC_COARSE exists on every Linux since 2.6.32.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return 1;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let ms = u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000;
+    secs.saturating_mul(1000).saturating_add(ms).max(1)
+}
+
 /// The last second RFC 3339 can write: 9999-12-31T23:59:59Z.
 pub const MAX_RFC3339: u64 = 253_402_300_799;
 

@@ -302,6 +302,13 @@ impl TokenGuard {
         self.inner.store.state_report()
     }
 
+    /// Verifies every covered row against the state head now, O(rows): what `open`
+    /// and `doctor` do. A long-running service may call it on a schedule; the
+    /// per-read checks cover the rows it reads in between.
+    pub fn verify_state(&self) -> Result<crate::store::StateReport> {
+        self.inner.store.reverify_state()
+    }
+
     /// Accepts the store's rows as they are now as its authenticated state, with an
     /// audit event: for a store made by tokenguard 0.1 (no state head), or, with
     /// `accept_mismatch`, after an operator has investigated rows that do not match

@@ -22,11 +22,12 @@
 //! process (a revocation, a shred) or a file edit stays unseen.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use zeroize::Zeroizing;
 
@@ -265,14 +266,18 @@ pub(crate) fn tag_of(bytes: &[u8]) -> [u8; TAG_LEN] {
 #[derive(Debug, Default)]
 struct Known {
     generation: u64,
-    checked: Option<Instant>,
+    /// When the head was last looked at (`clock::coarse_ms`); 0: never, or to be
+    /// verified again before the fast path is trusted.
+    checked: u64,
     /// Why the rows do not verify (report mode only; enforce mode refuses to open).
     problem: Option<String>,
     /// The store predates the head (schema 1): `tokenguard upgrade` is the way on.
     upgrade_needed: bool,
-    /// By provider, then name. foldhash (seeded per process) rather than SipHash:
-    /// this lookup is on every `get`.
-    records: HashMap<String, HashMap<String, Mark, RandomState>, RandomState>,
+    /// By two independently seeded 64-bit foldhashes of (provider, name): one probe
+    /// and no pointer to follow on every `get`. Two names meeting on all 128 bits
+    /// would only make a read take the slow path (a tag never matches another
+    /// record's); never a wrong answer.
+    records: HashMap<u128, Mark, BuildHasherDefault<Prehashed>>,
     rows: HashMap<OwnedKey, Digest, RandomState>,
 }
 
@@ -280,7 +285,7 @@ impl Known {
     fn report(&self) -> StateReport {
         StateReport {
             generation: self.generation,
-            rows: self.records.values().map(|m| m.len() as u64).sum::<u64>() + self.rows.len() as u64,
+            rows: self.records.len() as u64 + self.rows.len() as u64,
             verified: self.problem.is_none(),
             upgrade_needed: self.upgrade_needed,
             problem: self.problem.clone(),
@@ -288,18 +293,16 @@ impl Known {
     }
 
     fn record(&self, provider: &str, name: &str) -> Option<&Mark> {
-        self.records.get(provider).and_then(|m| m.get(name))
+        self.records.get(&record_key(provider, name))
     }
 
     fn set_record(&mut self, provider: &str, name: &str, mark: Option<Mark>) {
         match mark {
             Some(m) => {
-                self.records.entry(provider.to_owned()).or_default().insert(name.to_owned(), m);
+                self.records.insert(record_key(provider, name), m);
             }
             None => {
-                if let Some(m) = self.records.get_mut(provider) {
-                    m.remove(name);
-                }
+                self.records.remove(&record_key(provider, name));
             }
         }
     }
@@ -311,8 +314,8 @@ impl Known {
         };
     }
 
-    fn fresh(&self, recheck: Duration) -> bool {
-        self.checked.is_some_and(|t| t.elapsed() < recheck)
+    fn fresh(&self, recheck_ms: u64) -> bool {
+        self.checked != 0 && crate::clock::coarse_ms().saturating_sub(self.checked) < recheck_ms
     }
 }
 
@@ -414,10 +417,6 @@ impl StateCell {
         Ok(())
     }
 
-    fn recheck(&self) -> Duration {
-        Duration::from_millis(self.recheck_ms.load(Ordering::Relaxed))
-    }
-
     /// Verifies every covered row `txn` sees against its head, and makes the result
     /// this process's known state (unless it already knows a newer one). With
     /// [`StateCheck::Enforce`], a mismatch is an error; with `Report`, it is
@@ -479,7 +478,7 @@ impl StateCell {
             });
         }
         fresh.generation = head.flatten().map_or(0, |h| h.generation);
-        fresh.checked = Some(Instant::now());
+        fresh.checked = crate::clock::coarse_ms();
         fresh.problem = problem;
         Ok(fresh)
     }
@@ -595,7 +594,7 @@ impl StateCell {
         }
         {
             let k = read(&self.known);
-            if k.checked.is_some() && k.generation == head.generation {
+            if k.checked != 0 && k.generation == head.generation {
                 return Ok(());
             }
         }
@@ -626,7 +625,7 @@ impl StateCell {
                     Ok(())
                 };
             }
-            if k.fresh(self.recheck()) && matches(&k) {
+            if k.fresh(self.recheck_ms.load(Ordering::Relaxed)) && matches(&k) {
                 return Ok(());
             }
         }
@@ -648,8 +647,8 @@ impl StateCell {
         }
         {
             let mut k = write(&self.known);
-            if k.checked.is_some() && k.generation == head.generation {
-                k.checked = Some(Instant::now());
+            if k.checked != 0 && k.generation == head.generation {
+                k.checked = crate::clock::coarse_ms();
                 return if matches(&k) { Ok(()) } else { Err(Error::integrity(MISMATCH)) };
             }
         }
@@ -664,8 +663,8 @@ impl StateCell {
     /// generation this process had verified; otherwise the next read verifies again.
     pub(crate) fn committed(&self, before: u64, after: u64, changes: Vec<Change>) {
         let mut k = write(&self.known);
-        if k.generation != before || k.checked.is_none() {
-            k.checked = None;
+        if k.generation != before || k.checked == 0 {
+            k.checked = 0;
             return;
         }
         k.generation = after;
@@ -685,6 +684,40 @@ impl StateCell {
             return Vec::new();
         }
         std::mem::take(&mut *lock(&self.changed_deks))
+    }
+}
+
+/// The per-process seeds of the record map's key.
+static RECORD_HASH: std::sync::OnceLock<(RandomState, RandomState)> = std::sync::OnceLock::new();
+
+fn record_key(provider: &str, name: &str) -> u128 {
+    let (a, b) = RECORD_HASH.get_or_init(Default::default);
+    (u128::from(a.hash_one((provider, name))) << 64) | u128::from(b.hash_one((provider, name)))
+}
+
+/// The hasher of a map whose keys are already hashes.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here (below); anything else still mixes.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        // Both halves are uniform hashes: the low one is as good a bucket as any.
+        self.0 = u64::try_from(v & u128::from(u64::MAX)).unwrap_or_default();
     }
 }
 

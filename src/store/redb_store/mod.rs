@@ -236,7 +236,7 @@ impl Store {
     }
 
     /// Verifies the state of the snapshot `txn` in full (a backup, before its dump).
-    pub(crate) fn verify_snapshot(&self, txn: &ReadTxn) -> Result<StateReport> {
+    pub(crate) fn verify_snapshot(&self, txn: &ReadTxn<'_>) -> Result<StateReport> {
         self.state.verify(txn)
     }
 
@@ -257,10 +257,10 @@ impl Store {
     }
 
     /// A consistent read snapshot.
-    pub(crate) fn read(&self) -> Result<ReadTxn> {
+    pub(crate) fn read(&self) -> Result<ReadTxn<'_>> {
         // The floor is read before the snapshot begins: anything seen by then is in it.
         let floor = self.state.floor();
-        engine(|| Ok(ReadTxn(self.db.begin_read()?, self.state.clone(), floor)))
+        engine(|| Ok(ReadTxn(self.db.begin_read()?, &self.state, floor)))
     }
 
     /// Runs `f` in a write transaction, moves the state head by the covered rows it
@@ -414,7 +414,7 @@ impl Store {
 }
 
 /// A read snapshot, with the state it is checked against.
-pub(crate) struct ReadTxn(pub(super) ReadTransaction, std::sync::Arc<StateCell>, u64);
+pub(crate) struct ReadTxn<'s>(pub(super) ReadTransaction, &'s StateCell, u64);
 
 /// A write transaction (committed by [`Store::write`]), with the accumulator delta of
 /// the covered rows it changed.
@@ -515,7 +515,7 @@ pub(super) fn check_row<T: Tables + StoreRead>(t: &T, row: Row, key: RowKey<'_>,
     }
 }
 
-impl Tables for ReadTxn {
+impl Tables for ReadTxn<'_> {
     fn table<K: Key + 'static, V: Value + 'static>(
         &self,
         def: TableDefinition<'static, K, V>,
@@ -531,7 +531,7 @@ impl Tables for ReadTxn {
     const WRITE: bool = false;
 
     fn checked(&self) -> Option<&StateCell> {
-        Some(&self.1)
+        Some(self.1)
     }
 
     fn with_pending<R>(&self, f: impl FnOnce(&[Change]) -> R) -> R {

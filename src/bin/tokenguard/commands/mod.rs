@@ -61,7 +61,7 @@ impl Ctx {
         if warn && let Some(p) = &s.problem {
             note!(
                 "warning: {p}. Secrets are not opened; reports and revocations go ahead. See `tokenguard doctor` \
-                 and SECURITY in the README."
+                 and the README's \"Security notes\"."
             );
         }
         Ok(g)
