@@ -14,6 +14,15 @@ use crate::secret::{DekMaterial, Secret};
 use crate::store::{DekEntry, DekState, RootWrapped, StoreRead, StoreWrite};
 
 impl Inner {
+    /// The descriptions of the roots of `pins` that are not configured in this
+    /// process (so cannot wrap a new key).
+    pub(super) fn unconfigured<'p>(&self, pins: &'p [crate::store::RootPin]) -> Vec<&'p str> {
+        pins.iter()
+            .filter(|p| !self.roots.iter().any(|r| r.root_id == p.root_id))
+            .map(|p| p.description.as_str())
+            .collect()
+    }
+
     /// Unwraps `entry` with the first configured root that has a blob for it.
     pub(super) fn unwrap_entry(&self, entry: &DekEntry) -> Result<DekMaterial> {
         let mut last = None;
@@ -104,11 +113,7 @@ impl Inner {
         // Read the pinned roots inside the transaction: another process may have
         // added one since this guard opened.
         let pins = txn.roots()?;
-        let missing: Vec<&str> = pins
-            .iter()
-            .filter(|p| !self.roots.iter().any(|r| r.root_id == p.root_id))
-            .map(|p| p.description.as_str())
-            .collect();
+        let missing = self.unconfigured(&pins);
         if !missing.is_empty() {
             // A DEK some pinned root cannot open would silently weaken recovery.
             return Err(Error::Config(format!(

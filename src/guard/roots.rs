@@ -110,11 +110,7 @@ impl TokenGuard {
                     "refusing to leave only PCR-bound roots: a firmware or boot change would lock the store".into(),
                 ));
             }
-            let missing: Vec<&str> = rest
-                .iter()
-                .filter(|p| !inner.roots.iter().any(|r| r.root_id == p.root_id))
-                .map(|p| p.description.as_str())
-                .collect();
+            let missing = inner.unconfigured(&rest);
             if !missing.is_empty() {
                 return Err(Error::InvalidInput(format!(
                     "refusing to remove root {root_id}: every remaining root must be configured in this process, \
