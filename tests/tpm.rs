@@ -192,6 +192,13 @@ fn a_pcr_extend_locks_the_pcr_bound_root_but_the_second_root_opens() {
     let checks = env.open().doctor();
     let pcr = checks.iter().find(|c| c.name == "tpm PCR policy").unwrap();
     assert!(pcr.detail.contains("PCRs [16]"), "{}", pcr.detail);
+    // … and tells the truth about the policy unseal (issue 10, finding 8) and the
+    // missing authorisation value (finding 7).
+    let enc = checks.iter().find(|c| c.name == "tpm parameter encryption").unwrap();
+    assert_eq!(enc.status, tokenguard::root::Status::Warn, "{enc:?}");
+    assert!(enc.detail.contains("off when it is unsealed under the PCR policy"), "{}", enc.detail);
+    let auth = checks.iter().find(|c| c.name == "tpm authorisation").unwrap();
+    assert_eq!(auth.status, tokenguard::root::Status::Warn, "{auth:?}");
 
     extend_pcr(&tpm, 16);
     match tpm_only() {

@@ -591,11 +591,25 @@ impl RootKey for TpmRoot {
             true,
             format!("{:#x} via {}, Name {}", self.settings.persistent_handle, self.settings.tcti, hex(&self.name)),
         )];
-        out.push(if self.settings.parameter_encryption {
-            Check::new("tpm parameter encryption", true, "salted AES-128-CFB sessions for commands carrying a DEK")
-        } else {
-            Check::warn("tpm parameter encryption", "off: DEKs cross the TPM bus in the clear")
+        out.push(match (self.settings.parameter_encryption, &self.settings.pcrs) {
+            (false, _) => Check::warn("tpm parameter encryption", "off: DEKs cross the TPM bus in the clear"),
+            // The truth about the policy path (security issue, finding 8): the unseal
+            // under a PCR policy runs in an unsalted policy session.
+            (true, Some(_)) => Check::warn(
+                "tpm parameter encryption",
+                "on when a DEK is sealed; off when it is unsealed under the PCR policy (the unseal runs in an \
+                 unsalted policy session): a DEK crosses the TPM bus in the clear at each cache miss",
+            ),
+            (true, None) => {
+                Check::new("tpm parameter encryption", true, "salted AES-128-CFB sessions for commands carrying a DEK")
+            }
         });
+        // Finding 7: nothing plays the role of the PKCS#11 PIN yet.
+        out.push(Check::warn(
+            "tpm authorisation",
+            "DEKs are sealed without an authorisation value: any process that can open the TPM device and read the \
+             store file can unseal them; keep the device to the service's user",
+        ));
         if let Some((bank, pcrs)) = &self.settings.pcrs {
             let current = self.with_ctx(|ctx, _| {
                 let sel = pcr_selection(*bank, pcrs)?;
