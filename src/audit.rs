@@ -43,6 +43,10 @@ impl AuditKeys {
         let mut keys = AuditKeys { current: crate::crypto::derive(ik, AUDIT_KEY_LABEL), archive: Vec::new() };
         let Some(sealed) = sealed else { return Ok(keys) };
         let bad = || Error::integrity("opening the archive of audit keys");
+        // At least one entry: 40 bytes and the 8 of the key wrap.
+        if sealed.len() < ARCHIVE_ENTRY_LEN + 8 {
+            return Err(bad());
+        }
         use aes_kw::KeyInit;
         let kek = crate::crypto::derive(ik, ARCHIVE_KEY_LABEL);
         let mut plain = Zeroizing::new(vec![0u8; sealed.len().saturating_sub(8)]);

@@ -17,7 +17,11 @@ pub(crate) fn coarse_ms() -> u64 {
     // points to a live local; CLOCK_MONOTONIC_COARSE exists on every Linux since 2.6.32.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     if rc != 0 {
-        return 1;
+        // Never a clock that stands still (state that stays "fresh" for ever): the
+        // precise one, from the first call.
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let ms = START.get_or_init(std::time::Instant::now).elapsed().as_millis();
+        return u64::try_from(ms).unwrap_or(u64::MAX).saturating_add(1);
     }
     let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
     let ms = u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000;

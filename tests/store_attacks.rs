@@ -613,3 +613,49 @@ fn a_running_guard_launders_nothing() {
     raw::edit(&env.store_path, &[Edit::Token("github", "ci-bot", Some(&edited))]);
     assert!(matches!(g.status("github", "ci-bot"), Err(Error::Integrity { .. })), "{:?}", g.status("github", "ci-bot"));
 }
+
+/// Second review: a root removed while it is still named in the config gets no new
+/// data key, and a key rotation refuses rows edited after the guard's last check.
+#[test]
+fn root_remove_leaves_out_a_still_configured_root_and_refuses_edited_rows() {
+    use tokenguard::root::soft::SoftRoot;
+    use tokenguard::store::DekEntry;
+
+    let env = store("atk-remove-configured");
+    let soft_file = env.dir.join("soft.key");
+    let g = env.open();
+    let soft_id = g.add_root(Box::new(SoftRoot::open_or_create(&soft_file).unwrap())).unwrap().root_id;
+    drop(g);
+    let c = env.config();
+    let both = || {
+        let mut roots = c.build_roots(tokenguard::compose::RootUse::Open).unwrap();
+        roots.push(Box::new(SoftRoot::open(&soft_file).unwrap()));
+        TokenGuard::open(&c.store.path, c.store_options(), roots, Default::default()).unwrap()
+    };
+    let g = both();
+    g.remove_root(soft_id).unwrap();
+    g.put("newprov", "x", tokenguard::Secret::raw(b"np".to_vec()), Default::default()).unwrap();
+    g.rotate_dek("github").unwrap();
+    let snap = raw::snapshot(&env.store_path);
+    for ((p, v), bytes) in &snap.deks {
+        let e = DekEntry::decode(bytes).unwrap();
+        assert!(e.wrapped.iter().all(|w| w.root_id != soft_id), "{p} v{v} is wrapped for the removed root");
+    }
+    drop(g);
+
+    // Rows edited under a guard that already checked them: the rotation refuses.
+    let env = store("atk-rekey-edited");
+    let before = raw::snapshot(&env.store_path);
+    ok(&env, &["put", "github", "ci-bot"], b"ghp_NEWER");
+    let g = env.open();
+    let soft_id = g.add_root(Box::new(SoftRoot::open_or_create(&env.dir.join("s.key")).unwrap())).unwrap().root_id;
+    raw::edit(
+        &env.store_path,
+        &[Edit::Token("github", "ci-bot", Some(&before.tokens[&("github".into(), "ci-bot".into())]))],
+    );
+    match g.remove_root(soft_id) {
+        Err(e @ tokenguard::Error::Integrity { .. }) => assert_eq!(e.exit_code(), 4),
+        other => panic!("a key rotation vouched for an edited row: {other:?}"),
+    }
+    assert!(g.get("github", "ci-bot").is_err(), "the old row must not open");
+}

@@ -121,7 +121,11 @@ impl Inner {
                 missing.join("; ")
             )));
         }
-        let (first, rest) = self.roots.split_first().ok_or_else(|| Error::Config("no usable root".into()))?;
+        // Wrapped under the pinned roots only: a root removed from the store but still
+        // named in this process's config must never get a new key.
+        let pinned: Vec<&super::ActiveRoot> =
+            self.roots.iter().filter(|r| pins.iter().any(|p| p.root_id == r.root_id)).collect();
+        let (first, rest) = pinned.split_first().ok_or_else(|| Error::Config("no usable root".into()))?;
         Counters::add(&self.counters.generates, 1);
         let (dek, w) = first.key.generate_dek()?;
         let mut wrapped = vec![RootWrapped { root_id: first.root_id, wrapped: w }];

@@ -225,6 +225,11 @@ struct Inner {
 struct GuardKeys {
     integrity_key: Zeroizing<[u8; 32]>,
     audit: crate::audit::AuditKeys,
+    /// The sealed archive of audit keys these keys were loaded with (or made): a
+    /// store whose archive differs had its keys replaced by another process (or by
+    /// this one, in a transaction whose keys are not swapped in yet), and this guard
+    /// must not write audit events with its keys.
+    archive: Option<Vec<u8>>,
 }
 
 /// The credential guard. `Send + Sync` and cheap to clone: share one per process.
@@ -318,15 +323,16 @@ impl TokenGuard {
     pub fn upgrade(&self, accept_mismatch: bool) -> Result<(crate::store::StateReport, crate::store::StateReport)> {
         let inner = &*self.inner;
         let before = inner.store.reverify_state()?;
-        if before.verified {
+        let old = inner.keys();
+        let marked = crate::crypto::is_marked_integrity_key(&old.integrity_key);
+        if before.verified && marked {
             return Ok((before.clone(), before));
         }
-        let old = inner.keys();
         // A plain upgrade is for a store made by 0.1. One whose integrity key carries
         // this build's marker had a state head: it was removed, and the rows may be
         // anyone's.
-        let downgraded = before.upgrade_needed && crate::crypto::is_marked_integrity_key(&old.integrity_key);
-        if (!before.upgrade_needed || downgraded) && !accept_mismatch {
+        let downgraded = before.upgrade_needed && marked;
+        if !before.verified && (!before.upgrade_needed || downgraded) && !accept_mismatch {
             return Err(Error::integrity(if downgraded {
                 "upgrading a store whose state head was removed (it was made with one): treat it as tampered; \
                  restore a backup, or pass --accept-current-state after investigating"
@@ -335,7 +341,10 @@ impl TokenGuard {
                  after investigating)"
             }));
         }
-        let (op, detail) = if before.upgrade_needed && !downgraded {
+        let (op, detail) = if before.verified {
+            // A verified store whose key lacks the marker: restored from a 0.1 backup.
+            ("upgrade", "integrity key replaced by one with this build's marker".to_string())
+        } else if before.upgrade_needed && !downgraded {
             ("upgrade", "schema 1 to 2: state head added over the rows as found; integrity key replaced".to_string())
         } else {
             ("state-accept", format!("rows accepted as found: {}", before.problem.clone().unwrap_or_default()))
@@ -344,7 +353,7 @@ impl TokenGuard {
         // passed off as a 0.1 store again; the audit keys so far are archived.
         let new_ik = crate::crypto::new_integrity_key()?;
         let new_keys = std::cell::RefCell::new(None);
-        inner.store.reseal_with_key(crate::store::state::StateKey::derive(new_ik.expose()), |txn| {
+        let work = |txn: &crate::store::WriteTxn| {
             let last_seq = crate::audit::append(
                 txn,
                 &old.audit,
@@ -354,7 +363,15 @@ impl TokenGuard {
             let pins = txn.roots()?;
             *new_keys.borrow_mut() = Some(inner.replace_integrity_key(txn, &pins, &new_ik, &old, last_seq)?);
             Ok(())
-        })?;
+        };
+        let key = crate::store::state::StateKey::derive(new_ik.expose());
+        // Over a verified store, a rotation that checks the rows again; otherwise the
+        // operator's acceptance of the rows as they are.
+        if before.verified {
+            inner.store.rekey(key, work)?
+        } else {
+            inner.store.reseal_with_key(key, work)?
+        };
         if let Some(k) = new_keys.into_inner() {
             *crate::sync::write(&inner.keys) = Arc::new(k);
         }
@@ -390,13 +407,26 @@ impl Inner {
         let mut opts = opts;
         opts.max_dek_encryptions = opts.max_dek_encryptions.clamp(1, GuardOptions::MAX_DEK_ENCRYPTIONS);
         let archive = store.read()?.audit_archive()?;
-        let audit = crate::audit::AuditKeys::load(ik.expose(), archive.as_deref())?;
+        let audit = match crate::audit::AuditKeys::load(ik.expose(), archive.as_deref()) {
+            Ok(a) => a,
+            // Opened for inspection, a damaged archive must not keep `doctor` out: the
+            // audit chain check reports the events it cannot verify.
+            Err(e) if opts.state_check == crate::store::StateCheck::Report => {
+                tracing::warn!(error = %e, "the archive of audit keys does not open; earlier audit eras unverifiable");
+                crate::audit::AuditKeys::load(ik.expose(), None)?
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Inner {
             store,
             store_id,
             roots,
             pins,
-            keys: std::sync::RwLock::new(Arc::new(GuardKeys { integrity_key: Zeroizing::new(*ik.expose()), audit })),
+            keys: std::sync::RwLock::new(Arc::new(GuardKeys {
+                integrity_key: Zeroizing::new(*ik.expose()),
+                audit,
+                archive,
+            })),
             cache: DekCache::new(opts.cache),
             uncommitted: std::sync::Mutex::new(Vec::new()),
             counters: Counters::default(),
@@ -430,7 +460,14 @@ impl Inner {
     }
 
     fn audit(&self, txn: &impl StoreWrite, ev: NewEvent<'_>) -> Result<()> {
-        crate::audit::append(txn, &self.keys().audit, &self.opts.actor, ev).map(drop)
+        let keys = self.keys();
+        if txn.audit_archive()? != keys.archive {
+            return Err(Error::integrity(
+                "appending an audit event: the store's keys were replaced (a `root remove` or `upgrade` by another \
+                 process, or one in progress here); reopen the store",
+            ));
+        }
+        crate::audit::append(txn, &keys.audit, &self.opts.actor, ev).map(drop)
     }
 
     /// Ends `entries` of `provider` in `state` (retired or destroyed: the wrapped

@@ -201,6 +201,6 @@ impl super::Inner {
         txn.put_roots(pins, &wrapped)?;
         let (audit, sealed) = old.audit.rotated(new_ik.expose(), last_seq)?;
         txn.put_audit_archive(&sealed)?;
-        Ok(super::GuardKeys { integrity_key: zeroize::Zeroizing::new(*new_ik.expose()), audit })
+        Ok(super::GuardKeys { integrity_key: zeroize::Zeroizing::new(*new_ik.expose()), audit, archive: Some(sealed) })
     }
 }

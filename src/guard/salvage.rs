@@ -32,6 +32,9 @@ impl TokenGuard {
     pub fn salvage(&self, to: &Path, opts: StoreOptions) -> Result<SalvageReport> {
         let inner = &*self.inner;
         let txn = inner.store.read()?;
+        // The snapshot copied is the one checked: refused if its rows do not verify,
+        // unless this guard was opened for inspection (the operator accepted them).
+        inner.store.verify_snapshot(&txn)?;
         let meta = txn.meta()?;
         let mut dump = txn.dump()?;
         let records = dump.tokens.len() as u64;

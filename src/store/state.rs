@@ -659,16 +659,23 @@ impl StateCell {
         if ok { Ok(()) } else { Err(Error::integrity(MISMATCH)) }
     }
 
+    /// After a committed reseal (the head recomputed, perhaps under a new key): the
+    /// known state is verified again at the next read.
+    pub(crate) fn resealed(&self, after: u64) {
+        self.max_seen.fetch_max(after, Ordering::AcqRel);
+        write(&self.known).checked = 0;
+    }
+
     /// Applies a committed write's changes when it moved the head from the
     /// generation this process had verified; otherwise the next read verifies again.
     pub(crate) fn committed(&self, before: u64, after: u64, changes: Vec<Change>) {
+        self.max_seen.fetch_max(after, Ordering::AcqRel);
         let mut k = write(&self.known);
         if k.generation != before || k.checked == 0 {
             k.checked = 0;
             return;
         }
         k.generation = after;
-        self.max_seen.fetch_max(after, Ordering::AcqRel);
         for c in changes {
             match c {
                 Change::Record { provider, name, mark } => k.set_record(&provider, &name, mark),

@@ -19,7 +19,9 @@ const MAX_INPUT: u64 = 64 * 1024;
 
 /// Reads the whole secret input.
 pub fn read_input(from_file: Option<&Path>) -> Result<Zeroizing<Vec<u8>>> {
-    let mut buf = Zeroizing::new(Vec::new());
+    // Sized for the largest accepted input up front: a Vec that grew would leave
+    // the earlier, smaller copies of the secret behind in freed memory.
+    let mut buf = Zeroizing::new(Vec::with_capacity(usize::try_from(MAX_INPUT + 1).unwrap_or(usize::MAX)));
     match from_file {
         Some(p) => {
             let f =

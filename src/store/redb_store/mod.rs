@@ -291,36 +291,56 @@ impl Store {
         require_head: bool,
         f: impl FnOnce(&WriteTxn) -> Result<T>,
     ) -> Result<T> {
-        let out = self.write_inner(f, |txn| {
+        let out = self.write_inner(true, f, |txn| {
             let armed = self.state.key()?;
             let (old_key, store_id) = &*armed;
             let key = new_key.as_ref().unwrap_or(old_key);
             txn.txn.open_table(META)?.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
             let old = txn.state_head()?.and_then(|b| Head::decode(&b, old_key, store_id).ok());
-            if require_head && old.is_none() {
-                // A key rotation vouches only for a store whose state verifies.
-                return Err(Error::integrity("verifying the store's state head before a key rotation"));
-            }
-            let mut acc = Acc::default();
+            let (mut acc, mut acc_old) = (Acc::default(), Acc::default());
             txn.visit_covered(&mut |row, k, v| {
                 acc.add(&key.row(row, k, v));
+                if require_head {
+                    acc_old.add(&old_key.row(row, k, v));
+                }
                 Ok(())
             })?;
-            let before = old.map_or(0, |h| h.generation);
+            if require_head {
+                // A key rotation vouches only for rows that verify: the rows now must be
+                // the verified ones moved by exactly this transaction's changes. (Checked
+                // here, after `f`, so nothing `f` read can have been swapped since.)
+                let Some(h) = old else {
+                    return Err(Error::integrity("verifying the store's state head before a key rotation"));
+                };
+                let mut expect = h.acc;
+                expect.merge(&txn.delta.borrow());
+                if expect != acc_old {
+                    return Err(Error::integrity(
+                        "verifying the store's rows before a key rotation (they do not match the state head)",
+                    ));
+                }
+            }
+            // Never behind a generation this process has seen (a reseal over a head that
+            // did not decode would otherwise start again from 1).
+            let before = old.map_or(0, |h| h.generation).max(self.state.floor());
             let after = Head { generation: before + 1, acc };
             Ok((before, after.generation, after.encode(key, store_id)))
         })?;
         if let Some(k) = new_key {
             self.state.rekey(k)?;
         }
-        self.state.verify(&self.read()?)?;
+        // The commit happened: a failed check now (the file edited right after it) is
+        // for the next read to report, not a reason to tell the caller it did not.
+        if let Err(e) = self.read().and_then(|t| self.state.verify(&t)) {
+            tracing::warn!(error = %e, "the store's state did not verify right after a reseal");
+        }
         Ok(out)
     }
 
     /// [`Store::write`], starting from `genesis` instead of the stored head (the
     /// creating transaction).
     fn write_from<T>(&self, genesis: Option<Head>, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.write_inner(f, |txn| {
+        self.write_inner(false, f, |txn| {
             let armed = self.state.key()?;
             let (key, store_id) = &*armed;
             let before = match genesis {
@@ -341,8 +361,12 @@ impl Store {
         })
     }
 
+    /// One write transaction: `f`, then `seal` (which computes the new head), then the
+    /// commit. `resealed`: the head was recomputed rather than moved by the changes,
+    /// so the process's known state is verified afresh instead of updated.
     fn write_inner<T>(
         &self,
+        resealed: bool,
         f: impl FnOnce(&WriteTxn) -> Result<T>,
         seal: impl FnOnce(&WriteTxn) -> Result<(u64, u64, Vec<u8>)>,
     ) -> Result<T> {
@@ -370,7 +394,11 @@ impl Store {
         .map_err(poison)?;
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
         engine(|| Ok(txn.txn.commit()?)).map_err(poison)?;
-        self.state.committed(before, after, changes);
+        if resealed {
+            self.state.resealed(after);
+        } else {
+            self.state.committed(before, after, changes);
+        }
         Ok(out)
     }
 

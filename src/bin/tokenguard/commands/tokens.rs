@@ -48,10 +48,22 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32> {
         let text = value
             .expose_str()
             .ok_or_else(|| Error::InvalidInput("the secret is not UTF-8; use get without --json".into()))?;
-        let v = zeroize::Zeroizing::new(
-            json!({"provider": provider, "name": name, "field": a.field, "value": text, "meta": meta}).to_string(),
-        );
-        writeln!(out, "{}", v.as_str()).map_err(stdout_error)?;
+        // Serialised straight from borrowed fields into one zeroizing buffer, sized so it
+        // never grows (JSON escaping at most sextuples a byte): no plain copy of the
+        // secret in a `serde_json::Value` or a reallocated buffer.
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            provider: &'a str,
+            name: &'a str,
+            field: Option<&'a str>,
+            value: &'a str,
+            meta: &'a tokenguard::Metadata,
+        }
+        let mut v = zeroize::Zeroizing::new(Vec::with_capacity(text.len() * 6 + 4096));
+        let o = Out { provider: &provider, name: &name, field: a.field.as_deref(), value: text, meta: &meta };
+        serde_json::to_writer(&mut *v, &o).map_err(|e| Error::InvalidInput(format!("encoding JSON: {e}")))?;
+        v.push(b'\n');
+        out.write_all(&v).map_err(stdout_error)?;
     } else {
         out.write_all(value.expose()).map_err(stdout_error)?;
         if std::io::stdout().is_terminal() {
