@@ -99,4 +99,14 @@ fn a_backup_written_by_0_1_restores() {
     assert_eq!((summary.tokens, summary.deks, summary.tombstones, summary.audit_events), (4, 5, 1, 13));
     check_contents(&g);
     assert_eq!(g.audit_verify().unwrap().first_bad, None);
+    // A restored 0.1 store verifies, but its integrity key lacks this build's marker:
+    // `upgrade` replaces it (so the store cannot later pose as a 0.1 store), and the
+    // audit chain still verifies across the key change.
+    let (before, after) = g.upgrade(false).unwrap();
+    assert!(before.verified && after.verified && after.generation > before.generation, "{before:?} {after:?}");
+    assert_eq!(g.audit_list(0).unwrap().last().unwrap().op, "upgrade");
+    assert_eq!(g.audit_verify().unwrap().first_bad, None);
+    let (again, _) = g.upgrade(false).unwrap();
+    assert_eq!(again.generation, after.generation, "a second upgrade has nothing to do");
+    check_contents(&g);
 }
