@@ -659,3 +659,61 @@ fn root_remove_leaves_out_a_still_configured_root_and_refuses_edited_rows() {
     }
     assert!(g.get("github", "ci-bot").is_err(), "the old row must not open");
 }
+
+/// Finding 11: a root whose fresh wrap does not open again (a token that picks an IV
+/// and does not return it, a mechanism quirk) is caught when it wraps, before the
+/// blob is stored: neither `root add` nor a new data key keeps such a wrap.
+#[test]
+fn a_wrap_that_does_not_round_trip_is_refused() {
+    use tokenguard::root::soft::SoftRoot;
+    use tokenguard::root::{Check, RootIdentity, RootKey, Wrapped};
+    use tokenguard::secret::DekMaterial;
+
+    /// A soft root whose wraps come back with one bit flipped.
+    #[derive(Debug)]
+    struct Garbles(SoftRoot);
+    impl RootKey for Garbles {
+        fn backend(&self) -> &'static str {
+            self.0.backend()
+        }
+        fn is_hardware(&self) -> bool {
+            false
+        }
+        fn identity(&self) -> tokenguard::Result<RootIdentity> {
+            self.0.identity()
+        }
+        fn generate_dek(&self) -> tokenguard::Result<(DekMaterial, Wrapped)> {
+            self.0.generate_dek()
+        }
+        fn wrap(&self, dek: &DekMaterial) -> tokenguard::Result<Wrapped> {
+            let mut w = self.0.wrap(dek)?;
+            w.blob[3] ^= 1;
+            Ok(w)
+        }
+        fn unwrap(&self, wrapped: &Wrapped) -> tokenguard::Result<DekMaterial> {
+            self.0.unwrap(wrapped)
+        }
+        fn health(&self) -> Vec<Check> {
+            Vec::new()
+        }
+        fn is_policy_bound(&self) -> bool {
+            false
+        }
+    }
+
+    let env = store("atk-wrap-roundtrip");
+    let file = env.dir.join("garbles.key");
+    let g = env.open();
+    assert!(g.add_root(Box::new(Garbles(SoftRoot::open_or_create(&file).unwrap()))).is_err());
+    assert_eq!(g.pinned_roots().unwrap().len(), 1, "nothing was pinned");
+    // Pinned honestly, then configured with the faulty wrap: a new provider's key is refused.
+    g.add_root(Box::new(SoftRoot::open(&file).unwrap())).unwrap();
+    drop(g);
+    let c = env.config();
+    let mut roots = c.build_roots(tokenguard::compose::RootUse::Open).unwrap();
+    roots.push(Box::new(Garbles(SoftRoot::open(&file).unwrap())));
+    let g = TokenGuard::open(&c.store.path, c.store_options(), roots, Default::default()).unwrap();
+    assert!(g.put("newprov", "x", tokenguard::Secret::raw(b"x".to_vec()), Default::default()).is_err());
+    assert!(raw::snapshot(&env.store_path).deks.keys().all(|(p, _)| p != "newprov"), "no data key was stored");
+    assert!(g.hardware_calls().verifies > 0);
+}

@@ -59,6 +59,9 @@ pub struct HardwareCalls {
     pub wraps: u64,
     /// DEK generations.
     pub generates: u64,
+    /// Unwraps that check a fresh wrap round-trips (a new DEK, a new root, a new
+    /// integrity key), counted apart from the unwraps that serve reads.
+    pub verifies: u64,
 }
 
 impl Counters {
@@ -68,6 +71,7 @@ impl Counters {
             unwraps: self.unwraps.load(Relaxed),
             wraps: self.wraps.load(Relaxed),
             generates: self.generates.load(Relaxed),
+            verifies: self.verifies.load(Relaxed),
         }
     }
 }

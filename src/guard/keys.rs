@@ -128,10 +128,10 @@ impl Inner {
         let (first, rest) = pinned.split_first().ok_or_else(|| Error::Config("no usable root".into()))?;
         Counters::add(&self.counters.generates, 1);
         let (dek, w) = first.key.generate_dek()?;
+        first.check_wrap(&w, &dek, &self.counters)?;
         let mut wrapped = vec![RootWrapped { root_id: first.root_id, wrapped: w }];
         for r in rest {
-            Counters::add(&self.counters.wraps, 1);
-            wrapped.push(RootWrapped { root_id: r.root_id, wrapped: r.key.wrap(&dek)? });
+            wrapped.push(RootWrapped { root_id: r.root_id, wrapped: r.wrap_checked(&dek, &self.counters)? });
         }
         let entry =
             DekEntry { version, state: DekState::Active, created: crate::clock::now(), encryptions: 0, wrapped };

@@ -39,7 +39,10 @@ impl TokenGuard {
             // The integrity key.
             let ik_plain = DekMaterial::from_slice(&inner.keys().integrity_key[..])?;
             Counters::add(&inner.counters.wraps, 1);
-            ik.push(RootWrapped { root_id, wrapped: root.wrap(&ik_plain)? });
+            let w = root.wrap(&ik_plain)?;
+            // The new root must open what it wrapped before it is pinned (finding 11).
+            super::check_wrap(&*root, &w, &ik_plain, &inner.counters)?;
+            ik.push(RootWrapped { root_id, wrapped: w });
 
             // Every DEK that still has material.
             let mut n = 0;
@@ -93,77 +96,81 @@ impl TokenGuard {
         let old = inner.keys();
         let new_ik = crate::crypto::new_integrity_key()?;
         let new_keys = std::cell::RefCell::new(None);
-        let out = inner.store.rekey(crate::store::state::StateKey::derive(new_ik.expose()), |txn| {
-            let meta = txn.meta()?;
-            let pins = meta.roots;
-            let Some(gone) = pins.iter().find(|p| p.root_id == root_id).cloned() else {
-                return Err(Error::NotFound { provider: "root".into(), name: root_id.to_string() });
-            };
-            let rest: Vec<RootPin> = pins.into_iter().filter(|p| p.root_id != root_id).collect();
-            if rest.is_empty() {
-                return Err(Error::InvalidInput(
-                    "refusing to remove the last root: the store would never open again".into(),
-                ));
-            }
-            if rest.iter().all(|p| p.pin.contains(crate::root::POLICY_BOUND_MARKER)) {
-                return Err(Error::InvalidInput(
-                    "refusing to leave only PCR-bound roots: a firmware or boot change would lock the store".into(),
-                ));
-            }
-            let missing = inner.unconfigured(&rest);
-            if !missing.is_empty() {
-                return Err(Error::InvalidInput(format!(
-                    "refusing to remove root {root_id}: every remaining root must be configured in this process, \
+        let state_key = crate::store::state::StateKey::derive(new_ik.expose());
+        let out = inner.with_created(
+            |body| inner.store.rekey(state_key, |txn| body(txn)),
+            |txn| {
+                let meta = txn.meta()?;
+                let pins = meta.roots;
+                let Some(gone) = pins.iter().find(|p| p.root_id == root_id).cloned() else {
+                    return Err(Error::NotFound { provider: "root".into(), name: root_id.to_string() });
+                };
+                let rest: Vec<RootPin> = pins.into_iter().filter(|p| p.root_id != root_id).collect();
+                if rest.is_empty() {
+                    return Err(Error::InvalidInput(
+                        "refusing to remove the last root: the store would never open again".into(),
+                    ));
+                }
+                if rest.iter().all(|p| p.pin.contains(crate::root::POLICY_BOUND_MARKER)) {
+                    return Err(Error::InvalidInput(
+                        "refusing to leave only PCR-bound roots: a firmware or boot change would lock the store".into(),
+                    ));
+                }
+                let missing = inner.unconfigured(&rest);
+                if !missing.is_empty() {
+                    return Err(Error::InvalidInput(format!(
+                        "refusing to remove root {root_id}: every remaining root must be configured in this process, \
                      to wrap the new integrity key and data keys; missing: {}",
-                    missing.join("; ")
-                )));
-            }
-            // 1. The removed root's wraps go, and it is unpinned (so the new data keys
-            //    below are made for the remaining roots only).
-            let ik_rest: Vec<RootWrapped> = meta.integrity_key.into_iter().filter(|w| w.root_id != root_id).collect();
-            txn.put_roots(&rest, &ik_rest)?;
-            let mut live_providers = Vec::new();
-            for (provider, mut e) in txn.deks(None, None)? {
-                let before = e.wrapped.len();
-                e.wrapped.retain(|w| w.root_id != root_id);
-                if e.wrapped.len() != before {
-                    txn.put_dek(&provider, &e)?;
+                        missing.join("; ")
+                    )));
                 }
-                if e.state == DekState::Active && live_providers.last() != Some(&provider) {
-                    live_providers.push(provider);
+                // 1. The removed root's wraps go, and it is unpinned (so the new data keys
+                //    below are made for the remaining roots only).
+                let ik_rest: Vec<RootWrapped> =
+                    meta.integrity_key.into_iter().filter(|w| w.root_id != root_id).collect();
+                txn.put_roots(&rest, &ik_rest)?;
+                let mut live_providers = Vec::new();
+                for (provider, mut e) in txn.deks(None, None)? {
+                    let before = e.wrapped.len();
+                    e.wrapped.retain(|w| w.root_id != root_id);
+                    if e.wrapped.len() != before {
+                        txn.put_dek(&provider, &e)?;
+                    }
+                    if e.state == DekState::Active && live_providers.last() != Some(&provider) {
+                        live_providers.push(provider);
+                    }
                 }
-            }
-            // 2. A new data key per provider: what is written from now on is out of
-            //    the removed root's reach.
-            for provider in &live_providers {
-                let (highest, active) = inner.dek_versions(txn, provider)?;
-                if let Some(e) = active {
-                    inner.set_dek_state(txn, provider, e, DekState::DecryptOnly)?;
+                // 2. A new data key per provider: what is written from now on is out of
+                //    the removed root's reach.
+                for provider in &live_providers {
+                    let (highest, active) = inner.dek_versions(txn, provider)?;
+                    if let Some(e) = active {
+                        inner.set_dek_state(txn, provider, e, DekState::DecryptOnly)?;
+                    }
+                    inner.create_dek(txn, provider, highest + 1, "dek-rotate")?;
                 }
-                inner.create_dek(txn, provider, highest + 1, "dek-rotate")?;
-            }
-            // 3. The last event under the old audit key.
-            let last_seq = crate::audit::append(
-                txn,
-                &old.audit,
-                &inner.opts.actor,
-                NewEvent {
-                    op: "root-remove",
-                    outcome: "ok",
-                    detail: format!(
-                        "root {root_id}: {}; integrity key replaced, data keys rotated for {} providers",
-                        gone.description,
-                        live_providers.len()
-                    ),
-                    ..Default::default()
-                },
-            )?;
-            // 4. The new integrity key under every remaining root, and the audit keys
-            //    of earlier eras archived under it.
-            *new_keys.borrow_mut() = Some(inner.replace_integrity_key(txn, &rest, &new_ik, &old, last_seq)?);
-            Ok(gone)
-        });
-        let out = inner.settle_uncommitted(out);
+                // 3. The last event under the old audit key.
+                let last_seq = crate::audit::append(
+                    txn,
+                    &old.audit,
+                    &inner.opts.actor,
+                    NewEvent {
+                        op: "root-remove",
+                        outcome: "ok",
+                        detail: format!(
+                            "root {root_id}: {}; integrity key replaced, data keys rotated for {} providers",
+                            gone.description,
+                            live_providers.len()
+                        ),
+                        ..Default::default()
+                    },
+                )?;
+                // 4. The new integrity key under every remaining root, and the audit keys
+                //    of earlier eras archived under it.
+                *new_keys.borrow_mut() = Some(inner.replace_integrity_key(txn, &rest, &new_ik, &old, last_seq)?);
+                Ok(gone)
+            },
+        );
         if out.is_ok()
             && let Some(k) = new_keys.into_inner()
         {
@@ -195,8 +202,7 @@ impl super::Inner {
                     p.description
                 ))
             })?;
-            Counters::add(&self.counters.wraps, 1);
-            wrapped.push(RootWrapped { root_id: r.root_id, wrapped: r.key.wrap(new_ik)? });
+            wrapped.push(RootWrapped { root_id: r.root_id, wrapped: r.wrap_checked(new_ik, &self.counters)? });
         }
         txn.put_roots(pins, &wrapped)?;
         let (audit, sealed) = old.audit.rotated(new_ik.expose(), last_seq)?;
