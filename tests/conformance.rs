@@ -166,8 +166,8 @@ fn import_known_kek(imp: Impl, label: &str) {
             common::session_on(&k.module, KRYOPTIC_LABEL, &k.pin_file)
         }
     };
-    session
-        .create_object(&[
+    common::with_token_lock(|| {
+        session.create_object(&[
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::AES),
             Attribute::Value(KNOWN_KEK.to_vec()),
@@ -181,7 +181,8 @@ fn import_known_kek(imp: Impl, label: &str) {
             Attribute::Decrypt(true),
             Attribute::Label(label.as_bytes().to_vec()),
         ])
-        .unwrap();
+    })
+    .unwrap();
 }
 
 /// Wraps the token made are exactly what an independent implementation makes.

@@ -164,8 +164,8 @@ fn the_root_key_cannot_be_read_out_of_the_token() {
 fn an_extractable_key_is_never_adopted_as_root() {
     let env = TestEnv::new("adopt");
     let session = common::user_session();
-    session
-        .generate_key(
+    common::with_token_lock(|| {
+        session.generate_key(
             &Mechanism::AesKeyGen,
             &[
                 Attribute::Class(ObjectClass::SECRET_KEY),
@@ -179,7 +179,8 @@ fn an_extractable_key_is_never_adopted_as_root() {
                 Attribute::Label(env.key_label.as_bytes().to_vec()),
             ],
         )
-        .unwrap();
+    })
+    .unwrap();
     let o = env.run(&["init"], b"");
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     assert!(stderr(&o).contains("must be CKA_SENSITIVE=true and CKA_EXTRACTABLE=false"), "{}", stderr(&o));

@@ -391,9 +391,9 @@ fn a_replaced_root_key_is_not_used() {
         Some(Attribute::Id(id)) => id,
         other => panic!("key id: {other:?}"),
     };
-    session.destroy_object(old[0]).unwrap();
-    session
-        .generate_key(
+    common::with_token_lock(|| session.destroy_object(old[0])).unwrap();
+    common::with_token_lock(|| {
+        session.generate_key(
             &Mechanism::AesKeyGen,
             &[
                 Attribute::Class(ObjectClass::SECRET_KEY),
@@ -409,7 +409,8 @@ fn a_replaced_root_key_is_not_used() {
                 Attribute::Unwrap(true),
             ],
         )
-        .unwrap();
+    })
+    .unwrap();
 
     let c = env.config();
     let mut roots = c.build_roots(tokenguard::compose::RootUse::Open).unwrap();

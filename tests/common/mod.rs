@@ -228,6 +228,25 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Runs `f` holding the exclusive lock every tokenguard process takes on the SoftHSM2
+/// token directory (`.tokenguard.lock`) while it logs in. SoftHSM2 rewrites its token
+/// file on a login and on every token-object change, so a test's own cryptoki calls
+/// that do either must not interleave with a tokenguard login in another thread or
+/// process (a half-written file makes the other side fail with CKR_GENERAL_ERROR).
+/// `f` must not open a guard itself: the lock would wait for this one.
+pub fn with_token_lock<T>(f: impl FnOnce() -> T) -> T {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = softhsm().dir.join("tokens").join(".tokenguard.lock");
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(&path).unwrap();
+    // SAFETY: flock on a descriptor this function owns; released when `file` drops.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {}", path.display());
+    let out = f();
+    drop(file);
+    out
+}
+
 /// A logged-in user session on the test token, through a separate cryptoki context
 /// (the same loaded module, as another library in the process would have).
 pub fn user_session() -> cryptoki::session::Session {
@@ -248,7 +267,7 @@ pub fn session_on(module: &Path, label: &str, pin_file: &Path) -> cryptoki::sess
         .unwrap();
     let session = ctx.open_rw_session(slot).unwrap();
     let pin = secrecy::SecretString::from(std::fs::read_to_string(pin_file).unwrap());
-    match session.login(cryptoki::session::UserType::User, Some(&pin)) {
+    match with_token_lock(|| session.login(cryptoki::session::UserType::User, Some(&pin))) {
         Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
         Err(e) => panic!("login: {e}"),
     }
