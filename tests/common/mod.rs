@@ -238,7 +238,14 @@ pub fn with_token_lock<T>(f: impl FnOnce() -> T) -> T {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let path = softhsm().dir.join("tokens").join(".tokenguard.lock");
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(&path).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
     // SAFETY: flock on a descriptor this function owns; released when `file` drops.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
     assert_eq!(rc, 0, "flock {}", path.display());
