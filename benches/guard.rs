@@ -420,13 +420,14 @@ fn threads(c: &mut Criterion) {
 #[cfg(feature = "tpm")]
 fn tpm(c: &mut Criterion) {
     use tokenguard::root::RootKey;
-    use tokenguard::root::tpm::{TpmRoot, TpmSettings};
+    use tokenguard::root::tpm::{TpmAuth, TpmRoot, TpmSettings};
     let t = common::Swtpm::start();
     let settings = |handle: u32, enc: bool| TpmSettings {
         tcti: t.tcti(),
         persistent_handle: handle,
         parameter_encryption: enc,
         pcrs: None,
+        auth: None,
     };
     drop(TpmRoot::open(settings(0x8100_0A10, true), true).unwrap());
     let mut grp = c.benchmark_group("tpm_swtpm");
@@ -442,6 +443,16 @@ fn tpm(c: &mut Criterion) {
         let root = TpmRoot::open(settings(0x8100_0A10, enc), false).unwrap();
         let (_, wrapped) = root.generate_dek().unwrap();
         let name = if enc { "unseal_param_encryption" } else { "unseal_plain" };
+        grp.bench_function(name, |b| b.iter(|| root.unwrap(&wrapped).unwrap()));
+    }
+    // With an authorisation value, and with it under a PCR policy (a salted policy
+    // session per unseal, encrypting the response).
+    let pin = secrecy::SecretString::from("bench-pin".to_string());
+    let pcr = Some((tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha256, vec![7u8]));
+    for (name, pcrs) in [("unseal_auth", None), ("unseal_auth_pcr_policy", pcr)] {
+        let s = TpmSettings { auth: Some(TpmAuth::from_pin(&pin)), pcrs, ..settings(0x8100_0A10, true) };
+        let root = TpmRoot::open(s, false).unwrap();
+        let (_, wrapped) = root.generate_dek().unwrap();
         grp.bench_function(name, |b| b.iter(|| root.unwrap(&wrapped).unwrap()));
     }
     let env = TestEnv::new("bench-tpm");

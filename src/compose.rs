@@ -56,7 +56,7 @@ pub fn build_root(r: &RootConfig, base_dir: &Path, usage: RootUse, require_hardw
         }
         #[cfg(feature = "tpm")]
         RootConfig::Tpm(t) => {
-            let settings = crate::root::tpm::TpmSettings::from_config(t)?;
+            let settings = crate::root::tpm::TpmSettings::from_config(t, base_dir)?;
             Ok(Box::new(crate::root::tpm::TpmRoot::open(settings, usage == RootUse::Init)?))
         }
         #[cfg(not(feature = "tpm"))]

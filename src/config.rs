@@ -222,6 +222,9 @@ pub struct TpmConfig {
     /// PCRs to seal to (e.g. [0, 2, 4, 7]); absent or empty: no PCR policy.
     #[serde(default)]
     pub pcrs: Vec<u8>,
+    /// Where the PIN of the sealed data keys' authorisation value is read (`env:VAR`,
+    /// `file:PATH`, `prompt`); absent: keys are sealed without one (doctor warns).
+    pub pin_source: Option<String>,
 }
 
 /// `backend = "soft"`.

@@ -192,13 +192,14 @@ fn a_pcr_extend_locks_the_pcr_bound_root_but_the_second_root_opens() {
     let checks = env.open().doctor();
     let pcr = checks.iter().find(|c| c.name == "tpm PCR policy").unwrap();
     assert!(pcr.detail.contains("PCRs [16]"), "{}", pcr.detail);
-    // … and tells the truth about the policy unseal (issue 10, finding 8) and the
-    // missing authorisation value (finding 7).
+    // … and tells the truth about the policy unseal (issue 10, finding 8: a salted
+    // policy session now) and the missing authorisation value (finding 7).
     let enc = checks.iter().find(|c| c.name == "tpm parameter encryption").unwrap();
-    assert_eq!(enc.status, tokenguard::root::Status::Warn, "{enc:?}");
-    assert!(enc.detail.contains("off when it is unsealed under the PCR policy"), "{}", enc.detail);
+    assert_eq!(enc.status, tokenguard::root::Status::Ok, "{enc:?}");
+    assert!(enc.detail.contains("salted policy session"), "{}", enc.detail);
     let auth = checks.iter().find(|c| c.name == "tpm authorisation").unwrap();
     assert_eq!(auth.status, tokenguard::root::Status::Warn, "{auth:?}");
+    assert!(auth.detail.contains("no pin_source"), "{}", auth.detail);
 
     extend_pcr(&tpm, 16);
     match tpm_only() {
@@ -236,4 +237,155 @@ fn multi_root_hsm_and_tpm() {
         let g = TokenGuard::open(&c.store.path, c.store_options(), vec![r], GuardOptions::default()).unwrap();
         assert_eq!(value(&g, "github", "a"), b"ghp_MULTI", "root {keep} alone");
     }
+}
+
+/// The wrapped integrity key of the store, read with redb alone (as an attacker
+/// holding the file would).
+fn wrapped_integrity_key(env: &TestEnv) -> Vec<tokenguard::store::RootWrapped> {
+    use redb::{ReadableDatabase, TableDefinition};
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    let mut b = redb::Builder::new();
+    b.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
+    let db = b.open(&env.store_path).unwrap();
+    let r = db.begin_read().unwrap();
+    let v = r.open_table(META).unwrap().get("integrity_key").unwrap().unwrap().value().to_vec();
+    tokenguard::store::decode_wrapped_key(&v).unwrap()
+}
+
+fn tpm_settings(tpm: &Swtpm, pin: Option<&str>, pcrs: Option<Vec<u8>>) -> tokenguard::root::tpm::TpmSettings {
+    use tokenguard::root::tpm::{TpmAuth, TpmSettings};
+    TpmSettings {
+        tcti: tpm.tcti(),
+        persistent_handle: tokenguard::root::tpm::DEFAULT_PERSISTENT_HANDLE,
+        parameter_encryption: true,
+        pcrs: pcrs.map(|p| (tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha256, p)),
+        auth: pin.map(|p| TpmAuth::from_pin(&secrecy::SecretString::from(p.to_string()))),
+    }
+}
+
+/// Finding 7: with a `pin_source`, the sealed keys need the PIN's authorisation value.
+/// Someone who can open the TPM device and holds the store file, but not the PIN,
+/// unseals nothing; a wrong PIN is exit 5 and changes nothing.
+#[test]
+fn tpm_keys_sealed_with_a_pin_need_it() {
+    use tokenguard::root::tpm::TpmRoot;
+    use tokenguard::root::{RootKey, WrapMechanism};
+    let tpm = Swtpm::start();
+    let env = env_with_roots("tpm-auth", &tpm_root_toml(&tpm, "pin_source = \"env:TG_TPM_PIN\""), true);
+    let with_pin = |args: &[&str], stdin: &[u8], pin: &str| {
+        let mut cmd = env.cli();
+        cmd.args(args).env("TG_TPM_PIN", pin);
+        common::run_cmd(&mut cmd, stdin)
+    };
+    let o = with_pin(&["init"], b"", "4711-right");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&with_pin(&["put", "github", "a"], b"ghp_AUTH", "4711-right")), 0);
+    let o = with_pin(&["get", "github", "a"], b"", "4711-right");
+    assert_eq!((code(&o), o.stdout.as_slice()), (0, &b"ghp_AUTH"[..]), "{}", stderr(&o));
+    let o = with_pin(&["doctor"], b"", "4711-right");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("tpm authorisation") && out.contains("pin_source"), "{out}");
+
+    // The wraps say they need the authorisation value.
+    let wraps = wrapped_integrity_key(&env);
+    assert_eq!(wraps.len(), 1);
+    assert_eq!(wraps[0].wrapped.mechanism, WrapMechanism::TpmSealedAuth);
+
+    // A wrong PIN: exit 5, a clear message, nothing changed.
+    let before = dump(&env);
+    let o = with_pin(&["get", "github", "a"], b"", "0000-wrong");
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(stderr(&o).contains("authorisation value") && !stderr(&o).contains("0000-wrong"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    assert_eq!(dump(&env), before);
+    // No PIN configured at all: a configuration error that says what to set.
+    let no_pin = TpmRoot::open(tpm_settings(&tpm, None, None), false).unwrap();
+    match no_pin.unwrap(&wraps[0].wrapped) {
+        Err(e @ Error::Config(_)) => assert!(e.to_string().contains("pin_source"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // The attacker relabels the blob as sealed without an authorisation value: the
+    // TPM still wants it.
+    let relabelled = tokenguard::root::Wrapped { mechanism: WrapMechanism::TpmSealed, ..wraps[0].wrapped.clone() };
+    match no_pin.unwrap(&relabelled) {
+        Err(e @ Error::Auth { .. }) => assert_eq!(e.exit_code(), 5),
+        other => panic!("an unseal without the authorisation value must fail, got {other:?}"),
+    }
+    // The right PIN through the library opens it.
+    let right = TpmRoot::open(tpm_settings(&tpm, Some("4711-right"), None), false).unwrap();
+    assert!(right.unwrap(&wraps[0].wrapped).is_ok());
+}
+
+/// Findings 7 and 8 together: under a PCR policy, the policy also requires the
+/// authorisation value (PolicyPCR + PolicyAuthValue), and the unseal runs in a salted
+/// session that encrypts the response.
+#[test]
+fn a_pcr_policy_with_a_pin_needs_both() {
+    use tokenguard::root::RootKey;
+    use tokenguard::root::tpm::TpmRoot;
+    let tpm = Swtpm::start();
+    let sealer = TpmRoot::open(tpm_settings(&tpm, Some("pcr-pin"), Some(vec![16])), true).unwrap();
+    let (dek, wrapped) = sealer.generate_dek().unwrap();
+    assert_eq!(sealer.unwrap(&wrapped).unwrap().expose(), dek.expose());
+    // Without parameter encryption the same policy still opens it (the salting is
+    // the session's, not the object's).
+    let plain = TpmRoot::open(
+        tokenguard::root::tpm::TpmSettings {
+            parameter_encryption: false,
+            ..tpm_settings(&tpm, Some("pcr-pin"), Some(vec![16]))
+        },
+        false,
+    )
+    .unwrap();
+    assert_eq!(plain.unwrap(&wrapped).unwrap().expose(), dek.expose());
+    // The wrong PIN, with the PCRs right, is refused.
+    let wrong = TpmRoot::open(tpm_settings(&tpm, Some("not-it"), Some(vec![16])), false).unwrap();
+    match wrong.unwrap(&wrapped) {
+        Err(e @ Error::Auth { .. }) => assert_eq!(e.exit_code(), 5),
+        other => panic!("{other:?}"),
+    }
+    let checks = sealer.health();
+    let auth = checks.iter().find(|c| c.name == "tpm authorisation").unwrap();
+    assert_eq!(auth.status, tokenguard::root::Status::Ok, "{auth:?}");
+    assert!(auth.detail.contains("PolicyAuthValue"), "{}", auth.detail);
+    // The right PIN with the PCRs moved is refused too.
+    extend_pcr(&tpm, 16);
+    match sealer.unwrap(&wrapped) {
+        Err(e @ Error::Hardware { .. }) => assert!(e.to_string().contains("PCR values differ"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A store sealed before `pin_source` was set keeps working once it is, and `doctor`
+/// counts the keys still sealed without the authorisation value until they are
+/// re-sealed.
+#[test]
+fn doctor_counts_keys_sealed_before_the_pin() {
+    let tpm = Swtpm::start();
+    let env = env_with_roots("tpm-auth-later", &tpm_root_toml(&tpm, ""), true);
+    assert_eq!(code(&env.run(&["init"], b"")), 0);
+    assert_eq!(code(&env.run(&["put", "github", "a"], b"ghp_BEFORE")), 0);
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    std::fs::write(&env.config_path, format!("{text}pin_source = \"env:TG_TPM_PIN\"\n")).unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = env.cli();
+        cmd.args(args).env("TG_TPM_PIN", "later-pin");
+        common::run_cmd(&mut cmd, b"")
+    };
+    let o = run(&["get", "github", "a"]);
+    assert_eq!((code(&o), o.stdout.as_slice()), (0, &b"ghp_BEFORE"[..]), "{}", stderr(&o));
+    let line = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout).lines().find(|l| l.contains("tpm sealed keys")).unwrap_or("").to_string()
+    };
+    let o = run(&["doctor"]);
+    assert!(line(&o).contains("2 of 2"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(code(&run(&["rotate-dek", "github"])), 0);
+    let o = run(&["reencrypt"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // v2 is sealed with the authorisation value; v1 (decrypt-only until retired) and
+    // the integrity key are not.
+    let o = run(&["doctor"]);
+    assert!(line(&o).contains("2 of 3"), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = run(&["get", "github", "a"]);
+    assert_eq!((code(&o), o.stdout.as_slice()), (0, &b"ghp_BEFORE"[..]), "{}", stderr(&o));
 }

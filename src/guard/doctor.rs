@@ -176,6 +176,9 @@ impl TokenGuard {
         } else {
             Check::fail("store permissions", FailureClass::Other, perms.join("; "))
         });
+        if let Some(check) = inner.tpm_auth_check() {
+            out.push(check);
+        }
         out.push(match inner.check_all_deks() {
             Ok(n) => Check::pass("wrapped DEKs unwrap", format!("{n} wrapped DEKs opened under the configured roots")),
             Err(e) => Check::error("wrapped DEKs unwrap", &e),
@@ -231,6 +234,39 @@ impl Inner {
                     old.join(", ")
                 ),
             )
+        })
+    }
+
+    /// TPM wraps in the store still sealed without an authorisation value (made before
+    /// `pin_source` was set): a TPM-device user can unseal those (issue 10, finding 7).
+    /// `None` when the store has no TPM wraps.
+    fn tpm_auth_check(&self) -> Option<Check> {
+        use crate::root::WrapMechanism::{TpmSealed, TpmSealedAuth};
+        let txn = self.store.read().ok()?;
+        let mut wraps: Vec<crate::root::WrapMechanism> = txn
+            .deks(None, None)
+            .ok()?
+            .into_iter()
+            .filter(|(_, e)| !matches!(e.state, DekState::Retired | DekState::Destroyed))
+            .flat_map(|(_, e)| e.wrapped.into_iter().map(|w| w.wrapped.mechanism))
+            .collect();
+        wraps.extend(txn.meta().ok()?.integrity_key.into_iter().map(|w| w.wrapped.mechanism));
+        let tpm = wraps.iter().filter(|m| matches!(m, TpmSealed | TpmSealedAuth)).count();
+        let open = wraps.iter().filter(|m| **m == TpmSealed).count();
+        (tpm > 0).then(|| {
+            if open == 0 {
+                Check::pass("tpm sealed keys", format!("all {tpm} TPM-sealed keys need the authorisation value"))
+            } else {
+                Check::warn(
+                    "tpm sealed keys",
+                    format!(
+                        "{open} of {tpm} TPM-sealed keys (data keys and the integrity key) were sealed without an \
+                         authorisation value: anyone who can open the TPM device and read the store can unseal \
+                         them. With pin_source set, `rotate-dek` each provider and `reencrypt` re-seals the data keys; the \
+                         integrity key is re-sealed when it is next replaced (`root remove`)"
+                    ),
+                )
+            }
         })
     }
 

@@ -35,8 +35,11 @@ pub enum WrapMechanism {
     /// AES-256-GCM encryption of the key bytes in the token (`CKM_AES_GCM`); blob is
     /// `iv(12) ‖ ciphertext ‖ tag(16)`. Last resort for tokens without key wrap.
     AesGcm,
-    /// A TPM 2.0 sealed data object (public ‖ private parts).
+    /// A TPM 2.0 sealed data object (public ‖ private parts), no authorisation value.
     TpmSealed,
+    /// A TPM 2.0 sealed data object whose authorisation value is derived from the
+    /// root's PIN (docs/FORMAT.md §"TPM authorisation value"): unsealing needs it.
+    TpmSealedAuth,
 }
 
 impl WrapMechanism {
@@ -48,6 +51,7 @@ impl WrapMechanism {
             WrapMechanism::AesKwp => 3,
             WrapMechanism::AesGcm => 4,
             WrapMechanism::TpmSealed => 5,
+            WrapMechanism::TpmSealedAuth => 6,
         }
     }
 
@@ -59,6 +63,7 @@ impl WrapMechanism {
             3 => WrapMechanism::AesKwp,
             4 => WrapMechanism::AesGcm,
             5 => WrapMechanism::TpmSealed,
+            6 => WrapMechanism::TpmSealedAuth,
             _ => return None,
         })
     }
@@ -72,6 +77,7 @@ impl fmt::Display for WrapMechanism {
             WrapMechanism::AesKwp => "AES-KWP (RFC 5649)",
             WrapMechanism::AesGcm => "AES-GCM encrypt",
             WrapMechanism::TpmSealed => "TPM2 sealed object",
+            WrapMechanism::TpmSealedAuth => "TPM2 sealed object with authorisation value",
         })
     }
 }

@@ -34,7 +34,7 @@ use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Digest, EccParameter, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private,
+    Auth, Digest, EccParameter, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private,
     Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, SymmetricDefinition,
     SymmetricDefinitionObject,
 };
@@ -53,6 +53,36 @@ const BACKEND: &str = "tpm";
 /// tools.
 pub const DEFAULT_PERSISTENT_HANDLE: u32 = 0x8100_0A10;
 
+/// The authorisation value of the sealed objects, derived from the root's PIN
+/// (docs/FORMAT.md §"TPM authorisation value"). Zeroized on drop; `Debug` shows nothing.
+#[derive(Clone)]
+pub struct TpmAuth(Zeroizing<[u8; 32]>);
+
+impl TpmAuth {
+    /// `SHA-256("tokenguard/tpm-auth/v1" ‖ pin)`: a fixed-size value (a TPM limits an
+    /// authorisation value to its name-hash size), whatever the PIN's length.
+    pub fn from_pin(pin: &secrecy::SecretString) -> Self {
+        use secrecy::ExposeSecret;
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(b"tokenguard/tpm-auth/v1");
+        h.update(pin.expose_secret().as_bytes());
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&h.finalize());
+        TpmAuth(out)
+    }
+
+    fn auth(&self) -> Result<Auth> {
+        Auth::try_from(self.0.to_vec()).map_err(|e| hw("authorisation value", e))
+    }
+}
+
+impl fmt::Debug for TpmAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TpmAuth(..)")
+    }
+}
+
 /// Settings of a TPM root.
 #[derive(Debug, Clone)]
 pub struct TpmSettings {
@@ -64,12 +94,15 @@ pub struct TpmSettings {
     pub parameter_encryption: bool,
     /// PCR policy: bank and PCR indices; `None` for no policy.
     pub pcrs: Option<(HashingAlgorithm, Vec<u8>)>,
+    /// The sealed objects' authorisation value (from `pin_source`); `None`: none.
+    pub auth: Option<TpmAuth>,
 }
 
 impl TpmSettings {
     /// Settings from a `[[roots]]` tpm entry. The TCTI defaults to `TPM2TOOLS_TCTI`,
-    /// then `device:/dev/tpmrm0`; PCR indices must name real PCRs (0–23).
-    pub fn from_config(t: &crate::config::TpmConfig) -> Result<Self> {
+    /// then `device:/dev/tpmrm0`; PCR indices must name real PCRs (0–23). A
+    /// `pin_source` is read now (relative `file:` paths against `base_dir`).
+    pub fn from_config(t: &crate::config::TpmConfig, base_dir: &std::path::Path) -> Result<Self> {
         let tcti = t
             .tcti
             .clone()
@@ -95,6 +128,10 @@ impl TpmSettings {
             persistent_handle,
             parameter_encryption: t.parameter_encryption.unwrap_or(true),
             pcrs: (!t.pcrs.is_empty()).then(|| (bank, t.pcrs.clone())),
+            auth: match &t.pin_source {
+                Some(src) => Some(TpmAuth::from_pin(&crate::pin::resolve_pin(src, base_dir)?)),
+                None => None,
+            },
         })
     }
 }
@@ -152,6 +189,18 @@ fn kind(e: &tss_esapi::Error) -> Option<Tss2ResponseCodeKind> {
 fn unseal_error(e: tss_esapi::Error) -> Error {
     use Tss2ResponseCodeKind as K;
     match kind(&e) {
+        Some(K::AuthFail | K::BadAuth) => Error::Auth {
+            backend: BACKEND,
+            detail: "the TPM refused the authorisation value of a sealed data key: check the PIN named by \
+                     pin_source; every failure counts towards the TPM's dictionary-attack lockout"
+                .into(),
+        },
+        Some(K::Lockout) => Error::Auth {
+            backend: BACKEND,
+            detail: "the TPM is in dictionary-attack lockout after failed authorisations; wait for its recovery \
+                     time or reset it with the lockout authorisation (tpm2_dictionarylockout)"
+                .into(),
+        },
         Some(K::PolicyFail | K::Pcr | K::PcrChanged) => Error::Hardware {
             backend: BACKEND,
             operation: "unsealing a data key",
@@ -212,11 +261,14 @@ fn srk_template() -> Result<Public> {
         .map_err(|e| hw("building the storage key template", e))
 }
 
-fn sealed_template(policy: Option<Digest>) -> Result<Public> {
+/// The template of a sealed DEK. With an authorisation value the object is subject to
+/// the TPM's dictionary-attack protection (the PIN-retry limit a PKCS#11 token has);
+/// without one there is nothing to guess.
+fn sealed_template(policy: Option<Digest>, with_auth: bool) -> Result<Public> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
-        .with_no_da(true)
+        .with_no_da(!with_auth)
         // With a PCR policy, the policy is the only way in.
         .with_user_with_auth(policy.is_none())
         .build()
@@ -428,18 +480,31 @@ impl TpmRoot {
         }
     }
 
-    /// Runs `f` in a fresh PolicyPCR session of `kind` (trial, to compute a digest;
-    /// policy, to satisfy one), flushing the session afterwards.
+    /// Runs `f` in a fresh policy session of `kind` (trial, to compute a digest;
+    /// policy, to satisfy one) that has run PolicyPCR and, with `auth` (the object
+    /// has an authorisation value), PolicyAuthValue; flushes the session afterwards. A real policy session
+    /// with parameter encryption on is salted with the storage key and encrypts its
+    /// responses (finding 8: the unsealed DEK crosses the bus encrypted).
     fn with_pcr_session<T>(
         &self,
         ctx: &mut Context,
+        srk: KeyHandle,
         kind: SessionType,
+        auth: bool,
         f: impl FnOnce(&mut Context, AuthSession, PolicySession) -> Result<T>,
     ) -> Result<Option<T>> {
         let Some((bank, pcrs)) = &self.settings.pcrs else { return Ok(None) };
         let sel = pcr_selection(*bank, pcrs)?;
+        let salted = kind == SessionType::Policy && self.settings.parameter_encryption;
         let s = ctx
-            .start_auth_session(None, None, None, kind, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)
+            .start_auth_session(
+                salted.then_some(srk),
+                None,
+                None,
+                kind,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
             .map_err(|e| hw("starting a policy session", e))?
             .ok_or_else(|| Error::Hardware {
                 backend: BACKEND,
@@ -447,7 +512,15 @@ impl TpmRoot {
                 detail: "no session".into(),
             })?;
         let out = PolicySession::try_from(s).map_err(|e| hw("policy session", e)).and_then(|ps| {
+            if salted {
+                // Unseal has no command parameter to encrypt: only the response.
+                let (attrs, mask) = SessionAttributesBuilder::new().with_encrypt(true).build();
+                ctx.tr_sess_set_attributes(s, attrs, mask).map_err(|e| hw("setting session attributes", e))?;
+            }
             ctx.execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel.clone())).map_err(unseal_error)?;
+            if auth {
+                ctx.execute_without_session(|c| c.policy_auth_value(ps)).map_err(|e| hw("TPM2_PolicyAuthValue", e))?;
+            }
             f(ctx, s, ps)
         });
         let h: tss_esapi::handles::SessionHandle = s.into();
@@ -456,20 +529,21 @@ impl TpmRoot {
     }
 
     /// The PCR policy digest of the current PCR values (trial session).
-    fn pcr_policy(&self, ctx: &mut Context) -> Result<Option<Digest>> {
-        self.with_pcr_session(ctx, SessionType::Trial, |ctx, _, ps| {
+    fn pcr_policy(&self, ctx: &mut Context, srk: KeyHandle) -> Result<Option<Digest>> {
+        self.with_pcr_session(ctx, srk, SessionType::Trial, self.settings.auth.is_some(), |ctx, _, ps| {
             ctx.execute_without_session(|c| c.policy_get_digest(ps)).map_err(|e| hw("TPM2_PolicyGetDigest", e))
         })
     }
 
     fn seal(&self, dek: &DekMaterial) -> Result<Wrapped> {
         self.with_ctx(|ctx, srk| {
-            let policy = self.pcr_policy(ctx)?;
-            let template = sealed_template(policy)?;
+            let policy = self.pcr_policy(ctx, srk)?;
+            let auth = self.settings.auth.as_ref().map(TpmAuth::auth).transpose()?;
+            let template = sealed_template(policy, auth.is_some())?;
             let data = SensitiveData::try_from(dek.expose().to_vec()).map_err(|e| hw("sealing", e))?;
             let session = self.session(ctx, srk)?;
             let created = ctx.execute_with_session(session, |c| {
-                c.create(srk, template.clone(), None, Some(data.clone()), None, None)
+                c.create(srk, template.clone(), auth.clone(), Some(data.clone()), None, None)
             });
             if created.is_err() {
                 self.drop_session(ctx);
@@ -478,11 +552,24 @@ impl TpmRoot {
             let public = created.out_public.marshall().map_err(|e| hw("marshalling", e))?;
             let mut w = Writer::with_capacity(public.len() + created.out_private.value().len() + 8);
             w.bytes(&public).bytes(created.out_private.value());
-            Ok(Wrapped { mechanism: WrapMechanism::TpmSealed, blob: w.finish() })
+            let mechanism = if auth.is_some() { WrapMechanism::TpmSealedAuth } else { WrapMechanism::TpmSealed };
+            Ok(Wrapped { mechanism, blob: w.finish() })
         })
     }
 
-    fn unseal(&self, blob: &[u8]) -> Result<DekMaterial> {
+    /// Unseals a blob; `with_auth`: it was sealed with the authorisation value.
+    fn unseal(&self, blob: &[u8], with_auth: bool) -> Result<DekMaterial> {
+        let auth = match (with_auth, &self.settings.auth) {
+            (false, _) => None,
+            (true, Some(a)) => Some(a.auth()?),
+            (true, None) => {
+                return Err(Error::Config(
+                    "the store's TPM data keys were sealed with an authorisation value: set pin_source for the \
+                     tpm root in the config"
+                        .into(),
+                ));
+            }
+        };
         let mut r = Reader::new(blob);
         let bad = |_| Error::integrity("unsealing a data key");
         let public =
@@ -497,6 +584,12 @@ impl TpmRoot {
             let loaded = ctx
                 .execute_with_session(Some(AuthSession::Password), |c| c.load(srk, private.clone(), public.clone()))
                 .map_err(unseal_error)?;
+            if let Some(a) = &auth
+                && let Err(e) = ctx.tr_set_auth(loaded.into(), a.clone())
+            {
+                let _ = ctx.flush_context(loaded.into());
+                return Err(hw("setting the authorisation value", e));
+            }
             let session = match self.session(ctx, srk) {
                 Ok(s) => s,
                 Err(e) => {
@@ -505,7 +598,7 @@ impl TpmRoot {
                 }
             };
             let unsealed = if self.settings.pcrs.is_some() {
-                self.unseal_with_policy(ctx, loaded)
+                self.unseal_with_policy(ctx, srk, loaded, auth.is_some())
             } else {
                 let u = ctx.execute_with_session(session, |c| c.unseal(loaded.into())).map_err(unseal_error);
                 if u.is_err() {
@@ -520,8 +613,14 @@ impl TpmRoot {
         })
     }
 
-    fn unseal_with_policy(&self, ctx: &mut Context, loaded: KeyHandle) -> Result<SensitiveData> {
-        self.with_pcr_session(ctx, SessionType::Policy, |ctx, s, _| {
+    fn unseal_with_policy(
+        &self,
+        ctx: &mut Context,
+        srk: KeyHandle,
+        loaded: KeyHandle,
+        auth: bool,
+    ) -> Result<SensitiveData> {
+        self.with_pcr_session(ctx, srk, SessionType::Policy, auth, |ctx, s, _| {
             ctx.execute_with_session(Some(s), |c| c.unseal(loaded.into())).map_err(unseal_error)
         })?
         .ok_or_else(|| Error::integrity("unsealing a data key"))
@@ -579,10 +678,11 @@ impl RootKey for TpmRoot {
     }
 
     fn unwrap(&self, wrapped: &Wrapped) -> Result<DekMaterial> {
-        if wrapped.mechanism != WrapMechanism::TpmSealed {
-            return Err(Error::integrity("unsealing a data key"));
+        match wrapped.mechanism {
+            WrapMechanism::TpmSealed => self.unseal(&wrapped.blob, false),
+            WrapMechanism::TpmSealedAuth => self.unseal(&wrapped.blob, true),
+            _ => Err(Error::integrity("unsealing a data key")),
         }
-        self.unseal(&wrapped.blob)
     }
 
     fn health(&self) -> Vec<Check> {
@@ -593,23 +693,32 @@ impl RootKey for TpmRoot {
         )];
         out.push(match (self.settings.parameter_encryption, &self.settings.pcrs) {
             (false, _) => Check::warn("tpm parameter encryption", "off: DEKs cross the TPM bus in the clear"),
-            // The truth about the policy path (security issue, finding 8): the unseal
-            // under a PCR policy runs in an unsalted policy session.
-            (true, Some(_)) => Check::warn(
+            (true, Some(_)) => Check::pass(
                 "tpm parameter encryption",
-                "on when a DEK is sealed; off when it is unsealed under the PCR policy (the unseal runs in an \
-                 unsalted policy session): a DEK crosses the TPM bus in the clear at each cache miss",
+                "salted AES-128-CFB sessions for commands carrying a DEK: the HMAC session to seal, a salted \
+                 policy session encrypting the response to unseal under the PCR policy",
             ),
             (true, None) => {
-                Check::new("tpm parameter encryption", true, "salted AES-128-CFB sessions for commands carrying a DEK")
+                Check::pass("tpm parameter encryption", "salted AES-128-CFB sessions for commands carrying a DEK")
             }
         });
-        // Finding 7: nothing plays the role of the PKCS#11 PIN yet.
-        out.push(Check::warn(
-            "tpm authorisation",
-            "DEKs are sealed without an authorisation value: any process that can open the TPM device and read the \
-             store file can unseal them; keep the device to the service's user",
-        ));
+        out.push(match &self.settings.auth {
+            Some(_) => Check::pass(
+                "tpm authorisation",
+                if self.settings.pcrs.is_some() {
+                    "new DEKs are sealed under an authorisation value from pin_source, required with the PCR \
+                     policy (PolicyPCR + PolicyAuthValue); the TPM's dictionary-attack lockout limits guesses"
+                } else {
+                    "new DEKs are sealed under an authorisation value from pin_source; the TPM's \
+                     dictionary-attack lockout limits guesses"
+                },
+            ),
+            None => Check::warn(
+                "tpm authorisation",
+                "no pin_source: DEKs are sealed without an authorisation value, so any process that can open the \
+                 TPM device and read the store file can unseal them; set pin_source (README: TPM 2.0 root)",
+            ),
+        });
         if let Some((bank, pcrs)) = &self.settings.pcrs {
             let current = self.with_ctx(|ctx, _| {
                 let sel = pcr_selection(*bank, pcrs)?;
