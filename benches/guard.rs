@@ -428,6 +428,7 @@ fn tpm(c: &mut Criterion) {
         parameter_encryption: enc,
         pcrs: None,
         auth: None,
+        nv_counter: None,
     };
     drop(TpmRoot::open(settings(0x8100_0A10, true), true).unwrap());
     let mut grp = c.benchmark_group("tpm_swtpm");

@@ -228,7 +228,9 @@ pub fn restore(
     // a failure leaves no store file behind.
     let key = crate::store::state::StateKey::derive(ik.expose());
     drop(Store::create(store_path, store_opts, &meta, key, crate::clock::now(), |txn| txn.load(&d))?);
-    let guard = TokenGuard::open(store_path, store_opts, roots, opts)?;
+    // A restore is a deliberate step back: the new store is bound to the rollback
+    // counter (if one is configured) at its current value.
+    let guard = TokenGuard::open_inner(store_path, store_opts, roots, opts, true)?;
     guard
         .store()
         .write(|txn| guard.audit_in(txn, "restore", format!("{} tokens from {}", summary.tokens, path.display())))?;

@@ -189,6 +189,9 @@ pub struct Pkcs11Config {
     pub mechanism: Mechanism,
     /// Most sessions open at once (default 4).
     pub max_sessions: Option<usize>,
+    /// Label of a token data object to keep the store's rollback counter in (one per
+    /// store); absent: no counter from this root.
+    pub counter_label: Option<String>,
     /// Environment the module needs (e.g. `SOFTHSM2_CONF`). The CLI sets it before
     /// loading the module; a library user must start the service with it.
     #[serde(default)]
@@ -225,6 +228,9 @@ pub struct TpmConfig {
     /// Where the PIN of the sealed data keys' authorisation value is read (`env:VAR`,
     /// `file:PATH`, `prompt`); absent: keys are sealed without one (doctor warns).
     pub pin_source: Option<String>,
+    /// NV index (hex, owner range) of the store's rollback counter, e.g.
+    /// "0x01810a10"; absent: no counter from this root.
+    pub nv_counter: Option<String>,
 }
 
 /// `backend = "soft"`.

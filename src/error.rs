@@ -118,6 +118,24 @@ pub enum Error {
         context: &'static str,
     },
 
+    /// The store does not match its hardware rollback counter: most often a whole
+    /// older copy of the store file was put back (docs/DESIGN-NOTES.md §"Whole-store
+    /// rollback").
+    #[error(
+        "rollback check failed: {what} (counter {counter_id}: store {stored}, counter {})",
+        counter.map_or_else(|| "absent".to_string(), |c| c.to_string())
+    )]
+    Rollback {
+        /// The counter's identity.
+        counter_id: String,
+        /// The value the store says the counter has.
+        stored: u64,
+        /// The value it has (`None`: no such counter).
+        counter: Option<u64>,
+        /// What the difference means.
+        what: &'static str,
+    },
+
     /// The configured root key is not the one this store was created with.
     #[error("wrong root key: this store is pinned to {pinned}, but the configured root is {found}")]
     WrongRoot {
@@ -295,7 +313,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::NotFound { .. } | Error::NoSuchField { .. } | Error::NoStore(_) => exit::NOT_FOUND,
-            Error::Integrity { .. } | Error::WrongRoot { .. } => exit::INTEGRITY,
+            Error::Integrity { .. } | Error::WrongRoot { .. } | Error::Rollback { .. } => exit::INTEGRITY,
             Error::Hardware { .. } | Error::Auth { .. } => exit::HARDWARE,
             Error::StoreBusy { .. } => exit::BUSY,
             Error::Expired { .. } | Error::Revoked { .. } | Error::Shredded { .. } | Error::NeedsReauth { .. } => {
@@ -321,6 +339,10 @@ impl Error {
                 "do not trust this store copy: run `tokenguard doctor`, and restore from a backup if it reports damage"
                     .into()
             }
+            Error::Rollback { .. } => "if this copy was put back on purpose (disaster recovery), `tokenguard upgrade \
+                --accept-current-state` binds it to the counter again; otherwise restore the newest copy or backup \
+                (README: Incident response)"
+                .into(),
             Error::WrongRoot { .. } => {
                 "point the config at the root key this store was created with (see `tokenguard doctor`)".into()
             }

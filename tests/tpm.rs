@@ -260,6 +260,7 @@ fn tpm_settings(tpm: &Swtpm, pin: Option<&str>, pcrs: Option<Vec<u8>>) -> tokeng
         parameter_encryption: true,
         pcrs: pcrs.map(|p| (tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha256, p)),
         auth: pin.map(|p| TpmAuth::from_pin(&secrecy::SecretString::from(p.to_string()))),
+        nv_counter: None,
     }
 }
 
@@ -388,4 +389,55 @@ fn doctor_counts_keys_sealed_before_the_pin() {
     assert!(line(&o).contains("2 of 3"), "{}", String::from_utf8_lossy(&o.stdout));
     let o = run(&["get", "github", "a"]);
     assert_eq!((code(&o), o.stdout.as_slice()), (0, &b"ghp_BEFORE"[..]), "{}", stderr(&o));
+}
+
+/// Whole-store rollback on swtpm: the store is bound to a TPM NV counter (under the
+/// PIN's authorisation value), so a copy of the store taken earlier and put back is
+/// reported by every open and by `doctor`, until the operator accepts it.
+#[test]
+fn a_store_copy_put_back_is_caught_by_the_nv_counter() {
+    let tpm = Swtpm::start();
+    let env = env_with_roots(
+        "tpm-nv",
+        &tpm_root_toml(&tpm, "pin_source = \"env:TG_TPM_PIN\"\nnv_counter = \"0x01810a10\""),
+        true,
+    );
+    let run = |args: &[&str], stdin: &[u8]| {
+        let mut cmd = env.cli();
+        cmd.args(args).env("TG_TPM_PIN", "nv-pin");
+        common::run_cmd(&mut cmd, stdin)
+    };
+    let ok = |args: &[&str], stdin: &[u8]| {
+        let o = run(args, stdin);
+        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    ok(&["init"], b"");
+    ok(&["put", "github", "a"], b"ghp_OLD");
+    let copy = std::fs::read(&env.store_path).unwrap();
+    ok(&["put", "github", "a"], b"ghp_NEW");
+    let out = ok(&["doctor"], b"");
+    assert!(
+        out.lines().any(|l| l.starts_with("ok") && l.contains("rollback counter") && l.contains("nv=0x01810a10")),
+        "{out}"
+    );
+
+    std::fs::write(&env.store_path, &copy).unwrap();
+    let o = run(&["get", "github", "a"], b"");
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    assert!(stderr(&o).contains("older than its counter"), "{}", stderr(&o));
+    let o = run(&["doctor"], b"");
+    assert_eq!(code(&o), 4);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("FAIL rollback counter"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // The counter needs the PIN: a wrong one cannot read it, let alone move it.
+    let mut cmd = env.cli();
+    cmd.args(["get", "github", "a"]).env("TG_TPM_PIN", "wrong");
+    assert_eq!(code(&common::run_cmd(&mut cmd, b"")), 5);
+    ok(&["upgrade", "--accept-current-state"], b"");
+    assert_eq!(ok(&["get", "github", "a"], b""), "ghp_OLD");
 }

@@ -10,7 +10,7 @@ use super::{Counters, Inner, TokenGuard};
 use crate::error::{Error, Result};
 use crate::root::{Check, FailureClass};
 use crate::seal::TokenState;
-use crate::store::{DekState, StoreRead};
+use crate::store::{CounterStatus, DekState, StoreRead};
 
 /// Counters and totals for `stats`.
 #[derive(Debug, Clone, Serialize)]
@@ -170,6 +170,7 @@ impl TokenGuard {
             ),
             Err(e) => Check::error("authenticated state", &e),
         });
+        out.push(counter_check(inner.store.check_counter()));
         let perms = inner.store.permission_problems();
         out.push(if perms.is_empty() {
             Check::pass("store permissions", "file 600, directory 700")
@@ -207,6 +208,35 @@ impl TokenGuard {
             Err(e) => Check::error("audit chain", &e),
         });
         out
+    }
+}
+
+/// The `doctor` line of the rollback counter.
+fn counter_check(status: Result<CounterStatus>) -> Check {
+    const NAME: &str = "rollback counter";
+    match status {
+        Ok(CounterStatus::Unbound) => Check::warn(
+            NAME,
+            "none configured: a whole older copy of the store file, put back, is not detected by a process started \
+             afterwards (set nv_counter on a TPM root or counter_label on a PKCS#11 root, then `tokenguard upgrade`)",
+        ),
+        Ok(CounterStatus::Current { counter_id, value }) => {
+            Check::pass(NAME, format!("the store is at {value}, as its counter {counter_id}"))
+        }
+        Ok(CounterStatus::Finished { counter_id, value }) => Check::pass(
+            NAME,
+            format!(
+                "the store is at {value}, as its counter {counter_id} (an increment interrupted by a writer's exit was finished)"
+            ),
+        ),
+        Ok(CounterStatus::NotBound { counter_id }) => Check::fail(
+            NAME,
+            FailureClass::Config,
+            format!(
+                "{counter_id} is configured, but the store is not bound to it: run `tokenguard upgrade` if this is the current store"
+            ),
+        ),
+        Ok(CounterStatus::Wrong(e)) | Err(e) => Check::error(NAME, &e),
     }
 }
 

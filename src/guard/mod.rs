@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::root::RootKey;
 use crate::seal::{Metadata, STORE_ID_LEN};
 use crate::secret::{DekMaterial, Secret};
+use crate::store::CounterStatus;
 use crate::store::{DekState, RootPin, Store, StoreRead, StoreWrite};
 
 pub use doctor::{DekInfo, HardwareCalls, Stats};
@@ -198,7 +199,8 @@ impl Counters {
 /// A configured root and the id the store knows it by.
 struct ActiveRoot {
     root_id: u16,
-    key: Box<dyn RootKey>,
+    /// Shared with the store when this root offers its rollback counter.
+    key: Arc<dyn RootKey>,
 }
 
 impl ActiveRoot {
@@ -356,8 +358,23 @@ impl TokenGuard {
         let before = inner.store.reverify_state()?;
         let old = inner.keys();
         let marked = crate::crypto::is_marked_integrity_key(&old.integrity_key);
+        // The rollback counter: binding a store to a newly configured counter is the
+        // operator's plain `upgrade`; accepting a store that disagrees with its counter
+        // (an older copy put back on purpose, another counter) needs
+        // --accept-current-state.
+        let counter = match inner.store.check_counter()? {
+            CounterStatus::Unbound | CounterStatus::Current { .. } | CounterStatus::Finished { .. } => None,
+            CounterStatus::NotBound { counter_id } => Some(("counter-bind", format!("bound to {counter_id}"))),
+            CounterStatus::Wrong(e) if accept_mismatch => Some(("counter-accept", format!("accepted as found: {e}"))),
+            CounterStatus::Wrong(e) => return Err(e),
+        };
         if before.verified && marked {
-            return Ok((before.clone(), before));
+            let Some((op, detail)) = counter else { return Ok((before.clone(), before)) };
+            inner.store.bind_counter(|txn| {
+                inner.audit(txn, NewEvent { op, outcome: "ok", detail, ..Default::default() }).map(drop)
+            })?;
+            tracing::warn!(op, "store bound to its rollback counter");
+            return Ok((before, inner.store.reverify_state()?));
         }
         // A plain upgrade is for a store made by 0.1. One whose integrity key carries
         // this build's marker had a state head: it was removed, and the rows may be
@@ -398,14 +415,16 @@ impl TokenGuard {
         let key = crate::store::state::StateKey::derive(new_ik.expose());
         // Over a verified store, a rotation that checks the rows again; otherwise the
         // operator's acceptance of the rows as they are.
+        // Both bind the store to the configured rollback counter at its current value.
         if before.verified {
-            inner.store.rekey(key, work)?
+            inner.store.rekey(key, true, work)?
         } else {
             inner.store.reseal_with_key(key, work)?
         };
         if let Some(k) = new_keys.into_inner() {
             *crate::sync::write(&inner.keys) = Arc::new(k);
         }
+        inner.store.note_counter_problem(None);
         let after = inner.store.reverify_state()?;
         tracing::warn!(op, generation = after.generation, "store state resealed over its current rows");
         Ok((before, after))

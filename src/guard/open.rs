@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::root::RootKey;
 use crate::secret::DekMaterial;
 use crate::store::state::StateKey;
-use crate::store::{RootPin, RootWrapped, Store, StoreMeta, StoreOptions, StoreRead};
+use crate::store::{CounterStatus, RootPin, RootWrapped, StateCheck, Store, StoreMeta, StoreOptions, StoreRead};
 
 fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
     if require && let Some(r) = roots.iter().find(|r| !r.is_hardware()) {
@@ -67,7 +67,7 @@ impl TokenGuard {
             integrity_key: wrapped,
         };
         let active: Vec<ActiveRoot> =
-            roots.into_iter().zip(&pins).map(|(key, p)| ActiveRoot { root_id: p.root_id, key }).collect();
+            roots.into_iter().zip(&pins).map(|(key, p)| ActiveRoot { root_id: p.root_id, key: key.into() }).collect();
         // The guard's audit key is needed inside the creating transaction; build the
         // state first, then the store with the first event in the same commit.
         let detail = pins.iter().map(|p| p.description.as_str()).collect::<Vec<_>>().join("; ");
@@ -85,6 +85,7 @@ impl TokenGuard {
         // The new store's state, known to this guard from the start (and its recheck
         // interval set), as an open would.
         store.verify_state(StateKey::derive(ik.expose()), meta.store_id, opts.state_recheck, opts.state_check)?;
+        attach_counter(&store, &active, opts.state_check, true)?;
         let inner = Inner::new(store, meta.store_id, active, pins, &ik, opts)?;
         Counters::add(&inner.counters.wraps, inner.roots.len() as u64);
         tracing::info!(path = %path.display(), roots = inner.pins.len(), "created store");
@@ -98,6 +99,19 @@ impl TokenGuard {
         store_opts: StoreOptions,
         roots: Vec<Box<dyn RootKey>>,
         opts: GuardOptions,
+    ) -> Result<Self> {
+        Self::open_inner(path, store_opts, roots, opts, false)
+    }
+
+    /// [`TokenGuard::open`]; `bind`: a store just made from a backup or a salvage,
+    /// bound to the configured rollback counter at its current value instead of
+    /// checked against it.
+    pub(crate) fn open_inner(
+        path: &Path,
+        store_opts: StoreOptions,
+        roots: Vec<Box<dyn RootKey>>,
+        opts: GuardOptions,
+        bind: bool,
     ) -> Result<Self> {
         check_hardware(&roots, opts.require_hardware)?;
         let store = Store::open(path, store_opts)?;
@@ -127,11 +141,11 @@ impl TokenGuard {
                 opens
             })
             .collect();
-        let active = roots
+        let active: Vec<ActiveRoot> = roots
             .into_iter()
             .enumerate()
             .filter_map(|(i, key)| {
-                matched.iter().find(|(j, _)| *j == i).map(|(_, id)| ActiveRoot { root_id: *id, key })
+                matched.iter().find(|(j, _)| *j == i).map(|(_, id)| ActiveRoot { root_id: *id, key: key.into() })
             })
             .collect();
         // Every covered row against the head: a replayed, edited or deleted row
@@ -144,12 +158,44 @@ impl TokenGuard {
             verified = state.verified,
             "store state checked"
         );
+        attach_counter(&store, &active, opts.state_check, bind)?;
         let mut inner = Inner::new(store, meta.store_id, active, meta.roots, &ik, opts)?;
         inner.rejected_roots = rejected;
         Counters::add(&inner.counters.unwraps, 1);
         tracing::debug!(path = %path.display(), "opened store; integrity key unwrapped");
         Ok(TokenGuard { inner: Arc::new(inner) })
     }
+}
+
+/// The first active root that offers a rollback counter.
+pub(super) fn counter_root(roots: &[ActiveRoot]) -> Option<Arc<dyn RootKey>> {
+    roots.iter().find(|r| r.key.counter().is_some()).map(|r| r.key.clone())
+}
+
+/// Gives the store the configured rollback counter, and binds the store to it (`bind`)
+/// or checks the store against it: an older copy of the store (or a store never bound
+/// to the configured counter) refuses the open, or is reported when inspecting.
+fn attach_counter(store: &Store, roots: &[ActiveRoot], check: StateCheck, bind: bool) -> Result<()> {
+    store.use_counter(counter_root(roots));
+    if bind {
+        store.bind_counter(|_| Ok(()))?;
+        return Ok(());
+    }
+    let problem = match store.check_counter()? {
+        CounterStatus::Unbound | CounterStatus::Current { .. } | CounterStatus::Finished { .. } => return Ok(()),
+        CounterStatus::NotBound { counter_id } => Error::Config(format!(
+            "the rollback counter {counter_id} is configured, but the store is not bound to it: if this is the \
+             current store, run `tokenguard upgrade` to bind it (an older copy of a store made before it was \
+             bound looks the same)"
+        )),
+        CounterStatus::Wrong(e) => e,
+    };
+    if check == StateCheck::Enforce {
+        return Err(problem);
+    }
+    tracing::warn!(problem = %problem, "opened for inspection despite the rollback counter");
+    store.note_counter_problem(Some(problem.to_string()));
+    Ok(())
 }
 
 /// Which configured roots (by index) are pinned in the store, with their root ids.

@@ -61,10 +61,16 @@ impl TokenGuard {
         let saved = dump.tokens.len() as u64;
         let detail = format!("{saved} of {records} records from {}", inner.store.path().display());
         let key = crate::store::state::StateKey::derive(&inner.keys().integrity_key);
-        drop(Store::create(to, opts, &meta, key, crate::clock::now(), |t| {
+        let saved_store = Store::create(to, opts, &meta, key, crate::clock::now(), |t| {
             t.load(&dump)?;
             inner.audit(t, NewEvent { op: "salvage", outcome: "ok", detail, ..Default::default() })
-        })?);
+        })?;
+        // The new store replaces this one: bound to the rollback counter from now on,
+        // so this one reads as the older copy it is.
+        if let Some(root) = super::open::counter_root(&inner.roots) {
+            saved_store.use_counter(Some(root));
+            saved_store.bind_counter(|_| Ok(()))?;
+        }
         Ok(SalvageReport { records, saved, lost, audit_kept })
     }
 }

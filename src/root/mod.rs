@@ -258,6 +258,32 @@ pub trait RootKey: Send + Sync + fmt::Debug {
     /// Whether opening depends on volatile platform state (TPM PCRs): such a root
     /// can be locked out by a firmware update and is never allowed to be the only one.
     fn is_policy_bound(&self) -> bool;
+
+    /// The hardware monotonic counter this root offers the store (a TPM NV counter, a
+    /// PKCS#11 data object), when one is configured: the one thing that lets a store
+    /// see that a whole older copy of itself was put back. A capability, not part of
+    /// being a root: `None` unless configured.
+    fn counter(&self) -> Option<&dyn MonotonicCounter> {
+        None
+    }
+}
+
+/// A counter in hardware that only moves forward (for those who cannot use the root
+/// key), read and advanced by the store around every commit (docs/DESIGN-NOTES.md
+/// §"Whole-store rollback").
+pub trait MonotonicCounter: Send + Sync {
+    /// The counter's identity, stored in the store and compared at every open (a
+    /// different TPM or token, or another index, is another counter).
+    fn counter_id(&self) -> Result<String>;
+
+    /// The counter's value; `None` when it does not exist (yet).
+    fn read_counter(&self) -> Result<Option<u64>>;
+
+    /// Makes the counter when it does not exist; returns its value.
+    fn create_counter(&self) -> Result<u64>;
+
+    /// Adds one; returns the new value.
+    fn increment_counter(&self) -> Result<u64>;
 }
 
 /// The software AES-KW unwrap shared by the soft root and the conformance tests.

@@ -24,25 +24,25 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Mutex;
 
-use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
-use tss_esapi::constants::SessionType;
+use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder, SessionAttributesBuilder};
 use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
-use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
+use tss_esapi::constants::{NvIndexType, SessionType};
+use tss_esapi::handles::{KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::ecc::EccCurve;
-use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
+use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Auth, Digest, EccParameter, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private,
-    Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, SymmetricDefinition,
-    SymmetricDefinitionObject,
+    Auth, Digest, EccParameter, EccPoint, KeyedHashScheme, NvPublicBuilder, PcrSelectionList, PcrSelectionListBuilder,
+    PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
+    SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::{Context, TctiNameConf};
 use zeroize::Zeroizing;
 
-use super::{Check, RootIdentity, RootKey, WrapMechanism, Wrapped};
+use super::{Check, MonotonicCounter, RootIdentity, RootKey, WrapMechanism, Wrapped};
 use crate::codec::{Reader, Writer};
 use crate::error::{Error, Result};
 use crate::secret::DekMaterial;
@@ -96,6 +96,8 @@ pub struct TpmSettings {
     pub pcrs: Option<(HashingAlgorithm, Vec<u8>)>,
     /// The sealed objects' authorisation value (from `pin_source`); `None`: none.
     pub auth: Option<TpmAuth>,
+    /// NV index of the store's rollback counter (`nv_counter`); `None`: none.
+    pub nv_counter: Option<u32>,
 }
 
 impl TpmSettings {
@@ -128,6 +130,19 @@ impl TpmSettings {
             persistent_handle,
             parameter_encryption: t.parameter_encryption.unwrap_or(true),
             pcrs: (!t.pcrs.is_empty()).then(|| (bank, t.pcrs.clone())),
+            nv_counter: match &t.nv_counter {
+                Some(h) => Some(
+                    u32::from_str_radix(h.trim_start_matches("0x"), 16)
+                        .ok()
+                        .filter(|v| (NV_OWNER_FIRST..=NV_OWNER_LAST).contains(v))
+                        .ok_or_else(|| {
+                            Error::Config(format!(
+                                "nv_counter {h:?} must be an owner NV index in hex, {NV_OWNER_FIRST:#x}-{NV_OWNER_LAST:#x}"
+                            ))
+                        })?,
+                ),
+                None => None,
+            },
             auth: match &t.pin_source {
                 Some(src) => Some(TpmAuth::from_pin(&crate::pin::resolve_pin(src, base_dir)?)),
                 None => None,
@@ -138,6 +153,10 @@ impl TpmSettings {
 
 /// PCRs a TPM 2.0 has (PC Client profile).
 const PCR_COUNT: u8 = 24;
+
+/// The NV index range the TCG registry leaves to the owner.
+const NV_OWNER_FIRST: u32 = 0x0180_0000;
+const NV_OWNER_LAST: u32 = 0x01BF_FFFF;
 
 /// The TPM root key.
 pub struct TpmRoot {
@@ -645,6 +664,10 @@ impl RootKey for TpmRoot {
         self.is_pcr_bound()
     }
 
+    fn counter(&self) -> Option<&dyn MonotonicCounter> {
+        self.settings.nv_counter.map(|_| self as &dyn MonotonicCounter)
+    }
+
     fn identity(&self) -> Result<RootIdentity> {
         let pcr = match &self.settings.pcrs {
             Some((bank, pcrs)) => format!(
@@ -736,5 +759,138 @@ impl RootKey for TpmRoot {
             ));
         }
         out
+    }
+}
+
+/// The store's rollback counter: an NV counter index (TPM_NT_COUNTER) in the owner
+/// range, read and incremented under its own authorisation value (the root's PIN
+/// value, or empty). A TPM starts a new counter at the highest value any counter on it
+/// ever had, so deleting and redefining the index never moves it back.
+impl TpmRoot {
+    fn nv_index(&self) -> Result<NvIndexTpmHandle> {
+        let idx = self.settings.nv_counter.ok_or_else(|| Error::Config("no nv_counter configured".into()))?;
+        NvIndexTpmHandle::new(idx).map_err(|e| hw("NV index", e))
+    }
+
+    /// Runs `f` on the counter's ESYS handle (its authorisation set); `None` when the
+    /// index is not defined.
+    fn with_nv<T>(
+        &self,
+        ctx: &mut Context,
+        srk: KeyHandle,
+        f: impl FnOnce(&mut Context, NvIndexHandle, Option<AuthSession>) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let idx = self.nv_index()?;
+        let mut obj = match ctx.execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(idx))) {
+            Ok(o) => o,
+            Err(e) if matches!(kind(&e), Some(Tss2ResponseCodeKind::Handle)) => return Ok(None),
+            Err(e) => return Err(hw("finding the rollback counter", e)),
+        };
+        let out = (|| {
+            if let Some(a) = &self.settings.auth {
+                ctx.tr_set_auth(obj, a.auth()?).map_err(|e| hw("setting the counter's authorisation", e))?;
+            }
+            let session = self.session(ctx, srk)?;
+            let r = f(ctx, NvIndexHandle::from(obj), session);
+            if r.is_err() {
+                self.drop_session(ctx);
+            }
+            r
+        })();
+        let _ = ctx.tr_close(&mut obj);
+        out.map(Some)
+    }
+}
+
+fn nv_value(b: &[u8]) -> Result<u64> {
+    <[u8; 8]>::try_from(b).map(u64::from_be_bytes).map_err(|_| Error::Hardware {
+        backend: BACKEND,
+        operation: "reading the rollback counter",
+        detail: "not 8 bytes".into(),
+    })
+}
+
+fn nv_error(operation: &'static str, e: tss_esapi::Error) -> Error {
+    match kind(&e) {
+        Some(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth) => Error::Auth {
+            backend: BACKEND,
+            detail: "the TPM refused the rollback counter's authorisation value (wrong PIN from pin_source?)".into(),
+        },
+        _ => hw(operation, e),
+    }
+}
+
+impl MonotonicCounter for TpmRoot {
+    fn counter_id(&self) -> Result<String> {
+        let idx = self.settings.nv_counter.ok_or_else(|| Error::Config("no nv_counter configured".into()))?;
+        Ok(format!("tpm:name={};nv={idx:#010x}", hex(&self.name)))
+    }
+
+    fn read_counter(&self) -> Result<Option<u64>> {
+        self.with_ctx(|ctx, srk| {
+            let read = self.with_nv(ctx, srk, |ctx, h, session| {
+                match ctx.execute_with_session(session, |c| c.nv_read(NvAuth::NvIndex(h), h, 8, 0)) {
+                    Ok(b) => nv_value(b.value()).map(Some),
+                    // Defined but never incremented (a crash inside `create_counter`).
+                    Err(e) if matches!(kind(&e), Some(Tss2ResponseCodeKind::NvUninitialized)) => Ok(None),
+                    Err(e) => Err(nv_error("TPM2_NV_Read (the rollback counter)", e)),
+                }
+            })?;
+            Ok(read.flatten())
+        })
+    }
+
+    fn create_counter(&self) -> Result<u64> {
+        if let Some(v) = self.read_counter()? {
+            return Ok(v);
+        }
+        self.with_ctx(|ctx, srk| {
+            let defined = self.with_nv(ctx, srk, |_, _, _| Ok(()))?.is_some();
+            if !defined {
+                let attrs = NvIndexAttributesBuilder::new()
+                    .with_nv_index_type(NvIndexType::Counter)
+                    .with_auth_read(true)
+                    .with_auth_write(true)
+                    .with_no_da(self.settings.auth.is_none())
+                    .build()
+                    .map_err(|e| hw("the rollback counter's attributes", e))?;
+                let public = NvPublicBuilder::new()
+                    .with_nv_index(self.nv_index()?)
+                    .with_index_name_algorithm(HashingAlgorithm::Sha256)
+                    .with_index_attributes(attrs)
+                    .with_data_area_size(8)
+                    .build()
+                    .map_err(|e| hw("the rollback counter's public area", e))?;
+                let auth = self.settings.auth.as_ref().map(TpmAuth::auth).transpose()?;
+                let mut h: ObjectHandle = ctx
+                    .execute_with_session(Some(AuthSession::Password), |c| {
+                        c.nv_define_space(Provision::Owner, auth.clone(), public.clone())
+                    })
+                    .map_err(|e| hw("TPM2_NV_DefineSpace (the rollback counter; needs the owner hierarchy)", e))?
+                    .into();
+                let _ = ctx.tr_close(&mut h);
+                tracing::info!(backend = BACKEND, index = self.settings.nv_counter, "defined the rollback counter");
+            }
+            Ok(())
+        })?;
+        self.increment_counter()
+    }
+
+    fn increment_counter(&self) -> Result<u64> {
+        self.with_ctx(|ctx, srk| {
+            self.with_nv(ctx, srk, |ctx, h, session| {
+                ctx.execute_with_session(session, |c| c.nv_increment(NvAuth::NvIndex(h), h))
+                    .map_err(|e| nv_error("TPM2_NV_Increment (the rollback counter)", e))?;
+                let b = ctx
+                    .execute_with_session(session, |c| c.nv_read(NvAuth::NvIndex(h), h, 8, 0))
+                    .map_err(|e| nv_error("TPM2_NV_Read (the rollback counter)", e))?;
+                nv_value(b.value())
+            })?
+            .ok_or_else(|| Error::Hardware {
+                backend: BACKEND,
+                operation: "incrementing the rollback counter",
+                detail: format!("NV index {:?} is not defined", self.settings.nv_counter),
+            })
+        })
     }
 }

@@ -21,6 +21,7 @@
 //! read transaction). Every open and every write waits at most `busy_timeout`, then
 //! fails with [`Error::StoreBusy`]: never a hang.
 
+pub(crate) mod anchor;
 mod redb_store;
 pub(crate) mod schema;
 pub(crate) mod state;
@@ -31,8 +32,8 @@ use std::time::Duration;
 use crate::error::Result;
 use crate::seal::{RecordView, STORE_ID_LEN};
 
-pub(crate) use redb_store::Store;
 pub(crate) use redb_store::WriteTxn;
+pub(crate) use redb_store::{CounterStatus, Store};
 pub use schema::{DekEntry, DekState, RootPin, RootWrapped, Tombstone};
 pub use state::{StateCheck, StateReport};
 
@@ -217,6 +218,9 @@ pub(crate) trait StoreRead {
 
     /// The archive of earlier audit keys (sealed under the integrity key), if any.
     fn audit_archive(&self) -> Result<Option<Vec<u8>>>;
+
+    /// The store's binding to its hardware rollback counter, if any.
+    fn anchor(&self) -> Result<Option<schema::Anchor>>;
 }
 
 /// What a write transaction changes, on top of what it reads.
@@ -260,4 +264,7 @@ pub(crate) trait StoreWrite: StoreRead {
 
     /// Replaces the archive of earlier audit keys (a rotation of the integrity key).
     fn put_audit_archive(&self, sealed: &[u8]) -> Result<()>;
+
+    /// Sets or removes the binding to the hardware rollback counter.
+    fn put_anchor(&self, anchor: Option<&schema::Anchor>) -> Result<()>;
 }

@@ -282,3 +282,36 @@ pub(crate) fn decode_lease(bytes: &[u8]) -> Option<Lease> {
     r.finish().ok()?;
     Some(Lease { owner, until })
 }
+
+/// The store's binding to a hardware rollback counter (`meta.anchor`, a covered row):
+/// which counter, and the value it has once the commit that wrote this row finished
+/// (docs/FORMAT.md §"Rollback anchor").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Anchor {
+    pub counter_id: String,
+    pub value: u64,
+}
+
+const ANCHOR_V1: u8 = 1;
+
+impl Anchor {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(16 + self.counter_id.len());
+        w.u8(ANCHOR_V1).str(&self.counter_id).u64(self.value);
+        w.finish()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        let f = || -> Result<Self, Malformed> {
+            let mut r = Reader::new(bytes);
+            if r.u8()? != ANCHOR_V1 {
+                return Err(Malformed);
+            }
+            let counter_id = r.str()?.to_string();
+            let value = r.u64()?;
+            r.finish()?;
+            Ok(Anchor { counter_id, value })
+        };
+        f().map_err(|_| Error::integrity("decoding the rollback anchor"))
+    }
+}

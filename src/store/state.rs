@@ -58,6 +58,7 @@ pub(crate) enum Row {
     IntegrityKey = 5,
     AuditHead = 6,
     AuditArchive = 7,
+    Anchor = 8,
 }
 
 /// A covered row's key.

@@ -25,6 +25,7 @@
 //!   `CKR_DEVICE_ERROR` instead of `CKR_WRAPPED_KEY_INVALID`; all map to the opaque
 //!   integrity error.
 
+mod counter;
 mod lock;
 mod module;
 mod settings;
@@ -316,6 +317,7 @@ impl Pkcs11Root {
             pin: self.settings.pin.clone(),
             mechanism: self.settings.mechanism,
             max_sessions: self.settings.max_sessions,
+            counter_label: self.settings.counter_label.clone(),
         }
     }
 
@@ -374,6 +376,10 @@ impl RootKey for Pkcs11Root {
 
     fn is_policy_bound(&self) -> bool {
         false
+    }
+
+    fn counter(&self) -> Option<&dyn crate::root::MonotonicCounter> {
+        self.settings.counter_label.as_ref().map(|_| self as &dyn crate::root::MonotonicCounter)
     }
 
     fn is_hardware(&self) -> bool {

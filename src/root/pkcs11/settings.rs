@@ -30,6 +30,9 @@ pub struct Pkcs11Settings {
     pub mechanism: MechanismPreference,
     /// Upper bound on open sessions.
     pub max_sessions: usize,
+    /// Label of the store's rollback counter (a data object in the token); `None`:
+    /// no counter from this root.
+    pub counter_label: Option<String>,
 }
 
 impl std::fmt::Debug for Pkcs11Settings {
@@ -87,6 +90,7 @@ impl Pkcs11Settings {
             pin: crate::pin::resolve_pin(&pin_source, base_dir)?,
             mechanism: p.mechanism,
             max_sessions: p.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
+            counter_label: p.counter_label.clone(),
         })
     }
 }

@@ -19,7 +19,8 @@ use redb::{
     ReadableTableMetadata, TableDefinition, TableError, TransactionError, Value, WriteTransaction,
 };
 
-use super::schema::{self, DekEntry, RootPin, RootWrapped, Tombstone};
+use super::anchor::{CounterLock, Position};
+use super::schema::{self, Anchor, DekEntry, RootPin, RootWrapped, Tombstone};
 use super::state::{self, Acc, Change, Head, Mark, Row, RowKey, StateCell, StateCheck, StateKey, StateReport};
 use super::{
     CoveredVisitor, Dump, IndexKeys, Lease, RecordBuilder, RecordVisitor, SCHEMA_VERSION, StoreMeta, StoreMode,
@@ -45,6 +46,7 @@ pub(super) const META_CREATED: &str = "created";
 pub(super) const META_AUDIT_HEAD: &str = "audit_head";
 pub(super) const META_STATE_HEAD: &str = "state_head";
 pub(super) const META_AUDIT_ARCHIVE: &str = "audit_archive";
+pub(super) const META_ANCHOR: &str = "anchor";
 
 macro_rules! from_redb {
     ($($t:ty => $op:literal),* $(,)?) => {$(
@@ -76,8 +78,42 @@ pub(crate) struct Store {
     poisoned: std::sync::atomic::AtomicBool,
     /// The authenticated state this process has verified (see `store::state`).
     state: std::sync::Arc<StateCell>,
+    /// The root whose hardware counter the store is bound to, as configured in this
+    /// process (see `store::anchor`).
+    counter: std::sync::Mutex<Option<CounterRoot>>,
+    /// What the open found wrong with the counter, when it let that through.
+    counter_problem: std::sync::Mutex<Option<String>>,
     path: PathBuf,
     opts: StoreOptions,
+}
+
+/// A root that offers a [`crate::root::MonotonicCounter`].
+pub(crate) type CounterRoot = std::sync::Arc<dyn crate::root::RootKey>;
+
+/// How a write treats the rollback anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AnchorWrite {
+    /// Moves it one step with the commit (when the store is bound and a counter is
+    /// configured).
+    Advance,
+    /// Binds the store to the configured counter at its current value (or unbinds it
+    /// when none is configured): creation, restore, `upgrade`.
+    Rebind,
+}
+
+/// Where a store stands against its rollback counter (`doctor`, open).
+#[derive(Debug)]
+pub(crate) enum CounterStatus {
+    /// No counter configured and the store is not bound to one.
+    Unbound,
+    /// A counter is configured; the store is not bound to it yet (`upgrade` binds).
+    NotBound { counter_id: String },
+    /// Bound, and the counter agrees.
+    Current { counter_id: String, value: u64 },
+    /// Bound; the last commit's increment had not happened and was finished now.
+    Finished { counter_id: String, value: u64 },
+    /// The store and the counter disagree (or one is missing).
+    Wrong(Error),
 }
 
 impl std::fmt::Debug for Store {
@@ -213,7 +249,15 @@ impl Store {
     }
 
     fn new(db: Database, path: &Path, opts: StoreOptions) -> Store {
-        Store { db, path: path.into(), opts, poisoned: Default::default(), state: Default::default() }
+        Store {
+            db,
+            path: path.into(),
+            opts,
+            poisoned: Default::default(),
+            state: Default::default(),
+            counter: Default::default(),
+            counter_problem: Default::default(),
+        }
     }
 
     /// The store file.
@@ -245,9 +289,80 @@ impl Store {
         self.state.verify(&self.read()?)
     }
 
-    /// The last verification's result.
+    /// The last verification's result, with the rollback counter's problem (when the
+    /// store was opened for inspection despite one).
     pub(crate) fn state_report(&self) -> StateReport {
-        self.state.report()
+        let mut r = self.state.report();
+        if let Some(p) = self.counter_problem.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            r.verified = false;
+            r.problem.get_or_insert(p);
+        }
+        r
+    }
+
+    /// Notes (or clears) a disagreement with the rollback counter that an open for
+    /// inspection let through.
+    pub(crate) fn note_counter_problem(&self, problem: Option<String>) {
+        *self.counter_problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+
+    /// Sets the root whose counter this process binds the store to (`None`: no counter
+    /// configured).
+    pub(crate) fn use_counter(&self, root: Option<CounterRoot>) {
+        *self.counter.lock().unwrap_or_else(|p| p.into_inner()) = root;
+    }
+
+    fn counter_root(&self) -> Option<CounterRoot> {
+        self.counter.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Where the store stands against its counter; finishes an increment that a
+    /// writer's death interrupted (under the counter lock).
+    pub(crate) fn check_counter(&self) -> Result<CounterStatus> {
+        let stored = self.read()?.anchor()?;
+        let root = self.counter_root();
+        let (root, stored) = match (root, stored) {
+            (None, None) => return Ok(CounterStatus::Unbound),
+            (None, Some(a)) => {
+                return Ok(CounterStatus::Wrong(Error::Config(format!(
+                    "the store is bound to the rollback counter {}, and no configured root offers it: configure it \
+                     (nv_counter, counter_label), or unbind the store with `tokenguard upgrade --accept-current-state`",
+                    a.counter_id
+                ))));
+            }
+            (Some(r), None) => return Ok(CounterStatus::NotBound { counter_id: counter_of(&r)?.counter_id()? }),
+            (Some(r), Some(a)) => (r, a),
+        };
+        let c = counter_of(&root)?;
+        let id = c.counter_id()?;
+        match super::anchor::position(&stored, &id, c.read_counter()?) {
+            Position::Current => Ok(CounterStatus::Current { counter_id: id, value: stored.value }),
+            Position::Wrong(e) => Ok(CounterStatus::Wrong(e)),
+            Position::OneAhead => {
+                // Again under the lock, on a fresh snapshot: another process may be
+                // between its commit and its increment right now.
+                let _lock = CounterLock::take(&self.path, self.opts.busy_timeout)?;
+                let stored = self.read()?.anchor()?.ok_or_else(|| Error::integrity("reading the rollback anchor"))?;
+                match super::anchor::position(&stored, &id, c.read_counter()?) {
+                    Position::Current => Ok(CounterStatus::Current { counter_id: id, value: stored.value }),
+                    Position::Wrong(e) => Ok(CounterStatus::Wrong(e)),
+                    Position::OneAhead => {
+                        c.increment_counter()?;
+                        tracing::warn!(counter = %id, value = stored.value, "finished a rollback-counter increment that a writer's exit interrupted");
+                        Ok(CounterStatus::Finished { counter_id: id, value: stored.value })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Binds the store to the configured counter at its current value (making the
+    /// counter if it does not exist), or unbinds it when none is configured.
+    /// `f` runs in the same transaction (an audit event).
+    pub(crate) fn bind_counter(&self, f: impl FnOnce(&WriteTxn) -> Result<()>) -> Result<Option<u64>> {
+        self.write_inner(false, AnchorWrite::Rebind, f, |txn| self.seal_moved(txn, None))?;
+        self.note_counter_problem(None);
+        Ok(self.read()?.anchor()?.map(|a| a.value))
     }
 
     /// DEK versions another process changed since the last call (see
@@ -275,23 +390,32 @@ impl Store {
     /// schema version: `tokenguard upgrade`, which accepts the store's rows as they
     /// are. The caller has made sure the operator asked for exactly that.
     pub(crate) fn reseal_with_key<T>(&self, new_key: StateKey, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.reseal_under(Some(new_key), false, f)
+        self.reseal_under(Some(new_key), false, AnchorWrite::Rebind, f)
     }
 
     /// A write whose head, and every row's contribution, are under `new_key` from
     /// this commit on (`f` rotated the integrity key). Only over a state that
     /// verifies: a rotation vouches for nothing it has not checked.
-    pub(crate) fn rekey<T>(&self, new_key: StateKey, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.reseal_under(Some(new_key), true, f)
+    /// `rebind`: the operator's `upgrade`, which also binds the store to the
+    /// configured rollback counter at its current value.
+    pub(crate) fn rekey<T>(
+        &self,
+        new_key: StateKey,
+        rebind: bool,
+        f: impl FnOnce(&WriteTxn) -> Result<T>,
+    ) -> Result<T> {
+        let anchor = if rebind { AnchorWrite::Rebind } else { AnchorWrite::Advance };
+        self.reseal_under(Some(new_key), true, anchor, f)
     }
 
     fn reseal_under<T>(
         &self,
         new_key: Option<StateKey>,
         require_head: bool,
+        anchor: AnchorWrite,
         f: impl FnOnce(&WriteTxn) -> Result<T>,
     ) -> Result<T> {
-        let out = self.write_inner(true, f, |txn| {
+        let out = self.write_inner(true, anchor, f, |txn| {
             let armed = self.state.key()?;
             let (old_key, store_id) = &*armed;
             let key = new_key.as_ref().unwrap_or(old_key);
@@ -340,7 +464,12 @@ impl Store {
     /// [`Store::write`], starting from `genesis` instead of the stored head (the
     /// creating transaction).
     fn write_from<T>(&self, genesis: Option<Head>, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.write_inner(false, f, |txn| {
+        self.write_inner(false, AnchorWrite::Advance, f, |txn| self.seal_moved(txn, genesis))
+    }
+
+    /// The new head of a write: the old one moved by the transaction's changes.
+    fn seal_moved(&self, txn: &WriteTxn, genesis: Option<Head>) -> Result<(u64, u64, Vec<u8>)> {
+        {
             let armed = self.state.key()?;
             let (key, store_id) = &*armed;
             let before = match genesis {
@@ -358,7 +487,7 @@ impl Store {
             acc.merge(&txn.delta.borrow());
             let after = Head { generation: before.generation + 1, acc };
             Ok((before.generation, after.generation, after.encode(key, store_id)))
-        })
+        }
     }
 
     /// One write transaction: `f`, then `seal` (which computes the new head), then the
@@ -367,12 +496,20 @@ impl Store {
     fn write_inner<T>(
         &self,
         resealed: bool,
+        anchor: AnchorWrite,
         f: impl FnOnce(&WriteTxn) -> Result<T>,
         seal: impl FnOnce(&WriteTxn) -> Result<(u64, u64, Vec<u8>)>,
     ) -> Result<T> {
         if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
         }
+        // With a counter, one lock orders the transaction and the increment after it
+        // across processes (taken before the write lock, released after the increment).
+        let counter = self.counter_root();
+        let _counter_lock = match &counter {
+            Some(_) => Some(CounterLock::take(&self.path, self.opts.busy_timeout)?),
+            None => None,
+        };
         let txn = WriteTxn::new(self.begin_write()?, self.state.clone());
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
@@ -386,6 +523,7 @@ impl Store {
             e
         };
         let out = engine(|| f(&txn)).map_err(poison)?;
+        let advanced = engine(|| advance_anchor(&txn, counter.as_ref(), anchor)).map_err(poison)?;
         let (before, after) = engine(|| {
             let (before, after, head) = seal(&txn)?;
             txn.txn.open_table(META)?.insert(META_STATE_HEAD, head.as_slice())?;
@@ -394,6 +532,17 @@ impl Store {
         .map_err(poison)?;
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
         engine(|| Ok(txn.txn.commit()?)).map_err(poison)?;
+        if let (Some(next), Some(root)) = (advanced, &counter) {
+            // Committed: a failed increment now leaves the store one ahead, which the
+            // next open or write finishes; the caller's write did happen.
+            match counter_of(root).and_then(|c| c.increment_counter()) {
+                Ok(v) if v == next => {}
+                Ok(v) => tracing::warn!(expected = next, counter = v, "the rollback counter moved by more than one"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the rollback counter was not incremented after a commit; the next open or write finishes it")
+                }
+            }
+        }
         if resealed {
             self.state.resealed(after);
         } else {
@@ -439,6 +588,44 @@ impl Store {
         }
         out
     }
+}
+
+fn counter_of(root: &CounterRoot) -> Result<&dyn crate::root::MonotonicCounter> {
+    root.counter().ok_or_else(|| Error::Config("the root offers no rollback counter".into()))
+}
+
+/// Moves the anchor in `txn` (see `store::anchor`); returns the value the counter
+/// must reach once the transaction commits, if any.
+fn advance_anchor(txn: &WriteTxn, root: Option<&CounterRoot>, how: AnchorWrite) -> Result<Option<u64>> {
+    let Some(root) = root else {
+        if how == AnchorWrite::Rebind && txn.anchor()?.is_some() {
+            txn.put_anchor(None)?;
+        }
+        return Ok(None);
+    };
+    let c = counter_of(root)?;
+    let counter_id = c.counter_id()?;
+    let next = match how {
+        AnchorWrite::Rebind => {
+            1 + match c.read_counter()? {
+                Some(v) => v,
+                None => c.create_counter()?,
+            }
+        }
+        AnchorWrite::Advance => {
+            let Some(stored) = txn.anchor()? else { return Ok(None) };
+            match super::anchor::position(&stored, &counter_id, c.read_counter()?) {
+                Position::Current => stored.value + 1,
+                Position::OneAhead => {
+                    c.increment_counter()?;
+                    stored.value + 1
+                }
+                Position::Wrong(e) => return Err(e),
+            }
+        }
+    };
+    txn.put_anchor(Some(&Anchor { counter_id, value: next }))?;
+    Ok(Some(next))
 }
 
 /// A read snapshot, with the state it is checked against.

@@ -244,6 +244,17 @@ impl<T: Tables> StoreRead for T {
         })
     }
 
+    fn anchor(&self) -> Result<Option<Anchor>> {
+        engine(|| {
+            let v = match self.table(META)? {
+                Some(t) => meta_value(&t, META_ANCHOR)?,
+                None => return Ok(None),
+            };
+            check_row(self, Row::Anchor, RowKey::Single, v.as_deref())?;
+            v.map(|b| Anchor::decode(&b)).transpose()
+        })
+    }
+
     fn state_head(&self) -> Result<Option<Vec<u8>>> {
         engine(|| {
             let Some(t) = self.table(META)? else { return Ok(None) };
@@ -259,6 +270,7 @@ impl<T: Tables> StoreRead for T {
                 (Row::IntegrityKey, META_INTEGRITY_KEY),
                 (Row::AuditHead, META_AUDIT_HEAD),
                 (Row::AuditArchive, META_AUDIT_ARCHIVE),
+                (Row::Anchor, META_ANCHOR),
             ] {
                 if let Some(v) = meta.get(key)? {
                     f(row, RowKey::Single, v.value())?;

@@ -164,6 +164,20 @@ impl StoreWrite for WriteTxn {
     fn put_audit_archive(&self, sealed: &[u8]) -> Result<()> {
         engine(|| self.set_audit_archive(sealed))
     }
+
+    fn put_anchor(&self, anchor: Option<&Anchor>) -> Result<()> {
+        engine(|| {
+            let new = anchor.map(Anchor::encode);
+            let mut meta = self.txn.open_table(META)?;
+            let old = match &new {
+                Some(v) => meta.insert(META_ANCHOR, v.as_slice())?,
+                None => meta.remove(META_ANCHOR)?,
+            }
+            .map(|g| g.value().to_vec());
+            drop(meta);
+            self.moved(Row::Anchor, RowKey::Single, old.as_deref(), new.as_deref())
+        })
+    }
 }
 
 impl WriteTxn {
