@@ -266,6 +266,20 @@ fn writes(c: &mut Criterion) {
             g.put("github", &format!("p{}", n % 5000), secret(64, n as usize), PutOptions::default()).unwrap()
         })
     });
+    // The same with the store bound to a rollback counter in the token (a counter
+    // read, and an increment under the exclusive token lock, per commit).
+    let counted = TestEnv::new("bench-writes-counter");
+    let text = std::fs::read_to_string(&counted.config_path).unwrap();
+    let key_line = format!("key_label = \"{}\"\n", counted.key_label);
+    let text = text.replace(&key_line, &format!("{key_line}counter_label = \"ctr-{}\"\n", counted.key_label));
+    std::fs::write(&counted.config_path, text).unwrap();
+    let gc = counted.init();
+    grp.bench_function("put_durable_counter", |b| {
+        b.iter(|| {
+            n += 1;
+            gc.put("github", &format!("p{}", n % 5000), secret(64, n as usize), PutOptions::default()).unwrap()
+        })
+    });
     grp.bench_function("floor/redb_put_durable", |b| {
         b.iter(|| {
             n += 1;

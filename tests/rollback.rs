@@ -172,11 +172,21 @@ fn binding_and_unbinding_are_explicit() {
     let o = env.run(&["get", "github", "a"], b"");
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     std::fs::write(&env.store_path, &bound).unwrap();
-    // Dropping the counter from the config does not silently unbind the store.
+    // Dropping the counter from the config does not silently unbind the store, and
+    // no write goes around it (a revoke that did not move the anchor would let the
+    // copy from before it pass for current).
     set_counter_label(&env, None);
     let o = env.run(&["get", "github", "a"], b"");
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     assert!(stderr(&o).contains("no configured root offers it"), "{}", stderr(&o));
+    let before = std::fs::read(&env.store_path).unwrap();
+    let o = env.run(&["revoke", "github", "a", "--reason", "test"], b"");
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(stderr(&o).contains("no configured root offers it"), "{}", stderr(&o));
+    set_counter_label(&env, Some(&label));
+    assert_eq!(ok(&env, &["get", "github", "a"], b""), "ghp_A", "the revoke did not happen");
+    assert_eq!(std::fs::read(&env.store_path).unwrap().len(), before.len());
+    set_counter_label(&env, None);
     // (Opened for inspection, a store that disagrees with its counter exits 4.)
     let o = env.run(&["upgrade"], b"");
     assert_eq!(code(&o), 4, "{}", stderr(&o));
@@ -204,9 +214,24 @@ fn concurrent_writers_keep_the_counter_in_step() {
             })
         })
         .collect();
+    // A reader meanwhile: an open that meets a writer between its commit and its
+    // increment must never take that for a rollback (review finding 1).
+    let reader = {
+        let cfg = env.config_path.clone();
+        let bin = env!("CARGO_BIN_EXE_tokenguard");
+        std::thread::spawn(move || {
+            for _ in 0..20 {
+                let mut c = std::process::Command::new(bin);
+                c.env("TOKENGUARD_CONFIG", &cfg).args(["list"]);
+                let o = common::run_cmd(&mut c, b"");
+                assert_eq!(code(&o), 0, "a reader beside the writers: {}", stderr(&o));
+            }
+        })
+    };
     for w in writers {
         w.join().unwrap();
     }
+    reader.join().unwrap();
     assert_eq!(counter_value(&label), start + 24, "one step per commit");
     let out = ok(&env, &["doctor"], b"");
     assert!(out.lines().any(|l| l.starts_with("ok") && l.contains("rollback counter")), "{out}");
@@ -247,4 +272,59 @@ fn writers_killed_at_any_moment_never_read_as_a_rollback() {
     }
     let o = env.run(&["doctor"], b"");
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// A counter that exists already is never taken over silently (review finding 5): a
+/// second store configured with the same counter cannot `init`, and a store put
+/// back from before its binding cannot be bound again by a plain `upgrade`.
+#[test]
+fn an_existing_counter_is_not_taken_over() {
+    let (env, label) = env_with_counter("rb-takeover");
+    ok(&env, &["init"], b"");
+    ok(&env, &["put", "github", "a"], b"ghp_A");
+    let other = TestEnv::new("rb-takeover-2");
+    set_counter_label(&other, Some(&label));
+    let o = other.run(&["init"], b"");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("exists already"), "{}", stderr(&o));
+    assert!(!other.store_path.exists(), "no half-made store is left behind");
+    // The first store is untouched.
+    assert_eq!(ok(&env, &["get", "github", "a"], b""), "ghp_A");
+
+    // A store from before its binding, put back over a bound one: `upgrade` refuses to
+    // bind it to the (existing) counter unless the operator accepts it.
+    let unbound = TestEnv::new("rb-takeover-3");
+    ok(&unbound, &["init"], b"");
+    ok(&unbound, &["put", "github", "a"], b"ghp_PRE");
+    let pre = std::fs::read(&unbound.store_path).unwrap();
+    let label3 = format!("ctr-{}", unbound.key_label);
+    set_counter_label(&unbound, Some(&label3));
+    ok(&unbound, &["upgrade"], b"");
+    ok(&unbound, &["put", "github", "a"], b"ghp_POST");
+    std::fs::write(&unbound.store_path, &pre).unwrap();
+    let o = unbound.run(&["upgrade"], b"");
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(stderr(&o).contains("exists already"), "{}", stderr(&o));
+    let o = unbound.run(&["get", "github", "a"], b"");
+    assert_ne!(code(&o), 0);
+    assert!(o.stdout.is_empty());
+}
+
+/// An increment is applied once even when it is retried (review finding 3): asked to
+/// move the counter from a value it has left already, the counter stays where it is.
+#[test]
+fn a_retried_increment_is_not_applied_twice() {
+    let (env, label) = env_with_counter("rb-retry");
+    ok(&env, &["init"], b"");
+    let v = counter_value(&label);
+    let roots = env.config().build_roots(tokenguard::config::RootUse::Open).unwrap();
+    let c = roots[0].counter().expect("the root offers its counter");
+    assert_eq!(c.increment_counter(v).unwrap(), v + 1);
+    // The same call again (a retry after a lost answer): no second step.
+    assert_eq!(c.increment_counter(v).unwrap(), v + 1);
+    assert_eq!(counter_value(&label), v + 1);
+    // The store is now one behind the counter: an older copy, as far as anyone can
+    // tell, and refused.
+    let o = env.run(&["list"], b"");
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
 }

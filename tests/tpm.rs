@@ -441,3 +441,45 @@ fn a_store_copy_put_back_is_caught_by_the_nv_counter() {
     ok(&["upgrade", "--accept-current-state"], b"");
     assert_eq!(ok(&["get", "github", "a"], b""), "ghp_OLD");
 }
+
+/// A TPM PIN is refused without parameter encryption: its authorisation value would
+/// cross the bus in the clear at every unseal (review of finding 7).
+#[test]
+fn a_tpm_pin_needs_parameter_encryption() {
+    let tpm = Swtpm::start();
+    let env = env_with_roots(
+        "tpm-auth-plain",
+        &tpm_root_toml(&tpm, "pin_source = \"env:TG_TPM_PIN\"\nparameter_encryption = false"),
+        true,
+    );
+    let mut cmd = env.cli();
+    cmd.args(["init"]).env("TG_TPM_PIN", "1234");
+    let o = common::run_cmd(&mut cmd, b"");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("parameter_encryption"), "{}", stderr(&o));
+    assert!(!env.store_path.exists());
+}
+
+/// The rollback counter comes from any configured root, pinned or not (review
+/// finding 7): a store bound to the TPM's counter keeps opening after `root remove`
+/// of the TPM root, as long as that root stays in the config.
+#[test]
+fn the_counter_of_a_removed_root_still_serves() {
+    let tpm = Swtpm::start();
+    let env = TestEnv::new("tpm-nv-removed");
+    let mut text = std::fs::read_to_string(&env.config_path).unwrap();
+    text.push_str(&tpm_root_toml(&tpm, "nv_counter = \"0x01810a11\""));
+    std::fs::write(&env.config_path, text).unwrap();
+    assert_eq!(code(&env.run(&["init"], b"")), 0);
+    assert_eq!(code(&env.run(&["put", "github", "a"], b"ghp_R")), 0);
+    let copy = std::fs::read(&env.store_path).unwrap();
+    let g = env.open();
+    let tpm_id = g.pinned_roots().unwrap().iter().find(|p| p.pin.starts_with("tpm:")).unwrap().root_id;
+    g.remove_root(tpm_id).unwrap();
+    drop(g);
+    let o = env.run(&["get", "github", "a"], b"");
+    assert_eq!((code(&o), o.stdout.as_slice()), (0, &b"ghp_R"[..]), "{}", stderr(&o));
+    std::fs::write(&env.store_path, &copy).unwrap();
+    let o = env.run(&["get", "github", "a"], b"");
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+}

@@ -362,15 +362,25 @@ impl TokenGuard {
         // operator's plain `upgrade`; accepting a store that disagrees with its counter
         // (an older copy put back on purpose, another counter) needs
         // --accept-current-state.
-        let counter = match inner.store.check_counter()? {
-            CounterStatus::Unbound | CounterStatus::Current { .. } | CounterStatus::Finished { .. } => None,
-            CounterStatus::NotBound { counter_id } => Some(("counter-bind", format!("bound to {counter_id}"))),
-            CounterStatus::Wrong(e) if accept_mismatch => Some(("counter-accept", format!("accepted as found: {e}"))),
+        use crate::store::AnchorWrite;
+        let (counter, how) = match inner.store.check_counter()? {
+            CounterStatus::Unbound | CounterStatus::Current { .. } | CounterStatus::Finished { .. } => {
+                (None, AnchorWrite::Advance)
+            }
+            // A counter that exists already may be another store's, or this one's
+            // from before an older copy was put back: binding to it is an acceptance.
+            CounterStatus::NotBound { counter_id } => (
+                Some(("counter-bind", format!("bound to {counter_id}"))),
+                if accept_mismatch { AnchorWrite::Rebind } else { AnchorWrite::BindNew },
+            ),
+            CounterStatus::Wrong(e) if accept_mismatch => {
+                (Some(("counter-accept", format!("accepted as found: {e}"))), AnchorWrite::Rebind)
+            }
             CounterStatus::Wrong(e) => return Err(e),
         };
         if before.verified && marked {
             let Some((op, detail)) = counter else { return Ok((before.clone(), before)) };
-            inner.store.bind_counter(|txn| {
+            inner.store.bind_counter(how, |txn| {
                 inner.audit(txn, NewEvent { op, outcome: "ok", detail, ..Default::default() }).map(drop)
             })?;
             tracing::warn!(op, "store bound to its rollback counter");
@@ -417,9 +427,9 @@ impl TokenGuard {
         // operator's acceptance of the rows as they are.
         // Both bind the store to the configured rollback counter at its current value.
         if before.verified {
-            inner.store.rekey(key, true, work)?
+            inner.store.rekey(key, how, work)?
         } else {
-            inner.store.reseal_with_key(key, work)?
+            inner.store.reseal_with_key(key, how, work)?
         };
         if let Some(k) = new_keys.into_inner() {
             *crate::sync::write(&inner.keys) = Arc::new(k);

@@ -10,7 +10,9 @@ use crate::error::{Error, Result};
 use crate::root::RootKey;
 use crate::secret::DekMaterial;
 use crate::store::state::StateKey;
-use crate::store::{CounterStatus, RootPin, RootWrapped, StateCheck, Store, StoreMeta, StoreOptions, StoreRead};
+use crate::store::{
+    AnchorWrite, CounterStatus, RootPin, RootWrapped, StateCheck, Store, StoreMeta, StoreOptions, StoreRead,
+};
 
 fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
     if require && let Some(r) = roots.iter().find(|r| !r.is_hardware()) {
@@ -85,7 +87,14 @@ impl TokenGuard {
         // The new store's state, known to this guard from the start (and its recheck
         // interval set), as an open would.
         store.verify_state(StateKey::derive(ik.expose()), meta.store_id, opts.state_recheck, opts.state_check)?;
-        attach_counter(&store, &active, opts.state_check, true)?;
+        if let Err(e) = attach_counter(&store, counter_root(&active), opts.state_check, Some(AnchorWrite::BindNew)) {
+            // No half-made store: `init` can be run again once the counter is sorted.
+            drop(store);
+            let lock = crate::store::anchor::lock_path(path);
+            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(lock);
+            return Err(e);
+        }
         let inner = Inner::new(store, meta.store_id, active, pins, &ik, opts)?;
         Counters::add(&inner.counters.wraps, inner.roots.len() as u64);
         tracing::info!(path = %path.display(), roots = inner.pins.len(), "created store");
@@ -141,11 +150,18 @@ impl TokenGuard {
                 opens
             })
             .collect();
+        // The rollback counter may be offered by any configured root, pinned or not: it
+        // needs no key material (a TPM root just removed for re-sealing still keeps it).
+        let mut counter: Option<Arc<dyn RootKey>> = None;
         let active: Vec<ActiveRoot> = roots
             .into_iter()
             .enumerate()
             .filter_map(|(i, key)| {
-                matched.iter().find(|(j, _)| *j == i).map(|(_, id)| ActiveRoot { root_id: *id, key: key.into() })
+                let key: Arc<dyn RootKey> = key.into();
+                if counter.is_none() && key.counter().is_some() {
+                    counter = Some(key.clone());
+                }
+                matched.iter().find(|(j, _)| *j == i).map(|(_, id)| ActiveRoot { root_id: *id, key })
             })
             .collect();
         // Every covered row against the head: a replayed, edited or deleted row
@@ -158,7 +174,7 @@ impl TokenGuard {
             verified = state.verified,
             "store state checked"
         );
-        attach_counter(&store, &active, opts.state_check, bind)?;
+        attach_counter(&store, counter, opts.state_check, bind.then_some(AnchorWrite::Rebind))?;
         let mut inner = Inner::new(store, meta.store_id, active, meta.roots, &ik, opts)?;
         inner.rejected_roots = rejected;
         Counters::add(&inner.counters.unwraps, 1);
@@ -174,14 +190,24 @@ pub(super) fn counter_root(roots: &[ActiveRoot]) -> Option<Arc<dyn RootKey>> {
 
 /// Gives the store the configured rollback counter, and binds the store to it (`bind`)
 /// or checks the store against it: an older copy of the store (or a store never bound
-/// to the configured counter) refuses the open, or is reported when inspecting.
-fn attach_counter(store: &Store, roots: &[ActiveRoot], check: StateCheck, bind: bool) -> Result<()> {
-    store.use_counter(counter_root(roots));
-    if bind {
-        store.bind_counter(|_| Ok(()))?;
+/// to the configured counter) refuses the open, or is reported when inspecting (as is
+/// a counter that cannot be read then, so `doctor` can say so).
+fn attach_counter(
+    store: &Store,
+    counter: Option<Arc<dyn RootKey>>,
+    check: StateCheck,
+    bind: Option<AnchorWrite>,
+) -> Result<()> {
+    store.use_counter(counter);
+    if let Some(how) = bind {
+        store.bind_counter(how, |_| Ok(()))?;
         return Ok(());
     }
-    let problem = match store.check_counter()? {
+    let status = match store.check_counter() {
+        Err(e) if check == StateCheck::Report => CounterStatus::Wrong(e),
+        other => other?,
+    };
+    let problem = match status {
         CounterStatus::Unbound | CounterStatus::Current { .. } | CounterStatus::Finished { .. } => return Ok(()),
         CounterStatus::NotBound { counter_id } => Error::Config(format!(
             "the rollback counter {counter_id} is configured, but the store is not bound to it: if this is the \

@@ -69,7 +69,7 @@ impl TokenGuard {
         // so this one reads as the older copy it is.
         if let Some(root) = super::open::counter_root(&inner.roots) {
             saved_store.use_counter(Some(root));
-            saved_store.bind_counter(|_| Ok(()))?;
+            saved_store.bind_counter(crate::store::AnchorWrite::Rebind, |_| Ok(()))?;
         }
         Ok(SalvageReport { records, saved, lost, audit_kept })
     }

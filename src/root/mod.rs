@@ -282,8 +282,10 @@ pub trait MonotonicCounter: Send + Sync {
     /// Makes the counter when it does not exist; returns its value.
     fn create_counter(&self) -> Result<u64>;
 
-    /// Adds one; returns the new value.
-    fn increment_counter(&self) -> Result<u64>;
+    /// Adds one if the counter is at `from`, and returns the value it has now: a
+    /// retry after a lost response finds it at `from + 1` and adds nothing, so an
+    /// increment is never applied twice.
+    fn increment_counter(&self, from: u64) -> Result<u64>;
 }
 
 /// The software AES-KW unwrap shared by the soft root and the conformance tests.

@@ -75,6 +75,16 @@ impl TpmAuth {
     fn auth(&self) -> Result<Auth> {
         Auth::try_from(self.0.to_vec()).map_err(|e| hw("authorisation value", e))
     }
+
+    /// The rollback counter's own value, `HMAC-SHA256(auth, "tokenguard/tpm-nv-auth/v1")`,
+    /// so that the counter's authorisation reveals nothing about the sealed keys'.
+    fn nv_auth(&self) -> Result<Auth> {
+        use hmac::Mac;
+        let mut m = <hmac::Hmac<sha2::Sha256> as hmac::digest::KeyInit>::new_from_slice(self.0.as_slice())
+            .map_err(|_| nv_error_text("deriving the counter's authorisation value"))?;
+        m.update(b"tokenguard/tpm-nv-auth/v1");
+        Auth::try_from(m.finalize().into_bytes().to_vec()).map_err(|e| hw("authorisation value", e))
+    }
 }
 
 impl fmt::Debug for TpmAuth {
@@ -144,6 +154,16 @@ impl TpmSettings {
                 None => None,
             },
             auth: match &t.pin_source {
+                // In the clear, the value would cross the bus at every unseal, and a
+                // PolicyAuthValue HMAC in an unsalted session lets a listener guess
+                // the PIN offline.
+                Some(_) if t.parameter_encryption == Some(false) => {
+                    return Err(Error::Config(
+                        "pin_source needs parameter_encryption = true (the authorisation value would cross the TPM \
+                         bus in the clear)"
+                            .into(),
+                    ));
+                }
                 Some(src) => Some(TpmAuth::from_pin(&crate::pin::resolve_pin(src, base_dir)?)),
                 None => None,
             },
@@ -788,7 +808,7 @@ impl TpmRoot {
         };
         let out = (|| {
             if let Some(a) = &self.settings.auth {
-                ctx.tr_set_auth(obj, a.auth()?).map_err(|e| hw("setting the counter's authorisation", e))?;
+                ctx.tr_set_auth(obj, a.nv_auth()?).map_err(|e| hw("setting the counter's authorisation", e))?;
             }
             let session = self.session(ctx, srk)?;
             let r = f(ctx, NvIndexHandle::from(obj), session);
@@ -810,8 +830,17 @@ fn nv_value(b: &[u8]) -> Result<u64> {
     })
 }
 
+fn nv_error_text(detail: &str) -> Error {
+    Error::Hardware { backend: BACKEND, operation: "the rollback counter", detail: detail.into() }
+}
+
 fn nv_error(operation: &'static str, e: tss_esapi::Error) -> Error {
     match kind(&e) {
+        Some(Tss2ResponseCodeKind::Lockout) => Error::Auth {
+            backend: BACKEND,
+            detail: "the TPM is in dictionary-attack lockout; the rollback counter cannot be read until it recovers"
+                .into(),
+        },
         Some(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth) => Error::Auth {
             backend: BACKEND,
             detail: "the TPM refused the rollback counter's authorisation value (wrong PIN from pin_source?)".into(),
@@ -861,9 +890,12 @@ impl MonotonicCounter for TpmRoot {
                     .with_data_area_size(8)
                     .build()
                     .map_err(|e| hw("the rollback counter's public area", e))?;
-                let auth = self.settings.auth.as_ref().map(TpmAuth::auth).transpose()?;
+                let auth = self.settings.auth.as_ref().map(TpmAuth::nv_auth).transpose()?;
+                // The encrypting session: the authorisation value is the command's
+                // first parameter, so it crosses the bus encrypted.
+                let session = self.session(ctx, srk)?;
                 let mut h: ObjectHandle = ctx
-                    .execute_with_session(Some(AuthSession::Password), |c| {
+                    .execute_with_session(session, |c| {
                         c.nv_define_space(Provision::Owner, auth.clone(), public.clone())
                     })
                     .map_err(|e| hw("TPM2_NV_DefineSpace (the rollback counter; needs the owner hierarchy)", e))?
@@ -873,18 +905,35 @@ impl MonotonicCounter for TpmRoot {
             }
             Ok(())
         })?;
-        self.increment_counter()
+        self.bump(None)
     }
 
-    fn increment_counter(&self) -> Result<u64> {
+    fn increment_counter(&self, from: u64) -> Result<u64> {
+        self.bump(Some(from))
+    }
+}
+
+impl TpmRoot {
+    /// Increments the counter if it reads `from` (`None`: never incremented), and
+    /// returns its value. The read comes first inside the retried closure, so a
+    /// reconnect after a lost response does not increment twice.
+    fn bump(&self, from: Option<u64>) -> Result<u64> {
         self.with_ctx(|ctx, srk| {
             self.with_nv(ctx, srk, |ctx, h, session| {
+                let read = |ctx: &mut Context| match ctx
+                    .execute_with_session(session, |c| c.nv_read(NvAuth::NvIndex(h), h, 8, 0))
+                {
+                    Ok(b) => nv_value(b.value()).map(Some),
+                    Err(e) if matches!(kind(&e), Some(Tss2ResponseCodeKind::NvUninitialized)) => Ok(None),
+                    Err(e) => Err(nv_error("TPM2_NV_Read (the rollback counter)", e)),
+                };
+                let now = read(ctx)?;
+                if now != from {
+                    return now.ok_or_else(|| nv_error_text("the counter was never incremented"));
+                }
                 ctx.execute_with_session(session, |c| c.nv_increment(NvAuth::NvIndex(h), h))
                     .map_err(|e| nv_error("TPM2_NV_Increment (the rollback counter)", e))?;
-                let b = ctx
-                    .execute_with_session(session, |c| c.nv_read(NvAuth::NvIndex(h), h, 8, 0))
-                    .map_err(|e| nv_error("TPM2_NV_Read (the rollback counter)", e))?;
-                nv_value(b.value())
+                read(ctx)?.ok_or_else(|| nv_error_text("the counter reads as never incremented after an increment"))
             })?
             .ok_or_else(|| Error::Hardware {
                 backend: BACKEND,
@@ -892,5 +941,21 @@ impl MonotonicCounter for TpmRoot {
                 detail: format!("NV index {:?} is not defined", self.settings.nv_counter),
             })
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    /// docs/FORMAT.md §"TPM authorisation value": the vector there is this derivation.
+    #[test]
+    fn auth_value_matches_the_document() {
+        let doc = include_str!("../../docs/FORMAT.md");
+        let start = doc.find("```hex tpm_auth\n").unwrap() + "```hex tpm_auth\n".len();
+        let want = doc[start..start + 64].to_string();
+        let auth = super::TpmAuth::from_pin(&secrecy::SecretString::from("123456".to_string()));
+        let got: String = auth.0.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(got, want);
+        assert_eq!(format!("{auth:?}"), "TpmAuth(..)", "Debug shows nothing of the value");
     }
 }

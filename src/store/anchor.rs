@@ -17,8 +17,7 @@
 //! state just before the last commit, and only while that commit's increment has not
 //! happened (docs/DESIGN-NOTES.md §"Whole-store rollback").
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -78,8 +77,10 @@ pub(crate) struct CounterLock {
     _file: File,
 }
 
-/// The lock file of the store at `store`.
+/// The lock file of the store at `store`: beside the file the path resolves to, so
+/// every process agrees whatever path (a symlink, a relative one) it was given.
 pub(crate) fn lock_path(store: &Path) -> PathBuf {
+    let store = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
     let mut p = store.as_os_str().to_owned();
     p.push(".counter-lock");
     PathBuf::from(p)
@@ -89,34 +90,14 @@ impl CounterLock {
     /// Takes the lock, waiting at most `wait` ([`Error::StoreBusy`] then).
     pub(crate) fn take(store: &Path, wait: Duration) -> Result<Self> {
         let path = lock_path(store);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(Error::io("opening the counter lock", &path))?;
         let start = Instant::now();
-        let mut pause = Duration::from_micros(200);
-        loop {
-            match file.try_lock() {
-                Ok(()) => return Ok(CounterLock { _file: file }),
-                Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < wait => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(5));
-                }
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(Error::StoreBusy {
-                        path: store.into(),
-                        waited_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    });
-                }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(Error::Io { operation: "locking the counter lock", path, source: e });
-                }
-            }
+        match crate::sync::flock(&path, true, wait) {
+            Ok(Some(file)) => Ok(CounterLock { _file: file }),
+            Ok(None) => Err(Error::StoreBusy {
+                path: store.into(),
+                waited_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }),
+            Err(e) => Err(Error::Io { operation: "locking the counter lock", path, source: e }),
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::error::Result;
 use crate::seal::{RecordView, STORE_ID_LEN};
 
 pub(crate) use redb_store::WriteTxn;
-pub(crate) use redb_store::{CounterStatus, Store};
+pub(crate) use redb_store::{AnchorWrite, CounterStatus, Store};
 pub use schema::{DekEntry, DekState, RootPin, RootWrapped, Tombstone};
 pub use state::{StateCheck, StateReport};
 

@@ -825,7 +825,15 @@ mod vector {
             acc.add(r);
         }
         let head = Head { generation: 7, acc }.encode(&key, &store_id);
+        let anchor = crate::store::schema::Anchor {
+            counter_id: "pkcs11:serial=0123456789abcdef;label=tokenguard-counter".into(),
+            value: 42,
+        }
+        .encode();
+        let anchor_row = key.row(Row::Anchor, RowKey::Single, &anchor);
         vec![
+            ("anchor", anchor.clone()),
+            ("state_row_anchor", anchor_row.to_vec()),
             ("state_key", key.0.to_vec()),
             ("state_row_record", rows[0].to_vec()),
             ("state_row_dek", rows[1].to_vec()),

@@ -114,7 +114,7 @@ impl MonotonicCounter for Pkcs11Root {
         })
     }
 
-    fn increment_counter(&self) -> Result<u64> {
+    fn increment_counter(&self, from: u64) -> Result<u64> {
         let label = self.counter_label()?;
         let next = self.with_session_exclusive("C_SetAttributeValue (the rollback counter)", |s| {
             let handles = s.find_objects(&find_template(label))?;
@@ -125,9 +125,11 @@ impl MonotonicCounter for Pkcs11Root {
                     cur = parse(label, &v);
                 }
             }
-            let Some(next) = cur.and_then(|c| c.checked_add(1)) else {
-                return Ok(Err("no counter in the object's label".into()));
-            };
+            let Some(cur) = cur else { return Ok(Err("no counter in the object's label".into())) };
+            if cur != from {
+                return Ok(Ok(cur));
+            }
+            let Some(next) = cur.checked_add(1) else { return Ok(Err("the counter is at its end".into())) };
             s.update_attributes(*h, &[labelled(label, next)])?;
             Ok(Ok(next))
         })?;

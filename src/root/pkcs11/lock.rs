@@ -9,10 +9,10 @@
 //! between threads of one process alike; it is released when dropped (and by the
 //! kernel when a process dies, so a SIGKILL never leaves it held). Waits are bounded.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 
@@ -87,38 +87,17 @@ impl TokenLock {
 
     fn take(module: &Path, exclusive: bool) -> Result<Self> {
         let path = lock_path(module)?;
-        let io = |e| Error::Io { operation: "opening the token lock", path: path.clone(), source: e };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(io)?;
-        let start = Instant::now();
-        let mut pause = Duration::from_micros(200);
-        loop {
-            let taken = if exclusive { file.try_lock() } else { file.try_lock_shared() };
-            match taken {
-                Ok(()) => {
-                    let critical = exclusive.then(crate::signals::Critical::enter);
-                    return Ok(TokenLock { _file: file, _critical: critical });
-                }
-                Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < MAX_WAIT => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(10));
-                }
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(Error::Hardware {
-                        backend: "pkcs11",
-                        operation: "locking the token",
-                        detail: format!("another process held {} for {}s", path.display(), MAX_WAIT.as_secs()),
-                    });
-                }
-                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        match crate::sync::flock(&path, exclusive, MAX_WAIT) {
+            Ok(Some(file)) => {
+                let critical = exclusive.then(crate::signals::Critical::enter);
+                Ok(TokenLock { _file: file, _critical: critical })
             }
+            Ok(None) => Err(Error::Hardware {
+                backend: "pkcs11",
+                operation: "locking the token",
+                detail: format!("another process held {} for {}s", path.display(), MAX_WAIT.as_secs()),
+            }),
+            Err(e) => Err(Error::Io { operation: "opening the token lock", path, source: e }),
         }
     }
 }

@@ -92,12 +92,17 @@ pub(crate) type CounterRoot = std::sync::Arc<dyn crate::root::RootKey>;
 
 /// How a write treats the rollback anchor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AnchorWrite {
-    /// Moves it one step with the commit (when the store is bound and a counter is
-    /// configured).
+pub(crate) enum AnchorWrite {
+    /// Moves it one step with the commit when the store is bound; a bound store with
+    /// no counter configured is not written.
     Advance,
-    /// Binds the store to the configured counter at its current value (or unbinds it
-    /// when none is configured): creation, restore, `upgrade`.
+    /// Binds the store to the configured counter, which must not exist yet (`init`, a
+    /// plain `upgrade`): an existing counter may be another store's, or this one's
+    /// from before an older copy was put back.
+    BindNew,
+    /// Binds the store to the configured counter at its current value, making it if
+    /// needed, or unbinds it when none is configured: `restore`, `salvage`, and
+    /// `upgrade --accept-current-state`.
     Rebind,
 }
 
@@ -317,8 +322,18 @@ impl Store {
     }
 
     /// Where the store stands against its counter; finishes an increment that a
-    /// writer's death interrupted (under the counter lock).
+    /// writer's death interrupted. Anything but agreement is looked at again under
+    /// the counter lock, so a writer between its commit and its increment is never
+    /// taken for a rollback.
     pub(crate) fn check_counter(&self) -> Result<CounterStatus> {
+        match self.check_counter_once(false)? {
+            s @ (CounterStatus::Unbound | CounterStatus::Current { .. }) => Ok(s),
+            _ => self.check_counter_once(true),
+        }
+    }
+
+    fn check_counter_once(&self, locked: bool) -> Result<CounterStatus> {
+        let _lock = if locked { Some(CounterLock::take(&self.path, self.opts.busy_timeout)?) } else { None };
         let stored = self.read()?.anchor()?;
         let root = self.counter_root();
         let (root, stored) = match (root, stored) {
@@ -338,20 +353,11 @@ impl Store {
         match super::anchor::position(&stored, &id, c.read_counter()?) {
             Position::Current => Ok(CounterStatus::Current { counter_id: id, value: stored.value }),
             Position::Wrong(e) => Ok(CounterStatus::Wrong(e)),
+            Position::OneAhead if !locked => Ok(CounterStatus::Finished { counter_id: id, value: stored.value }),
             Position::OneAhead => {
-                // Again under the lock, on a fresh snapshot: another process may be
-                // between its commit and its increment right now.
-                let _lock = CounterLock::take(&self.path, self.opts.busy_timeout)?;
-                let stored = self.read()?.anchor()?.ok_or_else(|| Error::integrity("reading the rollback anchor"))?;
-                match super::anchor::position(&stored, &id, c.read_counter()?) {
-                    Position::Current => Ok(CounterStatus::Current { counter_id: id, value: stored.value }),
-                    Position::Wrong(e) => Ok(CounterStatus::Wrong(e)),
-                    Position::OneAhead => {
-                        c.increment_counter()?;
-                        tracing::warn!(counter = %id, value = stored.value, "finished a rollback-counter increment that a writer's exit interrupted");
-                        Ok(CounterStatus::Finished { counter_id: id, value: stored.value })
-                    }
-                }
+                advance_counter(c, &id, stored.value)?;
+                tracing::warn!(counter = %id, value = stored.value, "finished a rollback-counter increment that a writer's exit interrupted");
+                Ok(CounterStatus::Finished { counter_id: id, value: stored.value })
             }
         }
     }
@@ -359,8 +365,12 @@ impl Store {
     /// Binds the store to the configured counter at its current value (making the
     /// counter if it does not exist), or unbinds it when none is configured.
     /// `f` runs in the same transaction (an audit event).
-    pub(crate) fn bind_counter(&self, f: impl FnOnce(&WriteTxn) -> Result<()>) -> Result<Option<u64>> {
-        self.write_inner(false, AnchorWrite::Rebind, f, |txn| self.seal_moved(txn, None))?;
+    pub(crate) fn bind_counter(
+        &self,
+        how: AnchorWrite,
+        f: impl FnOnce(&WriteTxn) -> Result<()>,
+    ) -> Result<Option<u64>> {
+        self.write_inner(false, how, f, |txn| self.seal_moved(txn, None))?;
         self.note_counter_problem(None);
         Ok(self.read()?.anchor()?.map(|a| a.value))
     }
@@ -389,22 +399,25 @@ impl Store {
     /// new head (generation one past the old one, if it verifies), and the current
     /// schema version: `tokenguard upgrade`, which accepts the store's rows as they
     /// are. The caller has made sure the operator asked for exactly that.
-    pub(crate) fn reseal_with_key<T>(&self, new_key: StateKey, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.reseal_under(Some(new_key), false, AnchorWrite::Rebind, f)
+    pub(crate) fn reseal_with_key<T>(
+        &self,
+        new_key: StateKey,
+        anchor: AnchorWrite,
+        f: impl FnOnce(&WriteTxn) -> Result<T>,
+    ) -> Result<T> {
+        self.reseal_under(Some(new_key), false, anchor, f)
     }
 
     /// A write whose head, and every row's contribution, are under `new_key` from
     /// this commit on (`f` rotated the integrity key). Only over a state that
     /// verifies: a rotation vouches for nothing it has not checked.
-    /// `rebind`: the operator's `upgrade`, which also binds the store to the
-    /// configured rollback counter at its current value.
+    /// `anchor`: how the rollback anchor moves (`upgrade` binds).
     pub(crate) fn rekey<T>(
         &self,
         new_key: StateKey,
-        rebind: bool,
+        anchor: AnchorWrite,
         f: impl FnOnce(&WriteTxn) -> Result<T>,
     ) -> Result<T> {
-        let anchor = if rebind { AnchorWrite::Rebind } else { AnchorWrite::Advance };
         self.reseal_under(Some(new_key), true, anchor, f)
     }
 
@@ -533,14 +546,20 @@ impl Store {
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
         engine(|| Ok(txn.txn.commit()?)).map_err(poison)?;
         if let (Some(next), Some(root)) = (advanced, &counter) {
-            // Committed: a failed increment now leaves the store one ahead, which the
-            // next open or write finishes; the caller's write did happen.
-            match counter_of(root).and_then(|c| c.increment_counter()) {
-                Ok(v) if v == next => {}
-                Ok(v) => tracing::warn!(expected = next, counter = v, "the rollback counter moved by more than one"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the rollback counter was not incremented after a commit; the next open or write finishes it")
-                }
+            // Committed. Until the counter moves, the copy of the store from before
+            // this commit would still be accepted: retried, and a failure is the
+            // caller's error (the change itself is in the store).
+            let c = counter_of(root)?;
+            if let Err(e) = c.counter_id().and_then(|id| advance_counter(c, &id, next)) {
+                tracing::error!(error = %e, "the rollback counter was not advanced after a commit");
+                return Err(Error::Hardware {
+                    backend: root.backend(),
+                    operation: "advancing the rollback counter after a commit",
+                    detail: format!(
+                        "the change WAS committed, but the counter was not advanced ({e}); until the next open or \
+                         write finishes it, a copy of the store from before this change would be accepted"
+                    ),
+                });
             }
         }
         if resealed {
@@ -594,18 +613,60 @@ fn counter_of(root: &CounterRoot) -> Result<&dyn crate::root::MonotonicCounter> 
     root.counter().ok_or_else(|| Error::Config("the root offers no rollback counter".into()))
 }
 
+/// Moves the counter `counter_id` from `target - 1` to `target` (nothing if it is
+/// there already), retrying a failed call a few times. A counter anywhere else moved
+/// under the lock: an error.
+fn advance_counter(c: &dyn crate::root::MonotonicCounter, counter_id: &str, target: u64) -> Result<()> {
+    let from = target.checked_sub(1).ok_or_else(|| Error::integrity("reading the rollback anchor"))?;
+    let mut last = None;
+    for pause_ms in [0u64, 10, 50, 200] {
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        match c.increment_counter(from) {
+            Ok(v) if v == target => return Ok(()),
+            Ok(v) => {
+                return Err(Error::Rollback {
+                    counter_id: counter_id.into(),
+                    stored: target,
+                    counter: Some(v),
+                    what: "the counter moved while the store's counter lock was held (a writer that does not take \
+                           the lock, or a counter shared with another store)",
+                });
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::integrity("advancing the rollback counter")))
+}
+
 /// Moves the anchor in `txn` (see `store::anchor`); returns the value the counter
 /// must reach once the transaction commits, if any.
 fn advance_anchor(txn: &WriteTxn, root: Option<&CounterRoot>, how: AnchorWrite) -> Result<Option<u64>> {
     let Some(root) = root else {
-        if how == AnchorWrite::Rebind && txn.anchor()?.is_some() {
-            txn.put_anchor(None)?;
-        }
-        return Ok(None);
+        return match (how, txn.anchor()?) {
+            (_, None) => Ok(None),
+            (AnchorWrite::Rebind, Some(_)) => txn.put_anchor(None).map(|()| None),
+            // A write that does not move a bound store's anchor would let the copy
+            // from before it pass for current.
+            (_, Some(a)) => Err(Error::Config(format!(
+                "the store is bound to the rollback counter {}, and no configured root offers it: configure it \
+                 (nv_counter, counter_label) to write",
+                a.counter_id
+            ))),
+        };
     };
     let c = counter_of(root)?;
     let counter_id = c.counter_id()?;
     let next = match how {
+        AnchorWrite::BindNew => match c.read_counter()? {
+            None => 1 + c.create_counter()?,
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "the rollback counter {counter_id} exists already (at {v}): another store may be bound to it, or \
+                     this one was, before an older copy of it was put back. Configure a counter of this store's \
+                     own, or bind to this one with `tokenguard upgrade --accept-current-state`"
+                )));
+            }
+        },
         AnchorWrite::Rebind => {
             1 + match c.read_counter()? {
                 Some(v) => v,
@@ -617,7 +678,7 @@ fn advance_anchor(txn: &WriteTxn, root: Option<&CounterRoot>, how: AnchorWrite) 
             match super::anchor::position(&stored, &counter_id, c.read_counter()?) {
                 Position::Current => stored.value + 1,
                 Position::OneAhead => {
-                    c.increment_counter()?;
+                    advance_counter(c, &counter_id, stored.value)?;
                     stored.value + 1
                 }
                 Position::Wrong(e) => return Err(e),
