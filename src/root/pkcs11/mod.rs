@@ -328,11 +328,17 @@ impl Pkcs11Root {
             operation: "getrandom",
             detail: e.to_string(),
         })?;
-        let ct = self.with_session(
+        // The IV goes to the token in a buffer it may write to: a token that makes its
+        // own IV (some do in FIPS mode) writes it back there, and that IV is the one
+        // stored (finding 11). The fresh-wrap check then unwraps the blob again.
+        let (iv, ct) = self.with_session(
             |s, kek| {
                 let mut iv = iv;
-                let params = GcmParams::new(&mut iv, GCM_WRAP_AAD, 128.into())?;
-                s.encrypt(&Mechanism::AesGcm(params), kek, dek)
+                let ct = {
+                    let params = GcmParams::new(&mut iv, GCM_WRAP_AAD, 128.into())?;
+                    s.encrypt(&Mechanism::AesGcm(params), kek, dek)?
+                };
+                Ok((iv, ct))
             },
             |e| hw("C_Encrypt", e),
         )?;
@@ -342,7 +348,6 @@ impl Pkcs11Root {
     }
 }
 
-/// AAD of the GCM fallback wrap, so a blob cannot be confused with other GCM output.
 /// Runs `f` again, a bounded number of times, while it fails with the states another
 /// program can cause by rewriting the token's files (SoftHSM2: no token visible, or
 /// "PIN not initialised" mid-rewrite). Other errors return at once.

@@ -167,6 +167,8 @@ pub(super) fn scrub(template: &mut [Attribute]) {
         }
     }
 }
+
+/// AAD of the GCM fallback wrap, so a blob cannot be confused with other GCM output.
 pub(super) const GCM_WRAP_AAD: &[u8] = b"tokenguard/dek-wrap/v1";
 
 pub(super) fn generate_kek(
