@@ -192,6 +192,11 @@ pub struct Pkcs11Config {
     /// Label of a token data object to keep the store's rollback counter in (one per
     /// store); absent: no counter from this root.
     pub counter_label: Option<String>,
+    /// Let `init` and `root add` adopt a key whose `CKA_LOCAL` is false (its value was
+    /// imported, so it existed outside the token): only for a deliberate key
+    /// ceremony. Default false.
+    #[serde(default)]
+    pub allow_imported_key: bool,
     /// Environment the module needs (e.g. `SOFTHSM2_CONF`). The CLI sets it before
     /// loading the module; a library user must start the service with it.
     #[serde(default)]
@@ -313,6 +318,31 @@ impl Config {
             }
         }
         out
+    }
+
+    /// The environment variables the configured roots read their PIN from
+    /// (`pin_source = "env:VAR"`, or `pin-source=env:VAR` in a PKCS#11 URI), for a
+    /// caller that takes them out of the environment before any thread or child
+    /// process starts (the CLI, see [`crate::pin::take_from_env`]).
+    pub fn pin_env_vars(&self) -> Vec<String> {
+        let mut sources: Vec<&str> = Vec::new();
+        for r in &self.roots {
+            match r {
+                RootConfig::Pkcs11(p) => {
+                    sources.extend(p.pin_source.as_deref());
+                    if let Some(u) = p.uri.as_deref()
+                        && let Some(q) = u.split_once('?').map(|(_, q)| q)
+                    {
+                        sources.extend(q.split('&').filter_map(|kv| kv.strip_prefix("pin-source=")));
+                    }
+                }
+                RootConfig::Tpm(t) => sources.extend(t.pin_source.as_deref()),
+                RootConfig::Soft(_) => {}
+            }
+        }
+        let mut vars: Vec<String> = sources.iter().filter_map(|s| s.strip_prefix("env:")).map(String::from).collect();
+        vars.dedup();
+        vars
     }
 }
 

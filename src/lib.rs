@@ -11,7 +11,7 @@ mod crypto;
 pub mod error;
 pub mod guard;
 pub mod oauth;
-mod pin;
+pub mod pin;
 pub mod root;
 pub mod seal;
 pub mod secret;

@@ -12,9 +12,38 @@ use zeroize::Zeroizing;
 use crate::config::resolve_path;
 use crate::error::{Error, Result};
 
+/// PINs taken out of the environment by [`take_from_env`], by variable name.
+static TAKEN: std::sync::Mutex<Vec<(String, SecretString)>> = std::sync::Mutex::new(Vec::new());
+
+/// Moves the PINs of `vars` from the environment into this process's memory, so no
+/// child process (`tokenguard exec`'s, a module's helper) inherits them and nothing
+/// later reads them from `environ` (security issue, finding 18). `resolve_pin` finds
+/// them there.
+///
+/// # Safety
+///
+/// Changes the environment: call it only while no other thread exists (or could be
+/// reading the environment), as the CLI does first thing in `main`'s thread.
+#[allow(unsafe_code)]
+pub unsafe fn take_from_env(vars: &[String]) {
+    let mut taken = crate::sync::lock(&TAKEN);
+    for var in vars {
+        if let Ok(v) = std::env::var(var) {
+            taken.retain(|(k, _)| k != var);
+            taken.push((var.clone(), SecretString::from(v)));
+            // SAFETY: the caller guarantees no other thread reads the environment.
+            unsafe { std::env::remove_var(var) };
+        }
+    }
+}
+
 /// Reads a PIN from its source. Never logs or returns it in an error.
 pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
     if let Some(var) = source.strip_prefix("env:") {
+        use secrecy::ExposeSecret;
+        if let Some((_, pin)) = crate::sync::lock(&TAKEN).iter().find(|(k, _)| k == var) {
+            return Ok(SecretString::from(pin.expose_secret().to_owned()));
+        }
         let v = std::env::var(var)
             .map_err(|_| Error::Config(format!("pin_source {source:?}: environment variable {var} is not set")))?;
         return Ok(SecretString::from(v));

@@ -188,7 +188,12 @@ fn import_known_kek(imp: Impl, label: &str) {
 /// Wraps the token made are exactly what an independent implementation makes.
 fn wraps_match_aes_kw(imp: Impl, mechanism: &str) {
     use aes_kw::KeyInit;
-    let env = env_on(imp, &format!("kat-{imp:?}-{mechanism}").to_lowercase(), &format!("mechanism = \"{mechanism}\""));
+    // The known key is imported (CKA_LOCAL false): adopted only when the config says so.
+    let env = env_on(
+        imp,
+        &format!("kat-{imp:?}-{mechanism}").to_lowercase(),
+        &format!("mechanism = \"{mechanism}\"\nallow_imported_key = true"),
+    );
     import_known_kek(imp, &env.key_label);
     let g = env.init();
     g.put("github", "a", Secret::raw(b"ghp_KNOWN_KEK".to_vec()), PutOptions::default()).unwrap();

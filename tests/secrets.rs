@@ -186,3 +186,67 @@ fn an_extractable_key_is_never_adopted_as_root() {
     assert!(stderr(&o).contains("must be CKA_SENSITIVE=true and CKA_EXTRACTABLE=false"), "{}", stderr(&o));
     assert!(!env.store_path.exists());
 }
+
+/// An `env:` PIN is taken out of the environment before anything runs (security
+/// issue, finding 18): a child of `tokenguard exec` does not inherit it, and the PIN
+/// still opens the token.
+#[test]
+fn an_env_pin_does_not_reach_child_processes() {
+    let env = TestEnv::new("env-pin");
+    let pin_file = common::softhsm().pin_file.display().to_string();
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    std::fs::write(
+        &env.config_path,
+        text.replace(&format!("pin_source = \"file:{pin_file}\""), "pin_source = \"env:TG_TEST_HSM_PIN\""),
+    )
+    .unwrap();
+    let pin = std::fs::read_to_string(common::softhsm().pin_file.as_path()).unwrap();
+    let run = |args: &[&str], stdin: &[u8]| {
+        let mut cmd = env.cli();
+        cmd.args(args).env("TG_TEST_HSM_PIN", pin.trim_end());
+        common::run_cmd(&mut cmd, stdin)
+    };
+    assert_eq!(common::code(&run(&["init"], b"")), 0);
+    assert_eq!(common::code(&run(&["put", "github", "a"], b"ghp_ENVPIN")), 0);
+    let o = run(&["exec", "--env", "GH=github/a", "--", "sh", "-c", "env"], b"");
+    assert_eq!(common::code(&o), 0, "{}", common::stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("GH=ghp_ENVPIN"), "the child gets the secret it asked for");
+    assert!(!out.contains("TG_TEST_HSM_PIN"), "the child inherited the PIN variable: {out}");
+    assert!(!out.contains(pin.trim_end()), "the child sees the PIN");
+}
+
+/// An imported key (`CKA_LOCAL` false: its value existed outside the token) is not
+/// pinned into a new store unless the config asks for it (finding 18).
+#[test]
+fn an_imported_key_is_adopted_only_when_asked() {
+    let env = TestEnv::new("imported");
+    let session = common::user_session();
+    common::with_token_lock(|| {
+        session.create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Value(vec![0x5a; 32]),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Label(env.key_label.as_bytes().to_vec()),
+        ])
+    })
+    .unwrap();
+    let o = env.run(&["init"], b"");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("CKA_LOCAL is false"), "{}", stderr(&o));
+    assert!(!env.store_path.exists());
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let key_line = format!("key_label = \"{}\"\n", env.key_label);
+    std::fs::write(&env.config_path, text.replace(&key_line, &format!("{key_line}allow_imported_key = true\n")))
+        .unwrap();
+    let o = env.run(&["init"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}

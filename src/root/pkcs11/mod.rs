@@ -117,6 +117,20 @@ impl Pkcs11Root {
         let (key, key_id, mechanism) = match find_key(&session, &settings)? {
             Some((key, id)) => {
                 check_adoptable(&session, key, &settings.key_label)?;
+                // Finding 18: a key made outside the token may have copies outside it.
+                // Pinning one into a new store is refused unless asked for; a store
+                // that already pins it keeps opening (`doctor` reports CKA_LOCAL).
+                if generate
+                    && !settings.allow_imported_key
+                    && bool_attr(&session, key, AttributeType::Local)? == Some(false)
+                {
+                    return Err(Error::Config(format!(
+                        "refusing root key {:?}: CKA_LOCAL is false, so its value was imported and has existed \
+                         outside the token (copies may exist). Choose a new key_label to have the token generate \
+                         one, or set allow_imported_key = true for a deliberate key ceremony",
+                        settings.key_label
+                    )));
+                }
                 let mech = key_mechanism(&module.ctx, slot, &session, key, settings.mechanism)?;
                 (key, id, mech)
             }
@@ -318,6 +332,7 @@ impl Pkcs11Root {
             mechanism: self.settings.mechanism,
             max_sessions: self.settings.max_sessions,
             counter_label: self.settings.counter_label.clone(),
+            allow_imported_key: self.settings.allow_imported_key,
         }
     }
 

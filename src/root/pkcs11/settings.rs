@@ -33,6 +33,8 @@ pub struct Pkcs11Settings {
     /// Label of the store's rollback counter (a data object in the token); `None`:
     /// no counter from this root.
     pub counter_label: Option<String>,
+    /// Whether `init`/`root add` may adopt an imported key (`CKA_LOCAL` false).
+    pub allow_imported_key: bool,
 }
 
 impl std::fmt::Debug for Pkcs11Settings {
@@ -91,6 +93,7 @@ impl Pkcs11Settings {
             mechanism: p.mechanism,
             max_sessions: p.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
             counter_label: p.counter_label.clone(),
+            allow_imported_key: p.allow_imported_key,
         })
     }
 }

@@ -108,6 +108,11 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     })?;
     let config = Config::load(&path)?;
     apply_module_env(&config);
+    // SAFETY: as for `apply_module_env`: main's thread, before any other exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        tokenguard::pin::take_from_env(&config.pin_env_vars())
+    };
     Ok(config)
 }
 
