@@ -159,3 +159,46 @@ fn a_damaged_record_does_not_stop_list_or_revoke_by_label() {
         assert!(String::from_utf8_lossy(&o.stdout).contains("revoked"), "{n}: {}", String::from_utf8_lossy(&o.stdout));
     }
 }
+
+/// Finding 9 after an operator accepted a damaged store (`upgrade
+/// --accept-current-state`): the record that does not parse is named, and `list`,
+/// `reencrypt` and `refresh --due` carry on with the others; the exit code still
+/// says something is wrong.
+#[test]
+fn an_accepted_damaged_record_does_not_stop_the_others() {
+    let env = TestEnv::new("damaged-accepted");
+    let g = env.init();
+    for i in 0..4 {
+        g.put("p", &format!("t{i}"), tokenguard::Secret::raw(format!("value-{i}").into_bytes()), Default::default())
+            .unwrap();
+    }
+    drop(g);
+    let db = redb::Database::open(&env.store_path).unwrap();
+    let table: redb::TableDefinition<(&str, &str), &[u8]> = redb::TableDefinition::new("tokens");
+    let w = db.begin_write().unwrap();
+    w.open_table(table).unwrap().insert(("p", "t1"), &b"\x01\x00"[..]).unwrap();
+    w.commit().unwrap();
+    drop(db);
+    assert_eq!(code(&run_bounded(&env, &["upgrade", "--accept-current-state"])), 0);
+
+    let o = run_bounded(&env, &["list"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(code(&o), 4, "{out}{}", stderr(&o));
+    for n in ["p/t0", "p/t2", "p/t3"] {
+        assert!(out.contains(n), "{n} missing from the list: {out}");
+    }
+    assert!(stderr(&o).contains("p/t1"), "the damaged record is named: {}", stderr(&o));
+
+    assert_eq!(code(&run_bounded(&env, &["rotate-dek", "p"])), 0);
+    let o = run_bounded(&env, &["reencrypt"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(code(&o), 4, "{out}{}", stderr(&o));
+    assert!(out.contains("moved 3 records") && out.contains("p/t1"), "{out}");
+    for n in ["t0", "t2", "t3"] {
+        let o = run_bounded(&env, &["get", &format!("p/{n}")]);
+        assert_eq!(code(&o), 0, "{n}: {}", stderr(&o));
+    }
+    let o = run_bounded(&env, &["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v.as_array().unwrap().iter().all(|t| t["dek_version"] == 2), "{v}");
+}

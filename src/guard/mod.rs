@@ -16,6 +16,7 @@ mod doctor;
 mod keys;
 mod open;
 mod records;
+pub use records::ListReport;
 pub mod refresh;
 pub mod revoke;
 pub mod roots;

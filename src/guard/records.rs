@@ -35,6 +35,15 @@ fn validate_item(it: &PutItem) -> Result<()> {
     Ok(())
 }
 
+/// What [`TokenGuard::list_report`] found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListReport {
+    /// The tokens, sorted.
+    pub tokens: Vec<TokenInfo>,
+    /// Records that do not parse, as `provider/name`.
+    pub damaged: Vec<String>,
+}
+
 impl TokenGuard {
     /// Seals and stores `secret` under (provider, name), replacing any earlier value.
     pub fn put(&self, provider: &str, name: &str, secret: Secret, options: PutOptions) -> Result<Metadata> {
@@ -226,8 +235,18 @@ impl TokenGuard {
         }
     }
 
-    /// Metadata of every token (of one provider), sorted. Never opens a secret.
+    /// Metadata of every token (of one provider), sorted. Never opens a secret. A
+    /// record that does not parse is left out with a warning; [`TokenGuard::list_report`]
+    /// names them.
     pub fn list(&self, provider: Option<&str>) -> Result<Vec<TokenInfo>> {
+        self.list_report(provider).map(|r| r.tokens)
+    }
+
+    /// [`TokenGuard::list`], with the records that do not parse named
+    /// (`provider/name`): one damaged record never hides the others (security issue,
+    /// finding 9). A store whose state verifies holds none, unless the operator
+    /// accepted one (`upgrade --accept-current-state`).
+    pub fn list_report(&self, provider: Option<&str>) -> Result<ListReport> {
         if let Some(p) = provider {
             validate_ident("provider", p)?;
         }
@@ -240,15 +259,13 @@ impl TokenGuard {
             .map(|(p, e)| (p, e.version))
             .collect();
         let mut out = Vec::new();
-        // In a store opened for inspection whose state does not verify, a record that
-        // does not parse is named in a warning and left out; the others are listed.
-        // Anywhere else it is an error (a verified store holds none).
-        let inspecting = !self.inner.store.state_report().verified;
+        let mut damaged = Vec::new();
         txn.scan_records(provider, &mut |p, n, rec| {
             let (rec, meta) = match rec.and_then(|r| r.metadata().map(|m| (r, m))) {
                 Ok(x) => x,
-                Err(Error::Integrity { .. }) if inspecting => {
+                Err(Error::Integrity { .. }) => {
                     tracing::warn!(provider = p, name = n, "damaged record left out of the list");
+                    damaged.push(format!("{p}/{n}"));
                     return Ok(ControlFlow::Continue(()));
                 }
                 Err(e) => return Err(e),
@@ -264,7 +281,7 @@ impl TokenGuard {
             });
             Ok(ControlFlow::Continue(()))
         })?;
-        Ok(out)
+        Ok(ListReport { tokens: out, damaged })
     }
 
     /// Removes a token and its index entries.

@@ -262,8 +262,23 @@ impl TokenGuard {
     pub fn refresh_due(&self, within: Option<Duration>) -> Result<Vec<RefreshOutcome>> {
         let policy = self.policy();
         let t = now();
-        let mut out = Vec::new();
-        for info in self.list(None)? {
+        let listed = self.list_report(None)?;
+        // A record that does not parse cannot be refreshed: reported, and the others
+        // go ahead (finding 9).
+        let mut out: Vec<RefreshOutcome> = listed
+            .damaged
+            .into_iter()
+            .map(|key| {
+                let (p, n) = key.split_once('/').unwrap_or((key.as_str(), ""));
+                RefreshOutcome {
+                    provider: p.into(),
+                    name: n.into(),
+                    outcome: Outcome::Failed,
+                    detail: "the record does not parse (see `tokenguard doctor`)".into(),
+                }
+            })
+            .collect();
+        for info in listed.tokens {
             if info.meta.kind != SecretKind::TokenSet || info.meta.state != TokenState::Active {
                 continue;
             }

@@ -51,6 +51,9 @@ pub struct ReencryptReport {
     pub moved: u64,
     /// Transactions committed.
     pub batches: u64,
+    /// Records left under their old version because they do not open
+    /// (`provider/name`; see `tokenguard doctor`): one never stops the others.
+    pub skipped: Vec<String>,
 }
 
 impl TokenGuard {
@@ -128,13 +131,20 @@ impl TokenGuard {
     ) -> Result<ReencryptReport> {
         let inner = &*self.inner;
         let (target, pending) = self.pending(provider)?;
-        let mut report =
-            ReencryptReport { provider: provider.into(), target_version: target, pending, moved: 0, batches: 0 };
+        let mut report = ReencryptReport {
+            provider: provider.into(),
+            target_version: target,
+            pending,
+            moved: 0,
+            batches: 0,
+            skipped: Vec::new(),
+        };
         if opts.dry_run || pending == 0 || target == 0 {
             return Ok(report);
         }
         let batch = opts.batch_size.max(1);
         let start = Instant::now();
+        let mut skipped: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         loop {
             let moved = inner.write(|txn| {
                 // The active version may have changed since the count (a rotation
@@ -142,22 +152,41 @@ impl TokenGuard {
                 let upcoming = BTreeMap::from([(provider, batch as u64)]);
                 let mut sealer = Sealer::new(inner, txn, &upcoming)?;
                 let version = sealer.version(provider).ok_or_else(|| Error::integrity("selecting a data key"))?;
-                let names = txn.indexed_under(provider, 0, version, batch)?;
+                // Records skipped earlier in this run stay indexed under their old
+                // version: ask for that many more, and leave them out.
+                let names: Vec<(u32, String)> = txn
+                    .indexed_under(provider, 0, version, batch + skipped.len())?
+                    .into_iter()
+                    .filter(|(_, n)| !skipped.contains(n))
+                    .take(batch)
+                    .collect();
                 if names.is_empty() {
                     return Ok(None);
                 }
                 let mut moving = Vec::with_capacity(names.len());
+                let mut newly_skipped = Vec::new();
                 for (old_version, name) in &names {
                     if txn.drop_stale_index(provider, *old_version, name)? {
                         continue; // the record is gone, or already moved
                     }
-                    let secret = txn
-                        .with_record(provider, name, |rec| {
-                            let old = inner.cipher(txn, provider, name, rec.dek_version)?;
-                            rec.open(&old.cipher, &inner.store_id)
-                        })?
-                        .ok_or_else(|| Error::integrity("finding an indexed record"))?;
-                    moving.push((name.as_str(), secret));
+                    let opened = txn.with_record(provider, name, |rec| {
+                        let old = inner.cipher(txn, provider, name, rec.dek_version)?;
+                        rec.open(&old.cipher, &inner.store_id)
+                    });
+                    match opened {
+                        Ok(Some(secret)) => moving.push((name.as_str(), secret)),
+                        Ok(None) => return Err(Error::integrity("finding an indexed record")),
+                        // A record that does not open (damaged, or under a destroyed
+                        // version) stays where it is; the others move (finding 9).
+                        Err(e @ (Error::Integrity { .. } | Error::Shredded { .. })) => {
+                            tracing::warn!(provider, name = %name, error = %e, "record left under its old version");
+                            newly_skipped.push(name.clone());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                if moving.is_empty() {
+                    return Ok(Some((0, newly_skipped)));
                 }
                 let items: Vec<(&str, &str, &Secret)> = moving.iter().map(|(n, s)| (provider, *n, s)).collect();
                 // Same metadata, new key: only the DEK version in the header moves.
@@ -167,6 +196,7 @@ impl TokenGuard {
                 }
                 let count = written.len() as u64;
                 sealer.finish(txn)?;
+                let moved_now = (count, newly_skipped);
                 inner.audit(
                     txn,
                     NewEvent {
@@ -177,9 +207,10 @@ impl TokenGuard {
                         ..Default::default()
                     },
                 )?;
-                Ok(Some(count))
+                Ok(Some(moved_now))
             })?;
-            let Some(moved) = moved else { break };
+            let Some((moved, newly_skipped)) = moved else { break };
+            skipped.extend(newly_skipped);
             report.moved += moved;
             report.batches += 1;
             progress(provider, report.moved.min(pending), pending);
@@ -190,6 +221,7 @@ impl TokenGuard {
                 }
             }
         }
+        report.skipped = skipped.into_iter().map(|n| format!("{provider}/{n}")).collect();
         Ok(report)
     }
 

@@ -145,17 +145,27 @@ pub fn reencrypt(ctx: &Ctx, provider: Option<&str>, batch_size: u32, rate: Optio
         reports.iter().map(|r| {
             if dry_run {
                 format!("{}: {} records would move to version {}", r.provider, r.pending, r.target_version)
-            } else {
+            } else if r.skipped.is_empty() {
                 format!(
                     "{}: moved {} records to version {} in {} batches",
                     r.provider, r.moved, r.target_version, r.batches
+                )
+            } else {
+                format!(
+                    "{}: moved {} records to version {} in {} batches; left under their old version (they do not \
+                     open, see `tokenguard doctor`): {}",
+                    r.provider,
+                    r.moved,
+                    r.target_version,
+                    r.batches,
+                    r.skipped.join(", ")
                 )
             }
         }),
         "no provider has data keys yet",
     );
     ctx.out(json!(reports), text)?;
-    Ok(exit::OK)
+    Ok(if reports.iter().any(|r| !r.skipped.is_empty()) { exit::INTEGRITY } else { exit::OK })
 }
 
 pub fn retire(ctx: &Ctx, provider: &str, below: u32) -> Result<i32> {

@@ -89,7 +89,16 @@ fn write_private_file(path: &std::path::Path, data: &[u8]) -> Result<()> {
 }
 
 pub fn list(ctx: &Ctx, provider: Option<&str>) -> Result<i32> {
-    let items = ctx.open_for_inspection(true)?.list(provider)?;
+    let report = ctx.open_for_inspection(true)?.list_report(provider)?;
+    if !report.damaged.is_empty() {
+        // Listed without them; the exit code says something is wrong (finding 9).
+        note!(
+            "warning: records that do not parse were left out: {} (see `tokenguard doctor`)",
+            report.damaged.join(", ")
+        );
+        ctx.degraded.set(true);
+    }
+    let items = report.tokens;
     if ctx.json {
         print_json(&serde_json::to_value(&items).unwrap_or_default())?;
         return Ok(exit::OK);
