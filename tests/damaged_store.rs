@@ -122,15 +122,13 @@ fn doctor_names_records_that_no_longer_open() {
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stdout));
 }
 
-/// Finding 9: one damaged record does not stop incident response. `list` and
-/// `revoke --label` report it and carry on with the others; the exit code still says
-/// integrity (4), since the store's state does not verify.
-#[test]
-fn a_damaged_record_does_not_stop_list_or_revoke_by_label() {
-    let env = TestEnv::new("damaged-ir");
+/// A store of `n` records `p/t0…` (with `labels`), whose `p/t1` is then cut short
+/// with redb alone (not the store code), so it no longer parses.
+fn store_with_a_cut_record(name: &str, n: usize, labels: &[(&str, &str)]) -> TestEnv {
+    let env = TestEnv::new(name);
     let g = env.init();
-    for i in 0..4 {
-        let labels = [("team".to_string(), "payments".to_string())].into();
+    for i in 0..n {
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let opts = tokenguard::PutOptions { labels, ..Default::default() };
         g.put("p", &format!("t{i}"), tokenguard::Secret::raw(format!("value-{i}").into_bytes()), opts).unwrap();
     }
@@ -138,10 +136,17 @@ fn a_damaged_record_does_not_stop_list_or_revoke_by_label() {
     let db = redb::Database::open(&env.store_path).unwrap();
     let table: redb::TableDefinition<(&str, &str), &[u8]> = redb::TableDefinition::new("tokens");
     let w = db.begin_write().unwrap();
-    // A record cut short: it no longer parses at all.
     w.open_table(table).unwrap().insert(("p", "t1"), &b"\x01\x00"[..]).unwrap();
     w.commit().unwrap();
-    drop(db);
+    env
+}
+
+/// Finding 9: one damaged record does not stop incident response. `list` and
+/// `revoke --label` report it and carry on with the others; the exit code still says
+/// integrity (4), since the store's state does not verify.
+#[test]
+fn a_damaged_record_does_not_stop_list_or_revoke_by_label() {
+    let env = store_with_a_cut_record("damaged-ir", 4, &[("team", "payments")]);
 
     let o = run_bounded(&env, &["list"]);
     let out = String::from_utf8_lossy(&o.stdout);
@@ -166,19 +171,7 @@ fn a_damaged_record_does_not_stop_list_or_revoke_by_label() {
 /// says something is wrong.
 #[test]
 fn an_accepted_damaged_record_does_not_stop_the_others() {
-    let env = TestEnv::new("damaged-accepted");
-    let g = env.init();
-    for i in 0..4 {
-        g.put("p", &format!("t{i}"), tokenguard::Secret::raw(format!("value-{i}").into_bytes()), Default::default())
-            .unwrap();
-    }
-    drop(g);
-    let db = redb::Database::open(&env.store_path).unwrap();
-    let table: redb::TableDefinition<(&str, &str), &[u8]> = redb::TableDefinition::new("tokens");
-    let w = db.begin_write().unwrap();
-    w.open_table(table).unwrap().insert(("p", "t1"), &b"\x01\x00"[..]).unwrap();
-    w.commit().unwrap();
-    drop(db);
+    let env = store_with_a_cut_record("damaged-accepted", 4, &[]);
     assert_eq!(code(&run_bounded(&env, &["upgrade", "--accept-current-state"])), 0);
 
     let o = run_bounded(&env, &["list"]);
