@@ -533,6 +533,24 @@ fn a_removed_root_opens_nothing_written_afterwards() {
     )
     .unwrap();
     assert_eq!(rg.get("github", "before").unwrap().field(None).unwrap().expose(), b"ghp_BEFORE");
+    drop(rg);
+    // The operator restoring that backup with the remaining root is told that the
+    // removed root is pinned again, and how to remove it.
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let restored2 = env.dir.join("restored2").join("tokens.redb");
+    let cfg2 = env.dir.join("restore2.toml");
+    std::fs::write(&cfg2, text.replace(&env.store_path.display().to_string(), &restored2.display().to_string()))
+        .unwrap();
+    let o = common::run_cmd(
+        env.cli().env("TOKENGUARD_CONFIG", &cfg2).args(["restore", backup_before.to_str().unwrap()]),
+        b"",
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("pins root {}", pin.root_id)) && stderr(&o).contains("root remove"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Review findings against a running guard: its own writes must not launder a

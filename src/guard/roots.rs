@@ -21,6 +21,15 @@ impl TokenGuard {
         self.inner.store.read()?.roots()
     }
 
+    /// The pinned roots that this guard has no configured key for: after a restore of
+    /// a backup older than a `root remove`, the removed root is pinned again and must
+    /// be removed again.
+    pub fn unconfigured_roots(&self) -> Result<Vec<RootPin>> {
+        let pins = self.pinned_roots()?;
+        let missing = self.inner.unconfigured(&pins);
+        Ok(pins.iter().filter(|p| missing.contains(&p.description.as_str())).cloned().collect())
+    }
+
     /// Pins `root` in the store and wraps the integrity key and every live DEK under
     /// it, in one transaction. This guard's own roots unwrap them (O(DEKs) hardware
     /// unwraps). Reopen guards afterwards to use the new root.

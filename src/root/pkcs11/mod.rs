@@ -279,8 +279,14 @@ impl Pkcs11Root {
         self.open_cv.notify_one();
     }
 
+    /// Closes a session. C_CloseSession is a call into the module like any other, so
+    /// it runs under the shared token lock: a re-initialisation (C_Finalize under the
+    /// exclusive lock) never runs beside it (security issue, finding 18). Never called
+    /// while this thread holds the lock.
     fn discard(&self, s: PooledSession) {
+        let lock = TokenLock::shared(&self.settings.module);
         drop(s); // C_CloseSession; an error on a dead handle is irrelevant
+        drop(lock);
         self.release_slot();
     }
 

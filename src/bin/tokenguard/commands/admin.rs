@@ -123,7 +123,17 @@ pub fn backup(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
 }
 
 pub fn restore(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
-    let (_, s) = ctx.config.restore_guard(file, ctx.guard_options())?;
+    let (g, s) = ctx.config.restore_guard(file, ctx.guard_options())?;
+    // A backup from before a `root remove` pins the removed root again: say so.
+    for p in g.unconfigured_roots()? {
+        note!(
+            "warning: the restored store pins root {} ({}), which is not configured here; if it was removed before, \
+             run `tokenguard root remove {}` again",
+            p.root_id,
+            printable(&p.description),
+            p.root_id
+        );
+    }
     let path = &ctx.config.store.path;
     ctx.out(json!({"restored": path, "summary": s}), format!("restored {} tokens into {}", s.tokens, path.display()))?;
     Ok(exit::OK)
