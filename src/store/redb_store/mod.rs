@@ -83,6 +83,8 @@ pub(crate) struct Store {
     counter: std::sync::Mutex<Option<CounterRoot>>,
     /// What the open found wrong with the counter, when it let that through.
     counter_problem: std::sync::Mutex<Option<String>>,
+    /// The queue of this process's writers (see `write_inner`).
+    writers: parking_lot::Mutex<()>,
     path: PathBuf,
     opts: StoreOptions,
 }
@@ -262,6 +264,7 @@ impl Store {
             state: Default::default(),
             counter: Default::default(),
             counter_problem: Default::default(),
+            writers: parking_lot::Mutex::new(()),
         }
     }
 
@@ -516,14 +519,23 @@ impl Store {
         if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
         }
+        // Writers of this process queue here first, on a lock that is eventually fair
+        // and that they wait on rather than poll: polling for redb's write lock (and
+        // the counter lock), a thread can lose every round to the others and time out
+        // while they keep writing. Only other processes are polled for below.
+        let start = Instant::now();
+        let _writer = self
+            .writers
+            .try_lock_for(self.opts.busy_timeout)
+            .ok_or_else(|| Error::StoreBusy { path: self.path.clone(), waited_ms: waited_ms(start) })?;
         // With a counter, one lock orders the transaction and the increment after it
         // across processes (taken before the write lock, released after the increment).
         let counter = self.counter_root();
         let _counter_lock = match &counter {
-            Some(_) => Some(CounterLock::take(&self.path, self.opts.busy_timeout)?),
+            Some(_) => Some(CounterLock::take(&self.path, self.opts.busy_timeout.saturating_sub(start.elapsed()))?),
             None => None,
         };
-        let txn = WriteTxn::new(self.begin_write()?, self.state.clone());
+        let txn = WriteTxn::new(self.begin_write(start)?, self.state.clone());
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
         engine(|| self.state.before_write(&txn))?;
@@ -570,8 +582,9 @@ impl Store {
         Ok(out)
     }
 
-    fn begin_write(&self) -> Result<WriteTransaction> {
-        let start = Instant::now();
+    /// redb's write lock, polled until `busy_timeout` after `start` (when the write
+    /// began waiting).
+    fn begin_write(&self, start: Instant) -> Result<WriteTransaction> {
         let mut attempt = 0;
         loop {
             match self.db.try_begin_write() {
