@@ -16,8 +16,10 @@ use crate::error::{Error, Result};
 
 static CRITICAL: AtomicUsize = AtomicUsize::new(0);
 static PENDING: AtomicI32 = AtomicI32::new(0);
-/// A child process that SIGTERM and SIGHUP are passed on to (0: none).
+/// A child process that SIGTERM and SIGHUP are passed on to (0: none; -1: one is
+/// being started, and a signal waits in `FOR_CHILD` until its pid is known).
 static CHILD: AtomicI32 = AtomicI32::new(0);
+static FOR_CHILD: AtomicI32 = AtomicI32::new(0);
 /// Set instead of ending the process, for a loop that stops between passes.
 static STOP: AtomicBool = AtomicBool::new(false);
 static STOP_MODE: AtomicBool = AtomicBool::new(false);
@@ -75,6 +77,18 @@ pub fn defer_termination_signals() -> Result<()> {
         .spawn(move || {
             for sig in signals.forever() {
                 let child = CHILD.load(Ordering::SeqCst);
+                if child == STARTING {
+                    // The child is being started: the signal is its, once its pid is
+                    // known (whichever side swaps it out delivers it).
+                    if sig != SIGINT {
+                        FOR_CHILD.store(sig, Ordering::SeqCst);
+                        let now = CHILD.load(Ordering::SeqCst);
+                        if now != STARTING {
+                            deliver(now, FOR_CHILD.swap(0, Ordering::SeqCst));
+                        }
+                    }
+                    continue;
+                }
                 if child != 0 {
                     // The terminal already sent SIGINT to the whole process group,
                     // the child included: passing it on would deliver it twice.
@@ -109,11 +123,41 @@ pub fn defer_termination_signals() -> Result<()> {
     Ok(())
 }
 
+const STARTING: i32 = -1;
+
+/// Passes `sig` (0: none) on to the child `pid`, or, with no child (it did not
+/// start), ends this process as the signal would have.
+fn deliver(pid: i32, sig: i32) {
+    match (pid, sig) {
+        (_, 0) => {}
+        (p, s) if p > 0 => {
+            // SAFETY: kill sends a signal to the child this process started; it
+            // touches no memory.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(p, s)
+            };
+        }
+        (_, s) => die(s),
+    }
+}
+
+/// A child is about to be started: SIGTERM and SIGHUP from now on are kept for it,
+/// and passed on by [`forward_to_child`] once its pid is known (a signal sent as
+/// soon as the child shows signs of life must not end this process first).
+pub fn child_starting() {
+    CHILD.store(STARTING, Ordering::SeqCst);
+}
+
 /// From now on, SIGTERM and SIGHUP are passed on to `pid` (a child this process
 /// waits for) and SIGINT is left to the terminal, which sends it to the child too;
-/// the process itself goes on to clean up after the child.
+/// the process itself goes on to clean up after the child. A signal kept since
+/// [`child_starting`] is passed on now (`pid` 0: the child did not start, and the
+/// signal ends this process).
 pub fn forward_to_child(pid: u32) {
-    CHILD.store(i32::try_from(pid).unwrap_or(0), Ordering::SeqCst);
+    let pid = i32::try_from(pid).unwrap_or(0);
+    CHILD.store(pid, Ordering::SeqCst);
+    deliver(pid, FOR_CHILD.swap(0, Ordering::SeqCst));
 }
 
 /// From now on, a termination signal only sets [`stop_requested`], for a loop that

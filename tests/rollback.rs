@@ -46,9 +46,13 @@ fn counter_objects(s: &cryptoki::session::Session, label: &str) -> Vec<cryptoki:
 fn counter_value(label: &str) -> u64 {
     use cryptoki::object::{Attribute, AttributeType};
     let s = common::user_session();
-    let h = counter_objects(&s, label);
-    assert_eq!(h.len(), 1, "one counter object");
-    match s.get_attributes(h[0], &[AttributeType::Label]).unwrap().as_slice() {
+    // Read under the token lock: a tokenguard process may be rewriting the object.
+    let attrs = with_token_lock(|| {
+        let h = counter_objects(&s, label);
+        assert_eq!(h.len(), 1, "one counter object");
+        s.get_attributes(h[0], &[AttributeType::Label]).unwrap()
+    });
+    match attrs.as_slice() {
         [Attribute::Label(v)] => {
             String::from_utf8_lossy(v).strip_prefix(&format!("{label}=")).unwrap().parse().unwrap()
         }
@@ -61,8 +65,10 @@ fn counter_value(label: &str) -> u64 {
 fn set_counter(label: &str, v: u64) {
     use cryptoki::object::Attribute;
     let s = common::user_session();
-    let h = counter_objects(&s, label);
-    with_token_lock(|| s.update_attributes(h[0], &[Attribute::Label(format!("{label}={v}").into_bytes())]).unwrap());
+    with_token_lock(|| {
+        let h = counter_objects(&s, label);
+        s.update_attributes(h[0], &[Attribute::Label(format!("{label}={v}").into_bytes())]).unwrap()
+    });
 }
 
 fn ok(env: &TestEnv, args: &[&str], stdin: &[u8]) -> String {

@@ -264,21 +264,26 @@ pub fn user_session() -> cryptoki::session::Session {
 /// A logged-in user session on the token labelled `label` of `module`.
 pub fn session_on(module: &Path, label: &str, pin_file: &Path) -> cryptoki::session::Session {
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-    let ctx = Pkcs11::new(module).unwrap();
-    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = ctx
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == label)
-        .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    let pin = secrecy::SecretString::from(std::fs::read_to_string(pin_file).unwrap());
-    match with_token_lock(|| session.login(cryptoki::session::UserType::User, Some(&pin))) {
-        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => panic!("login: {e}"),
-    }
-    session
+    // Loading the token, finding it and logging in read the token's files, which a
+    // tokenguard process may be rewriting (a login, a counter increment): all of it
+    // under the lock tokenguard takes for the same steps.
+    with_token_lock(|| {
+        let ctx = Pkcs11::new(module).unwrap();
+        let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+        let slot = ctx
+            .get_slots_with_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == label)
+            .unwrap();
+        let session = ctx.open_rw_session(slot).unwrap();
+        let pin = secrecy::SecretString::from(std::fs::read_to_string(pin_file).unwrap());
+        match session.login(cryptoki::session::UserType::User, Some(&pin)) {
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => panic!("login: {e}"),
+        }
+        session
+    })
 }
 
 /// The secret key object labelled `label`.

@@ -114,10 +114,16 @@ pub fn run(g: TokenGuard, env: &[String], files: &[String], command: &[String]) 
     // The child may run for hours, and may call tokenguard itself: the store, the
     // token session and the cached keys are let go before it starts.
     drop(g);
-    let mut running =
-        child.spawn().map_err(|e| Error::Io { operation: "starting", path: Path::new(program).into(), source: e })?;
-    // From here on, SIGTERM and SIGHUP go to the child, and this process stays to
-    // remove the files after it.
+    // From here on, SIGTERM and SIGHUP go to the child (kept until its pid is known),
+    // and this process stays to remove the files after it.
+    tokenguard::signals::child_starting();
+    let mut running = match child.spawn() {
+        Ok(r) => r,
+        Err(e) => {
+            tokenguard::signals::forward_to_child(0);
+            return Err(Error::Io { operation: "starting", path: Path::new(program).into(), source: e });
+        }
+    };
     tokenguard::signals::forward_to_child(running.id());
     let status = running.wait().map_err(|e| Error::Io { operation: "waiting for", path: program.into(), source: e });
     drop(dir);

@@ -108,7 +108,8 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     })?;
     let config = Config::load(&path)?;
     apply_module_env(&config);
-    // SAFETY: as for `apply_module_env`: main's thread, before any other exists.
+    // SAFETY: as for `apply_module_env`: main's thread, before any thread that
+    // reads the environment exists.
     #[allow(unsafe_code)]
     unsafe {
         tokenguard::pin::take_from_env(&config.pin_env_vars())
@@ -121,9 +122,9 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
 #[allow(unsafe_code)]
 fn apply_module_env(config: &Config) {
     for (k, v) in config.module_env() {
-        // SAFETY: called from main's thread before any other thread exists (no
-        // module is loaded yet, logging writes synchronously), so nothing reads the
-        // environment concurrently.
+        // SAFETY: called from main's thread before any thread that reads the
+        // environment exists: the only other one is the signal thread, which never
+        // does; no module is loaded yet and logging writes synchronously.
         unsafe { std::env::set_var(k, v) };
     }
 }
