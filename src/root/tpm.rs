@@ -958,4 +958,20 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(format!("{auth:?}"), "TpmAuth(..)", "Debug shows nothing of the value");
     }
+
+    /// Finding 13: a PCR index past 23 is a configuration error, never a wrapped
+    /// shift or a selection of a PCR that does not exist.
+    #[test]
+    fn pcr_indices_past_23_are_refused() {
+        use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+        for p in [24u8, 31, 32, 255] {
+            let t = crate::config::TpmConfig { pcrs: vec![p], ..Default::default() };
+            match super::TpmSettings::from_config(&t, std::path::Path::new(".")) {
+                Err(crate::Error::Config(m)) => assert!(m.contains(&format!("PCR {p}")), "{m}"),
+                other => panic!("PCR {p}: {other:?}"),
+            }
+            assert!(matches!(super::pcr_selection(HashingAlgorithm::Sha256, &[p]), Err(crate::Error::Config(_))));
+        }
+        assert!(super::pcr_selection(HashingAlgorithm::Sha256, &[0, 7, 23]).is_ok());
+    }
 }
