@@ -325,18 +325,23 @@ impl Config {
     /// caller that takes them out of the environment before any thread or child
     /// process starts (the CLI, see [`crate::pin::take_from_env`]).
     pub fn pin_env_vars(&self) -> Vec<String> {
-        let mut sources: Vec<&str> = Vec::new();
+        let mut sources: Vec<String> = Vec::new();
         for r in &self.roots {
             match r {
                 RootConfig::Pkcs11(p) => {
-                    sources.extend(p.pin_source.as_deref());
+                    sources.extend(p.pin_source.clone());
+                    // The URI's query, percent-decoded as the URI parser decodes it.
                     if let Some(u) = p.uri.as_deref()
                         && let Some(q) = u.split_once('?').map(|(_, q)| q)
                     {
-                        sources.extend(q.split('&').filter_map(|kv| kv.strip_prefix("pin-source=")));
+                        sources.extend(
+                            form_urlencoded::parse(q.as_bytes())
+                                .filter(|(k, _)| k == "pin-source")
+                                .map(|(_, v)| v.into_owned()),
+                        );
                     }
                 }
-                RootConfig::Tpm(t) => sources.extend(t.pin_source.as_deref()),
+                RootConfig::Tpm(t) => sources.extend(t.pin_source.clone()),
                 RootConfig::Soft(_) => {}
             }
         }

@@ -20,10 +20,15 @@ static TAKEN: std::sync::Mutex<Vec<(String, SecretString)>> = std::sync::Mutex::
 /// later reads them from `environ` (security issue, finding 18). `resolve_pin` finds
 /// them there.
 ///
+/// The value's bytes in the environment block are overwritten with zeros before the
+/// variable is removed: removing it alone leaves them in memory (and in
+/// `/proc/PID/environ`, which shows the original block).
+///
 /// # Safety
 ///
-/// Changes the environment: call it only while no other thread exists (or could be
-/// reading the environment), as the CLI does first thing in `main`'s thread.
+/// Changes the environment: call it only while no other thread reads or changes
+/// the environment, as the CLI does in `main`'s thread before any module is loaded
+/// (its one other thread, the signal thread, never touches the environment).
 #[allow(unsafe_code)]
 pub unsafe fn take_from_env(vars: &[String]) {
     let mut taken = crate::sync::lock(&TAKEN);
@@ -31,7 +36,18 @@ pub unsafe fn take_from_env(vars: &[String]) {
         if let Ok(v) = std::env::var(var) {
             taken.retain(|(k, _)| k != var);
             taken.push((var.clone(), SecretString::from(v)));
-            // SAFETY: the caller guarantees no other thread reads the environment.
+            if let Ok(name) = std::ffi::CString::new(var.as_str()) {
+                // SAFETY: getenv returns a pointer into the environment block (or
+                // null); its `strlen` bytes are the value, ours to overwrite, and no
+                // other thread reads them (the caller's guarantee).
+                unsafe {
+                    let p = libc::getenv(name.as_ptr());
+                    if !p.is_null() {
+                        std::ptr::write_bytes(p, 0, libc::strlen(p));
+                    }
+                }
+            }
+            // SAFETY: as above.
             unsafe { std::env::remove_var(var) };
         }
     }

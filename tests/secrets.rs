@@ -208,12 +208,19 @@ fn an_env_pin_does_not_reach_child_processes() {
     };
     assert_eq!(common::code(&run(&["init"], b"")), 0);
     assert_eq!(common::code(&run(&["put", "github", "a"], b"ghp_ENVPIN")), 0);
-    let o = run(&["exec", "--env", "GH=github/a", "--", "sh", "-c", "env"], b"");
+    let o = run(
+        &["exec", "--env", "GH=github/a", "--", "sh", "-c", "env; echo ==; tr '\\0' '\\n' < /proc/$PPID/environ"],
+        b"",
+    );
     assert_eq!(common::code(&o), 0, "{}", common::stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("GH=ghp_ENVPIN"), "the child gets the secret it asked for");
-    assert!(!out.contains("TG_TEST_HSM_PIN"), "the child inherited the PIN variable: {out}");
-    assert!(!out.contains(pin.trim_end()), "the child sees the PIN");
+    let (child_env, parent_env) = out.split_once("==").unwrap();
+    assert!(child_env.contains("GH=ghp_ENVPIN"), "the child gets the secret it asked for");
+    assert!(!child_env.contains("TG_TEST_HSM_PIN"), "the child inherited the PIN variable: {child_env}");
+    assert!(!child_env.contains(pin.trim_end()), "the child sees the PIN");
+    // The parent's original environment block no longer holds the value either.
+    assert!(parent_env.contains("TOKENGUARD_CONFIG"), "the parent's environment was read: {parent_env}");
+    assert!(!parent_env.contains(pin.trim_end()), "the PIN is still in the parent's environment block");
 }
 
 /// An imported key (`CKA_LOCAL` false: its value existed outside the token) is not

@@ -236,10 +236,14 @@ impl TokenGuard {
     }
 
     /// Metadata of every token (of one provider), sorted. Never opens a secret. A
-    /// record that does not parse is left out with a warning; [`TokenGuard::list_report`]
-    /// names them.
+    /// record that does not parse is an integrity error here;
+    /// [`TokenGuard::list_report`] lists the others and names it.
     pub fn list(&self, provider: Option<&str>) -> Result<Vec<TokenInfo>> {
-        self.list_report(provider).map(|r| r.tokens)
+        let r = self.list_report(provider)?;
+        if !r.damaged.is_empty() {
+            return Err(Error::integrity("listing records, one of which does not parse (see `tokenguard doctor`)"));
+        }
+        Ok(r.tokens)
     }
 
     /// [`TokenGuard::list`], with the records that do not parse named

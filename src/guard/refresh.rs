@@ -265,17 +265,19 @@ impl TokenGuard {
         let listed = self.list_report(None)?;
         // A record that does not parse cannot be refreshed: reported, and the others
         // go ahead (finding 9).
+        let refreshers: Vec<String> = read(&self.inner.refresh.refreshers).keys().cloned().collect();
         let mut out: Vec<RefreshOutcome> = listed
             .damaged
             .into_iter()
-            .map(|key| {
+            .filter_map(|key| {
                 let (p, n) = key.split_once('/').unwrap_or((key.as_str(), ""));
-                RefreshOutcome {
+                // Only where a refresher would have looked.
+                refreshers.iter().any(|r| r == p).then(|| RefreshOutcome {
                     provider: p.into(),
                     name: n.into(),
                     outcome: Outcome::Failed,
                     detail: "the record does not parse (see `tokenguard doctor`)".into(),
-                }
+                })
             })
             .collect();
         for info in listed.tokens {

@@ -56,6 +56,16 @@ pub struct ReencryptReport {
     pub skipped: Vec<String>,
 }
 
+/// What re-encryption found when it opened one record.
+enum Opened {
+    /// The secret, to move.
+    Secret(Secret),
+    /// The record does not open (damaged, or under a destroyed version): left where it is.
+    Skip(Error),
+    /// Its data key does not unwrap: every record under it would fail alike.
+    Stop(Error),
+}
+
 impl TokenGuard {
     /// Creates a new DEK version for `provider`; new writes use it, the previous
     /// active version becomes decrypt-only. Returns the new version.
@@ -169,16 +179,28 @@ impl TokenGuard {
                     if txn.drop_stale_index(provider, *old_version, name)? {
                         continue; // the record is gone, or already moved
                     }
+                    // The data key is looked up apart from the record: a key that
+                    // does not unwrap stops the run (every record under it would
+                    // fail alike); a record that does not parse or open is left
+                    // where it is and the others move (finding 9), as is one under a
+                    // destroyed (shredded) version, which can never move.
                     let opened = txn.with_record(provider, name, |rec| {
-                        let old = inner.cipher(txn, provider, name, rec.dek_version)?;
-                        rec.open(&old.cipher, &inner.store_id)
+                        Ok(match inner.cipher(txn, provider, name, rec.dek_version) {
+                            Ok(c) => match rec.open(&c.cipher, &inner.store_id) {
+                                Ok(s) => Opened::Secret(s),
+                                Err(e) => Opened::Skip(e),
+                            },
+                            Err(e @ Error::Shredded { .. }) => Opened::Skip(e),
+                            Err(e) => Opened::Stop(e),
+                        })
                     });
                     match opened {
-                        Ok(Some(secret)) => moving.push((name.as_str(), secret)),
+                        Ok(Some(Opened::Secret(secret))) => moving.push((name.as_str(), secret)),
+                        Ok(Some(Opened::Stop(e))) => return Err(e),
                         Ok(None) => return Err(Error::integrity("finding an indexed record")),
-                        // A record that does not open (damaged, or under a destroyed
-                        // version) stays where it is; the others move (finding 9).
-                        Err(e @ (Error::Integrity { .. } | Error::Shredded { .. })) => {
+                        // (An integrity error from the read itself: the record does
+                        // not parse.)
+                        Ok(Some(Opened::Skip(e))) | Err(e @ Error::Integrity { .. }) => {
                             tracing::warn!(provider, name = %name, error = %e, "record left under its old version");
                             newly_skipped.push(name.clone());
                         }

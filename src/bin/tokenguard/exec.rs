@@ -103,23 +103,39 @@ pub fn run(g: TokenGuard, env: &[String], files: &[String], command: &[String]) 
         })?;
         child.env(var, text);
     }
-    let dir = if files.is_empty() { None } else { Some(PrivateDir::create()?) };
-    if let Some(dir) = &dir {
-        for f in files {
-            let (var, spec) = TokenSpec::assignment(f)?;
-            let path = dir.write(var, read(&g, &spec)?.expose())?;
-            child.env(var, path);
+    // From the moment secret files exist, SIGTERM and SIGHUP are kept for the child
+    // (and passed on once it runs), so the files are always removed by this process.
+    tokenguard::signals::child_starting();
+    let prepared = (|| -> Result<Option<PrivateDir>> {
+        let dir = if files.is_empty() { None } else { Some(PrivateDir::create()?) };
+        if let Some(dir) = &dir {
+            for f in files {
+                let (var, spec) = TokenSpec::assignment(f)?;
+                let path = dir.write(var, read(&g, &spec)?.expose())?;
+                child.env(var, path);
+            }
         }
-    }
+        Ok(dir)
+    })();
+    let dir = match prepared {
+        Ok(d) => d,
+        Err(e) => {
+            // (The files are gone with the closure.) A signal kept meanwhile ends
+            // this process now.
+            tokenguard::signals::forward_to_child(0);
+            return Err(e);
+        }
+    };
     // The child may run for hours, and may call tokenguard itself: the store, the
     // token session and the cached keys are let go before it starts.
     drop(g);
-    // From here on, SIGTERM and SIGHUP go to the child (kept until its pid is known),
-    // and this process stays to remove the files after it.
-    tokenguard::signals::child_starting();
+    // SIGTERM and SIGHUP go to the child (kept until its pid is known), and this
+    // process stays to remove the files after it.
     let mut running = match child.spawn() {
         Ok(r) => r,
         Err(e) => {
+            // The files go first: a signal kept meanwhile ends this process now.
+            drop(dir);
             tokenguard::signals::forward_to_child(0);
             return Err(Error::Io { operation: "starting", path: Path::new(program).into(), source: e });
         }

@@ -89,6 +89,14 @@ pub struct Pkcs11Root {
     key_id: Vec<u8>,
 }
 
+impl Drop for Pkcs11Root {
+    /// The pooled sessions are closed as every other one is, under the shared token
+    /// lock (see `discard`).
+    fn drop(&mut self) {
+        self.drain_pool();
+    }
+}
+
 impl std::fmt::Debug for Pkcs11Root {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pkcs11Root")

@@ -4,7 +4,7 @@ use serde_json::json;
 use tokenguard::Result;
 use tokenguard::error::exit;
 
-use super::{Ctx, print_json};
+use super::{Ctx, print_json, printable};
 use crate::cli::{InitTokenArgs, RootCommand};
 
 pub fn init(ctx: &Ctx) -> Result<i32> {
@@ -68,7 +68,12 @@ pub fn root(ctx: &Ctx, command: RootCommand) -> Result<i32> {
             // out of the live file.
             let reports = g.reencrypt(None, tokenguard::guard::rotate::ReencryptOptions::default(), |_, _, _| {})?;
             let mut retired = Vec::new();
+            let skipped: Vec<&String> = reports.iter().flat_map(|r| r.skipped.iter()).collect();
             for r in &reports {
+                if !r.skipped.is_empty() {
+                    // Their records stay under the old versions, which stay too.
+                    continue;
+                }
                 match g.retire(&r.provider, r.target_version) {
                     Ok(v) if !v.is_empty() => retired.push((r.provider.clone(), v)),
                     Ok(_) | Err(tokenguard::Error::NotFound { .. }) => {}
@@ -85,6 +90,14 @@ pub fn root(ctx: &Ctx, command: RootCommand) -> Result<i32> {
                     retired.len()
                 ),
             )?;
+            if !skipped.is_empty() {
+                note!(
+                    "warning: records that do not open stay under the old data keys, which are kept for them: {}. \
+                     Delete them, or `salvage` the store (see `tokenguard doctor`)",
+                    skipped.iter().map(|s| printable(s)).collect::<Vec<_>>().join(", ")
+                );
+                return Ok(exit::INTEGRITY);
+            }
         }
     }
     Ok(exit::OK)
