@@ -301,7 +301,7 @@ impl Store {
     /// store was opened for inspection despite one).
     pub(crate) fn state_report(&self) -> StateReport {
         let mut r = self.state.report();
-        if let Some(p) = self.counter_problem.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(p) = crate::sync::lock(&self.counter_problem).clone() {
             r.verified = false;
             r.problem.get_or_insert(p);
         }
@@ -311,17 +311,17 @@ impl Store {
     /// Notes (or clears) a disagreement with the rollback counter that an open for
     /// inspection let through.
     pub(crate) fn note_counter_problem(&self, problem: Option<String>) {
-        *self.counter_problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
+        *crate::sync::lock(&self.counter_problem) = problem;
     }
 
     /// Sets the root whose counter this process binds the store to (`None`: no counter
     /// configured).
     pub(crate) fn use_counter(&self, root: Option<CounterRoot>) {
-        *self.counter.lock().unwrap_or_else(|p| p.into_inner()) = root;
+        *crate::sync::lock(&self.counter) = root;
     }
 
     fn counter_root(&self) -> Option<CounterRoot> {
-        self.counter.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::lock(&self.counter).clone()
     }
 
     /// Where the store stands against its counter; finishes an increment that a

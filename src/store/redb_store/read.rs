@@ -222,37 +222,15 @@ impl<T: Tables> StoreRead for T {
     }
 
     fn audit_head(&self) -> Result<Option<Vec<u8>>> {
-        engine(|| {
-            let head = match self.table(META)? {
-                Some(t) => meta_value(&t, META_AUDIT_HEAD)?,
-                None => return Ok(None),
-            };
-            // (The table is closed first: a check may read the state head in it.)
-            check_row(self, Row::AuditHead, RowKey::Single, head.as_deref())?;
-            Ok(head)
-        })
+        single_row(self, META_AUDIT_HEAD, Row::AuditHead)
     }
 
     fn audit_archive(&self) -> Result<Option<Vec<u8>>> {
-        engine(|| {
-            let v = match self.table(META)? {
-                Some(t) => meta_value(&t, META_AUDIT_ARCHIVE)?,
-                None => return Ok(None),
-            };
-            check_row(self, Row::AuditArchive, RowKey::Single, v.as_deref())?;
-            Ok(v)
-        })
+        single_row(self, META_AUDIT_ARCHIVE, Row::AuditArchive)
     }
 
     fn anchor(&self) -> Result<Option<Anchor>> {
-        engine(|| {
-            let v = match self.table(META)? {
-                Some(t) => meta_value(&t, META_ANCHOR)?,
-                None => return Ok(None),
-            };
-            check_row(self, Row::Anchor, RowKey::Single, v.as_deref())?;
-            v.map(|b| Anchor::decode(&b)).transpose()
-        })
+        single_row(self, META_ANCHOR, Row::Anchor)?.map(|b| Anchor::decode(&b)).transpose()
     }
 
     fn state_head(&self) -> Result<Option<Vec<u8>>> {
@@ -342,6 +320,20 @@ impl<T: Tables> StoreRead for T {
 
 /// The one record read: `full` checks the whole row (metadata readers), otherwise
 /// the tag (the `get` path, which opens the record).
+/// A covered `meta` row of its own kind (the audit head, the audit-key archive, the
+/// rollback anchor), checked against the verified state.
+fn single_row<T: Tables + StoreRead>(t: &T, key: &str, row: Row) -> Result<Option<Vec<u8>>> {
+    engine(|| {
+        let v = match t.table(META)? {
+            Some(m) => meta_value(&m, key)?,
+            None => return Ok(None),
+        };
+        // (The table is closed first: a check may read the state head in it.)
+        check_row(t, row, RowKey::Single, v.as_deref())?;
+        Ok(v)
+    })
+}
+
 fn record_in<T: Tables + StoreRead, R>(
     t: &T,
     provider: &str,
