@@ -172,6 +172,57 @@ fn eight_threads_mixed_get_put_lose_nothing() {
     assert!(written.load(Ordering::Relaxed) > 8);
 }
 
+/// Exclusive mode keeps a read snapshot per thread from one read to the next
+/// (`store::redb_store::snapshots`). Every read that follows a commit must see it,
+/// from any thread; and a kept snapshot must not outlive the next commit, or the
+/// pages it pins are never reused and the file grows with every write.
+#[test]
+fn exclusive_mode_reads_see_every_commit_and_kept_snapshots_do_not_grow_the_file() {
+    let env = TestEnv::with_config("kept-snapshots", "mode = \"exclusive\"");
+    let g = env.init();
+    for t in 0..4 {
+        g.put("github", &format!("t{t}"), raw("0"), PutOptions::default()).unwrap();
+    }
+    // Four threads each write their own token and read every token. A read begun
+    // after a put returned sees that put (or a later one), whichever thread made it.
+    let committed: [AtomicU64; 4] = Default::default();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (g, committed) = (&g, &committed);
+            s.spawn(move || {
+                for i in 1..=150u64 {
+                    g.put("github", &format!("t{t}"), raw(&i.to_string()), PutOptions::default()).unwrap();
+                    committed[t].store(i, Ordering::SeqCst);
+                    for (other, done) in committed.iter().enumerate() {
+                        let at_least = done.load(Ordering::SeqCst);
+                        let v: u64 =
+                            String::from_utf8(value(g, "github", &format!("t{other}"))).unwrap().parse().unwrap();
+                        assert!(v >= at_least, "thread {t} read t{other} = {v} after {at_least} was committed");
+                    }
+                }
+            });
+        }
+    });
+    // Threads that read once and end leave their snapshots behind in their slots.
+    for t in 0..8 {
+        let g = g.clone();
+        std::thread::spawn(move || assert!(!value(&g, "github", &format!("t{}", t % 4)).is_empty())).join().unwrap();
+    }
+    let size = || std::fs::metadata(&env.store_path).unwrap().len();
+    for i in 0..100 {
+        g.put("github", "writer", raw(&format!("w{i}")), PutOptions::default()).unwrap();
+    }
+    let before = size();
+    for i in 0..400 {
+        g.put("github", "writer", raw(&format!("w{i}")), PutOptions::default()).unwrap();
+    }
+    let grown = size().saturating_sub(before);
+    // Each put appends one audit event (a few hundred bytes). A snapshot pinned
+    // across the 400 commits keeps several 4 KiB pages of each one from reuse.
+    assert!(grown < 400 * 1024, "the store grew by {grown} bytes over 400 puts");
+    assert_eq!(value(&g, "github", "writer"), b"w399");
+}
+
 #[test]
 fn backup_restores_under_the_same_root_and_rejects_tampering() {
     let env = TestEnv::new("backup");

@@ -6,6 +6,7 @@
 //! operations (written once for both transaction kinds), `write.rs` the writes.
 
 mod read;
+mod snapshots;
 mod write;
 
 use std::fs;
@@ -73,6 +74,8 @@ from_redb!(
 
 /// An open store.
 pub(crate) struct Store {
+    /// Kept read snapshots (exclusive mode); declared before `db`, so they end first.
+    snapshots: snapshots::Snapshots,
     db: Database,
     /// Set when an engine panic was caught during a write: no later write commits.
     poisoned: std::sync::atomic::AtomicBool,
@@ -257,6 +260,7 @@ impl Store {
 
     fn new(db: Database, path: &Path, opts: StoreOptions) -> Store {
         Store {
+            snapshots: snapshots::Snapshots::new(opts.mode == StoreMode::Exclusive),
             db,
             path: path.into(),
             opts,
@@ -387,8 +391,26 @@ impl Store {
     /// A consistent read snapshot.
     pub(crate) fn read(&self) -> Result<ReadTxn<'_>> {
         // The floor is read before the snapshot begins: anything seen by then is in it.
-        let floor = self.state.floor();
-        engine(|| Ok(ReadTxn(self.db.begin_read()?, &self.state, floor)))
+        let begin = || {
+            let floor = self.state.floor();
+            engine(|| Ok((self.db.begin_read()?, floor)))
+        };
+        let keep = || {
+            let (txn, floor) = begin()?;
+            let tokens = engine(|| match txn.open_table(TOKENS) {
+                Ok(t) => Ok(Some(t)),
+                Err(TableError::TableDoesNotExist(_)) => Ok(None),
+                Err(e) => Err(e.into()),
+            })?;
+            Ok(snapshots::Kept::new(txn, tokens, floor))
+        };
+        if let Some(kept) = self.snapshots.current(keep) {
+            let kept = kept?;
+            let floor = kept.floor;
+            return Ok(ReadTxn(Snapshot::Kept(kept), &self.state, floor));
+        }
+        let (txn, floor) = begin()?;
+        Ok(ReadTxn(Snapshot::Fresh(txn), &self.state, floor))
     }
 
     /// Runs `f` in a write transaction, moves the state head by the covered rows it
@@ -557,6 +579,7 @@ impl Store {
         .map_err(poison)?;
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
         engine(|| Ok(txn.txn.commit()?)).map_err(poison)?;
+        self.snapshots.committed();
         if let (Some(next), Some(root)) = (advanced, &counter) {
             // Committed. Until the counter moves, the copy of the store from before
             // this commit would still be accepted: retried, and a failure is the
@@ -702,8 +725,25 @@ fn advance_anchor(txn: &WriteTxn, root: Option<&CounterRoot>, how: AnchorWrite) 
     Ok(Some(next))
 }
 
-/// A read snapshot, with the state it is checked against.
-pub(crate) struct ReadTxn<'s>(pub(super) ReadTransaction, &'s StateCell, u64);
+/// A read snapshot, with the state it is checked against and its floor.
+pub(crate) struct ReadTxn<'s>(Snapshot<'s>, &'s StateCell, u64);
+
+/// A read transaction begun for one read, or this thread's kept one.
+enum Snapshot<'s> {
+    Fresh(ReadTransaction),
+    Kept(parking_lot::MappedMutexGuard<'s, snapshots::Kept>),
+}
+
+impl std::ops::Deref for Snapshot<'_> {
+    type Target = ReadTransaction;
+
+    fn deref(&self) -> &ReadTransaction {
+        match self {
+            Snapshot::Fresh(t) => t,
+            Snapshot::Kept(k) => &k.txn,
+        }
+    }
+}
 
 /// A write transaction (committed by [`Store::write`]), with the accumulator delta of
 /// the covered rows it changed.
@@ -777,6 +817,15 @@ pub(super) trait Tables {
     /// The lowest generation this snapshot may be at (what the process had seen when
     /// it began).
     fn floor(&self) -> u64;
+
+    /// Calls `f` with the `tokens` row of (`provider`, `name`), if there is one: the
+    /// lookup of every `get` (a kept snapshot has the table open already).
+    fn with_token_row<R>(&self, provider: &str, name: &str, f: impl FnOnce(Option<&[u8]>) -> Result<R>) -> Result<R> {
+        match self.table(TOKENS)? {
+            Some(t) => f(t.get((provider, name))?.as_ref().map(|g| g.value())),
+            None => f(None),
+        }
+    }
 }
 
 /// Checks a record (or its absence) read in `t`: its AES-GCM tag on a read snapshot
@@ -829,6 +878,19 @@ impl Tables for ReadTxn<'_> {
 
     fn floor(&self) -> u64 {
         self.2
+    }
+
+    fn with_token_row<R>(&self, provider: &str, name: &str, f: impl FnOnce(Option<&[u8]>) -> Result<R>) -> Result<R> {
+        match &self.0 {
+            Snapshot::Kept(k) => match &k.tokens {
+                Some(t) => f(t.get((provider, name))?.as_ref().map(|g| g.value())),
+                None => f(None),
+            },
+            Snapshot::Fresh(_) => match self.table(TOKENS)? {
+                Some(t) => f(t.get((provider, name))?.as_ref().map(|g| g.value())),
+                None => f(None),
+            },
+        }
     }
 }
 

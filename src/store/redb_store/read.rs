@@ -342,18 +342,18 @@ fn record_in<T: Tables + StoreRead, R>(
     f: impl FnOnce(&RecordView<'_>) -> Result<R>,
 ) -> Result<Option<R>> {
     engine(|| {
-        let Some(table) = t.table(TOKENS)? else { return Ok(None) };
-        let guard = table.get((provider, name))?;
-        // The newest verified version of the record, or its verified absence: an
-        // older copy of the row (a revoked or overwritten token) fails here.
-        check_record(t, provider, name, guard.as_ref().map(|g| g.value()), full)?;
-        let Some(guard) = guard else { return Ok(None) };
-        let view = RecordView::parse(guard.value())?;
-        // The AAD binds the header to the ciphertext; this binds the header to the key
-        // the record is stored under, so a record copied to another slot fails.
-        if view.provider != provider || view.name != name {
-            return Err(Error::integrity("checking a record's place"));
-        }
-        f(&view).map(Some)
+        t.with_token_row(provider, name, |row| {
+            // The newest verified version of the record, or its verified absence: an
+            // older copy of the row (a revoked or overwritten token) fails here.
+            check_record(t, provider, name, row, full)?;
+            let Some(row) = row else { return Ok(None) };
+            let view = RecordView::parse(row)?;
+            // The AAD binds the header to the ciphertext; this binds the header to the key
+            // the record is stored under, so a record copied to another slot fails.
+            if view.provider != provider || view.name != name {
+                return Err(Error::integrity("checking a record's place"));
+            }
+            f(&view).map(Some)
+        })
     })
 }
