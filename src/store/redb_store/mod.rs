@@ -397,14 +397,12 @@ impl Store {
         };
         let keep = || {
             let (txn, floor) = begin()?;
-            let tokens = engine(|| match txn.open_table(TOKENS) {
-                Ok(t) => Ok(Some(t)),
-                Err(TableError::TableDoesNotExist(_)) => Ok(None),
-                Err(e) => Err(e.into()),
-            })?;
+            // Not opened (missing, or an error): reads open it each time, as a fresh
+            // snapshot does, and meet the error where they need the table.
+            let tokens = engine(|| Ok(txn.open_table(TOKENS).ok())).ok().flatten();
             Ok(snapshots::Kept::new(txn, tokens, floor))
         };
-        if let Some(kept) = self.snapshots.current(keep) {
+        if let Some(kept) = self.snapshots.current(self.state.floor(), keep) {
             let kept = kept?;
             let floor = kept.floor;
             return Ok(ReadTxn(Snapshot::Kept(kept), &self.state, floor));
@@ -578,8 +576,11 @@ impl Store {
         })
         .map_err(poison)?;
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
-        engine(|| Ok(txn.txn.commit()?)).map_err(poison)?;
+        // redb makes a commit visible before it can still fail (its post-commit free
+        // pass): kept snapshots are renewed whatever the outcome.
+        let committed = engine(|| Ok(txn.txn.commit()?));
         self.snapshots.committed();
+        committed.map_err(poison)?;
         if let (Some(next), Some(root)) = (advanced, &counter) {
             // Committed. Until the counter moves, the copy of the store from before
             // this commit would still be accepted: retried, and a failure is the
@@ -882,11 +883,11 @@ impl Tables for ReadTxn<'_> {
 
     fn with_token_row<R>(&self, provider: &str, name: &str, f: impl FnOnce(Option<&[u8]>) -> Result<R>) -> Result<R> {
         match &self.0 {
-            Snapshot::Kept(k) => match &k.tokens {
+            Snapshot::Kept(k) if k.tokens.is_some() => match &k.tokens {
                 Some(t) => f(t.get((provider, name))?.as_ref().map(|g| g.value())),
                 None => f(None),
             },
-            Snapshot::Fresh(_) => match self.table(TOKENS)? {
+            _ => match self.table(TOKENS)? {
                 Some(t) => f(t.get((provider, name))?.as_ref().map(|g| g.value())),
                 None => f(None),
             },

@@ -71,10 +71,14 @@ impl Snapshots {
     }
 
     /// This thread's slot holding a current snapshot: kept, or made by `begin`
-    /// after the commit count is read. `None`: no slots (shared mode) or the slot is
-    /// busy; the caller reads a fresh snapshot.
+    /// after the commit count is read. A kept snapshot is current while no commit
+    /// happened since it began and its floor is still the state's `floor` (a floor
+    /// that moved since, by a commit or a verification, is the one a fresh read would
+    /// be checked against). `None`: no slots (shared mode) or the slot is busy; the
+    /// caller reads a fresh snapshot.
     pub(super) fn current(
         &self,
+        floor: u64,
         begin: impl FnOnce() -> crate::error::Result<Kept>,
     ) -> Option<crate::error::Result<MappedMutexGuard<'_, Kept>>> {
         if self.slots.is_empty() {
@@ -82,7 +86,7 @@ impl Snapshots {
         }
         let mut slot = self.slots[thread_index() % self.slots.len()].0.try_lock()?;
         let commits = self.commits.load(Ordering::Acquire);
-        if slot.as_ref().is_none_or(|k| k.commits != commits) {
+        if slot.as_ref().is_none_or(|k| k.commits != commits || k.floor != floor) {
             // The stale snapshot goes first, so its pages are free for the new one.
             *slot = None;
             match begin() {
