@@ -229,6 +229,8 @@ impl Config {
     /// `revocation_url` (RFC 7009), the provider is told first, while the token is
     /// still readable; its answer never stops the local revocation.
     pub fn revoke(&self, g: &TokenGuard, target: RevokeTarget<'_>, reason: &str) -> Result<Revocation> {
+        // Nothing is revoked upstream for a revocation the store would refuse.
+        crate::guard::revoke::check_reason(reason)?;
         let upstream = match &target {
             RevokeTarget::One { provider, name } => self.revoke_upstream(g, provider, name)?,
             _ => None,

@@ -97,11 +97,7 @@ impl TokenGuard {
     /// Revokes the targeted tokens with `reason`: each sealed record is removed and a
     /// tombstone left. Returns the (provider, name) pairs revoked.
     pub fn revoke(&self, target: RevokeTarget<'_>, reason: &str) -> Result<Vec<(String, String)>> {
-        if reason.trim().is_empty() || reason.len() > 512 || reason.chars().any(char::is_control) {
-            return Err(Error::InvalidInput(
-                "a revocation needs a reason of 1-512 printable characters (no newlines or control characters)".into(),
-            ));
-        }
+        check_reason(reason)?;
         match &target {
             RevokeTarget::One { provider, name } => {
                 validate_ident("provider", provider)?;
@@ -332,7 +328,7 @@ impl super::Inner {
         let ts = Tombstone {
             revoked_at: now(),
             reason: reason.into(),
-            actor: self.opts.actor.clone(),
+            actor: self.actor(),
             expires_at: meta.as_ref().and_then(|m| m.expires_at),
             labels: meta.map(|m| m.labels).unwrap_or_default(),
         };
@@ -370,4 +366,15 @@ fn collect_names(
         Ok(ControlFlow::Continue(()))
     })?;
     Ok(out)
+}
+
+/// A revocation's reason: 1-512 printable characters. Checked before anything is
+/// done, the provider's revocation endpoint included.
+pub fn check_reason(reason: &str) -> Result<()> {
+    if reason.trim().is_empty() || reason.len() > 512 || reason.chars().any(char::is_control) {
+        return Err(Error::InvalidInput(
+            "a revocation needs a reason of 1-512 printable characters (no newlines or control characters)".into(),
+        ));
+    }
+    Ok(())
 }
