@@ -139,6 +139,23 @@ impl Serialize for AuditEvent {
     }
 }
 
+/// An event for [`crate::TokenGuard::audit_batch`], with its own actor.
+#[derive(Debug, Clone, Default)]
+pub struct AuditRecord {
+    /// Who (e.g. an agent's client: `agent-client uid=… pid=…`).
+    pub actor: String,
+    /// What (`get`, `list`, `refused`, …).
+    pub op: String,
+    /// Provider of the token, if any.
+    pub provider: String,
+    /// Name of the token, if any.
+    pub name: String,
+    /// `ok`, `not-found`, `refused`, ….
+    pub outcome: String,
+    /// Free text (never a secret).
+    pub detail: String,
+}
+
 /// An event to append (sequence and time are filled in).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct NewEvent<'a> {

@@ -47,6 +47,10 @@ pub struct Config {
     /// Rotation policy (`[rotation]`).
     #[serde(default)]
     pub rotation: RotationConfig,
+    /// The agent (`[agent]`, `[[agent.allow]]`): `tokenguard serve` and the CLI's way
+    /// to it.
+    #[serde(default)]
+    pub agent: Option<crate::agent::AgentConfig>,
     /// Directory of the config file, for relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -297,6 +301,9 @@ impl Config {
         c.store.path = resolve_path(base_dir, &c.store.path);
         for r in &mut c.roots {
             r.resolve_paths(base_dir);
+        }
+        if let Some(a) = &mut c.agent {
+            a.socket = resolve_path(base_dir, &a.socket);
         }
         Ok(c)
     }

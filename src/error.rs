@@ -34,6 +34,13 @@ pub mod exit {
     pub const EXPIRED: i32 = 7;
     /// Configuration error.
     pub const CONFIG: i32 = 8;
+    /// The agent refused the request: no `[[agent.allow]]` rule allows it for this
+    /// caller.
+    pub const REFUSED: i32 = 9;
+    /// The agent refused the request for now: the caller is over its rate.
+    pub const RATE_LIMITED: i32 = 10;
+    /// An agent is configured, but it does not answer.
+    pub const AGENT_UNAVAILABLE: i32 = 11;
     /// Interrupted at a prompt (Ctrl-C), the terminal restored: 128 + SIGINT, as a
     /// shell reports it.
     pub const INTERRUPTED: i32 = 130;
@@ -52,6 +59,9 @@ pub mod exit {
         (BUSY, "store busy: held by another process beyond `busy_timeout_ms`"),
         (EXPIRED, "expired or revoked"),
         (CONFIG, "configuration"),
+        (REFUSED, "refused by the agent's policy"),
+        (RATE_LIMITED, "rate limited by the agent; retry later"),
+        (AGENT_UNAVAILABLE, "agent unavailable: configured, but not answering (`--direct` bypasses it)"),
         (INTERRUPTED, "interrupted at a prompt (Ctrl-C); the terminal is restored"),
         (CLOSED_PIPE, "stdout closed by its reader (piped into `head`); it stops quietly, as `ls` does"),
     ];
@@ -306,6 +316,48 @@ pub enum Error {
     /// A backend was named that this build does not include.
     #[error("backend {0:?} is not compiled into this build (enable the cargo feature of the same name)")]
     BackendNotCompiled(&'static str),
+
+    /// The agent's policy does not allow this request for this caller.
+    #[error("the agent refused {op} of {target}: no [[agent.allow]] rule allows it for this caller")]
+    Refused {
+        /// The operation.
+        op: String,
+        /// What it was about (`provider/name`, or `the agent`).
+        target: String,
+    },
+
+    /// The caller is over its rate.
+    #[error("rate limited by the agent: retry in {retry_after_ms} ms")]
+    RateLimited {
+        /// When one more request would be allowed.
+        retry_after_ms: u64,
+    },
+
+    /// The agent is in lockdown: its keys are dropped and it is logged out.
+    #[error("the agent is in lockdown: it serves only `ping` and `unlock`")]
+    Locked,
+
+    /// An agent is configured, but it does not answer.
+    #[error("the agent at {socket} is unavailable: {detail}")]
+    AgentUnavailable {
+        /// Its socket.
+        socket: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+
+    /// An error the agent reported, as it reported it.
+    #[error("{message}")]
+    Remote {
+        /// Its kind on the wire (`docs/PROTOCOL.md`).
+        kind: String,
+        /// Its message.
+        message: String,
+        /// Its hint.
+        hint: Option<String>,
+        /// Its exit code.
+        code: i32,
+    },
 }
 
 impl Error {
@@ -327,6 +379,11 @@ impl Error {
             Error::StoreExists(_) | Error::UnsupportedVersion { .. } | Error::Store { .. } | Error::Io { .. } => {
                 exit::OTHER
             }
+            Error::Refused { .. } => exit::REFUSED,
+            Error::RateLimited { .. } => exit::RATE_LIMITED,
+            Error::Locked => exit::HARDWARE,
+            Error::AgentUnavailable { .. } => exit::AGENT_UNAVAILABLE,
+            Error::Remote { code, .. } => *code,
         }
     }
 
@@ -394,6 +451,18 @@ impl Error {
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
                 "the file system is full: free space there; everything acknowledged before is intact, \
                  and writes resume once there is room"
+                    .into()
+            }
+            Error::Remote { hint, .. } => return hint.clone(),
+            Error::Refused { .. } => {
+                "ask the agent's operator for a rule in [[agent.allow]] (see `tokenguard doctor` on the agent's host)"
+                    .into()
+            }
+            Error::RateLimited { .. } => "slow down, or ask for a higher `rate` in the rule that serves you".into(),
+            Error::Locked => "an administrator runs `tokenguard unlock` when the emergency is over".into(),
+            Error::AgentUnavailable { .. } => {
+                "start it (`tokenguard serve`, or the tokenguard service), or pass --direct to use the store \
+                 without it"
                     .into()
             }
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {

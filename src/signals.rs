@@ -23,6 +23,9 @@ static FOR_CHILD: AtomicI32 = AtomicI32::new(0);
 /// Set instead of ending the process, for a loop that stops between passes.
 static STOP: AtomicBool = AtomicBool::new(false);
 static STOP_MODE: AtomicBool = AtomicBool::new(false);
+/// In serve mode, SIGHUP sets this instead of [`STOP`].
+static RELOAD: AtomicBool = AtomicBool::new(false);
+static RELOAD_MODE: AtomicBool = AtomicBool::new(false);
 /// Set while the signal thread decides to end the process: no critical step may
 /// start meanwhile.
 static DYING: AtomicBool = AtomicBool::new(false);
@@ -102,6 +105,10 @@ pub fn defer_termination_signals() -> Result<()> {
                     }
                     continue;
                 }
+                if RELOAD_MODE.load(Ordering::SeqCst) && sig == SIGHUP {
+                    RELOAD.store(true, Ordering::SeqCst);
+                    continue;
+                }
                 if STOP_MODE.load(Ordering::SeqCst) {
                     STOP.store(true, Ordering::SeqCst);
                     continue;
@@ -170,4 +177,16 @@ pub fn stop_between_passes() {
 /// Whether a termination signal arrived since [`stop_between_passes`].
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
+}
+
+/// A long-running server: SIGTERM and SIGINT set [`stop_requested`], SIGHUP sets
+/// [`reload_requested`] (critical steps are still never split).
+pub fn serve_mode() {
+    RELOAD_MODE.store(true, Ordering::SeqCst);
+    STOP_MODE.store(true, Ordering::SeqCst);
+}
+
+/// Whether a SIGHUP arrived since the last call (serve mode).
+pub fn reload_requested() -> bool {
+    RELOAD.swap(false, Ordering::SeqCst)
 }

@@ -272,6 +272,28 @@ pub struct TokenGuard {
     inner: Arc<Inner>,
 }
 
+thread_local! {
+    /// The actor of [`TokenGuard::on_behalf_of`] on this thread.
+    static ACTING_FOR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+impl TokenGuard {
+    /// Runs `f` with `actor` as the audit actor of every event this thread writes
+    /// meanwhile, and of the tombstones it makes: an agent acting for its clients.
+    pub fn on_behalf_of<R>(&self, actor: &str, f: impl FnOnce(&TokenGuard) -> R) -> R {
+        struct Restore(Option<String>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let before = self.0.take();
+                ACTING_FOR.with(|a| *a.borrow_mut() = before);
+            }
+        }
+        let before = ACTING_FOR.with(|a| a.borrow_mut().replace(actor.to_string()));
+        let _restore = Restore(before);
+        f(self)
+    }
+}
+
 impl std::fmt::Debug for TokenGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenGuard")
@@ -416,7 +438,7 @@ impl TokenGuard {
             let last_seq = crate::audit::append(
                 txn,
                 &old.audit,
-                &inner.opts.actor,
+                &inner.actor(),
                 NewEvent { op, outcome: "ok", detail, ..Default::default() },
             )?;
             let pins = txn.roots()?;
@@ -538,6 +560,16 @@ impl Inner {
     }
 
     fn audit(&self, txn: &impl StoreWrite, ev: NewEvent<'_>) -> Result<()> {
+        self.audit_all(txn, [(self.actor(), ev)])
+    }
+
+    /// Appends `events`, each under its own actor, in `txn`: the audit keys are
+    /// checked against the store's once.
+    pub(crate) fn audit_all<'e>(
+        &self,
+        txn: &impl StoreWrite,
+        events: impl IntoIterator<Item = (String, NewEvent<'e>)>,
+    ) -> Result<()> {
         let keys = self.keys();
         if txn.audit_archive()? != keys.archive {
             return Err(Error::integrity(
@@ -545,7 +577,16 @@ impl Inner {
                  process, or one in progress here); reopen the store",
             ));
         }
-        crate::audit::append(txn, &keys.audit, &self.opts.actor, ev).map(drop)
+        for (actor, ev) in events {
+            crate::audit::append(txn, &keys.audit, &actor, ev)?;
+        }
+        Ok(())
+    }
+
+    /// The audit actor of what this thread does now: the caller named by
+    /// [`TokenGuard::on_behalf_of`], or the guard's own.
+    pub(crate) fn actor(&self) -> String {
+        ACTING_FOR.with(|a| a.borrow().clone()).unwrap_or_else(|| self.opts.actor.clone())
     }
 
     /// Ends `entries` of `provider` in `state` (retired or destroyed: the wrapped

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 
 use super::keys::Sealer;
 use super::{GetOptions, PutItem, PutOptions, TokenGuard, TokenInfo, validate_ident};
-use crate::audit::{self, AuditEvent, AuditReport, NewEvent};
+use crate::audit::{self, AuditEvent, AuditRecord, AuditReport, NewEvent};
 use crate::error::{Error, Result};
 use crate::seal::{Metadata, SecretKind, TokenState};
 use crate::secret::Secret;
@@ -306,6 +306,32 @@ impl TokenGuard {
         let inner = &*self.inner;
         inner.write(|txn| inner.audit(txn, NewEvent { op, provider, name, outcome, detail: String::new() }))?;
         tracing::debug!(op, provider, name, outcome, "audit event appended");
+        Ok(())
+    }
+
+    /// Appends `events` to the audit trail in one durable commit, each under its own
+    /// actor: an agent's group commit of its clients' reads. Empty: nothing is written.
+    pub fn audit_batch(&self, events: &[AuditRecord]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let inner = &*self.inner;
+        inner.write(|txn| {
+            inner.audit_all(
+                txn,
+                events.iter().map(|e| {
+                    let ev = NewEvent {
+                        op: &e.op,
+                        provider: &e.provider,
+                        name: &e.name,
+                        outcome: &e.outcome,
+                        detail: e.detail.clone(),
+                    };
+                    (e.actor.clone(), ev)
+                }),
+            )
+        })?;
+        tracing::debug!(events = events.len(), "audit events appended in one commit");
         Ok(())
     }
 

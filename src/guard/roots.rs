@@ -162,7 +162,7 @@ impl TokenGuard {
                 let last_seq = crate::audit::append(
                     txn,
                     &old.audit,
-                    &inner.opts.actor,
+                    &inner.actor(),
                     NewEvent {
                         op: "root-remove",
                         outcome: "ok",

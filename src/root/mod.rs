@@ -121,7 +121,7 @@ impl RootIdentity {
 pub const POLICY_BOUND_MARKER: &str = ";pcr=";
 
 /// Outcome of one check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Passed.
@@ -135,7 +135,7 @@ pub enum Status {
 /// What kind of failure a failed check reports: it decides `doctor`'s exit code
 /// (the most serious class among the failures wins), never the check's name. The
 /// order of the variants is that seriousness, least first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureClass {
     /// Anything else (permissions, I/O): exit 1.
@@ -184,7 +184,7 @@ impl FailureClass {
 }
 
 /// One line of a health report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Check {
     /// What was checked.
     pub name: String,

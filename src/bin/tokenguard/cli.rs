@@ -28,6 +28,11 @@ pub struct Cli {
     #[arg(short = 'q', long, global = true)]
     pub quiet: bool,
 
+    /// Open the store directly even when an agent is configured (it needs the PIN
+    /// and the store file; a running agent holds the store, so stop it first).
+    #[arg(long, global = true)]
+    pub direct: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -182,6 +187,15 @@ pub enum Command {
     /// Git credential helper: `git config credential.helper 'tokenguard git-credential'`
     /// (the token is looked up as provider `git`, name HOST, unless --token says).
     GitCredential(GitCredentialArgs),
+    /// Run the agent in the foreground: own the store and serve clients on the
+    /// [agent] socket under its [[agent.allow]] rules (SIGTERM stops, SIGHUP reloads
+    /// the rules).
+    Serve,
+    /// Make the agent drop every key from memory and close its hardware session; it
+    /// then serves only `unlock` (admin).
+    Lockdown,
+    /// Make a locked-down agent log in again with its configured PIN source (admin).
+    Unlock,
     /// Shell completions for bash, zsh or fish, on stdout.
     Completions {
         /// The shell.

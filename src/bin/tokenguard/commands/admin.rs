@@ -19,6 +19,24 @@ pub fn doctor(ctx: &Ctx) -> Result<i32> {
             "false: a soft (file) root would be accepted; set require_hardware = true in production",
         ));
     }
+    if let Some(mut agent) = ctx.agent()? {
+        // The agent holds the store: it runs the checks, and says how it audits reads.
+        let remote: Vec<Check> = agent.call(tokenguard::agent::protocol::Request::new("doctor"))?;
+        checks.extend(remote);
+        return print_checks(ctx, &checks);
+    }
+    if let Some(a) = &ctx.config.agent {
+        checks.push(Check::warn(
+            "agent read audit",
+            format!(
+                "not checked: --direct bypasses the agent (configured read audit: {})",
+                serde_json::to_value(a.read_audit)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
     match ctx.open_for_inspection(false) {
         Ok(g) => checks.extend(g.doctor()),
         Err(e) => {
@@ -42,11 +60,15 @@ pub fn doctor(ctx: &Ctx) -> Result<i32> {
             }
         }
     }
+    print_checks(ctx, &checks)
+}
+
+fn print_checks(ctx: &Ctx, checks: &[Check]) -> Result<i32> {
     let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
     if ctx.json {
         print_json(&json!({"ok": failed == 0, "checks": checks}))?;
     } else {
-        for c in &checks {
+        for c in checks {
             let tag = match c.status {
                 Status::Ok => "ok  ",
                 Status::Warn => "warn",
@@ -60,10 +82,32 @@ pub fn doctor(ctx: &Ctx) -> Result<i32> {
             say!("doctor: {failed} check(s) failed")?;
         }
     }
-    Ok(report_exit_code(&checks))
+    Ok(report_exit_code(checks))
 }
 
 pub fn stats(ctx: &Ctx) -> Result<i32> {
+    if let Some(mut agent) = ctx.agent()? {
+        let v: serde_json::Value = agent.call(tokenguard::agent::protocol::Request::new("stats"))?;
+        if ctx.json {
+            print_json(&v)?;
+            return Ok(exit::OK);
+        }
+        let (s, a) = (&v["store"], &v["agent"]);
+        say!("tokens: {}", s["tokens"])?;
+        say!("DEK versions: {}", s["deks"].as_array().map_or(0, Vec::len))?;
+        say!("audit events: {}", s["audit_events"])?;
+        say!(
+            "agent: up {} s, {} connections, {} requests served, {} refused, {} rate limited, read audit {}, {}",
+            a["uptime_secs"],
+            a["connections"],
+            a["served"],
+            a["refused"],
+            a["rate_limited"],
+            a["read_audit"].as_str().unwrap_or("?"),
+            if a["locked"] == true { "LOCKED" } else { "unlocked" }
+        )?;
+        return Ok(exit::OK);
+    }
     let s = ctx.open_for_inspection(true)?.stats()?;
     if ctx.json {
         print_json(&serde_json::to_value(&s).unwrap_or_default())?;
@@ -238,5 +282,24 @@ pub fn upgrade(ctx: &Ctx, accept: bool) -> Result<i32> {
         )
     };
     ctx.out(json!({"before": before, "after": after}), text)?;
+    Ok(exit::OK)
+}
+
+/// `serve`: the agent, in the foreground, until SIGTERM.
+pub fn serve(ctx: &Ctx) -> Result<i32> {
+    tokenguard::agent::serve(ctx.config.clone(), &ctx.config_path, ctx.guard_options())?;
+    Ok(exit::OK)
+}
+
+/// `lockdown` (`on`) and `unlock`: through the agent only.
+pub fn lockdown(ctx: &Ctx, on: bool) -> Result<i32> {
+    let what = if on { "lockdown" } else { "unlock" };
+    let v: serde_json::Value = ctx.agent_required(what)?.call(tokenguard::agent::protocol::Request::new(what))?;
+    let text = if on {
+        "the agent dropped its keys and closed its hardware session; `tokenguard unlock` opens it again"
+    } else {
+        "the agent is unlocked"
+    };
+    ctx.out(v, text)?;
     Ok(exit::OK)
 }

@@ -9,7 +9,7 @@ use tokenguard::guard::revoke::{PurgeOptions, RevokeTarget, TokenStatus};
 use tokenguard::guard::rotate::ReencryptOptions;
 use tokenguard::{Error, Result};
 
-use super::{Ctx, fmt_time};
+use super::{Ctx, fmt_time, printable};
 use crate::cli::RevokeArgs;
 use crate::input;
 
@@ -36,6 +36,9 @@ pub fn revoke(ctx: &Ctx, a: RevokeArgs) -> Result<i32> {
             ));
         }
     };
+    if let Some(agent) = ctx.agent()? {
+        return revoke_through(ctx, agent, &target, &a);
+    }
     let g = ctx.open_for_inspection(true)?;
     let objects = |pairs: &[(String, String)]| -> serde_json::Value {
         pairs.iter().map(|(p, n)| json!({"provider": p, "name": n})).collect()
@@ -71,6 +74,51 @@ pub fn revoke(ctx: &Ctx, a: RevokeArgs) -> Result<i32> {
     }
     let text = lines(r.revoked.iter().map(|(p, n)| format!("revoked {p}/{n}")), "nothing matched");
     ctx.out(json!({"revoked": objects(&r.revoked)}), text)?;
+    Ok(exit::OK)
+}
+
+/// `revoke` of one token through the agent (which asks the provider too, as the
+/// direct path does).
+fn revoke_through(
+    ctx: &Ctx,
+    mut agent: tokenguard::agent::Client,
+    target: &RevokeTarget<'_>,
+    a: &RevokeArgs,
+) -> Result<i32> {
+    use tokenguard::agent::protocol::Request;
+    let RevokeTarget::One { provider, name } = target else {
+        return Err(Error::InvalidInput(
+            "the agent revokes one token at a time; for --all or --label, stop the agent and pass --direct".into(),
+        ));
+    };
+    let status: serde_json::Value = agent.call(Request::token("status", provider, name))?;
+    if a.dry_run {
+        let would =
+            if status["status"] == "revoked" { vec![] } else { vec![json!({"provider": provider, "name": name})] };
+        let text =
+            if would.is_empty() { "nothing matches".to_string() } else { format!("would revoke {provider}/{name}") };
+        ctx.out(json!({"would_revoke": would}), text)?;
+        return Ok(exit::OK);
+    }
+    let mut r = Request::token("revoke", provider, name);
+    r.reason = Some(a.reason.clone());
+    let v: serde_json::Value = agent.call(r)?;
+    if let Some(t) = v.get("tombstone") {
+        let s = |k: &str| t[k].as_str().unwrap_or_default().to_string();
+        let text = format!(
+            "{provider}/{name}: already revoked at {} by {}: {}",
+            fmt_time(t["revoked_at_unix"].as_u64()),
+            printable(&s("actor")),
+            printable(&s("reason"))
+        );
+        ctx.out(json!({"revoked": [], "already_revoked": v["already_revoked"]}), text)?;
+        return Ok(exit::OK);
+    }
+    for n in v["notes"].as_array().into_iter().flatten() {
+        note!("{}", n.as_str().unwrap_or_default());
+    }
+    let text = format!("revoked {provider}/{name}");
+    ctx.out(json!({"revoked": v["revoked"]}), text)?;
     Ok(exit::OK)
 }
 

@@ -36,7 +36,11 @@ use crate::cli::{Cli, Command};
 /// What every command has: the loaded config and the output mode.
 pub struct Ctx {
     pub config: Config,
+    /// The file `config` came from (the agent reads its rules again from it).
+    pub config_path: PathBuf,
     pub json: bool,
+    /// `--direct`: never through the agent.
+    pub direct: bool,
     /// Set when a command ran on a store whose authenticated state does not verify:
     /// it finishes its report, and the exit code still says integrity (4).
     pub degraded: std::cell::Cell<bool>,
@@ -65,6 +69,34 @@ impl Ctx {
             );
         }
         Ok(g)
+    }
+
+    /// A connection to the agent, when one is configured for the CLI and --direct
+    /// was not given. Configured but not answering is an error (exit 11), never a
+    /// silent fall-back to the store: the two paths differ in who holds the PIN and
+    /// who audits.
+    pub fn agent(&self) -> Result<Option<tokenguard::agent::Client>> {
+        if self.direct {
+            return Ok(None);
+        }
+        // A refresh may call the provider and back off: a minute at least.
+        let wait = |ms: u64| std::time::Duration::from_millis(ms.max(60_000));
+        // TOKENGUARD_SOCKET names an agent whatever the configuration says.
+        if let Some(s) = std::env::var_os("TOKENGUARD_SOCKET").filter(|s| !s.is_empty()) {
+            let ms = self.config.agent.as_ref().map_or(0, |a| a.request_timeout_ms);
+            return tokenguard::agent::Client::connect(std::path::Path::new(&s), wait(ms)).map(Some);
+        }
+        match &self.config.agent {
+            Some(a) if a.cli => tokenguard::agent::Client::connect(&a.socket, wait(a.request_timeout_ms)).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The agent, for a command that only it serves.
+    pub fn agent_required(&self, what: &str) -> Result<tokenguard::agent::Client> {
+        self.agent()?.ok_or_else(|| {
+            Error::Config(format!("{what} talks to the agent: configure [agent] (and do not pass --direct)"))
+        })
     }
 
     /// Guard options of the config, with this process as the audit actor.
@@ -97,7 +129,7 @@ fn default_config() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn load_config(path: Option<&PathBuf>) -> Result<Config> {
+fn load_config(path: Option<&PathBuf>) -> Result<(Config, PathBuf)> {
     let path = path.cloned().or_else(default_config).ok_or_else(|| {
         Error::Config(
             "no configuration: pass --config FILE, set TOKENGUARD_CONFIG, or create \
@@ -114,7 +146,7 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     unsafe {
         tokenguard::pin::take_from_env(&config.pin_env_vars())
     };
-    Ok(config)
+    Ok((config, path))
 }
 
 /// Sets the environment the PKCS#11 module needs (e.g. SOFTHSM2_CONF) before the
@@ -242,9 +274,13 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         _ => {}
     }
-    let ctx = Ctx { config: load_config(cli.config.as_ref())?, json: cli.json, degraded: Default::default() };
+    let (config, config_path) = load_config(cli.config.as_ref())?;
+    let ctx = Ctx { config, config_path, json: cli.json, direct: cli.direct, degraded: Default::default() };
     let code = match cli.command {
         Command::InitToken(_) | Command::Completions { .. } | Command::Man => Ok(tokenguard::error::exit::OK),
+        Command::Serve => admin::serve(&ctx),
+        Command::Lockdown => admin::lockdown(&ctx, true),
+        Command::Unlock => admin::lockdown(&ctx, false),
         Command::Init => roots::init(&ctx),
         Command::Root(c) => roots::root(&ctx, c),
         Command::RotateRoot { new_key_label } => roots::rotate_root(&ctx, new_key_label),

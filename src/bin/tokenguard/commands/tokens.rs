@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 
 use serde_json::json;
+use tokenguard::agent::protocol::{Request, WireSecret};
 use tokenguard::error::exit;
 use tokenguard::guard::revoke::TokenStatus;
 use tokenguard::guard::validate_ident;
@@ -22,10 +23,38 @@ pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32> {
     let (secret, parsed) = input::parse_secret(raw, a.raw, strip, t)?;
     let expires_at = input::expiry(a.expires_in.as_deref(), a.expires_at.as_deref(), parsed.expires_at, t)?;
     let opts = input::put_options(labels, expires_at, parsed);
-    let (meta, replaced) = ctx.open()?.put_checked(&provider, &name, secret, opts, !a.no_overwrite)?;
+    let stored = match ctx.agent()? {
+        Some(mut agent) => {
+            let mut r = Request::token("put", &provider, &name);
+            match secret {
+                tokenguard::Secret::Raw(v) => {
+                    let w = WireSecret(v);
+                    r.encoding = w.encoding();
+                    r.value = Some(w);
+                }
+                tokenguard::Secret::TokenSet(set) => {
+                    r.token_set = Some(
+                        set.iter()
+                            .map(|(k, v)| (k.to_string(), WireSecret(tokenguard::SecretBytes::from_slice(v.expose()))))
+                            .collect(),
+                    );
+                }
+            }
+            r.expires_at = opts.expires_at;
+            r.labels = opts.labels;
+            r.scopes = opts.scopes;
+            r.token_type = opts.token_type;
+            r.overwrite = !a.no_overwrite;
+            agent.call::<serde_json::Value>(r)?
+        }
+        None => {
+            let (meta, replaced) = ctx.open()?.put_checked(&provider, &name, secret, opts, !a.no_overwrite)?;
+            json!({"stored": {"provider": provider, "name": name, "replaced": replaced, "meta": meta}})
+        }
+    };
     if ctx.json {
-        print_json(&json!({"stored": {"provider": provider, "name": name, "replaced": replaced, "meta": meta}}))?;
-    } else if replaced {
+        print_json(&stored)?;
+    } else if stored["stored"]["replaced"] == json!(true) {
         note!("replaced the existing token {provider}/{name} (--no-overwrite refuses)");
     }
     Ok(exit::OK)
@@ -33,9 +62,19 @@ pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32> {
 
 pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32> {
     let (provider, name) = input::token_ref(&a.token.provider, a.token.name.as_deref())?;
-    let g = ctx.open()?;
-    let opts = GetOptions { allow_expired: a.allow_expired };
-    let (value, meta) = read_audited(&g, "get", &provider, &name, a.field.as_deref(), opts)?;
+    let (value, meta) = match ctx.agent()? {
+        Some(mut agent) => {
+            let got = agent.get(&provider, &name, a.field.as_deref(), a.allow_expired)?;
+            let meta = got.meta.clone().unwrap_or_default();
+            (got.secret()?, meta)
+        }
+        None => {
+            let g = ctx.open()?;
+            let opts = GetOptions { allow_expired: a.allow_expired };
+            let (value, meta) = read_audited(&g, "get", &provider, &name, a.field.as_deref(), opts)?;
+            (value, serde_json::to_value(&meta).unwrap_or_default())
+        }
+    };
     if let Some(path) = &a.output {
         write_private_file(path, value.expose())?;
         if ctx.json {
@@ -57,7 +96,7 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32> {
             name: &'a str,
             field: Option<&'a str>,
             value: &'a str,
-            meta: &'a tokenguard::Metadata,
+            meta: &'a serde_json::Value,
         }
         let mut v = zeroize::Zeroizing::new(Vec::with_capacity(text.len() * 6 + 4096));
         let o = Out { provider: &provider, name: &name, field: a.field.as_deref(), value: text, meta: &meta };
@@ -89,34 +128,48 @@ fn write_private_file(path: &std::path::Path, data: &[u8]) -> Result<()> {
 }
 
 pub fn list(ctx: &Ctx, provider: Option<&str>) -> Result<i32> {
-    let report = ctx.open_for_inspection(true)?.list_report(provider)?;
-    if !report.damaged.is_empty() {
+    let (items, damaged) = match ctx.agent()? {
+        Some(mut agent) => {
+            let mut r = Request::new("list");
+            r.provider = provider.map(str::to_string);
+            let v: serde_json::Value = agent.call(r)?;
+            let damaged =
+                v["damaged"].as_array().map(|d| d.iter().filter_map(|x| x.as_str().map(str::to_string)).collect());
+            (v["tokens"].clone(), damaged.unwrap_or_default())
+        }
+        None => {
+            let report = ctx.open_for_inspection(true)?.list_report(provider)?;
+            (serde_json::to_value(&report.tokens).unwrap_or_default(), report.damaged)
+        }
+    };
+    if !damaged.is_empty() {
         // Listed without them; the exit code says something is wrong (finding 9).
-        note!(
-            "warning: records that do not parse were left out: {} (see `tokenguard doctor`)",
-            report.damaged.join(", ")
-        );
+        note!("warning: records that do not parse were left out: {} (see `tokenguard doctor`)", damaged.join(", "));
         ctx.degraded.set(true);
     }
-    let items = report.tokens;
     if ctx.json {
-        print_json(&serde_json::to_value(&items).unwrap_or_default())?;
+        print_json(&items)?;
         return Ok(exit::OK);
     }
+    let items = items.as_array().cloned().unwrap_or_default();
     let mut out = std::io::stdout().lock();
     if items.is_empty() {
         writeln!(out, "no tokens").map_err(stdout_error)?;
     }
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
     for t in items {
-        let labels: Vec<String> = t.meta.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels: Vec<String> = t["labels"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect())
+            .unwrap_or_default();
         writeln!(
             out,
             "{}/{}\t{}\texpires {}\tdek v{}\t{}",
-            t.provider,
-            t.name,
-            t.status.as_str(),
-            fmt_time(t.meta.expires_at),
-            t.dek_version,
+            text(&t["provider"]),
+            text(&t["name"]),
+            text(&t["status"]),
+            fmt_time(t["expires_at_unix"].as_u64()),
+            t["dek_version"].as_u64().unwrap_or_default(),
             labels.join(",")
         )
         .map_err(stdout_error)?;
@@ -126,6 +179,22 @@ pub fn list(ctx: &Ctx, provider: Option<&str>) -> Result<i32> {
 
 pub fn delete(ctx: &Ctx, token: &TokenRef, dry_run: bool) -> Result<i32> {
     let (provider, name) = input::token_ref(&token.provider, token.name.as_deref())?;
+    if let Some(mut agent) = ctx.agent()? {
+        if dry_run {
+            let st: serde_json::Value = agent.call(Request::token("status", &provider, &name))?;
+            if st["status"] == "revoked" {
+                return Err(Error::NotFound { provider, name });
+            }
+            let text = format!("would delete {provider}/{name}");
+            ctx.out(json!({"would_delete": {"provider": provider, "name": name}}), text)?;
+            return Ok(exit::OK);
+        }
+        let v: serde_json::Value = agent.call(Request::token("delete", &provider, &name))?;
+        if ctx.json {
+            print_json(&v)?;
+        }
+        return Ok(exit::OK);
+    }
     let g = ctx.open()?;
     if dry_run {
         // The token must exist as a record: a revoked one has only a tombstone.
@@ -147,21 +216,36 @@ pub fn delete(ctx: &Ctx, token: &TokenRef, dry_run: bool) -> Result<i32> {
 
 pub fn status(ctx: &Ctx, token: &TokenRef) -> Result<i32> {
     let (provider, name) = input::token_ref(&token.provider, token.name.as_deref())?;
-    let st = ctx.open_for_inspection(true)?.status(&provider, &name)?;
-    let text = match &st {
-        TokenStatus::Active { meta } => format!("active (expires {})", fmt_time(meta.expires_at)),
-        TokenStatus::Expired { meta } => format!("expired at {}", fmt_time(meta.expires_at)),
-        TokenStatus::NeedsReauth { .. } => "needs re-authorisation (the provider refused its refresh token)".into(),
-        TokenStatus::Revoked { tombstone: t } => {
-            format!("revoked at {} by {}: {}", fmt_time(Some(t.revoked_at)), printable(&t.actor), printable(&t.reason))
+    let v = match ctx.agent()? {
+        Some(mut agent) => agent.call(Request::token("status", &provider, &name))?,
+        None => {
+            let st = ctx.open_for_inspection(true)?.status(&provider, &name)?;
+            let mut v = serde_json::to_value(&st).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("provider".into(), provider.into());
+                o.insert("name".into(), name.into());
+            }
+            v
         }
-        TokenStatus::Shredded { .. } => "shredded: its provider's data keys were destroyed".into(),
     };
-    let mut v = serde_json::to_value(&st).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.insert("provider".into(), provider.into());
-        o.insert("name".into(), name.into());
-    }
+    let meta = &v["meta"];
+    let text = match v["status"].as_str().unwrap_or_default() {
+        "active" => format!("active (expires {})", fmt_time(meta["expires_at_unix"].as_u64())),
+        "expired" => format!("expired at {}", fmt_time(meta["expires_at_unix"].as_u64())),
+        "needs_reauth" => "needs re-authorisation (the provider refused its refresh token)".into(),
+        "revoked" => {
+            let t = &v["tombstone"];
+            let s = |k: &str| t[k].as_str().unwrap_or_default().to_string();
+            format!(
+                "revoked at {} by {}: {}",
+                fmt_time(t["revoked_at_unix"].as_u64()),
+                printable(&s("actor")),
+                printable(&s("reason"))
+            )
+        }
+        "shredded" => "shredded: its provider's data keys were destroyed".into(),
+        other => format!("unknown status {:?}", printable(other)),
+    };
     ctx.out(v, text)?;
     Ok(exit::OK)
 }

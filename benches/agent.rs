@@ -1,0 +1,261 @@
+//! The agent against its floors, in one run (`cargo bench --bench agent`):
+//!
+//! - a `get` from the Rust client, against a raw Unix-socket echo server answering
+//!   frames of the same sizes (the floor of any agent: two syscalls each way);
+//! - reads with the durable group-commit audit against unaudited reads, from 1 and 32
+//!   concurrent clients;
+//! - the CLI's `get` through the agent against the direct CLI `get`.
+//!
+//! Besides criterion's figures, it prints p50/p99 latencies measured over plain loops.
+#![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestEnv;
+use criterion::{Criterion, criterion_group};
+use tokenguard::agent::Client;
+
+const RULE: &str = "[[agent.allow]]\nuid = 0\ntokens = [\"*/*\"]\nops = [\"get\", \"list\", \"put\", \"admin\"]\n";
+
+/// A store with 100 tokens and an agent on it (`read_audit` as given).
+struct Served {
+    env: TestEnv,
+    socket: PathBuf,
+    child: Child,
+}
+
+impl Served {
+    fn start(name: &str, read_audit: &str) -> Served {
+        let env = TestEnv::new(name);
+        let g = env.init();
+        for i in 0..100 {
+            g.put(
+                "github",
+                &format!("t{i:03}"),
+                tokenguard::Secret::raw(format!("ghp_{i:040}").into_bytes()),
+                Default::default(),
+            )
+            .unwrap();
+        }
+        drop(g);
+        let socket = env.dir.join("agent.sock");
+        let mut text = std::fs::read_to_string(&env.config_path).unwrap();
+        text.push_str(&format!(
+            "\n[agent]\nsocket = \"{}\"\nread_audit = \"{read_audit}\"\nmax_connections = 512\nmax_connections_per_uid = 512\n{RULE}",
+            socket.display()
+        ));
+        std::fs::write(&env.config_path, text).unwrap();
+        let child =
+            env.cli().arg("serve").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        while Client::connect(&socket, Duration::from_secs(1)).and_then(|mut c| c.ping()).is_err() {
+            assert!(Instant::now() < until, "the agent did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Served { env, socket, child }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket, Duration::from_secs(30)).unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An echo server in a process of its own (this binary, started again), as the
+/// agent is: reads a frame, answers a frame of `answer` bytes.
+fn echo_server(path: &Path, answer: usize) -> Reaped {
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("TG_BENCH_ECHO", format!("{}:{answer}", path.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(path).is_err() {
+        assert!(Instant::now() < until, "the echo server did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Reaped(child)
+}
+
+/// A child process killed when dropped (a panicking bench leaves none behind).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_echo_server(spec: &str) {
+    let (path, answer) = spec.rsplit_once(':').unwrap();
+    let answer: usize = answer.parse().unwrap();
+    let listener = UnixListener::bind(path).unwrap();
+    for s in listener.incoming() {
+        let mut s = s.unwrap();
+        std::thread::spawn(move || {
+            let mut reply = (answer as u32).to_be_bytes().to_vec();
+            reply.resize(4 + answer, b'x');
+            let mut len = [0u8; 4];
+            let mut body = Vec::new();
+            while s.read_exact(&mut len).is_ok() {
+                body.resize(u32::from_be_bytes(len) as usize, 0);
+                if s.read_exact(&mut body).is_err() || s.write_all(&reply).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// The exact frames a client `get` sends and receives, for the echo floor.
+fn get_sizes(c: &mut Client) -> (usize, usize) {
+    let req = tokenguard::agent::protocol::Request::token("get", "github", "t042");
+    let mut req = req;
+    req.id = Some(1);
+    let req_len = serde_json::to_vec(&req).unwrap().len();
+    let v: serde_json::Value = c.call(tokenguard::agent::protocol::Request::token("get", "github", "t042")).unwrap();
+    let resp_len = serde_json::to_vec(&serde_json::json!({"v": 1, "id": 2, "ok": true, "result": v})).unwrap().len();
+    (req_len, resp_len)
+}
+
+fn echo_call(s: &mut UnixStream, req: &[u8]) -> usize {
+    s.write_all(req).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    body.len()
+}
+
+/// p50 and p99 of `n` calls of `f`, in µs.
+fn percentiles(n: usize, mut f: impl FnMut(usize)) -> (f64, f64) {
+    let mut t: Vec<Duration> = (0..n)
+        .map(|i| {
+            let s = Instant::now();
+            f(i);
+            s.elapsed()
+        })
+        .collect();
+    t.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    (us(t[n / 2]), us(t[n * 99 / 100]))
+}
+
+/// Gets per second from `clients` concurrent connections, `per` gets each.
+fn throughput(s: &Served, clients: usize, per: usize) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|sc| {
+        for k in 0..clients {
+            sc.spawn(move || {
+                let mut c = s.client();
+                for i in 0..per {
+                    c.get("github", &format!("t{:03}", (i * 7 + k) % 100), None, false).unwrap();
+                }
+            });
+        }
+    });
+    (clients * per) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn agent(c: &mut Criterion) {
+    let off = Served::start("bench-agent-off", "off");
+    let durable = Served::start("bench-agent-durable", "durable");
+    let mut oc = off.client();
+    let (req_len, resp_len) = get_sizes(&mut oc);
+    let echo_path = off.env.dir.join("echo.sock");
+    let echo_child = echo_server(&echo_path, resp_len);
+    let mut echo = UnixStream::connect(&echo_path).unwrap();
+    let mut req = (req_len as u32).to_be_bytes().to_vec();
+    req.resize(4 + req_len, b'{');
+    let mut dc = durable.client();
+
+    let mut g = c.benchmark_group("agent");
+    g.bench_function("get (read audit off)", |b| b.iter(|| oc.get("github", "t042", None, false).unwrap()));
+    g.bench_function("floor/unix echo, same sizes", |b| b.iter(|| echo_call(&mut echo, &req)));
+    g.bench_function("get (durable read audit, 1 client)", |b| {
+        b.iter(|| dc.get("github", "t042", None, false).unwrap())
+    });
+    g.finish();
+
+    let (o50, o99) = percentiles(20_000, |_| drop(oc.get("github", "t042", None, false).unwrap()));
+    let (e50, e99) = percentiles(20_000, |_| {
+        echo_call(&mut echo, &req);
+    });
+    let (d50, d99) = percentiles(2_000, |_| drop(dc.get("github", "t042", None, false).unwrap()));
+    eprintln!(
+        "agent/latency: get (audit off) p50 {o50:.1} µs p99 {o99:.1} µs; echo p50 {e50:.1} µs p99 {e99:.1} µs \
+         (ratio p50 {:.2}x); get (durable, 1 client) p50 {d50:.1} µs p99 {d99:.1} µs; frames {req_len} B / {resp_len} B",
+        o50 / e50
+    );
+    drop(echo_child);
+    let asynchronous = Served::start("bench-agent-async", "async");
+    let (t_off, t_dur) = (throughput(&off, 32, 500), throughput(&durable, 32, 500));
+    let t_async = throughput(&asynchronous, 32, 500);
+    let (t_off1, t_dur1) = (throughput(&off, 1, 5_000), throughput(&durable, 1, 500));
+    eprintln!(
+        "agent/throughput: 32 clients: audit off {t_off:.0}/s, durable {t_dur:.0}/s ({:.0} %), async {t_async:.0}/s \
+         ({:.0} %); 1 client: off {t_off1:.0}/s, durable {t_dur1:.0}/s",
+        100.0 * t_dur / t_off,
+        100.0 * t_async / t_off
+    );
+    drop(asynchronous);
+
+    // The CLI: through the agent, and directly on a store of its own (an agent holds
+    // its store exclusively).
+    let direct = TestEnv::new("bench-agent-direct");
+    let gd = direct.init();
+    gd.put("github", "t042", tokenguard::Secret::raw(b"ghp_direct".to_vec()), Default::default()).unwrap();
+    drop(gd);
+    let cli = |env: &TestEnv, direct_flag: bool| {
+        let mut cmd = env.cli();
+        if direct_flag {
+            cmd.arg("--direct");
+        }
+        let o = cmd.args(["get", "github/t042"]).stdin(Stdio::null()).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let mut g = c.benchmark_group("cli");
+    g.sample_size(20);
+    g.bench_function("get through the agent (durable)", |b| b.iter(|| cli(&durable.env, false)));
+    g.bench_function("get direct", |b| b.iter(|| cli(&direct, true)));
+    g.finish();
+    let (a50, a99) = percentiles(100, |_| cli(&durable.env, false));
+    let (x50, x99) = percentiles(100, |_| cli(&direct, true));
+    eprintln!(
+        "cli/latency: get through the agent p50 {:.2} ms p99 {:.2} ms; direct p50 {:.2} ms p99 {:.2} ms",
+        a50 / 1e3,
+        a99 / 1e3,
+        x50 / 1e3,
+        x99 / 1e3
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    targets = agent
+}
+
+fn main() {
+    // Started again as the echo floor's server process.
+    if let Ok(spec) = std::env::var("TG_BENCH_ECHO") {
+        run_echo_server(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,206 @@
+//! Group commit of the agent's audit events.
+//!
+//! Connection threads hand their events to one writer thread. It takes everything
+//! waiting, appends it in one durable transaction, and wakes the threads whose events
+//! were in it; events that arrive meanwhile go into the next commit. A `durable` read
+//! answers only once its batch committed (and fails if the commit failed), so the
+//! cost of a commit is shared by every read waiting for it rather than paid per read.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::audit::AuditRecord;
+use crate::error::{Error, Result};
+
+/// Where the writer commits: the agent's guard of the moment (`None` in lockdown).
+pub(crate) type Sink = Arc<dyn Fn(&[AuditRecord]) -> Option<Result<()>> + Send + Sync>;
+
+struct Queue {
+    pending: Vec<AuditRecord>,
+    /// The batch `pending` will be committed as.
+    next: u64,
+    /// Every batch up to this one is done.
+    done: u64,
+    /// Failed batches (the last 1024), with why.
+    failed: BTreeMap<u64, String>,
+    /// Outcomes of batches before this one are forgotten (a wait for one fails).
+    first_known: u64,
+    stop: bool,
+}
+
+/// The queue and its writer thread.
+pub(crate) struct Batcher {
+    queue: Mutex<Queue>,
+    work: Condvar,
+    finished: Condvar,
+    linger: Duration,
+    /// Longest wait for a commit: a stalled writer fails reads, never hangs them.
+    patience: Duration,
+}
+
+impl Batcher {
+    /// A batcher whose writer thread commits through `sink`, waiting up to `linger`
+    /// after the first event of a batch for more; a waiter gives up after `patience`.
+    pub(crate) fn start(sink: Sink, linger: Duration, patience: Duration) -> Result<Arc<Batcher>> {
+        let b = Arc::new(Batcher {
+            queue: Mutex::new(Queue {
+                pending: Vec::new(),
+                next: 1,
+                done: 0,
+                failed: BTreeMap::new(),
+                first_known: 0,
+                stop: false,
+            }),
+            work: Condvar::new(),
+            finished: Condvar::new(),
+            linger,
+            patience,
+        });
+        let w = b.clone();
+        std::thread::Builder::new().name("agent-audit".into()).spawn(move || w.run(&*sink)).map_err(|e| Error::Io {
+            operation: "starting the audit writer",
+            path: "-".into(),
+            source: e,
+        })?;
+        Ok(b)
+    }
+
+    /// Queues `e`; the batch it will be committed in.
+    pub(crate) fn push(&self, e: AuditRecord) -> u64 {
+        let mut q = self.queue.lock();
+        q.pending.push(e);
+        self.work.notify_one();
+        q.next
+    }
+
+    /// Waits until `batch` is committed; its error if it failed, or if the writer
+    /// stopped before it.
+    pub(crate) fn wait(&self, batch: u64) -> Result<()> {
+        let not_committed = |why: &str| Error::Io {
+            operation: "committing the audit event of this request",
+            path: "the audit trail".into(),
+            source: std::io::Error::other(why.to_string()),
+        };
+        let until = std::time::Instant::now() + self.patience;
+        let mut q = self.queue.lock();
+        while q.done < batch && !q.stop {
+            if self.finished.wait_until(&mut q, until).timed_out() && q.done < batch {
+                return Err(not_committed("the audit writer did not finish in time"));
+            }
+        }
+        if q.done < batch {
+            return Err(not_committed("the agent is stopping"));
+        }
+        if batch < q.first_known {
+            return Err(not_committed("its outcome is no longer known"));
+        }
+        match q.failed.get(&batch) {
+            Some(why) => Err(not_committed(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues `e` and waits for its commit.
+    pub(crate) fn record(&self, e: AuditRecord) -> Result<()> {
+        let b = self.push(e);
+        self.wait(b)
+    }
+
+    /// Commits what is queued (waiting up to ten seconds), then stops the writer;
+    /// later waits fail.
+    pub(crate) fn stop(&self) {
+        let mut q = self.queue.lock();
+        q.stop = true;
+        self.work.notify_all();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while (!q.pending.is_empty() || q.done + 1 < q.next) && std::time::Instant::now() < until {
+            self.finished.wait_for(&mut q, Duration::from_millis(100));
+        }
+    }
+
+    fn run(&self, sink: &(dyn Fn(&[AuditRecord]) -> Option<Result<()>> + Send + Sync)) {
+        loop {
+            let mut q = self.queue.lock();
+            while q.pending.is_empty() && !q.stop {
+                self.work.wait(&mut q);
+            }
+            if q.pending.is_empty() && q.stop {
+                self.finished.notify_all();
+                return;
+            }
+            if !q.stop && !self.linger.is_zero() {
+                // Let the events of a burst gather; a commit costs the same for one.
+                self.work.wait_for(&mut q, self.linger);
+            }
+            let batch = q.next;
+            q.next += 1;
+            let events = std::mem::take(&mut q.pending);
+            drop(q);
+            let outcome = match sink(&events) {
+                Some(r) => r,
+                None => Err(Error::Locked),
+            };
+            if let Err(e) = &outcome {
+                tracing::error!(error = %e, events = events.len(), "audit events were not committed");
+            }
+            let mut q = self.queue.lock();
+            q.done = batch;
+            if let Err(e) = outcome {
+                q.failed.insert(batch, e.to_string());
+                while q.failed.len() > 1024 {
+                    if let Some((b, _)) = q.failed.pop_first() {
+                        q.first_known = b + 1;
+                    }
+                }
+            }
+            self.finished.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn one_commit_serves_every_waiting_event_and_failures_reach_their_waiters() {
+        let commits = Arc::new(AtomicUsize::new(0));
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, f) = (commits.clone(), fail.clone());
+        let sink: Sink = Arc::new(move |events: &[AuditRecord]| {
+            assert!(!events.is_empty());
+            c.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            Some(if f.load(Ordering::SeqCst) { Err(Error::Config("disk on fire".into())) } else { Ok(()) })
+        });
+        let b = Batcher::start(sink, Duration::from_millis(5), Duration::from_secs(10)).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..32 {
+                s.spawn(|| b.record(AuditRecord { op: "get".into(), ..Default::default() }).unwrap());
+            }
+        });
+        let n = commits.load(Ordering::SeqCst);
+        assert!((1..=8).contains(&n), "32 events took {n} commits");
+        fail.store(true, Ordering::SeqCst);
+        let e = b.record(AuditRecord::default()).unwrap_err().to_string();
+        assert!(e.contains("disk on fire"), "{e}");
+        // A writer that stalls fails its waiters after their patience, never hangs them.
+        let stall: Sink = Arc::new(|_: &[AuditRecord]| {
+            std::thread::sleep(Duration::from_millis(500));
+            Some(Ok(()))
+        });
+        let slow = Batcher::start(stall, Duration::ZERO, Duration::from_millis(100)).unwrap();
+        let t = std::time::Instant::now();
+        assert!(slow.record(AuditRecord::default()).is_err());
+        assert!(t.elapsed() < Duration::from_millis(400));
+        fail.store(false, Ordering::SeqCst);
+        b.record(AuditRecord::default()).unwrap();
+        b.stop();
+        assert!(b.record(AuditRecord::default()).is_err());
+    }
+}

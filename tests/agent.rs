@@ -1,0 +1,492 @@
+//! The agent as its clients and its attackers meet it: a real `tokenguard serve`
+//! process on a real SoftHSM2 token, clients running as other uids (`setpriv`), bad
+//! frames, floods, kills, lockdown, and the CLI through it.
+#![allow(clippy::unwrap_used, clippy::unwrap_in_result, clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, code, run_cmd, stderr};
+
+/// The uid and gid the "other user" clients run as (nobody/nogroup on Debian), and a
+/// uid no rule names.
+const CLIENT: u32 = 65534;
+const STRANGER: u32 = 4242;
+
+/// A store with an agent serving it.
+struct Agent {
+    env: TestEnv,
+    /// A config for clients: world-readable, naming only the socket.
+    client_config: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// A store (with `tokens` put directly), then `[agent]` with `settings` and
+    /// `rules` appended to its config, and the agent started.
+    fn start(name: &str, settings: &str, rules: &str, tokens: &[(&str, &str)]) -> Agent {
+        let env = TestEnv::new(name);
+        assert_eq!(code(&env.run(&["init"], b"")), 0);
+        for (t, v) in tokens {
+            let o = env.run(&["put", t], v.as_bytes());
+            assert_eq!(code(&o), 0, "{}", stderr(&o));
+        }
+        // The socket lives where other uids can reach it: its own directory, 0755,
+        // the socket itself in group nogroup.
+        let sock_dir = env.dir.join("run");
+        std::fs::create_dir(&sock_dir).unwrap();
+        std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&env.dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        let socket = sock_dir.join("agent.sock");
+        let agent =
+            format!("\n[agent]\nsocket = \"{}\"\nsocket_group = \"nogroup\"\n{settings}\n{rules}\n", socket.display());
+        let mut text = std::fs::read_to_string(&env.config_path).unwrap();
+        text.push_str(&agent);
+        std::fs::write(&env.config_path, &text).unwrap();
+        let client_config = sock_dir.join("client.toml");
+        std::fs::write(&client_config, format!("[store]\npath = \"/nonexistent\"\n{agent}")).unwrap();
+        std::fs::set_permissions(&client_config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let log = env.dir.join("agent.log");
+        let mut a = Agent { env, client_config, socket, log, child: None };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = self
+            .env
+            .cli()
+            .arg("serve")
+            .env("RUST_LOG", "trace")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if self.ping().is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the agent exited with {status} at start:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("the agent did not answer within 20 s:\n{}", self.log_text());
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn ping(&self) -> std::io::Result<serde_json::Value> {
+        let mut s = UnixStream::connect(&self.socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        request(&mut s, &serde_json::json!({"v": 1, "op": "ping"}))
+    }
+
+    /// The CLI as `uid` (gid nogroup, no other groups), through the agent.
+    fn cli_as(&self, uid: u32, args: &[&str], stdin: &[u8]) -> std::process::Output {
+        let uid = uid.to_string();
+        let gid = CLIENT.to_string();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", &uid, "--regid", &gid, "--clear-groups", env!("CARGO_BIN_EXE_tokenguard")])
+            .args(args)
+            .env("TOKENGUARD_CONFIG", &self.client_config)
+            .env_remove("RUST_LOG");
+        run_cmd(&mut c, stdin)
+    }
+
+    /// The CLI as root with the full config (through the agent unless `--direct`).
+    fn cli(&self, args: &[&str], stdin: &[u8]) -> std::process::Output {
+        self.env.run(args, stdin)
+    }
+
+    /// SIGTERM, and wait for the exit.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        signal(&child, libc::SIGTERM);
+        wait_for(&mut child, Duration::from_secs(20))
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        signal(&child, libc::SIGKILL);
+        wait_for(&mut child, Duration::from_secs(20));
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill sends a signal to our own child; it touches no memory.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(child.id() as i32, sig)
+    };
+}
+
+fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < until, "the agent did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One request, one response, on a raw connection.
+fn request(s: &mut UnixStream, v: &serde_json::Value) -> std::io::Result<serde_json::Value> {
+    let body = serde_json::to_vec(v).unwrap();
+    send_frame(s, &body)?;
+    read_response(s)
+}
+
+fn send_frame(s: &mut UnixStream, body: &[u8]) -> std::io::Result<()> {
+    s.write_all(&(body.len() as u32).to_be_bytes())?;
+    s.write_all(body)
+}
+
+fn read_response(s: &mut UnixStream) -> std::io::Result<serde_json::Value> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body).unwrap())
+}
+
+fn audit_events(a: &Agent) -> Vec<serde_json::Value> {
+    let o = a.cli(&["--direct", "audit", "list", "--json"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn has_event(events: &[serde_json::Value], op: &str, outcome: &str, actor_part: &str) -> bool {
+    events
+        .iter()
+        .any(|e| e["op"] == op && e["outcome"] == outcome && e["actor"].as_str().unwrap_or("").contains(actor_part))
+}
+
+const ADMIN_RULE: &str = "[[agent.allow]]\nuid = 0\ntokens = [\"*/*\"]\nops = [\"get\", \"get_fresh\", \"list\", \"status\", \"put\", \"delete\", \"revoke\", \"refresh\", \"admin\"]\n";
+
+#[test]
+fn each_caller_gets_what_its_rule_allows_and_every_outcome_is_audited() {
+    let rules = format!(
+        "{ADMIN_RULE}[[agent.allow]]\nuser = \"nobody\"\ntokens = [\"stripe/*\"]\nops = [\"get\", \"list\"]\nrate = \"2/s\"\n"
+    );
+    let mut a = Agent::start(
+        "agent-policy",
+        "",
+        &rules,
+        &[("stripe/live", "sk_live_abc123"), ("github/ci-bot", "ghp_secret456")],
+    );
+    // Allowed provider: served, through the agent, with no PIN and no store access.
+    let o = a.cli_as(CLIENT, &["get", "stripe/live"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(o.stdout, b"sk_live_abc123");
+    // Disallowed provider, disallowed op: refused (9).
+    let o = a.cli_as(CLIENT, &["get", "github/ci-bot"], b"");
+    assert_eq!(code(&o), 9, "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("ghp_"), "a refused read printed something");
+    let o = a.cli_as(CLIENT, &["put", "stripe/new"], b"x");
+    assert_eq!(code(&o), 9, "{}", stderr(&o));
+    // `list` shows only what the caller may see.
+    std::thread::sleep(Duration::from_millis(1100));
+    let o = a.cli_as(CLIENT, &["list"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("stripe/live") && !out.contains("github"), "{out}");
+    // Outside the policy: refused.
+    let o = a.cli_as(STRANGER, &["get", "stripe/live"], b"");
+    assert_eq!(code(&o), 9, "{}", stderr(&o));
+    // Over its rate (2/s, burst 4): limited (10), with a retry hint.
+    let mut limited = false;
+    for _ in 0..20 {
+        let o = a.cli_as(CLIENT, &["get", "stripe/live"], b"");
+        match code(&o) {
+            0 => {}
+            10 => {
+                limited = true;
+                assert!(stderr(&o).contains("retry"), "{}", stderr(&o));
+                break;
+            }
+            c => panic!("exit {c}: {}", stderr(&o)),
+        }
+    }
+    assert!(limited, "20 gets in a row were never rate limited at 2/s");
+    assert!(a.stop().success(), "{}", a.log_text());
+    let events = audit_events(&a);
+    let me = format!("uid={CLIENT}");
+    let stranger = format!("uid={STRANGER}");
+    assert!(has_event(&events, "agent-get", "ok", &me), "{events:#?}");
+    assert!(has_event(&events, "agent-get", "refused", &me), "{events:#?}");
+    assert!(has_event(&events, "agent-put", "refused", &me), "{events:#?}");
+    assert!(has_event(&events, "agent-get", "refused", &stranger), "{events:#?}");
+    assert!(has_event(&events, "agent-get", "rate-limited", &me), "{events:#?}");
+    // The executable is named where /proc shows it.
+    assert!(events.iter().any(|e| e["actor"].as_str().unwrap_or("").contains("exe=")), "{events:#?}");
+    let o = a.cli(&["--direct", "audit", "verify"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn bad_clients_never_stop_the_agent_from_serving_others() {
+    let settings = "max_connections = 64\nrequest_timeout_ms = 500\n";
+    let a = Agent::start("agent-bad", settings, ADMIN_RULE, &[("p/t", "secret-value-789")]);
+    // Not JSON: an error frame, and the connection goes on.
+    let mut s = UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    send_frame(&mut s, b"{not json").unwrap();
+    let r = read_response(&mut s).unwrap();
+    assert_eq!(r["ok"], false);
+    assert_eq!(r["error"]["kind"], "invalid");
+    let r = request(&mut s, &serde_json::json!({"v": 1, "op": "get", "provider": "p", "name": "t"})).unwrap();
+    assert_eq!(r["result"]["value"], "secret-value-789");
+    // Unknown version and unknown op: clear errors.
+    let r = request(&mut s, &serde_json::json!({"v": 99, "op": "get"})).unwrap();
+    assert!(r["error"]["message"].as_str().unwrap().contains("version"), "{r}");
+    let r = request(&mut s, &serde_json::json!({"v": 1, "op": "steal"})).unwrap();
+    assert_eq!(r["error"]["kind"], "invalid");
+    // Oversized: an error frame, then the connection is closed.
+    let mut s = UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&(64u32 << 20).to_be_bytes()).unwrap();
+    let r = read_response(&mut s).unwrap();
+    assert!(r["error"]["message"].as_str().unwrap().contains("limit"), "{r}");
+    assert_eq!(s.read(&mut [0u8; 1]).unwrap_or(0), 0);
+    // Half a frame, then a stall: dropped after request_timeout_ms; others are served
+    // meanwhile.
+    let mut stall = UnixStream::connect(&a.socket).unwrap();
+    stall.write_all(&[0, 0, 0, 50, b'{']).unwrap();
+    assert_eq!(a.ping().unwrap()["ok"], true);
+    stall.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    assert_eq!(stall.read(&mut [0u8; 1]).unwrap_or(0), 0);
+    assert!(t.elapsed() < Duration::from_secs(4), "a stalled half frame was held {:?}", t.elapsed());
+    // A frame that trickles in, one byte every 200 ms: each read succeeds, but the
+    // whole request must arrive within request_timeout_ms.
+    let mut slow = UnixStream::connect(&a.socket).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    slow.write_all(&[0, 0, 0, 100]).unwrap();
+    let t = Instant::now();
+    let mut closed = false;
+    while t.elapsed() < Duration::from_secs(4) {
+        if slow.write_all(b" ").is_err() || matches!(slow.read(&mut [0u8; 1]), Ok(0)) {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(closed, "a trickling request held its connection for {:?}", t.elapsed());
+    // A client that goes away in the middle of a request.
+    for _ in 0..20 {
+        let mut s = UnixStream::connect(&a.socket).unwrap();
+        let _ = s.write_all(&[0, 0, 0, 40, b'{', b'"']);
+    }
+    // 1000 connections at once: 64 are served, the rest get an error frame, and
+    // the agent goes on.
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        match UnixStream::connect(&a.socket) {
+            Ok(c) => conns.push(c),
+            Err(e) => assert!(matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ECONNREFUSED)), "{e}"),
+        }
+    }
+    let mut refused = 0;
+    for c in &mut conns {
+        c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut len = [0u8; 4];
+        if c.read_exact(&mut len).is_ok() {
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            c.read_exact(&mut body).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error"]["kind"], "unavailable", "{v}");
+            refused += 1;
+        }
+    }
+    assert!(refused >= 900, "only {refused} of 1000 connections were turned away");
+    drop(conns);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match a.ping() {
+            Ok(v) if v["ok"] == true => break,
+            other => assert!(Instant::now() < until, "the agent does not serve after the flood: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = a.log_text();
+    assert!(!log.contains("panicked") && !log.contains("internal error"), "{log}");
+    assert!(!log.contains("secret-value-789"), "a secret reached the agent's log at trace level");
+}
+
+#[test]
+fn a_killed_agent_loses_no_acknowledged_write_and_its_clients_say_unavailable() {
+    let mut a = Agent::start("agent-kill", "", ADMIN_RULE, &[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let (socket, stop) = (a.socket.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut c = tokenguard::agent::Client::connect(&socket, Duration::from_secs(5)).unwrap();
+                for i in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                    let mut r = tokenguard::agent::protocol::Request::token("put", "load", &format!("w{w}-{i}"));
+                    r.value = Some(tokenguard::agent::protocol::WireSecret(tokenguard::SecretBytes::from_slice(
+                        format!("v{w}-{i}").as_bytes(),
+                    )));
+                    match c.call::<serde_json::Value>(r) {
+                        Ok(_) => acked.push(i),
+                        Err(e) => {
+                            assert_eq!(e.exit_code(), 11, "{e}");
+                            break;
+                        }
+                    }
+                    let _ = c.get("load", &format!("w{w}-{i}"), None, false);
+                }
+                (w, acked)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let acked: Vec<_> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(acked.iter().map(|(_, v)| v.len()).sum::<usize>() > 0, "nothing was written before the kill");
+    // The CLI says "agent unavailable" (11).
+    let o = a.cli(&["get", "load/w0-0"], b"");
+    assert_eq!(code(&o), 11, "{}", stderr(&o));
+    // A restart serves every acknowledged write, and the audit chain verifies.
+    a.spawn();
+    for (w, is) in &acked {
+        for i in is {
+            let o = a.cli(&["get", &format!("load/w{w}-{i}")], b"");
+            assert_eq!(code(&o), 0, "acknowledged write w{w}-{i} lost: {}", stderr(&o));
+            assert_eq!(o.stdout, format!("v{w}-{i}").as_bytes());
+        }
+    }
+    assert!(a.stop().success());
+    let o = a.cli(&["--direct", "audit", "verify"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn lockdown_closes_the_store_and_unlock_opens_it_again() {
+    let mut a = Agent::start("agent-lockdown", "", ADMIN_RULE, &[("p/t", "v-lock")]);
+    assert_eq!(a.cli(&["get", "p/t"], b"").stdout, b"v-lock");
+    let o = a.cli(&["lockdown"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Nothing opens: a get is refused as locked (5), the agent says so.
+    let o = a.cli(&["get", "p/t"], b"");
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(stderr(&o).contains("lockdown"), "{}", stderr(&o));
+    assert_eq!(a.ping().unwrap()["result"]["locked"], true);
+    // The agent dropped the store and its hardware session: another process can
+    // open the store file, which the agent held exclusively.
+    let o = a.cli(&["--direct", "list"], b"");
+    assert_eq!(code(&o), 0, "the store is still held in lockdown: {}", stderr(&o));
+    let o = a.cli(&["unlock"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(a.cli(&["get", "p/t"], b"").stdout, b"v-lock");
+    assert!(a.stop().success());
+    let events = audit_events(&a);
+    assert!(has_event(&events, "agent-lockdown", "ok", "uid=0"), "{events:#?}");
+    assert!(has_event(&events, "agent-unlock", "ok", "uid=0"), "{events:#?}");
+}
+
+/// The CLI gives the same answers, output and exit codes through the agent as
+/// directly (times aside).
+#[test]
+fn the_cli_answers_the_same_through_the_agent() {
+    let cases: &[(&[&str], &[u8])] = &[
+        (&["put", "github/ci-bot", "--label", "owner=alice"], b"ghp_value"),
+        (&["put", "github/ci-bot", "--no-overwrite"], b"other"),
+        (&["get", "github/ci-bot"], b""),
+        (&["get", "github/ci-bot", "--json"], b""),
+        (&["get", "github/nope"], b""),
+        (&["get", "github/ci-bot", "--field", "refresh_token"], b""),
+        (&["list"], b""),
+        (&["list", "--json"], b""),
+        (&["status", "github/ci-bot"], b""),
+        (&["status", "github/ci-bot", "--json"], b""),
+        (&["revoke", "github/ci-bot", "--reason", "leaked"], b""),
+        (&["get", "github/ci-bot"], b""),
+        (&["status", "github/ci-bot"], b""),
+        (&["put", "slack/bot"], b"xoxb-1"),
+        (&["delete", "slack/bot", "--dry-run"], b""),
+        (&["delete", "slack/bot"], b""),
+        (&["delete", "slack/bot"], b""),
+        (&["list", "--json"], b""),
+    ];
+    let direct = TestEnv::new("agent-cli-direct");
+    assert_eq!(code(&direct.run(&["init"], b"")), 0);
+    let a = Agent::start("agent-cli", "", ADMIN_RULE, &[]);
+    let times = regex_lite_times();
+    for (args, stdin) in cases {
+        let d = direct.run(args, stdin);
+        let g = a.cli(args, stdin);
+        assert_eq!(
+            code(&g),
+            code(&d),
+            "{args:?}: exit {} through the agent, {} directly\n{}",
+            code(&g),
+            code(&d),
+            stderr(&g)
+        );
+        let norm = |b: &[u8]| times(&String::from_utf8_lossy(b));
+        assert_eq!(norm(&g.stdout), norm(&d.stdout), "{args:?}: stdout differs");
+        assert_eq!(norm(&g.stderr), norm(&d.stderr), "{args:?}: stderr differs");
+    }
+}
+
+/// Replaces RFC 3339 times, unix seconds and audit actors (which name the process)
+/// with placeholders.
+fn regex_lite_times() -> impl Fn(&str) -> String {
+    |s: &str| {
+        let mut out = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c.is_ascii_digit() {
+                let mut run = c.to_string();
+                while let Some(d) = chars.peek().copied().filter(|d| d.is_ascii_digit() || "-:TZ".contains(*d)) {
+                    run.push(d);
+                    chars.next();
+                }
+                out.push_str(if run.len() >= 9 { "<T>" } else { &run });
+            } else {
+                out.push(c);
+            }
+        }
+        // "revoked at … by ACTOR: reason": the actor names the process.
+        match out.find(" by ") {
+            Some(i) => match out[i..].find(": ") {
+                Some(j) => format!("{} by <actor>{}", &out[..i], &out[i + j..]),
+                None => out,
+            },
+            None => out,
+        }
+    }
+}
