@@ -490,3 +490,27 @@ fn regex_lite_times() -> impl Fn(&str) -> String {
         }
     }
 }
+
+/// The agent never makes its socket where another user could replace it: a
+/// directory writable by others, or owned by another user, is a configuration error.
+#[test]
+fn the_socket_directory_must_be_the_agents_own() {
+    let env = TestEnv::new("agent-sockdir");
+    assert_eq!(code(&env.run(&["init"], b"")), 0);
+    let base = std::fs::read_to_string(&env.config_path).unwrap();
+    let open = env.dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let theirs = env.dir.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(CLIENT), Some(CLIENT)).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for dir in [&open, &theirs] {
+        let agent = format!("\n[agent]\nsocket = \"{}\"\n{ADMIN_RULE}", dir.join("agent.sock").display());
+        std::fs::write(&env.config_path, format!("{base}{agent}")).unwrap();
+        let o = env.run(&["serve"], b"");
+        assert_eq!(code(&o), 8, "{}: {}", dir.display(), stderr(&o));
+        assert!(stderr(&o).contains("socket directory"), "{}", stderr(&o));
+        assert!(!dir.join("agent.sock").exists());
+    }
+}

@@ -351,6 +351,76 @@ fn sixteen_threads_cause_one_refresh() {
     assert!(results.iter().all(|r| r == "at-1"), "{results:?}");
 }
 
+/// The agent refreshes a due token on its own (its scheduler), once, and serves the
+/// new one; eight clients asking `get_fresh` of a token that is due cause one refresh.
+#[test]
+fn the_agent_refreshes_due_tokens_by_itself_and_once_for_many_clients() {
+    let valid = Arc::new(Mutex::new("rt-0".to_string()));
+    let ok = rotating(valid.clone());
+    let ep = Endpoint::start(Box::new(move |req, n| Reply { delay: Duration::from_millis(200), ..ok(req, n) }));
+    let env = env_for("rf-agent", &ep.url, "");
+    let g = env.init();
+    seed(&g, 20);
+    drop(g);
+    let socket = env.dir.join("agent.sock");
+    let mut text = std::fs::read_to_string(&env.config_path).unwrap();
+    text.push_str(&format!(
+        "\n[agent]\nsocket = \"{}\"\nrefresh_interval_secs = 1\n[[agent.allow]]\nuid = 0\ntokens = [\"*/*\"]\nops = [\"get\", \"get_fresh\", \"put\"]\n",
+        socket.display()
+    ));
+    std::fs::write(&env.config_path, text).unwrap();
+    let mut agent =
+        env.cli().arg("serve").stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let connect = || tokenguard::agent::Client::connect(&socket, Duration::from_secs(10));
+    let until = Instant::now() + Duration::from_secs(20);
+    while connect().and_then(|mut c| c.ping()).is_err() {
+        assert!(Instant::now() < until, "the agent did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The scheduler's pass refreshes the due token without anyone asking.
+    let until = Instant::now() + Duration::from_secs(10);
+    while ep.count() == 0 {
+        assert!(Instant::now() < until, "the agent's scheduler never refreshed the due token");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let got = connect().unwrap().get("acme", "svc", None, false).unwrap().secret().unwrap();
+    assert_eq!(got.expose(), b"at-1");
+    assert_eq!(ep.count(), 1);
+    // A second token, due, holding the provider's current refresh token: eight
+    // clients at once, one refresh between them.
+    let current = valid.lock().unwrap().clone();
+    let set = TokenSet::new().with("access_token", "bt-0".to_string()).with("refresh_token", current);
+    let mut c = connect().unwrap();
+    let mut r = tokenguard::agent::protocol::Request::token("put", "acme", "other");
+    r.token_set = Some(
+        set.iter()
+            .map(|(k, v)| (k.to_string(), tokenguard::agent::protocol::WireSecret(SecretBytes::from_slice(v.expose()))))
+            .collect(),
+    );
+    r.expires_at = Some(now() + 20);
+    c.call::<serde_json::Value>(r).unwrap();
+    let before = ep.count();
+    // The rotating endpoint accepts only its latest refresh token: it is rt-1 now.
+    let values: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut r = tokenguard::agent::protocol::Request::token("get_fresh", "acme", "other");
+                    r.field = Some("refresh_token".into());
+                    let got: tokenguard::agent::client::Got = connect().unwrap().call(r).unwrap();
+                    String::from_utf8(got.secret().unwrap().expose().to_vec()).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(ep.count() - before <= 1, "{} refreshes for eight clients", ep.count() - before);
+    assert!(values.windows(2).all(|w| w[0] == w[1]), "the clients saw different tokens: {values:?}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
 /// Child process: opens the guard and prints the access token `get_fresh` returns.
 /// With TG_RF_ABORT set, it dies right after the provider answered (before commit).
 #[test]

@@ -18,9 +18,10 @@ use crate::secret::SecretBytes;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
-/// Largest request body, bytes (a `put` of a large token set fits many times over;
-/// every connection may hold one in memory).
-pub const MAX_REQUEST: usize = 64 << 10;
+/// Largest request body, bytes: a `put` of the largest secret the store takes (64
+/// KiB) fits even in base64 or with every byte escaped; every connection may hold
+/// one in memory.
+pub const MAX_REQUEST: usize = 512 << 10;
 /// Largest response body, bytes.
 pub const MAX_RESPONSE: usize = 16 << 20;
 
@@ -79,6 +80,11 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> std::io::Result<()> {
     frame.extend_from_slice(body);
     w.write_all(&frame)?;
     w.flush()
+}
+
+/// `s` with control characters escaped (no terminal escape sequences, no forged lines).
+pub fn escape_controls(s: &str) -> String {
+    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
 }
 
 /// Why JSON did not parse, in words that never echo the input.
@@ -318,8 +324,11 @@ impl WireError {
         }
     }
 
-    /// The library error a client raises for it.
-    pub fn into_error(self) -> crate::Error {
+    /// The library error a client raises for it. Its text is shown with control
+    /// characters escaped: it comes from whatever answered on the socket.
+    pub fn into_error(mut self) -> crate::Error {
+        self.message = escape_controls(&self.message);
+        self.hint = self.hint.as_deref().map(escape_controls);
         match self.kind.as_str() {
             "refused" => crate::Error::Remote {
                 kind: self.kind,

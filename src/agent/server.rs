@@ -51,7 +51,8 @@ struct Agent {
     /// Requests being served.
     in_flight: AtomicUsize,
     /// Refusals each uid may still have audited (a token bucket: 10 a second, 20 at
-    /// once); beyond it they are counted and logged once a second, not audited.
+    /// once); beyond it they are counted, and the count goes into the uid's next
+    /// recorded refusal.
     refusal_budget: parking_lot::Mutex<std::collections::HashMap<u32, (f64, Instant, u64)>>,
     stopping: AtomicBool,
     started: Instant,
@@ -75,8 +76,7 @@ pub fn serve(mut config: Config, config_path: &Path, opts: GuardOptions) -> Resu
     let guard = Arc::new(RwLock::new(Some(guard)));
     let for_audit = guard.clone();
     let sink: Sink = Arc::new(move |events: &[AuditRecord]| for_audit.read().clone().map(|g| g.audit_batch(events)));
-    let patience =
-        Duration::from_millis(settings.request_timeout_ms.max(1)).saturating_mul(2) + Duration::from_secs(10);
+    let patience = request_timeout(&settings).saturating_mul(2).saturating_add(Duration::from_secs(10));
     let batcher = Batcher::start(sink, Duration::from_millis(settings.audit_linger_ms), patience)?;
     let agent = Arc::new(Agent {
         guard,
@@ -167,10 +167,13 @@ fn bind(s: &AgentConfig) -> Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // Whoever may write the directory may put their own socket (or a symlink)
         // where the agent and its clients look.
-        let mode = std::fs::metadata(dir).map_err(io("reading the socket directory", dir))?.permissions().mode();
-        if mode & 0o002 != 0 {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir).map_err(io("reading the socket directory", dir))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
             return Err(Error::Config(format!(
-                "the socket directory {} is writable by every user; use a directory of the agent's own (0750)",
+                "the socket directory {} is writable by others or owned by another user; use a directory of the \
+                 agent's own (0750, as `tokenguard serve` makes it when it is missing)",
                 dir.display()
             )));
         }
@@ -270,6 +273,8 @@ fn start_refresh_scheduler(agent: &Arc<Agent>) -> Option<std::thread::JoinHandle
             let mut next = Instant::now();
             while !a.stopping.load(Ordering::SeqCst) {
                 if Instant::now() >= next {
+                    // A pass counts as a request in flight: a lockdown waits for it.
+                    let _pass = InFlight::enter(&a.in_flight);
                     if let Some(g) = a.guard.read().clone() {
                         match g.refresh_due(None) {
                             Ok(outcomes) => {
@@ -361,6 +366,11 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// `request_timeout_ms`, between 1 ms and an hour.
+fn request_timeout(s: &AgentConfig) -> Duration {
+    Duration::from_millis(s.request_timeout_ms.clamp(1, 3_600_000))
+}
+
 /// The wire form of an error, with its retry hint.
 fn wire(e: &Error) -> WireError {
     WireError::of(e)
@@ -374,7 +384,7 @@ fn reply<T: serde::Serialize>(id: Option<u64>, r: Result<T>, size_hint: usize) -
 
 impl Agent {
     fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.settings.request_timeout_ms.max(1))
+        request_timeout(&self.settings)
     }
 
     fn reload(&self) {
@@ -656,7 +666,7 @@ impl Agent {
                     g.get_field(&p, &n, req.field.as_deref(), GetOptions { allow_expired: req.allow_expired })
                         .map(|(v, m)| (v, Some(m)))
                 } else {
-                    g.get_fresh(&p, &n).and_then(|s| {
+                    g.on_behalf_of(&caller.actor(), |g| g.get_fresh(&p, &n)).and_then(|s| {
                         let v = s.field(req.field.as_deref()).map(|v| SecretBytes::from_slice(v.expose())).ok_or_else(
                             || Error::NoSuchField {
                                 provider: p.clone(),
@@ -824,13 +834,13 @@ impl Agent {
             }
             "lockdown" => {
                 self.allow(caller, Op::Admin, None)?;
-                self.lockdown(caller)?;
-                Ok(reply(id, Ok(json!({"locked": true})), 0))
+                let audited = self.lockdown(caller)?;
+                Ok(reply(id, Ok(json!({"locked": true, "audited": audited})), 0))
             }
             "unlock" => {
                 self.allow(caller, Op::Admin, None)?;
-                self.unlock(caller)?;
-                Ok(reply(id, Ok(json!({"locked": false})), 0))
+                let audited = self.unlock(caller)?;
+                Ok(reply(id, Ok(json!({"locked": false, "audited": audited})), 0))
             }
             other => {
                 Err(Error::InvalidInput(format!("unknown operation {:?}", other.chars().take(40).collect::<String>())))
@@ -869,18 +879,25 @@ impl Agent {
     /// Drops the guard: every cached DEK and the integrity key are zeroized as their
     /// last holder lets go, and the hardware session is closed (logged out). Audited
     /// first, durably, with who asked.
-    fn lockdown(&self, caller: &Caller) -> Result<()> {
-        let Some(g) = self.guard.read().clone() else { return Ok(()) };
-        self.batcher.record(AuditRecord {
-            actor: caller.actor(),
-            op: "agent-lockdown".into(),
-            outcome: "ok".into(),
-            detail: "keys dropped from memory; hardware session closed".into(),
-            ..Default::default()
-        })?;
-        self.guard.write().take();
-        // Requests in flight keep their guard until they finish; wait for them (this
-        // request is one), so the keys are gone when the answer says so.
+    fn lockdown(&self, caller: &Caller) -> Result<bool> {
+        // The keys go first: an emergency switch must not wait on, or fail with, its
+        // own audit record. No request takes the guard from here on.
+        let Some(g) = self.guard.write().take() else { return Ok(true) };
+        // The lockdown is recorded directly (the audit writer needs the guard that
+        // just left), best effort: if the commit fails, the answer says so.
+        let audited = g
+            .audit_batch(&[AuditRecord {
+                actor: caller.actor(),
+                op: "agent-lockdown".into(),
+                outcome: "ok".into(),
+                detail: "keys dropped from memory; hardware session closed".into(),
+                ..Default::default()
+            }])
+            .inspect_err(|e| tracing::error!(error = %e, "the lockdown was not audited"))
+            .is_ok();
+        // Requests in flight (this one, and a scheduled refresh pass) keep their guard
+        // until they finish: wait for them, so the keys are gone when the answer
+        // says so.
         let until = Instant::now() + self.request_timeout() + Duration::from_secs(1);
         while self.in_flight.load(Ordering::SeqCst) > 1 && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(5));
@@ -888,25 +905,35 @@ impl Agent {
         g.clear_dek_cache();
         drop(g);
         tracing::warn!(uid = caller.uid, pid = caller.pid, "lockdown: keys dropped, hardware session closed");
-        Ok(())
+        Ok(audited)
     }
 
-    /// Opens the store again (a login with the configured PIN source); audited.
-    fn unlock(&self, caller: &Caller) -> Result<()> {
-        let mut slot = self.guard.write();
-        if slot.is_some() {
-            return Ok(());
+    /// Opens the store again (a login with the configured PIN source); audited. The
+    /// open runs without holding the slot, so `ping` and refusals go on meanwhile.
+    fn unlock(&self, caller: &Caller) -> Result<bool> {
+        if self.guard.read().is_some() {
+            return Ok(true);
         }
         let g = self.config.open_guard_with(self.guard_opts.clone())?;
-        *slot = Some(g);
-        drop(slot);
-        self.batcher.record(AuditRecord {
-            actor: caller.actor(),
-            op: "agent-unlock".into(),
-            outcome: "ok".into(),
-            ..Default::default()
-        })?;
+        {
+            let mut slot = self.guard.write();
+            if slot.is_some() {
+                // Another unlock won the race; this guard is dropped.
+                return Ok(true);
+            }
+            *slot = Some(g);
+        }
+        let audited = self
+            .batcher
+            .record(AuditRecord {
+                actor: caller.actor(),
+                op: "agent-unlock".into(),
+                outcome: "ok".into(),
+                ..Default::default()
+            })
+            .inspect_err(|e| tracing::error!(error = %e, "the unlock was not audited"))
+            .is_ok();
         tracing::warn!(uid = caller.uid, pid = caller.pid, "unlocked: store open again");
-        Ok(())
+        Ok(audited)
     }
 }

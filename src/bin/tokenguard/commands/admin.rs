@@ -300,6 +300,9 @@ pub fn lockdown(ctx: &Ctx, on: bool) -> Result<i32> {
     } else {
         "the agent is unlocked"
     };
+    if v["audited"] == false {
+        note!("warning: the agent could not commit the audit event of this {what} (see its log)");
+    }
     ctx.out(v, text)?;
     Ok(exit::OK)
 }

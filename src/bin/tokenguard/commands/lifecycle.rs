@@ -115,7 +115,7 @@ fn revoke_through(
         return Ok(exit::OK);
     }
     for n in v["notes"].as_array().into_iter().flatten() {
-        note!("{}", n.as_str().unwrap_or_default());
+        note!("{}", printable(n.as_str().unwrap_or_default()));
     }
     let text = format!("revoked {provider}/{name}");
     ctx.out(json!({"revoked": v["revoked"]}), text)?;

@@ -156,11 +156,15 @@ pub fn list(ctx: &Ctx, provider: Option<&str>) -> Result<i32> {
     if items.is_empty() {
         writeln!(out, "no tokens").map_err(stdout_error)?;
     }
-    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let text = |v: &serde_json::Value| printable(v.as_str().unwrap_or_default()).into_owned();
     for t in items {
         let labels: Vec<String> = t["labels"]
             .as_object()
-            .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| printable(&format!("{k}={}", v.as_str().unwrap_or_default())).into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         writeln!(
             out,
