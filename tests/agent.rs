@@ -217,6 +217,20 @@ fn each_caller_gets_what_its_rule_allows_and_every_outcome_is_audited() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("stripe/live") && !out.contains("github"), "{out}");
+    // With only TOKENGUARD_SOCKET (no configuration file at all), the same.
+    let uid = CLIENT.to_string();
+    let o = run_cmd(
+        Command::new("setpriv")
+            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups", env!("CARGO_BIN_EXE_tokenguard"), "get"])
+            .arg("stripe/live")
+            .env_remove("TOKENGUARD_CONFIG")
+            .env("HOME", "/nonexistent")
+            .env("XDG_CONFIG_HOME", "/nonexistent")
+            .env("TOKENGUARD_SOCKET", &a.socket),
+        b"",
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(o.stdout, b"sk_live_abc123");
     // Outside the policy: refused.
     let o = a.cli_as(STRANGER, &["get", "stripe/live"], b"");
     assert_eq!(code(&o), 9, "{}", stderr(&o));

@@ -26,7 +26,7 @@ mod tokens;
 
 use std::fmt::Display;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tokenguard::config::Config;
 use tokenguard::{Error, GuardOptions, Result, TokenGuard};
@@ -130,7 +130,14 @@ fn default_config() -> Option<PathBuf> {
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<(Config, PathBuf)> {
-    let path = path.cloned().or_else(default_config).ok_or_else(|| {
+    let found = path.cloned().or_else(default_config);
+    if found.is_none() && std::env::var_os("TOKENGUARD_SOCKET").is_some_and(|s| !s.is_empty()) {
+        // A client of the agent needs no configuration of its own: no store, no root,
+        // no PIN (every command that would need them fails with a clear error).
+        let config = Config::parse("[store]\npath = \"/nonexistent/tokenguard/agent-client\"\n", Path::new("/"))?;
+        return Ok((config, PathBuf::new()));
+    }
+    let path = found.ok_or_else(|| {
         Error::Config(
             "no configuration: pass --config FILE, set TOKENGUARD_CONFIG, or create \
              ~/.config/tokenguard/tokenguard.toml or /etc/tokenguard/tokenguard.toml \
