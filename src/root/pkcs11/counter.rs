@@ -1,10 +1,17 @@
 //! The store's rollback counter in a PKCS#11 token: a private token data object
 //! (`CKO_DATA`) found by `CKA_APPLICATION = "tokenguard-counter/<counter_label>"`,
 //! whose value is the decimal after `=` in its `CKA_LABEL` (`"<counter_label>=<n>"`).
-//! The label, because it is the one attribute every token lets a holder of the PIN
-//! change (SoftHSM2 refuses to change a data object's `CKA_VALUE`, which PKCS#11 does
-//! not call modifiable). Only a PIN holder can change it, and the store changes it
-//! only while it holds its counter lock, so it moves forward one step per commit.
+//! The label, because every token lets a holder of the PIN set it (SoftHSM2 refuses
+//! to change a data object's `CKA_VALUE`). Only a PIN holder can create such objects,
+//! and the store moves the counter only while it holds its counter lock, one step per
+//! commit.
+//!
+//! A step never rewrites an object: it creates the object for the new value, then
+//! destroys the older ones, and the counter is the highest value among its objects.
+//! SoftHSM2 rewrites a changed object's file in place, so a process killed in that
+//! write left no counter at all (the store then refuses to open: fail closed, but a
+//! kill must not cost the store); a kill between the two steps now leaves the old
+//! object, or both.
 //!
 //! What it is worth depends on the token: an HSM keeps the object inside; SoftHSM2
 //! keeps it in a file of its token directory, so someone who can also put back an
@@ -50,15 +57,24 @@ fn labels(session: &Session, label: &str) -> std::result::Result<Vec<Vec<u8>>, c
     Ok(out)
 }
 
+/// The counter: the highest value among its objects (more than one is the moment
+/// between a step's create and its destroy, or a kill in it).
 fn decode(label: &str, found: Vec<Vec<u8>>) -> Result<Option<u64>> {
-    let bad = |detail: String| Error::Hardware { backend: BACKEND, operation: "reading the rollback counter", detail };
-    match found.as_slice() {
-        [] => Ok(None),
-        [v] => parse(label, v)
-            .map(Some)
-            .ok_or_else(|| bad(format!("the counter object of {label:?} does not hold a counter in its label"))),
-        more => Err(bad(format!("{} counter objects for {label:?}; there must be one", more.len()))),
+    if found.is_empty() {
+        return Ok(None);
     }
+    found.iter().filter_map(|v| parse(label, v)).max().map(Some).ok_or_else(|| Error::Hardware {
+        backend: BACKEND,
+        operation: "reading the rollback counter",
+        detail: format!("the counter objects of {label:?} do not hold a counter in their labels"),
+    })
+}
+
+/// The template of the object holding `value`.
+fn object_template(label: &str, value: u64) -> Vec<Attribute> {
+    let mut t = find_template(label);
+    t.extend([Attribute::Private(true), Attribute::Modifiable(true), labelled(label, value)]);
+    t
 }
 
 impl Pkcs11Root {
@@ -103,8 +119,7 @@ impl MonotonicCounter for Pkcs11Root {
             return Ok(v);
         }
         let label = self.counter_label()?;
-        let mut template = find_template(label);
-        template.extend([Attribute::Private(true), Attribute::Modifiable(true), labelled(label, 1)]);
+        let template = object_template(label, 1);
         self.with_session_exclusive("C_CreateObject (the rollback counter)", |s| s.create_object(&template))?;
         tracing::info!(backend = BACKEND, label, "created the rollback counter");
         self.read_counter()?.ok_or_else(|| Error::Hardware {
@@ -116,21 +131,32 @@ impl MonotonicCounter for Pkcs11Root {
 
     fn increment_counter(&self, from: u64) -> Result<u64> {
         let label = self.counter_label()?;
-        let next = self.with_session_exclusive("C_SetAttributeValue (the rollback counter)", |s| {
-            let handles = s.find_objects(&find_template(label))?;
-            let [h] = handles.as_slice() else { return Ok(Err(format!("{} counter objects", handles.len()))) };
-            let mut cur = None;
-            for a in s.get_attributes(*h, &[AttributeType::Label])? {
-                if let Attribute::Label(v) = a {
-                    cur = parse(label, &v);
+        let next = self.with_session_exclusive("C_CreateObject/C_DestroyObject (the rollback counter)", |s| {
+            let mut objects = Vec::new();
+            for h in s.find_objects(&find_template(label))? {
+                for a in s.get_attributes(h, &[AttributeType::Label])? {
+                    if let Attribute::Label(v) = a {
+                        objects.push((h, parse(label, &v)));
+                    }
                 }
             }
-            let Some(cur) = cur else { return Ok(Err("no counter in the object's label".into())) };
+            let Some(cur) = objects.iter().filter_map(|(_, v)| *v).max() else {
+                return Ok(Err(if objects.is_empty() {
+                    "no counter object".to_string()
+                } else {
+                    "no counter in the objects' labels".to_string()
+                }));
+            };
             if cur != from {
                 return Ok(Ok(cur));
             }
             let Some(next) = cur.checked_add(1) else { return Ok(Err("the counter is at its end".into())) };
-            s.update_attributes(*h, &[labelled(label, next)])?;
+            // The new value first, in an object of its own; then the old ones go. A
+            // kill in between leaves both, and the highest is the counter.
+            s.create_object(&object_template(label, next))?;
+            for (h, _) in objects {
+                s.destroy_object(h)?;
+            }
             Ok(Ok(next))
         })?;
         next.map_err(|detail| Error::Hardware {
