@@ -528,3 +528,39 @@ fn the_socket_directory_must_be_the_agents_own() {
         assert!(!dir.join("agent.sock").exists());
     }
 }
+
+/// SIGHUP reads the rules again: a rule added to the file serves its caller without a
+/// restart, and a broken file keeps the rules in force.
+#[test]
+fn sighup_reloads_the_rules_and_a_broken_file_keeps_the_old_ones() {
+    let a = Agent::start("agent-reload", "", ADMIN_RULE, &[("stripe/live", "sk_reload")]);
+    let o = a.cli_as(CLIENT, &["get", "stripe/live"], b"");
+    assert_eq!(code(&o), 9, "{}", stderr(&o));
+    let hup = |a: &Agent| signal(a.child.as_ref().unwrap(), libc::SIGHUP);
+    let served_within = |a: &Agent, want: i32| {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let o = a.cli_as(CLIENT, &["get", "stripe/live"], b"");
+            if code(&o) == want {
+                return o;
+            }
+            assert!(Instant::now() < until, "still exit {} after SIGHUP: {}", code(&o), stderr(&o));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let text = std::fs::read_to_string(&a.env.config_path).unwrap();
+    let rule = "[[agent.allow]]\nuser = \"nobody\"\ntokens = [\"stripe/*\"]\nops = [\"get\"]\n";
+    std::fs::write(&a.env.config_path, format!("{text}{rule}")).unwrap();
+    hup(&a);
+    assert_eq!(served_within(&a, 0).stdout, b"sk_reload");
+    // A file that does not parse: the agent keeps the rules it has (and keeps running).
+    std::fs::write(&a.env.config_path, format!("{text}{rule}[[agent.allow\n")).unwrap();
+    hup(&a);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(served_within(&a, 0).stdout, b"sk_reload");
+    assert!(a.log_text().contains("reloading the access rules failed"), "{}", a.log_text());
+    // The rule removed again: refused.
+    std::fs::write(&a.env.config_path, &text).unwrap();
+    hup(&a);
+    served_within(&a, 9);
+}
