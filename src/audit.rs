@@ -139,6 +139,22 @@ impl Serialize for AuditEvent {
     }
 }
 
+/// The audit outcome of a read that ended with `r`: `ok`, `not-found`,
+/// `integrity-failure`, `expired-or-revoked` or `error` (the CLI's reads and the
+/// agent's record the same words).
+pub fn read_outcome<T>(r: &crate::Result<T>) -> &'static str {
+    use crate::error::exit;
+    match r {
+        Ok(_) => "ok",
+        Err(e) => match e.exit_code() {
+            exit::NOT_FOUND => "not-found",
+            exit::INTEGRITY => "integrity-failure",
+            exit::EXPIRED => "expired-or-revoked",
+            _ => "error",
+        },
+    }
+}
+
 /// An event for [`crate::TokenGuard::audit_batch`], with its own actor.
 #[derive(Debug, Clone, Default)]
 pub struct AuditRecord {

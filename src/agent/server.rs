@@ -596,26 +596,11 @@ impl Agent {
 
     /// Audits a read of `provider/name` with `outcome` as `read_audit` says; in
     /// durable mode, returns only once the event is committed.
-    fn audit_read(
-        &self,
-        caller: &Caller,
-        op: &str,
-        provider: &str,
-        name: &str,
-        res: &Result<impl Sized>,
-    ) -> Result<()> {
+    fn audit_read<T>(&self, caller: &Caller, op: &str, provider: &str, name: &str, res: &Result<T>) -> Result<()> {
         if self.settings.read_audit == ReadAudit::Off {
             return Ok(());
         }
-        let outcome = match res {
-            Ok(_) => "ok",
-            Err(e) => match e.exit_code() {
-                crate::error::exit::NOT_FOUND => "not-found",
-                crate::error::exit::INTEGRITY => "integrity-failure",
-                crate::error::exit::EXPIRED => "expired-or-revoked",
-                _ => "error",
-            },
-        };
+        let outcome = crate::audit::read_outcome(res);
         let e = AuditRecord {
             actor: caller.actor(),
             op: op.into(),

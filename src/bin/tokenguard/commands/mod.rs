@@ -195,17 +195,8 @@ pub fn read_audited(
     field: Option<&str>,
     opts: tokenguard::GetOptions,
 ) -> Result<(tokenguard::SecretBytes, tokenguard::Metadata)> {
-    use tokenguard::error::exit;
     let res = g.get_field(provider, name, field, opts);
-    let outcome = match &res {
-        Ok(_) => "ok",
-        Err(e) => match e.exit_code() {
-            exit::NOT_FOUND => "not-found",
-            exit::INTEGRITY => "integrity-failure",
-            exit::EXPIRED => "expired-or-revoked",
-            _ => "error",
-        },
-    };
+    let outcome = tokenguard::audit::read_outcome(&res);
     let audited = g.audit_event(op, provider, name, outcome);
     let out = res?;
     match audited {
@@ -223,14 +214,7 @@ pub fn read_audited(
 /// control characters are shown escaped, so a stored value cannot forge output
 /// lines or send escape sequences.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        s.chars()
-            .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
-            .collect::<String>()
-            .into()
-    } else {
-        s.into()
-    }
+    if s.chars().any(char::is_control) { tokenguard::agent::protocol::escape_controls(s).into() } else { s.into() }
 }
 
 pub fn say(args: std::fmt::Arguments<'_>) -> Result<()> {
