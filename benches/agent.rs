@@ -75,10 +75,11 @@ impl Drop for Served {
 }
 
 /// An echo server in a process of its own (this binary, started again), as the
-/// agent is: reads a frame, answers a frame of `answer` bytes.
-fn echo_server(path: &Path, answer: usize) -> Reaped {
+/// agent is: reads a frame, answers a frame of `answer` bytes. With `peek`, it reads
+/// as the agent does: peeks the request, answers, then takes it off the socket.
+fn echo_server(path: &Path, answer: usize, peek: bool) -> Reaped {
     let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .env("TG_BENCH_ECHO", format!("{}:{answer}", path.display()))
+        .env("TG_BENCH_ECHO", format!("{}:{answer}:{peek}", path.display()))
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -101,14 +102,27 @@ impl Drop for Reaped {
 }
 
 fn run_echo_server(spec: &str) {
-    let (path, answer) = spec.rsplit_once(':').unwrap();
-    let answer: usize = answer.parse().unwrap();
+    let (rest, peek) = spec.rsplit_once(':').unwrap();
+    let (path, answer) = rest.rsplit_once(':').unwrap();
+    let (answer, peek): (usize, bool) = (answer.parse().unwrap(), peek.parse().unwrap());
     let listener = UnixListener::bind(path).unwrap();
     for s in listener.incoming() {
         let mut s = s.unwrap();
         std::thread::spawn(move || {
             let mut reply = (answer as u32).to_be_bytes().to_vec();
             reply.resize(4 + answer, b'x');
+            if peek {
+                let mut frames = tokenguard::agent::protocol::FrameReader::new(1 << 20);
+                loop {
+                    if frames.peek(&s).unwrap_or(0) == 0
+                        || !matches!(frames.next(&mut s), Ok(Some(_)))
+                        || s.write_all(&reply).is_err()
+                        || frames.settle(&mut s).is_err()
+                    {
+                        return;
+                    }
+                }
+            }
             let mut len = [0u8; 4];
             let mut body = Vec::new();
             while s.read_exact(&mut len).is_ok() {
@@ -177,8 +191,11 @@ fn agent(c: &mut Criterion) {
     let mut oc = off.client();
     let (req_len, resp_len) = get_sizes(&mut oc);
     let echo_path = off.env.dir.join("echo.sock");
-    let echo_child = echo_server(&echo_path, resp_len);
+    let echo_child = echo_server(&echo_path, resp_len, false);
     let mut echo = UnixStream::connect(&echo_path).unwrap();
+    let peek_path = off.env.dir.join("echo-peek.sock");
+    let peek_child = echo_server(&peek_path, resp_len, true);
+    let mut peek_echo = UnixStream::connect(&peek_path).unwrap();
     let mut req = (req_len as u32).to_be_bytes().to_vec();
     req.resize(4 + req_len, b'{');
     let mut dc = durable.client();
@@ -186,6 +203,9 @@ fn agent(c: &mut Criterion) {
     let mut g = c.benchmark_group("agent");
     g.bench_function("get (read audit off)", |b| b.iter(|| oc.get("github", "t042", None, false).unwrap()));
     g.bench_function("floor/unix echo, same sizes", |b| b.iter(|| echo_call(&mut echo, &req)));
+    g.bench_function("floor/unix echo, same sizes, reading as the agent does", |b| {
+        b.iter(|| echo_call(&mut peek_echo, &req))
+    });
     g.bench_function("get (durable read audit, 1 client)", |b| {
         b.iter(|| dc.get("github", "t042", None, false).unwrap())
     });
@@ -201,9 +221,22 @@ fn agent(c: &mut Criterion) {
          (ratio p50 {:.2}x); get (durable, 1 client) p50 {d50:.1} µs p99 {d99:.1} µs; frames {req_len} B / {resp_len} B",
         o50 / e50
     );
-    drop(echo_child);
+    drop((echo_child, peek_child));
     let asynchronous = Served::start("bench-agent-async", "async");
+    let group = |s: &Served| -> [u64; 3] {
+        let v: serde_json::Value = s.client().call(tokenguard::agent::protocol::Request::new("stats")).unwrap();
+        let g = &v["agent"]["audit_group_commit"];
+        ["commits", "events", "commit_us"].map(|k| g[k].as_u64().unwrap())
+    };
+    let before = group(&durable);
     let (t_off, t_dur) = (throughput(&off, 32, 500), throughput(&durable, 32, 500));
+    let after = group(&durable);
+    let (commits, events, us) = (after[0] - before[0], after[1] - before[1], after[2] - before[2]);
+    eprintln!(
+        "agent/group commit, 32 clients: {commits} commits of {:.1} events on average, {:.0} µs each",
+        events as f64 / commits as f64,
+        us as f64 / commits as f64
+    );
     let t_async = throughput(&asynchronous, 32, 500);
     let (t_off1, t_dur1) = (throughput(&off, 1, 5_000), throughput(&durable, 1, 500));
     eprintln!(

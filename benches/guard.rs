@@ -323,6 +323,20 @@ fn writes(c: &mut Criterion) {
             w.commit().unwrap();
         })
     });
+    // An agent's group commit of read events: one durable commit for 1 and for 32.
+    for k in [1usize, 32] {
+        let events: Vec<tokenguard::audit::AuditRecord> = (0..k)
+            .map(|i| tokenguard::audit::AuditRecord {
+                actor: format!("agent-client uid=1000 gid=1000 pid={i} exe=\"/usr/bin/python3.11\""),
+                op: "agent-get".into(),
+                provider: "github".into(),
+                name: format!("t{i:03}"),
+                outcome: "ok".into(),
+                detail: String::new(),
+            })
+            .collect();
+        grp.bench_function(format!("audit_batch_{k}"), |b| b.iter(|| g.audit_batch(&events).unwrap()));
+    }
     grp.throughput(Throughput::Elements(1000));
     grp.bench_function("put_many_1000", |b| {
         b.iter(|| {

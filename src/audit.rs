@@ -247,32 +247,53 @@ fn read_head(bytes: Option<&[u8]>) -> Result<(u64, [u8; 32], [u8; 32]), Malforme
     }
 }
 
-/// Appends one event inside `txn`.
+/// Appends one event: [`append_all`] of one.
 pub(crate) fn append(txn: &impl StoreWrite, keys: &AuditKeys, actor: &str, ev: NewEvent<'_>) -> Result<u64> {
+    append_all(txn, keys, [(actor.to_string(), ev)])
+}
+
+/// Appends `events` in order, each under its own actor, and moves the head once past
+/// the last: the head is read and checked once, the chain links are computed in
+/// memory, and the store is asked to write the entries and the head together. Returns
+/// the last sequence number (the current one when `events` is empty).
+pub(crate) fn append_all<'e>(
+    txn: &impl StoreWrite,
+    keys: &AuditKeys,
+    events: impl IntoIterator<Item = (String, NewEvent<'e>)>,
+) -> Result<u64> {
     let head = txn.audit_head()?;
-    let (seq, last, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
+    let (mut seq, mut last, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
     if seq > 0 && head_mac(keys.for_seq(seq), seq, &last) != hm {
         return Err(Error::integrity("checking the audit head"));
     }
     let key = keys.current();
-    let e = AuditEvent {
-        seq: seq + 1,
-        time: crate::clock::now(),
-        op: ev.op.into(),
-        provider: ev.provider.into(),
-        name: ev.name.into(),
-        outcome: ev.outcome.into(),
-        actor: actor.into(),
-        detail: ev.detail,
-    };
-    let body = encode_body(&e);
-    let m = mac(key, &body, &last);
-    let mut w = Writer::with_capacity(body.len() + 72);
-    w.bytes(&body).raw(&last).raw(&m);
+    let time = crate::clock::now();
+    let mut entries = Vec::new();
+    for (actor, ev) in events {
+        let e = AuditEvent {
+            seq: seq + 1,
+            time,
+            op: ev.op.into(),
+            provider: ev.provider.into(),
+            name: ev.name.into(),
+            outcome: ev.outcome.into(),
+            actor,
+            detail: ev.detail,
+        };
+        let body = encode_body(&e);
+        let m = mac(key, &body, &last);
+        let mut w = Writer::with_capacity(body.len() + 72);
+        w.bytes(&body).raw(&last).raw(&m);
+        entries.push((e.seq, w.finish()));
+        (seq, last) = (e.seq, m);
+    }
+    if entries.is_empty() {
+        return Ok(seq);
+    }
     let mut h = Writer::with_capacity(72);
-    h.u64(e.seq).raw(&m).raw(&head_mac(key, e.seq, &m));
-    txn.append_audit(e.seq, &w.finish(), &h.finish())?;
-    Ok(e.seq)
+    h.u64(seq).raw(&last).raw(&head_mac(key, seq, &last));
+    txn.append_audit(&entries, &h.finish())?;
+    Ok(seq)
 }
 
 /// Result of [`verify`].

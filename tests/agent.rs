@@ -277,6 +277,27 @@ fn bad_clients_never_stop_the_agent_from_serving_others() {
     assert_eq!(r["error"]["kind"], "invalid");
     let r = request(&mut s, &serde_json::json!({"v": 1, "op": "get", "provider": "p", "name": "t"})).unwrap();
     assert_eq!(r["result"]["value"], "secret-value-789");
+    // Pipelined: three requests in one write, a large one between two small ones,
+    // and the last split in two writes; three answers, in order.
+    let frame = |v: serde_json::Value| {
+        let body = serde_json::to_vec(&v).unwrap();
+        let mut f = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+        f.extend_from_slice(&body);
+        f
+    };
+    let mut wire = frame(serde_json::json!({"v": 1, "id": 11, "op": "get", "provider": "p", "name": "t"}));
+    let padding = "x".repeat(40_000);
+    wire.extend(frame(serde_json::json!({"v": 1, "id": 12, "op": "ping", "padding": padding})));
+    wire.extend(frame(serde_json::json!({"v": 1, "id": 13, "op": "get", "provider": "p", "name": "t"})));
+    let (first, last) = wire.split_at(wire.len() - 5);
+    s.write_all(first).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    s.write_all(last).unwrap();
+    for id in [11, 12, 13] {
+        let r = read_response(&mut s).unwrap();
+        assert_eq!(r["id"], id, "{r}");
+        assert_eq!(r["ok"], true, "{r}");
+    }
     // Unknown version and unknown op: clear errors.
     let r = request(&mut s, &serde_json::json!({"v": 99, "op": "get"})).unwrap();
     assert!(r["error"]["message"].as_str().unwrap().contains("version"), "{r}");

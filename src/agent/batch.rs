@@ -29,6 +29,20 @@ struct Queue {
     /// Outcomes of batches before this one are forgotten (a wait for one fails).
     first_known: u64,
     stop: bool,
+    stats: Stats,
+}
+
+/// What the writer has done so far (the agent's `stats` reports it).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub(crate) struct Stats {
+    /// Commits run.
+    pub commits: u64,
+    /// Events they carried.
+    pub events: u64,
+    /// Events of the largest commit.
+    pub largest: u64,
+    /// Time spent committing, microseconds.
+    pub commit_us: u64,
 }
 
 /// The queue and its writer thread.
@@ -53,6 +67,7 @@ impl Batcher {
                 failed: BTreeMap::new(),
                 first_known: 0,
                 stop: false,
+                stats: Stats::default(),
             }),
             work: Condvar::new(),
             finished: Condvar::new(),
@@ -103,6 +118,11 @@ impl Batcher {
         }
     }
 
+    /// The writer's figures so far.
+    pub(crate) fn stats(&self) -> Stats {
+        self.queue.lock().stats
+    }
+
     /// Queues `e` and waits for its commit.
     pub(crate) fn record(&self, e: AuditRecord) -> Result<()> {
         let b = self.push(e);
@@ -139,15 +159,23 @@ impl Batcher {
             q.next += 1;
             let events = std::mem::take(&mut q.pending);
             drop(q);
+            let started = std::time::Instant::now();
             let outcome = match sink(&events) {
                 Some(r) => r,
                 None => Err(Error::Locked),
             };
+            let took = started.elapsed();
             if let Err(e) = &outcome {
                 tracing::error!(error = %e, events = events.len(), "audit events were not committed");
             }
             let mut q = self.queue.lock();
             q.done = batch;
+            let n = events.len() as u64;
+            let st = &mut q.stats;
+            st.commits += 1;
+            st.events += n;
+            st.largest = st.largest.max(n);
+            st.commit_us += u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
             if let Err(e) = outcome {
                 q.failed.insert(batch, e.to_string());
                 while q.failed.len() > 1024 {

@@ -1,15 +1,15 @@
 //! A blocking client of the agent (the CLI's, and a Rust service's): one connection,
 //! requests answered in order.
 
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use zeroize::Zeroizing;
 
-use super::protocol::{self, Encoding, FrameError, Request, Response, WireSecret};
+use super::protocol::{self, Encoding, FrameError, FrameReader, Request, Response, WireSecret};
 use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
 
@@ -17,6 +17,7 @@ use crate::secret::SecretBytes;
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
+    frames: FrameReader,
     socket: PathBuf,
     next_id: u64,
     /// A request failed half-way: the stream may be out of step.
@@ -37,7 +38,8 @@ pub struct Got {
     /// How `value` is written.
     #[serde(default)]
     pub encoding: Encoding,
-    /// The token's metadata, as `tokenguard get --json` prints it (`get` only).
+    /// The token's metadata, as `tokenguard get --json` prints it (`get` asked with
+    /// [`Client::get_with_meta`] only).
     pub meta: Option<serde_json::Value>,
 }
 
@@ -65,7 +67,13 @@ impl Client {
         })?;
         stream.set_read_timeout(Some(timeout)).map_err(|e| unavailable(e.to_string()))?;
         stream.set_write_timeout(Some(timeout)).map_err(|e| unavailable(e.to_string()))?;
-        Ok(Client { stream, socket: socket.into(), next_id: 1, broken: false })
+        Ok(Client {
+            stream,
+            frames: FrameReader::new(protocol::MAX_RESPONSE),
+            socket: socket.into(),
+            next_id: 1,
+            broken: false,
+        })
     }
 
     fn unavailable(&self, detail: impl Into<String>) -> Error {
@@ -86,12 +94,14 @@ impl Client {
         self.broken = true;
         let size = req.value.as_ref().map_or(0, |v| v.0.len())
             + req.token_set.as_ref().map_or(0, |t| t.iter().map(|(k, v)| k.len() + v.0.len() + 8).sum());
-        let mut body = Zeroizing::new(Vec::with_capacity(size.saturating_mul(6).saturating_add(1024)));
-        serde_json::to_writer(&mut *body, &req).map_err(|e| Error::InvalidInput(format!("encoding a request: {e}")))?;
+        let mut frame = protocol::frame_buffer(size.saturating_mul(6).saturating_add(256));
+        serde_json::to_writer(&mut *frame, &req)
+            .map_err(|e| Error::InvalidInput(format!("encoding a request: {e}")))?;
         drop(req);
-        protocol::write_frame(&mut self.stream, &body)
-            .map_err(|e| self.unavailable(format!("sending the request: {e}")))?;
-        let frame = match protocol::read_frame(&mut self.stream, protocol::MAX_RESPONSE) {
+        protocol::finish_frame(&mut frame).map_err(|e| Error::InvalidInput(format!("encoding a request: {e}")))?;
+        self.stream.write_all(&frame).map_err(|e| self.unavailable(format!("sending the request: {e}")))?;
+        drop(frame);
+        let frame = match self.frames.next(&mut self.stream) {
             Ok(Some(f)) => f,
             Ok(None) | Err(FrameError::Truncated) => {
                 return Err(self.unavailable("it closed the connection before answering"));
@@ -117,9 +127,32 @@ impl Client {
 
     /// `get`: one field of a token (`None`: a raw secret, or a set's access token).
     pub fn get(&mut self, provider: &str, name: &str, field: Option<&str>, allow_expired: bool) -> Result<Got> {
+        self.get_inner(provider, name, field, allow_expired, false)
+    }
+
+    /// `get`, answered with the token's metadata too ([`Got::meta`]).
+    pub fn get_with_meta(
+        &mut self,
+        provider: &str,
+        name: &str,
+        field: Option<&str>,
+        allow_expired: bool,
+    ) -> Result<Got> {
+        self.get_inner(provider, name, field, allow_expired, true)
+    }
+
+    fn get_inner(
+        &mut self,
+        provider: &str,
+        name: &str,
+        field: Option<&str>,
+        allow_expired: bool,
+        meta: bool,
+    ) -> Result<Got> {
         let mut r = Request::token("get", provider, name);
         r.field = field.map(str::to_string);
         r.allow_expired = allow_expired;
+        r.meta = meta;
         self.call(r)
     }
 

@@ -12,7 +12,7 @@
 //!   committed, the socket is removed. SIGHUP: the `[[agent.allow]]` rules are read
 //!   again from the config file (a broken file keeps the rules in force).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 
 use super::batch::{Batcher, Sink};
 use super::policy::{AgentConfig, Caller, Decision, Op, Policy, ReadAudit};
-use super::protocol::{self, FrameError, Request, Value, WireError};
+use super::protocol::{self, FrameError, FrameReader, Request, Value, WireError};
 use crate::audit::AuditRecord;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -410,7 +410,7 @@ impl Agent {
         let _ = stream.set_read_timeout(Some(Duration::from_millis(250)));
         let refuse = |stream: &mut UnixStream, msg: &str| {
             let e = Error::AgentUnavailable { socket: self.settings.socket.clone(), detail: msg.into() };
-            let _ = protocol::write_frame(stream, &reply::<()>(None, Err(e), 0));
+            let _ = stream.write_all(&reply::<()>(None, Err(e), 0));
         };
         let caller = match caller_of(&stream) {
             Ok(c) => c,
@@ -437,20 +437,24 @@ impl Agent {
 
     fn connection(&self, mut stream: UnixStream, caller: &Caller) {
         tracing::debug!(uid = caller.uid, pid = caller.pid, "client connected");
+        let mut frames = FrameReader::new(protocol::MAX_REQUEST);
         loop {
-            let Some(first) = self.await_request(&mut stream) else { return };
+            if !self.await_request(&mut stream, &mut frames) {
+                return;
+            }
             // The whole rest of the request within request_timeout_ms, however slowly
             // its bytes trickle in.
             let mut rest = Deadline { s: &mut stream, until: Instant::now() + self.request_timeout() };
-            let body = match protocol::read_frame_after(first, &mut rest, protocol::MAX_REQUEST) {
-                Ok(b) => b,
+            let body = match frames.next(&mut rest) {
+                Ok(Some(b)) => b,
+                Ok(None) => return,
                 Err(FrameError::BadLength(n)) => {
                     tracing::warn!(uid = caller.uid, pid = caller.pid, len = n, "frame over the limit; closing");
                     let e = Error::InvalidInput(format!(
                         "a request frame of {n} bytes (limit {} bytes, and not empty)",
                         protocol::MAX_REQUEST
                     ));
-                    let _ = protocol::write_frame(&mut stream, &reply::<()>(None, Err(e), 0));
+                    let _ = stream.write_all(&reply::<()>(None, Err(e), 0));
                     return;
                 }
                 Err(FrameError::Truncated | FrameError::Io(_)) => {
@@ -470,32 +474,36 @@ impl Agent {
                 ),
             };
             drop(body);
-            if protocol::write_frame(&mut stream, &out).is_err() {
+            // The answer first, then the request's bytes off the socket (see
+            // FrameReader::peek).
+            if stream.write_all(&out).is_err() || frames.settle(&mut stream).is_err() {
                 return;
             }
         }
     }
 
-    /// Waits for the first byte of the next request (the socket's reads wake every
-    /// quarter second, so a stop is seen); `None`: closed, idle too long, or
+    /// Waits until bytes of the next request are buffered (the socket's reads wake
+    /// every quarter second, so a stop is seen); false: closed, idle too long, or
     /// stopping.
-    fn await_request(&self, stream: &mut UnixStream) -> Option<u8> {
+    fn await_request(&self, stream: &mut UnixStream, frames: &mut FrameReader) -> bool {
         let until = Instant::now() + Duration::from_millis(self.settings.idle_timeout_ms.max(1));
-        let mut first = [0u8; 1];
         loop {
             if self.stopping.load(Ordering::SeqCst) {
-                return None;
+                return false;
             }
-            match stream.read(&mut first) {
-                Ok(0) => return None,
-                Ok(_) => return Some(first[0]),
+            if frames.has_buffered() {
+                return true;
+            }
+            match frames.peek(stream) {
+                Ok(0) => return false,
+                Ok(_) => return true,
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                     if Instant::now() >= until {
-                        return None;
+                        return false;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return None,
+                Err(_) => return false,
             }
         }
     }
@@ -596,7 +604,14 @@ impl Agent {
 
     /// Audits a read of `provider/name` with `outcome` as `read_audit` says; in
     /// durable mode, returns only once the event is committed.
-    fn audit_read<T>(&self, caller: &Caller, op: &str, provider: &str, name: &str, res: &Result<T>) -> Result<()> {
+    fn audit_read<T>(
+        &self,
+        caller: &Caller,
+        op: &'static str,
+        provider: &str,
+        name: &str,
+        res: &Result<T>,
+    ) -> Result<()> {
         if self.settings.read_audit == ReadAudit::Off {
             return Ok(());
         }
@@ -662,11 +677,13 @@ impl Agent {
                         Ok((v, None))
                     })
                 };
-                self.audit_read(caller, &format!("agent-{op}"), &p, &n, &res)?;
+                let audit_op = if kind == Op::Get { "agent-get" } else { "agent-get_fresh" };
+                self.audit_read(caller, audit_op, &p, &n, &res)?;
                 let (value, meta) = res?;
+                let meta = meta.filter(|_| req.meta);
                 // Room for the metadata too: the buffer never grows after the secret
                 // is in it.
-                let size = value.len() + 4096;
+                let size = value.len() + if meta.is_some() { 4096 } else { 256 };
                 #[derive(serde::Serialize)]
                 struct Out<'a> {
                     provider: &'a str,
@@ -694,13 +711,14 @@ impl Agent {
                     });
                 self.audit_read(caller, "agent-token_set", &p, &n, &res)?;
                 let (set, meta) = res?;
+                let meta = Some(meta).filter(|_| req.meta);
                 let size: usize = set.iter().map(|(k, v)| k.len() + v.len() + 32).sum::<usize>() + 4096;
                 #[derive(serde::Serialize)]
                 struct Out<'a> {
                     provider: &'a str,
                     name: &'a str,
                     fields: std::collections::BTreeMap<&'a str, Value>,
-                    meta: crate::Metadata,
+                    meta: Option<crate::Metadata>,
                 }
                 let fields = set.iter().map(|(k, v)| (k, Value::of(SecretBytes::from_slice(v.expose())))).collect();
                 Ok(reply(id, Ok(Out { provider: &p, name: &n, fields, meta }), size))
@@ -841,6 +859,7 @@ impl Agent {
             "refused": self.refused.load(Ordering::Relaxed),
             "rate_limited": self.limited.load(Ordering::Relaxed),
             "read_audit": self.settings.read_audit,
+            "audit_group_commit": self.batcher.stats(),
             "locked": self.guard.read().is_none(),
         })
     }

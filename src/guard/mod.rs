@@ -577,10 +577,7 @@ impl Inner {
                  process, or one in progress here); reopen the store",
             ));
         }
-        for (actor, ev) in events {
-            crate::audit::append(txn, &keys.audit, &actor, ev)?;
-        }
-        Ok(())
+        crate::audit::append_all(txn, &keys.audit, events).map(drop)
     }
 
     /// The audit actor of what this thread does now: the caller named by

@@ -259,8 +259,9 @@ pub(crate) trait StoreWrite: StoreRead {
     /// Sets or removes the refresh lease of (provider, name).
     fn put_lease(&self, provider: &str, name: &str, lease: Option<Lease>) -> Result<()>;
 
-    /// Appends an audit entry and moves the head, together.
-    fn append_audit(&self, seq: u64, entry: &[u8], head: &[u8]) -> Result<()>;
+    /// Appends audit entries (sequence number, stored bytes) and moves the head,
+    /// together.
+    fn append_audit(&self, entries: &[(u64, Vec<u8>)], head: &[u8]) -> Result<()>;
 
     /// Replaces the archive of earlier audit keys (a rotation of the integrity key).
     fn put_audit_archive(&self, sealed: &[u8]) -> Result<()>;

@@ -154,9 +154,13 @@ impl StoreWrite for WriteTxn {
         })
     }
 
-    fn append_audit(&self, seq: u64, entry: &[u8], head: &[u8]) -> Result<()> {
+    fn append_audit(&self, entries: &[(u64, Vec<u8>)], head: &[u8]) -> Result<()> {
         engine(|| {
-            self.txn.open_table(AUDIT)?.insert(seq, entry)?;
+            let mut t = self.txn.open_table(AUDIT)?;
+            for (seq, entry) in entries {
+                t.insert(seq, entry.as_slice())?;
+            }
+            drop(t);
             self.set_audit_head(head)
         })
     }

@@ -106,6 +106,17 @@ pub fn stats(ctx: &Ctx) -> Result<i32> {
             a["read_audit"].as_str().unwrap_or("?"),
             if a["locked"] == true { "LOCKED" } else { "unlocked" }
         )?;
+        let gc = &a["audit_group_commit"];
+        if let (Some(commits @ 1..), Some(events), Some(us)) =
+            (gc["commits"].as_u64(), gc["events"].as_u64(), gc["commit_us"].as_u64())
+        {
+            say!(
+                "agent audit writer: {commits} commits, {events} events ({:.1} per commit, largest {}), {:.0} µs per commit",
+                events as f64 / commits as f64,
+                gc["largest"],
+                us as f64 / commits as f64
+            )?;
+        }
         return Ok(exit::OK);
     }
     let s = ctx.open_for_inspection(true)?.stats()?;

@@ -64,7 +64,12 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32> {
     let (provider, name) = input::token_ref(&a.token.provider, a.token.name.as_deref())?;
     let (value, meta) = match ctx.agent()? {
         Some(mut agent) => {
-            let got = agent.get(&provider, &name, a.field.as_deref(), a.allow_expired)?;
+            // The metadata is printed only with --json.
+            let got = if ctx.json {
+                agent.get_with_meta(&provider, &name, a.field.as_deref(), a.allow_expired)?
+            } else {
+                agent.get(&provider, &name, a.field.as_deref(), a.allow_expired)?
+            };
             let meta = got.meta.clone().unwrap_or_default();
             (got.secret()?, meta)
         }
