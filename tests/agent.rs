@@ -33,6 +33,13 @@ impl Agent {
     /// A store (with `tokens` put directly), then `[agent]` with `settings` and
     /// `rules` appended to its config, and the agent started.
     fn start(name: &str, settings: &str, rules: &str, tokens: &[(&str, &str)]) -> Agent {
+        let mut a = Agent::prepare(name, settings, rules, tokens);
+        a.spawn();
+        a
+    }
+
+    /// As `start`, without starting the agent.
+    fn prepare(name: &str, settings: &str, rules: &str, tokens: &[(&str, &str)]) -> Agent {
         let env = TestEnv::new(name);
         assert_eq!(code(&env.run(&["init"], b"")), 0);
         for (t, v) in tokens {
@@ -55,9 +62,7 @@ impl Agent {
         std::fs::write(&client_config, format!("[store]\npath = \"/nonexistent\"\n{agent}")).unwrap();
         std::fs::set_permissions(&client_config, std::fs::Permissions::from_mode(0o644)).unwrap();
         let log = env.dir.join("agent.log");
-        let mut a = Agent { env, client_config, socket, log, child: None };
-        a.spawn();
-        a
+        Agent { env, client_config, socket, log, child: None }
     }
 
     fn spawn(&mut self) {
@@ -584,4 +589,64 @@ fn sighup_reloads_the_rules_and_a_broken_file_keeps_the_old_ones() {
     std::fs::write(&a.env.config_path, &text).unwrap();
     hup(&a);
     served_within(&a, 9);
+}
+
+/// systemd socket activation, as `deploy/systemd/tokenguard.socket` sets it up:
+/// `systemd-socket-activate` (systemd's own tool for it) binds the socket, waits for a
+/// first connection and only then starts the agent with the socket as descriptor 3.
+#[test]
+fn a_socket_passed_by_systemd_serves_its_first_client_and_stays_systemds() {
+    let mut a = Agent::prepare("agent-activated", "", ADMIN_RULE, &[("p/t", "activated-value-321")]);
+    let config = a.env.config_path.clone();
+    let activate = |socket: &std::path::Path, log: &std::path::Path| {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        // It passes only the variables named with -E (the SoftHSM2 configuration is
+        // this test binary's).
+        Command::new("systemd-socket-activate")
+            .args(["-E", "TOKENGUARD_CONFIG", "-E", "RUST_LOG", "-E", "SOFTHSM2_CONF", "-l"])
+            .arg(socket)
+            .arg(env!("CARGO_BIN_EXE_tokenguard"))
+            .arg("serve")
+            .env("TOKENGUARD_CONFIG", &config)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("systemd-socket-activate (package systemd) is needed for this test")
+    };
+    let wait_socket = |p: &std::path::Path| {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !p.exists() {
+            assert!(Instant::now() < until, "systemd-socket-activate did not bind {}", p.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    a.child = Some(activate(&a.socket, &a.log));
+    wait_socket(&a.socket);
+    // The first client connects while no agent runs yet: its request waits in the
+    // socket's backlog and is answered once the agent has opened the store.
+    let mut s = UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let r = request(&mut s, &serde_json::json!({"v": 1, "op": "get", "provider": "p", "name": "t"})).unwrap();
+    assert_eq!(r["result"]["value"], "activated-value-321", "{r}\n{}", a.log_text());
+    assert!(a.log_text().contains("socket_activated=true"), "{}", a.log_text());
+    // The CLI finds it as any agent.
+    let o = a.cli(&["get", "p/t"], b"");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "activated-value-321", "{}", stderr(&o));
+    // Stopped, it leaves the socket to systemd (which would start it again on the
+    // next connection).
+    assert!(a.stop().success(), "{}", a.log_text());
+    assert!(a.socket.exists(), "the agent removed a socket systemd owns");
+    // A socket at another path than [agent] socket: clients would never find the
+    // agent, so it refuses to start (exit 8) and says both paths.
+    let other = a.socket.with_file_name("other.sock");
+    let log = a.env.dir.join("mismatch.log");
+    let mut child = activate(&other, &log);
+    wait_socket(&other);
+    let _ = UnixStream::connect(&other).unwrap();
+    let status = wait_for(&mut child, Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(8), "{text}");
+    assert!(text.contains("systemd listens at") && text.contains("other.sock"), "{text}");
 }

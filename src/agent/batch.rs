@@ -35,8 +35,10 @@ struct Queue {
 /// What the writer has done so far (the agent's `stats` reports it).
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub(crate) struct Stats {
-    /// Commits run.
+    /// Commits run (failed ones included).
     pub commits: u64,
+    /// Commits that failed (or found the agent in lockdown).
+    pub failed: u64,
     /// Events they carried.
     pub events: u64,
     /// Events of the largest commit.
@@ -173,9 +175,10 @@ impl Batcher {
             let n = events.len() as u64;
             let st = &mut q.stats;
             st.commits += 1;
+            st.failed += u64::from(outcome.is_err());
             st.events += n;
             st.largest = st.largest.max(n);
-            st.commit_us += u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            st.commit_us = st.commit_us.saturating_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
             if let Err(e) = outcome {
                 q.failed.insert(batch, e.to_string());
                 while q.failed.len() > 1024 {

@@ -92,13 +92,8 @@ impl Client {
         // Until an answer to this request is read, a failure leaves the stream out of
         // step (a late answer would be taken for the next request's).
         self.broken = true;
-        let size = req.value.as_ref().map_or(0, |v| v.0.len())
-            + req.token_set.as_ref().map_or(0, |t| t.iter().map(|(k, v)| k.len() + v.0.len() + 8).sum());
-        let mut frame = protocol::frame_buffer(size.saturating_mul(6).saturating_add(256));
-        serde_json::to_writer(&mut *frame, &req)
-            .map_err(|e| Error::InvalidInput(format!("encoding a request: {e}")))?;
+        let frame = protocol::frame_of(&req).map_err(|e| Error::InvalidInput(format!("encoding a request: {e}")))?;
         drop(req);
-        protocol::finish_frame(&mut frame).map_err(|e| Error::InvalidInput(format!("encoding a request: {e}")))?;
         self.stream.write_all(&frame).map_err(|e| self.unavailable(format!("sending the request: {e}")))?;
         drop(frame);
         let frame = match self.frames.next(&mut self.stream) {

@@ -502,18 +502,37 @@ pub struct Response<T> {
     pub error: Option<WireError>,
 }
 
-/// Serialises a response into a whole frame (length prefix included), in a zeroizing
-/// buffer sized so it does not reallocate for a result of up to `hint` bytes (JSON
-/// escaping at most sextuples a byte).
-pub fn encode<T: Serialize>(id: Option<u64>, result: Result<T, WireError>, hint: usize) -> Zeroizing<Vec<u8>> {
+/// Serialises `v` as one frame (length prefix included) into a zeroizing buffer of
+/// exactly its size: a first pass counts the bytes, so the buffer never grows (and
+/// leaves no unwiped copy of a secret behind) whatever the value holds.
+pub fn frame_of<T: Serialize>(v: &T) -> serde_json::Result<Zeroizing<Vec<u8>>> {
+    struct Count(usize);
+    impl Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    serde_json::to_writer(&mut n, v)?;
+    let mut buf = frame_buffer(n.0);
+    serde_json::to_writer(&mut *buf, v)?;
+    debug_assert_eq!(buf.len(), n.0 + 4);
+    finish_frame(&mut buf).map_err(serde_json::Error::io)?;
+    Ok(buf)
+}
+
+/// A response as one frame ([`frame_of`]); one that cannot be encoded becomes an
+/// error response.
+pub fn encode<T: Serialize>(id: Option<u64>, result: Result<T, WireError>) -> Zeroizing<Vec<u8>> {
     let (ok, result, error) = match result {
         Ok(r) => (true, Some(r), None),
         Err(e) => (false, None, Some(e)),
     };
-    let mut buf = frame_buffer(hint.saturating_mul(6).saturating_add(256));
-    let r = Response { v: VERSION, id, ok, result, error };
-    if serde_json::to_writer(&mut *buf, &r).is_err() {
-        buf.truncate(4);
+    frame_of(&Response { v: VERSION, id, ok, result, error }).unwrap_or_else(|_| {
         let e = WireError {
             kind: "other".into(),
             message: "the agent could not encode its response".into(),
@@ -521,14 +540,9 @@ pub fn encode<T: Serialize>(id: Option<u64>, result: Result<T, WireError>, hint:
             exit_code: crate::error::exit::OTHER,
             retry_after_ms: None,
         };
-        let _ = serde_json::to_writer(
-            &mut *buf,
-            &Response::<()> { v: VERSION, id, ok: false, result: None, error: Some(e) },
-        );
-    }
-    // A response is far below 4 GiB (MAX_RESPONSE is checked by the reader).
-    let _ = finish_frame(&mut buf);
-    buf
+        frame_of(&Response::<()> { v: VERSION, id, ok: false, result: None, error: Some(e) })
+            .unwrap_or_else(|_| Zeroizing::new(Vec::new()))
+    })
 }
 
 /// A secret value in a result: `{"value": …, "encoding": …}`.
@@ -640,6 +654,19 @@ mod tests {
         fr.settle(&mut b).unwrap();
         assert_eq!(queued(&b), 0);
         assert!(!fr.has_buffered());
+    }
+
+    #[test]
+    fn a_frame_is_allocated_at_its_exact_size_so_it_never_grows_past_a_secret() {
+        let mut req = Request::token("put", "p", "n");
+        req.value = Some(WireSecret(SecretBytes::from_slice(b"s\x01cret")));
+        // Written after the secret, and escaped six-fold: no estimate to outgrow.
+        req.labels = (0..50).map(|i| (format!("k{i}"), "\u{1}".repeat(100))).collect();
+        let f = frame_of(&req).unwrap();
+        assert_eq!(f.len(), f.capacity());
+        assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
+        let back: Request = serde_json::from_slice(&f[4..]).unwrap();
+        assert_eq!(back.labels.len(), 50);
     }
 
     #[test]

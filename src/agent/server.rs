@@ -59,6 +59,8 @@ struct Agent {
     served: AtomicU64,
     refused: AtomicU64,
     limited: AtomicU64,
+    /// The listening socket came from systemd, which owns its file.
+    activated: bool,
 }
 
 /// Runs the agent in the foreground until SIGTERM or SIGINT. `config` is the loaded
@@ -71,8 +73,14 @@ pub fn serve(mut config: Config, config_path: &Path, opts: GuardOptions) -> Resu
     })?;
     let policy = Policy::compile(&settings.allow)?;
     config.store.mode = crate::store::StoreMode::Exclusive;
+    // A socket systemd passed is taken before anything else opens a descriptor.
+    let inherited = inherited_listener(&settings)?;
     let guard = config.open_guard_with(opts.clone())?;
-    let listener = bind(&settings)?;
+    let activated = inherited.is_some();
+    let listener = match inherited {
+        Some(l) => l,
+        None => bind(&settings)?,
+    };
     let guard = Arc::new(RwLock::new(Some(guard)));
     let for_audit = guard.clone();
     let sink: Sink = Arc::new(move |events: &[AuditRecord]| for_audit.read().clone().map(|g| g.audit_batch(events)));
@@ -94,6 +102,7 @@ pub fn serve(mut config: Config, config_path: &Path, opts: GuardOptions) -> Resu
         served: AtomicU64::new(0),
         refused: AtomicU64::new(0),
         limited: AtomicU64::new(0),
+        activated,
         settings,
     });
     let out = run(&agent, &listener);
@@ -107,6 +116,7 @@ fn run(agent: &Arc<Agent>, listener: &UnixListener) -> Result<()> {
         socket = %agent.settings.socket.display(),
         rules = agent.settings.allow.len(),
         read_audit = ?agent.settings.read_audit,
+        socket_activated = agent.activated,
         "agent listening"
     );
     listener.set_nonblocking(true).map_err(io("setting the socket non-blocking", &agent.settings.socket))?;
@@ -137,7 +147,9 @@ fn run(agent: &Arc<Agent>, listener: &UnixListener) -> Result<()> {
     }
     tracing::info!("stopping: no new connections; finishing the requests in flight");
     agent.stopping.store(true, Ordering::SeqCst);
-    let _ = std::fs::remove_file(&agent.settings.socket);
+    if !agent.activated {
+        let _ = std::fs::remove_file(&agent.settings.socket);
+    }
     let deadline = Instant::now() + agent.request_timeout() + Duration::from_secs(1);
     while agent.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -164,20 +176,7 @@ fn bind(s: &AgentConfig) -> Result<UnixListener> {
             .create(dir)
             .map_err(io("creating the socket directory", dir))?;
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Whoever may write the directory may put their own socket (or a symlink)
-        // where the agent and its clients look.
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(dir).map_err(io("reading the socket directory", dir))?;
-        let me = nix::unistd::geteuid().as_raw();
-        if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
-            return Err(Error::Config(format!(
-                "the socket directory {} is writable by others or owned by another user; use a directory of the \
-                 agent's own (0750, as `tokenguard serve` makes it when it is missing)",
-                dir.display()
-            )));
-        }
-    }
+    check_socket_dir(path)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -205,6 +204,88 @@ fn bind(s: &AgentConfig) -> Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(io("setting the socket's mode", path))?;
     Ok(listener)
+}
+
+/// Refuses a socket whose directory others may write: whoever may write it may put
+/// their own socket (or a symlink) where the agent and its clients look.
+fn check_socket_dir(path: &Path) -> Result<()> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else { return Ok(()) };
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(io("reading the socket directory", dir))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
+        return Err(Error::Config(format!(
+            "the socket directory {} is writable by others or owned by another user; use a directory of the \
+             agent's own (0750, as `tokenguard serve` makes it when it is missing)",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// The listening socket systemd passed to this process (socket activation:
+/// `LISTEN_PID` names this process and `LISTEN_FDS` is 1), checked to be a listening
+/// Unix stream socket at `[agent] socket`; `None` without socket activation. Taken
+/// at most once per process.
+#[allow(unsafe_code)]
+fn inherited_listener(s: &AgentConfig) -> Result<Option<UnixListener>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::atomic::AtomicBool;
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let (Ok(pid), Ok(fds)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let bad = |why: String| Error::Config(format!("socket activation: {why}"));
+    match fds.trim().parse::<u32>() {
+        Ok(1) => {}
+        Ok(0) => return Ok(None),
+        _ => {
+            return Err(bad(format!(
+                "systemd passed LISTEN_FDS={fds:?}; tokenguard.socket must have exactly one ListenStream="
+            )));
+        }
+    }
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(bad("the passed socket was taken already".into()));
+    }
+    // Through /proc: whether descriptor 3 is open, and a socket, before owning it.
+    let sock = std::fs::metadata(format!("/proc/self/fd/{LISTEN_FDS_START}"))
+        .map_err(|e| bad(format!("descriptor {LISTEN_FDS_START} is not open: {e}")))?;
+    if !std::os::unix::fs::FileTypeExt::is_socket(&sock.file_type()) {
+        return Err(bad(format!("descriptor {LISTEN_FDS_START} is not a socket")));
+    }
+    // SAFETY: systemd passed descriptor 3 to this process for it to own (LISTEN_PID is
+    // this process, LISTEN_FDS is 1); it is open (its /proc entry is), and TAKEN makes
+    // sure it gets exactly one owner.
+    let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
+    use nix::sys::socket::{SockType, getsockname, getsockopt, sockopt};
+    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| bad(format!("reading its type: {e}")))?;
+    let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(|e| bad(format!("reading its state: {e}")))?;
+    let addr = getsockname::<nix::sys::socket::UnixAddr>(std::os::fd::AsRawFd::as_raw_fd(&fd))
+        .map_err(|_| bad("it is not a Unix socket (ListenStream= must be a path)".into()))?;
+    if ty != SockType::Stream || !listening {
+        return Err(bad("it is not a listening stream socket (ListenStream=, Accept=no)".into()));
+    }
+    let Some(path) = addr.path() else {
+        return Err(bad("it has no path (an abstract socket); ListenStream= must be a path".into()));
+    };
+    if path != s.socket {
+        return Err(bad(format!(
+            "systemd listens at {} but [agent] socket is {}; clients find the agent by the latter, so make them one",
+            path.display(),
+            s.socket.display()
+        )));
+    }
+    check_socket_dir(path)?;
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map_err(|e| bad(format!("setting close-on-exec: {e}")))?;
+    Ok(Some(UnixListener::from(fd)))
 }
 
 fn io(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -378,8 +459,8 @@ fn wire(e: &Error) -> WireError {
 
 type Reply = Zeroizing<Vec<u8>>;
 
-fn reply<T: serde::Serialize>(id: Option<u64>, r: Result<T>, size_hint: usize) -> Reply {
-    protocol::encode(id, r.map_err(|e| wire(&e)), size_hint)
+fn reply<T: serde::Serialize>(id: Option<u64>, r: Result<T>) -> Reply {
+    protocol::encode(id, r.map_err(|e| wire(&e)))
 }
 
 impl Agent {
@@ -410,7 +491,7 @@ impl Agent {
         let _ = stream.set_read_timeout(Some(Duration::from_millis(250)));
         let refuse = |stream: &mut UnixStream, msg: &str| {
             let e = Error::AgentUnavailable { socket: self.settings.socket.clone(), detail: msg.into() };
-            let _ = stream.write_all(&reply::<()>(None, Err(e), 0));
+            let _ = stream.write_all(&reply::<()>(None, Err(e)));
         };
         let caller = match caller_of(&stream) {
             Ok(c) => c,
@@ -454,7 +535,7 @@ impl Agent {
                         "a request frame of {n} bytes (limit {} bytes, and not empty)",
                         protocol::MAX_REQUEST
                     ));
-                    let _ = stream.write_all(&reply::<()>(None, Err(e), 0));
+                    let _ = stream.write_all(&reply::<()>(None, Err(e)));
                     return;
                 }
                 Err(FrameError::Truncated | FrameError::Io(_)) => {
@@ -470,7 +551,6 @@ impl Agent {
                         "a request that is not valid JSON for the protocol ({})",
                         protocol::json_problem(&e)
                     ))),
-                    0,
                 ),
             };
             drop(body);
@@ -518,7 +598,6 @@ impl Agent {
                     req.v,
                     protocol::VERSION
                 ))),
-                0,
             );
         }
         let _in_flight = InFlight::enter(&self.in_flight);
@@ -527,7 +606,7 @@ impl Agent {
                 self.served.fetch_add(1, Ordering::Relaxed);
                 r
             }
-            Err(e) => reply::<()>(id, Err(e), 0),
+            Err(e) => reply::<()>(id, Err(e)),
         }
     }
 
@@ -655,7 +734,6 @@ impl Agent {
                     "locked": self.guard.read().is_none(),
                     "read_audit": self.settings.read_audit,
                 })),
-                0,
             )),
             "get" | "get_fresh" => {
                 let (p, n) = token()?;
@@ -681,9 +759,6 @@ impl Agent {
                 self.audit_read(caller, audit_op, &p, &n, &res)?;
                 let (value, meta) = res?;
                 let meta = meta.filter(|_| req.meta);
-                // Room for the metadata too: the buffer never grows after the secret
-                // is in it.
-                let size = value.len() + if meta.is_some() { 4096 } else { 256 };
                 #[derive(serde::Serialize)]
                 struct Out<'a> {
                     provider: &'a str,
@@ -696,7 +771,7 @@ impl Agent {
                 let value = protocol::WireSecret(value);
                 let encoding = value.encoding();
                 let out = Out { provider: &p, name: &n, field: req.field.as_deref(), value, encoding, meta };
-                Ok(reply(id, Ok(out), size))
+                Ok(reply(id, Ok(out)))
             }
             "token_set" => {
                 let (p, n) = token()?;
@@ -712,7 +787,6 @@ impl Agent {
                 self.audit_read(caller, "agent-token_set", &p, &n, &res)?;
                 let (set, meta) = res?;
                 let meta = Some(meta).filter(|_| req.meta);
-                let size: usize = set.iter().map(|(k, v)| k.len() + v.len() + 32).sum::<usize>() + 4096;
                 #[derive(serde::Serialize)]
                 struct Out<'a> {
                     provider: &'a str,
@@ -721,7 +795,7 @@ impl Agent {
                     meta: Option<crate::Metadata>,
                 }
                 let fields = set.iter().map(|(k, v)| (k, Value::of(SecretBytes::from_slice(v.expose())))).collect();
-                Ok(reply(id, Ok(Out { provider: &p, name: &n, fields, meta }), size))
+                Ok(reply(id, Ok(Out { provider: &p, name: &n, fields, meta })))
             }
             "list" => {
                 if let Some(p) = &req.provider {
@@ -733,7 +807,7 @@ impl Agent {
                 let mut r = g.list_report(req.provider.as_deref())?;
                 r.tokens.retain(|t| policy.may_see(caller, &t.provider, &t.name));
                 r.damaged.retain(|d| d.split_once('/').is_some_and(|(p, n)| policy.may_see(caller, p, n)));
-                Ok(reply(id, Ok(json!({"tokens": r.tokens, "damaged": r.damaged})), 0))
+                Ok(reply(id, Ok(json!({"tokens": r.tokens, "damaged": r.damaged}))))
             }
             "status" => {
                 let (p, n) = token()?;
@@ -744,7 +818,7 @@ impl Agent {
                     o.insert("provider".into(), p.into());
                     o.insert("name".into(), n.into());
                 }
-                Ok(reply(id, Ok(v), 0))
+                Ok(reply(id, Ok(v)))
             }
             "put" => {
                 let (p, n) = token()?;
@@ -769,14 +843,14 @@ impl Agent {
                 let g = self.guard()?;
                 let (meta, replaced) =
                     g.on_behalf_of(&caller.actor(), |g| g.put_checked(&p, &n, secret, opts, req.overwrite))?;
-                Ok(reply(id, Ok(json!({"stored": {"provider": p, "name": n, "replaced": replaced, "meta": meta}})), 0))
+                Ok(reply(id, Ok(json!({"stored": {"provider": p, "name": n, "replaced": replaced, "meta": meta}}))))
             }
             "delete" => {
                 let (p, n) = token()?;
                 self.allow(caller, Op::Delete, Some((&p, &n)))?;
                 let g = self.guard()?;
                 g.on_behalf_of(&caller.actor(), |g| g.delete(&p, &n))?;
-                Ok(reply(id, Ok(json!({"deleted": {"provider": p, "name": n}})), 0))
+                Ok(reply(id, Ok(json!({"deleted": {"provider": p, "name": n}}))))
             }
             "revoke" => {
                 let (p, n) = token()?;
@@ -788,7 +862,6 @@ impl Agent {
                     return Ok(reply(
                         id,
                         Ok(json!({"revoked": [], "already_revoked": already, "tombstone": tombstone})),
-                        0,
                     ));
                 }
                 let r = g.on_behalf_of(&caller.actor(), |g| {
@@ -811,39 +884,39 @@ impl Agent {
                     })
                     .collect();
                 let done: Vec<_> = r.revoked.into_iter().map(|(p, n)| json!({"provider": p, "name": n})).collect();
-                Ok(reply(id, Ok(json!({"revoked": done, "notes": warnings})), 0))
+                Ok(reply(id, Ok(json!({"revoked": done, "notes": warnings}))))
             }
             "refresh" => {
                 let (p, n) = token()?;
                 self.allow(caller, Op::Refresh, Some((&p, &n)))?;
                 let g = self.guard()?;
                 let (_, outcome) = g.on_behalf_of(&caller.actor(), |g| g.refresh_now(&p, &n))?;
-                Ok(reply(id, Ok(outcome), 0))
+                Ok(reply(id, Ok(outcome)))
             }
             "stats" => {
                 self.allow(caller, Op::Admin, None)?;
                 let s = self.guard()?.stats()?;
-                Ok(reply(id, Ok(json!({"store": s, "agent": self.agent_stats()})), 0))
+                Ok(reply(id, Ok(json!({"store": s, "agent": self.agent_stats()}))))
             }
             "doctor" => {
                 self.allow(caller, Op::Admin, None)?;
                 let mut checks = self.guard()?.doctor();
                 checks.push(self.read_audit_check());
-                Ok(reply(id, Ok(checks), 0))
+                Ok(reply(id, Ok(checks)))
             }
             "audit_verify" => {
                 self.allow(caller, Op::Admin, None)?;
-                Ok(reply(id, Ok(self.guard()?.audit_verify()?), 0))
+                Ok(reply(id, Ok(self.guard()?.audit_verify()?)))
             }
             "lockdown" => {
                 self.allow(caller, Op::Admin, None)?;
                 let audited = self.lockdown(caller)?;
-                Ok(reply(id, Ok(json!({"locked": true, "audited": audited})), 0))
+                Ok(reply(id, Ok(json!({"locked": true, "audited": audited}))))
             }
             "unlock" => {
                 self.allow(caller, Op::Admin, None)?;
                 let audited = self.unlock(caller)?;
-                Ok(reply(id, Ok(json!({"locked": false, "audited": audited})), 0))
+                Ok(reply(id, Ok(json!({"locked": false, "audited": audited}))))
             }
             other => {
                 Err(Error::InvalidInput(format!("unknown operation {:?}", other.chars().take(40).collect::<String>())))
