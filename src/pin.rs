@@ -1,10 +1,11 @@
 //! PIN sources. A PIN is never written in the config or on the command line:
 //! `pin_source` says where to read it — `env:VAR`, `file:PATH` (refused when group- or
-//! world-readable) or `prompt` (a terminal only). The PIN comes back as a
+//! world-readable, but for a systemd credential's ACL mask) or `prompt` (a terminal
+//! only). The PIN comes back as a
 //! [`SecretString`]; no error message ever carries it.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
 use zeroize::Zeroizing;
@@ -53,6 +54,22 @@ pub unsafe fn take_from_env(vars: &[String]) {
     }
 }
 
+/// Whether a PIN file's `mode` is private enough: no group or other bits — except
+/// that a systemd credential (a file inside `$CREDENTIALS_DIRECTORY`, which systemd
+/// makes readable by the service alone) may show group read: systemd 254 and later
+/// grant the service user access through an ACL, and the ACL mask shows as the group
+/// bits (`0440`). Write and other bits are refused there too.
+fn pin_mode_ok(path: &Path, mode: u32, credentials: Option<&Path>) -> bool {
+    if mode & 0o077 == 0 {
+        return true;
+    }
+    let inside = credentials.is_some_and(|dir| match (std::fs::canonicalize(dir), std::fs::canonicalize(path)) {
+        (Ok(dir), Ok(file)) => file.parent() == Some(dir.as_path()),
+        _ => false,
+    });
+    inside && mode & 0o037 == 0
+}
+
 /// Reads a PIN from its source. Never logs or returns it in an error.
 pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
     if let Some(var) = source.strip_prefix("env:") {
@@ -68,7 +85,8 @@ pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
         let path = resolve_path(base, Path::new(p));
         let meta = std::fs::metadata(&path).map_err(|e| Error::Config(format!("pin file {}: {e}", path.display())))?;
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        if !pin_mode_ok(&path, mode, credentials.as_deref()) {
             return Err(Error::Config(format!(
                 "pin file {} is readable by group or others (mode {mode:o}); chmod 600 it",
                 path.display()
@@ -92,4 +110,37 @@ pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
         return Ok(SecretString::from(pin.as_str()));
     }
     Err(Error::Config(format!("pin_source must be env:VAR, file:PATH or prompt (got {source:?})")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn group_read_is_allowed_only_for_a_systemd_credential() {
+        let dir = std::env::temp_dir().join(format!("tg-pin-{}", std::process::id()));
+        let creds = dir.join("credentials");
+        std::fs::create_dir_all(&creds).unwrap();
+        let inside = creds.join("hsm-pin");
+        let outside = dir.join("hsm.pin");
+        std::fs::write(&inside, "1234").unwrap();
+        std::fs::write(&outside, "1234").unwrap();
+        // 0600 passes anywhere.
+        assert!(pin_mode_ok(&outside, 0o600, None));
+        assert!(pin_mode_ok(&inside, 0o400, Some(&creds)));
+        // 0440 (systemd's ACL mask) passes inside the credentials directory only.
+        assert!(pin_mode_ok(&inside, 0o440, Some(&creds)));
+        assert!(!pin_mode_ok(&outside, 0o440, Some(&creds)));
+        assert!(!pin_mode_ok(&inside, 0o440, None));
+        // Not through a name that only starts like the directory, nor a subdirectory.
+        let lookalike = dir.join("credentials-evil");
+        std::fs::create_dir_all(lookalike.join("x")).unwrap();
+        std::fs::write(lookalike.join("hsm-pin"), "1").unwrap();
+        assert!(!pin_mode_ok(&lookalike.join("hsm-pin"), 0o440, Some(&creds)));
+        // Group write, or anything for others, is refused there too.
+        assert!(!pin_mode_ok(&inside, 0o460, Some(&creds)));
+        assert!(!pin_mode_ok(&inside, 0o444, Some(&creds)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
