@@ -650,3 +650,67 @@ fn a_socket_passed_by_systemd_serves_its_first_client_and_stays_systemds() {
     assert_eq!(status.code(), Some(8), "{text}");
     assert!(text.contains("systemd listens at") && text.contains("other.sock"), "{text}");
 }
+
+/// SIGKILL at random moments of the agent's start (opening the store, logging in to
+/// the token, binding): every later start serves, nothing acknowledged is lost, and
+/// the audit chain verifies.
+#[test]
+fn an_agent_killed_while_starting_starts_again_and_loses_nothing() {
+    let mut a = Agent::prepare("agent-startkill", "", ADMIN_RULE, &[("p/t", "start-value-1")]);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..8 {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&a.log).unwrap();
+        let mut child =
+            a.env.cli().arg("serve").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        // xorshift: 0..=120 ms, spread over the whole start.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(rng % 121));
+        signal(&child, libc::SIGKILL);
+        let _ = child.wait();
+        // A start after the kill serves, and the token written before is there.
+        a.spawn();
+        let o = a.cli(&["get", "p/t"], b"");
+        assert_eq!(o.stdout, b"start-value-1", "round {round}: {}\n{}", stderr(&o), a.log_text());
+        let o = a.cli(&["put", &format!("p/r{round}")], format!("round-{round}").as_bytes());
+        assert_eq!(code(&o), 0, "round {round}: {}", stderr(&o));
+        assert!(a.stop().success(), "{}", a.log_text());
+    }
+    for round in 0..8 {
+        let o = a.cli(&["--direct", "get", &format!("p/r{round}")], b"");
+        assert_eq!(o.stdout, format!("round-{round}").as_bytes(), "{}", stderr(&o));
+    }
+    let o = a.cli(&["--direct", "audit", "verify"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+/// Three CLI processes at once, through one agent, on one token: every call
+/// succeeds (no PIN, no login, no store access in the clients), and every write is
+/// read back by the others.
+#[test]
+fn three_cli_processes_at_once_share_one_agent() {
+    let a = Agent::start("agent-three-cli", "", ADMIN_RULE, &[]);
+    std::thread::scope(|s| {
+        for w in 0..3 {
+            let a = &a;
+            s.spawn(move || {
+                for i in 0..15 {
+                    let o = a.cli(&["put", &format!("p/w{w}-{i}")], format!("v{w}-{i}").as_bytes());
+                    assert_eq!(code(&o), 0, "put w{w}-{i}: {}", stderr(&o));
+                    let peer = (w + 1) % 3;
+                    let o = a.cli(&["get", &format!("p/w{peer}-{i}"), "--allow-expired"], b"");
+                    assert!(matches!(code(&o), 0 | 3), "get w{peer}-{i}: {}", stderr(&o));
+                    let o = a.cli(&["list", "--json"], b"");
+                    assert_eq!(code(&o), 0, "{}", stderr(&o));
+                }
+            });
+        }
+    });
+    for w in 0..3 {
+        for i in 0..15 {
+            let o = a.cli(&["get", &format!("p/w{w}-{i}")], b"");
+            assert_eq!(o.stdout, format!("v{w}-{i}").as_bytes(), "{}", stderr(&o));
+        }
+    }
+}
