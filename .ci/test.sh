@@ -10,4 +10,25 @@ pkg-config --exists tss2-esys || { echo "libtss2-dev missing after setup" >&2; e
 # The second, independent PKCS#11 implementation for the conformance tests.
 TOKENGUARD_TEST_KRYOPTIC_MODULE=$(.ci/kryoptic.sh)
 export TOKENGUARD_TEST_KRYOPTIC_MODULE
+# The agent's socket-activation test, the clients' tests and the deployment checks
+# need systemd's tools, pytest and Node.
+if ! command -v systemd-socket-activate >/dev/null || ! command -v systemd-analyze >/dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "systemd's tools are missing: apt-get install systemd" >&2; exit 1; }
+  apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+if ! python3 -m pytest --version >/dev/null 2>&1; then
+  # pip where it may install (this machine's Python), else Debian's package (a
+  # system Python that is "externally managed").
+  python3 -m pip install --quiet --disable-pip-version-check 'pytest>=7,<9' \
+    || { [ "$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends python3-pytest >/dev/null; }
+  python3 -m pytest --version >/dev/null || { echo "pytest is missing and could not be installed" >&2; exit 1; }
+fi
+command -v node >/dev/null || { echo "node is missing (Node 20 is expected on the machine)" >&2; exit 1; }
 cargo test --all-features --no-fail-fast "$@"
+# cargo test built this binary with every feature; the clients talk to a real agent
+# of it on a fresh SoftHSM2 token (clients/testing/agent-fixture.sh).
+TOKENGUARD_BIN=$PWD/target/debug/tokenguard
+export TOKENGUARD_BIN
+deploy/check.sh
+(cd clients/python && python3 -m pytest -q -p no:cacheprovider)
+(cd clients/node && node --test test/client.test.js)
