@@ -15,7 +15,7 @@
 //! earlier eras stay in an archive sealed under the current integrity key
 //! ([`AuditKeys`]), each with the last sequence number it MAC'd.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::codec::{Malformed, Reader, Writer};
@@ -297,7 +297,7 @@ pub(crate) fn append_all<'e>(
 }
 
 /// Result of [`verify`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditReport {
     /// Events checked.
     pub events: u64,

@@ -472,6 +472,8 @@ fn the_cli_answers_the_same_through_the_agent() {
         (&["list", "--json"], b""),
         (&["status", "github/ci-bot"], b""),
         (&["status", "github/ci-bot", "--json"], b""),
+        (&["refresh", "github/ci-bot"], b""),
+        (&["refresh", "github/nope"], b""),
         (&["revoke", "github/ci-bot", "--reason", "leaked"], b""),
         (&["get", "github/ci-bot"], b""),
         (&["status", "github/ci-bot"], b""),
@@ -500,6 +502,13 @@ fn the_cli_answers_the_same_through_the_agent() {
         assert_eq!(norm(&g.stdout), norm(&d.stdout), "{args:?}: stdout differs");
         assert_eq!(norm(&g.stderr), norm(&d.stderr), "{args:?}: stderr differs");
     }
+    // `audit verify` through the agent (which holds the store): its chain, with every
+    // read above in it.
+    let g = a.cli(&["audit", "verify", "--json"], b"");
+    assert_eq!(code(&g), 0, "{}", stderr(&g));
+    let r: serde_json::Value = serde_json::from_slice(&g.stdout).unwrap();
+    assert!(r["events"].as_u64().unwrap() > cases.len() as u64 / 2, "{r}");
+    assert!(r["first_bad"].is_null(), "{r}");
 }
 
 /// Replaces RFC 3339 times, unix seconds and audit actors (which name the process)

@@ -105,7 +105,7 @@ impl Default for RefreshPolicy {
 }
 
 /// What happened to one token in a refresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
     /// A new token set was fetched and stored.
@@ -152,7 +152,7 @@ impl std::fmt::Display for Outcome {
 }
 
 /// Outcome of one refresh attempt, for `refresh --due`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RefreshOutcome {
     /// Provider of the token refreshed.
     pub provider: String,

@@ -219,26 +219,16 @@ pub fn salvage(ctx: &Ctx, to: &std::path::Path, accept: bool) -> Result<i32> {
 }
 
 pub fn audit(ctx: &Ctx, command: AuditCommand) -> Result<i32> {
+    // `verify` through the agent when there is one (it holds the store); `list` and
+    // `export` read the store itself (`--direct`, with the agent stopped or locked).
+    if matches!(command, AuditCommand::Verify)
+        && let Some(mut agent) = ctx.agent()?
+    {
+        return verify_report(ctx, agent.call(tokenguard::agent::protocol::Request::new("audit_verify"))?);
+    }
     let g = ctx.open_for_inspection(true)?;
     match command {
-        AuditCommand::Verify => {
-            let r = g.audit_verify()?;
-            if ctx.json {
-                print_json(&serde_json::to_value(&r).unwrap_or_default())?;
-            }
-            match r.first_bad {
-                None => {
-                    if !ctx.json {
-                        say!("audit chain intact: {} events verified", r.events)?;
-                    }
-                    Ok(exit::OK)
-                }
-                Some((seq, why)) => {
-                    note!("error: audit chain broken at event {seq}: {why}");
-                    Ok(exit::INTEGRITY)
-                }
-            }
-        }
+        AuditCommand::Verify => verify_report(ctx, g.audit_verify()?),
         AuditCommand::Export => {
             for e in g.audit_list(1)? {
                 print_json(&serde_json::to_value(&e).unwrap_or_default())?;
@@ -316,4 +306,23 @@ pub fn lockdown(ctx: &Ctx, on: bool) -> Result<i32> {
     }
     ctx.out(v, text)?;
     Ok(exit::OK)
+}
+
+/// Prints an audit verification; exit 4 when the chain is broken.
+fn verify_report(ctx: &Ctx, r: tokenguard::audit::AuditReport) -> Result<i32> {
+    if ctx.json {
+        print_json(&serde_json::to_value(&r).unwrap_or_default())?;
+    }
+    match r.first_bad {
+        None => {
+            if !ctx.json {
+                say!("audit chain intact: {} events verified", r.events)?;
+            }
+            Ok(exit::OK)
+        }
+        Some((seq, why)) => {
+            note!("error: audit chain broken at event {seq}: {why}");
+            Ok(exit::INTEGRITY)
+        }
+    }
 }

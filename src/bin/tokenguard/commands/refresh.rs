@@ -48,12 +48,20 @@ fn report(ctx: &Ctx, outcomes: &[RefreshOutcome], shape: Shape) -> Result<i32> {
 }
 
 pub fn refresh(ctx: &Ctx, a: RefreshArgs) -> Result<i32> {
-    let g = ctx.open()?;
-    let within = a.within.as_deref().map(input::duration).transpose()?.map(Duration::from_secs);
     let one = match (&a.provider, a.due, a.watch) {
         (Some(p), false, false) => Some(crate::input::token_ref(p, a.name.as_deref())?),
         _ => None,
     };
+    // One token through the agent, which holds the store (its scheduler does what
+    // --due and --watch do).
+    if let Some((p, n)) = &one
+        && let Some(mut agent) = ctx.agent()?
+    {
+        let o: RefreshOutcome = agent.call(tokenguard::agent::protocol::Request::token("refresh", p, n))?;
+        return report(ctx, &[o], Shape::One);
+    }
+    let g = ctx.open()?;
+    let within = a.within.as_deref().map(input::duration).transpose()?.map(Duration::from_secs);
     match (&one, &a.provider, a.due, a.watch) {
         (Some((p, n)), ..) => {
             let (_, o) = g.refresh_now(p, n)?;
