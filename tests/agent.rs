@@ -448,6 +448,10 @@ fn lockdown_closes_the_store_and_unlock_opens_it_again() {
     // open the store file, which the agent held exclusively.
     let o = a.cli(&["--direct", "list"], b"");
     assert_eq!(code(&o), 0, "the store is still held in lockdown: {}", stderr(&o));
+    // Someone no rule allows tries meanwhile: refused, and (no key to extend the
+    // chain with) kept for the trail until the unlock.
+    let o = a.cli_as(STRANGER, &["get", "p/t"], b"");
+    assert_eq!(code(&o), 9, "{}", stderr(&o));
     let o = a.cli(&["unlock"], b"");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(a.cli(&["get", "p/t"], b"").stdout, b"v-lock");
@@ -455,6 +459,12 @@ fn lockdown_closes_the_store_and_unlock_opens_it_again() {
     let events = audit_events(&a);
     assert!(has_event(&events, "agent-lockdown", "ok", "uid=0"), "{events:#?}");
     assert!(has_event(&events, "agent-unlock", "ok", "uid=0"), "{events:#?}");
+    let during = events
+        .iter()
+        .find(|e| e["op"] == "agent-get" && e["outcome"] == "refused")
+        .unwrap_or_else(|| panic!("the refusal during the lockdown is not in the trail: {events:#?}"));
+    assert!(during["actor"].as_str().unwrap().contains(&format!("uid={STRANGER}")), "{during}");
+    assert!(during["detail"].as_str().unwrap().starts_with("in lockdown, at "), "{during}");
 }
 
 /// The CLI gives the same answers, output and exit codes through the agent as

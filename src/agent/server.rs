@@ -61,7 +61,12 @@ struct Agent {
     limited: AtomicU64,
     /// The listening socket came from systemd, which owns its file.
     activated: bool,
+    /// Refusals made in lockdown, for the trail at unlock, and how many more there were.
+    held: parking_lot::Mutex<(Vec<AuditRecord>, u64)>,
 }
+
+/// Refusals kept in memory during a lockdown, at most.
+const HELD_MAX: usize = 1000;
 
 /// Runs the agent in the foreground until SIGTERM or SIGINT. `config` is the loaded
 /// configuration file at `config_path` (read again on SIGHUP for the rules); the store
@@ -103,6 +108,7 @@ pub fn serve(mut config: Config, config_path: &Path, opts: GuardOptions) -> Resu
         refused: AtomicU64::new(0),
         limited: AtomicU64::new(0),
         activated,
+        held: Default::default(),
         settings,
     });
     let out = run(&agent, &listener);
@@ -662,20 +668,26 @@ impl Agent {
                 not_audited_before = suppressed,
                 "request not served"
             );
-            if self.guard.read().is_some() {
-                let detail = if suppressed > 0 {
-                    format!("{suppressed} earlier refusals of this uid over its audit budget were not recorded")
-                } else {
-                    String::new()
-                };
-                self.batcher.push(AuditRecord {
-                    actor: caller.actor(),
-                    op: format!("agent-{}", op.as_str()),
-                    provider: p.into(),
-                    name: n.into(),
-                    outcome: outcome.into(),
-                    detail,
-                });
+            let detail = if suppressed > 0 {
+                format!("{suppressed} earlier refusals of this uid over its audit budget were not recorded")
+            } else {
+                String::new()
+            };
+            let record = AuditRecord {
+                actor: caller.actor(),
+                op: format!("agent-{}", op.as_str()),
+                provider: p.into(),
+                name: n.into(),
+                outcome: outcome.into(),
+                detail,
+            };
+            // In lockdown there is no key to extend the chain with: the refusal is
+            // kept in memory and recorded at unlock.
+            let guard = self.guard.read();
+            if guard.is_some() {
+                self.batcher.push(record);
+            } else {
+                self.hold(record);
             }
         }
         Err(err)
@@ -956,6 +968,23 @@ impl Agent {
     /// Drops the guard: every cached DEK and the integrity key are zeroized as their
     /// last holder lets go, and the hardware session is closed (logged out). Audited
     /// first, durably, with who asked.
+    /// Keeps a refusal made in lockdown for the audit trail at unlock (the first
+    /// `HELD_MAX`; the rest are counted).
+    fn hold(&self, mut record: AuditRecord) {
+        let mut held = self.held.lock();
+        if held.0.len() < HELD_MAX {
+            let at = crate::clock::rfc3339(crate::now());
+            record.detail = if record.detail.is_empty() {
+                format!("in lockdown, at {at}")
+            } else {
+                format!("in lockdown, at {at}; {}", record.detail)
+            };
+            held.0.push(record);
+        } else {
+            held.1 += 1;
+        }
+    }
+
     fn lockdown(&self, caller: &Caller) -> Result<bool> {
         // The keys go first: an emergency switch must not wait on, or fail with, its
         // own audit record. No request takes the guard from here on.
@@ -999,6 +1028,20 @@ impl Agent {
                 return Ok(true);
             }
             *slot = Some(g);
+        }
+        // What was refused during the lockdown goes into the trail first.
+        let (held, lost) = std::mem::take(&mut *self.held.lock());
+        for r in held {
+            self.batcher.push(r);
+        }
+        if lost > 0 {
+            self.batcher.push(AuditRecord {
+                actor: "agent".into(),
+                op: "agent-refused".into(),
+                outcome: "not-recorded".into(),
+                detail: format!("{lost} more refusals during the lockdown were not kept"),
+                ..Default::default()
+            });
         }
         let audited = self
             .batcher
