@@ -190,14 +190,14 @@ impl FrameReader {
 
 /// A zeroizing buffer for one frame: room for the length prefix, then the body is
 /// written after it and [`finish_frame`] fills the prefix in.
-pub fn frame_buffer(body_capacity: usize) -> Zeroizing<Vec<u8>> {
+fn frame_buffer(body_capacity: usize) -> Zeroizing<Vec<u8>> {
     let mut b = Zeroizing::new(Vec::with_capacity(body_capacity.saturating_add(4)));
     b.extend_from_slice(&[0; 4]);
     b
 }
 
 /// Fills in the length prefix of a frame made with [`frame_buffer`].
-pub fn finish_frame(frame: &mut [u8]) -> std::io::Result<()> {
+fn finish_frame(frame: &mut [u8]) -> std::io::Result<()> {
     let len = u32::try_from(frame.len().saturating_sub(4))
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
     frame[..4].copy_from_slice(&len.to_be_bytes());
