@@ -28,9 +28,20 @@ pub enum RootUse {
     Init,
 }
 
-/// Builds one root from its config entry. `require_hardware` refuses a soft root.
-pub fn build_root(r: &RootConfig, base_dir: &Path, usage: RootUse, require_hardware: bool) -> Result<Box<dyn RootKey>> {
+/// Builds one root from its config entry. `require_hardware` refuses a soft root;
+/// `recovered` are age identities rebuilt in this process, for the age roots they
+/// belong to.
+pub fn build_root(
+    r: &RootConfig,
+    base_dir: &Path,
+    usage: RootUse,
+    require_hardware: bool,
+    recovered: &[Arc<crate::root::age::AgeIdentity>],
+) -> Result<Box<dyn RootKey>> {
     match r {
+        // Never hardware: under require_hardware it may wrap, not open (the guard
+        // refuses one that could open, with why).
+        RootConfig::Age(a) => Ok(Box::new(crate::root::age::AgeRoot::from_config(a, base_dir, recovered)?)),
         RootConfig::Soft(s) => {
             if require_hardware {
                 return Err(Error::Config(format!(
@@ -72,7 +83,26 @@ impl Config {
         }
         #[cfg(feature = "pkcs11")]
         self.check_module_env()?;
-        self.roots.iter().map(|r| build_root(r, &self.base_dir, usage, self.require_hardware)).collect()
+        let roots: Vec<Box<dyn RootKey>> = self
+            .roots
+            .iter()
+            .map(|r| build_root(r, &self.base_dir, usage, self.require_hardware, &self.recovered_identities))
+            .collect::<Result<_>>()?;
+        // An identity rebuilt from shares that opens none of the configured roots is a
+        // mistake to report, not to ignore.
+        for id in &self.recovered_identities {
+            let used = self
+                .roots
+                .iter()
+                .any(|r| matches!(r, RootConfig::Age(a) if a.recipients.iter().any(|x| x.trim() == id.recipient())));
+            if !used {
+                return Err(Error::Config(format!(
+                    "the identity rebuilt from the shares (recipient {}) is not a recipient of any configured age root",
+                    id.recipient()
+                )));
+            }
+        }
+        Ok(roots)
     }
 
     /// A PKCS#11 module reads its environment when it loads: make sure what the
@@ -194,7 +224,7 @@ impl Config {
         let base = root_file.parent().unwrap_or(Path::new(""));
         // An added root is often an offline recovery key file: a soft root is
         // accepted here whatever require_hardware says of the roots that open.
-        let root = build_root(entry, base, RootUse::Init, false)?;
+        let root = build_root(entry, base, RootUse::Init, false, &self.recovered_identities)?;
         g.add_root(root)
     }
 

@@ -54,6 +54,10 @@ pub struct Config {
     /// Directory of the config file, for relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// age identities rebuilt in this process (`tokenguard recovery combine … --
+    /// COMMAND`), offered to every `age` root whose recipients include them.
+    #[serde(skip)]
+    pub recovered_identities: Vec<std::sync::Arc<crate::root::age::AgeIdentity>>,
 }
 
 /// `[store]`.
@@ -153,6 +157,8 @@ pub enum RootConfig {
     Tpm(TpmConfig),
     /// A key file (development, offline recovery).
     Soft(SoftConfig),
+    /// age X25519 recipients: an escrow root whose identity may stay offline.
+    Age(AgeConfig),
 }
 
 /// Which wrap mechanism a PKCS#11 root uses for new wraps.
@@ -248,6 +254,22 @@ pub struct TpmConfig {
 pub struct SoftConfig {
     /// The key file (0600).
     pub key_file: PathBuf,
+}
+
+/// `backend = "age"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgeConfig {
+    /// The age X25519 recipients (`age1…`) every data key and the integrity key are
+    /// encrypted to; one of their identities opens them. Public: no secret here.
+    pub recipients: Vec<String>,
+    /// An age identity file (`AGE-SECRET-KEY-1…` lines, as `age-keygen` writes, or
+    /// that file encrypted with a passphrase), mode 0600. Absent: the root is
+    /// wrap-only, as an escrow root normally is.
+    pub identity_file: Option<PathBuf>,
+    /// Where the passphrase of a passphrase-protected `identity_file` is read, as a
+    /// PIN is (`env:VAR`, `file:PATH`, `prompt`).
+    pub passphrase_source: Option<String>,
 }
 
 /// A file holding root entries only (`root add --root-config FILE`).
@@ -349,6 +371,7 @@ impl Config {
                     }
                 }
                 RootConfig::Tpm(t) => sources.extend(t.pin_source.clone()),
+                RootConfig::Age(a) => sources.extend(a.passphrase_source.clone()),
                 RootConfig::Soft(_) => {}
             }
         }
@@ -360,8 +383,10 @@ impl Config {
 
 impl RootConfig {
     fn resolve_paths(&mut self, base: &Path) {
-        if let RootConfig::Soft(s) = self {
-            s.key_file = resolve_path(base, &s.key_file);
+        match self {
+            RootConfig::Soft(s) => s.key_file = resolve_path(base, &s.key_file),
+            RootConfig::Age(a) => a.identity_file = a.identity_file.as_deref().map(|p| resolve_path(base, p)),
+            RootConfig::Pkcs11(_) | RootConfig::Tpm(_) => {}
         }
     }
 }
@@ -415,6 +440,33 @@ mod tests {
         let e = Config::parse(&at((1 << 32) + 1), Path::new("/")).expect_err("over 2^32");
         assert!(e.to_string().contains("2^32"), "{e}");
         assert!(Config::parse(&at(0), Path::new("/")).is_err());
+    }
+
+    /// The commented references in hsm-config/ are configurations this build reads.
+    #[test]
+    fn every_reference_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("hsm-config/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let mut text = std::fs::read_to_string(&path).expect("read");
+                if !text.contains("\n[store]") {
+                    // A fragment (agent.toml): added to a store's configuration.
+                    text.push_str("\n[store]\npath = \"s.redb\"\n");
+                }
+                let c = Config::parse(&text, &dir).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                for r in &c.roots {
+                    if let RootConfig::Age(a) = r {
+                        for x in &a.recipients {
+                            crate::root::age::parse_recipient(x).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                        }
+                    }
+                }
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "{n} references");
     }
 
     #[test]

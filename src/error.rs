@@ -54,7 +54,7 @@ pub mod exit {
         (OTHER, "other error"),
         (USAGE, "usage or invalid input"),
         (NOT_FOUND, "not found (token, field, store)"),
-        (INTEGRITY, "integrity failure: tampering, corruption, wrong root key"),
+        (INTEGRITY, "integrity failure: tampering, corruption, wrong root key, an altered recovery share"),
         (HARDWARE, "hardware or authentication: module, token, PIN, TPM"),
         (BUSY, "store busy: held by another process beyond `busy_timeout_ms`"),
         (EXPIRED, "expired or revoked"),
@@ -127,6 +127,11 @@ pub enum Error {
         /// What was being checked (never secret material).
         context: &'static str,
     },
+
+    /// A recovery share failed its check: it was altered, or the shares do not rebuild
+    /// the identity their split names (docs/FORMAT.md §"Recovery shares").
+    #[error("recovery shares rejected: {0}")]
+    BadShare(String),
 
     /// The store does not match its hardware rollback counter: most often a whole
     /// older copy of the store file was put back (docs/DESIGN-NOTES.md §"Whole-store
@@ -365,7 +370,9 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::NotFound { .. } | Error::NoSuchField { .. } | Error::NoStore(_) => exit::NOT_FOUND,
-            Error::Integrity { .. } | Error::WrongRoot { .. } | Error::Rollback { .. } => exit::INTEGRITY,
+            Error::Integrity { .. } | Error::WrongRoot { .. } | Error::Rollback { .. } | Error::BadShare(_) => {
+                exit::INTEGRITY
+            }
             Error::Hardware { .. } | Error::Auth { .. } => exit::HARDWARE,
             Error::StoreBusy { .. } => exit::BUSY,
             Error::Expired { .. } | Error::Revoked { .. } | Error::Shredded { .. } | Error::NeedsReauth { .. } => {
@@ -399,6 +406,9 @@ impl Error {
             Error::Rollback { .. } => "if this copy was put back on purpose (disaster recovery), `tokenguard upgrade \
                 --accept-current-state` binds it to the counter again; otherwise restore the newest copy or backup \
                 (README: Incident response)"
+                .into(),
+            Error::BadShare(_) => "ask each custodian to decrypt their share file again (`age -d -i THEIR-KEY \
+                FILE`) and pass the output unchanged; a share altered after the split cannot be used"
                 .into(),
             Error::WrongRoot { .. } => {
                 "point the config at the root key this store was created with (see `tokenguard doctor`)".into()

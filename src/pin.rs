@@ -59,7 +59,7 @@ pub unsafe fn take_from_env(vars: &[String]) {
 /// makes readable by the service alone) may show group read: systemd 254 and later
 /// grant the service user access through an ACL, and the ACL mask shows as the group
 /// bits (`0440`). Write and other bits are refused there too.
-fn pin_mode_ok(path: &Path, mode: u32, credentials: Option<&Path>) -> bool {
+pub(crate) fn pin_mode_ok(path: &Path, mode: u32, credentials: Option<&Path>) -> bool {
     if mode & 0o077 == 0 {
         return true;
     }

@@ -86,3 +86,24 @@ fn aes_kw_vector_matches_rfc3394() {
     let mut out = [0u8; 40];
     assert_eq!(kw.wrap_key(&key, &mut out).unwrap(), want.as_slice());
 }
+
+/// The recovery-share vector of docs/FORMAT.md: the two shares, read from the
+/// document, rebuild the identity of the recipient they name, and a share of it with
+/// one changed field is rejected.
+#[test]
+fn recovery_share_vector_matches_the_document() {
+    use tokenguard::recovery::{Share, combine};
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/FORMAT.md")).unwrap();
+    let block = |name: &str| {
+        let start = doc.find(&format!("```text {name}\n")).unwrap() + 9 + name.len();
+        let len = doc[start..].find("```").unwrap();
+        doc[start..start + len].to_string()
+    };
+    let (ana, cho) = (block("share-ana"), block("share-cho"));
+    let recipient = ana.lines().find_map(|l| l.strip_prefix("recipient: ")).unwrap();
+    let id = combine(&[Share::parse(ana.as_bytes()).unwrap(), Share::parse(cho.as_bytes()).unwrap()]).unwrap();
+    assert_eq!(id.recipient(), recipient);
+    let moved = cho.replace("custodian: cho", "custodian: chu");
+    let e = combine(&[Share::parse(ana.as_bytes()).unwrap(), Share::parse(moved.as_bytes()).unwrap()]).unwrap_err();
+    assert_eq!(e.exit_code(), 4, "{e}");
+}

@@ -698,6 +698,9 @@ fn a_wrap_that_does_not_round_trip_is_refused() {
         fn is_hardware(&self) -> bool {
             false
         }
+        fn can_unwrap(&self) -> bool {
+            true
+        }
         fn identity(&self) -> tokenguard::Result<RootIdentity> {
             self.0.identity()
         }

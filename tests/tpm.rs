@@ -88,9 +88,7 @@ fn dump(env: &TestEnv) -> Vec<Vec<u8>> {
     const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
     const DEKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deks");
     const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
-    let mut b = redb::Builder::new();
-    b.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
-    let db = b.open(&env.store_path).unwrap();
+    let db = common::raw_db(&env.store_path);
     let r = db.begin_read().unwrap();
     let mut out = Vec::new();
     for item in r.open_table(META).unwrap().iter().unwrap() {

@@ -26,7 +26,7 @@ impl Inner {
     /// Unwraps `entry` with the first configured root that has a blob for it.
     pub(super) fn unwrap_entry(&self, entry: &DekEntry) -> Result<DekMaterial> {
         let mut last = None;
-        for r in &self.roots {
+        for r in self.roots.iter().filter(|r| r.key.can_unwrap()) {
             if let Some(w) = entry.for_root(r.root_id) {
                 Counters::add(&self.counters.unwraps, 1);
                 match r.key.unwrap(w) {

@@ -221,7 +221,13 @@ impl ActiveRoot {
 }
 
 /// Unwraps a fresh wrap of `key` under `root` and compares.
+/// A wrap-only root (an age escrow root without its identity) cannot be checked so:
+/// its wrap is software encryption by the `age` crate, not a token's mechanism, and
+/// the recovery test opens such wraps with the identity and with the `age` CLI.
 fn check_wrap(root: &dyn RootKey, w: &crate::root::Wrapped, key: &DekMaterial, counters: &Counters) -> Result<()> {
+    if !root.can_unwrap() {
+        return Ok(());
+    }
     Counters::add(&counters.verifies, 1);
     let back = root.unwrap(w)?;
     if back.expose() != key.expose() {

@@ -14,15 +14,31 @@ use crate::store::{
     AnchorWrite, CounterStatus, RootPin, RootWrapped, StateCheck, Store, StoreMeta, StoreOptions, StoreRead,
 };
 
+/// Under `require_hardware`, no software key may be able to open the store: a
+/// wrap-only root (an age escrow root without its identity) is allowed, as it only
+/// wraps. And some configured root must be able to open it at all.
 fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
-    if require && let Some(r) = roots.iter().find(|r| !r.is_hardware()) {
+    if require && let Some(r) = roots.iter().find(|r| !r.is_hardware() && r.can_unwrap()) {
+        let fix = if r.backend() == "age" {
+            "the age root's identity is configured, so it could open the store: drop identity_file from this config \
+             (the root then wraps only, as an escrow root should) or recover with a config without require_hardware"
+        } else {
+            "remove it or set require_hardware = false (development only)"
+        };
         return Err(Error::Config(format!(
-            "require_hardware = true, but a {} root is configured; remove it or set require_hardware = false (development only)",
+            "require_hardware = true, but a {} root that can open the store is configured: {fix}",
             r.backend()
         )));
     }
     if roots.is_empty() {
         return Err(Error::Config("no root is configured: add a [[roots]] section".into()));
+    }
+    if !roots.iter().any(|r| r.can_unwrap()) {
+        return Err(Error::Config(
+            "every configured root is wrap-only (age recipients without an identity): none can open the store; \
+             configure a hardware root, or the age identity (identity_file, or `tokenguard recovery combine`)"
+                .into(),
+        ));
     }
     Ok(())
 }
@@ -134,7 +150,10 @@ impl TokenGuard {
         let matched: Vec<(usize, u16)> = matched
             .into_iter()
             .filter(|&(i, root_id)| {
+                // A wrap-only root cannot be checked, and needs no check: its pin is
+                // its recipients, so it wraps to exactly what is pinned.
                 let opens = i == opened_by
+                    || !roots[i].can_unwrap()
                     || meta
                         .integrity_key
                         .iter()
@@ -257,6 +276,9 @@ fn unwrap_integrity_key(
         let Some(w) = wrapped_ik.iter().find(|w| w.root_id == *root_id) else {
             continue;
         };
+        if !roots[*i].can_unwrap() {
+            continue;
+        }
         match roots[*i].unwrap(&w.wrapped) {
             Ok(ik) => return Ok((ik, *i)),
             Err(Error::Integrity { .. }) => {
@@ -268,6 +290,13 @@ fn unwrap_integrity_key(
             }
             Err(e) => last_err = Some(e),
         }
+    }
+    if last_err.is_none() && matched.iter().all(|(i, _)| !roots[*i].can_unwrap()) {
+        return Err(Error::Config(
+            "the configured roots pinned in this store are wrap-only (age recipients without an identity): \
+             none can open it; configure its hardware root, or recover with the age identity"
+                .into(),
+        ));
     }
     Err(last_err.unwrap_or_else(|| Error::integrity("finding the store's integrity key")))
 }

@@ -133,6 +133,13 @@ impl TokenGuard {
                         missing.join("; ")
                     )));
                 }
+                let opens = |p: &RootPin| inner.roots.iter().any(|r| r.root_id == p.root_id && r.key.can_unwrap());
+                if !rest.iter().any(opens) {
+                    return Err(Error::InvalidInput(format!(
+                        "refusing to remove root {root_id}: every remaining root is wrap-only here (age recipients \
+                         without an identity), so nothing configured would open the store again; add a root first"
+                    )));
+                }
                 // 1. The removed root's wraps go, and it is unpinned (so the new data keys
                 //    below are made for the remaining roots only).
                 let ik_rest: Vec<RootWrapped> =

@@ -5,8 +5,10 @@
 //! to wrap an existing DEK ([`RootKey::wrap`], for a second root or a root rotation)
 //! and to unwrap one ([`RootKey::unwrap`]); plus a health report for `doctor`. There
 //! are no "not supported" defaults: a backend that cannot do one of these is not a
-//! root. Every wrapped blob records the mechanism that produced it ([`WrapMechanism`]),
-//! so a store says how to open each key.
+//! root. The one exception is explicit: an `age` escrow root whose identity is offline
+//! wraps but cannot unwrap, and says so ([`RootKey::can_unwrap`]). Every wrapped blob
+//! records the mechanism that produced it ([`WrapMechanism`]), so a store says how to
+//! open each key.
 
 use std::fmt;
 
@@ -15,6 +17,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::secret::DekMaterial;
 
+pub mod age;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod soft;
@@ -40,6 +43,9 @@ pub enum WrapMechanism {
     /// A TPM 2.0 sealed data object whose authorisation value is derived from the
     /// root's PIN (docs/FORMAT.md §"TPM authorisation value"): unsealing needs it.
     TpmSealedAuth,
+    /// An age v1 file (age-encryption.org/v1, binary) of the key bytes, one X25519
+    /// stanza per recipient of the root: `age -d -i IDENTITY` opens it.
+    Age,
 }
 
 impl WrapMechanism {
@@ -52,6 +58,7 @@ impl WrapMechanism {
             WrapMechanism::AesGcm => 4,
             WrapMechanism::TpmSealed => 5,
             WrapMechanism::TpmSealedAuth => 6,
+            WrapMechanism::Age => 7,
         }
     }
 
@@ -64,6 +71,7 @@ impl WrapMechanism {
             4 => WrapMechanism::AesGcm,
             5 => WrapMechanism::TpmSealed,
             6 => WrapMechanism::TpmSealedAuth,
+            7 => WrapMechanism::Age,
             _ => return None,
         })
     }
@@ -78,6 +86,7 @@ impl fmt::Display for WrapMechanism {
             WrapMechanism::AesGcm => "AES-GCM encrypt",
             WrapMechanism::TpmSealed => "TPM2 sealed object",
             WrapMechanism::TpmSealedAuth => "TPM2 sealed object with authorisation value",
+            WrapMechanism::Age => "age X25519 (age-encryption.org/v1)",
         })
     }
 }
@@ -100,7 +109,7 @@ impl fmt::Debug for Wrapped {
 /// The identity of a root key, pinned in the store at `init`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RootIdentity {
-    /// Backend: `pkcs11`, `tpm` or `soft`.
+    /// Backend: `pkcs11`, `tpm`, `soft` or `age`.
     pub backend: String,
     /// Stable identifier compared at open (token serial and key id/label; TPM key
     /// Name; soft key fingerprint). Not secret.
@@ -232,11 +241,17 @@ pub fn report_exit_code(checks: &[Check]) -> i32 {
 
 /// A root key-encryption key. Implemented by every backend, entirely.
 pub trait RootKey: Send + Sync + fmt::Debug {
-    /// Backend name (`pkcs11`, `tpm`, `soft`).
+    /// Backend name (`pkcs11`, `tpm`, `soft`, `age`).
     fn backend(&self) -> &'static str;
 
-    /// Whether the key lives in hardware (false only for `soft`).
+    /// Whether the key lives in hardware (false for `soft` and `age`).
     fn is_hardware(&self) -> bool;
+
+    /// Whether this process can unwrap with it. False only for a *wrap-only* root: an
+    /// `age` root whose identity is offline, which wraps every new key for a later
+    /// recovery. The guard never asks such a root to unwrap (nor to check a fresh
+    /// wrap), and never opens a store with it.
+    fn can_unwrap(&self) -> bool;
 
     /// The identity pinned in the store.
     fn identity(&self) -> Result<RootIdentity>;
@@ -286,6 +301,14 @@ pub trait MonotonicCounter: Send + Sync {
     /// retry after a lost response finds it at `from + 1` and adds nothing, so an
     /// increment is never applied twice.
     fn increment_counter(&self, from: u64) -> Result<u64>;
+}
+
+/// A DEK for a root that wraps in software (soft, age): drawn from the OS CSPRNG,
+/// then wrapped by `wrap`.
+pub(crate) fn generate_and_wrap(wrap: impl FnOnce(&DekMaterial) -> Result<Wrapped>) -> Result<(DekMaterial, Wrapped)> {
+    let dek = DekMaterial::random()?;
+    let wrapped = wrap(&dek)?;
+    Ok((dek, wrapped))
 }
 
 /// The software AES-KW unwrap shared by the soft root and the conformance tests.

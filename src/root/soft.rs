@@ -6,8 +6,6 @@
 //! be mode 0600 (or stricter) and holds 32 raw bytes or 64 hex digits.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -32,16 +30,13 @@ impl std::fmt::Debug for SoftRoot {
 impl SoftRoot {
     /// Loads the key from `path`, refusing a file readable by group or others.
     pub fn open(path: &Path) -> Result<Self> {
-        let meta = fs::metadata(path).map_err(|e| {
-            Error::Config(format!("soft root key file {}: {e} (run `tokenguard init` to create it)", path.display()))
-        })?;
-        if meta.permissions().mode() & 0o077 != 0 {
+        if !path.exists() {
             return Err(Error::Config(format!(
-                "soft root key file {} is readable by group or others (mode {:o}); chmod 600 it",
-                path.display(),
-                meta.permissions().mode() & 0o777
+                "soft root key file {} does not exist (run `tokenguard init` to create it)",
+                path.display()
             )));
         }
+        crate::files::check_private(path, "soft root key file")?;
         let raw = Zeroizing::new(fs::read(path).map_err(Error::io("reading", path))?);
         let key = parse_key(&raw).ok_or_else(|| {
             Error::Config(format!("soft root key file {} must hold 32 raw bytes or 64 hex digits", path.display()))
@@ -52,14 +47,7 @@ impl SoftRoot {
     /// Creates a new random key file (mode 0600, never overwriting) and opens it.
     pub fn create(path: &Path) -> Result<Self> {
         let key = DekMaterial::random()?;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(Error::io("creating soft root key", path))?;
-        f.write_all(key.expose()).map_err(Error::io("writing", path))?;
-        f.sync_all().map_err(Error::io("syncing", path))?;
+        crate::files::write_new_private(path, key.expose())?;
         Self::open(path)
     }
 
@@ -100,6 +88,10 @@ impl RootKey for SoftRoot {
         false
     }
 
+    fn can_unwrap(&self) -> bool {
+        true
+    }
+
     fn identity(&self) -> Result<RootIdentity> {
         let mut h = Sha256::new();
         h.update(b"tokenguard/soft-root/fingerprint/v1");
@@ -113,9 +105,7 @@ impl RootKey for SoftRoot {
     }
 
     fn generate_dek(&self) -> Result<(DekMaterial, Wrapped)> {
-        let dek = DekMaterial::random()?;
-        let wrapped = self.wrap(&dek)?;
-        Ok((dek, wrapped))
+        super::generate_and_wrap(|dek| self.wrap(dek))
     }
 
     fn wrap(&self, dek: &DekMaterial) -> Result<Wrapped> {

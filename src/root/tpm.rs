@@ -680,6 +680,10 @@ impl RootKey for TpmRoot {
         true
     }
 
+    fn can_unwrap(&self) -> bool {
+        true
+    }
+
     fn is_policy_bound(&self) -> bool {
         self.is_pcr_bound()
     }

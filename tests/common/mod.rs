@@ -78,6 +78,14 @@ pub fn softhsm() -> &'static SoftHsm {
     })
 }
 
+/// The store file opened with redb alone, as an attacker's (or an independent
+/// reader's) tool would.
+pub fn raw_db(path: &Path) -> redb::Database {
+    let mut b = redb::Builder::new();
+    b.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
+    b.open(path).unwrap()
+}
+
 pub fn write_0600(path: &Path, data: &[u8]) {
     std::fs::write(path, data).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();

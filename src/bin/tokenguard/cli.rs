@@ -181,6 +181,10 @@ pub enum Command {
     /// Roots of the store: list, add, remove (rewrap only, no token re-encrypted).
     #[command(subcommand)]
     Root(RootCommand),
+    /// Escrow custodians: split a fresh age identity among them (any K of N rebuild
+    /// it), or rebuild it from their decrypted shares for one command.
+    #[command(subcommand)]
+    Recovery(RecoveryCommand),
     /// Run a command with tokens in its environment or in private files, like
     /// `sops exec-env`: `exec --env GH_TOKEN=github/ci-bot -- gh pr list`.
     Exec(ExecArgs),
@@ -363,6 +367,41 @@ pub enum RootCommand {
     Remove {
         /// Root id, from `root list`.
         id: u16,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoveryCommand {
+    /// Make a fresh age identity and split it among the custodians, any THRESHOLD of
+    /// whom rebuild it: writes NAME.share.age per custodian (encrypted to their own
+    /// age recipient) and prints the new recipient, to configure as an `age` root.
+    /// The identity itself is never written.
+    Split {
+        /// Shares needed to rebuild the identity (2 to the number of custodians).
+        #[arg(short = 'k', long)]
+        threshold: u8,
+        /// A custodian and their own age recipient, NAME=age1… (once per custodian).
+        #[arg(long = "custodian", value_name = "NAME=RECIPIENT", required = true)]
+        custodians: Vec<String>,
+        /// Directory for the share files (none may exist yet).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out_dir: PathBuf,
+    },
+    /// Rebuild the identity from decrypted shares (each custodian runs `age -d -i
+    /// THEIR-KEY NAME.share.age > NAME.share`), then write it (--out) or run one
+    /// command with it, e.g. `recovery combine a.share b.share c.share -- root add
+    /// --root-config new-hsm.toml`.
+    Combine {
+        /// Decrypted share files.
+        #[arg(required = true, value_name = "SHARE")]
+        shares: Vec<PathBuf>,
+        /// Write the identity to FILE (mode 0600, never over an existing file).
+        #[arg(long, value_name = "FILE", conflicts_with = "command")]
+        out: Option<PathBuf>,
+        /// The tokenguard command to run with the identity (after --); it opens the
+        /// store directly, never through an agent.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
     },
 }
 

@@ -420,6 +420,10 @@ impl RootKey for Pkcs11Root {
         true
     }
 
+    fn can_unwrap(&self) -> bool {
+        true
+    }
+
     fn identity(&self) -> Result<RootIdentity> {
         let fp = format!("serial={};id={};label={}", self.token_serial, hex(&self.key_id), self.settings.key_label);
         Ok(RootIdentity {

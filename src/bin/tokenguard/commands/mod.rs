@@ -20,6 +20,7 @@ macro_rules! note_inline {
 
 mod admin;
 mod lifecycle;
+mod recovery;
 mod refresh;
 mod roots;
 mod tokens;
@@ -101,7 +102,10 @@ impl Ctx {
 
     /// Guard options of the config, with this process as the audit actor.
     pub fn guard_options(&self) -> GuardOptions {
-        GuardOptions { actor: actor(), ..self.config.guard_options() }
+        // A store opened with an identity rebuilt from custodians' shares says so in
+        // every audit event of the command.
+        let via = if self.config.recovered_identities.is_empty() { "" } else { " via=recovery-shares" };
+        GuardOptions { actor: format!("{}{via}", actor()), ..self.config.guard_options() }
     }
 
     /// Prints `v` in JSON mode, `text` otherwise.
@@ -246,7 +250,16 @@ pub fn fmt_time(t: Option<u64>) -> String {
 
 /// Runs the command; returns the exit code on success paths that are not 0.
 pub fn run(cli: Cli) -> Result<i32> {
+    run_with(cli, Vec::new())
+}
+
+/// Runs the command, with `recovered` age identities (rebuilt from shares by
+/// `recovery combine … -- COMMAND`) offered to the configured age roots.
+fn run_with(cli: Cli, recovered: Vec<std::sync::Arc<tokenguard::root::age::AgeIdentity>>) -> Result<i32> {
     // Commands that need no config.
+    if let Command::Recovery(c) = cli.command {
+        return recovery::run(c, recovery::Outer { config: cli.config, json: cli.json });
+    }
     match &cli.command {
         Command::InitToken(a) => return roots::init_token(a),
         Command::Completions { shell } => {
@@ -265,10 +278,13 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         _ => {}
     }
-    let (config, config_path) = load_config(cli.config.as_ref())?;
+    let (mut config, config_path) = load_config(cli.config.as_ref())?;
+    config.recovered_identities = recovered;
     let ctx = Ctx { config, config_path, json: cli.json, direct: cli.direct, degraded: Default::default() };
     let code = match cli.command {
-        Command::InitToken(_) | Command::Completions { .. } | Command::Man => Ok(tokenguard::error::exit::OK),
+        Command::InitToken(_) | Command::Completions { .. } | Command::Man | Command::Recovery(_) => {
+            Ok(tokenguard::error::exit::OK)
+        }
         Command::Serve => admin::serve(&ctx),
         Command::Lockdown => admin::lockdown(&ctx, true),
         Command::Unlock => admin::lockdown(&ctx, false),

@@ -1,0 +1,119 @@
+//! `recovery split` and `recovery combine`: k-of-n custodians of an age escrow root
+//! (the library's `recovery` module does the work).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{CommandFactory, FromArgMatches};
+use serde_json::json;
+use tokenguard::error::exit;
+use tokenguard::recovery::{self, Custodian, Share};
+use tokenguard::{Error, Result};
+
+use super::print_json;
+use crate::cli::{Cli, Command, RecoveryCommand};
+
+/// The global options of the `recovery` invocation, passed on to a command after `--`.
+pub struct Outer {
+    pub config: Option<PathBuf>,
+    pub json: bool,
+}
+
+pub fn run(c: RecoveryCommand, outer: Outer) -> Result<i32> {
+    match c {
+        RecoveryCommand::Split { threshold, custodians, out_dir } => {
+            split(threshold, &custodians, &out_dir, outer.json)
+        }
+        RecoveryCommand::Combine { shares, out, command } => combine(&shares, out.as_deref(), command, outer),
+    }
+}
+
+fn split(threshold: u8, custodians: &[String], out_dir: &Path, json: bool) -> Result<i32> {
+    let custodians = custodians.iter().map(|c| Custodian::parse(c)).collect::<Result<Vec<_>>>()?;
+    let paths: Vec<PathBuf> = custodians.iter().map(|c| out_dir.join(format!("{}.share.age", c.name))).collect();
+    // Nothing is written when any share file is in the way.
+    if let Some(p) = paths.iter().find(|p| p.exists()) {
+        return Err(Error::InvalidInput(format!("{} exists; share files are never overwritten", p.display())));
+    }
+    let s = recovery::split(threshold, &custodians)?;
+    for (share, path) in s.shares.iter().zip(&paths) {
+        tokenguard::recovery::write_share_file(path, &share.file)?;
+    }
+    let n = s.shares.len();
+    if json {
+        let files: Vec<_> = s
+            .shares
+            .iter()
+            .zip(&paths)
+            .map(|(sh, p)| json!({"custodian": sh.custodian, "index": sh.index, "file": p}))
+            .collect();
+        print_json(&json!({"recipient": s.recipient, "split": s.split_id, "threshold": s.threshold, "shares": files}))?;
+    } else {
+        say!("split {}: any {} of {n} custodians rebuild the new age identity", s.split_id, s.threshold)?;
+        for (sh, p) in s.shares.iter().zip(&paths) {
+            say!("  share {} for {}: {}", sh.index, sh.custodian, p.display())?;
+        }
+        say!("recipient: {}", s.recipient)?;
+        say!(
+            "next: send each custodian their file (only their own age identity opens it), then add the root with a \
+             file holding\n  [[roots]]\n  backend = \"age\"\n  recipients = [\"{}\"]\nand `tokenguard root add \
+             --root-config FILE`",
+            s.recipient
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+fn combine(paths: &[PathBuf], out: Option<&Path>, command: Vec<OsString>, outer: Outer) -> Result<i32> {
+    let mut shares = Vec::new();
+    for p in paths {
+        let raw = zeroize::Zeroizing::new(
+            std::fs::read(p).map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))?,
+        );
+        shares.push(Share::parse(&raw).map_err(|e| match e {
+            Error::InvalidInput(m) => Error::InvalidInput(format!("{}: {m}", p.display())),
+            other => other,
+        })?);
+    }
+    if out.is_none() && command.is_empty() {
+        // Checked after the shares, so a wrong share is reported first either way.
+        recovery::combine(&shares)?;
+        return Err(Error::InvalidInput(
+            "the shares rebuild the identity; say what to do with it: --out FILE, or -- COMMAND".into(),
+        ));
+    }
+    let identity = recovery::combine(&shares)?;
+    drop(shares);
+    if let Some(path) = out {
+        identity.write_new(path)?;
+        if outer.json {
+            print_json(&json!({"recipient": identity.recipient(), "identity_file": path}))?;
+        } else {
+            say!("wrote the identity of {} to {} (mode 0600)", identity.recipient(), path.display())?;
+            note!("keep it offline, and delete it when the recovery is done");
+        }
+        return Ok(exit::OK);
+    }
+    let args = std::iter::once(OsString::from("tokenguard")).chain(command);
+    // As main does for the outer command: clap's message may quote an argument.
+    let refused =
+        |e: clap::Error| Error::InvalidInput(format!("the command after --: {} (see `tokenguard help`)", e.kind()));
+    let matches = Cli::command().try_get_matches_from(args).map_err(refused)?;
+    let mut inner = Cli::from_arg_matches(&matches).map_err(refused)?;
+    // The outer --config (or TOKENGUARD_CONFIG, which the outer parse read) holds
+    // unless the command after -- names its own.
+    if matches.value_source("config") != Some(clap::parser::ValueSource::CommandLine) {
+        inner.config = outer.config.or(inner.config);
+    }
+    if matches!(inner.command, Command::Recovery(_) | Command::Serve) {
+        return Err(Error::InvalidInput(
+            "the command after -- runs once with the rebuilt identity: not `recovery` nor `serve`".into(),
+        ));
+    }
+    inner.json |= outer.json;
+    // The identity is in this process: the store is opened here, not by an agent.
+    inner.direct = true;
+    note!("using the identity of {} for: the command after --", identity.recipient());
+    super::run_with(inner, vec![Arc::new(identity)])
+}
