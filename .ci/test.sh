@@ -23,6 +23,12 @@ if ! python3 -m pytest --version >/dev/null 2>&1; then
     || { [ "$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends python3-pytest >/dev/null; }
   python3 -m pytest --version >/dev/null || { echo "pytest is missing and could not be installed" >&2; exit 1; }
 fi
+# The escrow tests check tokenguard's age wraps and share files with the reference
+# age implementation (Debian's `age`, Go).
+if ! command -v age >/dev/null || ! command -v age-keygen >/dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "the age CLI is missing: apt-get install age" >&2; exit 1; }
+  apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends age >/dev/null
+fi
 command -v node >/dev/null || { echo "node is missing (Node 20 is expected on the machine)" >&2; exit 1; }
 cargo test --all-features --no-fail-fast "$@"
 # cargo test built this binary with every feature; the clients talk to a real agent
