@@ -201,6 +201,9 @@ pub fn restore(
     if store_path.exists() {
         return Err(Error::StoreExists(store_path.into()));
     }
+    // Before any root unwraps anything: a software root that require_hardware
+    // refuses never opens the backup either.
+    crate::guard::check_hardware(&roots, opts.require_hardware)?;
     let bytes = fs::read(path).map_err(Error::io("reading backup", path))?;
     let (body, tag) = bytes
         .len()

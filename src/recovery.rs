@@ -32,6 +32,9 @@ pub const SHARE_MAGIC: &str = "tokenguard recovery share v1";
 /// Most custodians of one split (GF(256) has 255 non-zero points).
 pub const MAX_SHARES: usize = 255;
 
+/// Larger than any share file (a share is about 450 bytes).
+const MAX_SHARE_BYTES: usize = 4096;
+
 /// One custodian: a name (for the share file and messages) and their own age
 /// recipient, to which their share is encrypted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,7 +128,7 @@ pub struct Share {
 impl fmt::Debug for Share {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Share")
-            .field("split", &hex(&self.split_id))
+            .field("split", &self.split_id())
             .field("threshold", &self.threshold)
             .field("count", &self.count)
             .field("index", &self.index)
@@ -142,7 +145,30 @@ impl Share {
 
     /// The split's id, hex.
     pub fn split_id(&self) -> String {
-        hex(&self.split_id)
+        hex(&self.split_id).to_string()
+    }
+
+    /// Reads and parses the decrypted share at `path`: refused when others can read
+    /// it (as a PIN file is: `umask 077` before decrypting) or when it is larger than
+    /// any share. Errors name the file.
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        use std::io::Read;
+        crate::files::check_private(path, "recovery share").map_err(|e| match e {
+            Error::Config(m) => Error::InvalidInput(m),
+            other => other,
+        })?;
+        let f = std::fs::File::open(path).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
+        let mut raw = Zeroizing::new(Vec::with_capacity(MAX_SHARE_BYTES + 1));
+        f.take(u64::try_from(MAX_SHARE_BYTES + 1).unwrap_or(u64::MAX))
+            .read_to_end(&mut raw)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
+        if raw.len() > MAX_SHARE_BYTES {
+            return Err(Error::InvalidInput(format!("{}: larger than any share", path.display())));
+        }
+        Self::parse(&raw).map_err(|e| match e {
+            Error::InvalidInput(m) => Error::InvalidInput(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// Parses a decrypted share. Strict: the nine lines of docs/FORMAT.md, in order.
@@ -228,7 +254,7 @@ pub fn split(threshold: u8, custodians: &[Custodian]) -> Result<Split> {
             file: encrypt_to(&[to], text.as_bytes(), true)?,
         });
     }
-    Ok(Split { recipient: identity.recipient(), split_id: hex(&split_id), threshold, shares })
+    Ok(Split { recipient: identity.recipient(), split_id: hex(&split_id).to_string(), threshold, shares })
 }
 
 /// Writes an encrypted share file for its custodian: mode 0600, never overwriting.
@@ -284,18 +310,19 @@ pub(crate) fn split_identity(
     let mut out = Vec::new();
     for (c, share) in custodians.iter().zip(&raw) {
         let (index, value) = share.split_first().ok_or_else(|| Error::integrity("splitting the identity"))?;
-        let mut text = Zeroizing::new(String::new());
+        // Allocated at its final size, so no growing buffer leaves an unwiped copy.
+        let mut text = Zeroizing::new(String::with_capacity(MAX_SHARE_BYTES));
         let _ = write!(
             text,
             "{SHARE_MAGIC}\nsplit: {}\nthreshold: {threshold}\nshares: {count}\nindex: {index}\ncustodian: {}\n\
              recipient: {}\nvalue: {}\n",
-            hex(&split_id),
+            hex(&split_id).as_str(),
             c.name,
             identity.recipient(),
-            Zeroizing::new(hex(value)).as_str(),
+            hex(value).as_str(),
         );
         let mac = crate::crypto::hmac(&key, &[text.as_bytes()]);
-        let _ = writeln!(text, "mac: {}", hex(&mac));
+        let _ = writeln!(text, "mac: {}", hex(&mac).as_str());
         out.push(text);
     }
     Ok(out)
@@ -388,15 +415,28 @@ fn mac_key(secret: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Lowercase hex, in a zeroizing string allocated at its final size (share values
+/// pass through here).
+fn hex(bytes: &[u8]) -> Zeroizing<String> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Zeroizing::new(String::with_capacity(bytes.len() * 2));
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
 
+/// The bytes of lowercase hex, allocated at their final size; `None` for anything else.
 fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    let mut out = Vec::with_capacity(s.len() / 2);
+    for i in (0..s.len()).step_by(2) {
+        out.push(u8::from_str_radix(s.get(i..i + 2)?, 16).ok()?);
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -523,7 +563,7 @@ mod tests {
     impl Share {
         /// The whole text again (the signed part and the MAC line).
         fn signed_full(&self) -> String {
-            format!("{}mac: {}\n", self.signed.as_str(), hex(&self.mac))
+            format!("{}mac: {}\n", self.signed.as_str(), hex(&self.mac).as_str())
         }
     }
 }

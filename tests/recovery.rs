@@ -418,3 +418,194 @@ fn the_age_cli_opens_a_dek_wrapped_by_the_age_root() {
     let (_, secret) = tokenguard::seal::open_record_with_key(&dek, &store_id, &rec).unwrap();
     assert_eq!(secret.field(None).unwrap().expose(), b"ya29.INTEROP");
 }
+
+/// The integrity-key list of FORMAT.md, encoded by hand (an attacker's tool).
+fn encode_ik(list: &[tokenguard::store::RootWrapped]) -> Vec<u8> {
+    let mut out = vec![1u8];
+    out.extend(u32::try_from(list.len()).unwrap().to_be_bytes());
+    for w in list {
+        out.extend(w.root_id.to_be_bytes());
+        out.extend(w.wrapped.mechanism.code().to_be_bytes());
+        out.extend(u32::try_from(w.wrapped.blob.len()).unwrap().to_be_bytes());
+        out.extend(&w.wrapped.blob);
+    }
+    out
+}
+
+fn edit_ik(env: &TestEnv, f: impl FnOnce(&mut Vec<tokenguard::store::RootWrapped>)) {
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    let db = common::raw_db(&env.store_path);
+    let mut list = {
+        let r = db.begin_read().unwrap();
+        let v = r.open_table(META).unwrap().get("integrity_key").unwrap().unwrap().value().to_vec();
+        tokenguard::store::decode_wrapped_key(&v).unwrap()
+    };
+    f(&mut list);
+    let w = db.begin_write().unwrap();
+    w.open_table(META).unwrap().insert("integrity_key", encode_ik(&list).as_slice()).unwrap();
+    w.commit().unwrap();
+}
+
+/// A wrap to an age recipient can be made by anyone who knows the recipient. With an
+/// HSM and the escrow identity both configured, a file writer who removes or spoils
+/// the HSM's wrap of the integrity key, and plants an age wrap of a key of their own,
+/// gets a refusal — never a store opened with the key they chose.
+#[test]
+fn a_spoiled_hardware_wrap_never_hands_the_open_to_a_forged_age_wrap() {
+    let env = TestEnv::new("age-forged");
+    let (key, recipient) = age_keygen(&env.dir, "escrow");
+    let both = config_with(
+        &env,
+        "both.toml",
+        false,
+        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&[&recipient], Some(&key))),
+    );
+    ok(&tg(&both, &["init"], b""), "init");
+    ok(&tg(&both, &["put", "github", "ci"], b"ghp_GENUINE"), "put");
+    let pristine = std::fs::read(&env.store_path).unwrap();
+    let forge = |list: &mut Vec<tokenguard::store::RootWrapped>| {
+        // The attacker's own integrity key, wrapped to the public recipient.
+        let fake = tokenguard::root::age::AgeRoot::new(std::slice::from_ref(&recipient), Vec::new(), None).unwrap();
+        let mine = tokenguard::secret::DekMaterial::random().unwrap();
+        let age = list.iter_mut().find(|w| w.wrapped.mechanism == tokenguard::root::WrapMechanism::Age).unwrap();
+        age.wrapped = tokenguard::root::RootKey::wrap(&fake, &mine).unwrap();
+    };
+    // 1. The HSM's wrap removed.
+    edit_ik(&env, |list| {
+        forge(list);
+        list.retain(|w| w.wrapped.mechanism == tokenguard::root::WrapMechanism::Age);
+    });
+    let o = tg(&both, &["get", "github", "ci"], b"");
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("pinned, configured root"), "{}", stderr(&o));
+    // 2. The HSM's wrap spoiled (one flipped byte).
+    std::fs::write(&env.store_path, &pristine).unwrap();
+    edit_ik(&env, |list| {
+        forge(list);
+        let hsm = list.iter_mut().find(|w| w.wrapped.mechanism != tokenguard::root::WrapMechanism::Age).unwrap();
+        hsm.wrapped.blob[5] ^= 1;
+    });
+    let o = tg(&both, &["get", "github", "ci"], b"");
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("age recipient"), "{}", stderr(&o));
+    // The untouched file opens, by the HSM.
+    std::fs::write(&env.store_path, &pristine).unwrap();
+    assert_eq!(ok(&tg(&both, &["get", "github", "ci"], b""), "get"), "ghp_GENUINE");
+}
+
+/// The guards around a recovery: an identity rebuilt for one command never counts as
+/// a way into the store afterwards, production configs refuse identities even for a
+/// restore, share files must be private, and the command after `--` runs once.
+#[test]
+fn recovery_refuses_what_would_outlive_it() {
+    let env = TestEnv::new("age-guards");
+    ok(&env.run(&["init"], b""), "init");
+    ok(&env.run(&["put", "slack", "bot"], b"xoxb-GUARDS"), "put");
+    let keys: Vec<(PathBuf, String)> = ["ana", "ben"].iter().map(|n| age_keygen(&env.dir, n)).collect();
+    let shares_dir = env.dir.join("shares");
+    std::fs::create_dir(&shares_dir).unwrap();
+    let a = format!("ana={}", keys[0].1);
+    let b = format!("ben={}", keys[1].1);
+    let out = ok(
+        &env.run(
+            &["--json", "recovery", "split", "-k", "2", "--custodian", &a, "--custodian", &b, "--out-dir"]
+                .into_iter()
+                .chain([shares_dir.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+            b"",
+        ),
+        "split",
+    );
+    let recipient = serde_json::from_str::<serde_json::Value>(&out).unwrap()["recipient"].as_str().unwrap().to_string();
+    let root_file = env.dir.join("escrow.toml");
+    std::fs::write(&root_file, age_root(&[&recipient], None)).unwrap();
+    ok(&env.run(&["root", "add", "--root-config", root_file.to_str().unwrap()], b""), "root add");
+    let mut plain = Vec::new();
+    for (n, (k, _)) in ["ana", "ben"].iter().zip(&keys) {
+        let o = age_decrypt(k, &shares_dir.join(format!("{n}.share.age")));
+        let p = env.dir.join(format!("{n}.share"));
+        common::write_0600(&p, &o.stdout);
+        plain.push(p.to_str().unwrap().to_string());
+    }
+    let both = config_with(
+        &env,
+        "both.toml",
+        false,
+        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&[&recipient], None)),
+    );
+    let both = both.to_str().unwrap();
+    let combine = |tail: &[&str]| {
+        let mut args = vec!["--config", both, "recovery", "combine", plain[0].as_str(), plain[1].as_str()];
+        args.extend(tail);
+        env.run(&args, b"")
+    };
+    // Removing the HSM with the rebuilt identity would leave only the escrow root,
+    // which no configuration could open: refused (exit 2), store unchanged.
+    let o = combine(&["--", "root", "remove", "1"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("wrap-only"), "{}", stderr(&o));
+    assert_eq!(ok(&tg(Path::new(both), &["--json", "root", "list"], b""), "root list").matches("root_id").count(), 2);
+    // Nothing long-lived after --, and not --out with it.
+    for tail in [
+        &["--", "serve"][..],
+        &["--", "exec", "--env", "X=slack/bot", "--", "true"],
+        &["--", "refresh", "--watch"],
+        &["--", "recovery", "combine", "x"],
+        &["--out", "id.key", "--", "list"],
+    ] {
+        let o = combine(tail);
+        assert_eq!(code(&o), 2, "{tail:?}: {}", stderr(&o));
+    }
+    // A one-shot command works, with the outer config.
+    assert_eq!(ok(&combine(&["--", "get", "slack", "bot"]), "combine -- get"), "xoxb-GUARDS");
+    // Under require_hardware the rebuilt identity is refused (exit 8).
+    let prod = config_with(
+        &env,
+        "prod.toml",
+        true,
+        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&[&recipient], None)),
+    );
+    let o = env.run(
+        &["--config", prod.to_str().unwrap(), "recovery", "combine", &plain[0], &plain[1], "--", "get", "slack", "bot"],
+        b"",
+    );
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    // A restore under require_hardware with an identity configured: refused before
+    // the backup is opened, and no store is made.
+    let backup = env.dir.join("b.tgb");
+    ok(&env.run(&["backup", backup.to_str().unwrap()], b""), "backup");
+    let id_file = env.dir.join("rebuilt.key");
+    ok(&env.run(&["recovery", "combine", &plain[0], &plain[1], "--out", id_file.to_str().unwrap()], b""), "--out");
+    let target = env.dir.join("restored.redb");
+    let restore_cfg = env.dir.join("restore.toml");
+    std::fs::write(
+        &restore_cfg,
+        format!(
+            "require_hardware = true\n[store]\npath = {:?}\n{}",
+            target.display().to_string(),
+            age_root(&[&recipient], Some(&id_file))
+        ),
+    )
+    .unwrap();
+    let o = tg(&restore_cfg, &["restore", backup.to_str().unwrap()], b"");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(!target.exists(), "a store was made before the refusal");
+    // A share file others can read: refused (exit 2), as a PIN file is.
+    std::fs::set_permissions(&plain[0], std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let o = combine(&["--", "get", "slack", "bot"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("chmod 600"), "{}", stderr(&o));
+    std::fs::set_permissions(&plain[0], std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // An altered custodian name: exit 4, naming the share.
+    let text = std::fs::read_to_string(&plain[1]).unwrap().replace("custodian: ben", "custodian: eve");
+    std::fs::write(&plain[1], text).unwrap();
+    let o = combine(&["--", "get", "slack", "bot"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("eve"), "{}", stderr(&o));
+    // An identity pasted where a recipient belongs is never echoed.
+    let secret = std::fs::read_to_string(&keys[0].0).unwrap();
+    let secret = secret.lines().find(|l| l.starts_with("AGE-SECRET-KEY-1")).unwrap();
+    let o = env.run(&["recovery", "split", "-k", "2", "--custodian", &format!("x={secret}"), "--custodian", &b], b"");
+    assert_eq!(code(&o), 2);
+    assert!(!stderr(&o).contains(secret) && stderr(&o).contains("public key"), "{}", stderr(&o));
+}

@@ -41,7 +41,7 @@ use crate::store::CounterStatus;
 use crate::store::{DekState, RootPin, Store, StoreRead, StoreWrite};
 
 pub use doctor::{DekInfo, HardwareCalls, Stats};
-pub(crate) use open::unlock_key;
+pub(crate) use open::{check_hardware, unlock_key};
 pub use salvage::SalvageReport;
 
 /// Options of a guard beyond its store and roots.

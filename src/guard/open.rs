@@ -17,7 +17,7 @@ use crate::store::{
 /// Under `require_hardware`, no software key may be able to open the store: a
 /// wrap-only root (an age escrow root without its identity) is allowed, as it only
 /// wraps. And some configured root must be able to open it at all.
-fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
+pub(crate) fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
     if require && let Some(r) = roots.iter().find(|r| !r.is_hardware() && r.can_unwrap()) {
         let fix = if r.backend() == "age" {
             "the age root's identity is configured, so it could open the store: drop identity_file from this config \
@@ -264,24 +264,59 @@ fn describe_pins(pins: &[RootPin]) -> String {
     pins.iter().map(|p| p.description.clone()).collect::<Vec<_>>().join(" or ")
 }
 
-/// Unwraps the store's integrity key with the first matched root that can.
+/// Unwraps the store's integrity key: hardware roots first, then the other roots whose
+/// wraps only their key can make (soft), then public-key roots (age).
+///
+/// Fails closed where a file writer could otherwise choose the key: a wrap to an age
+/// recipient can be made by anyone who knows the recipient.
+/// - A configured root pinned in the store without a wrap of the key: the file was
+///   altered (roots are pinned and wrapped in one write).
+/// - A root with authenticated wraps whose wrap does not open (a modified blob, or a
+///   key replaced under the same label), followed by an age root that opens: refused.
+///   (Another authenticated root may still open it: finding 10's replaced key.)
+///
+/// A root that cannot be reached (module, token, TPM errors) is no such refusal: a
+/// recovery falls back to the escrow root then.
 fn unwrap_integrity_key(
     pins: &[RootPin],
     wrapped_ik: &[RootWrapped],
     matched: &[(usize, u16)],
     roots: &[Box<dyn RootKey>],
 ) -> Result<(DekMaterial, usize)> {
+    let mut order: Vec<(usize, u16)> = matched.iter().copied().filter(|(i, _)| roots[*i].can_unwrap()).collect();
+    if order.is_empty() {
+        return Err(Error::Config(
+            "the configured roots pinned in this store are wrap-only (age recipients without an identity): \
+             none can open it; configure its hardware root, or recover with the age identity"
+                .into(),
+        ));
+    }
+    order.sort_by_key(|(i, _)| (!roots[*i].is_hardware(), !roots[*i].wraps_authenticate()));
     let mut last_err = None;
-    for (i, root_id) in matched {
-        let Some(w) = wrapped_ik.iter().find(|w| w.root_id == *root_id) else {
-            continue;
+    let mut refused_authenticated = None;
+    for (i, root_id) in order {
+        let Some(w) = wrapped_ik.iter().find(|w| w.root_id == root_id) else {
+            return Err(Error::integrity("finding the integrity key wrapped for a pinned, configured root"));
         };
-        if !roots[*i].can_unwrap() {
-            continue;
+        let authenticated = roots[i].wraps_authenticate();
+        if let (false, Some(refused)) = (authenticated, refused_authenticated) {
+            tracing::error!(
+                refused,
+                root_id,
+                "a root's own wrap of the integrity key does not open; a key wrapped to an age recipient is not \
+                 taken instead (remove that root from the configuration to recover with the escrow alone)"
+            );
+            return Err(Error::integrity(
+                "checking the integrity key (a configured root's own wrap does not open it, and a key that anyone \
+                 could have wrapped to an age recipient is not taken instead)",
+            ));
         }
-        match roots[*i].unwrap(&w.wrapped) {
-            Ok(ik) => return Ok((ik, *i)),
+        match roots[i].unwrap(&w.wrapped) {
+            Ok(ik) => return Ok((ik, i)),
             Err(Error::Integrity { .. }) => {
+                if authenticated {
+                    refused_authenticated = Some(root_id);
+                }
                 last_err = Some(Error::WrongRoot {
                     pinned: describe_pins(pins),
                     found: "a key with the pinned identity that does not open this store (replaced or re-generated?)"
@@ -290,13 +325,6 @@ fn unwrap_integrity_key(
             }
             Err(e) => last_err = Some(e),
         }
-    }
-    if last_err.is_none() && matched.iter().all(|(i, _)| !roots[*i].can_unwrap()) {
-        return Err(Error::Config(
-            "the configured roots pinned in this store are wrap-only (age recipients without an identity): \
-             none can open it; configure its hardware root, or recover with the age identity"
-                .into(),
-        ));
     }
     Err(last_err.unwrap_or_else(|| Error::integrity("finding the store's integrity key")))
 }

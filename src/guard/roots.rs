@@ -133,11 +133,16 @@ impl TokenGuard {
                         missing.join("; ")
                     )));
                 }
-                let opens = |p: &RootPin| inner.roots.iter().any(|r| r.root_id == p.root_id && r.key.can_unwrap());
+                // An identity rebuilt from shares for this one command does not count:
+                // the configurations that run afterwards would have no way in.
+                let opens = |p: &RootPin| {
+                    inner.roots.iter().any(|r| r.root_id == p.root_id && r.key.can_unwrap() && !r.key.recovery_only())
+                };
                 if !rest.iter().any(opens) {
                     return Err(Error::InvalidInput(format!(
-                        "refusing to remove root {root_id}: every remaining root is wrap-only here (age recipients \
-                         without an identity), so nothing configured would open the store again; add a root first"
+                        "refusing to remove root {root_id}: every remaining root is wrap-only (age recipients without \
+                         an identity, or with one rebuilt from shares for this command only), so no configuration \
+                         would open the store again; add a root first"
                     )));
                 }
                 // 1. The removed root's wraps go, and it is unpinned (so the new data keys

@@ -64,12 +64,16 @@ impl AgeIdentity {
     /// Writes the identity as an age identity file (the form `age-keygen` writes and
     /// `age -d -i` reads) at `path`: mode 0600, never overwriting.
     pub fn write_new(&self, path: &Path) -> Result<()> {
-        let mut text = Zeroizing::new(format!(
+        let header = format!(
             "# created by tokenguard at {}\n# public key: {}\n",
             crate::clock::rfc3339(crate::clock::now()),
             self.recipient()
-        ));
-        text.push_str(&self.secret_text());
+        );
+        let secret = self.secret_text();
+        // Allocated at its final size: no growing buffer leaves an unwiped copy.
+        let mut text = Zeroizing::new(String::with_capacity(header.len() + secret.len() + 1));
+        text.push_str(&header);
+        text.push_str(&secret);
         text.push('\n');
         crate::files::write_new_private(path, text.as_bytes())
     }
@@ -93,7 +97,8 @@ impl AgeIdentity {
             let bad = |what: &str| Error::Config(format!("age identity file {}: {what}", path.display()));
             let armored = age::armor::ArmoredReader::new(&raw[..]);
             let d = age::Decryptor::new(armored).map_err(|_| bad("not a readable age file"))?;
-            let mut plain = Zeroizing::new(Vec::new());
+            // The plaintext is shorter than the file: no reallocation while reading.
+            let mut plain = Zeroizing::new(Vec::with_capacity(raw.len()));
             d.decrypt(std::iter::once(&identity as &dyn age::Identity))
                 .and_then(|mut r| r.read_to_end(&mut plain).map_err(age::DecryptError::from))
                 .map_err(|_| bad("the passphrase does not open it (or it is damaged)"))?;
@@ -133,6 +138,14 @@ pub(crate) fn is_age_file(raw: &[u8]) -> bool {
 /// Parses an `age1…` X25519 recipient; the error names it (it is public).
 pub fn parse_recipient(text: &str) -> Result<age::x25519::Recipient> {
     age::x25519::Recipient::from_str(text.trim()).map_err(|e| {
+        if text.trim_start().to_ascii_uppercase().starts_with("AGE-SECRET-KEY") {
+            // Never echoed: this is an identity, given where its public key belongs.
+            return Error::Config(
+                "an age identity (AGE-SECRET-KEY-1…) was given where a recipient belongs; give its public key \
+                 (`age-keygen -y KEY`), and treat that identity as exposed"
+                    .into(),
+            );
+        }
         Error::Config(format!(
             "{text:?} is not an age X25519 recipient (age1…): {e}; plugin recipients are not supported"
         ))
@@ -171,6 +184,8 @@ pub struct AgeRoot {
     identities: Vec<AgeIdentity>,
     /// Where the identities came from, for `doctor`.
     identity_from: Option<String>,
+    /// Every identity was rebuilt from shares in this process (none from a file).
+    recovered_only: bool,
 }
 
 impl fmt::Debug for AgeRoot {
@@ -205,7 +220,7 @@ impl AgeRoot {
             )));
         }
         let identity_from = if identities.is_empty() { None } else { identity_from };
-        Ok(AgeRoot { recipients: parsed, identities, identity_from })
+        Ok(AgeRoot { recipients: parsed, identities, identity_from, recovered_only: false })
     }
 
     /// The root of a `[[roots]] backend = "age"` entry, with the identities of its
@@ -222,11 +237,14 @@ impl AgeRoot {
             c.recipients.iter().filter_map(|r| parse_recipient(r).ok()).map(|r| r.to_string()).collect();
         let mine: Vec<AgeIdentity> =
             recovered.iter().filter(|i| names.contains(&i.recipient())).map(|i| (**i).clone()).collect();
+        let recovered_only = c.identity_file.is_none() && !mine.is_empty();
         if !mine.is_empty() {
             identities.extend(mine);
             from.push("an identity rebuilt from custodians' shares".into());
         }
-        Self::new(&c.recipients, identities, (!from.is_empty()).then(|| from.join(" and ")))
+        let mut root = Self::new(&c.recipients, identities, (!from.is_empty()).then(|| from.join(" and ")))?;
+        root.recovered_only = recovered_only;
+        Ok(root)
     }
 
     fn recipient_strings(&self) -> Vec<String> {
@@ -263,6 +281,14 @@ impl RootKey for AgeRoot {
 
     fn can_unwrap(&self) -> bool {
         !self.identities.is_empty()
+    }
+
+    fn recovery_only(&self) -> bool {
+        self.recovered_only
+    }
+
+    fn wraps_authenticate(&self) -> bool {
+        false
     }
 
     fn is_policy_bound(&self) -> bool {

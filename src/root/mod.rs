@@ -270,6 +270,22 @@ pub trait RootKey: Send + Sync + fmt::Debug {
     /// Checks for `doctor`: key attributes, reachability, policy.
     fn health(&self) -> Vec<Check>;
 
+    /// Whether only the holder of this root's secret can make a wrap that it opens:
+    /// true for key-wrap and sealing roots; false for a public-key root (`age`), whose
+    /// wraps anyone who knows the recipient can make. The guard never lets such a
+    /// root open a store whose authenticated roots refused it.
+    fn wraps_authenticate(&self) -> bool {
+        true
+    }
+
+    /// Whether this root can unwrap only for now, with an identity rebuilt from
+    /// custodians' shares in this process (`recovery combine … -- COMMAND`): it does
+    /// not count as a way into the store for the configurations that run afterwards
+    /// (`root remove` never leaves only such roots). False unless so.
+    fn recovery_only(&self) -> bool {
+        false
+    }
+
     /// Whether opening depends on volatile platform state (TPM PCRs): such a root
     /// can be locked out by a firmware update and is never allowed to be the only one.
     fn is_policy_bound(&self) -> bool;

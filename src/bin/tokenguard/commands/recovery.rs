@@ -66,16 +66,7 @@ fn split(threshold: u8, custodians: &[String], out_dir: &Path, json: bool) -> Re
 }
 
 fn combine(paths: &[PathBuf], out: Option<&Path>, command: Vec<OsString>, outer: Outer) -> Result<i32> {
-    let mut shares = Vec::new();
-    for p in paths {
-        let raw = zeroize::Zeroizing::new(
-            std::fs::read(p).map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))?,
-        );
-        shares.push(Share::parse(&raw).map_err(|e| match e {
-            Error::InvalidInput(m) => Error::InvalidInput(format!("{}: {m}", p.display())),
-            other => other,
-        })?);
-    }
+    let shares = paths.iter().map(|p| Share::read(p)).collect::<Result<Vec<_>>>()?;
     if out.is_none() && command.is_empty() {
         // Checked after the shares, so a wrong share is reported first either way.
         recovery::combine(&shares)?;
@@ -106,9 +97,18 @@ fn combine(paths: &[PathBuf], out: Option<&Path>, command: Vec<OsString>, outer:
     if matches.value_source("config") != Some(clap::parser::ValueSource::CommandLine) {
         inner.config = outer.config.or(inner.config);
     }
-    if matches!(inner.command, Command::Recovery(_) | Command::Serve) {
+    // One command, run once: nothing that keeps the identity in memory for longer
+    // (a server, a watch loop, a child process) nor a second recovery.
+    let long_lived = match &inner.command {
+        Command::Recovery(_) | Command::Serve | Command::Exec(_) => true,
+        Command::Refresh(a) => a.watch,
+        _ => false,
+    };
+    if long_lived {
         return Err(Error::InvalidInput(
-            "the command after -- runs once with the rebuilt identity: not `recovery` nor `serve`".into(),
+            "the command after -- runs once with the rebuilt identity: not `serve`, `exec`, `refresh --watch` nor \
+             `recovery`"
+                .into(),
         ));
     }
     inner.json |= outer.json;
