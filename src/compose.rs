@@ -91,10 +91,8 @@ impl Config {
         // An identity rebuilt from shares that opens none of the configured roots is a
         // mistake to report, not to ignore.
         for id in &self.recovered_identities {
-            let used = self
-                .roots
-                .iter()
-                .any(|r| matches!(r, RootConfig::Age(a) if a.recipients.iter().any(|x| x.trim() == id.recipient())));
+            let used =
+                self.roots.iter().any(|r| matches!(r, RootConfig::Age(a) if a.recipient.trim() == id.recipient()));
             if !used {
                 return Err(Error::Config(format!(
                     "the identity rebuilt from the shares (recipient {}) is not a recipient of any configured age root",

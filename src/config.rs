@@ -55,7 +55,7 @@ pub struct Config {
     #[serde(skip)]
     pub base_dir: PathBuf,
     /// age identities rebuilt in this process (`tokenguard recovery combine … --
-    /// COMMAND`), offered to every `age` root whose recipients include them.
+    /// COMMAND`), offered to every `age` root whose recipient is theirs.
     #[serde(skip)]
     pub recovered_identities: Vec<std::sync::Arc<crate::root::age::AgeIdentity>>,
 }
@@ -157,7 +157,7 @@ pub enum RootConfig {
     Tpm(TpmConfig),
     /// A key file (development, offline recovery).
     Soft(SoftConfig),
-    /// age X25519 recipients: an escrow root whose identity may stay offline.
+    /// An age X25519 recipient: an escrow root whose identity may stay offline.
     Age(AgeConfig),
 }
 
@@ -260,9 +260,14 @@ pub struct SoftConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgeConfig {
-    /// The age X25519 recipients (`age1…`) every data key and the integrity key are
-    /// encrypted to; one of their identities opens them. Public: no secret here.
-    pub recipients: Vec<String>,
+    /// The age X25519 recipient (`age1…`) every data key and the integrity key are
+    /// encrypted to; its identity opens them. Public. Several escrow holders are
+    /// several age roots, or one split among custodians (`recovery split`).
+    pub recipient: String,
+    /// Where the root's authentication key is read, as a PIN is (`env:VAR`,
+    /// `file:PATH`, `prompt`): 64 hex digits. Needed to wrap when the identity is not
+    /// configured; it cannot decrypt anything.
+    pub auth_key_source: Option<String>,
     /// An age identity file (`AGE-SECRET-KEY-1…` lines, as `age-keygen` writes, or
     /// that file encrypted with a passphrase), mode 0600. Absent: the root is
     /// wrap-only, as an escrow root normally is.
@@ -371,7 +376,10 @@ impl Config {
                     }
                 }
                 RootConfig::Tpm(t) => sources.extend(t.pin_source.clone()),
-                RootConfig::Age(a) => sources.extend(a.passphrase_source.clone()),
+                RootConfig::Age(a) => {
+                    sources.extend(a.passphrase_source.clone());
+                    sources.extend(a.auth_key_source.clone());
+                }
                 RootConfig::Soft(_) => {}
             }
         }
@@ -458,9 +466,8 @@ mod tests {
                 let c = Config::parse(&text, &dir).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 for r in &c.roots {
                     if let RootConfig::Age(a) = r {
-                        for x in &a.recipients {
-                            crate::root::age::parse_recipient(x).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                        }
+                        crate::root::age::parse_recipient(&a.recipient)
+                            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                     }
                 }
                 n += 1;

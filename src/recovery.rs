@@ -85,6 +85,9 @@ pub struct Split {
     pub threshold: u8,
     /// One per custodian, in the order given.
     pub shares: Vec<EncryptedShare>,
+    /// The age root's authentication key (derived from the identity): the service
+    /// needs it to wrap (`auth_key_source`); it cannot decrypt anything.
+    pub auth_key: Zeroizing<[u8; 32]>,
 }
 
 impl fmt::Debug for Split {
@@ -254,7 +257,13 @@ pub fn split(threshold: u8, custodians: &[Custodian]) -> Result<Split> {
             file: encrypt_to(&[to], text.as_bytes(), true)?,
         });
     }
-    Ok(Split { recipient: identity.recipient(), split_id: hex(&split_id).to_string(), threshold, shares })
+    Ok(Split {
+        recipient: identity.recipient(),
+        split_id: hex(&split_id).to_string(),
+        threshold,
+        shares,
+        auth_key: crate::root::age::auth_key_of(&identity),
+    })
 }
 
 /// Writes an encrypted share file for its custodian: mode 0600, never overwriting.

@@ -34,10 +34,22 @@ fn age_decrypt(key: &Path, file: &Path) -> std::process::Output {
     tool("age").arg("-d").arg("-i").arg(key).arg(file).output().unwrap()
 }
 
-fn age_root(recipients: &[&str], identity: Option<&Path>) -> String {
-    let list = recipients.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join(", ");
+/// An age root entry: the recipient, and the identity file or the authentication key
+/// file (a production config names the key only).
+fn age_root(recipient: &str, identity: Option<&Path>, auth: Option<&Path>) -> String {
     let id = identity.map(|p| format!("identity_file = {:?}\n", p.display().to_string())).unwrap_or_default();
-    format!("[[roots]]\nbackend = \"age\"\nrecipients = [{list}]\n{id}")
+    let auth = auth.map(|p| format!("auth_key_source = \"file:{}\"\n", p.display())).unwrap_or_default();
+    format!("[[roots]]\nbackend = \"age\"\nrecipient = {recipient:?}\n{id}{auth}")
+}
+
+/// `tokenguard recovery auth-key`: the authentication key file of an identity.
+fn auth_key(env: &TestEnv, key: &Path) -> PathBuf {
+    let out = key.with_extension("auth");
+    ok(
+        &env.run(&["recovery", "auth-key", "--identity", key.to_str().unwrap(), "--out", out.to_str().unwrap()], b""),
+        "auth-key",
+    );
+    out
 }
 
 /// The env's PKCS#11 root entry, with another key label: a "new HSM".
@@ -86,14 +98,15 @@ fn a_wrap_only_age_root_lets_new_providers_be_put_and_its_identity_alone_opens_t
     ok(&env.run(&["init"], b""), "init");
     ok(&env.run(&["put", "github", "ci"], b"ghp_BEFORE_ESCROW"), "put");
     let (key, recipient) = age_keygen(&env.dir, "escrow");
+    let auth = auth_key(&env, &key);
 
-    // The escrow root is added with its public recipient only.
+    // The escrow root is added with its public recipient and authentication key only.
     let root_file = env.dir.join("age-root.toml");
-    std::fs::write(&root_file, age_root(&[&recipient], None)).unwrap();
+    std::fs::write(&root_file, age_root(&recipient, None, Some(&auth))).unwrap();
     ok(&env.run(&["root", "add", "--root-config", root_file.to_str().unwrap()], b""), "root add");
     // The production config names the recipient (require_hardware = true stays).
     let mut text = std::fs::read_to_string(&env.config_path).unwrap();
-    text.push_str(&age_root(&[&recipient], None));
+    text.push_str(&age_root(&recipient, None, Some(&auth)));
     std::fs::write(&env.config_path, text).unwrap();
 
     // The scenario of the issue: a new provider's data key needs every pinned root,
@@ -108,14 +121,14 @@ fn a_wrap_only_age_root_lets_new_providers_be_put_and_its_identity_alone_opens_t
         &env,
         "prod-with-identity.toml",
         true,
-        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&[&recipient], Some(&key))),
+        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&recipient, Some(&key), None)),
     );
     let o = tg(&prod_with_identity, &["list"], b"");
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     assert!(stderr(&o).contains("drop identity_file"), "{}", stderr(&o));
 
     // A config of only the recipients cannot open anything, and says so.
-    let only_recipients = config_with(&env, "only-recipients.toml", false, &age_root(&[&recipient], None));
+    let only_recipients = config_with(&env, "only-recipients.toml", false, &age_root(&recipient, None, Some(&auth)));
     let o = tg(&only_recipients, &["get", "github", "ci"], b"");
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     assert!(stderr(&o).contains("wrap-only"), "{}", stderr(&o));
@@ -125,7 +138,7 @@ fn a_wrap_only_age_root_lets_new_providers_be_put_and_its_identity_alone_opens_t
     destroy_hsm_key(&env);
     let o = env.run(&["get", "github", "ci"], b"");
     assert_ne!(code(&o), 0, "the HSM key is gone");
-    let recovery = config_with(&env, "recovery.toml", false, &age_root(&[&recipient], Some(&key)));
+    let recovery = config_with(&env, "recovery.toml", false, &age_root(&recipient, Some(&key), None));
     assert_eq!(ok(&tg(&recovery, &["get", "github", "ci"], b""), "get with the identity"), "ghp_BEFORE_ESCROW");
     assert_eq!(ok(&tg(&recovery, &["get", "newprov", "key"], b""), "get with the identity"), "np_AFTER_ESCROW");
     let out = ok(&tg(&recovery, &["doctor"], b""), "doctor with the identity");
@@ -154,7 +167,7 @@ fn a_passphrase_protected_identity_opens_with_its_passphrase_only() {
     let roots = format!(
         "{}{}passphrase_source = \"env:TG_AGE_PASS\"\n",
         hsm_root(&env, &env.key_label),
-        age_root(&[&recipient], Some(&encrypted))
+        age_root(&recipient, Some(&encrypted), None)
     );
     let cfg = config_with(&env, "with-passphrase.toml", false, &roots);
     let mut c = Command::new(env!("CARGO_BIN_EXE_tokenguard"));
@@ -165,7 +178,7 @@ fn a_passphrase_protected_identity_opens_with_its_passphrase_only() {
     ok(&run_cmd(&mut c, b"xoxb-PASS"), "put");
 
     destroy_hsm_key(&env);
-    let age_only = format!("{}passphrase_source = \"env:TG_AGE_PASS\"\n", age_root(&[&recipient], Some(&encrypted)));
+    let age_only = format!("{}passphrase_source = \"env:TG_AGE_PASS\"\n", age_root(&recipient, Some(&encrypted), None));
     let cfg = config_with(&env, "age-only.toml", false, &age_only);
     for (pass, want) in [("wrong horse", 8), ("correct horse", 0)] {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tokenguard"));
@@ -208,9 +221,12 @@ fn three_of_five_custodians_recover_the_store_after_the_hsm_is_gone() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = ok(&env.run(&args, b""), "recovery split");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        (v["recipient"].as_str().unwrap().to_string(), v["split"].as_str().unwrap().to_string())
+        let auth = PathBuf::from(v["auth_key_file"].as_str().unwrap());
+        (v["recipient"].as_str().unwrap().to_string(), v["split"].as_str().unwrap().to_string(), auth)
     };
-    let (recipient, split_id) = split(&shares_dir);
+    let (recipient, split_id, auth) = split(&shares_dir);
+    let auth_mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&auth).unwrap().permissions());
+    assert_eq!(auth_mode & 0o777, 0o600, "the authentication key file");
     for n in names {
         let f = shares_dir.join(format!("{n}.share.age"));
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&f).unwrap().permissions());
@@ -227,10 +243,10 @@ fn three_of_five_custodians_recover_the_store_after_the_hsm_is_gone() {
 
     // The escrow root, wrap-only, in the production config; tokens are written.
     let root_file = env.dir.join("escrow.toml");
-    std::fs::write(&root_file, age_root(&[&recipient], None)).unwrap();
+    std::fs::write(&root_file, age_root(&recipient, None, Some(&auth))).unwrap();
     ok(&env.run(&["root", "add", "--root-config", root_file.to_str().unwrap()], b""), "root add escrow");
     let mut text = std::fs::read_to_string(&env.config_path).unwrap();
-    text.push_str(&age_root(&[&recipient], None));
+    text.push_str(&age_root(&recipient, None, Some(&auth)));
     std::fs::write(&env.config_path, &text).unwrap();
     ok(&env.run(&["put", "github", "ci"], b"ghp_CUSTODIANS"), "put github");
     ok(&env.run(&["put", "jira", "sync"], b"jira_CUSTODIANS"), "put jira");
@@ -257,7 +273,8 @@ fn three_of_five_custodians_recover_the_store_after_the_hsm_is_gone() {
     destroy_hsm_key(&env);
     assert_ne!(code(&env.run(&["get", "github", "ci"], b"")), 0);
     let p = |i: usize| plain[i].to_str().unwrap().to_string();
-    let recovery = config_with(&env, "recovery.toml", false, &age_root(&[&recipient], None));
+    // The recovery config names the recipient only: the shares bring the identity.
+    let recovery = config_with(&env, "recovery.toml", false, &age_root(&recipient, None, None));
     let rec = recovery.to_str().unwrap();
 
     // Two of five: refused (exit 2), nothing written.
@@ -269,7 +286,7 @@ fn three_of_five_custodians_recover_the_store_after_the_hsm_is_gone() {
     // A share of another split among three: refused (exit 2).
     let other_dir = env.dir.join("other");
     std::fs::create_dir(&other_dir).unwrap();
-    let (_, other_id) = split(&other_dir);
+    let (_, other_id, _) = split(&other_dir);
     assert_ne!(other_id, split_id);
     let o = age_decrypt(&keys[4].0, &other_dir.join("eli.share.age"));
     let foreign = env.dir.join("eli-other.share");
@@ -329,7 +346,7 @@ fn three_of_five_custodians_recover_the_store_after_the_hsm_is_gone() {
         &env,
         "new-prod.toml",
         true,
-        &format!("{}{}", hsm_root(&env, &new_label), age_root(&[&recipient], None)),
+        &format!("{}{}", hsm_root(&env, &new_label), age_root(&recipient, None, Some(&auth))),
     );
     let roots = ok(&tg(&prod, &["--json", "root", "list"], b""), "root list");
     let roots: serde_json::Value = serde_json::from_str(&roots).unwrap();
@@ -348,15 +365,15 @@ fn three_of_five_custodians_recover_the_store_after_the_hsm_is_gone() {
     // Re-split: a new identity, added as a root; the old escrow root removed.
     let resplit_dir = env.dir.join("resplit");
     std::fs::create_dir(&resplit_dir).unwrap();
-    let (new_recipient, _) = split(&resplit_dir);
+    let (new_recipient, _, new_auth) = split(&resplit_dir);
     let new_escrow = env.dir.join("new-escrow.toml");
-    std::fs::write(&new_escrow, age_root(&[&new_recipient], None)).unwrap();
+    std::fs::write(&new_escrow, age_root(&new_recipient, None, Some(&new_auth))).unwrap();
     ok(&tg(&prod, &["root", "add", "--root-config", new_escrow.to_str().unwrap()], b""), "root add new escrow");
     let prod2 = config_with(
         &env,
         "new-prod-2.toml",
         true,
-        &format!("{}{}", hsm_root(&env, &new_label), age_root(&[&new_recipient], None)),
+        &format!("{}{}", hsm_root(&env, &new_label), age_root(&new_recipient, None, Some(&new_auth))),
     );
     let roots: serde_json::Value =
         serde_json::from_str(&ok(&tg(&prod2, &["--json", "root", "list"], b""), "root list")).unwrap();
@@ -385,8 +402,8 @@ fn three_of_five_custodians_recover_the_store_after_the_hsm_is_gone() {
 fn the_age_cli_opens_a_dek_wrapped_by_the_age_root() {
     let env = TestEnv::new("age-interop");
     let (key, recipient) = age_keygen(&env.dir, "interop");
-    let (_, other) = age_keygen(&env.dir, "second");
-    let roots = format!("{}{}", hsm_root(&env, &env.key_label), age_root(&[&recipient, &other], None));
+    let auth = auth_key(&env, &key);
+    let roots = format!("{}{}", hsm_root(&env, &env.key_label), age_root(&recipient, None, Some(&auth)));
     let cfg = config_with(&env, "interop.toml", true, &roots);
     ok(&tg(&cfg, &["init"], b""), "init");
     ok(&tg(&cfg, &["put", "google", "sa"], b"ya29.INTEROP"), "put");
@@ -410,11 +427,36 @@ fn the_age_cli_opens_a_dek_wrapped_by_the_age_root() {
     let blob = env.dir.join("dek.age");
     std::fs::write(&blob, &w.wrapped.blob).unwrap();
     assert!(w.wrapped.blob.starts_with(b"age-encryption.org/v1\n"));
-    // One X25519 stanza per recipient.
-    assert_eq!(w.wrapped.blob.windows(9).filter(|s| s == b"-> X25519").count(), 2);
+    // One X25519 stanza: the root's recipient.
+    assert_eq!(w.wrapped.blob.windows(9).filter(|s| s == b"-> X25519").count(), 1);
     let o = age_decrypt(&key, &blob);
     assert!(o.status.success(), "age -d: {}", String::from_utf8_lossy(&o.stderr));
-    let dek: [u8; 32] = o.stdout.as_slice().try_into().unwrap();
+    // The plaintext is the key and its tag, as FORMAT.md says, checked here with the
+    // hash and MAC crates alone.
+    assert_eq!(o.stdout.len(), 64);
+    let dek: [u8; 32] = o.stdout[..32].try_into().unwrap();
+    let identity = std::fs::read_to_string(&key).unwrap();
+    let identity = identity.lines().find(|l| l.starts_with("AGE-SECRET-KEY-1")).unwrap();
+    let auth_key = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"tokenguard/age-escrow-auth-key/v1");
+        h.update(identity.as_bytes());
+        h.finalize()
+    };
+    assert_eq!(
+        std::fs::read_to_string(&auth).unwrap().trim(),
+        auth_key.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let tag = {
+        use hmac::Mac;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&auth_key).unwrap();
+        m.update(b"tokenguard/age-wrap/v1");
+        m.update(recipient.as_bytes());
+        m.update(&dek);
+        m.finalize().into_bytes()
+    };
+    assert_eq!(&o.stdout[32..], &tag[..]);
     let (_, secret) = tokenguard::seal::open_record_with_key(&dek, &store_id, &rec).unwrap();
     assert_eq!(secret.field(None).unwrap().expose(), b"ya29.INTEROP");
 }
@@ -458,17 +500,22 @@ fn a_spoiled_hardware_wrap_never_hands_the_open_to_a_forged_age_wrap() {
         &env,
         "both.toml",
         false,
-        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&[&recipient], Some(&key))),
+        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&recipient, Some(&key), None)),
     );
     ok(&tg(&both, &["init"], b""), "init");
     ok(&tg(&both, &["put", "github", "ci"], b"ghp_GENUINE"), "put");
     let pristine = std::fs::read(&env.store_path).unwrap();
     let forge = |list: &mut Vec<tokenguard::store::RootWrapped>| {
-        // The attacker's own integrity key, wrapped to the public recipient.
-        let fake = tokenguard::root::age::AgeRoot::new(std::slice::from_ref(&recipient), Vec::new(), None).unwrap();
-        let mine = tokenguard::secret::DekMaterial::random().unwrap();
+        // The attacker's own integrity key, wrapped to the public recipient with a tag
+        // of their choosing: all that anyone without the authentication key can make.
+        let to: age::x25519::Recipient = recipient.parse().unwrap();
+        let mut out = Vec::new();
+        let e = age::Encryptor::with_recipients(std::iter::once(&to as &dyn age::Recipient)).unwrap();
+        let mut w = e.wrap_output(&mut out).unwrap();
+        std::io::Write::write_all(&mut w, &[0x42; 64]).unwrap();
+        w.finish().unwrap();
         let age = list.iter_mut().find(|w| w.wrapped.mechanism == tokenguard::root::WrapMechanism::Age).unwrap();
-        age.wrapped = tokenguard::root::RootKey::wrap(&fake, &mine).unwrap();
+        age.wrapped.blob = out;
     };
     // 1. The HSM's wrap removed.
     edit_ik(&env, |list| {
@@ -488,8 +535,19 @@ fn a_spoiled_hardware_wrap_never_hands_the_open_to_a_forged_age_wrap() {
     let o = tg(&both, &["get", "github", "ci"], b"");
     assert_eq!(code(&o), 4, "{}", stderr(&o));
     assert!(stderr(&o).contains("age recipient"), "{}", stderr(&o));
-    // The untouched file opens, by the HSM.
+    // 3. The recovery itself: the HSM gone, the escrow identity alone. A forged wrap
+    //    (no valid tag) does not open; the genuine one does.
     std::fs::write(&env.store_path, &pristine).unwrap();
+    let escrow_only = config_with(&env, "escrow-only.toml", false, &age_root(&recipient, Some(&key), None));
+    edit_ik(&env, forge);
+    let o = tg(&escrow_only, &["get", "github", "ci"], b"");
+    assert_eq!(code(&o), 4, "a forged escrow wrap opened the store: {}", stderr(&o));
+    // Refused at the wrap (its tag), not later by the state check: a writer who also
+    // recomputed the state under their key would have been caught here too.
+    assert!(stderr(&o).contains("does not open this store"), "{}", stderr(&o));
+    std::fs::write(&env.store_path, &pristine).unwrap();
+    assert_eq!(ok(&tg(&escrow_only, &["get", "github", "ci"], b""), "get by the escrow"), "ghp_GENUINE");
+    // The untouched file opens, by the HSM.
     assert_eq!(ok(&tg(&both, &["get", "github", "ci"], b""), "get"), "ghp_GENUINE");
 }
 
@@ -516,9 +574,11 @@ fn recovery_refuses_what_would_outlive_it() {
         ),
         "split",
     );
-    let recipient = serde_json::from_str::<serde_json::Value>(&out).unwrap()["recipient"].as_str().unwrap().to_string();
+    let v = serde_json::from_str::<serde_json::Value>(&out).unwrap();
+    let recipient = v["recipient"].as_str().unwrap().to_string();
+    let auth = PathBuf::from(v["auth_key_file"].as_str().unwrap());
     let root_file = env.dir.join("escrow.toml");
-    std::fs::write(&root_file, age_root(&[&recipient], None)).unwrap();
+    std::fs::write(&root_file, age_root(&recipient, None, Some(&auth))).unwrap();
     ok(&env.run(&["root", "add", "--root-config", root_file.to_str().unwrap()], b""), "root add");
     let mut plain = Vec::new();
     for (n, (k, _)) in ["ana", "ben"].iter().zip(&keys) {
@@ -531,7 +591,7 @@ fn recovery_refuses_what_would_outlive_it() {
         &env,
         "both.toml",
         false,
-        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&[&recipient], None)),
+        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&recipient, None, Some(&auth))),
     );
     let both = both.to_str().unwrap();
     let combine = |tail: &[&str]| {
@@ -563,7 +623,7 @@ fn recovery_refuses_what_would_outlive_it() {
         &env,
         "prod.toml",
         true,
-        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&[&recipient], None)),
+        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&recipient, None, Some(&auth))),
     );
     let o = env.run(
         &["--config", prod.to_str().unwrap(), "recovery", "combine", &plain[0], &plain[1], "--", "get", "slack", "bot"],
@@ -583,7 +643,7 @@ fn recovery_refuses_what_would_outlive_it() {
         format!(
             "require_hardware = true\n[store]\npath = {:?}\n{}",
             target.display().to_string(),
-            age_root(&[&recipient], Some(&id_file))
+            age_root(&recipient, Some(&id_file), None)
         ),
     )
     .unwrap();

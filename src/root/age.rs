@@ -1,19 +1,21 @@
-//! The `age` root: every data key and the integrity key encrypted to age X25519
-//! recipients (the `age` crate, age-encryption.org/v1), so a root whose private half is
+//! The `age` root: every data key and the integrity key encrypted to one age X25519
+//! recipient (the `age` crate, age-encryption.org/v1), so a root whose private half is
 //! offline — a custodian's key, or an identity split among custodians — still wraps
 //! every new key.
 //!
-//! Wrapping needs only the public recipients. Unwrapping needs an identity: from
-//! `identity_file` (plain, or passphrase-protected with the passphrase from
-//! `passphrase_source`), or rebuilt in memory from custodians' shares
-//! (`tokenguard recovery combine`, [`crate::recovery`]). Without one the root is
-//! *wrap-only* ([`RootKey::can_unwrap`] is false): the guard never asks it to unwrap,
-//! and `doctor` reports it as expected. An age root is never hardware: under
-//! `require_hardware = true` it may wrap, never open (docs/DESIGN-NOTES.md
-//! §"Escrow roots").
+//! Wrapping needs the public recipient and the root's *authentication key*, a one-way
+//! hash of the identity that decrypts nothing (`auth_key_source`): each wrap carries
+//! an HMAC tag under it, so a recovery can tell the service's wraps from wraps anyone
+//! could make to the recipient. Unwrapping needs the identity: from `identity_file`
+//! (plain, or passphrase-protected with the passphrase from `passphrase_source`), or
+//! rebuilt in memory from custodians' shares (`tokenguard recovery combine`,
+//! [`crate::recovery`]). Without one the root is *wrap-only* ([`RootKey::can_unwrap`]
+//! is false): the guard never asks it to unwrap, and `doctor` reports it as expected.
+//! An age root is never hardware: under `require_hardware = true` it may wrap, never
+//! open (docs/DESIGN-NOTES.md §"Escrow roots").
 //!
-//! A wrapped key is a binary age file of the 32 key bytes, one X25519 stanza per
-//! recipient: `age -d -i IDENTITY` decrypts it (docs/FORMAT.md §"age wrap").
+//! A wrapped key is a binary age file of the 32 key bytes and their 32-byte tag:
+//! `age -d -i IDENTITY` decrypts it (docs/FORMAT.md §"age wrap").
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -177,55 +179,129 @@ pub(crate) fn decrypt_with(identities: &[AgeIdentity], file: &[u8], limit: usize
     (out.len() <= limit).then_some(out)
 }
 
-/// The `age` root.
+/// The authentication key of an age root whose identity is `identity`:
+/// `SHA-256("tokenguard/age-escrow-auth-key/v1" ‖ identity text)`. It cannot decrypt
+/// anything; it lets the service make wraps a recovery can tell from wraps anyone
+/// could make to the public recipient (docs/FORMAT.md §"age wrap").
+pub fn auth_key_of(identity: &AgeIdentity) -> Zeroizing<[u8; 32]> {
+    let mut h = Sha256::new();
+    h.update(b"tokenguard/age-escrow-auth-key/v1");
+    h.update(identity.secret_text().as_bytes());
+    Zeroizing::new(h.finalize().into())
+}
+
+/// Parses an authentication key: 64 hex digits (surrounding white space ignored).
+/// The error never quotes it.
+pub fn parse_auth_key(text: &str) -> Result<Zeroizing<[u8; 32]>> {
+    let text = text.trim();
+    let mut key = Zeroizing::new([0u8; 32]);
+    let ok = text.len() == 64
+        && text.as_bytes().chunks(2).zip(key.iter_mut()).all(|(pair, out)| {
+            let digit = |c: u8| char::from(c).to_digit(16);
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(h), Some(l)) => {
+                    *out = u8::try_from(h * 16 + l).unwrap_or(0);
+                    true
+                }
+                _ => false,
+            }
+        });
+    if !ok {
+        return Err(Error::Config("an age root's authentication key is 64 hex digits".into()));
+    }
+    Ok(key)
+}
+
+/// The authentication key as the file `recovery split` and `recovery auth-key`
+/// write: 64 lowercase hex digits and a newline, in a zeroizing string.
+pub fn auth_key_text(key: &[u8; 32]) -> Zeroizing<String> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Zeroizing::new(String::with_capacity(65));
+    for b in key {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out.push('\n');
+    out
+}
+
+/// Length of a wrap's plaintext: the key and its tag.
+const WRAP_PLAIN_LEN: usize = 64;
+
+/// The `age` root: one recipient, whose wraps carry a tag under the root's
+/// authentication key.
 pub struct AgeRoot {
-    /// Sorted and deduplicated: the pin does not depend on their order in the config.
-    recipients: Vec<age::x25519::Recipient>,
-    identities: Vec<AgeIdentity>,
-    /// Where the identities came from, for `doctor`.
+    recipient: age::x25519::Recipient,
+    /// Its `age1…` text, encoded once.
+    name: String,
+    /// The identity of `recipient`, when this process has it.
+    identity: Option<AgeIdentity>,
+    /// The authentication key: from the identity when there is one, else from
+    /// `auth_key_source`.
+    auth: Zeroizing<[u8; 32]>,
+    /// Where the identity came from, for `doctor`.
     identity_from: Option<String>,
-    /// Every identity was rebuilt from shares in this process (none from a file).
+    /// The identity was rebuilt from shares in this process (none from a file).
     recovered_only: bool,
 }
 
 impl fmt::Debug for AgeRoot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgeRoot")
-            .field("recipients", &self.recipient_strings())
-            .field("identities", &self.identities.len())
-            .finish()
+            .field("recipient", &self.name)
+            .field("identity", &self.identity.is_some())
+            .finish_non_exhaustive()
     }
 }
 
 impl AgeRoot {
-    /// A root for `recipients`, with whichever of `identities` belongs to one of them.
-    /// `identity_from` names their source. Fails when `identities` is not empty but
-    /// none is for these recipients (a wrong identity file is a mistake to report, not
-    /// a wrap-only root).
-    pub fn new(recipients: &[String], identities: Vec<AgeIdentity>, identity_from: Option<String>) -> Result<Self> {
-        if recipients.is_empty() {
-            return Err(Error::Config("an age root needs at least one recipient (age1…)".into()));
-        }
-        let mut parsed = recipients.iter().map(|r| parse_recipient(r)).collect::<Result<Vec<_>>>()?;
-        parsed.sort_by_key(ToString::to_string);
-        parsed.dedup_by_key(|r| r.to_string());
-        let names: Vec<String> = parsed.iter().map(ToString::to_string).collect();
+    /// A root for `recipient`. `identities` may hold its identity (others are
+    /// ignored; a non-empty list without it is a mistake to report); `auth_key` is
+    /// the authentication key, needed when the identity is absent and checked
+    /// against it when present. `identity_from` names the identity's source.
+    pub fn new(
+        recipient: &str,
+        identities: Vec<AgeIdentity>,
+        identity_from: Option<String>,
+        auth_key: Option<Zeroizing<[u8; 32]>>,
+    ) -> Result<Self> {
+        let parsed = parse_recipient(recipient)?;
+        let name = parsed.to_string();
         let offered = identities.len();
-        let identities: Vec<AgeIdentity> = identities.into_iter().filter(|i| names.contains(&i.recipient())).collect();
-        if offered > 0 && identities.is_empty() {
+        let identity = identities.into_iter().find(|i| i.recipient() == name);
+        if offered > 0 && identity.is_none() {
             return Err(Error::Config(format!(
-                "{} holds no identity for this age root's recipients ({})",
-                identity_from.as_deref().unwrap_or("the identity given"),
-                names.join(", ")
+                "{} holds no identity for this age root's recipient {name}",
+                identity_from.as_deref().unwrap_or("the identity given")
             )));
         }
-        let identity_from = if identities.is_empty() { None } else { identity_from };
-        Ok(AgeRoot { recipients: parsed, identities, identity_from, recovered_only: false })
+        let auth = match (&identity, auth_key) {
+            (Some(id), given) => {
+                let derived = auth_key_of(id);
+                if given.is_some_and(|g| !bool::from(subtle_eq(&g[..], &derived[..]))) {
+                    return Err(Error::Config(format!(
+                        "the authentication key configured for the age root {name} is not its identity's \
+                         (`tokenguard recovery auth-key` derives the right one)"
+                    )));
+                }
+                derived
+            }
+            (None, Some(key)) => key,
+            (None, None) => {
+                return Err(Error::Config(format!(
+                    "the age root {name} needs auth_key_source (where its authentication key is read, as a PIN is): \
+                     it lets a recovery tell this service's wraps from wraps anyone could make to the recipient. \
+                     `tokenguard recovery split` writes it; `tokenguard recovery auth-key` derives it from an identity"
+                )));
+            }
+        };
+        let identity_from = identity.as_ref().and(identity_from);
+        Ok(AgeRoot { recipient: parsed, name, identity, auth, identity_from, recovered_only: false })
     }
 
-    /// The root of a `[[roots]] backend = "age"` entry, with the identities of its
-    /// `identity_file` and those of `recovered` (rebuilt from shares in this process)
-    /// that belong to its recipients.
+    /// The root of a `[[roots]] backend = "age"` entry, with the identity of its
+    /// `identity_file`, or the one of `recovered` (rebuilt from shares in this
+    /// process) that belongs to its recipient.
     pub fn from_config(c: &crate::config::AgeConfig, base: &Path, recovered: &[Arc<AgeIdentity>]) -> Result<Self> {
         let mut identities = Vec::new();
         let mut from = Vec::new();
@@ -233,33 +309,42 @@ impl AgeRoot {
             identities.extend(AgeIdentity::load(path, c.passphrase_source.as_deref(), base)?);
             from.push(format!("identity file {}", path.display()));
         }
-        let names: Vec<String> =
-            c.recipients.iter().filter_map(|r| parse_recipient(r).ok()).map(|r| r.to_string()).collect();
+        let name = parse_recipient(&c.recipient)?.to_string();
         let mine: Vec<AgeIdentity> =
-            recovered.iter().filter(|i| names.contains(&i.recipient())).map(|i| (**i).clone()).collect();
+            recovered.iter().filter(|i| i.recipient() == name).map(|i| (**i).clone()).collect();
         let recovered_only = c.identity_file.is_none() && !mine.is_empty();
         if !mine.is_empty() {
             identities.extend(mine);
             from.push("an identity rebuilt from custodians' shares".into());
         }
-        let mut root = Self::new(&c.recipients, identities, (!from.is_empty()).then(|| from.join(" and ")))?;
+        let auth = match &c.auth_key_source {
+            Some(src) => {
+                let text = crate::pin::resolve_pin(src, base)?;
+                Some(parse_auth_key(age::secrecy::ExposeSecret::expose_secret(&text))?)
+            }
+            None => None,
+        };
+        let mut root = Self::new(&c.recipient, identities, (!from.is_empty()).then(|| from.join(" and ")), auth)?;
         root.recovered_only = recovered_only;
         Ok(root)
     }
 
-    fn recipient_strings(&self) -> Vec<String> {
-        self.recipients.iter().map(ToString::to_string).collect()
+    fn tag(&self, key: &[u8; 32]) -> [u8; 32] {
+        crate::crypto::hmac(&self.auth, &[b"tokenguard/age-wrap/v1", self.name.as_bytes(), key])
     }
 
     fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
-        h.update(b"tokenguard/age-root/fingerprint/v1");
-        for r in self.recipient_strings() {
-            h.update(b"\n");
-            h.update(r.as_bytes());
-        }
+        h.update(b"tokenguard/age-root/fingerprint/v1\n");
+        h.update(self.name.as_bytes());
         h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// Constant-time equality of two byte strings of equal length.
+fn subtle_eq(a: &[u8], b: &[u8]) -> subtle::Choice {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b)
 }
 
 /// `age1abcdefgh…wxyz`: enough to tell recipients apart in a message.
@@ -280,7 +365,7 @@ impl RootKey for AgeRoot {
     }
 
     fn can_unwrap(&self) -> bool {
-        !self.identities.is_empty()
+        self.identity.is_some()
     }
 
     fn recovery_only(&self) -> bool {
@@ -297,11 +382,9 @@ impl RootKey for AgeRoot {
 
     fn identity(&self) -> Result<RootIdentity> {
         let fp = self.fingerprint();
-        let names = self.recipient_strings();
-        let more = if names.len() > 1 { format!(" and {} more", names.len() - 1) } else { String::new() };
         Ok(RootIdentity {
             backend: "age".into(),
-            description: format!("age recipients {}{more} (fingerprint {fp})", short(&names[0])),
+            description: format!("age recipient {} (fingerprint {fp})", short(&self.name)),
             fingerprint: fp,
         })
     }
@@ -311,38 +394,54 @@ impl RootKey for AgeRoot {
     }
 
     fn wrap(&self, dek: &DekMaterial) -> Result<Wrapped> {
-        Ok(Wrapped { mechanism: WrapMechanism::Age, blob: encrypt_to(&self.recipients, dek.expose(), false)? })
+        let mut plain = Zeroizing::new([0u8; WRAP_PLAIN_LEN]);
+        plain[..32].copy_from_slice(dek.expose());
+        plain[32..].copy_from_slice(&self.tag(dek.expose()));
+        let blob = encrypt_to(std::slice::from_ref(&self.recipient), &plain[..], false)?;
+        Ok(Wrapped { mechanism: WrapMechanism::Age, blob })
     }
 
     fn unwrap(&self, wrapped: &Wrapped) -> Result<DekMaterial> {
-        if self.identities.is_empty() {
+        let Some(identity) = &self.identity else {
             return Err(Error::Config(
                 "this age root is wrap-only (no identity configured): it cannot open a key".into(),
             ));
-        }
+        };
         if wrapped.mechanism != WrapMechanism::Age {
             return Err(Error::integrity("unwrapping a data key"));
         }
-        let plain =
-            decrypt_with(&self.identities, &wrapped.blob, 32).ok_or(Error::integrity("unwrapping a data key"))?;
-        DekMaterial::from_slice(&plain)
+        let plain = decrypt_with(std::slice::from_ref(identity), &wrapped.blob, WRAP_PLAIN_LEN)
+            .filter(|p| p.len() == WRAP_PLAIN_LEN)
+            .ok_or(Error::integrity("unwrapping a data key"))?;
+        let (key, tag) = plain.split_at(32);
+        let mut k = [0u8; 32];
+        k.copy_from_slice(key);
+        let expected = Zeroizing::new(self.tag(&k));
+        zeroize::Zeroize::zeroize(&mut k);
+        // A wrap anyone could have made to the recipient, without this root's
+        // authentication key: refused.
+        if !bool::from(subtle_eq(tag, &expected[..])) {
+            tracing::warn!("an age wrap's tag does not verify: made without this root's authentication key");
+            return Err(Error::integrity("authenticating an age-wrapped key"));
+        }
+        DekMaterial::from_slice(key)
     }
 
     fn health(&self) -> Vec<Check> {
-        let names = self.recipient_strings().join(", ");
+        let name = &self.name;
         match &self.identity_from {
             None => vec![Check::pass(
                 "age root",
                 format!(
                     "wrap-only, as expected for an escrow root whose identity is kept offline: new data keys are \
-                     wrapped to {names}; it opens the store only in a recovery, with its identity"
+                     wrapped to {name}; it opens the store only in a recovery, with its identity"
                 ),
             )],
             Some(from) => vec![Check::warn(
                 "age root",
                 format!(
-                    "the identity of {names} is in this process ({from}): it opens the store with a software key. \
-                     Keep it for recovery; a production config names the recipients only"
+                    "the identity of {name} is in this process ({from}): it opens the store with a software key. \
+                     Keep it for recovery; a production config names the recipient and the authentication key only"
                 ),
             )],
         }
@@ -355,14 +454,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wraps_open_with_the_identity_only_and_a_wrap_only_root_refuses_to_unwrap() {
+    fn wraps_open_with_the_identity_only_and_carry_a_tag_only_the_auth_key_makes() {
         let id = AgeIdentity::generate();
-        let other = AgeIdentity::generate();
-        let full = AgeRoot::new(&[id.recipient(), other.recipient()], vec![id.clone()], Some("test".into())).unwrap();
-        let wrap_only = AgeRoot::new(&[other.recipient(), id.recipient()], Vec::new(), None).unwrap();
-        // The same recipients in another order are the same root.
+        let r = id.recipient();
+        let full = AgeRoot::new(&r, vec![id.clone()], Some("test".into()), None).unwrap();
+        let wrap_only = AgeRoot::new(&r, Vec::new(), None, Some(auth_key_of(&id))).unwrap();
         assert_eq!(full.identity().unwrap().pin(), wrap_only.identity().unwrap().pin());
-        assert!(full.can_unwrap() && !wrap_only.can_unwrap());
+        assert!(full.can_unwrap() && !wrap_only.can_unwrap() && !full.wraps_authenticate());
         let dek = DekMaterial::random().unwrap();
         let w = wrap_only.wrap(&dek).unwrap();
         assert_eq!(w.mechanism, WrapMechanism::Age);
@@ -372,18 +470,37 @@ mod tests {
         let last = bad.blob.len() - 1;
         bad.blob[last] ^= 1;
         assert!(matches!(full.unwrap(&bad), Err(Error::Integrity { .. })));
-        // An identity of none of the recipients is a mistake, not a wrap-only root.
-        let stranger = AgeIdentity::generate();
-        assert!(AgeRoot::new(&[id.recipient()], vec![stranger], Some("x".into())).is_err());
+        // A wrap made to the public recipient without the authentication key (what
+        // anyone can do): refused.
+        let mut forged = Zeroizing::new([7u8; WRAP_PLAIN_LEN]);
+        forged[..32].copy_from_slice(dek.expose());
+        let to = parse_recipient(&r).unwrap();
+        let blob = encrypt_to(std::slice::from_ref(&to), &forged[..], false).unwrap();
+        let e = full.unwrap(&Wrapped { mechanism: WrapMechanism::Age, blob }).unwrap_err();
+        assert!(matches!(e, Error::Integrity { .. }), "{e}");
+        // Another root's authentication key makes wraps this identity refuses.
+        let other = AgeRoot::new(&r, Vec::new(), None, Some(Zeroizing::new([1u8; 32]))).unwrap();
+        assert!(full.unwrap(&other.wrap(&dek).unwrap()).is_err());
+        // A wrong key beside the identity, no key and no identity, or an identity of
+        // another recipient: configuration errors.
+        assert!(AgeRoot::new(&r, vec![id.clone()], None, Some(Zeroizing::new([1u8; 32]))).is_err());
+        assert!(AgeRoot::new(&r, Vec::new(), None, None).is_err());
+        assert!(AgeRoot::new(&r, vec![AgeIdentity::generate()], Some("x".into()), None).is_err());
+        // The key file form round-trips.
+        let k = auth_key_of(&id);
+        assert_eq!(*parse_auth_key(&auth_key_text(&k)).unwrap(), *k);
+        assert!(parse_auth_key("00").is_err());
     }
 
     #[test]
     fn debug_shows_no_secret() {
         let id = AgeIdentity::generate();
         let secret = id.secret_text();
-        let root = AgeRoot::new(&[id.recipient()], vec![id.clone()], Some("test".into())).unwrap();
+        let root = AgeRoot::new(&id.recipient(), vec![id.clone()], Some("test".into()), None).unwrap();
+        let auth = auth_key_text(&auth_key_of(&id));
         for text in [format!("{id:?}"), format!("{root:?}"), format!("{:?}", root.health())] {
             assert!(!text.contains(secret.as_str()) && !text.contains("AGE-SECRET-KEY"), "{text}");
+            assert!(!text.contains(auth.trim()), "{text}");
         }
     }
 

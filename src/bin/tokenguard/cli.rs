@@ -374,8 +374,9 @@ pub enum RootCommand {
 pub enum RecoveryCommand {
     /// Make a fresh age identity and split it among the custodians, any THRESHOLD of
     /// whom rebuild it: writes NAME.share.age per custodian (encrypted to their own
-    /// age recipient) and prints the new recipient, to configure as an `age` root.
-    /// The identity itself is never written.
+    /// age recipient) and escrow-auth.key (the root's authentication key, for the
+    /// service), and prints the new recipient, to configure as an `age` root. The
+    /// identity itself is never written.
     Split {
         /// Shares needed to rebuild the identity (2 to the number of custodians).
         #[arg(short = 'k', long)]
@@ -386,6 +387,20 @@ pub enum RecoveryCommand {
         /// Directory for the share files (none may exist yet).
         #[arg(long, value_name = "DIR", default_value = ".")]
         out_dir: PathBuf,
+    },
+    /// Derive an age root's authentication key from its identity file, for the
+    /// service's auth_key_source (it cannot decrypt anything).
+    AuthKey {
+        /// The age identity file (as age-keygen writes it).
+        #[arg(long, value_name = "FILE")]
+        identity: PathBuf,
+        /// Where the passphrase of a passphrase-protected identity file is read
+        /// (env:VAR, file:PATH or prompt).
+        #[arg(long, value_name = "SOURCE")]
+        passphrase_source: Option<String>,
+        /// The file to write (mode 0600, never over an existing file).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Rebuild the identity from decrypted shares (each custodian runs `age -d -i
     /// THEIR-KEY NAME.share.age > NAME.share`), then write it (--out) or run one

@@ -26,20 +26,45 @@ pub fn run(c: RecoveryCommand, outer: Outer) -> Result<i32> {
             split(threshold, &custodians, &out_dir, outer.json)
         }
         RecoveryCommand::Combine { shares, out, command } => combine(&shares, out.as_deref(), command, outer),
+        RecoveryCommand::AuthKey { identity, passphrase_source, out } => {
+            let base = Path::new(".");
+            let ids = tokenguard::root::age::AgeIdentity::load(&identity, passphrase_source.as_deref(), base)?;
+            let [id] = ids.as_slice() else {
+                return Err(Error::InvalidInput(format!(
+                    "{} holds {} identities; an age root has one",
+                    identity.display(),
+                    ids.len()
+                )));
+            };
+            let key = tokenguard::root::age::auth_key_of(id);
+            tokenguard::recovery::write_share_file(&out, tokenguard::root::age::auth_key_text(&key).as_bytes())?;
+            if outer.json {
+                print_json(&json!({"recipient": id.recipient(), "auth_key_file": out}))?;
+            } else {
+                say!(
+                    "wrote the authentication key of the age root {} to {} (mode 0600)",
+                    id.recipient(),
+                    out.display()
+                )?;
+            }
+            Ok(exit::OK)
+        }
     }
 }
 
 fn split(threshold: u8, custodians: &[String], out_dir: &Path, json: bool) -> Result<i32> {
     let custodians = custodians.iter().map(|c| Custodian::parse(c)).collect::<Result<Vec<_>>>()?;
     let paths: Vec<PathBuf> = custodians.iter().map(|c| out_dir.join(format!("{}.share.age", c.name))).collect();
-    // Nothing is written when any share file is in the way.
-    if let Some(p) = paths.iter().find(|p| p.exists()) {
+    let auth_path = out_dir.join("escrow-auth.key");
+    // Nothing is written when any file is in the way.
+    if let Some(p) = paths.iter().chain([&auth_path]).find(|p| p.exists()) {
         return Err(Error::InvalidInput(format!("{} exists; share files are never overwritten", p.display())));
     }
     let s = recovery::split(threshold, &custodians)?;
     for (share, path) in s.shares.iter().zip(&paths) {
         tokenguard::recovery::write_share_file(path, &share.file)?;
     }
+    tokenguard::recovery::write_share_file(&auth_path, tokenguard::root::age::auth_key_text(&s.auth_key).as_bytes())?;
     let n = s.shares.len();
     if json {
         let files: Vec<_> = s
@@ -48,17 +73,25 @@ fn split(threshold: u8, custodians: &[String], out_dir: &Path, json: bool) -> Re
             .zip(&paths)
             .map(|(sh, p)| json!({"custodian": sh.custodian, "index": sh.index, "file": p}))
             .collect();
-        print_json(&json!({"recipient": s.recipient, "split": s.split_id, "threshold": s.threshold, "shares": files}))?;
+        print_json(&json!({
+            "recipient": s.recipient,
+            "split": s.split_id,
+            "threshold": s.threshold,
+            "shares": files,
+            "auth_key_file": auth_path,
+        }))?;
     } else {
         say!("split {}: any {} of {n} custodians rebuild the new age identity", s.split_id, s.threshold)?;
         for (sh, p) in s.shares.iter().zip(&paths) {
             say!("  share {} for {}: {}", sh.index, sh.custodian, p.display())?;
         }
         say!("recipient: {}", s.recipient)?;
+        say!("authentication key (for the service, like its PIN; it decrypts nothing): {}", auth_path.display())?;
         say!(
-            "next: send each custodian their file (only their own age identity opens it), then add the root with a \
-             file holding\n  [[roots]]\n  backend = \"age\"\n  recipients = [\"{}\"]\nand `tokenguard root add \
-             --root-config FILE`",
+            "next: send each custodian their file (only their own age identity opens it); move the authentication \
+             key to where the service reads its PIN; then add the root with a file holding\n  [[roots]]\n  \
+             backend = \"age\"\n  recipient = \"{}\"\n  auth_key_source = \"file:/PATH/TO/escrow-auth.key\"\n\
+             and `tokenguard root add --root-config FILE`",
             s.recipient
         )?;
     }
