@@ -91,8 +91,10 @@ impl Config {
         // An identity rebuilt from shares that opens none of the configured roots is a
         // mistake to report, not to ignore.
         for id in &self.recovered_identities {
-            let used =
-                self.roots.iter().any(|r| matches!(r, RootConfig::Age(a) if a.recipient.trim() == id.recipient()));
+            let used = self.roots.iter().any(|r| {
+                matches!(r, RootConfig::Age(a) if crate::root::age::parse_recipient(&a.recipient)
+                    .is_ok_and(|x| x.to_string() == id.recipient()))
+            });
             if !used {
                 return Err(Error::Config(format!(
                     "the identity rebuilt from the shares (recipient {}) is not a recipient of any configured age root",

@@ -359,34 +359,45 @@ impl Config {
     /// caller that takes them out of the environment before any thread or child
     /// process starts (the CLI, see [`crate::pin::take_from_env`]).
     pub fn pin_env_vars(&self) -> Vec<String> {
-        let mut sources: Vec<String> = Vec::new();
-        for r in &self.roots {
-            match r {
-                RootConfig::Pkcs11(p) => {
-                    sources.extend(p.pin_source.clone());
-                    // The URI's query, percent-decoded as the URI parser decodes it.
-                    if let Some(u) = p.uri.as_deref()
-                        && let Some(q) = u.split_once('?').map(|(_, q)| q)
-                    {
-                        sources.extend(
-                            form_urlencoded::parse(q.as_bytes())
-                                .filter(|(k, _)| k == "pin-source")
-                                .map(|(_, v)| v.into_owned()),
-                        );
-                    }
-                }
-                RootConfig::Tpm(t) => sources.extend(t.pin_source.clone()),
-                RootConfig::Age(a) => {
-                    sources.extend(a.passphrase_source.clone());
-                    sources.extend(a.auth_key_source.clone());
-                }
-                RootConfig::Soft(_) => {}
-            }
-        }
-        let mut vars: Vec<String> = sources.iter().filter_map(|s| s.strip_prefix("env:")).map(String::from).collect();
-        vars.dedup();
-        vars
+        pin_env_vars_of(&self.roots)
     }
+
+    /// [`Config::pin_env_vars`] of the `[[roots]]` entries of a root file (`root add
+    /// --root-config FILE`), for the same caller, before the root is built.
+    pub fn root_file_pin_env_vars(path: &Path) -> Result<Vec<String>> {
+        Ok(pin_env_vars_of(&RootsFile::load(path)?.roots))
+    }
+}
+
+/// The environment variables the `env:` sources of `roots` name.
+fn pin_env_vars_of(roots: &[RootConfig]) -> Vec<String> {
+    let mut sources: Vec<String> = Vec::new();
+    for r in roots {
+        match r {
+            RootConfig::Pkcs11(p) => {
+                sources.extend(p.pin_source.clone());
+                // The URI's query, percent-decoded as the URI parser decodes it.
+                if let Some(u) = p.uri.as_deref()
+                    && let Some(q) = u.split_once('?').map(|(_, q)| q)
+                {
+                    sources.extend(
+                        form_urlencoded::parse(q.as_bytes())
+                            .filter(|(k, _)| k == "pin-source")
+                            .map(|(_, v)| v.into_owned()),
+                    );
+                }
+            }
+            RootConfig::Tpm(t) => sources.extend(t.pin_source.clone()),
+            RootConfig::Age(a) => {
+                sources.extend(a.passphrase_source.clone());
+                sources.extend(a.auth_key_source.clone());
+            }
+            RootConfig::Soft(_) => {}
+        }
+    }
+    let mut vars: Vec<String> = sources.iter().filter_map(|s| s.strip_prefix("env:")).map(String::from).collect();
+    vars.dedup();
+    vars
 }
 
 impl RootConfig {

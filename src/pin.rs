@@ -109,7 +109,10 @@ pub fn resolve_pin(source: &str, base: &Path) -> Result<SecretString> {
         let pin = crate::tty::read_hidden("Token PIN: ")?;
         return Ok(SecretString::from(pin.as_str()));
     }
-    Err(Error::Config(format!("pin_source must be env:VAR, file:PATH or prompt (got {source:?})")))
+    // The value is not shown: a PIN or key pasted where its source belongs would be.
+    Err(Error::Config(
+        "a PIN, passphrase or key source must be env:VAR, file:PATH or prompt (the value given is not shown)".into(),
+    ))
 }
 
 #[cfg(test)]

@@ -50,7 +50,8 @@ impl Custodian {
     pub fn parse(arg: &str) -> Result<Self> {
         let (name, recipient) = arg
             .split_once('=')
-            .ok_or_else(|| Error::InvalidInput(format!("custodian {arg:?}: expected NAME=age1…")))?;
+            // Not shown: without `=` it may be a pasted identity.
+            .ok_or_else(|| Error::InvalidInput("a custodian is NAME=age1… (the argument given is not shown)".into()))?;
         let c = Custodian { name: name.to_string(), recipient: recipient.trim().to_string() };
         c.check()?;
         Ok(c)

@@ -127,6 +127,19 @@ fn a_wrap_only_age_root_lets_new_providers_be_put_and_its_identity_alone_opens_t
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     assert!(stderr(&o).contains("drop identity_file"), "{}", stderr(&o));
 
+    // The authentication key of another escrow root (files mixed up): refused at
+    // once (exit 8), not found out in a recovery.
+    let (other_key, _) = age_keygen(&env.dir, "other");
+    let other_auth = auth_key(&env, &other_key);
+    let mixed = config_with(
+        &env,
+        "mixed.toml",
+        true,
+        &format!("{}{}", hsm_root(&env, &env.key_label), age_root(&recipient, None, Some(&other_auth))),
+    );
+    let o = tg(&mixed, &["put", "another", "x"], b"v");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("mixed up"), "{}", stderr(&o));
     // A config of only the recipients cannot open anything, and says so.
     let only_recipients = config_with(&env, "only-recipients.toml", false, &age_root(&recipient, None, Some(&auth)));
     let o = tg(&only_recipients, &["get", "github", "ci"], b"");
@@ -138,7 +151,14 @@ fn a_wrap_only_age_root_lets_new_providers_be_put_and_its_identity_alone_opens_t
     destroy_hsm_key(&env);
     let o = env.run(&["get", "github", "ci"], b"");
     assert_ne!(code(&o), 0, "the HSM key is gone");
-    let recovery = config_with(&env, "recovery.toml", false, &age_root(&recipient, Some(&key), None));
+    // The production entry copied into the recovery config, with the identity added:
+    // the service's key file is not on this host, and is not needed.
+    let recovery = config_with(
+        &env,
+        "recovery.toml",
+        false,
+        &age_root(&recipient, Some(&key), Some(Path::new("/nonexistent/escrow-auth.key"))),
+    );
     assert_eq!(ok(&tg(&recovery, &["get", "github", "ci"], b""), "get with the identity"), "ghp_BEFORE_ESCROW");
     assert_eq!(ok(&tg(&recovery, &["get", "newprov", "key"], b""), "get with the identity"), "np_AFTER_ESCROW");
     let out = ok(&tg(&recovery, &["doctor"], b""), "doctor with the identity");
@@ -273,6 +293,12 @@ fn three_of_five_custodians_recover_the_store_after_the_hsm_is_gone() {
     destroy_hsm_key(&env);
     assert_ne!(code(&env.run(&["get", "github", "ci"], b"")), 0);
     let p = |i: usize| plain[i].to_str().unwrap().to_string();
+    // The drill the README asks for: three custodians' shares open every data key
+    // (doctor unwraps each under every configured root, checking each tag).
+    let drill_cfg = config_with(&env, "drill.toml", false, &age_root(&recipient, None, None));
+    let drill = drill_cfg.to_str().unwrap();
+    let o = env.run(&["--config", drill, "recovery", "combine", &p(0), &p(2), &p(4), "--", "doctor"], b"");
+    ok(&o, "recovery drill");
     // The recovery config names the recipient only: the shares bring the identity.
     let recovery = config_with(&env, "recovery.toml", false, &age_root(&recipient, None, None));
     let rec = recovery.to_str().unwrap();
@@ -444,10 +470,8 @@ fn the_age_cli_opens_a_dek_wrapped_by_the_age_root() {
         h.update(identity.as_bytes());
         h.finalize()
     };
-    assert_eq!(
-        std::fs::read_to_string(&auth).unwrap().trim(),
-        auth_key.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
+    let hex: String = auth_key.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(std::fs::read_to_string(&auth).unwrap(), format!("{recipient} {hex}\n"));
     let tag = {
         use hmac::Mac;
         let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&auth_key).unwrap();

@@ -23,14 +23,29 @@ impl Inner {
             .collect()
     }
 
-    /// Unwraps `entry` with the first configured root that has a blob for it.
+    /// Unwraps `entry` with the first configured root (hardware first, age last) that
+    /// has a blob for it. As for the integrity key at open, a root whose wraps only
+    /// its key can make and whose wrap does not open is not overruled by an age root
+    /// (anyone who knows a recipient can encrypt to it).
     pub(super) fn unwrap_entry(&self, entry: &DekEntry) -> Result<DekMaterial> {
         let mut last = None;
+        let mut refused = false;
         for r in self.roots.iter().filter(|r| r.key.can_unwrap()) {
             if let Some(w) = entry.for_root(r.root_id) {
+                let authenticated = r.key.wraps_authenticate();
+                if refused && !authenticated {
+                    return Err(Error::integrity(
+                        "checking a data key (a configured root's own wrap does not open it, and a key wrapped to \
+                         an age recipient is not taken instead)",
+                    ));
+                }
                 Counters::add(&self.counters.unwraps, 1);
                 match r.key.unwrap(w) {
                     Ok(d) => return Ok(d),
+                    Err(e @ Error::Integrity { .. }) => {
+                        refused |= authenticated;
+                        last = Some(e);
+                    }
                     Err(e) => last = Some(e),
                 }
             }

@@ -495,6 +495,10 @@ impl Inner {
     ) -> Result<Self> {
         let mut opts = opts;
         opts.max_dek_encryptions = opts.max_dek_encryptions.clamp(1, GuardOptions::MAX_DEK_ENCRYPTIONS);
+        // Hardware first, public-key (age) roots last: the first root generates new
+        // data keys, and unwrapping tries them in this order (`Inner::unwrap_entry`).
+        let mut roots = roots;
+        roots.sort_by_key(|r| (!r.key.is_hardware(), !r.key.wraps_authenticate()));
         let archive = store.read()?.audit_archive()?;
         let audit = match crate::audit::AuditKeys::load(ik.expose(), archive.as_deref()) {
             Ok(a) => a,

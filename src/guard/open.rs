@@ -20,8 +20,9 @@ use crate::store::{
 pub(crate) fn check_hardware(roots: &[Box<dyn RootKey>], require: bool) -> Result<()> {
     if require && let Some(r) = roots.iter().find(|r| !r.is_hardware() && r.can_unwrap()) {
         let fix = if r.backend() == "age" {
-            "the age root's identity is configured, so it could open the store: drop identity_file from this config \
-             (the root then wraps only, as an escrow root should) or recover with a config without require_hardware"
+            "the age root's identity is in this process (identity_file, or rebuilt from shares), so it could open \
+             the store: drop identity_file from this config (the root then wraps only, as an escrow root should), \
+             or recover with a config without require_hardware"
         } else {
             "remove it or set require_hardware = false (development only)"
         };
@@ -151,7 +152,7 @@ impl TokenGuard {
             .into_iter()
             .filter(|&(i, root_id)| {
                 // A wrap-only root cannot be checked, and needs no check: its pin is
-                // its recipients, so it wraps to exactly what is pinned.
+                // its recipient, so it wraps to exactly what is pinned.
                 let opens = i == opened_by
                     || !roots[i].can_unwrap()
                     || meta
@@ -317,11 +318,13 @@ fn unwrap_integrity_key(
                 if authenticated {
                     refused_authenticated = Some(root_id);
                 }
-                last_err = Some(Error::WrongRoot {
-                    pinned: describe_pins(pins),
-                    found: "a key with the pinned identity that does not open this store (replaced or re-generated?)"
-                        .into(),
-                })
+                let found = if authenticated {
+                    "a key with the pinned identity that does not open this store (replaced or re-generated?)"
+                } else {
+                    "an age identity whose wrap of the store's key does not open this store or carries no valid tag \
+                     (made without the root's authentication key: the file was altered)"
+                };
+                last_err = Some(Error::WrongRoot { pinned: describe_pins(pins), found: found.into() })
             }
             Err(e) => last_err = Some(e),
         }

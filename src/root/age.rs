@@ -190,13 +190,23 @@ pub fn auth_key_of(identity: &AgeIdentity) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(h.finalize().into())
 }
 
-/// Parses an authentication key: 64 hex digits (surrounding white space ignored).
-/// The error never quotes it.
-pub fn parse_auth_key(text: &str) -> Result<Zeroizing<[u8; 32]>> {
-    let text = text.trim();
+/// Parses an authentication key as `recovery split` and `recovery auth-key` write
+/// it: the recipient it belongs to and 64 hex digits, `age1… <hex>`. A key for another
+/// recipient (files of two splits mixed up) is refused here, not found out in a
+/// recovery. The error never quotes the key.
+pub fn parse_auth_key(text: &str, recipient: &str) -> Result<Zeroizing<[u8; 32]>> {
+    let bad = || {
+        Error::Config(
+            "an age root's authentication key is its recipient and 64 hex digits (`age1… <hex>`), as `tokenguard \
+             recovery auth-key` writes it"
+                .into(),
+        )
+    };
+    let (named, hex) = text.trim().split_once(' ').ok_or_else(bad)?;
+    let hex = hex.trim();
     let mut key = Zeroizing::new([0u8; 32]);
-    let ok = text.len() == 64
-        && text.as_bytes().chunks(2).zip(key.iter_mut()).all(|(pair, out)| {
+    let ok = hex.len() == 64
+        && hex.as_bytes().chunks(2).zip(key.iter_mut()).all(|(pair, out)| {
             let digit = |c: u8| char::from(c).to_digit(16);
             match (digit(pair[0]), digit(pair[1])) {
                 (Some(h), Some(l)) => {
@@ -207,16 +217,26 @@ pub fn parse_auth_key(text: &str) -> Result<Zeroizing<[u8; 32]>> {
             }
         });
     if !ok {
-        return Err(Error::Config("an age root's authentication key is 64 hex digits".into()));
+        return Err(bad());
+    }
+    if named != recipient {
+        return Err(Error::Config(format!(
+            "the authentication key given for the age root {recipient} belongs to {}: the files of two escrow \
+             roots (or splits) are mixed up",
+            short(named)
+        )));
     }
     Ok(key)
 }
 
 /// The authentication key as the file `recovery split` and `recovery auth-key`
-/// write: 64 lowercase hex digits and a newline, in a zeroizing string.
-pub fn auth_key_text(key: &[u8; 32]) -> Zeroizing<String> {
+/// write: the recipient, a space, 64 lowercase hex digits and a newline, in a
+/// zeroizing string allocated at its final size.
+pub fn auth_key_text(recipient: &str, key: &[u8; 32]) -> Zeroizing<String> {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = Zeroizing::new(String::with_capacity(65));
+    let mut out = Zeroizing::new(String::with_capacity(recipient.len() + 66));
+    out.push_str(recipient);
+    out.push(' ');
     for b in key {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));
         out.push(char::from(DIGITS[usize::from(b & 15)]));
@@ -317,12 +337,15 @@ impl AgeRoot {
             identities.extend(mine);
             from.push("an identity rebuilt from custodians' shares".into());
         }
+        // With the identity in hand the key derives from it, and a production
+        // `auth_key_source` copied into a recovery config is not read (its file or
+        // variable is usually not on the recovery host).
         let auth = match &c.auth_key_source {
-            Some(src) => {
+            Some(src) if identities.is_empty() => {
                 let text = crate::pin::resolve_pin(src, base)?;
-                Some(parse_auth_key(age::secrecy::ExposeSecret::expose_secret(&text))?)
+                Some(parse_auth_key(age::secrecy::ExposeSecret::expose_secret(&text), &name)?)
             }
-            None => None,
+            _ => None,
         };
         let mut root = Self::new(&c.recipient, identities, (!from.is_empty()).then(|| from.join(" and ")), auth)?;
         root.recovered_only = recovered_only;
@@ -488,8 +511,11 @@ mod tests {
         assert!(AgeRoot::new(&r, vec![AgeIdentity::generate()], Some("x".into()), None).is_err());
         // The key file form round-trips.
         let k = auth_key_of(&id);
-        assert_eq!(*parse_auth_key(&auth_key_text(&k)).unwrap(), *k);
-        assert!(parse_auth_key("00").is_err());
+        assert_eq!(*parse_auth_key(&auth_key_text(&r, &k), &r).unwrap(), *k);
+        assert!(parse_auth_key("00", &r).is_err());
+        let other = AgeIdentity::generate().recipient();
+        let e = parse_auth_key(&auth_key_text(&other, &k), &r).unwrap_err().to_string();
+        assert!(e.contains("mixed up") && !e.contains(auth_key_text(&r, &k).split(' ').nth(1).unwrap().trim()), "{e}");
     }
 
     #[test]
@@ -497,10 +523,10 @@ mod tests {
         let id = AgeIdentity::generate();
         let secret = id.secret_text();
         let root = AgeRoot::new(&id.recipient(), vec![id.clone()], Some("test".into()), None).unwrap();
-        let auth = auth_key_text(&auth_key_of(&id));
+        let auth = auth_key_text(&id.recipient(), &auth_key_of(&id));
         for text in [format!("{id:?}"), format!("{root:?}"), format!("{:?}", root.health())] {
             assert!(!text.contains(secret.as_str()) && !text.contains("AGE-SECRET-KEY"), "{text}");
-            assert!(!text.contains(auth.trim()), "{text}");
+            assert!(!text.contains(auth.split(' ').nth(1).unwrap().trim()), "{text}");
         }
     }
 

@@ -43,8 +43,9 @@ pub enum WrapMechanism {
     /// A TPM 2.0 sealed data object whose authorisation value is derived from the
     /// root's PIN (docs/FORMAT.md §"TPM authorisation value"): unsealing needs it.
     TpmSealedAuth,
-    /// An age v1 file (age-encryption.org/v1, binary) of the key bytes, one X25519
-    /// stanza per recipient of the root: `age -d -i IDENTITY` opens it.
+    /// An age v1 file (age-encryption.org/v1, binary) to the root's one X25519
+    /// recipient, of the key bytes and their 32-byte tag under the root's
+    /// authentication key: `age -d -i IDENTITY` opens it (docs/FORMAT.md).
     Age,
 }
 

@@ -37,7 +37,10 @@ pub fn run(c: RecoveryCommand, outer: Outer) -> Result<i32> {
                 )));
             };
             let key = tokenguard::root::age::auth_key_of(id);
-            tokenguard::recovery::write_share_file(&out, tokenguard::root::age::auth_key_text(&key).as_bytes())?;
+            tokenguard::recovery::write_share_file(
+                &out,
+                tokenguard::root::age::auth_key_text(&id.recipient(), &key).as_bytes(),
+            )?;
             if outer.json {
                 print_json(&json!({"recipient": id.recipient(), "auth_key_file": out}))?;
             } else {
@@ -64,7 +67,10 @@ fn split(threshold: u8, custodians: &[String], out_dir: &Path, json: bool) -> Re
     for (share, path) in s.shares.iter().zip(&paths) {
         tokenguard::recovery::write_share_file(path, &share.file)?;
     }
-    tokenguard::recovery::write_share_file(&auth_path, tokenguard::root::age::auth_key_text(&s.auth_key).as_bytes())?;
+    tokenguard::recovery::write_share_file(
+        &auth_path,
+        tokenguard::root::age::auth_key_text(&s.recipient, &s.auth_key).as_bytes(),
+    )?;
     let n = s.shares.len();
     if json {
         let files: Vec<_> = s

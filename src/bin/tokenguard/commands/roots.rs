@@ -44,6 +44,18 @@ pub fn init_token(_a: &InitTokenArgs) -> Result<i32> {
 }
 
 pub fn root(ctx: &Ctx, command: RootCommand) -> Result<i32> {
+    if let RootCommand::Add { root_config } = &command {
+        // The new root's PIN, passphrase or key variables leave the environment
+        // before any module loads, as the config's own do in `load_config`.
+        let vars = tokenguard::config::Config::root_file_pin_env_vars(root_config)?;
+        // SAFETY: as for `load_config`: main's thread, before the guard (and any
+        // module that could read the environment) is opened; the signal thread never
+        // touches the environment.
+        #[allow(unsafe_code)]
+        unsafe {
+            tokenguard::pin::take_from_env(&vars)
+        };
+    }
     let g = ctx.open()?;
     match command {
         RootCommand::List => {
