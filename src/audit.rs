@@ -21,6 +21,7 @@ use zeroize::Zeroizing;
 use crate::codec::{Malformed, Reader, Writer};
 use crate::crypto::hmac;
 use crate::error::{Error, Result};
+use crate::store::journal::{Entry, Links};
 use crate::store::{StoreRead, StoreWrite};
 
 const EVENT_FORMAT_V1: u8 = 1;
@@ -253,16 +254,40 @@ pub(crate) fn append(txn: &impl StoreWrite, keys: &AuditKeys, actor: &str, ev: N
 }
 
 /// Appends `events` in order, each under its own actor, and moves the head once past
-/// the last: the head is read and checked once, the chain links are computed in
-/// memory, and the store is asked to write the entries and the head together. Returns
-/// the last sequence number (the current one when `events` is empty).
+/// the last: [`link`] from the store's head, and the store is asked to write the
+/// entries and the head together. Returns the last sequence number (the current one
+/// when `events` is empty).
 pub(crate) fn append_all<'e>(
     txn: &impl StoreWrite,
     keys: &AuditKeys,
     events: impl IntoIterator<Item = (String, NewEvent<'e>)>,
 ) -> Result<u64> {
     let head = txn.audit_head()?;
-    let (mut seq, mut last, hm) = read_head(head.as_deref()).map_err(|_| Error::integrity("reading the audit head"))?;
+    let ((entries, new_head), seq) = link_seq(keys, head.as_deref(), events)?;
+    if !entries.is_empty() {
+        txn.append_audit(&entries, &new_head)?;
+    }
+    Ok(seq)
+}
+
+/// The next links of the chain whose head is `head`: `events` in order, each under
+/// its own actor, encoded as stored, and the head after the last. The head is checked
+/// once and the links are computed in memory; nothing is written (the store or the
+/// read journal does that). No events: no entries, and the head as it was.
+pub(crate) fn link<'e>(
+    keys: &AuditKeys,
+    head: Option<&[u8]>,
+    events: impl IntoIterator<Item = (String, NewEvent<'e>)>,
+) -> Result<Links> {
+    link_seq(keys, head, events).map(|(links, _)| links)
+}
+
+fn link_seq<'e>(
+    keys: &AuditKeys,
+    head: Option<&[u8]>,
+    events: impl IntoIterator<Item = (String, NewEvent<'e>)>,
+) -> Result<(Links, u64)> {
+    let (mut seq, mut last, hm) = read_head(head).map_err(|_| Error::integrity("reading the audit head"))?;
     if seq > 0 && head_mac(keys.for_seq(seq), seq, &last) != hm {
         return Err(Error::integrity("checking the audit head"));
     }
@@ -287,13 +312,58 @@ pub(crate) fn append_all<'e>(
         entries.push((e.seq, w.finish()));
         (seq, last) = (e.seq, m);
     }
-    if entries.is_empty() {
-        return Ok(seq);
-    }
+    Ok(((entries, encode_head(key, seq, &last)), seq))
+}
+
+fn encode_head(key: &[u8; 32], seq: u64, last: &[u8; 32]) -> Vec<u8> {
     let mut h = Writer::with_capacity(72);
-    h.u64(seq).raw(&last).raw(&head_mac(key, seq, &last));
-    txn.append_audit(&entries, &h.finish())?;
-    Ok(seq)
+    h.u64(seq).raw(last).raw(&head_mac(key, seq, last));
+    h.finish()
+}
+
+/// What of a read journal's frames continues a chain: see [`continuation`].
+#[derive(Debug, Default)]
+pub(crate) struct Continuation {
+    /// The entries that continue the chain, in order, as stored.
+    pub entries: Vec<Entry>,
+    /// The head after them.
+    pub head: Vec<u8>,
+    /// Frames the chain already holds (folded before, or older rounds of the file).
+    pub held: usize,
+    /// Frames past the store's head that do not continue the chain: a write cut short
+    /// by a crash, or an edit.
+    pub discarded: usize,
+}
+
+/// The frames of a read journal (`store::journal::read_frames`) that continue the
+/// chain whose head is `head`: the first entry past the head must be the next link
+/// (its sequence number, its previous-MAC and its own MAC checked), and so on; the
+/// first frame that is not ends it. Frames the chain already holds are skipped.
+pub(crate) fn continuation(keys: &AuditKeys, head: Option<&[u8]>, frames: &[Vec<u8>]) -> Result<Continuation> {
+    let (mut seq, mut last, hm) = read_head(head).map_err(|_| Error::integrity("reading the audit head"))?;
+    if seq > 0 && head_mac(keys.for_seq(seq), seq, &last) != hm {
+        return Err(Error::integrity("checking the audit head"));
+    }
+    let mut out = Continuation::default();
+    let mut ended = false;
+    for f in frames {
+        let decoded = decode_stored(f).ok();
+        match decoded {
+            Some((e, _, _)) if e.seq <= seq => out.held += 1,
+            Some((e, p, m))
+                if !ended && e.seq == seq + 1 && p == last && mac(keys.current(), &encode_body(&e), &p) == m =>
+            {
+                out.entries.push((e.seq, f.clone()));
+                (seq, last) = (e.seq, m);
+            }
+            _ => {
+                ended = true;
+                out.discarded += 1;
+            }
+        }
+    }
+    out.head = encode_head(keys.current(), seq, &last);
+    Ok(out)
 }
 
 /// Result of [`verify`].

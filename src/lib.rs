@@ -28,7 +28,9 @@ pub use cache::CacheLimits;
 pub use clock::now;
 pub use config::Config;
 pub use error::{Error, Result};
-pub use guard::{Condition, GetOptions, GuardOptions, ListReport, PutItem, PutOptions, Stats, TokenGuard, TokenInfo};
+pub use guard::{
+    Condition, GetOptions, GuardOptions, JournalStatus, ListReport, PutItem, PutOptions, Stats, TokenGuard, TokenInfo,
+};
 pub use seal::{Metadata, SecretKind, TokenState};
 pub use secret::{DekMaterial, Secret, SecretBytes, TokenSet};
 pub use store::{StoreMode, StoreOptions};

@@ -388,7 +388,7 @@ fn a_killed_agent_loses_no_acknowledged_write_and_its_clients_say_unavailable() 
         .map(|w| {
             let (socket, stop) = (a.socket.clone(), stop.clone());
             std::thread::spawn(move || {
-                let mut acked = Vec::new();
+                let (mut acked, mut read) = (Vec::new(), Vec::new());
                 let mut c = tokenguard::agent::Client::connect(&socket, Duration::from_secs(5)).unwrap();
                 for i in 0.. {
                     if stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -405,9 +405,12 @@ fn a_killed_agent_loses_no_acknowledged_write_and_its_clients_say_unavailable() 
                             break;
                         }
                     }
-                    let _ = c.get("load", &format!("w{w}-{i}"), None, false);
+                    // A read answered is a read whose audit event is on disk.
+                    if c.get("load", &format!("w{w}-{i}"), None, false).is_ok() {
+                        read.push(i);
+                    }
                 }
-                (w, acked)
+                (w, acked, read)
             })
         })
         .collect();
@@ -415,13 +418,13 @@ fn a_killed_agent_loses_no_acknowledged_write_and_its_clients_say_unavailable() 
     a.kill();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let acked: Vec<_> = writers.into_iter().map(|h| h.join().unwrap()).collect();
-    assert!(acked.iter().map(|(_, v)| v.len()).sum::<usize>() > 0, "nothing was written before the kill");
+    assert!(acked.iter().map(|(_, v, _)| v.len()).sum::<usize>() > 0, "nothing was written before the kill");
     // The CLI says "agent unavailable" (11).
     let o = a.cli(&["get", "load/w0-0"], b"");
     assert_eq!(code(&o), 11, "{}", stderr(&o));
     // A restart serves every acknowledged write, and the audit chain verifies.
     a.spawn();
-    for (w, is) in &acked {
+    for (w, is, _) in &acked {
         for i in is {
             let o = a.cli(&["get", &format!("load/w{w}-{i}")], b"");
             assert_eq!(code(&o), 0, "acknowledged write w{w}-{i} lost: {}", stderr(&o));
@@ -431,6 +434,46 @@ fn a_killed_agent_loses_no_acknowledged_write_and_its_clients_say_unavailable() 
     assert!(a.stop().success());
     let o = a.cli(&["--direct", "audit", "verify"], b"");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Every read answered before the kill is in the trail, whether its event was
+    // folded into the store before the kill or was still in the read journal.
+    let events = audit_events(&a);
+    let mut reads = 0;
+    for (w, _, read) in &acked {
+        for i in read {
+            let name = format!("w{w}-{i}");
+            reads += 1;
+            assert!(
+                events.iter().any(|e| e["op"] == "agent-get" && e["outcome"] == "ok" && e["name"] == name.as_str()),
+                "the answered read of load/{name} is not in the trail"
+            );
+        }
+    }
+    assert!(reads > 0, "no read was answered before the kill");
+}
+
+/// Reads only, no write to fold them, a fold interval longer than the test: the
+/// events of the answered reads are in the read journal alone when the agent is
+/// SIGKILLed. The next open (a direct CLI here) folds them, says so in the trail, and
+/// the chain verifies; the agent's `stats` showed them pending before.
+#[test]
+fn reads_answered_before_a_sigkill_reach_the_trail_from_the_read_journal() {
+    let mut a = Agent::start("agent-journal", "audit_fold_interval_ms = 600000", ADMIN_RULE, &[("p/t", "v")]);
+    let mut c = tokenguard::agent::Client::connect(&a.socket, Duration::from_secs(5)).unwrap();
+    for _ in 0..25 {
+        assert_eq!(c.get("p", "t", None, false).unwrap().value.0.expose(), b"v");
+    }
+    let stats: serde_json::Value = c.call(tokenguard::agent::protocol::Request::new("stats")).unwrap();
+    let pending = stats["agent"]["audit_journal"]["pending"].as_u64().unwrap();
+    assert!(pending >= 25, "{stats}");
+    a.kill();
+    let o = a.cli(&["--direct", "audit", "verify"], b"");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let events = audit_events(&a);
+    let reads = events.iter().filter(|e| e["op"] == "agent-get" && e["name"] == "t" && e["outcome"] == "ok").count();
+    assert_eq!(reads, 25, "{events:#?}");
+    let fold = events.iter().find(|e| e["op"] == "audit-journal").expect("the fold after the crash is recorded");
+    assert_eq!(fold["outcome"], "ok", "{fold}");
+    assert!(fold["detail"].as_str().unwrap().starts_with(&format!("{pending} events folded")), "{fold}");
 }
 
 #[test]

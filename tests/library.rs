@@ -313,3 +313,96 @@ fn guard_recovers_after_the_module_is_finalised_underneath() {
     g.put("slack", "b", raw("xoxb-after"), PutOptions::default()).unwrap();
     assert_eq!(value(&g, "slack", "b"), b"xoxb-after");
 }
+
+/// The read journal (the agent's durable read audit). Events journaled and never
+/// folded by their process, as a SIGKILL leaves them, join the chain at the next
+/// open, in order and verified; a frame edited in the file is not folded, and the
+/// trail says so; a journal others can read refuses the open; a shared store has
+/// none.
+#[test]
+fn a_read_journal_left_unfolded_joins_the_chain_at_the_next_open_and_an_edited_frame_does_not() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokenguard::audit::AuditRecord;
+    let env = TestEnv::with_config("journal", "mode = \"exclusive\"");
+    let g = env.init();
+    g.put("p", "t", raw("v"), PutOptions::default()).unwrap();
+    g.start_read_journal().unwrap();
+    let journal = env.store_path.with_file_name("tokens.redb.audit-journal");
+    assert_eq!(std::fs::metadata(&journal).unwrap().permissions().mode() & 0o777, 0o600);
+    let rec = |name: &str| AuditRecord {
+        actor: "reader uid=1000".into(),
+        op: "agent-get".into(),
+        provider: "p".into(),
+        name: name.into(),
+        outcome: "ok".into(),
+        detail: String::new(),
+    };
+    g.audit_journaled(&[rec("r1"), rec("r2")]).unwrap();
+    g.audit_journaled(&[rec("r3")]).unwrap();
+    assert_eq!(g.journal_status().unwrap().pending, 3);
+    // A write folds the journal first: the reads keep their place before it.
+    g.put("p", "t2", raw("v2"), PutOptions::default()).unwrap();
+    assert_eq!(g.journal_status().unwrap().pending, 0);
+    let ops: Vec<(String, String)> =
+        g.audit_list(0).unwrap().into_iter().map(|e| (e.op, e.name)).filter(|(_, n)| !n.is_empty()).collect();
+    let want: Vec<(String, String)> =
+        [("put", "t"), ("agent-get", "r1"), ("agent-get", "r2"), ("agent-get", "r3"), ("put", "t2")]
+            .iter()
+            .map(|(o, n)| (o.to_string(), n.to_string()))
+            .collect();
+    assert_eq!(ops, want);
+    g.audit_journaled(&[rec("r4"), rec("r5")]).unwrap();
+    g.audit_journaled(&[rec("r6")]).unwrap();
+    drop(g); // no fold: what a SIGKILL leaves
+
+    // An attacker edits the last frame (its MAC no longer matches).
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let mut at = 8;
+    let mut frames = Vec::new();
+    loop {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 || frames.len() == 3 {
+            break;
+        }
+        frames.push(at + 4..at + 4 + len);
+        at += 4 + len;
+    }
+    assert_eq!(frames.len(), 3, "three journaled events");
+    let r6 = frames[2].clone();
+    let pos = r6.start + bytes[r6.clone()].windows(2).position(|w| w == b"r6").unwrap();
+    bytes[pos + 1] = b'7';
+    std::fs::write(&journal, &bytes).unwrap();
+
+    // The next open folds r4 and r5, not the edited frame, and records that.
+    let g = env.open();
+    let events = g.audit_list(0).unwrap();
+    let names: Vec<&str> = events.iter().filter(|e| e.op == "agent-get").map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["r1", "r2", "r3", "r4", "r5"]);
+    let fold = events.iter().find(|e| e.op == "audit-journal").expect("the fold is recorded");
+    assert_eq!(fold.outcome, "discarded");
+    assert!(fold.detail.starts_with("2 events folded"), "{}", fold.detail);
+    assert!(fold.detail.contains("1 frames after them do not continue the chain"), "{}", fold.detail);
+    assert!(g.audit_verify().unwrap().first_bad.is_none());
+    drop(g);
+    // Opened again: nothing is folded twice.
+    let g = env.open();
+    assert_eq!(g.audit_list(0).unwrap().len(), events.len());
+    drop(g);
+
+    // A journal others can read refuses the open (it would be someone else's to edit).
+    std::fs::set_permissions(&journal, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = env.try_open().unwrap_err();
+    assert_eq!(e.exit_code(), 8, "{e}");
+    assert!(e.to_string().contains("not a private file"), "{e}");
+    std::fs::set_permissions(&journal, std::fs::Permissions::from_mode(0o600)).unwrap();
+    drop(env.open());
+
+    // A shared store may have other writers: no journal.
+    let shared = TestEnv::new("journal-shared");
+    let g = shared.init();
+    let e = g.start_read_journal().unwrap_err();
+    assert!(e.to_string().contains("exclusive"), "{e}");
+    // Without a journal, a journaled batch is one store commit.
+    g.audit_journaled(&[rec("direct")]).unwrap();
+    assert!(g.audit_list(0).unwrap().iter().any(|e| e.name == "direct"));
+}

@@ -18,6 +18,10 @@ use crate::error::{Error, Result};
 /// Where the writer commits: the agent's guard of the moment (`None` in lockdown).
 pub(crate) type Sink = Arc<dyn Fn(&[AuditRecord]) -> Option<Result<()>> + Send + Sync>;
 
+/// Work the writer thread does on a timer between commits (the agent folds its read
+/// journal into the store), with its period.
+pub(crate) type Tick = (Duration, Box<dyn Fn() + Send + Sync>);
+
 struct Queue {
     pending: Vec<AuditRecord>,
     /// The batch `pending` will be committed as.
@@ -60,7 +64,8 @@ pub(crate) struct Batcher {
 impl Batcher {
     /// A batcher whose writer thread commits through `sink`, waiting up to `linger`
     /// after the first event of a batch for more; a waiter gives up after `patience`.
-    pub(crate) fn start(sink: Sink, linger: Duration, patience: Duration) -> Result<Arc<Batcher>> {
+    /// `tick`: run every so often between commits, busy or idle.
+    pub(crate) fn start(sink: Sink, linger: Duration, patience: Duration, tick: Option<Tick>) -> Result<Arc<Batcher>> {
         let b = Arc::new(Batcher {
             queue: Mutex::new(Queue {
                 pending: Vec::new(),
@@ -77,11 +82,10 @@ impl Batcher {
             patience,
         });
         let w = b.clone();
-        std::thread::Builder::new().name("agent-audit".into()).spawn(move || w.run(&*sink)).map_err(|e| Error::Io {
-            operation: "starting the audit writer",
-            path: "-".into(),
-            source: e,
-        })?;
+        std::thread::Builder::new()
+            .name("agent-audit".into())
+            .spawn(move || w.run(&*sink, tick.as_ref()))
+            .map_err(|e| Error::Io { operation: "starting the audit writer", path: "-".into(), source: e })?;
         Ok(b)
     }
 
@@ -143,15 +147,35 @@ impl Batcher {
         }
     }
 
-    fn run(&self, sink: &(dyn Fn(&[AuditRecord]) -> Option<Result<()>> + Send + Sync)) {
+    fn run(&self, sink: &(dyn Fn(&[AuditRecord]) -> Option<Result<()>> + Send + Sync), tick: Option<&Tick>) {
+        let mut ticked = std::time::Instant::now();
         loop {
+            if let Some((every, work)) = tick
+                && ticked.elapsed() >= *every
+            {
+                work();
+                ticked = std::time::Instant::now();
+            }
             let mut q = self.queue.lock();
             while q.pending.is_empty() && !q.stop {
-                self.work.wait(&mut q);
+                match tick {
+                    None => self.work.wait(&mut q),
+                    Some((every, _)) => {
+                        let due = ticked + *every;
+                        if std::time::Instant::now() >= due {
+                            break;
+                        }
+                        self.work.wait_until(&mut q, due);
+                    }
+                }
             }
             if q.pending.is_empty() && q.stop {
                 self.finished.notify_all();
                 return;
+            }
+            if q.pending.is_empty() {
+                // The tick is due, and nothing waits.
+                continue;
             }
             if !q.stop && !self.linger.is_zero() {
                 // Let the events of a burst gather; a commit costs the same for one.
@@ -209,7 +233,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             Some(if f.load(Ordering::SeqCst) { Err(Error::Config("disk on fire".into())) } else { Ok(()) })
         });
-        let b = Batcher::start(sink, Duration::from_millis(5), Duration::from_secs(10)).unwrap();
+        let b = Batcher::start(sink, Duration::from_millis(5), Duration::from_secs(10), None).unwrap();
         std::thread::scope(|s| {
             for _ in 0..32 {
                 s.spawn(|| b.record(AuditRecord { op: "get".into(), ..Default::default() }).unwrap());
@@ -225,7 +249,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(500));
             Some(Ok(()))
         });
-        let slow = Batcher::start(stall, Duration::ZERO, Duration::from_millis(100)).unwrap();
+        let slow = Batcher::start(stall, Duration::ZERO, Duration::from_millis(100), None).unwrap();
         let t = std::time::Instant::now();
         assert!(slow.record(AuditRecord::default()).is_err());
         assert!(t.elapsed() < Duration::from_millis(400));
@@ -233,5 +257,32 @@ mod tests {
         b.record(AuditRecord::default()).unwrap();
         b.stop();
         assert!(b.record(AuditRecord::default()).is_err());
+    }
+
+    #[test]
+    fn the_tick_runs_when_idle_and_when_busy() {
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let t = ticks.clone();
+        let tick: Tick = (
+            Duration::from_millis(20),
+            Box::new(move || {
+                t.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        let sink: Sink = Arc::new(|_: &[AuditRecord]| {
+            std::thread::sleep(Duration::from_millis(2));
+            Some(Ok(()))
+        });
+        let b = Batcher::start(sink, Duration::ZERO, Duration::from_secs(10), Some(tick)).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let idle = ticks.load(Ordering::SeqCst);
+        assert!(idle >= 3, "idle for 200 ms with a 20 ms tick: {idle} ticks");
+        // Busy: an event always waiting, the tick still comes.
+        let until = std::time::Instant::now() + Duration::from_millis(200);
+        while std::time::Instant::now() < until {
+            b.record(AuditRecord::default()).unwrap();
+        }
+        assert!(ticks.load(Ordering::SeqCst) >= idle + 3, "the tick starved under load");
+        b.stop();
     }
 }

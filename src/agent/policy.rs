@@ -50,6 +50,12 @@ pub struct AgentConfig {
     /// wait for company).
     #[serde(default = "default_audit_linger_ms")]
     pub audit_linger_ms: u64,
+    /// How often the read journal is folded into the store's audit chain, in
+    /// milliseconds (default 1000). Every write folds it too, as does `audit` and a
+    /// stop. It bounds how many journaled events a crash followed by an edit of the
+    /// journal file could take out unseen (docs/DESIGN-NOTES.md, "The read journal").
+    #[serde(default = "default_audit_fold_interval_ms")]
+    pub audit_fold_interval_ms: u64,
     /// How often the agent refreshes due tokens of `[providers]`, seconds (default
     /// 60; 0: never, `refresh --due` or `get_fresh` only).
     #[serde(default = "default_refresh_interval_secs")]
@@ -104,6 +110,9 @@ pub struct AllowRule {
     pub burst: Option<u32>,
 }
 
+fn default_audit_fold_interval_ms() -> u64 {
+    1000
+}
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/tokenguard/agent.sock")
 }

@@ -81,6 +81,9 @@ pub fn serve(mut config: Config, config_path: &Path, opts: GuardOptions) -> Resu
     // A socket systemd passed is taken before anything else opens a descriptor.
     let inherited = inherited_listener(&settings)?;
     let guard = config.open_guard_with(opts.clone())?;
+    if settings.read_audit != ReadAudit::Off {
+        guard.start_read_journal()?;
+    }
     let activated = inherited.is_some();
     let listener = match inherited {
         Some(l) => l,
@@ -88,9 +91,20 @@ pub fn serve(mut config: Config, config_path: &Path, opts: GuardOptions) -> Resu
     };
     let guard = Arc::new(RwLock::new(Some(guard)));
     let for_audit = guard.clone();
-    let sink: Sink = Arc::new(move |events: &[AuditRecord]| for_audit.read().clone().map(|g| g.audit_batch(events)));
+    let sink: Sink =
+        Arc::new(move |events: &[AuditRecord]| for_audit.read().clone().map(|g| g.audit_journaled(events)));
     let patience = request_timeout(&settings).saturating_mul(2).saturating_add(Duration::from_secs(10));
-    let batcher = Batcher::start(sink, Duration::from_millis(settings.audit_linger_ms), patience)?;
+    // The read journal joins the store's chain at least this often, busy or idle.
+    let for_fold = guard.clone();
+    let fold: Box<dyn Fn() + Send + Sync> = Box::new(move || {
+        if let Some(g) = for_fold.read().clone()
+            && let Err(e) = g.fold_journal()
+        {
+            tracing::error!(error = %e, "the read journal was not folded into the store");
+        }
+    });
+    let tick = (Duration::from_millis(settings.audit_fold_interval_ms.max(1)), fold);
+    let batcher = Batcher::start(sink, Duration::from_millis(settings.audit_linger_ms), patience, Some(tick))?;
     let agent = Arc::new(Agent {
         guard,
         config,
@@ -163,6 +177,11 @@ fn run(agent: &Arc<Agent>, listener: &UnixListener) -> Result<()> {
     agent.batcher.stop();
     drop(refresher);
     if let Some(g) = agent.guard.write().take() {
+        // Nothing is lost if this fails (the next open folds the journal), but a
+        // clean stop leaves the whole trail in the store.
+        if let Err(e) = g.fold_journal() {
+            tracing::error!(error = %e, "the read journal was not folded at stop; the next open folds it");
+        }
         g.clear_dek_cache();
     }
     Ok(())
@@ -945,6 +964,7 @@ impl Agent {
             "rate_limited": self.limited.load(Ordering::Relaxed),
             "read_audit": self.settings.read_audit,
             "audit_group_commit": self.batcher.stats(),
+            "audit_journal": self.guard.read().as_ref().and_then(|g| g.journal_status()),
             "locked": self.guard.read().is_none(),
         })
     }
@@ -953,7 +973,11 @@ impl Agent {
         match self.settings.read_audit {
             ReadAudit::Durable => crate::root::Check::pass(
                 "agent read audit",
-                "durable: every read is answered after its audit event is committed (group commit)",
+                format!(
+                    "durable: every read is answered after its audit event is on disk (group commit to the read \
+                     journal, folded into the store's chain before every write and every {} ms)",
+                    self.settings.audit_fold_interval_ms
+                ),
             ),
             ReadAudit::Async => crate::root::Check::warn(
                 "agent read audit",
@@ -1021,6 +1045,9 @@ impl Agent {
             return Ok(true);
         }
         let g = self.config.open_guard_with(self.guard_opts.clone())?;
+        if self.settings.read_audit != ReadAudit::Off {
+            g.start_read_journal()?;
+        }
         {
             let mut slot = self.guard.write();
             if slot.is_some() {

@@ -13,6 +13,7 @@
 //! `refresh` and `roots`.
 
 mod doctor;
+mod journal;
 mod keys;
 mod open;
 mod records;
@@ -41,6 +42,7 @@ use crate::store::CounterStatus;
 use crate::store::{DekState, RootPin, Store, StoreRead, StoreWrite};
 
 pub use doctor::{DekInfo, HardwareCalls, Stats};
+pub use journal::JournalStatus;
 pub(crate) use open::{check_hardware, unlock_key};
 pub use salvage::SalvageReport;
 

@@ -197,6 +197,14 @@ impl TokenGuard {
         attach_counter(&store, counter, opts.state_check, bind.then_some(AnchorWrite::Rebind))?;
         let mut inner = Inner::new(store, meta.store_id, active, meta.roots, &ik, opts)?;
         inner.rejected_roots = rejected;
+        // Audit events a crashed owner left in its read journal join the chain before
+        // anything else is written (opened for inspection: reported, not fatal).
+        if let Err(e) = super::journal::fold_leftover_journal(&inner) {
+            if inner.opts.state_check == StateCheck::Enforce {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "the read journal could not be folded");
+        }
         Counters::add(&inner.counters.unwraps, 1);
         tracing::debug!(path = %path.display(), "opened store; integrity key unwrapped");
         Ok(TokenGuard { inner: Arc::new(inner) })

@@ -316,32 +316,21 @@ impl TokenGuard {
             return Ok(());
         }
         let inner = &*self.inner;
-        inner.write(|txn| {
-            inner.audit_all(
-                txn,
-                events.iter().map(|e| {
-                    let ev = NewEvent {
-                        op: &e.op,
-                        provider: &e.provider,
-                        name: &e.name,
-                        outcome: &e.outcome,
-                        detail: e.detail.clone(),
-                    };
-                    (e.actor.clone(), ev)
-                }),
-            )
-        })?;
+        inner.write(|txn| inner.audit_all(txn, super::journal::new_events(events)))?;
         tracing::debug!(events = events.len(), "audit events appended in one commit");
         Ok(())
     }
 
-    /// Verifies the audit chain.
+    /// Verifies the audit chain (the read journal folded in first, if one is attached).
     pub fn audit_verify(&self) -> Result<AuditReport> {
+        self.fold_journal()?;
         audit::verify(&self.inner.store.read()?, &self.inner.keys().audit)
     }
 
-    /// Audit events from sequence `from` on (unverified; run `audit_verify` to check).
+    /// Audit events from sequence `from` on (unverified; run `audit_verify` to check),
+    /// the read journal folded in first, if one is attached.
     pub fn audit_list(&self, from: u64) -> Result<Vec<AuditEvent>> {
+        self.fold_journal()?;
         audit::list(&self.inner.store.read()?, from)
     }
 }

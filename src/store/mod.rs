@@ -22,6 +22,7 @@
 //! fails with [`Error::StoreBusy`]: never a hang.
 
 pub(crate) mod anchor;
+pub(crate) mod journal;
 mod redb_store;
 pub(crate) mod schema;
 pub(crate) mod state;

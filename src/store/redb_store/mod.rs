@@ -21,6 +21,7 @@ use redb::{
 };
 
 use super::anchor::{CounterLock, Position};
+use super::journal::{Appended, Journal};
 use super::schema::{self, Anchor, DekEntry, RootPin, RootWrapped, Tombstone};
 use super::state::{self, Acc, Change, Head, Mark, Row, RowKey, StateCell, StateCheck, StateKey, StateReport};
 use super::{
@@ -88,6 +89,9 @@ pub(crate) struct Store {
     counter_problem: std::sync::Mutex<Option<String>>,
     /// The queue of this process's writers (see `write_inner`).
     writers: parking_lot::Mutex<()>,
+    /// The read journal, when the owner of an exclusive store attached one: every
+    /// write folds it in first (see `store::journal`). Taken after `writers`.
+    journal: parking_lot::Mutex<Option<Journal>>,
     path: PathBuf,
     opts: StoreOptions,
 }
@@ -269,7 +273,42 @@ impl Store {
             counter: Default::default(),
             counter_problem: Default::default(),
             writers: parking_lot::Mutex::new(()),
+            journal: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Attaches the read journal (see `store::journal`): exclusive mode only, where
+    /// this process is the store's one writer and its chain head cannot move under it.
+    /// What the journal file held must have been folded already.
+    pub(crate) fn attach_journal(&self) -> Result<()> {
+        if self.opts.mode != StoreMode::Exclusive {
+            return Err(Error::Config(
+                "the read journal needs the store in exclusive mode (one process owns it, as the agent does)".into(),
+            ));
+        }
+        let mut slot = self.journal.lock();
+        let txn = self.read()?;
+        let (head, archive) = (txn.audit_head()?, txn.audit_archive()?);
+        drop(txn);
+        *slot = Some(Journal::attach(&self.path, head, archive)?);
+        Ok(())
+    }
+
+    /// Appends a batch to the read journal (see [`Journal::append`]); `None` when no
+    /// journal is attached.
+    pub(crate) fn journal_append(
+        &self,
+        link: impl FnOnce(Option<&[u8]>, Option<&[u8]>) -> Result<super::journal::Links>,
+    ) -> Result<Option<Appended>> {
+        match self.journal.lock().as_mut() {
+            Some(j) => j.append(link).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The attached journal's file and the entries it holds that the store does not.
+    pub(crate) fn journal_status(&self) -> Option<(PathBuf, usize)> {
+        self.journal.lock().as_ref().map(|j| (j.path().to_path_buf(), j.pending()))
     }
 
     /// The store file.
@@ -567,7 +606,22 @@ impl Store {
             }
             e
         };
+        // The read journal goes in first, as it is: its entries are the chain's next
+        // links, so whatever `f` audits comes after them. Held until the commit is
+        // known, so that no batch links to a head this transaction moves.
+        let mut journal = self.journal.lock();
+        let folds = match journal.as_ref().and_then(|j| j.to_fold()) {
+            Some((entries, head)) => {
+                txn.append_audit(entries, head).map_err(poison)?;
+                true
+            }
+            None => false,
+        };
         let out = engine(|| f(&txn)).map_err(poison)?;
+        let chain_after = match journal.as_ref() {
+            Some(_) => Some((txn.audit_head().map_err(poison)?, txn.audit_archive().map_err(poison)?)),
+            None => None,
+        };
         let advanced = engine(|| advance_anchor(&txn, counter.as_ref(), anchor)).map_err(poison)?;
         let (before, after) = engine(|| {
             let (before, after, head) = seal(&txn)?;
@@ -580,7 +634,20 @@ impl Store {
         // pass): kept snapshots are renewed whatever the outcome.
         let committed = engine(|| Ok(txn.txn.commit()?));
         self.snapshots.committed();
+        if committed.is_err() && folds {
+            // The journal's entries may be in the store or not (redb can fail after
+            // making a commit visible): neither it nor this process may go on as if
+            // it knew. The next open folds what the store lacks, link by link.
+            self.poisoned.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(j) = journal.as_mut() {
+                j.fail("a commit that folded it failed");
+            }
+        }
         committed.map_err(poison)?;
+        if let (Some(j), Some((head, archive))) = (journal.as_mut(), chain_after) {
+            j.folded(head, archive);
+        }
+        drop(journal);
         if let (Some(next), Some(root)) = (advanced, &counter) {
             // Committed. Until the counter moves, the copy of the store from before
             // this commit would still be accepted: retried, and a failure is the
