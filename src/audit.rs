@@ -333,13 +333,24 @@ pub(crate) struct Continuation {
     /// Frames past the store's head that do not continue the chain: a write cut short
     /// by a crash, or an edit.
     pub discarded: usize,
+    /// Frames at or below the store's head that are not the store's entry of that
+    /// sequence number, byte for byte.
+    pub conflicting: usize,
 }
 
 /// The frames of a read journal (`store::journal::read_frames`) that continue the
 /// chain whose head is `head`: the first entry past the head must be the next link
 /// (its sequence number, its previous-MAC and its own MAC checked), and so on; the
-/// first frame that is not ends it. Frames the chain already holds are skipped.
-pub(crate) fn continuation(keys: &AuditKeys, head: Option<&[u8]>, frames: &[Vec<u8>]) -> Result<Continuation> {
+/// first frame that is not ends it. Frames at or below the head must equal the
+/// store's entries (`stored`, by sequence number, from the lowest such frame on):
+/// those are skipped, the others counted as conflicting.
+pub(crate) fn continuation(
+    keys: &AuditKeys,
+    head: Option<&[u8]>,
+    frames: &[Vec<u8>],
+    stored: &[Entry],
+) -> Result<Continuation> {
+    let store_seq = read_head(head).map(|(s, _, _)| s).unwrap_or(0);
     let (mut seq, mut last, hm) = read_head(head).map_err(|_| Error::integrity("reading the audit head"))?;
     if seq > 0 && head_mac(keys.for_seq(seq), seq, &last) != hm {
         return Err(Error::integrity("checking the audit head"));
@@ -349,7 +360,11 @@ pub(crate) fn continuation(keys: &AuditKeys, head: Option<&[u8]>, frames: &[Vec<
     for f in frames {
         let decoded = decode_stored(f).ok();
         match decoded {
-            Some((e, _, _)) if e.seq <= seq => out.held += 1,
+            Some((e, _, _)) if e.seq <= store_seq => {
+                let same = stored.binary_search_by_key(&e.seq, |(s, _)| *s).is_ok_and(|i| stored[i].1 == *f);
+                if same { out.held += 1 } else { out.conflicting += 1 }
+            }
+            Some((e, _, _)) if e.seq <= seq => out.discarded += 1,
             Some((e, p, m))
                 if !ended && e.seq == seq + 1 && p == last && mac(keys.current(), &encode_body(&e), &p) == m =>
             {

@@ -387,6 +387,25 @@ fn a_read_journal_left_unfolded_joins_the_chain_at_the_next_open_and_an_edited_f
     // Opened again: nothing is folded twice.
     let g = env.open();
     assert_eq!(g.audit_list(0).unwrap().len(), events.len());
+    // Another crash; this time the attacker renumbers the first frame to an event
+    // the store already has (to hide it among them): it is not the store's event of
+    // that number, so it is reported, and the frame after it no longer continues.
+    g.start_read_journal().unwrap();
+    g.audit_journaled(&[rec("r7"), rec("r8")]).unwrap();
+    drop(g);
+    let mut bytes = std::fs::read(&journal).unwrap();
+    // frame: len:u32 ‖ event:bytes (len:u32 ‖ format:u8 ‖ seq:u64 ‖ …) ‖ prev ‖ mac
+    bytes[8 + 4 + 4 + 1..8 + 4 + 4 + 9].copy_from_slice(&2u64.to_be_bytes());
+    std::fs::write(&journal, &bytes).unwrap();
+    let g = env.open();
+    let after = g.audit_list(0).unwrap();
+    assert!(!after.iter().any(|e| e.name == "r7" || e.name == "r8"));
+    let fold = after.iter().rev().find(|e| e.op == "audit-journal").unwrap();
+    assert_eq!(fold.outcome, "discarded");
+    assert!(fold.detail.starts_with("0 events folded"), "{}", fold.detail);
+    assert!(fold.detail.contains("1 frames at or below the store's head differ"), "{}", fold.detail);
+    assert!(fold.detail.contains("1 frames after them do not continue"), "{}", fold.detail);
+    assert!(g.audit_verify().unwrap().first_bad.is_none());
     drop(g);
 
     // A journal others can read refuses the open (it would be someone else's to edit).
@@ -397,9 +416,18 @@ fn a_read_journal_left_unfolded_joins_the_chain_at_the_next_open_and_an_edited_f
     std::fs::set_permissions(&journal, std::fs::Permissions::from_mode(0o600)).unwrap();
     drop(env.open());
 
-    // A shared store may have other writers: no journal.
+    // A shared store may have other writers: no journal. A journal left at the path
+    // of a store that is gone is not this store's: `init` marks it empty.
     let shared = TestEnv::new("journal-shared");
-    let g = shared.init();
+    std::fs::create_dir_all(shared.store_path.parent().unwrap()).unwrap();
+    let stray = shared.store_path.with_file_name("tokens.redb.audit-journal");
+    let mut old = b"TGJ\x01\0\0\0\0".to_vec();
+    old.extend_from_slice(&5u32.to_be_bytes());
+    old.extend_from_slice(b"stray");
+    common::write_0600(&stray, &old);
+    drop(shared.init());
+    let g = shared.open();
+    assert!(!g.audit_list(0).unwrap().iter().any(|e| e.op == "audit-journal"));
     let e = g.start_read_journal().unwrap_err();
     assert!(e.to_string().contains("exclusive"), "{e}");
     // Without a journal, a journaled batch is one store commit.

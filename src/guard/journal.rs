@@ -30,6 +30,9 @@ impl TokenGuard {
     /// batch, and every write of this guard folds them into the store's chain first.
     /// Exclusive mode only (the agent's): this process must be the store's one writer.
     pub fn start_read_journal(&self) -> Result<()> {
+        if self.inner.store.journal_status().is_some() {
+            return Ok(());
+        }
         // Whatever an earlier owner left is folded before the file is reused.
         fold_leftover_journal(&self.inner)?;
         self.inner.store.attach_journal()?;
@@ -80,8 +83,13 @@ impl TokenGuard {
         if pending == 0 {
             return Ok(0);
         }
-        // Any write folds the journal first; this one does nothing else.
-        self.inner.write(|_| Ok(()))?;
+        // Any write folds the journal first; this one does nothing else. If it fails,
+        // the journal takes no new events until a fold succeeds: reads are not
+        // answered for longer than the store can take their events in.
+        if let Err(e) = self.inner.write(|_| Ok(())) {
+            self.inner.store.journal_stall(&e.to_string());
+            return Err(e);
+        }
         tracing::debug!(events = pending, "read journal folded into the store");
         Ok(pending)
     }
@@ -111,9 +119,15 @@ pub(super) fn fold_leftover_journal(inner: &Inner) -> Result<()> {
             return Err(Error::integrity("folding the read journal: the store's audit keys are not this guard's"));
         }
         let head = txn.audit_head()?;
-        let c = crate::audit::continuation(&keys.audit, head.as_deref(), &frames)?;
-        report.set((c.entries.len(), c.discarded));
-        if c.entries.is_empty() && c.discarded == 0 {
+        // Frames at or below the head must be the store's own entries, byte for byte.
+        let first_held = frames.iter().filter_map(|f| crate::audit::decode_entry(f).ok()).map(|e| e.seq).min();
+        let stored = match first_held {
+            Some(from) => txn.audit_entries(from)?,
+            None => Vec::new(),
+        };
+        let c = crate::audit::continuation(&keys.audit, head.as_deref(), &frames, &stored)?;
+        report.set((c.entries.len(), c.discarded + c.conflicting));
+        if c.entries.is_empty() && c.discarded == 0 && c.conflicting == 0 {
             return Ok(());
         }
         if !c.entries.is_empty() {
@@ -132,7 +146,14 @@ pub(super) fn fold_leftover_journal(inner: &Inner) -> Result<()> {
                 c.discarded
             ));
         }
-        let outcome = if c.discarded > 0 { "discarded" } else { "ok" };
+        if c.conflicting > 0 {
+            detail.push_str(&format!(
+                "; {} frames at or below the store's head differ from the store's own events (an edit of the file, or \
+                 events written over them by a process that did not fold the journal)",
+                c.conflicting
+            ));
+        }
+        let outcome = if c.discarded + c.conflicting > 0 { "discarded" } else { "ok" };
         inner.audit(txn, NewEvent { op: "audit-journal", outcome, detail, ..Default::default() })
     })?;
     crate::store::journal::clear(path)?;

@@ -203,7 +203,8 @@ impl TokenGuard {
             if inner.opts.state_check == StateCheck::Enforce {
                 return Err(e);
             }
-            tracing::warn!(error = %e, "the read journal could not be folded");
+            tracing::warn!(error = %e, "the read journal could not be folded; this handle will not write");
+            inner.store.block_writes_unfolded(e.to_string());
         }
         Counters::add(&inner.counters.unwraps, 1);
         tracing::debug!(path = %path.display(), "opened store; integrity key unwrapped");

@@ -43,9 +43,12 @@ pub(crate) const MAX_ENTRY: usize = 64 * 1024;
 /// long before that on its timer unless reads arrive faster than ≈30k/s.
 pub(crate) const CAPACITY: u64 = 8 * 1024 * 1024;
 
-/// The journal file of the store at `store`.
+/// The journal file of the store at `store`: beside the store file itself, however
+/// the path to it is spelled (symbolic links, `..`), so every process finds the same
+/// journal.
 pub(crate) fn path_of(store: &Path) -> PathBuf {
-    let mut p = store.as_os_str().to_owned();
+    let store = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
+    let mut p = store.into_os_string();
     p.push(".audit-journal");
     PathBuf::from(p)
 }
@@ -60,6 +63,9 @@ pub(crate) struct Journal {
     pending: Vec<Entry>,
     /// The chain's head after `pending` (the store's when `pending` is empty).
     head: Option<Vec<u8>>,
+    /// The store's head when this round of `pending` began: a fold is refused unless
+    /// the store's head is still exactly this (nothing else may have moved it).
+    base: Option<Vec<u8>>,
     /// The store's archive of audit keys when the journal last saw it: a batch is
     /// linked only by keys of that era.
     archive: Option<Vec<u8>>,
@@ -71,6 +77,10 @@ pub(crate) struct Journal {
     /// is unknown, so no later transaction folds them (the next open does, link by
     /// link, from the file).
     unsure: bool,
+    /// Set when a fold failed (the store takes no write): the journal takes nothing
+    /// more until a fold succeeds, so that reads are not answered for longer than
+    /// the store can take them in.
+    stalled: Option<String>,
 }
 
 /// What [`Journal::append`] did.
@@ -96,6 +106,13 @@ impl Journal {
         let path = path_of(store);
         let file = open_private(&path, true)?.ok_or_else(|| Error::Config(format!("creating {}", path.display())))?;
         let len = file.metadata().map_err(Error::io("reading the metadata of", &path))?.len();
+        let mut magic = [0u8; HEADER_LEN];
+        if len > 0 && (file.read_exact_at(&mut magic, 0).is_err() || (magic != MAGIC && magic != [0; HEADER_LEN])) {
+            return Err(Error::Config(format!(
+                "{} is in the way of the read journal: it is not a journal; move it away",
+                path.display()
+            )));
+        }
         if len < CAPACITY {
             // Real zeros, not a hole: a write into a hole allocates blocks, and
             // `fdatasync` would then have metadata to write on every batch.
@@ -114,7 +131,18 @@ impl Journal {
             // The file's name must survive a crash too.
             File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io("syncing the directory of", &path))?;
         }
-        Ok(Journal { file, path, pos: HEADER, pending: Vec::new(), head, archive, broken: None, unsure: false })
+        Ok(Journal {
+            file,
+            path,
+            pos: HEADER,
+            pending: Vec::new(),
+            base: head.clone(),
+            head,
+            archive,
+            broken: None,
+            unsure: false,
+            stalled: None,
+        })
     }
 
     /// The journal file.
@@ -125,6 +153,16 @@ impl Journal {
     /// Entries on disk that the store does not hold yet.
     pub(crate) fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// The store's head this round of pending entries links from.
+    pub(crate) fn base(&self) -> Option<&[u8]> {
+        self.base.as_deref()
+    }
+
+    /// A fold failed with `why`: no new events until one succeeds.
+    pub(crate) fn stall(&mut self, why: &str) {
+        self.stalled = Some(why.to_string());
     }
 
     /// Takes nothing more and folds nothing more: `why` (an I/O error, a failed
@@ -153,11 +191,11 @@ impl Journal {
         &mut self,
         link: impl FnOnce(Option<&[u8]>, Option<&[u8]>) -> Result<Links>,
     ) -> Result<Appended> {
-        if let Some(why) = &self.broken {
+        if let Some(why) = self.broken.as_ref().or(self.stalled.as_ref()) {
             return Err(Error::Io {
                 operation: "appending to the read journal",
                 path: self.path.clone(),
-                source: std::io::Error::other(format!("it failed earlier: {why}")),
+                source: std::io::Error::other(format!("it takes nothing more: {why}")),
             });
         }
         let (entries, head) = link(self.head.as_deref(), self.archive.as_deref())?;
@@ -165,10 +203,12 @@ impl Journal {
             return Ok(Appended::Done);
         }
         let size: usize = entries.iter().map(|(_, e)| 4 + e.len()).sum();
-        if self.pos + size as u64 > CAPACITY {
+        // A zero length ends every batch (overwritten by the next): what lies beyond
+        // (an older round's bytes, not frame-aligned) is never read as frames.
+        if self.pos + size as u64 + 4 > CAPACITY {
             return Ok(Appended::Full);
         }
-        let mut buf = Vec::with_capacity(size);
+        let mut buf = Vec::with_capacity(size + 4);
         for (_, e) in &entries {
             if e.len() > MAX_ENTRY {
                 return Err(Error::InvalidInput(format!("an audit event of {} bytes is too long to journal", e.len())));
@@ -176,6 +216,7 @@ impl Journal {
             buf.extend_from_slice(&u32::try_from(e.len()).unwrap_or(u32::MAX).to_be_bytes());
             buf.extend_from_slice(e);
         }
+        buf.extend_from_slice(&[0; 4]);
         let written = self.file.write_all_at(&buf, self.pos).and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             // Best effort: these reads are refused, so their events must not be
@@ -198,8 +239,10 @@ impl Journal {
     /// the old frames are only read and skipped).
     pub(crate) fn folded(&mut self, head: Option<Vec<u8>>, archive: Option<Vec<u8>>) {
         self.pending.clear();
+        self.base = head.clone();
         self.head = head;
         self.archive = archive;
+        self.stalled = None;
         if self.pos != HEADER {
             self.pos = HEADER;
             if let Err(e) = self.file.write_all_at(&[0; 4], HEADER) {
@@ -224,7 +267,7 @@ fn open_private(path: &Path, create: bool) -> Result<Option<File>> {
         .write(true)
         .create(create)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path);
     let file = match opened {
         Ok(f) => f,
@@ -234,12 +277,14 @@ fn open_private(path: &Path, create: bool) -> Result<Option<File>> {
     let meta = file.metadata().map_err(Error::io("reading the metadata of", path))?;
     let me = nix::unistd::geteuid().as_raw();
     let mode = meta.permissions().mode() & 0o777;
-    if !meta.is_file() || meta.uid() != me || mode & 0o077 != 0 {
+    if !meta.is_file() || meta.uid() != me || mode & 0o077 != 0 || meta.nlink() != 1 {
         return Err(Error::Config(format!(
-            "the read journal {} is not a private file of this user (mode {mode:o}, owner {}): it holds audit \
-             events in transit; chown it to the store's owner and chmod 600 it",
+            "the read journal {} is not a private file of this user (a regular file, mode {mode:o}, owner {}, {} \
+             links): it holds audit events in transit; it must be a file of its own (one link), owned by the \
+             user the store is opened as, mode 600",
             path.display(),
-            meta.uid()
+            meta.uid(),
+            meta.nlink()
         )));
     }
     Ok(Some(file))
@@ -319,9 +364,8 @@ mod tests {
         assert_eq!(j.pending(), 0);
         assert!(read_frames(&store).unwrap().is_empty());
         j.append(|_, _| Ok(batch(6, 1))).unwrap();
-        let frames = read_frames(&store).unwrap();
-        assert_eq!(frames[0], b"entry 6");
-        assert!(frames.len() >= 2, "the older frames after it are read too: {}", frames.len());
+        // The older round's frames beyond it are not read: each batch ends in a zero.
+        assert_eq!(read_frames(&store).unwrap(), [b"entry 6".to_vec()]);
         // A batch that does not fit is refused before anything is written.
         let big = vec![0u8; MAX_ENTRY];
         let full = j.append(|_, _| Ok(((0..200).map(|s| (s, big.clone())).collect(), Vec::new()))).unwrap();
@@ -348,5 +392,16 @@ mod tests {
         std::fs::set_permissions(path_of(&store), std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = read_frames(&store).unwrap_err().to_string();
         assert!(e.contains("does not start as a journal"), "{e}");
+        let e = Journal::attach(&store, None, None).unwrap_err().to_string();
+        assert!(e.contains("not a journal; move it away"), "{e}");
+        assert_eq!(std::fs::read(path_of(&store)).unwrap(), b"not a journal at all");
+        // A second name for the file (a hard link) is refused: attaching would
+        // overwrite whatever the other name is.
+        std::fs::remove_file(path_of(&store)).unwrap();
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"").unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::hard_link(&other, path_of(&store)).unwrap();
+        assert!(Journal::attach(&store, None, None).unwrap_err().to_string().contains("2 links"));
     }
 }

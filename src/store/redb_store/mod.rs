@@ -92,6 +92,10 @@ pub(crate) struct Store {
     /// The read journal, when the owner of an exclusive store attached one: every
     /// write folds it in first (see `store::journal`). Taken after `writers`.
     journal: parking_lot::Mutex<Option<Journal>>,
+    /// Why this handle may not write, when an open (for inspection) could not fold
+    /// a read journal left by a crash: a write would take the sequence numbers of
+    /// the events in it.
+    unfolded: parking_lot::Mutex<Option<String>>,
     path: PathBuf,
     opts: StoreOptions,
 }
@@ -211,6 +215,9 @@ impl Store {
             let backend = redb::backends::FileBackend::new(file).map_err(|e| map_db_error(path, e))?;
             let db = builder(&opts).create_with_backend(backend).map_err(|e| map_db_error(path, e))?;
             let store = Store::new(db, path, opts);
+            // A journal left at this path by a store that is gone belongs to no chain
+            // of this one: marked empty, so that no open reports its frames.
+            super::journal::clear(path)?;
             store.state.key_for_creation(key, meta.store_id);
             store.write_from(Some(state::GENESIS), |txn| {
                 let mut m = txn.txn.open_table(META)?;
@@ -274,6 +281,21 @@ impl Store {
             counter_problem: Default::default(),
             writers: parking_lot::Mutex::new(()),
             journal: parking_lot::Mutex::new(None),
+            unfolded: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Refuses every later write of this handle: the read journal left by a crash
+    /// could not be folded (`why`).
+    pub(crate) fn block_writes_unfolded(&self, why: String) {
+        *self.unfolded.lock() = Some(why);
+    }
+
+    /// A fold of the read journal failed with `why`: it takes no new events until a
+    /// fold succeeds.
+    pub(crate) fn journal_stall(&self, why: &str) {
+        if let Some(j) = self.journal.lock().as_mut() {
+            j.stall(why);
         }
     }
 
@@ -287,6 +309,9 @@ impl Store {
             ));
         }
         let mut slot = self.journal.lock();
+        if slot.is_some() {
+            return Ok(());
+        }
         let txn = self.read()?;
         let (head, archive) = (txn.audit_head()?, txn.audit_archive()?);
         drop(txn);
@@ -578,6 +603,12 @@ impl Store {
         if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
         }
+        if let Some(why) = self.unfolded.lock().clone() {
+            return Err(Error::Config(format!(
+                "not writing: the read journal a crashed agent left could not be folded into the audit trail ({why}); \
+                 fix that and open the store again (or move the journal file aside, giving up its events)"
+            )));
+        }
         // Writers of this process queue here first, on a lock that is eventually fair
         // and that they wait on rather than poll: polling for redb's write lock (and
         // the counter lock), a thread can lose every round to the others and time out
@@ -610,13 +641,20 @@ impl Store {
         // links, so whatever `f` audits comes after them. Held until the commit is
         // known, so that no batch links to a head this transaction moves.
         let mut journal = self.journal.lock();
-        let folds = match journal.as_ref().and_then(|j| j.to_fold()) {
-            Some((entries, head)) => {
-                txn.append_audit(entries, head).map_err(poison)?;
-                true
+        if let Some((entries, head)) = journal.as_ref().and_then(|j| j.to_fold()) {
+            // The pending entries link from the head the round began at; a store whose
+            // head moved otherwise (it cannot, while this process is its one writer)
+            // would have its newer events overwritten.
+            if txn.audit_head().map_err(poison)?.as_deref() != journal.as_ref().and_then(|j| j.base()) {
+                if let Some(j) = journal.as_mut() {
+                    j.fail("the store's audit head moved under it");
+                }
+                return Err(Error::integrity(
+                    "folding the read journal: the store's audit head is not the one it links from",
+                ));
             }
-            None => false,
-        };
+            txn.append_audit(entries, head).map_err(poison)?;
+        }
         let out = engine(|| f(&txn)).map_err(poison)?;
         let chain_after = match journal.as_ref() {
             Some(_) => Some((txn.audit_head().map_err(poison)?, txn.audit_archive().map_err(poison)?)),
@@ -634,10 +672,12 @@ impl Store {
         // pass): kept snapshots are renewed whatever the outcome.
         let committed = engine(|| Ok(txn.txn.commit()?));
         self.snapshots.committed();
-        if committed.is_err() && folds {
-            // The journal's entries may be in the store or not (redb can fail after
-            // making a commit visible): neither it nor this process may go on as if
-            // it knew. The next open folds what the store lacks, link by link.
+        if committed.is_err() && journal.is_some() {
+            // Whether this commit's audit events (the journal's, and the write's own)
+            // are in the store is unknown (redb can fail after making a commit
+            // visible): neither the journal nor this process may go on linking from a
+            // head it does not know. The next open folds what the store lacks, link by
+            // link.
             self.poisoned.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Some(j) = journal.as_mut() {
                 j.fail("a commit that folded it failed");
