@@ -282,15 +282,21 @@ pub(crate) fn link<'e>(
     link_seq(keys, head, events).map(|(links, _)| links)
 }
 
+/// The sequence number and last MAC of a stored head, its MAC checked.
+fn checked_head(keys: &AuditKeys, head: Option<&[u8]>) -> Result<(u64, [u8; 32])> {
+    let (seq, last, hm) = read_head(head).map_err(|_| Error::integrity("reading the audit head"))?;
+    if seq > 0 && head_mac(keys.for_seq(seq), seq, &last) != hm {
+        return Err(Error::integrity("checking the audit head"));
+    }
+    Ok((seq, last))
+}
+
 fn link_seq<'e>(
     keys: &AuditKeys,
     head: Option<&[u8]>,
     events: impl IntoIterator<Item = (String, NewEvent<'e>)>,
 ) -> Result<(Links, u64)> {
-    let (mut seq, mut last, hm) = read_head(head).map_err(|_| Error::integrity("reading the audit head"))?;
-    if seq > 0 && head_mac(keys.for_seq(seq), seq, &last) != hm {
-        return Err(Error::integrity("checking the audit head"));
-    }
+    let (mut seq, mut last) = checked_head(keys, head)?;
     let key = keys.current();
     let time = crate::clock::now();
     let mut entries = Vec::new();
@@ -350,11 +356,8 @@ pub(crate) fn continuation(
     frames: &[Vec<u8>],
     stored: &[Entry],
 ) -> Result<Continuation> {
-    let store_seq = read_head(head).map(|(s, _, _)| s).unwrap_or(0);
-    let (mut seq, mut last, hm) = read_head(head).map_err(|_| Error::integrity("reading the audit head"))?;
-    if seq > 0 && head_mac(keys.for_seq(seq), seq, &last) != hm {
-        return Err(Error::integrity("checking the audit head"));
-    }
+    let (mut seq, mut last) = checked_head(keys, head)?;
+    let store_seq = seq;
     let mut out = Continuation::default();
     let mut ended = false;
     for f in frames {

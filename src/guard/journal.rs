@@ -52,7 +52,7 @@ impl TokenGuard {
         for _ in 0..2 {
             let appended = inner.store.journal_append(|head, archive| {
                 let keys = inner.keys();
-                if archive.map(<[u8]>::to_vec) != keys.archive {
+                if archive != keys.archive.as_deref() {
                     return Err(Error::integrity(
                         "journaling an audit event: the store's keys were replaced (a `root remove` or `upgrade`); \
                          reopen the store",
