@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,10 +43,10 @@ impl Agent {
         Agent::prepare_in(TestEnv::new(name), settings, rules, tokens)
     }
 
-    /// As `prepare`, on a SoftHSM2 token of the agent's own ([`own_token`]).
+    /// As `prepare`, on a SoftHSM2 token of the agent's own ([`common::own_token`]).
     fn prepare_own_token(name: &str, settings: &str, rules: &str, tokens: &[(&str, &str)]) -> (Agent, PathBuf) {
         let env = TestEnv::new(name);
-        let hsm = own_token(&env);
+        let hsm = common::own_token(&env);
         (Agent::prepare_in(env, settings, rules, tokens), hsm)
     }
 
@@ -723,33 +723,6 @@ fn a_socket_passed_by_systemd_serves_its_first_client_and_stays_systemds() {
     assert!(text.contains("systemd listens at") && text.contains("other.sock"), "{text}");
 }
 
-/// Points `env`'s config at a SoftHSM2 token of its own, made by
-/// `softhsm-setup.sh --dir` (returned): SoftHSM2 rewrites its token file on every
-/// login, and a SIGKILL in that window empties it (docs/DESIGN-NOTES.md, "SoftHSM2:
-/// logins, kills and a lock"); a test that kills there must not take the token the
-/// other tests share with it.
-fn own_token(env: &TestEnv) -> PathBuf {
-    let dir = env.dir.join("hsm");
-    let o = setup_script(&dir, &[]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let generated = std::fs::read_to_string(dir.join("tokenguard.toml")).unwrap();
-    let roots = &generated[generated.find("[[roots]]").unwrap()..];
-    let text = std::fs::read_to_string(&env.config_path).unwrap();
-    let ours = &text[..text.find("[[roots]]").unwrap()];
-    std::fs::write(&env.config_path, format!("{ours}{roots}")).unwrap();
-    dir
-}
-
-fn setup_script(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh"))
-        .arg("--dir")
-        .arg(dir)
-        .args(args)
-        .env("TOKENGUARD_BIN", env!("CARGO_BIN_EXE_tokenguard"))
-        .output()
-        .unwrap()
-}
-
 /// SIGKILL at random moments of the agent's start (opening the store, logging in to
 /// the token, binding): every later start serves, nothing acknowledged is lost, and
 /// the audit chain verifies. A kill inside SoftHSM2's login rewrite empties its
@@ -770,15 +743,7 @@ fn an_agent_killed_while_starting_starts_again_and_loses_nothing() {
         std::thread::sleep(Duration::from_millis(rng % 121));
         signal(&child, libc::SIGKILL);
         let _ = child.wait();
-        let emptied = std::fs::read_dir(hsm.join("tokens"))
-            .unwrap()
-            .flatten()
-            .any(|t| std::fs::metadata(t.path().join("token.object")).is_ok_and(|m| m.len() == 0));
-        if emptied {
-            let o = setup_script(&hsm, &["--repair"]);
-            assert!(o.status.success(), "round {round}: {}", String::from_utf8_lossy(&o.stderr));
-            eprintln!("round {round}: the kill emptied token.object; repaired as doctor says");
-        }
+        common::repair_if_emptied(&hsm, &format!("round {round}"));
         // A start after the kill serves, and the token written before is there.
         a.spawn();
         let o = a.cli(&["get", "p/t"], b"");

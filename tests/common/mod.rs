@@ -426,3 +426,47 @@ impl Drop for Swtpm {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Points `env`'s config at a SoftHSM2 token of its own, made by
+/// `softhsm-setup.sh --dir` (returned): SoftHSM2 rewrites its token file on every
+/// login, and a SIGKILL in that window empties it (docs/DESIGN-NOTES.md, "SoftHSM2:
+/// logins, kills and a lock"). A test that kills processes at moments that can fall
+/// in a login must not take the token the other tests share with it.
+pub fn own_token(env: &TestEnv) -> PathBuf {
+    let dir = env.dir.join("hsm");
+    let o = setup_script(&dir, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let generated = std::fs::read_to_string(dir.join("tokenguard.toml")).unwrap();
+    let roots = &generated[generated.find("[[roots]]").unwrap()..];
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let ours = &text[..text.find("[[roots]]").unwrap()];
+    std::fs::write(&env.config_path, format!("{ours}{roots}")).unwrap();
+    dir
+}
+
+/// Runs `softhsm-setup.sh --dir DIR ARGS…` with this build's CLI.
+pub fn setup_script(dir: &Path, args: &[&str]) -> Output {
+    Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh"))
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .env("TOKENGUARD_BIN", env!("CARGO_BIN_EXE_tokenguard"))
+        .output()
+        .unwrap()
+}
+
+/// After a kill: if it landed in SoftHSM2's login rewrite and emptied a token file
+/// of the token made by [`own_token`] in `hsm`, does what `doctor` says
+/// (`softhsm-setup.sh --repair`), as the kill campaign does. Returns whether it had to.
+pub fn repair_if_emptied(hsm: &Path, what: &str) -> bool {
+    let emptied = std::fs::read_dir(hsm.join("tokens"))
+        .unwrap()
+        .flatten()
+        .any(|t| std::fs::metadata(t.path().join("token.object")).is_ok_and(|m| m.len() == 0));
+    if emptied {
+        let o = setup_script(hsm, &["--repair"]);
+        assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+        eprintln!("{what}: the kill emptied token.object; repaired as doctor says");
+    }
+    emptied
+}
