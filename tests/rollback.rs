@@ -23,10 +23,11 @@ fn env_with_counter(name: &str) -> (TestEnv, String) {
 fn set_counter_label(env: &TestEnv, label: Option<&str>) {
     let text = std::fs::read_to_string(&env.config_path).unwrap();
     let text: String = text.lines().filter(|l| !l.starts_with("counter_label")).map(|l| format!("{l}\n")).collect();
-    let key_line = format!("key_label = \"{}\"\n", env.key_label);
-    let with = match label {
-        Some(l) => text.replace(&key_line, &format!("{key_line}counter_label = \"{l}\"\n")),
-        None => text,
+    // After the line that names the root's key: `key_label` here, `uri` in a config
+    // from softhsm-setup.sh.
+    let with = match (label, text.lines().find(|l| l.starts_with("key_label = ") || l.starts_with("uri = "))) {
+        (Some(l), Some(key_line)) => text.replacen(key_line, &format!("{key_line}\ncounter_label = \"{l}\""), 1),
+        _ => text,
     };
     std::fs::write(&env.config_path, with).unwrap();
 }
@@ -252,9 +253,7 @@ fn concurrent_writers_keep_the_counter_in_step() {
 fn writers_killed_at_any_moment_never_read_as_a_rollback() {
     let env = TestEnv::new("rb-kill");
     let hsm = common::own_token(&env);
-    let text = std::fs::read_to_string(&env.config_path).unwrap();
-    let uri = text.lines().find(|l| l.starts_with("uri = ")).unwrap();
-    std::fs::write(&env.config_path, text.replace(uri, &format!("{uri}\ncounter_label = \"ctr-rb-kill\""))).unwrap();
+    set_counter_label(&env, Some("ctr-rb-kill"));
     ok(&env, &["init"], b"");
     ok(&env, &["put", "github", "keep"], b"ghp_KEEP");
     let mut seed = u64::from(std::process::id());

@@ -242,13 +242,14 @@ impl Batcher {
             if let Err(e) = &outcome {
                 tracing::error!(error = %e, events = events.len(), "audit events were not committed");
             }
+            let failed = outcome.is_err();
             batch.finish(outcome.map_err(|e| e.to_string()));
             let mut q = self.queue.lock();
             q.committing = false;
             let n = events.len() as u64;
             let st = &mut q.stats;
             st.commits += 1;
-            st.failed += u64::from(batch.outcome().is_some_and(|o| o.is_err()));
+            st.failed += u64::from(failed);
             st.events += n;
             st.largest = st.largest.max(n);
             st.commit_us = st.commit_us.saturating_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
