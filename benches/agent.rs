@@ -2,8 +2,9 @@
 //!
 //! - a `get` from the Rust client, against a raw Unix-socket echo server answering
 //!   frames of the same sizes (the floor of any agent: two syscalls each way);
-//! - reads with the durable group-commit audit against unaudited reads, from 1 and 32
-//!   concurrent clients;
+//! - reads with the durable group-commit audit against unaudited reads, from 1, 32
+//!   and 64 concurrent clients, with the CPU time per read (agent, its audit writer,
+//!   clients) over the 32-client rounds;
 //! - the CLI's `get` through the agent against the direct CLI `get`.
 //!
 //! Besides criterion's figures, it prints p50/p99 latencies measured over plain loops.
@@ -169,6 +170,33 @@ fn percentiles(n: usize, mut f: impl FnMut(usize)) -> (f64, f64) {
     (us(t[n / 2]), us(t[n * 99 / 100]))
 }
 
+/// CPU time used so far by process `pid` (user and system, all its threads), in
+/// microseconds, from /proc (clock ticks of 10 ms: read over runs of a second or more).
+fn cpu_us(pid: u32) -> f64 {
+    stat_cpu_us(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time of the threads of `pid` named `name`, as [`cpu_us`].
+fn threads_cpu_us(pid: u32, name: &str) -> f64 {
+    let mut sum = 0.0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            sum += stat_cpu_us(&t.path().join("stat").to_string_lossy());
+        }
+    }
+    sum
+}
+
+fn stat_cpu_us(path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else { return 0.0 };
+    // The fields after the command (which may hold spaces) start after its ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks * 1e6 / 100.0
+}
+
 /// Gets per second from `clients` concurrent connections, `per` gets each.
 fn throughput(s: &Served, clients: usize, per: usize) -> f64 {
     let start = Instant::now();
@@ -232,9 +260,31 @@ fn agent(c: &mut Criterion) {
     // drifts by ±20 % within a minute, so a ratio is only fair between neighbours;
     // the median round is reported.
     let before = group(&durable);
-    let mut rounds: Vec<(f64, f64)> =
-        (0..5).map(|_| (throughput(&off, 32, 500), throughput(&durable, 32, 500))).collect();
+    // CPU per get, agent and clients apart: [off agent, off clients, durable agent,
+    // durable clients], summed over the rounds.
+    let mut cpu = [0.0f64; 4];
+    let me = std::process::id();
+    let mut timed = |s: &Served, at: usize| {
+        let (a, c) = (cpu_us(s.child.id()), cpu_us(me));
+        let t = throughput(s, 32, 500);
+        cpu[at] += cpu_us(s.child.id()) - a;
+        cpu[at + 1] += cpu_us(me) - c;
+        t
+    };
+    let writer0 = threads_cpu_us(durable.child.id(), "agent-audit");
+    let mut rounds: Vec<(f64, f64)> = (0..5).map(|_| (timed(&off, 0), timed(&durable, 2))).collect();
+    let writer = threads_cpu_us(durable.child.id(), "agent-audit") - writer0;
     let after = group(&durable);
+    let per_get = |x: f64| x / (5.0 * 32.0 * 500.0);
+    eprintln!(
+        "agent/cpu per get, 32 clients: audit off {:.1} µs in the agent + {:.1} µs in the clients; \
+         durable {:.1} µs + {:.1} µs, of which {:.1} µs in the audit writer",
+        per_get(cpu[0]),
+        per_get(cpu[1]),
+        per_get(cpu[2]),
+        per_get(cpu[3]),
+        per_get(writer)
+    );
     rounds.sort_by(|a, b| (a.1 / a.0).total_cmp(&(b.1 / b.0)));
     let ratios: Vec<String> = rounds.iter().map(|(o, d)| format!("{:.0}", 100.0 * d / o)).collect();
     let (t_off, t_dur) = rounds[2];
@@ -254,6 +304,17 @@ fn agent(c: &mut Criterion) {
         100.0 * t_async / t_off
     );
     drop(asynchronous);
+    // More clients than the pipeline of commits holds at 32: how far the ratio is a
+    // matter of latency (a read waits for up to two commits) rather than of work.
+    let mut wide: Vec<(f64, f64)> =
+        (0..3).map(|_| (throughput(&off, 64, 250), throughput(&durable, 64, 250))).collect();
+    wide.sort_by(|a, b| (a.1 / a.0).total_cmp(&(b.1 / b.0)));
+    eprintln!(
+        "agent/throughput: 64 clients (median of 3 rounds): audit off {:.0}/s, durable {:.0}/s ({:.0} %)",
+        wide[1].0,
+        wide[1].1,
+        100.0 * wide[1].1 / wide[1].0
+    );
 
     // The CLI: through the agent, and directly on a store of its own (an agent holds
     // its store exclusively).
