@@ -106,8 +106,10 @@ impl Journal {
         let path = path_of(store);
         let file = open_private(&path, true)?.ok_or_else(|| Error::Config(format!("creating {}", path.display())))?;
         let len = file.metadata().map_err(Error::io("reading the metadata of", &path))?.len();
+        // What is there must be a journal, or zeros: one whose making was cut short.
         let mut magic = [0u8; HEADER_LEN];
-        if len > 0 && (file.read_exact_at(&mut magic, 0).is_err() || (magic != MAGIC && magic != [0; HEADER_LEN])) {
+        let have = usize::try_from(len).unwrap_or(HEADER_LEN).min(HEADER_LEN);
+        if file.read_exact_at(&mut magic[..have], 0).is_err() || (magic != MAGIC && magic != [0; HEADER_LEN]) {
             return Err(Error::Config(format!(
                 "{} is in the way of the read journal: it is not a journal; move it away",
                 path.display()
@@ -302,6 +304,12 @@ pub(crate) fn read_frames(store: &Path) -> Result<Vec<Vec<u8>>> {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Vec::new()),
         Err(e) => return Err(Error::io("reading", &path)(e)),
     }
+    // Zeros where the header goes: a journal whose making was cut short (its writer
+    // died preallocating it, before the header), which holds nothing; `attach`
+    // takes it over as it is.
+    if header[..HEADER_LEN] == [0; HEADER_LEN] {
+        return Ok(Vec::new());
+    }
     if header[..HEADER_LEN] != MAGIC {
         return Err(Error::integrity("reading the read journal: it does not start as a journal does"));
     }
@@ -373,6 +381,23 @@ mod tests {
         assert_eq!(j.pending(), 1);
         clear(&store).unwrap();
         assert!(read_frames(&store).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_journal_whose_making_was_cut_short_reads_as_empty_and_is_taken_over() {
+        // What a writer killed while preallocating leaves: the file, zeros, no header
+        // yet (an agent SIGKILLed at start made the next start fail with exit 4).
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s.redb");
+        for len in [0usize, 5, 12, 1024 * 1024] {
+            std::fs::write(path_of(&store), vec![0u8; len]).unwrap();
+            std::fs::set_permissions(path_of(&store), std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(read_frames(&store).unwrap().is_empty(), "{len} zero bytes");
+            let mut j = Journal::attach(&store, None, None).unwrap();
+            j.append(|_, _| Ok((vec![(1, b"one".to_vec())], b"h1".to_vec()))).unwrap();
+            assert_eq!(read_frames(&store).unwrap(), vec![b"one".to_vec()], "{len} zero bytes");
+            std::fs::remove_file(path_of(&store)).unwrap();
+        }
     }
 
     #[test]
