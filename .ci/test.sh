@@ -29,6 +29,12 @@ if ! command -v age >/dev/null || ! command -v age-keygen >/dev/null; then
   [ "$(id -u)" = 0 ] || { echo "the age CLI is missing: apt-get install age" >&2; exit 1; }
   apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends age >/dev/null
 fi
+# The fleet store's tests run a real PostgreSQL server (tests/common/postgres.rs):
+# Debian's package, started by each test binary as an unprivileged user.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "PostgreSQL is missing: apt-get install postgresql" >&2; exit 1; }
+  apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+fi
 command -v node >/dev/null || { echo "node is missing (Node 20 is expected on the machine)" >&2; exit 1; }
 cargo test --all-features --no-fail-fast "$@"
 # cargo test built this binary with every feature; the clients talk to a real agent

@@ -1,0 +1,200 @@
+//! A real PostgreSQL server for a test binary: Debian's `postgresql` package (installed
+//! by `.ci/test.sh`), `initdb` in a directory of its own, listening on a Unix socket
+//! only, password authentication (SCRAM), stopped and removed on drop.
+//!
+//! PostgreSQL refuses to run as root, so under root the server runs as `nobody`
+//! (`setpriv`); otherwise as the user running the tests. A missing PostgreSQL is a
+//! failure, never a skip.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The role the server is initialised with (its superuser).
+pub const USER: &str = "tokenguard";
+
+/// A running server and its data directory.
+pub struct PgServer {
+    /// The directory of the server: `data/`, the socket, the password file.
+    pub dir: PathBuf,
+    /// The superuser's password (a test secret: kept in `dir`, never on argv).
+    pub password: String,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+/// The directory of PostgreSQL's server programs (`initdb`, `postgres`, `psql`):
+/// `TOKENGUARD_TEST_PG_BIN`, or Debian's newest `/usr/lib/postgresql/N/bin`.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("TOKENGUARD_TEST_PG_BIN") {
+        return PathBuf::from(p);
+    }
+    let newest = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .max();
+    match newest.map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin"))) {
+        Some(d) if d.join("initdb").exists() && d.join("postgres").exists() => d,
+        _ => panic!(
+            "PostgreSQL's server is not installed: apt-get install postgresql, or run .ci/test.sh (tests never \
+             skip a missing component)"
+        ),
+    }
+}
+
+fn as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `program` as the server's user: `nobody` under root, else this user.
+fn command(program: &Path) -> Command {
+    if as_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn check(what: &str, o: &Output) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+impl PgServer {
+    /// Initialises a cluster in a new directory (named after `name`) and starts it.
+    pub fn start(name: &str) -> PgServer {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = bin_dir();
+        // Under /tmp, not the target directory: the server's user must be able to
+        // reach it, and a Unix socket's path is limited to 107 bytes.
+        let dir = tempfile::Builder::new().prefix(&format!("tg-pg-{name}-")).tempdir_in("/tmp").unwrap().keep();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut seed = [0u8; 8];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut seed).unwrap();
+        let password = format!("pw-{:016x}", u64::from_ne_bytes(seed));
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, &password).unwrap();
+        if as_root() {
+            nix::unistd::chown(&dir, Some(65534.into()), Some(65534.into())).unwrap();
+            nix::unistd::chown(&pwfile, Some(65534.into()), Some(65534.into())).unwrap();
+        }
+        let o = command(&bin.join("initdb"))
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", USER, "-A", "scram-sha-256", "-E", "UTF8", "--locale=C", "--no-instructions"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        check("initdb", &o);
+        let mut s = PgServer { dir, password, bin, child: None };
+        s.spawn();
+        s
+    }
+
+    /// The socket directory: the `host` of a connection string.
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A `psql` on `db` as the superuser, the password from the environment
+    /// (`PGPASSWORD`), never argv.
+    pub fn psql(&self, db: &str) -> Command {
+        let mut c = Command::new(self.bin.join("psql"));
+        c.arg("-h")
+            .arg(&self.dir)
+            .args(["-U", USER, "-d", db, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .env("PGPASSWORD", &self.password)
+            .env("PGCONNECT_TIMEOUT", "5");
+        c
+    }
+
+    /// Runs `sql` on `db`; its output (unaligned, tuples only).
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        let o = self.psql(db).arg("-c").arg(sql).stdin(Stdio::null()).output().unwrap();
+        check(&format!("psql -c {sql:?}"), &o);
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).unwrap();
+        if as_root() {
+            nix::unistd::chown(&self.dir.join("server.log"), Some(65534.into()), Some(65534.into())).unwrap();
+        }
+        let child = command(&self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-k")
+            .arg(&self.dir)
+            .args(["-c", "listen_addresses=", "-c", "max_connections=40", "-c", "shared_buffers=16MB"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .arg("-h")
+                .arg(&self.dir)
+                .args(["-U", USER, "-d", "postgres", "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("postgres exited with {status} at start:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < until, "postgres did not start in 30 s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the server (a fast shutdown: open sessions are ended).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        // SAFETY: a signal to our own child, which has not been reaped yet (its pid
+        // is still ours).
+        unsafe {
+            libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGINT);
+        }
+        let until = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < until {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Stops and starts the server on the same data (clients see their sessions end).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
