@@ -3,8 +3,9 @@
 //!
 //! The seam is two traits: [`StoreRead`] (what a read snapshot answers) and
 //! [`StoreWrite`] (what a write transaction changes). The guard is written against
-//! them; `redb_store/` implements them on one redb file. A second backend (PostgreSQL)
-//! implements the same two traits with the same semantics:
+//! them; `redb_store/` implements them on one redb file. Any second engine must keep
+//! the same semantics (the fleet store's proposed shape, docs/FLEET-DESIGN.md, keeps
+//! redb as each process's cache instead):
 //! - a write transaction is atomic and durable on commit, one at a time per store;
 //! - [`StoreWrite::put_record`] keeps the `by_dek` and `by_expiry` indexes in step
 //!   with the record, always — no caller writes an index entry;
