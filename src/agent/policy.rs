@@ -199,23 +199,14 @@ pub struct Caller {
     /// The executable, from `/proc/PID/exe` when readable: for the audit trail
     /// only (a pid can be reused; it never decides anything).
     pub exe: Option<PathBuf>,
-    /// The audit trail's name for this caller, made once per connection (every
-    /// audited read carries it).
-    actor: String,
 }
 
 impl Caller {
-    /// A caller from its peer credentials and executable.
-    pub fn new(uid: u32, gid: u32, pid: i32, groups: Vec<u32>, exe: Option<PathBuf>) -> Caller {
-        let shown = exe.as_ref().map(|p| format!(" exe={:?}", p.display().to_string())).unwrap_or_default();
-        let actor = format!("agent-client uid={uid} gid={gid} pid={pid}{shown}");
-        Caller { uid, gid, pid, groups, exe, actor }
-    }
-
     /// The audit actor: `agent-client uid=… gid=… pid=… exe="…"` (the path quoted
     /// and escaped: it is the client's choice).
-    pub fn actor(&self) -> &str {
-        &self.actor
+    pub fn actor(&self) -> String {
+        let exe = self.exe.as_ref().map(|p| format!(" exe={:?}", p.display().to_string())).unwrap_or_default();
+        format!("agent-client uid={} gid={} pid={}{exe}", self.uid, self.gid, self.pid)
     }
 
     fn in_group(&self, gid: u32) -> bool {
@@ -421,7 +412,7 @@ mod tests {
     }
 
     fn caller(uid: u32, gid: u32) -> Caller {
-        Caller::new(uid, gid, 1, vec![], None)
+        Caller { uid, gid, pid: 1, groups: vec![], exe: None }
     }
 
     #[test]

@@ -327,7 +327,7 @@ fn caller_of(stream: &UnixStream) -> Result<Caller> {
         .map_err(|e| Error::Io { operation: "reading peer credentials", path: "-".into(), source: e.into() })?;
     let pid = cred.pid();
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    Ok(Caller::new(cred.uid(), cred.gid(), pid, peer_groups(stream)?, exe))
+    Ok(Caller { uid: cred.uid(), gid: cred.gid(), pid, groups: peer_groups(stream)?, exe })
 }
 
 /// `SO_PEERGROUPS`: the supplementary groups of the peer when it connected.
@@ -693,7 +693,7 @@ impl Agent {
                 String::new()
             };
             let record = AuditRecord {
-                actor: caller.actor().to_owned(),
+                actor: caller.actor(),
                 op: format!("agent-{}", op.as_str()),
                 provider: p.into(),
                 name: n.into(),
@@ -727,7 +727,7 @@ impl Agent {
         }
         let outcome = crate::audit::read_outcome(res);
         let e = AuditRecord {
-            actor: caller.actor().to_owned(),
+            actor: caller.actor(),
             op: op.into(),
             provider: provider.into(),
             name: name.into(),
@@ -775,7 +775,7 @@ impl Agent {
                     g.get_field(&p, &n, req.field.as_deref(), GetOptions { allow_expired: req.allow_expired })
                         .map(|(v, m)| (v, Some(m)))
                 } else {
-                    g.on_behalf_of(caller.actor(), |g| g.get_fresh(&p, &n)).and_then(|s| {
+                    g.on_behalf_of(&caller.actor(), |g| g.get_fresh(&p, &n)).and_then(|s| {
                         let v = s.field(req.field.as_deref()).map(|v| SecretBytes::from_slice(v.expose())).ok_or_else(
                             || Error::NoSuchField {
                                 provider: p.clone(),
@@ -873,14 +873,14 @@ impl Agent {
                 };
                 let g = self.guard()?;
                 let (meta, replaced) =
-                    g.on_behalf_of(caller.actor(), |g| g.put_checked(&p, &n, secret, opts, req.overwrite))?;
+                    g.on_behalf_of(&caller.actor(), |g| g.put_checked(&p, &n, secret, opts, req.overwrite))?;
                 Ok(reply(id, Ok(json!({"stored": {"provider": p, "name": n, "replaced": replaced, "meta": meta}}))))
             }
             "delete" => {
                 let (p, n) = token()?;
                 self.allow(caller, Op::Delete, Some((&p, &n)))?;
                 let g = self.guard()?;
-                g.on_behalf_of(caller.actor(), |g| g.delete(&p, &n))?;
+                g.on_behalf_of(&caller.actor(), |g| g.delete(&p, &n))?;
                 Ok(reply(id, Ok(json!({"deleted": {"provider": p, "name": n}}))))
             }
             "revoke" => {
@@ -895,7 +895,7 @@ impl Agent {
                         Ok(json!({"revoked": [], "already_revoked": already, "tombstone": tombstone})),
                     ));
                 }
-                let r = g.on_behalf_of(caller.actor(), |g| {
+                let r = g.on_behalf_of(&caller.actor(), |g| {
                     self.config.revoke(g, RevokeTarget::One { provider: &p, name: &n }, &reason)
                 })?;
                 let warnings: Vec<String> = r
@@ -921,7 +921,7 @@ impl Agent {
                 let (p, n) = token()?;
                 self.allow(caller, Op::Refresh, Some((&p, &n)))?;
                 let g = self.guard()?;
-                let (_, outcome) = g.on_behalf_of(caller.actor(), |g| g.refresh_now(&p, &n))?;
+                let (_, outcome) = g.on_behalf_of(&caller.actor(), |g| g.refresh_now(&p, &n))?;
                 Ok(reply(id, Ok(outcome)))
             }
             "stats" => {
@@ -1017,7 +1017,7 @@ impl Agent {
         // just left), best effort: if the commit fails, the answer says so.
         let audited = g
             .audit_batch(&[AuditRecord {
-                actor: caller.actor().to_owned(),
+                actor: caller.actor(),
                 op: "agent-lockdown".into(),
                 outcome: "ok".into(),
                 detail: "keys dropped from memory; hardware session closed".into(),
@@ -1073,7 +1073,7 @@ impl Agent {
         let audited = self
             .batcher
             .record(AuditRecord {
-                actor: caller.actor().to_owned(),
+                actor: caller.actor(),
                 op: "agent-unlock".into(),
                 outcome: "ok".into(),
                 ..Default::default()
