@@ -4,9 +4,12 @@
 //! a restart and goes away on drop.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+// The fixture alone (the rest of tests/common needs the pkcs11 feature).
+#[allow(dead_code, unsafe_code)]
+#[path = "common/postgres.rs"]
+mod postgres;
 
-use common::postgres::PgServer;
+use postgres::PgServer;
 use std::process::Stdio;
 
 #[test]
