@@ -27,7 +27,8 @@ fn set_counter_label(env: &TestEnv, label: Option<&str>) {
     // from softhsm-setup.sh.
     let with = match (label, text.lines().find(|l| l.starts_with("key_label = ") || l.starts_with("uri = "))) {
         (Some(l), Some(key_line)) => text.replacen(key_line, &format!("{key_line}\ncounter_label = \"{l}\""), 1),
-        _ => text,
+        (Some(_), None) => panic!("no root key line to put the counter after in:\n{text}"),
+        (None, _) => text,
     };
     std::fs::write(&env.config_path, with).unwrap();
 }
