@@ -17,6 +17,8 @@ mod journal;
 mod keys;
 mod open;
 mod records;
+#[cfg(test)]
+mod replay_tests;
 pub use records::ListReport;
 pub mod refresh;
 pub mod revoke;

@@ -24,7 +24,7 @@
 
 pub(crate) mod anchor;
 pub(crate) mod journal;
-mod redb_store;
+pub(crate) mod redb_store;
 pub(crate) mod schema;
 pub(crate) mod state;
 

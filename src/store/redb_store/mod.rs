@@ -7,7 +7,10 @@
 
 mod read;
 mod snapshots;
+pub(crate) mod txn;
 mod write;
+
+pub(crate) use txn::{RowWrite, WriteTxn};
 
 use std::fs;
 use std::ops::Bound;
@@ -23,7 +26,7 @@ use redb::{
 use super::anchor::{CounterLock, Position};
 use super::journal::{Appended, Journal};
 use super::schema::{self, Anchor, DekEntry, RootPin, RootWrapped, Tombstone};
-use super::state::{self, Acc, Change, Head, Mark, Row, RowKey, StateCell, StateCheck, StateKey, StateReport};
+use super::state::{self, Acc, Change, Head, Row, RowKey, StateCell, StateCheck, StateKey, StateReport};
 use super::{
     CoveredVisitor, Dump, IndexKeys, Lease, RecordBuilder, RecordVisitor, SCHEMA_VERSION, StoreMeta, StoreMode,
     StoreOptions, StoreRead, StoreWrite,
@@ -31,14 +34,14 @@ use super::{
 use crate::error::{Error, Result};
 use crate::seal::{RecordView, STORE_ID_LEN};
 
-pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-pub(super) const DEKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deks");
-pub(super) const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
-pub(super) const BY_DEK: TableDefinition<(&str, u32, &str), ()> = TableDefinition::new("by_dek");
-pub(super) const BY_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_expiry");
-pub(super) const TOMBSTONES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tombstones");
-pub(super) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
-pub(super) const REFRESH_LEASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("refresh_leases");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const DEKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deks");
+pub(crate) const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
+pub(crate) const BY_DEK: TableDefinition<(&str, u32, &str), ()> = TableDefinition::new("by_dek");
+pub(crate) const BY_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("by_expiry");
+pub(crate) const TOMBSTONES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tombstones");
+pub(crate) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+pub(crate) const REFRESH_LEASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("refresh_leases");
 
 pub(super) const META_SCHEMA: &str = "schema_version";
 pub(super) const META_STORE_ID: &str = "store_id";
@@ -96,9 +99,16 @@ pub(crate) struct Store {
     /// a read journal left by a crash: a write would take the sequence numbers of
     /// the events in it.
     unfolded: parking_lot::Mutex<Option<String>>,
+    /// Where each write's batch goes before it commits (see `set_batch_sink`).
+    batches: parking_lot::Mutex<Option<BatchSink>>,
     path: PathBuf,
     opts: StoreOptions,
 }
+
+/// Takes a write's batch before it commits: the generation it builds on, the one it
+/// ends on, and every row it writes, in order (the state head's last). An error
+/// aborts the write: nothing of it is committed.
+pub(crate) type BatchSink = Box<dyn FnMut(u64, u64, &[RowWrite]) -> Result<()> + Send>;
 
 /// A root that offers a [`crate::root::MonotonicCounter`].
 pub(crate) type CounterRoot = std::sync::Arc<dyn crate::root::RootKey>;
@@ -220,20 +230,20 @@ impl Store {
             super::journal::clear(path)?;
             store.state.key_for_creation(key, meta.store_id);
             store.write_from(Some(state::GENESIS), |txn| {
-                let mut m = txn.txn.open_table(META)?;
+                let mut m = txn.write_table(META)?;
                 m.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
                 m.insert(META_STORE_ID, meta.store_id.as_slice())?;
                 m.insert(META_CREATED, created.to_be_bytes().as_slice())?;
                 drop(m);
                 txn.put_roots(&meta.roots, &meta.integrity_key)?;
                 // Every table exists from the start, so readers never meet a missing one.
-                txn.txn.open_table(DEKS)?;
-                txn.txn.open_table(TOKENS)?;
-                txn.txn.open_table(BY_DEK)?;
-                txn.txn.open_table(BY_EXPIRY)?;
-                txn.txn.open_table(TOMBSTONES)?;
-                txn.txn.open_table(AUDIT)?;
-                txn.txn.open_table(REFRESH_LEASES)?;
+                txn.write_table(DEKS)?;
+                txn.write_table(TOKENS)?;
+                txn.write_table(BY_DEK)?;
+                txn.write_table(BY_EXPIRY)?;
+                txn.write_table(TOMBSTONES)?;
+                txn.write_table(AUDIT)?;
+                txn.write_table(REFRESH_LEASES)?;
                 then(txn)
             })?;
             Ok(store)
@@ -282,7 +292,15 @@ impl Store {
             writers: parking_lot::Mutex::new(()),
             journal: parking_lot::Mutex::new(None),
             unfolded: parking_lot::Mutex::new(None),
+            batches: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Hands every later write's batch to `sink` before the write commits here
+    /// (`None`: to nobody). The seam of the fleet store (docs/FLEET-DESIGN.md).
+    #[cfg_attr(not(test), expect(dead_code, reason = "the fleet store (issue 16) is its first user; tested now"))]
+    pub(crate) fn set_batch_sink(&self, sink: Option<BatchSink>) {
+        *self.batches.lock() = sink;
     }
 
     /// Refuses every later write of this handle: the read journal left by a crash
@@ -519,7 +537,7 @@ impl Store {
             let armed = self.state.key()?;
             let (old_key, store_id) = &*armed;
             let key = new_key.as_ref().unwrap_or(old_key);
-            txn.txn.open_table(META)?.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
+            txn.write_table(META)?.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
             let old = txn.state_head()?.and_then(|b| Head::decode(&b, old_key, store_id).ok());
             let (mut acc, mut acc_old) = (Acc::default(), Acc::default());
             txn.visit_covered(&mut |row, k, v| {
@@ -625,7 +643,8 @@ impl Store {
             Some(_) => Some(CounterLock::take(&self.path, self.opts.busy_timeout.saturating_sub(start.elapsed()))?),
             None => None,
         };
-        let txn = WriteTxn::new(self.begin_write(start)?, self.state.clone());
+        let recording = self.batches.lock().is_some();
+        let txn = WriteTxn::new(self.begin_write(start)?, self.state.clone(), recording);
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
         engine(|| self.state.before_write(&txn))?;
@@ -663,14 +682,21 @@ impl Store {
         let advanced = engine(|| advance_anchor(&txn, counter.as_ref(), anchor)).map_err(poison)?;
         let (before, after) = engine(|| {
             let (before, after, head) = seal(&txn)?;
-            txn.txn.open_table(META)?.insert(META_STATE_HEAD, head.as_slice())?;
+            txn.write_table(META)?.insert(META_STATE_HEAD, head.as_slice())?;
             Ok((before, after))
         })
         .map_err(poison)?;
+        if let Some(sink) = self.batches.lock().as_mut() {
+            if !recording {
+                // Set while this write ran: it would hand on a batch without its rows.
+                return Err(Error::Config("a batch sink was set during a write; run the write again".into()));
+            }
+            txn.with_writes(|w| sink(before, after, w))?;
+        }
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
         // redb makes a commit visible before it can still fail (its post-commit free
         // pass): kept snapshots are renewed whatever the outcome.
-        let committed = engine(|| Ok(txn.txn.commit()?));
+        let committed = engine(|| txn.commit());
         self.snapshots.committed();
         if committed.is_err() && journal.is_some() {
             // Whether this commit's audit events (the journal's, and the write's own)
@@ -853,56 +879,6 @@ impl std::ops::Deref for Snapshot<'_> {
     }
 }
 
-/// A write transaction (committed by [`Store::write`]), with the accumulator delta of
-/// the covered rows it changed.
-pub(crate) struct WriteTxn {
-    pub(super) txn: WriteTransaction,
-    state: std::sync::Arc<StateCell>,
-    delta: std::cell::RefCell<Acc>,
-    changes: std::cell::RefCell<Vec<Change>>,
-    floor: u64,
-}
-
-impl WriteTxn {
-    fn new(txn: WriteTransaction, state: std::sync::Arc<StateCell>) -> Self {
-        // A write transaction sees the newest commit: everything seen so far.
-        let floor = state.floor();
-        WriteTxn { txn, state, delta: Default::default(), changes: Default::default(), floor }
-    }
-
-    /// Moves the accumulator from a covered row's `old` value to its `new` one (either
-    /// absent), and notes the change for this process's known state.
-    pub(super) fn moved(&self, row: Row, k: RowKey<'_>, old: Option<&[u8]>, new: Option<&[u8]>) -> Result<()> {
-        if old == new {
-            return Ok(());
-        }
-        let armed = self.state.key()?;
-        let (key, _) = &*armed;
-        let mut delta = self.delta.borrow_mut();
-        if let Some(o) = old {
-            delta.sub(&key.row(row, k, o));
-        }
-        let change = match (row, k) {
-            (Row::Record, RowKey::Name(p, n)) => {
-                let mark = new.map(|v| Mark::of(key, p, n, v));
-                if let Some(m) = &mark {
-                    delta.add(&m.digest());
-                }
-                Change::Record { provider: p.to_owned(), name: n.to_owned(), mark }
-            }
-            _ => {
-                let d = new.map(|v| key.row(row, k, v));
-                if let Some(d) = &d {
-                    delta.add(d);
-                }
-                Change::Row { key: state::owned_key(row, k), digest: d }
-            }
-        };
-        self.changes.borrow_mut().push(change);
-        Ok(())
-    }
-}
-
 /// Opening a table for reading, the one thing the two transaction kinds do
 /// differently; every read operation is written once on top of it.
 pub(super) trait Tables {
@@ -999,29 +975,6 @@ impl Tables for ReadTxn<'_> {
                 None => f(None),
             },
         }
-    }
-}
-
-impl Tables for WriteTxn {
-    fn table<K: Key + 'static, V: Value + 'static>(
-        &self,
-        def: TableDefinition<'static, K, V>,
-    ) -> Result<Option<impl ReadableTable<K, V> + '_>> {
-        Ok(Some(self.txn.open_table(def)?))
-    }
-
-    const WRITE: bool = true;
-
-    fn checked(&self) -> Option<&StateCell> {
-        Some(&self.state)
-    }
-
-    fn with_pending<R>(&self, f: impl FnOnce(&[Change]) -> R) -> R {
-        f(&self.changes.borrow())
-    }
-
-    fn floor(&self) -> u64 {
-        self.floor
     }
 }
 

@@ -7,9 +7,9 @@ use super::*;
 impl StoreWrite for WriteTxn {
     fn put_records(&self, keys: &[(&str, &str)], build: &mut RecordBuilder<'_>) -> Result<usize> {
         engine(|| {
-            let mut tokens = self.txn.open_table(TOKENS)?;
-            let mut by_dek = self.txn.open_table(BY_DEK)?;
-            let mut by_exp = self.txn.open_table(BY_EXPIRY)?;
+            let mut tokens = self.write_table(TOKENS)?;
+            let mut by_dek = self.write_table(BY_DEK)?;
+            let mut by_exp = self.write_table(BY_EXPIRY)?;
             let mut written = 0;
             for (i, &(provider, name)) in keys.iter().enumerate() {
                 let (new, old_bytes, old_idx) = {
@@ -50,12 +50,12 @@ impl StoreWrite for WriteTxn {
 
     fn delete_record(&self, provider: &str, name: &str) -> Result<Option<Vec<u8>>> {
         engine(|| {
-            let old = self.txn.open_table(TOKENS)?.remove((provider, name))?.map(|g| g.value().to_vec());
+            let old = self.write_table(TOKENS)?.remove((provider, name))?.map(|g| g.value().to_vec());
             self.moved(Row::Record, RowKey::Name(provider, name), old.as_deref(), None)?;
             if let Some(view) = old.as_deref().and_then(|b| RecordView::parse(b).ok()) {
-                self.txn.open_table(BY_DEK)?.remove((provider, view.dek_version, name))?;
+                self.write_table(BY_DEK)?.remove((provider, view.dek_version, name))?;
                 if let Some(e) = view.expires_at {
-                    self.txn.open_table(BY_EXPIRY)?.remove((e, provider, name))?;
+                    self.write_table(BY_EXPIRY)?.remove((e, provider, name))?;
                 }
             }
             Ok(old)
@@ -74,7 +74,7 @@ impl StoreWrite for WriteTxn {
             if current == Some(version) {
                 return Ok(false);
             }
-            self.txn.open_table(BY_DEK)?.remove((provider, version, name))?;
+            self.write_table(BY_DEK)?.remove((provider, version, name))?;
             Ok(true)
         })
     }
@@ -91,7 +91,7 @@ impl StoreWrite for WriteTxn {
             if current == Some(Some(expires_at)) {
                 return Ok(false);
             }
-            self.txn.open_table(BY_EXPIRY)?.remove((expires_at, provider, name))?;
+            self.write_table(BY_EXPIRY)?.remove((expires_at, provider, name))?;
             Ok(true)
         })
     }
@@ -99,18 +99,15 @@ impl StoreWrite for WriteTxn {
     fn put_dek(&self, provider: &str, entry: &DekEntry) -> Result<()> {
         engine(|| {
             let new = entry.encode();
-            let old = self
-                .txn
-                .open_table(DEKS)?
-                .insert((provider, entry.version), new.as_slice())?
-                .map(|g| g.value().to_vec());
+            let old =
+                self.write_table(DEKS)?.insert((provider, entry.version), new.as_slice())?.map(|g| g.value().to_vec());
             self.moved(Row::Dek, RowKey::Version(provider, entry.version), old.as_deref(), Some(&new))
         })
     }
 
     fn put_roots(&self, roots: &[RootPin], integrity_key: &[RootWrapped]) -> Result<()> {
         engine(|| {
-            let mut m = self.txn.open_table(META)?;
+            let mut m = self.write_table(META)?;
             let (r, k) = (schema::encode_roots(roots), schema::encode_wrapped_key(integrity_key));
             let old_r = m.insert(META_ROOTS, r.as_slice())?.map(|g| g.value().to_vec());
             let old_k = m.insert(META_INTEGRITY_KEY, k.as_slice())?.map(|g| g.value().to_vec());
@@ -121,7 +118,7 @@ impl StoreWrite for WriteTxn {
 
     fn put_tombstone(&self, provider: &str, name: &str, tombstone: Option<&Tombstone>) -> Result<()> {
         engine(|| {
-            let mut t = self.txn.open_table(TOMBSTONES)?;
+            let mut t = self.write_table(TOMBSTONES)?;
             let new = tombstone.map(Tombstone::encode);
             let old = match &new {
                 Some(v) => t.insert((provider, name), v.as_slice())?,
@@ -134,7 +131,7 @@ impl StoreWrite for WriteTxn {
 
     fn remove_tombstones(&self, keys: &[(&str, &str)]) -> Result<()> {
         engine(|| {
-            let mut t = self.txn.open_table(TOMBSTONES)?;
+            let mut t = self.write_table(TOMBSTONES)?;
             for &(p, n) in keys {
                 let old = t.remove((p, n))?.map(|g| g.value().to_vec());
                 self.moved(Row::Tombstone, RowKey::Name(p, n), old.as_deref(), None)?;
@@ -145,7 +142,7 @@ impl StoreWrite for WriteTxn {
 
     fn put_lease(&self, provider: &str, name: &str, lease: Option<Lease>) -> Result<()> {
         engine(|| {
-            let mut t = self.txn.open_table(REFRESH_LEASES)?;
+            let mut t = self.write_table(REFRESH_LEASES)?;
             match lease {
                 Some(l) => t.insert((provider, name), schema::encode_lease(&l).as_slice())?,
                 None => t.remove((provider, name))?,
@@ -156,7 +153,7 @@ impl StoreWrite for WriteTxn {
 
     fn append_audit(&self, entries: &[(u64, Vec<u8>)], head: &[u8]) -> Result<()> {
         engine(|| {
-            let mut t = self.txn.open_table(AUDIT)?;
+            let mut t = self.write_table(AUDIT)?;
             for (seq, entry) in entries {
                 t.insert(seq, entry.as_slice())?;
             }
@@ -172,7 +169,7 @@ impl StoreWrite for WriteTxn {
     fn put_anchor(&self, anchor: Option<&Anchor>) -> Result<()> {
         engine(|| {
             let new = anchor.map(Anchor::encode);
-            let mut meta = self.txn.open_table(META)?;
+            let mut meta = self.write_table(META)?;
             let old = match &new {
                 Some(v) => meta.insert(META_ANCHOR, v.as_slice())?,
                 None => meta.remove(META_ANCHOR)?,
@@ -186,12 +183,12 @@ impl StoreWrite for WriteTxn {
 
 impl WriteTxn {
     fn set_audit_archive(&self, sealed: &[u8]) -> Result<()> {
-        let old = self.txn.open_table(META)?.insert(META_AUDIT_ARCHIVE, sealed)?.map(|g| g.value().to_vec());
+        let old = self.write_table(META)?.insert(META_AUDIT_ARCHIVE, sealed)?.map(|g| g.value().to_vec());
         self.moved(Row::AuditArchive, RowKey::Single, old.as_deref(), Some(sealed))
     }
 
     fn set_audit_head(&self, head: &[u8]) -> Result<()> {
-        let old = self.txn.open_table(META)?.insert(META_AUDIT_HEAD, head)?.map(|g| g.value().to_vec());
+        let old = self.write_table(META)?.insert(META_AUDIT_HEAD, head)?.map(|g| g.value().to_vec());
         self.moved(Row::AuditHead, RowKey::Single, old.as_deref(), Some(head))
     }
 
@@ -207,7 +204,7 @@ impl WriteTxn {
         for (p, n, v) in &d.tombstones {
             self.put_tombstone(p, n, Some(&Tombstone::decode(v)?))?;
         }
-        let mut audit = self.txn.open_table(AUDIT)?;
+        let mut audit = self.write_table(AUDIT)?;
         for (seq, v) in &d.audit {
             audit.insert(*seq, v.as_slice())?;
         }

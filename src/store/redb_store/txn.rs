@@ -1,0 +1,305 @@
+//! The write transaction, and the record of every row it writes.
+//!
+//! The redb transaction is private to this module: a table is opened for writing only
+//! through [`WriteTxn::write_table`], whose every insert and removal is kept, in order,
+//! as a [`RowWrite`]. A commit's writes are then the whole of the change it makes —
+//! covered rows, indexes, leases, audit entries, `meta` rows and the state head alike —
+//! and [`apply`] makes them again on another copy of the store. That is the replay a
+//! fleet host does from the log of write batches (docs/FLEET-DESIGN.md); the test
+//! `a_copy_brought_forward_by_the_recorded_writes_equals_the_store` proves a copy so
+//! brought forward equals the store byte for byte, so a write that went around the
+//! recorder would show.
+
+use std::borrow::Borrow;
+use std::cell::RefCell;
+
+use redb::{
+    AccessGuard, Key, ReadableTable, StorageError, Table, TableDefinition, TableHandle, Value, WriteTransaction,
+};
+
+use super::{AUDIT, BY_DEK, BY_EXPIRY, DEKS, META, REFRESH_LEASES, TOKENS, TOMBSTONES, Tables, engine};
+use crate::error::{Error, Result};
+use crate::store::state::{self, Acc, Change, Mark, Row, RowKey, StateCell};
+
+/// A write transaction (committed by `Store::write`), with the accumulator delta of
+/// the covered rows it changed and the record of every row it wrote.
+pub(crate) struct WriteTxn {
+    txn: WriteTransaction,
+    pub(super) state: std::sync::Arc<StateCell>,
+    pub(super) delta: RefCell<Acc>,
+    pub(super) changes: RefCell<Vec<Change>>,
+    pub(super) floor: u64,
+    /// The rows written, when someone takes them (a batch sink is set): a bulk write
+    /// (a restore, a rotation of many records) does not keep a copy otherwise.
+    writes: Option<RefCell<Vec<RowWrite>>>,
+}
+
+/// One row written: its table (an index into [`TABLES`]), its key and its new value
+/// (`None`: removed), in redb's own encodings of the table's types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RowWrite {
+    pub table: u8,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The tables of a store, in the order a [`RowWrite`] numbers them.
+pub(crate) const TABLES: [&str; 8] =
+    ["meta", "deks", "tokens", "by_dek", "by_expiry", "tombstones", "audit", "refresh_leases"];
+
+/// A table opened for writing: every insert and removal is recorded. Reads go through
+/// `Deref` to the table.
+pub(super) struct Recorded<'t, K: Key + 'static, V: Value + 'static> {
+    table: Table<'t, K, V>,
+    id: u8,
+    writes: Option<&'t RefCell<Vec<RowWrite>>>,
+}
+
+impl<K: Key + 'static, V: Value + 'static> Recorded<'_, K, V> {
+    pub(super) fn insert<'k, 'v>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+        value: impl Borrow<V::SelfType<'v>>,
+    ) -> std::result::Result<Option<AccessGuard<'_, V>>, StorageError> {
+        if let Some(w) = self.writes {
+            let k = K::as_bytes(key.borrow()).as_ref().to_vec();
+            let v = V::as_bytes(value.borrow()).as_ref().to_vec();
+            w.borrow_mut().push(RowWrite { table: self.id, key: k, value: Some(v) });
+        }
+        // A failed insert fails the transaction, and its batch with it.
+        self.table.insert(key, value)
+    }
+
+    pub(super) fn remove<'k>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+    ) -> std::result::Result<Option<AccessGuard<'_, V>>, StorageError> {
+        let k = self.writes.map(|_| K::as_bytes(key.borrow()).as_ref().to_vec());
+        let old = self.table.remove(key)?;
+        if let (Some(w), Some(k), true) = (self.writes, k, old.is_some()) {
+            w.borrow_mut().push(RowWrite { table: self.id, key: k, value: None });
+        }
+        Ok(old)
+    }
+}
+
+impl<'t, K: Key + 'static, V: Value + 'static> std::ops::Deref for Recorded<'t, K, V> {
+    type Target = Table<'t, K, V>;
+
+    fn deref(&self) -> &Table<'t, K, V> {
+        &self.table
+    }
+}
+
+impl WriteTxn {
+    /// `record`: keep the rows written, for a batch sink.
+    pub(super) fn new(txn: WriteTransaction, state: std::sync::Arc<StateCell>, record: bool) -> Self {
+        // A write transaction sees the newest commit: everything seen so far.
+        let floor = state.floor();
+        WriteTxn {
+            txn,
+            state,
+            delta: Default::default(),
+            changes: Default::default(),
+            floor,
+            writes: record.then(RefCell::default),
+        }
+    }
+
+    /// Opens `def` for writing (creating it if missing); what is written through it is
+    /// recorded. The only way to write a table.
+    pub(super) fn write_table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<'static, K, V>,
+    ) -> Result<Recorded<'_, K, V>> {
+        let id = table_id(def.name())?;
+        Ok(Recorded { table: self.txn.open_table(def)?, id, writes: self.writes.as_ref() })
+    }
+
+    /// Calls `f` with the rows written so far, in order (none when not recording).
+    pub(super) fn with_writes<R>(&self, f: impl FnOnce(&[RowWrite]) -> R) -> R {
+        match &self.writes {
+            Some(w) => f(&w.borrow()),
+            None => f(&[]),
+        }
+    }
+
+    pub(super) fn commit(self) -> Result<()> {
+        Ok(self.txn.commit()?)
+    }
+
+    /// Moves the accumulator from a covered row's `old` value to its `new` one (either
+    /// absent), and notes the change for this process's known state.
+    pub(super) fn moved(&self, row: Row, k: RowKey<'_>, old: Option<&[u8]>, new: Option<&[u8]>) -> Result<()> {
+        if old == new {
+            return Ok(());
+        }
+        let armed = self.state.key()?;
+        let (key, _) = &*armed;
+        let mut delta = self.delta.borrow_mut();
+        if let Some(o) = old {
+            delta.sub(&key.row(row, k, o));
+        }
+        let change = match (row, k) {
+            (Row::Record, RowKey::Name(p, n)) => {
+                let mark = new.map(|v| Mark::of(key, p, n, v));
+                if let Some(m) = &mark {
+                    delta.add(&m.digest());
+                }
+                Change::Record { provider: p.to_owned(), name: n.to_owned(), mark }
+            }
+            _ => {
+                let d = new.map(|v| key.row(row, k, v));
+                if let Some(d) = &d {
+                    delta.add(d);
+                }
+                Change::Row { key: state::owned_key(row, k), digest: d }
+            }
+        };
+        self.changes.borrow_mut().push(change);
+        Ok(())
+    }
+}
+
+impl Tables for WriteTxn {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<'static, K, V>,
+    ) -> Result<Option<impl ReadableTable<K, V> + '_>> {
+        Ok(Some(self.txn.open_table(def)?))
+    }
+
+    const WRITE: bool = true;
+
+    fn checked(&self) -> Option<&StateCell> {
+        Some(&self.state)
+    }
+
+    fn with_pending<R>(&self, f: impl FnOnce(&[Change]) -> R) -> R {
+        f(&self.changes.borrow())
+    }
+
+    fn floor(&self) -> u64 {
+        self.floor
+    }
+}
+
+fn table_id(name: &str) -> Result<u8> {
+    TABLES.iter().position(|t| *t == name).and_then(|i| u8::try_from(i).ok()).ok_or_else(|| Error::Store {
+        operation: "table",
+        detail: format!("a table outside the store's schema: {name}"),
+    })
+}
+
+/// Makes `writes` (one commit's, in order) in `txn`: the replay of a write batch on
+/// another copy of the store. What it leaves is unchecked until the transaction's
+/// state is (the caller's part); a write whose bytes do not decode as its table's
+/// types is an integrity error, never a panic.
+#[cfg_attr(not(test), expect(dead_code, reason = "the fleet store's replay (issue 16) is its first user; tested now"))]
+pub(crate) fn apply(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<()> {
+    fn one<K: Key + 'static, V: Value + 'static>(
+        txn: &WriteTransaction,
+        def: TableDefinition<'static, K, V>,
+        w: &RowWrite,
+    ) -> Result<()> {
+        let mut t = txn.open_table(def)?;
+        match &w.value {
+            Some(v) => drop(t.insert(K::from_bytes(&w.key), V::from_bytes(v))?),
+            None => drop(t.remove(K::from_bytes(&w.key))?),
+        }
+        Ok(())
+    }
+    engine(|| {
+        for w in writes {
+            match w.table {
+                0 => one(txn, META, w)?,
+                1 => one(txn, DEKS, w)?,
+                2 => one(txn, TOKENS, w)?,
+                3 => one(txn, BY_DEK, w)?,
+                4 => one(txn, BY_EXPIRY, w)?,
+                5 => one(txn, TOMBSTONES, w)?,
+                6 => one(txn, AUDIT, w)?,
+                7 => one(txn, REFRESH_LEASES, w)?,
+                _ => return Err(Error::integrity("applying a write batch (a table outside the schema)")),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The magic and version of an encoded write batch.
+const BATCH_MAGIC: &[u8; 4] = b"TGW1";
+
+/// Encodes one commit's writes: `TGW1`, a u32 count, then per write its table byte,
+/// a u32 key length and the key, and a presence byte followed (when 1) by a u32 value
+/// length and the value; integers big-endian.
+#[cfg_attr(not(test), expect(dead_code, reason = "the fleet store's replay (issue 16) is its first user; tested now"))]
+pub(crate) fn encode_writes(writes: &[RowWrite]) -> Result<Vec<u8>> {
+    let len = |n: usize| u32::try_from(n).map_err(|_| Error::InvalidInput("a write batch over 4 GiB".into()));
+    let mut out = Vec::with_capacity(
+        8 + writes.iter().map(|w| 10 + w.key.len() + w.value.as_ref().map_or(0, Vec::len)).sum::<usize>(),
+    );
+    out.extend_from_slice(BATCH_MAGIC);
+    out.extend_from_slice(&len(writes.len())?.to_be_bytes());
+    for w in writes {
+        out.push(w.table);
+        out.extend_from_slice(&len(w.key.len())?.to_be_bytes());
+        out.extend_from_slice(&w.key);
+        match &w.value {
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&len(v.len())?.to_be_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.push(0),
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes [`encode_writes`]' bytes; anything else (truncated, trailing bytes, an
+/// unknown table or presence byte) is an integrity error.
+#[cfg_attr(not(test), expect(dead_code, reason = "the fleet store's replay (issue 16) is its first user; tested now"))]
+pub(crate) fn decode_writes(mut b: &[u8]) -> Result<Vec<RowWrite>> {
+    let bad = || Error::integrity("decoding a write batch");
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = b.split_at_checked(n)?;
+        *b = rest;
+        Some(head)
+    }
+    fn u32_of(b: &mut &[u8]) -> Option<usize> {
+        let v = u32::from_be_bytes(take(b, 4)?.try_into().ok()?);
+        usize::try_from(v).ok()
+    }
+    if take(&mut b, 4) != Some(BATCH_MAGIC.as_slice()) {
+        return Err(bad());
+    }
+    let count = u32_of(&mut b).ok_or_else(bad)?;
+    // Each write takes 6 bytes at least: a count beyond that is a lie, not a reason
+    // to reserve memory.
+    if count > b.len() / 6 {
+        return Err(bad());
+    }
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let table = *take(&mut b, 1).ok_or_else(bad)?.first().ok_or_else(bad)?;
+        if usize::from(table) >= TABLES.len() {
+            return Err(bad());
+        }
+        let klen = u32_of(&mut b).ok_or_else(bad)?;
+        let key = take(&mut b, klen).ok_or_else(bad)?.to_vec();
+        let value = match take(&mut b, 1).ok_or_else(bad)? {
+            [0] => None,
+            [1] => {
+                let vlen = u32_of(&mut b).ok_or_else(bad)?;
+                Some(take(&mut b, vlen).ok_or_else(bad)?.to_vec())
+            }
+            _ => return Err(bad()),
+        };
+        out.push(RowWrite { table, key, value });
+    }
+    if !b.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
+}
