@@ -185,4 +185,15 @@ fn a_write_batch_decodes_only_as_encoded() {
     let t = db.begin_write().unwrap();
     let bad = [txn::RowWrite { table: 2, key: vec![0xff, 0xff, 0xff], value: Some(vec![]) }];
     assert!(txn::apply(&t, &bad).is_err());
+    // An audit key (a u64) of 3 bytes; a key that is not UTF-8; an index value that
+    // is not empty (redb ignores it, so two batches would make one change).
+    let short = [txn::RowWrite { table: 6, key: vec![1, 2, 3], value: Some(b"x".to_vec()) }];
+    assert!(txn::apply(&t, &short).is_err());
+    let not_utf8 = [txn::RowWrite { table: 0, key: vec![0xc3, 0x28], value: Some(b"x".to_vec()) }];
+    assert!(txn::apply(&t, &not_utf8).is_err());
+    let encoded = <(&str, u32, &str) as Value>::as_bytes(&("p", 1, "n"));
+    let k = AsRef::<[u8]>::as_ref(&encoded).to_vec();
+    let index = |value: Vec<u8>| [txn::RowWrite { table: 3, key: k.clone(), value: Some(value) }];
+    txn::apply(&t, &index(Vec::new())).unwrap();
+    assert!(txn::apply(&t, &index(vec![0])).is_err());
 }

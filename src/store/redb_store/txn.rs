@@ -17,7 +17,7 @@ use redb::{
     AccessGuard, Key, ReadableTable, StorageError, Table, TableDefinition, TableHandle, Value, WriteTransaction,
 };
 
-use super::{AUDIT, BY_DEK, BY_EXPIRY, DEKS, META, REFRESH_LEASES, TOKENS, TOMBSTONES, Tables, engine};
+use super::{AUDIT, BY_DEK, BY_EXPIRY, DEKS, META, REFRESH_LEASES, TOKENS, TOMBSTONES, Tables};
 use crate::error::{Error, Result};
 use crate::store::state::{self, Acc, Change, Mark, Row, RowKey, StateCell};
 
@@ -74,12 +74,13 @@ impl<K: Key + 'static, V: Value + 'static> Recorded<'_, K, V> {
         &mut self,
         key: impl Borrow<K::SelfType<'k>>,
     ) -> std::result::Result<Option<AccessGuard<'_, V>>, StorageError> {
-        let k = self.writes.map(|_| K::as_bytes(key.borrow()).as_ref().to_vec());
-        let old = self.table.remove(key)?;
-        if let (Some(w), Some(k), true) = (self.writes, k, old.is_some()) {
+        // Recorded whether or not the row was there: a replay then also clears a row
+        // an earlier copy should not have.
+        if let Some(w) = self.writes {
+            let k = K::as_bytes(key.borrow()).as_ref().to_vec();
             w.borrow_mut().push(RowWrite { table: self.id, key: k, value: None });
         }
-        Ok(old)
+        self.table.remove(key)
     }
 }
 
@@ -193,8 +194,9 @@ fn table_id(name: &str) -> Result<u8> {
 
 /// Makes `writes` (one commit's, in order) in `txn`: the replay of a write batch on
 /// another copy of the store. What it leaves is unchecked until the transaction's
-/// state is (the caller's part); a write whose bytes do not decode as its table's
-/// types is an integrity error, never a panic.
+/// state is (the caller's part). A write whose bytes are not the canonical encoding
+/// of its table's types (what the recorder makes) is an integrity error, never a
+/// panic: two different batches never make the same change.
 #[cfg_attr(not(test), expect(dead_code, reason = "the fleet store's replay (issue 16) is its first user; tested now"))]
 pub(crate) fn apply(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<()> {
     fn one<K: Key + 'static, V: Value + 'static>(
@@ -202,14 +204,27 @@ pub(crate) fn apply(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<()> {
         def: TableDefinition<'static, K, V>,
         w: &RowWrite,
     ) -> Result<()> {
+        let bad = || Error::integrity("applying a write batch (a row not as the recorder writes it)");
+        let key = K::from_bytes(&w.key);
+        if K::as_bytes(&key).as_ref() != w.key.as_slice() {
+            return Err(bad());
+        }
         let mut t = txn.open_table(def)?;
         match &w.value {
-            Some(v) => drop(t.insert(K::from_bytes(&w.key), V::from_bytes(v))?),
-            None => drop(t.remove(K::from_bytes(&w.key))?),
+            Some(v) => {
+                let value = V::from_bytes(v);
+                if V::as_bytes(&value).as_ref() != v.as_slice() {
+                    return Err(bad());
+                }
+                drop(t.insert(key, value)?);
+            }
+            None => drop(t.remove(key)?),
         }
         Ok(())
     }
-    engine(|| {
+    // redb panics on bytes its types cannot hold (a short integer, a `&str` that is
+    // not UTF-8, a length past the end): caught here, with a context of its own.
+    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for w in writes {
             match w.table {
                 0 => one(txn, META, w)?,
@@ -224,7 +239,8 @@ pub(crate) fn apply(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<()> {
             }
         }
         Ok(())
-    })
+    }));
+    applied.unwrap_or_else(|_| Err(Error::integrity("applying a write batch (a row its table's types cannot hold)")))
 }
 
 /// The magic and version of an encoded write batch.
