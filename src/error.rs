@@ -41,6 +41,8 @@ pub mod exit {
     pub const RATE_LIMITED: i32 = 10;
     /// An agent is configured, but it does not answer.
     pub const AGENT_UNAVAILABLE: i32 = 11;
+    /// The fleet store's database (PostgreSQL) is unreachable or failed the request.
+    pub const DATABASE: i32 = 12;
     /// Interrupted at a prompt (Ctrl-C), the terminal restored: 128 + SIGINT, as a
     /// shell reports it.
     pub const INTERRUPTED: i32 = 130;
@@ -62,6 +64,7 @@ pub mod exit {
         (REFUSED, "refused by the agent's policy"),
         (RATE_LIMITED, "rate limited by the agent; retry later"),
         (AGENT_UNAVAILABLE, "agent unavailable: configured, but not answering (`--direct` bypasses it)"),
+        (DATABASE, "the fleet store's database is unavailable or failed the request; retry once it is back"),
         (INTERRUPTED, "interrupted at a prompt (Ctrl-C); the terminal is restored"),
         (CLOSED_PIPE, "stdout closed by its reader (piped into `head`); it stops quietly, as `ls` does"),
     ];
@@ -351,6 +354,27 @@ pub enum Error {
         detail: String,
     },
 
+    /// The fleet store's database (PostgreSQL) could not be reached, or failed the
+    /// request. Whether a write that failed so committed is for the next catch-up
+    /// to tell.
+    #[error("the store's database is unavailable ({operation}): {detail}")]
+    Database {
+        /// What was being done.
+        operation: &'static str,
+        /// What the database or the connection said (never a password).
+        detail: String,
+    },
+
+    /// Another host wrote the fleet log's next generation first, every time this
+    /// write was tried: the fleet is busy with writes.
+    #[error("another host wrote generation {generation} of the fleet log first ({attempts} attempts)")]
+    FleetConflict {
+        /// The generation both wrote.
+        generation: u64,
+        /// How often the write was tried, catching up in between.
+        attempts: u32,
+    },
+
     /// An error the agent reported, as it reported it.
     #[error("{message}")]
     Remote {
@@ -374,7 +398,8 @@ impl Error {
                 exit::INTEGRITY
             }
             Error::Hardware { .. } | Error::Auth { .. } => exit::HARDWARE,
-            Error::StoreBusy { .. } => exit::BUSY,
+            Error::StoreBusy { .. } | Error::FleetConflict { .. } => exit::BUSY,
+            Error::Database { .. } => exit::DATABASE,
             Error::Expired { .. } | Error::Revoked { .. } | Error::Shredded { .. } | Error::NeedsReauth { .. } => {
                 exit::EXPIRED
             }
@@ -431,6 +456,12 @@ impl Error {
                 "another process holds the store exclusively; retry, or set store.mode = \"shared\" in every process"
                     .into()
             }
+            Error::Database { .. } => {
+                "check that PostgreSQL is up and reachable; a write that failed so did not commit here, but may \
+                 have reached the fleet log (its answer lost): catching up shows it, so look before writing again"
+                    .into()
+            }
+            Error::FleetConflict { .. } => "retry: other hosts were writing at the same moment".into(),
             Error::Expired { .. } => "refresh or replace the token; `get --allow-expired` reads it anyway".into(),
             Error::InUse { provider, .. } => {
                 format!("run `tokenguard reencrypt {provider}` to move them to the active version, then retire again")

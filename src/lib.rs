@@ -11,6 +11,8 @@ pub mod config;
 mod crypto;
 pub mod error;
 mod files;
+#[cfg(feature = "postgres")]
+pub mod fleet;
 pub mod guard;
 pub mod oauth;
 pub mod pin;

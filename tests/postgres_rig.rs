@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 // The fixture alone (the rest of tests/common needs the pkcs11 feature).
-#[allow(dead_code, unsafe_code)]
+#[allow(dead_code)]
 #[path = "common/postgres.rs"]
 mod postgres;
 

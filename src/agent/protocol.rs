@@ -383,7 +383,7 @@ impl Request {
 pub struct WireError {
     /// Stable kind: `not_found`, `integrity`, `hardware`, `busy`, `expired`,
     /// `revoked`, `shredded`, `needs_reauth`, `config`, `invalid`, `refused`,
-    /// `rate_limited`, `locked`, `unavailable`, `audit`, `other`.
+    /// `rate_limited`, `locked`, `unavailable`, `database`, `audit`, `other`.
     pub kind: String,
     /// What went wrong (never a secret).
     pub message: String,
@@ -404,7 +404,8 @@ pub fn error_kind(e: &crate::Error) -> &'static str {
         E::NotFound { .. } | E::NoSuchField { .. } | E::NoStore(_) => "not_found",
         E::Integrity { .. } | E::WrongRoot { .. } | E::Rollback { .. } => "integrity",
         E::Hardware { .. } | E::Auth { .. } => "hardware",
-        E::StoreBusy { .. } => "busy",
+        E::StoreBusy { .. } | E::FleetConflict { .. } => "busy",
+        E::Database { .. } => "database",
         E::Expired { .. } => "expired",
         E::Revoked { .. } => "revoked",
         E::Shredded { .. } => "shredded",
@@ -422,7 +423,7 @@ pub fn error_kind(e: &crate::Error) -> &'static str {
 
 /// A remote kind passed on, as one of the stable kinds.
 fn remote_kind(kind: &str) -> &'static str {
-    const KINDS: [&str; 16] = [
+    const KINDS: [&str; 17] = [
         "not_found",
         "integrity",
         "hardware",
@@ -437,6 +438,7 @@ fn remote_kind(kind: &str) -> &'static str {
         "rate_limited",
         "locked",
         "unavailable",
+        "database",
         "audit",
         "other",
     ];

@@ -13,6 +13,7 @@
 //! `refresh` and `roots`.
 
 mod doctor;
+mod fleet;
 mod journal;
 mod keys;
 mod open;

@@ -16,12 +16,11 @@ use crate::store::redb_store::{self, txn};
 use crate::store::{Lease, StoreOptions, StoreWrite};
 
 fn rows<K: Key + 'static, V: Value + 'static>(
-    db: &redb::Database,
+    r: &redb::ReadTransaction,
     def: TableDefinition<'static, K, V>,
     out: &mut Vec<(&'static str, Vec<u8>, Vec<u8>)>,
 ) {
     let name = txn::TABLES.iter().find(|t| **t == redb::TableHandle::name(&def)).unwrap();
-    let r = db.begin_read().unwrap();
     let t = r.open_table(def).unwrap();
     for row in t.iter().unwrap() {
         let (k, v) = row.unwrap();
@@ -29,18 +28,42 @@ fn rows<K: Key + 'static, V: Value + 'static>(
     }
 }
 
+/// Every row of every table a read transaction sees.
+fn dump_txn(r: &redb::ReadTransaction) -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    rows(r, redb_store::META, &mut out);
+    rows(r, redb_store::DEKS, &mut out);
+    rows(r, redb_store::TOKENS, &mut out);
+    rows(r, redb_store::BY_DEK, &mut out);
+    rows(r, redb_store::BY_EXPIRY, &mut out);
+    rows(r, redb_store::TOMBSTONES, &mut out);
+    rows(r, redb_store::AUDIT, &mut out);
+    rows(r, redb_store::REFRESH_LEASES, &mut out);
+    out
+}
+
+/// Every row of the store a guard has open.
+fn dump_of(g: &TokenGuard) -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    let r = g.inner.store.read().unwrap();
+    dump_txn(r.raw())
+}
+
 /// Every row of every table of the store file at `path`.
 fn dump(path: &std::path::Path) -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
-    let db = redb::Database::open(path).unwrap();
-    let mut out = Vec::new();
-    rows(&db, redb_store::META, &mut out);
-    rows(&db, redb_store::DEKS, &mut out);
-    rows(&db, redb_store::TOKENS, &mut out);
-    rows(&db, redb_store::BY_DEK, &mut out);
-    rows(&db, redb_store::BY_EXPIRY, &mut out);
-    rows(&db, redb_store::TOMBSTONES, &mut out);
-    rows(&db, redb_store::AUDIT, &mut out);
-    rows(&db, redb_store::REFRESH_LEASES, &mut out);
+    dump_txn(&redb::Database::open(path).unwrap().begin_read().unwrap())
+}
+
+/// The rows of a sealed batch, its MAC not checked: the raw replay below proves the
+/// recorder complete, whatever a catch-up would check.
+fn rows_of(sealed: &[u8]) -> Vec<txn::RowWrite> {
+    txn::decode_writes(&sealed[20..sealed.len() - 32]).unwrap()
+}
+
+/// `rows` sealed again in `sealed`'s envelope, its MAC left as it was.
+fn reseal_unkeyed(sealed: &[u8], rows: &[txn::RowWrite]) -> Vec<u8> {
+    let mut out = sealed[..20].to_vec();
+    out.extend_from_slice(&txn::encode_writes(rows).unwrap());
+    out.extend_from_slice(&sealed[sealed.len() - 32..]);
     out
 }
 
@@ -48,7 +71,7 @@ fn replay(path: &std::path::Path, batches: &[Vec<u8>]) {
     let db = redb::Database::open(path).unwrap();
     for b in batches {
         let t = db.begin_write().unwrap();
-        txn::apply(&t, &txn::decode_writes(b).unwrap()).unwrap();
+        txn::apply(&t, &rows_of(b)).unwrap();
         t.commit().unwrap();
     }
 }
@@ -73,9 +96,10 @@ fn a_copy_brought_forward_by_the_recorded_writes_equals_the_store() {
     let batches = Arc::new(Mutex::new(Vec::new()));
     let record = |g: &TokenGuard| {
         let sink = batches.clone();
-        g.inner.store.set_batch_sink(Some(Box::new(move |before, after, writes| {
-            assert_eq!(after, before + 1, "a batch moves the generation by one");
-            sink.lock().unwrap().push(txn::encode_writes(writes).unwrap());
+        g.set_batch_sink(Some(Box::new(move |b: &txn::Batch| {
+            assert_eq!(b.after, b.before + 1, "a batch moves the generation by one");
+            assert_eq!(txn::batch_generations(&b.bytes), Some((b.before, b.after)));
+            sink.lock().unwrap().push(b.bytes.clone());
             Ok(())
         })));
     };
@@ -147,15 +171,91 @@ fn a_copy_brought_forward_by_the_recorded_writes_equals_the_store() {
     std::fs::copy(&start, &d).unwrap();
     // The last put's record, which no later write replaces.
     let at = batches.len() - 1;
-    let mut edited = txn::decode_writes(&batches[at]).unwrap();
+    let mut edited = rows_of(&batches[at]);
     let w = edited.iter_mut().find(|w| w.table == 2).unwrap();
     let v = w.value.as_mut().unwrap();
     let last = v.len() - 1;
     v[last] ^= 1;
     let mut forged = batches.clone();
-    forged[at] = txn::encode_writes(&edited).unwrap();
+    forged[at] = reseal_unkeyed(&batches[at], &edited);
     replay(&d, &forged);
     assert!(TokenGuard::open(&d, StoreOptions::default(), vec![soft(&root2)], opts()).is_err());
+
+    // The checked way in: a guard on a copy catches up with the sealed batches.
+    let e = dir.path().join("e.redb");
+    std::fs::copy(&start, &e).unwrap();
+    let host = TokenGuard::open(&e, StoreOptions::default(), vec![soft(&root1)], opts()).unwrap();
+    let before = dump_of(&host);
+    // An edited batch (its MAC no longer matches), one left out, one repeated, and
+    // one from another store are refused, and leave the store as it was.
+    // An audit entry is not a covered row (its chain is): only the batch's MAC
+    // stands between an edit of one and the copy.
+    let edit_first = |table: u8| {
+        let mut rows = rows_of(&batches[0]);
+        let value = rows.iter_mut().find(|w| w.table == table).unwrap().value.as_mut().unwrap();
+        value[0] ^= 1;
+        let mut out = batches.clone();
+        out[0] = reseal_unkeyed(&batches[0], &rows);
+        out
+    };
+    let refused: [(&str, Vec<Vec<u8>>); 5] = [
+        ("a record edited", edit_first(2)),
+        ("an audit entry edited", edit_first(6)),
+        ("one left out", [&batches[..2], &batches[3..]].concat()),
+        ("one repeated", [&batches[..2], &batches[1..]].concat()),
+        ("another store's", other_store_batches(dir.path(), &root1)),
+    ];
+    for (what, bs) in refused {
+        let err = host.catch_up(|_| Ok(bs.clone())).unwrap_err();
+        assert!(matches!(err, crate::Error::Integrity { .. }), "{what}: {err}");
+        assert_eq!(dump_of(&host), before, "{what}: the store changed");
+    }
+    // Up to the root added; a host with root 1 only cannot follow root 1's removal
+    // (its root reads nothing written after), and keeps what it had.
+    let added = batches.iter().position(|b| rows_of(b).iter().any(|w| w.table == 0 && w.key == b"roots")).unwrap();
+    let caught = host.catch_up(|_| Ok(batches[..=added].to_vec())).unwrap();
+    assert_eq!(caught.after - caught.before, u64::try_from(added + 1).unwrap());
+    let at_added = dump_of(&host);
+    let err = host.catch_up(|_| Ok(batches[added + 1..].to_vec())).unwrap_err();
+    assert!(matches!(err, crate::Error::WrongRoot { .. }), "{err}");
+    assert_eq!(dump_of(&host), at_added);
+    drop(host);
+    // Reopened with root 2 (now pinned) as well, it follows the rotation, and its
+    // copy equals the store row for row; it reads, writes and audits under the new key.
+    let host = TokenGuard::open(&e, StoreOptions::default(), vec![soft(&root1), soft(&root2)], opts()).unwrap();
+    let caught = host.catch_up(|_| Ok(batches[added + 1..].to_vec())).unwrap();
+    assert!(caught.rekeyed);
+    assert_eq!(dump_of(&host), want);
+    let (got, _) = host.get_field("github", "after", None, GetOptions::default()).unwrap();
+    assert_eq!(got.expose(), b"ghp_four");
+    // The pinned roots changed under it: it writes nothing (it would wrap new keys
+    // for the roots it opened with) until it is opened again.
+    let err = host.put("github", "on-e", raw("ghp_five"), PutOptions::default()).unwrap_err();
+    assert!(matches!(&err, crate::Error::Config(m) if m.contains("open the store again")), "{err}");
+    drop(host);
+    let host = TokenGuard::open(&e, StoreOptions::default(), vec![soft(&root2)], opts()).unwrap();
+    host.put("github", "on-e", raw("ghp_five"), PutOptions::default()).unwrap();
+    host.audit_verify().unwrap();
+    // Nothing more to apply: nothing changes.
+    let g0 = host.generation().unwrap();
+    assert_eq!(host.catch_up(|g| Ok(if g == g0 { Vec::new() } else { vec![vec![0]] })).unwrap().after, g0);
+}
+
+/// The sealed batches of two writes to another store under the same root.
+fn other_store_batches(dir: &std::path::Path, root: &std::path::Path) -> Vec<Vec<u8>> {
+    let p = dir.join("other.redb");
+    let soft: Box<dyn RootKey> = Box::new(SoftRoot::open_or_create(root).unwrap());
+    let g = TokenGuard::create(&p, StoreOptions::default(), vec![soft], opts()).unwrap();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let sink = out.clone();
+    g.set_batch_sink(Some(Box::new(move |b: &txn::Batch| {
+        sink.lock().unwrap().push(b.bytes.clone());
+        Ok(())
+    })));
+    g.put("github", "x", raw("other"), PutOptions::default()).unwrap();
+    g.put("github", "y", raw("other"), PutOptions::default()).unwrap();
+    drop(g);
+    std::mem::take(&mut *out.lock().unwrap())
 }
 
 #[test]
@@ -196,4 +296,42 @@ fn a_write_batch_decodes_only_as_encoded() {
     let index = |value: Vec<u8>| [txn::RowWrite { table: 3, key: k.clone(), value: Some(value) }];
     txn::apply(&t, &index(Vec::new())).unwrap();
     assert!(txn::apply(&t, &index(vec![0])).is_err());
+}
+
+/// A batch fits only on the state it was written on: two hosts' batches for one
+/// generation (a fork the database kept) cannot be spliced into one history, even
+/// where the state heads' accumulators would agree (audit-only writes: the audit
+/// head each leaves behind is overwritten by the next).
+#[test]
+fn a_batch_from_another_branch_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.key");
+    let soft = || -> Box<dyn RootKey> { Box::new(SoftRoot::open_or_create(&root).unwrap()) };
+    let base = dir.path().join("base.redb");
+    drop(TokenGuard::create(&base, StoreOptions::default(), vec![soft()], opts()).unwrap());
+    let host = |name: &str| {
+        let p = dir.path().join(format!("{name}.redb"));
+        std::fs::copy(&base, &p).unwrap();
+        let g = TokenGuard::open(&p, StoreOptions::default(), vec![soft()], opts()).unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        g.set_batch_sink(Some(Box::new(move |b: &txn::Batch| {
+            sink.lock().unwrap().push(b.bytes.clone());
+            Ok(())
+        })));
+        (g, out)
+    };
+    let note = |g: &TokenGuard, what: &str| g.inner.write(|t| g.audit_in(t, "note", what.into())).unwrap();
+    let (x, xs) = host("x");
+    note(&x, "on branch x");
+    let (y, ys) = host("y");
+    note(&y, "on branch y");
+    note(&y, "on branch y, second");
+    let (xs, ys) = (xs.lock().unwrap().clone(), ys.lock().unwrap().clone());
+    let (z, _) = host("z");
+    z.set_batch_sink(None);
+    let err = z.catch_up(|_| Ok(vec![xs[0].clone(), ys[1].clone()])).unwrap_err();
+    assert!(matches!(err, crate::Error::Integrity { .. }), "{err}");
+    assert_eq!(z.catch_up(|_| Ok(ys.clone())).unwrap().after, y.generation().unwrap());
+    z.audit_verify().unwrap();
 }

@@ -41,6 +41,7 @@ use crate::sync::{lock, read, write};
 pub(crate) const STATE_KEY_LABEL: &[u8] = b"tokenguard/state-key/v1";
 const ROW_LABEL: &[u8] = b"tokenguard/state-row/v1";
 const HEAD_LABEL: &[u8] = b"tokenguard/state-head/v1";
+const BATCH_LABEL: &[u8] = b"tokenguard/state-batch/v1";
 /// Version byte of the head encoding.
 pub(crate) const HEAD_FORMAT_V1: u8 = 1;
 /// Length of an encoded head: version, generation, accumulator, MAC.
@@ -129,6 +130,30 @@ impl StateKey {
 
     fn head_mac(&self, store_id: &[u8; STORE_ID_LEN], generation: u64, acc: &Acc) -> Digest {
         crate::crypto::hmac(&self.0, &[HEAD_LABEL, store_id, &generation.to_be_bytes(), &acc.to_bytes()])
+    }
+
+    /// `HMAC(k_state, "tokenguard/state-batch/v1" ‖ store_id ‖ u32 len ‖ prev_head ‖
+    /// body)`: a write batch of the fleet log, under the key in force before it,
+    /// chained to the state head it was built on (docs/FORMAT.md, "Fleet log batch").
+    pub(crate) fn batch_mac(&self, store_id: &[u8; STORE_ID_LEN], prev_head: &[u8], body: &[u8]) -> Digest {
+        crate::crypto::hmac(&self.0, &[BATCH_LABEL, store_id, &len32(prev_head), prev_head, body])
+    }
+
+    /// Checks a batch's MAC (constant time).
+    pub(crate) fn batch_verify(
+        &self,
+        store_id: &[u8; STORE_ID_LEN],
+        prev_head: &[u8],
+        body: &[u8],
+        mac: &[u8],
+    ) -> bool {
+        let mut data = Vec::with_capacity(BATCH_LABEL.len() + STORE_ID_LEN + 4 + prev_head.len() + body.len());
+        data.extend_from_slice(BATCH_LABEL);
+        data.extend_from_slice(store_id);
+        data.extend_from_slice(&len32(prev_head));
+        data.extend_from_slice(prev_head);
+        data.extend_from_slice(body);
+        crate::crypto::hmac_verify(&self.0, &data, mac)
     }
 }
 
@@ -262,6 +287,10 @@ pub(crate) fn tag_of(bytes: &[u8]) -> [u8; TAG_LEN] {
     }
     t
 }
+
+/// A state verified in a transaction not yet committed (see
+/// [`StateCell::verify_pending`]).
+pub(crate) struct Verified(Known);
 
 /// The verified state a process holds: the generation and every covered row's mark.
 #[derive(Debug, Default)]
@@ -433,6 +462,11 @@ impl StateCell {
     fn verify_snapshot(&self, txn: &impl StoreRead) -> Result<Known> {
         let armed = self.key()?;
         let (key, store_id) = &*armed;
+        self.verify_under(txn, key, store_id)
+    }
+
+    /// [`StateCell::verify_snapshot`] under `key`, which may not be the cell's yet.
+    fn verify_under(&self, txn: &impl StoreRead, key: &StateKey, store_id: &[u8; STORE_ID_LEN]) -> Result<Known> {
         let mut fresh = Known::default();
         let mut acc = Acc::default();
         txn.visit_covered(&mut |row, k, value| {
@@ -482,6 +516,34 @@ impl StateCell {
         fresh.checked = crate::clock::coarse_ms();
         fresh.problem = problem;
         Ok(fresh)
+    }
+
+    /// Verifies, in full and under `key` (the cell's own when `None`), a state a
+    /// transaction has built but not committed: batches of the fleet log applied to
+    /// this store (`Store::catch_up`). Any problem is an error, whatever the check
+    /// mode: a batch that does not verify is never committed. The result becomes the
+    /// known state through [`StateCell::install_verified`] once the commit is done.
+    pub(crate) fn verify_pending(&self, txn: &impl StoreRead, key: Option<&StateKey>) -> Result<Verified> {
+        let armed = self.key()?;
+        let (own, store_id) = &*armed;
+        let fresh = self.verify_under(txn, key.unwrap_or(own), store_id)?;
+        match fresh.problem {
+            None => Ok(Verified(fresh)),
+            Some(_) => Err(Error::integrity(MISMATCH)),
+        }
+    }
+
+    /// Makes a committed [`StateCell::verify_pending`] result the known state, with
+    /// its key when it had one of its own.
+    pub(crate) fn install_verified(&self, v: Verified, key: Option<StateKey>) -> StateReport {
+        if let Some(k) = key
+            && let Ok(armed) = self.key()
+        {
+            *write(&self.key) = Some(Arc::new((k, armed.1)));
+        }
+        let report = v.0.report();
+        self.install(v.0);
+        report
     }
 
     /// Makes `fresh` the known state unless a newer one is known already, and notes

@@ -164,11 +164,10 @@ impl PgServer {
     /// Stops the server (a fast shutdown: open sessions are ended).
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else { return };
-        // SAFETY: a signal to our own child, which has not been reaped yet (its pid
-        // is still ours).
-        unsafe {
-            libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGINT);
-        }
+        // SIGINT is PostgreSQL's fast shutdown. Sent by kill(1), so that the fixture
+        // needs no unsafe code (the library's unit tests include it). The child is
+        // not reaped yet: its pid is still ours.
+        let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
         let until = Instant::now() + Duration::from_secs(15);
         while Instant::now() < until {
             if child.try_wait().ok().flatten().is_some() {

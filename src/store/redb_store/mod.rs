@@ -10,7 +10,7 @@ mod snapshots;
 pub(crate) mod txn;
 mod write;
 
-pub(crate) use txn::{RowWrite, WriteTxn};
+pub(crate) use txn::WriteTxn;
 
 use std::fs;
 use std::ops::Bound;
@@ -95,9 +95,9 @@ pub(crate) struct Store {
     /// The read journal, when the owner of an exclusive store attached one: every
     /// write folds it in first (see `store::journal`). Taken after `writers`.
     journal: parking_lot::Mutex<Option<Journal>>,
-    /// Why this handle may not write, when an open (for inspection) could not fold
-    /// a read journal left by a crash: a write would take the sequence numbers of
-    /// the events in it.
+    /// Why this handle may not write: an open (for inspection) could not fold a read
+    /// journal left by a crash (a write would take the sequence numbers of the events
+    /// in it), or another host changed the pinned roots (`block_writes`).
     unfolded: parking_lot::Mutex<Option<String>>,
     /// Where each write's batch goes before it commits (see `set_batch_sink`).
     batches: parking_lot::Mutex<Option<BatchSink>>,
@@ -106,9 +106,19 @@ pub(crate) struct Store {
 }
 
 /// Takes a write's batch before it commits: the generation it builds on, the one it
-/// ends on, and every row it writes, in order (the state head's last). An error
-/// aborts the write: nothing of it is committed.
-pub(crate) type BatchSink = Box<dyn FnMut(u64, u64, &[RowWrite]) -> Result<()> + Send>;
+/// ends on, and every row it writes, in order (the state head's last), sealed under
+/// the state key (see [`txn::Batch`]). An error aborts the write: nothing of it is
+/// committed.
+pub(crate) type BatchSink = Box<dyn FnMut(&txn::Batch) -> Result<()> + Send>;
+
+/// What [`Store::catch_up`] did: the generations before and after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CaughtUp {
+    pub before: u64,
+    pub after: u64,
+    /// A batch rotated the integrity key: the state key is the new one from now on.
+    pub rekeyed: bool,
+}
 
 /// A root that offers a [`crate::root::MonotonicCounter`].
 pub(crate) type CounterRoot = std::sync::Arc<dyn crate::root::RootKey>;
@@ -298,7 +308,6 @@ impl Store {
 
     /// Hands every later write's batch to `sink` before the write commits here
     /// (`None`: to nobody). The seam of the fleet store (docs/FLEET-DESIGN.md).
-    #[cfg_attr(not(test), expect(dead_code, reason = "the fleet store (issue 16) is its first user; tested now"))]
     pub(crate) fn set_batch_sink(&self, sink: Option<BatchSink>) {
         *self.batches.lock() = sink;
     }
@@ -306,7 +315,16 @@ impl Store {
     /// Refuses every later write of this handle: the read journal left by a crash
     /// could not be folded (`why`).
     pub(crate) fn block_writes_unfolded(&self, why: String) {
-        *self.unfolded.lock() = Some(why);
+        self.block_writes(format!(
+            "not writing: the read journal a crashed agent left could not be folded into the audit trail ({why}); \
+             fix that and open the store again (or move the journal file aside, giving up its events)"
+        ));
+    }
+
+    /// Refuses every later write of this handle with `message` (a configuration
+    /// error: the store must be opened again).
+    pub(crate) fn block_writes(&self, message: String) {
+        *self.unfolded.lock() = Some(message);
     }
 
     /// A fold of the read journal failed with `why`: it takes no new events until a
@@ -621,11 +639,8 @@ impl Store {
         if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
         }
-        if let Some(why) = self.unfolded.lock().clone() {
-            return Err(Error::Config(format!(
-                "not writing: the read journal a crashed agent left could not be folded into the audit trail ({why}); \
-                 fix that and open the store again (or move the journal file aside, giving up its events)"
-            )));
+        if let Some(message) = self.unfolded.lock().clone() {
+            return Err(Error::Config(message));
         }
         // Writers of this process queue here first, on a lock that is eventually fair
         // and that they wait on rather than poll: polling for redb's write lock (and
@@ -679,6 +694,8 @@ impl Store {
             Some(_) => Some((txn.audit_head().map_err(poison)?, txn.audit_archive().map_err(poison)?)),
             None => None,
         };
+        // The head this write builds on, which its batch is chained to.
+        let prev_head = if recording { txn.state_head().map_err(poison)?.unwrap_or_default() } else { Vec::new() };
         let advanced = engine(|| advance_anchor(&txn, counter.as_ref(), anchor)).map_err(poison)?;
         let (before, after) = engine(|| {
             let (before, after, head) = seal(&txn)?;
@@ -691,7 +708,9 @@ impl Store {
                 // Set while this write ran: it would hand on a batch without its rows.
                 return Err(Error::Config("a batch sink was set during a write; run the write again".into()));
             }
-            txn.with_writes(|w| sink(before, after, w))?;
+            let armed = self.state.key()?;
+            let batch = txn.with_writes(|w| txn::seal_batch(&armed.0, &armed.1, &prev_head, before, after, w))?;
+            sink(&batch)?;
         }
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
         // redb makes a commit visible before it can still fail (its post-commit free
@@ -736,6 +755,111 @@ impl Store {
         } else {
             self.state.committed(before, after, changes);
         }
+        Ok(out)
+    }
+
+    /// The generation of the state head as stored now (its MAC checked).
+    pub(crate) fn head_generation(&self) -> Result<u64> {
+        let armed = self.state.key()?;
+        let head = self.read()?.state_head()?.ok_or_else(|| Error::integrity("reading the store's state head"))?;
+        Ok(Head::decode(&head, &armed.0, &armed.1)?.generation)
+    }
+
+    /// Brings this store forward by the batches of the fleet log that `fetch` returns
+    /// (given the store's generation, it returns the batches after it, in order) in
+    /// one transaction, and commits only a state that verifies. `fetch` runs under
+    /// this store's write lock, so no write of this process comes between what it
+    /// read and what is applied. Checked:
+    /// - each batch's MAC is checked under the state key in force before it, and
+    ///   nothing of a batch is decoded before (`txn::open_batch`);
+    /// - its generations must follow the store's own, one at a time: a batch left
+    ///   out, repeated or moved is refused;
+    /// - its rows are applied, and the state head they end on must decode at the
+    ///   generation the batch claims;
+    /// - then the whole state is verified (O(rows); an incremental check is the
+    ///   design's next step) before the commit.
+    ///
+    /// A failure anywhere leaves the store as it was. `on_commit` runs after the
+    /// commit, under the write lock. `unlock`: the new state key,
+    /// when a batch's head does not open under the old one (it rotated the integrity
+    /// key, as `root remove` does); the caller's roots unwrap it from the rows just
+    /// applied, or the catch-up fails.
+    pub(crate) fn catch_up(
+        &self,
+        fetch: &mut dyn FnMut(u64) -> Result<Vec<Vec<u8>>>,
+        unlock: &mut dyn FnMut(&WriteTxn) -> Result<StateKey>,
+        on_commit: &mut dyn FnMut(&CaughtUp),
+    ) -> Result<CaughtUp> {
+        if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
+        }
+        // Not yet with a read journal (its pending events link from the audit head a
+        // batch moves) or a rollback counter (its anchor row is another host's): the
+        // fleet design moves both under the fleet's lock (docs/FLEET-DESIGN.md).
+        if self.journal.lock().is_some() || self.counter_root().is_some() {
+            return Err(Error::Config(
+                "a fleet cache with a read journal or a rollback counter is not supported yet".into(),
+            ));
+        }
+        let start = Instant::now();
+        let _writer = self
+            .writers
+            .try_lock_for(self.opts.busy_timeout)
+            .ok_or_else(|| Error::StoreBusy { path: self.path.clone(), waited_ms: waited_ms(start) })?;
+        let txn = WriteTxn::new(self.begin_write(start)?, self.state.clone(), false);
+        let _critical = crate::signals::Critical::enter();
+        let armed = self.state.key()?;
+        let (old_key, store_id) = (&armed.0, &armed.1);
+        let mut new_key: Option<StateKey> = None;
+        let head_missing = || Error::integrity("reading the state head while catching up with the fleet log");
+        let first = engine(|| Head::decode(&txn.state_head()?.ok_or_else(head_missing)?, old_key, store_id))?;
+        let first = first.generation;
+        let batches = fetch(first)?;
+        let last = engine(|| {
+            let mut generation = first;
+            for bytes in &batches {
+                let key = new_key.as_ref().unwrap_or(old_key);
+                let prev_head = txn.state_head()?.ok_or_else(head_missing)?;
+                let (before, after, rows) = txn::open_batch(key, store_id, &prev_head, bytes)?;
+                if before != generation || after != generation.wrapping_add(1) {
+                    return Err(Error::integrity(
+                        "catching up with the fleet log: a batch does not follow the last one (left out, repeated or \
+                         moved)",
+                    ));
+                }
+                txn.replay(&rows)?;
+                let head = txn.state_head()?.ok_or_else(head_missing)?;
+                let head = match Head::decode(&head, key, store_id) {
+                    Ok(h) => h,
+                    Err(_) => {
+                        let k = unlock(&txn)?;
+                        let h = Head::decode(&head, &k, store_id)?;
+                        new_key = Some(k);
+                        h
+                    }
+                };
+                if head.generation != after {
+                    return Err(Error::integrity(
+                        "catching up with the fleet log: a batch's state head is not at the generation it claims",
+                    ));
+                }
+                generation = after;
+            }
+            Ok(generation)
+        })?;
+        if last == first {
+            // Nothing to apply: the transaction is dropped, not committed.
+            return Ok(CaughtUp { before: first, after: last, rekeyed: false });
+        }
+        let verified = engine(|| self.state.verify_pending(&txn, new_key.as_ref()))?;
+        let committed = engine(|| txn.commit());
+        self.snapshots.committed();
+        committed?;
+        let out = CaughtUp { before: first, after: last, rekeyed: new_key.is_some() };
+        self.state.install_verified(verified, new_key);
+        // Still under the write lock: no write of this process runs between the new
+        // state and what the caller keeps in step with it (the guard's audit keys).
+        on_commit(&out);
         Ok(out)
     }
 
@@ -861,6 +985,14 @@ fn advance_anchor(txn: &WriteTxn, root: Option<&CounterRoot>, how: AnchorWrite) 
 
 /// A read snapshot, with the state it is checked against and its floor.
 pub(crate) struct ReadTxn<'s>(Snapshot<'s>, &'s StateCell, u64);
+
+#[cfg(test)]
+impl ReadTxn<'_> {
+    /// The redb transaction, for tests that compare stores row for row.
+    pub(crate) fn raw(&self) -> &ReadTransaction {
+        &self.0
+    }
+}
 
 /// A read transaction begun for one read, or this thread's kept one.
 enum Snapshot<'s> {

@@ -19,7 +19,8 @@ use redb::{
 
 use super::{AUDIT, BY_DEK, BY_EXPIRY, DEKS, META, REFRESH_LEASES, TOKENS, TOMBSTONES, Tables};
 use crate::error::{Error, Result};
-use crate::store::state::{self, Acc, Change, Mark, Row, RowKey, StateCell};
+use crate::seal::STORE_ID_LEN;
+use crate::store::state::{self, Acc, Change, Mark, Row, RowKey, StateCell, StateKey};
 
 /// A write transaction (committed by `Store::write`), with the accumulator delta of
 /// the covered rows it changed and the record of every row it wrote.
@@ -129,6 +130,12 @@ impl WriteTxn {
         Ok(self.txn.commit()?)
     }
 
+    /// Makes a batch's rows in this transaction, unrecorded (see [`apply`]): the
+    /// catch-up of a fleet host, whose state is checked before it commits.
+    pub(super) fn replay(&self, writes: &[RowWrite]) -> Result<()> {
+        apply(&self.txn, writes)
+    }
+
     /// Moves the accumulator from a covered row's `old` value to its `new` one (either
     /// absent), and notes the change for this process's known state.
     pub(super) fn moved(&self, row: Row, k: RowKey<'_>, old: Option<&[u8]>, new: Option<&[u8]>) -> Result<()> {
@@ -197,7 +204,6 @@ fn table_id(name: &str) -> Result<u8> {
 /// state is (the caller's part). A write whose bytes are not the canonical encoding
 /// of its table's types (what the recorder makes) is an integrity error, never a
 /// panic: two different batches never make the same change.
-#[cfg_attr(not(test), expect(dead_code, reason = "the fleet store's replay (issue 16) is its first user; tested now"))]
 pub(crate) fn apply(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<()> {
     fn one<K: Key + 'static, V: Value + 'static>(
         txn: &WriteTransaction,
@@ -249,7 +255,6 @@ const BATCH_MAGIC: &[u8; 4] = b"TGW1";
 /// Encodes one commit's writes: `TGW1`, a u32 count, then per write its table byte,
 /// a u32 key length and the key, and a presence byte followed (when 1) by a u32 value
 /// length and the value; integers big-endian.
-#[cfg_attr(not(test), expect(dead_code, reason = "the fleet store's replay (issue 16) is its first user; tested now"))]
 pub(crate) fn encode_writes(writes: &[RowWrite]) -> Result<Vec<u8>> {
     let len = |n: usize| u32::try_from(n).map_err(|_| Error::InvalidInput("a write batch over 4 GiB".into()));
     let mut out = Vec::with_capacity(
@@ -275,7 +280,6 @@ pub(crate) fn encode_writes(writes: &[RowWrite]) -> Result<Vec<u8>> {
 
 /// Decodes [`encode_writes`]' bytes; anything else (truncated, trailing bytes, an
 /// unknown table or presence byte) is an integrity error.
-#[cfg_attr(not(test), expect(dead_code, reason = "the fleet store's replay (issue 16) is its first user; tested now"))]
 pub(crate) fn decode_writes(mut b: &[u8]) -> Result<Vec<RowWrite>> {
     let bad = || Error::integrity("decoding a write batch");
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
@@ -318,4 +322,97 @@ pub(crate) fn decode_writes(mut b: &[u8]) -> Result<Vec<RowWrite>> {
         return Err(bad());
     }
     Ok(out)
+}
+
+/// One commit's writes sealed for the fleet log: what a batch sink is handed.
+///
+/// `TGB1 ‖ before (u64) ‖ after (u64) ‖ rows ‖ MAC`: the rows as [`encode_writes`]
+/// makes them, the MAC (HMAC-SHA256, see `StateKey::batch_mac`) under the state key in
+/// force *before* the batch, binding the store id, the state head the write built on
+/// (so a batch fits only on the state it was written on: a losing batch kept by the
+/// database cannot be spliced onto another branch) and everything before it. A host
+/// checks the MAC before it decodes anything ([`open_batch`]); a batch that rotates
+/// the integrity key is MAC'd under the old key, which every host that read the
+/// batches before it holds.
+#[derive(Clone)]
+pub(crate) struct Batch {
+    /// The generation the write built on.
+    pub before: u64,
+    /// The generation it ends on (the state head's, in the rows).
+    pub after: u64,
+    /// The sealed bytes.
+    #[cfg_attr(
+        not(any(test, feature = "postgres")),
+        expect(dead_code, reason = "the fleet log (feature `postgres`) is its one reader")
+    )]
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Sealed records only, but no reason to print them.
+        f.debug_struct("Batch").field("before", &self.before).field("after", &self.after).finish_non_exhaustive()
+    }
+}
+
+/// The magic and version of a sealed batch.
+const SEALED_MAGIC: &[u8; 4] = b"TGB1";
+/// Magic, before, after.
+const SEALED_HEADER: usize = 4 + 8 + 8;
+const SEALED_MAC: usize = 32;
+
+/// Seals one commit's `writes` (see [`Batch`]).
+pub(crate) fn seal_batch(
+    key: &StateKey,
+    store_id: &[u8; STORE_ID_LEN],
+    prev_head: &[u8],
+    before: u64,
+    after: u64,
+    writes: &[RowWrite],
+) -> Result<Batch> {
+    let rows = encode_writes(writes)?;
+    let mut bytes = Vec::with_capacity(SEALED_HEADER + rows.len() + SEALED_MAC);
+    bytes.extend_from_slice(SEALED_MAGIC);
+    bytes.extend_from_slice(&before.to_be_bytes());
+    bytes.extend_from_slice(&after.to_be_bytes());
+    bytes.extend_from_slice(&rows);
+    let mac = key.batch_mac(store_id, prev_head, &bytes);
+    bytes.extend_from_slice(&mac);
+    Ok(Batch { before, after, bytes })
+}
+
+/// Checks a sealed batch's MAC under `key` on top of `prev_head` (the reader's own
+/// state head), then decodes it: (before, after, rows). A batch of another store,
+/// under another key, built on another state, edited, truncated or extended is an
+/// integrity error, and nothing of it is decoded.
+pub(crate) fn open_batch(
+    key: &StateKey,
+    store_id: &[u8; STORE_ID_LEN],
+    prev_head: &[u8],
+    bytes: &[u8],
+) -> Result<(u64, u64, Vec<RowWrite>)> {
+    let bad = || {
+        Error::integrity(
+            "verifying a write batch of the fleet log (edited, truncated, not this store's, or built on another \
+             state than this host's)",
+        )
+    };
+    let body_len = bytes.len().checked_sub(SEALED_MAC).filter(|n| *n >= SEALED_HEADER).ok_or_else(bad)?;
+    let (body, mac) = bytes.split_at(body_len);
+    if !key.batch_verify(store_id, prev_head, body, mac) {
+        return Err(bad());
+    }
+    let (before, after) = batch_generations(bytes).ok_or_else(bad)?;
+    Ok((before, after, decode_writes(body.get(SEALED_HEADER..).ok_or_else(bad)?)?))
+}
+
+/// The generations a sealed batch claims, unauthenticated: for ordering and error
+/// messages only, never for a decision [`open_batch`] has not confirmed.
+pub(crate) fn batch_generations(bytes: &[u8]) -> Option<(u64, u64)> {
+    if bytes.get(..4)? != SEALED_MAGIC.as_slice() {
+        return None;
+    }
+    let before = u64::from_be_bytes(bytes.get(4..12)?.try_into().ok()?);
+    let after = u64::from_be_bytes(bytes.get(12..20)?.try_into().ok()?);
+    Some((before, after))
 }

@@ -1,0 +1,366 @@
+//! The fleet log in PostgreSQL: one store shared by several hosts
+//! (docs/FLEET-DESIGN.md; cargo feature `postgres`).
+//!
+//! **Experimental, and not reachable from the configuration yet** (`[store] backend =
+//! "postgres"` is a later step): this is the log and its catch-up, the part every
+//! other piece of the fleet store stands on.
+//!
+//! PostgreSQL holds an append-only log of write batches, one per committed write of
+//! any host, keyed by the generation the batch ends on. Each host keeps its own redb
+//! store as its copy of the log:
+//! - a write runs on the local store as ever; before it commits, its sealed batch
+//!   ([`crate::store::redb_store`]'s recorder) is inserted at `gen = after`, only if
+//!   the log holds the generation it built on. Two hosts that built on the same
+//!   generation collide on the primary key: the loser's write fails and commits
+//!   nothing here, and [`Fleet::write`] catches up and runs it again;
+//! - [`Fleet::catch_up`] reads the batches after the local generation and applies
+//!   them, each MAC-checked under the state key before it is decoded, in generation
+//!   order with none left out, and commits only a state that verifies in full.
+//!
+//! What PostgreSQL (or its administrator) can do to the log is therefore bounded by
+//! what a writer of the redb file can do to a single store: an edited, reordered,
+//! left-out or foreign batch is refused (exit 4); deleting the newest batches is a
+//! rollback that a host which had read them refuses, and that only a witness (the
+//! design's next steps) catches on a host that had not.
+//!
+//! Not yet here (docs/FLEET-DESIGN.md, "Status"): TLS (so only a Unix socket is
+//! accepted), the listener and the staleness bound, snapshots (a new host starts from
+//! a copy of the store file), the fleet-wide lease, `migrate`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::{Client, NoTls};
+
+use crate::error::{Error, Result};
+use crate::guard::TokenGuard;
+use crate::secret::SecretBytes;
+
+/// The schema versions this build applies, in order. A database at a later version
+/// than this build knows is refused.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE tg_store (
+         store_id     bytea  PRIMARY KEY,
+         snapshot_gen bigint NOT NULL,   -- the generation the log starts from
+         created      timestamptz NOT NULL DEFAULT now());
+     CREATE TABLE tg_batches (
+         store_id bytea  NOT NULL REFERENCES tg_store,
+         gen      bigint NOT NULL,       -- the generation the batch ends on (MAC'd inside it)
+         batch    bytea  NOT NULL,       -- the sealed batch (docs/FORMAT.md, the fleet log)
+         written  timestamptz NOT NULL DEFAULT now(),
+         PRIMARY KEY (store_id, gen));",
+)];
+
+/// The advisory-lock class of tokenguard ("tg" in ASCII); the second key says what is
+/// locked. The two-integer form never meets another application's one-integer lock.
+const LOCK_CLASS: i32 = 0x7467;
+const LOCK_MIGRATIONS: i32 = 1;
+
+/// The most batches one catch-up round reads (and holds in memory) at once.
+const PAGE: i64 = 512;
+
+/// How often [`Fleet::write`] tries a write that another host's keeps beating.
+const WRITE_ATTEMPTS: u32 = 8;
+
+/// Where the log's database is and how to reach it.
+pub struct LogConfig<'a> {
+    /// A libpq connection string or URL (`host=/run/postgresql dbname=tokenguard
+    /// user=tokenguard`). A password in it is refused; `host` must be a Unix socket
+    /// directory until TLS is built.
+    pub url: &'a str,
+    /// The password (from a PIN-style source: `env:` or `file:`).
+    pub password: Option<&'a SecretBytes>,
+    /// Bounds the connection, every statement and every lock wait.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for LogConfig<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogConfig")
+            // A URL may hold a password (refused at connect, but not printed before).
+            .field("url", &"<not shown>")
+            .field("password", &self.password.map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+fn db(operation: &'static str) -> impl Fn(postgres::Error) -> Error {
+    move |e| {
+        // The server's own message where there is one; never the connection string.
+        let detail = match e.as_db_error() {
+            Some(d) => format!("{} ({})", d.message(), d.code().code()),
+            None => e.to_string(),
+        };
+        Error::Database { operation, detail }
+    }
+}
+
+/// One connection to the log of one store, made again when it was lost (a server
+/// restart, a network failure): a host recovers without being restarted.
+struct Log {
+    config: postgres::Config,
+    client: Option<Client>,
+    store_id: Vec<u8>,
+}
+
+impl Log {
+    fn connect(cfg: &LogConfig<'_>, store_id: &[u8]) -> Result<Log> {
+        let mut pg: postgres::Config =
+            cfg.url.parse().map_err(|e| Error::Config(format!("the fleet database URL does not parse: {e}")))?;
+        if pg.get_password().is_some() {
+            return Err(Error::Config(
+                "the fleet database URL holds a password: give it through password_source (env: or file:) instead"
+                    .into(),
+            ));
+        }
+        // `hostaddr` would connect over TCP whatever `host` says.
+        let tcp = pg.get_hosts().iter().any(|h| !matches!(h, postgres::config::Host::Unix(_)));
+        if tcp || pg.get_hosts().is_empty() || !pg.get_hostaddrs().is_empty() {
+            return Err(Error::Config(
+                "the fleet database must be reached through a Unix socket directory (host=/path) until TLS is built: \
+                 a token's log never crosses a network in plaintext"
+                    .into(),
+            ));
+        }
+        if let Some(p) = cfg.password {
+            pg.password(p.expose());
+        }
+        let ms = cfg.timeout.as_millis().max(1);
+        pg.connect_timeout(cfg.timeout).application_name("tokenguard").options(&format!(
+            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
+            ms * 2
+        ));
+        let mut log = Log { config: pg, client: None, store_id: store_id.to_vec() };
+        log.migrate()?;
+        Ok(log)
+    }
+
+    /// The connection, made again if it is closed.
+    fn client(&mut self) -> Result<&mut Client> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = None;
+            let c = self.config.connect(NoTls).map_err(|e| match e.code() {
+                // A wrong password or user is the configuration's fault, not an outage.
+                Some(c) if c.code().starts_with("28") => Error::Config(format!(
+                    "the fleet database refused the credentials: {}",
+                    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
+                )),
+                _ => db("connecting")(e),
+            })?;
+            self.client = Some(c);
+        }
+        self.client.as_mut().ok_or_else(|| Error::Database { operation: "connecting", detail: "no connection".into() })
+    }
+
+    /// Applies the schema versions the database lacks, under an advisory lock, each
+    /// recorded in `tg_migrations`.
+    fn migrate(&mut self) -> Result<()> {
+        let mut t = self.client()?.transaction().map_err(db("migrating the schema"))?;
+        t.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &LOCK_MIGRATIONS])
+            .map_err(db("locking for a schema migration"))?;
+        t.batch_execute(
+            "CREATE TABLE IF NOT EXISTS tg_migrations (version integer PRIMARY KEY, applied timestamptz NOT NULL)",
+        )
+        .map_err(db("migrating the schema"))?;
+        let have: i32 = t
+            .query_one("SELECT coalesce(max(version), 0) FROM tg_migrations", &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(db("reading the schema version"))?;
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        if have > newest {
+            return Err(Error::UnsupportedVersion { found: u32::try_from(have).unwrap_or(u32::MAX), supported: 1 });
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > have) {
+            t.batch_execute(sql).map_err(db("migrating the schema"))?;
+            t.execute("INSERT INTO tg_migrations (version, applied) VALUES ($1, now())", &[version])
+                .map_err(db("migrating the schema"))?;
+        }
+        t.commit().map_err(db("migrating the schema"))
+    }
+
+    /// Makes this store's log start at `generation` if it has none; returns the
+    /// generation it starts at.
+    fn register(&mut self, generation: u64) -> Result<u64> {
+        let g = to_i64(generation)?;
+        let store_id = self.store_id.clone();
+        let c = self.client()?;
+        c.execute(
+            "INSERT INTO tg_store (store_id, snapshot_gen) VALUES ($1, $2) ON CONFLICT (store_id) DO NOTHING",
+            &[&store_id, &g],
+        )
+        .map_err(db("registering the store"))?;
+        let start: i64 = c
+            .query_one("SELECT snapshot_gen FROM tg_store WHERE store_id = $1", &[&store_id])
+            .and_then(|r| r.try_get(0))
+            .map_err(db("registering the store"))?;
+        u64::try_from(start).map_err(|_| Error::integrity("reading where the fleet log starts"))
+    }
+
+    /// Inserts a batch at its `after`, only where the log holds its `before` (the
+    /// batch there, or the log's start).
+    fn append(&mut self, before: u64, after: u64, bytes: &[u8]) -> Result<()> {
+        let (b, a) = (to_i64(before)?, to_i64(after)?);
+        let store_id = self.store_id.clone();
+        let n = self.client()?.execute(
+            "INSERT INTO tg_batches (store_id, gen, batch)
+             SELECT $1, $2, $3
+              WHERE EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen = $4)
+                 OR EXISTS (SELECT 1 FROM tg_store WHERE store_id = $1 AND snapshot_gen = $4)",
+            &[&store_id, &a, &bytes, &b],
+        );
+        match n {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(Error::integrity(
+                "appending to the fleet log: it holds no batch at the generation this write built on (this host's \
+                 store was written without the log, or the log lost batches)",
+            )),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                Err(Error::FleetConflict { generation: after, attempts: 1 })
+            }
+            Err(e) => Err(db("appending a batch")(e)),
+        }
+    }
+
+    /// At most [`PAGE`] batches after `generation`, in order. A log that ends before
+    /// `generation` lost batches this host read (the database was put back to an
+    /// older backup, or rows were deleted): refused, not taken as "nothing new".
+    fn since(&mut self, generation: u64) -> Result<Vec<Vec<u8>>> {
+        let g = to_i64(generation)?;
+        let store_id = self.store_id.clone();
+        let mut t = self.client()?.transaction().map_err(db("reading the log"))?;
+        // One snapshot for both statements.
+        t.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").map_err(db("reading the log"))?;
+        let end: Option<i64> = t
+            .query_one(
+                "SELECT greatest((SELECT max(gen) FROM tg_batches WHERE store_id = $1),
+                                 (SELECT snapshot_gen FROM tg_store WHERE store_id = $1))",
+                &[&store_id],
+            )
+            .and_then(|r| r.try_get(0))
+            .map_err(db("reading the log"))?;
+        if end.is_none_or(|e| e < g) {
+            return Err(Error::integrity(
+                "reading the fleet log: it ends before this host's generation (the database was rolled back or lost \
+                 batches this host has read)",
+            ));
+        }
+        let rows = t
+            .query(
+                "SELECT batch FROM tg_batches WHERE store_id = $1 AND gen > $2 ORDER BY gen LIMIT $3",
+                &[&store_id, &g, &PAGE],
+            )
+            .map_err(db("reading the log"))?;
+        t.commit().map_err(db("reading the log"))?;
+        rows.into_iter().map(|r| r.try_get::<_, Vec<u8>>(0).map_err(db("reading the log"))).collect()
+    }
+}
+
+fn to_i64(g: u64) -> Result<i64> {
+    i64::try_from(g).map_err(|_| Error::integrity("a generation beyond the log's range"))
+}
+
+/// A guard joined to the fleet log: its writes go to the log before they commit, and
+/// it catches up with other hosts' writes.
+pub struct Fleet {
+    guard: TokenGuard,
+    log: Arc<Mutex<Log>>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").field("store", &self.guard.path()).finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// Joins `guard`'s store to the log at `cfg`: applies the schema the database
+    /// lacks, starts the log at the store's generation if the store has none yet
+    /// (the first host), and catches up with it otherwise. From then on every write
+    /// of `guard` is appended to the log before it commits here.
+    pub fn attach(guard: TokenGuard, cfg: &LogConfig<'_>) -> Result<Fleet> {
+        let log = Log::connect(cfg, &guard.store_id())?;
+        let fleet = Fleet { guard, log: Arc::new(Mutex::new(log)) };
+        let here = fleet.guard.generation()?;
+        let start = fleet.lock().register(here)?;
+        if start > here {
+            return Err(Error::integrity(
+                "joining the fleet log: it starts after this store's generation (a snapshot to load first; not built \
+                 yet)",
+            ));
+        }
+        fleet.catch_up()?;
+        let log = fleet.log.clone();
+        fleet
+            .guard
+            .set_batch_sink(Some(Box::new(move |b| crate::sync::lock(&log).append(b.before, b.after, &b.bytes))));
+        Ok(fleet)
+    }
+
+    /// The guard: reads as ever; a write fails with [`Error::FleetConflict`] when
+    /// another host wrote first (use [`Fleet::write`], which catches up and retries).
+    pub fn guard(&self) -> &TokenGuard {
+        &self.guard
+    }
+
+    /// Applies the batches other hosts wrote since this host's generation; returns
+    /// the generation reached.
+    pub fn catch_up(&self) -> Result<u64> {
+        loop {
+            let log = self.log.clone();
+            let mut read = 0;
+            let out = self.guard.catch_up(|generation| {
+                let page = crate::sync::lock(&log).since(generation)?;
+                read = page.len();
+                Ok(page)
+            })?;
+            if i64::try_from(read).map_or(true, |n| n < PAGE) {
+                return Ok(out.after);
+            }
+        }
+    }
+
+    /// Runs a write (`f` on the guard), catching up and running it again when
+    /// another host wrote the same generation first.
+    ///
+    /// `f` must make exactly one write transaction: it is run again whole, so an
+    /// operation of several (a refresh: the lease, the provider call, the commit)
+    /// would repeat what its first ones did. Fleet-wide refresh is a later step.
+    ///
+    /// A write that fails with [`Error::Database`] may still have reached the log
+    /// (the server took the batch, its answer was lost): the next catch-up applies
+    /// it. Such a write is not run again here; check before running it again.
+    pub fn write<T>(&self, mut f: impl FnMut(&TokenGuard) -> Result<T>) -> Result<T> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match f(&self.guard) {
+                Err(Error::FleetConflict { generation, .. }) if attempts < WRITE_ATTEMPTS => {
+                    tracing::debug!(generation, attempts, "another host wrote first; catching up");
+                    self.catch_up()?;
+                }
+                Err(Error::FleetConflict { generation, .. }) => {
+                    return Err(Error::FleetConflict { generation, attempts });
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
+        crate::sync::lock(&self.log)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // The guard may outlive this handle (it is a cheap clone): its writes stop
+        // going to a log nobody catches up with.
+        self.guard.set_batch_sink(None);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,109 @@
+//! A fleet host's side of the write log (docs/FLEET-DESIGN.md): every write of this
+//! guard hands on its sealed batch before it commits, and [`TokenGuard::catch_up`]
+//! applies the batches other hosts wrote, checked, to this host's store.
+
+use std::sync::Arc;
+
+use super::{GuardKeys, TokenGuard};
+use crate::error::{Error, Result};
+use crate::secret::DekMaterial;
+use crate::store::StoreRead;
+use crate::store::redb_store::{BatchSink, CaughtUp};
+use crate::store::schema::RootPin;
+use crate::store::state::StateKey;
+
+#[cfg_attr(
+    not(any(test, feature = "postgres")),
+    expect(dead_code, reason = "the fleet log (feature `postgres`) is their one user")
+)]
+impl TokenGuard {
+    /// Hands every later write's sealed batch to `sink` before the write commits
+    /// here; an error from `sink` aborts the write. `None` stops it.
+    pub(crate) fn set_batch_sink(&self, sink: Option<BatchSink>) {
+        self.inner.store.set_batch_sink(sink);
+    }
+
+    /// Applies the batches `fetch` returns (sealed by other hosts' writes, in
+    /// generation order, after the generation it is given) to this guard's store;
+    /// see `Store::catch_up` for what is checked and when `fetch` runs. A batch that rotated
+    /// the integrity key (a `root remove` elsewhere) is followed when one of this
+    /// guard's roots opens the new key: the guard's audit keys follow it, and its
+    /// cached data keys are dropped. A host whose root was removed opens nothing
+    /// written after the removal: its catch-up fails with [`Error::WrongRoot`].
+    pub(crate) fn catch_up(&self, mut fetch: impl FnMut(u64) -> Result<Vec<Vec<u8>>>) -> Result<CaughtUp> {
+        let inner = &*self.inner;
+        let new_ik: std::cell::RefCell<Option<DekMaterial>> = std::cell::RefCell::new(None);
+        let mut unlock = |txn: &crate::store::WriteTxn| {
+            let meta = txn.meta()?;
+            let mut last = None;
+            for r in inner.roots.iter().filter(|r| r.key.can_unwrap()) {
+                // Only a root pinned under the same id *and* identity it had when this
+                // guard opened (ids are reused after a removal).
+                let still = |p: &&RootPin| p.root_id == r.root_id && inner.pins.iter().any(|q| q == *p);
+                if !meta.roots.iter().any(|p| still(&p)) {
+                    continue;
+                }
+                let Some(w) = meta.integrity_key.iter().find(|w| w.root_id == r.root_id) else { continue };
+                match r.key.unwrap(&w.wrapped) {
+                    Ok(ik) => {
+                        let key = StateKey::derive(ik.expose());
+                        *new_ik.borrow_mut() = Some(ik);
+                        return Ok(key);
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| Error::WrongRoot {
+                pinned: meta.roots.iter().map(|p| p.root_id.to_string()).collect::<Vec<_>>().join(", "),
+                found: "one that does not open the integrity key another host's batch put in place (this host's \
+                        root was removed there)"
+                    .into(),
+            }))
+        };
+        let mut failed = None;
+        let mut committed = |_: &CaughtUp| {
+            if let Err(e) = self.follow_committed(new_ik.borrow_mut().take()) {
+                failed = Some(e);
+            }
+        };
+        let out = inner.store.catch_up(&mut fetch, &mut unlock, &mut committed)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if out.after != out.before {
+            tracing::debug!(from = out.before, to = out.after, rekeyed = out.rekeyed, "caught up with the fleet log");
+        }
+        Ok(out)
+    }
+
+    /// After a committed catch-up, under the store's write lock: the guard's audit
+    /// keys follow a rotated integrity key (its cached data keys are dropped), and a
+    /// change of the pinned roots blocks this guard's writes until the store is
+    /// opened again — the roots it wraps new keys for are the ones it opened with,
+    /// and an id may now name another root.
+    fn follow_committed(&self, new_ik: Option<DekMaterial>) -> Result<()> {
+        let inner = &*self.inner;
+        let read = inner.store.read()?;
+        if let Some(ik) = new_ik {
+            let archive = read.audit_archive()?;
+            let audit = crate::audit::AuditKeys::load(ik.expose(), archive.as_deref())?;
+            *crate::sync::write(&inner.keys) =
+                Arc::new(GuardKeys { integrity_key: zeroize::Zeroizing::new(*ik.expose()), audit, archive });
+            inner.cache.clear();
+        }
+        if read.meta()?.roots != inner.pins {
+            tracing::warn!("another host changed the store's pinned roots; this handle writes nothing until reopened");
+            inner.store.block_writes(
+                "not writing: another host added or removed a root of this store; open the store again to follow \
+                 (this handle would wrap new keys for the roots it was opened with)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The generation of the store's state head as it is now (its MAC checked).
+    pub(crate) fn generation(&self) -> Result<u64> {
+        self.inner.store.head_generation()
+    }
+}
