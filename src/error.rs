@@ -457,8 +457,9 @@ impl Error {
                     .into()
             }
             Error::Database { .. } => {
-                "check that PostgreSQL is up and reachable; a write that failed so did not commit here, but may \
-                 have reached the fleet log (its answer lost): catching up shows it, so look before writing again"
+                "check that PostgreSQL is up and reachable; reads go on from this host's copy. A write that failed \
+                 so did not commit here, but may have reached the fleet log (its answer lost): catching up shows \
+                 it, so look before writing again"
                     .into()
             }
             Error::FleetConflict { .. } => "retry: other hosts were writing at the same moment".into(),

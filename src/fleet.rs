@@ -291,11 +291,13 @@ impl Fleet {
                  yet)",
             ));
         }
-        fleet.catch_up()?;
+        // The sink first: a write by another clone of the guard from here on goes to
+        // the log or fails (the catch-up itself makes no batch).
         let log = fleet.log.clone();
         fleet
             .guard
             .set_batch_sink(Some(Box::new(move |b| crate::sync::lock(&log).append(b.before, b.after, &b.bytes))));
+        fleet.catch_up()?;
         Ok(fleet)
     }
 
@@ -356,9 +358,11 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        // The guard may outlive this handle (it is a cheap clone): its writes stop
-        // going to a log nobody catches up with.
-        self.guard.set_batch_sink(None);
+        // The guard may outlive this handle (it is a cheap clone): a write through
+        // it would commit here and nowhere else, and fork this host from the log.
+        self.guard.set_batch_sink(Some(Box::new(|_| {
+            Err(Error::Config("not writing: the store's fleet log was detached from this handle".into()))
+        })));
     }
 }
 

@@ -126,6 +126,16 @@ fn hosts_on_one_log_see_each_others_writes_revocations_and_shreds() {
     assert_eq!(get(&c, "jira", "t").unwrap(), b"from_a");
     assert!(matches!(get(&c, "github", "ci"), Err(Error::Revoked { .. })));
     c.guard().audit_verify().unwrap();
+
+    // A clone of the guard that outlives its `Fleet` reads, but writes nothing: a
+    // write there would reach this host's store and not the log.
+    let kept = c.guard().clone();
+    let at = kept.generation().unwrap();
+    drop(c);
+    let err = kept.put("github", "after", raw("x"), PutOptions::default()).unwrap_err();
+    assert!(matches!(&err, Error::Config(m) if m.contains("detached")), "{err}");
+    assert_eq!(kept.generation().unwrap(), at);
+    assert_eq!(kept.get_field("jira", "t", None, GetOptions::default()).unwrap().0.expose(), b"from_a");
 }
 
 #[test]

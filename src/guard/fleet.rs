@@ -83,23 +83,33 @@ impl TokenGuard {
     /// and an id may now name another root.
     fn follow_committed(&self, new_ik: Option<DekMaterial>) -> Result<()> {
         let inner = &*self.inner;
-        let read = inner.store.read()?;
-        if let Some(ik) = new_ik {
-            let archive = read.audit_archive()?;
-            let audit = crate::audit::AuditKeys::load(ik.expose(), archive.as_deref())?;
-            *crate::sync::write(&inner.keys) =
-                Arc::new(GuardKeys { integrity_key: zeroize::Zeroizing::new(*ik.expose()), audit, archive });
-            inner.cache.clear();
+        let block = |why: &str| {
+            tracing::warn!(why, "this handle writes nothing until the store is opened again");
+            inner.store.block_writes(format!(
+                "not writing: {why}; open the store again to follow (this handle would wrap new keys for the roots \
+                 it was opened with)"
+            ));
+        };
+        let followed = (|| {
+            let read = inner.store.read()?;
+            // First: nothing below may leave a roots change unblocked.
+            if read.meta()?.roots != inner.pins {
+                block("the store's pinned roots changed (a `root add` or `root remove`, here or on another host)");
+            }
+            if let Some(ik) = new_ik {
+                let archive = read.audit_archive()?;
+                let audit = crate::audit::AuditKeys::load(ik.expose(), archive.as_deref())?;
+                *crate::sync::write(&inner.keys) =
+                    Arc::new(GuardKeys { integrity_key: zeroize::Zeroizing::new(*ik.expose()), audit, archive });
+                inner.cache.clear();
+            }
+            Ok(())
+        })();
+        if let Err(e) = &followed {
+            // The catch-up committed, but this handle could not follow it.
+            block(&format!("following a caught-up batch failed ({e})"));
         }
-        if read.meta()?.roots != inner.pins {
-            tracing::warn!("another host changed the store's pinned roots; this handle writes nothing until reopened");
-            inner.store.block_writes(
-                "not writing: another host added or removed a root of this store; open the store again to follow \
-                 (this handle would wrap new keys for the roots it was opened with)"
-                    .into(),
-            );
-        }
-        Ok(())
+        followed
     }
 
     /// The generation of the store's state head as it is now (its MAC checked).

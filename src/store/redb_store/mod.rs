@@ -322,9 +322,9 @@ impl Store {
     }
 
     /// Refuses every later write of this handle with `message` (a configuration
-    /// error: the store must be opened again).
+    /// error: the store must be opened again). The first reason stays.
     pub(crate) fn block_writes(&self, message: String) {
-        *self.unfolded.lock() = Some(message);
+        self.unfolded.lock().get_or_insert(message);
     }
 
     /// A fold of the read journal failed with `why`: it takes no new events until a
@@ -639,9 +639,6 @@ impl Store {
         if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
         }
-        if let Some(message) = self.unfolded.lock().clone() {
-            return Err(Error::Config(message));
-        }
         // Writers of this process queue here first, on a lock that is eventually fair
         // and that they wait on rather than poll: polling for redb's write lock (and
         // the counter lock), a thread can lose every round to the others and time out
@@ -651,6 +648,11 @@ impl Store {
             .writers
             .try_lock_for(self.opts.busy_timeout)
             .ok_or_else(|| Error::StoreBusy { path: self.path.clone(), waited_ms: waited_ms(start) })?;
+        // Under the lock: a block set by a catch-up that committed while this write
+        // waited (the pinned roots changed) holds for it too.
+        if let Some(message) = self.unfolded.lock().clone() {
+            return Err(Error::Config(message));
+        }
         // With a counter, one lock orders the transaction and the increment after it
         // across processes (taken before the write lock, released after the increment).
         let counter = self.counter_root();
