@@ -245,3 +245,32 @@ fn a_url_with_a_password_a_network_host_or_a_wrong_password_is_refused() {
     assert!(!err.to_string().contains(&rig.pg.password), "the password in an error: {err}");
     assert!(!format!("{cfg:?}").contains("not-it"));
 }
+
+/// A host that dies between the log taking its batch and its own commit (simulated:
+/// the batch is appended, then the local commit is abandoned) loses nothing: when
+/// it comes back, the catch-up applies its own batch, its next write goes on top,
+/// and another host sees both.
+#[test]
+fn a_write_the_log_took_but_the_host_did_not_commit_is_not_lost() {
+    let rig = Rig::new("fleet-crash");
+    let (a, b) = (rig.host("a"), rig.host("b"));
+    put(&a, "github", "ci", "one");
+    let log = a.log.clone();
+    a.guard().set_batch_sink(Some(Box::new(move |batch| {
+        crate::sync::lock(&log).append(batch.before, batch.after, &batch.bytes)?;
+        Err(Error::Interrupted)
+    })));
+    let at = a.guard().generation().unwrap();
+    assert!(a.guard().put("github", "ci", raw("two"), PutOptions::default()).is_err());
+    assert_eq!(a.guard().generation().unwrap(), at, "the local commit was abandoned");
+    assert_eq!(get(&a, "github", "ci").unwrap(), b"one");
+    // The process "restarts": the fleet's own sink again.
+    drop(a);
+    let a = rig.host("a");
+    assert_eq!(get(&a, "github", "ci").unwrap(), b"two", "attach caught up with its own batch");
+    put(&a, "github", "deploy", "three");
+    b.catch_up().unwrap();
+    assert_eq!(get(&b, "github", "ci").unwrap(), b"two");
+    assert_eq!(get(&b, "github", "deploy").unwrap(), b"three");
+    b.guard().audit_verify().unwrap();
+}
