@@ -1,12 +1,17 @@
 //! The fleet log against a real PostgreSQL server (the test fixture, on a Unix
 //! socket), each figure beside its floor in the same run:
 //! - `put/redb`: a durable `put` on a store with no log (the single-host figure);
-//! - `put/fleet`: the same `put` through `Fleet::write` (the batch inserted into the
-//!   log, then the local commit);
+//! - `put/fleet`: the same `put` on a host of the log (the log's lock, the catch-up
+//!   under it, the batch inserted and committed, then the local commit);
 //! - `insert/raw`: the floor of the log's part: one autocommit `INSERT` of the same
 //!   number of bytes as a `put`'s sealed batch, on the same socket;
 //! - `catch_up/1`: a second host applying one such batch (fetch, MAC, apply, the
-//!   state verified in full, commit), the writing host's `put` untimed.
+//!   state verified in full, commit), the writing host's `put` untimed;
+//! - `get/redb`, `get/fleet`: a warm `get` on the lone store, and on a host whose
+//!   last look at the log is within its staleness bound (1 s);
+//! - `get/fleet-cold`: a `get` on a host with a zero bound (every read looks at the
+//!   log: one round trip, nothing new), against `select/raw`, one `SELECT` of a
+//!   batch-sized row by key.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -16,12 +21,12 @@ mod pg;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tokenguard::fleet::{Fleet, LogConfig};
+use tokenguard::fleet::{LogConfig, attach};
 use tokenguard::root::RootKey;
 use tokenguard::root::soft::SoftRoot;
 use tokenguard::secret::SecretBytes;
 use tokenguard::store::StoreOptions;
-use tokenguard::{GuardOptions, PutOptions, Secret, TokenGuard};
+use tokenguard::{GetOptions, GuardOptions, PutOptions, Secret, TokenGuard};
 
 fn opts() -> GuardOptions {
     GuardOptions { require_hardware: false, ..Default::default() }
@@ -39,7 +44,7 @@ fn bench(c: &mut Criterion) {
         |d: &std::path::Path| -> Box<dyn RootKey> { Box::new(SoftRoot::open_or_create(&d.join("root.key")).unwrap()) };
     let start = dir.path().join("start.redb");
     drop(TokenGuard::create(&start, StoreOptions::default(), vec![root(dir.path())], opts()).unwrap());
-    for h in ["plain", "a", "b"] {
+    for h in ["plain", "a", "b", "warm", "cold"] {
         std::fs::copy(&start, dir.path().join(format!("{h}.redb"))).unwrap();
     }
     let open = |h: &str| {
@@ -48,10 +53,20 @@ fn bench(c: &mut Criterion) {
     };
     let url = format!("host={} dbname=tg user={}", server.socket_dir().display(), pg::USER);
     let password = SecretBytes::from_slice(server.password.as_bytes());
-    let cfg = LogConfig { url: &url, password: Some(&password), timeout: Duration::from_secs(10) };
+    let cfg = LogConfig {
+        url: &url,
+        password: Some(&password),
+        timeout: Duration::from_secs(10),
+        staleness: Duration::from_secs(3600),
+    };
     let plain = open("plain");
-    let a = Fleet::attach(open("a"), &cfg).unwrap();
-    let b = Fleet::attach(open("b"), &cfg).unwrap();
+    let host = |h: &str, staleness: Duration| {
+        let g = open(h);
+        attach(&g, &LogConfig { staleness, ..cfg }).unwrap();
+        g
+    };
+    let a = host("a", cfg.staleness);
+    let b = host("b", cfg.staleness);
 
     let mut g = c.benchmark_group("fleet");
     g.sample_size(50).measurement_time(Duration::from_secs(8));
@@ -65,7 +80,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("put/fleet", |bn| {
         bn.iter(|| {
             i += 1;
-            a.write(|g| g.put("github", &format!("t{}", i % 64), secret(), PutOptions::default())).unwrap();
+            a.put("github", &format!("t{}", i % 64), secret(), PutOptions::default()).unwrap();
         })
     });
     // The size of one put's batch, for the raw floor.
@@ -86,18 +101,38 @@ fn bench(c: &mut Criterion) {
             client.execute("INSERT INTO floor (k, v) VALUES ($1, $2)", &[&k, &bytes]).unwrap();
         })
     });
-    b.catch_up().unwrap();
+    b.sync().unwrap();
     g.bench_function("catch_up/1", |bn| {
         bn.iter_custom(|n| {
             let mut spent = Duration::ZERO;
             for _ in 0..n {
                 i += 1;
-                a.write(|g| g.put("github", &format!("t{}", i % 64), secret(), PutOptions::default())).unwrap();
+                a.put("github", &format!("t{}", i % 64), secret(), PutOptions::default()).unwrap();
                 let t = Instant::now();
-                b.catch_up().unwrap();
+                b.sync().unwrap();
                 spent += t.elapsed();
             }
             spent
+        })
+    });
+
+    let warm = host("warm", Duration::from_secs(1));
+    let cold = host("cold", Duration::ZERO);
+    let read = |g: &TokenGuard| {
+        let (s, _) = g.get_field("github", "t1", None, GetOptions::default()).unwrap();
+        assert_eq!(s.expose().len(), 40);
+    };
+    plain.put("github", "t1", secret(), PutOptions::default()).unwrap();
+    for g in [&plain, &warm, &cold] {
+        read(g);
+    }
+    g.bench_function("get/redb", |bn| bn.iter(|| read(&plain)));
+    g.bench_function("get/fleet", |bn| bn.iter(|| read(&warm)));
+    g.bench_function("get/fleet-cold", |bn| bn.iter(|| read(&cold)));
+    g.bench_function("select/raw", |bn| {
+        bn.iter(|| {
+            let row = client.query_one("SELECT v FROM floor WHERE k = $1", &[&(k / 2)]).unwrap();
+            assert_eq!(row.get::<_, Vec<u8>>(0).len(), size);
         })
     });
     g.finish();

@@ -365,14 +365,14 @@ pub enum Error {
         detail: String,
     },
 
-    /// Another host wrote the fleet log's next generation first, every time this
-    /// write was tried: the fleet is busy with writes.
-    #[error("another host wrote generation {generation} of the fleet log first ({attempts} attempts)")]
+    /// Another host changed the fleet log under this write: it wrote the generation
+    /// this write would have (a writer that did not take the log's lock), or rotated
+    /// the store's keys while this write waited for the lock. Nothing of this write
+    /// was committed anywhere; running it again is safe.
+    #[error("another host changed the fleet log under this write (generation {generation}); nothing was written")]
     FleetConflict {
-        /// The generation both wrote.
+        /// The generation of the log when the write found out.
         generation: u64,
-        /// How often the write was tried, catching up in between.
-        attempts: u32,
     },
 
     /// An error the agent reported, as it reported it.
@@ -462,7 +462,7 @@ impl Error {
                  it, so look before writing again"
                     .into()
             }
-            Error::FleetConflict { .. } => "retry: other hosts were writing at the same moment".into(),
+            Error::FleetConflict { .. } => "run it again: it will build on what the other host wrote".into(),
             Error::Expired { .. } => "refresh or replace the token; `get --allow-expired` reads it anyway".into(),
             Error::InUse { provider, .. } => {
                 format!("run `tokenguard reencrypt {provider}` to move them to the active version, then retire again")

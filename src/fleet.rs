@@ -7,15 +7,16 @@
 //!
 //! PostgreSQL holds an append-only log of write batches, one per committed write of
 //! any host, keyed by the generation the batch ends on. Each host keeps its own redb
-//! store as its copy of the log:
-//! - a write runs on the local store as ever; before it commits, its sealed batch
-//!   ([`crate::store::redb_store`]'s recorder) is inserted at `gen = after`, only if
-//!   the log holds the generation it built on. Two hosts that built on the same
-//!   generation collide on the primary key: the loser's write fails and commits
-//!   nothing here, and [`Fleet::write`] catches up and runs it again;
-//! - [`Fleet::catch_up`] reads the batches after the local generation and applies
-//!   them, each MAC-checked under the state key before it is decoded, in generation
-//!   order with none left out, and commits only a state that verifies in full.
+//! store as its copy of the log (`store::redb_store::link` holds the rules):
+//! - a write takes the log's lock (a transaction holding an advisory lock of this
+//!   store), applies what other hosts appended since, runs on the local copy, inserts
+//!   its sealed batch at `gen = after` (only where the log holds the generation it
+//!   built on: the primary key forbids a fork even to a writer that skipped the lock),
+//!   commits the log, then the copy;
+//! - a read catches up first when the copy's last look at the log is older than the
+//!   staleness bound: every batch MAC-checked under the state key before it is
+//!   decoded, in generation order with none left out, and only a state that verifies
+//!   in full is committed.
 //!
 //! What PostgreSQL (or its administrator) can do to the log is therefore bounded by
 //! what a writer of the redb file can do to a single store: an edited, reordered,
@@ -24,18 +25,18 @@
 //! design's next steps) catches on a host that had not.
 //!
 //! Not yet here (docs/FLEET-DESIGN.md, "Status"): TLS (so only a Unix socket is
-//! accepted), the listener and the staleness bound, snapshots (a new host starts from
-//! a copy of the store file), the fleet-wide lease, `migrate`.
+//! accepted), the notification listener (the bound is kept by reads that look),
+//! snapshots (a new host starts from a copy of the store file), `migrate`.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use postgres::error::SqlState;
-use postgres::{Client, NoTls};
+use postgres::{Client, GenericClient, NoTls};
 
 use crate::error::{Error, Result};
 use crate::guard::TokenGuard;
 use crate::secret::SecretBytes;
+use crate::store::redb_store::txn::Batch;
 
 /// The schema versions this build applies, in order. A database at a later version
 /// than this build knows is refused.
@@ -61,9 +62,6 @@ const LOCK_MIGRATIONS: i32 = 1;
 /// The most batches one catch-up round reads (and holds in memory) at once.
 const PAGE: i64 = 512;
 
-/// How often [`Fleet::write`] tries a write that another host's keeps beating.
-const WRITE_ATTEMPTS: u32 = 8;
-
 /// Where the log's database is and how to reach it.
 pub struct LogConfig<'a> {
     /// A libpq connection string or URL (`host=/run/postgresql dbname=tokenguard
@@ -74,6 +72,9 @@ pub struct LogConfig<'a> {
     pub password: Option<&'a SecretBytes>,
     /// Bounds the connection, every statement and every lock wait.
     pub timeout: Duration,
+    /// A read answers from the local copy while its last look at the log is younger
+    /// than this; otherwise it looks first (one round trip), or fails.
+    pub staleness: Duration,
 }
 
 impl std::fmt::Debug for LogConfig<'_> {
@@ -83,6 +84,7 @@ impl std::fmt::Debug for LogConfig<'_> {
             .field("url", &"<not shown>")
             .field("password", &self.password.map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
+            .field("staleness", &self.staleness)
             .finish()
     }
 }
@@ -99,15 +101,20 @@ fn db(operation: &'static str) -> impl Fn(postgres::Error) -> Error {
 }
 
 /// One connection to the log of one store, made again when it was lost (a server
-/// restart, a network failure): a host recovers without being restarted.
-struct Log {
+/// restart, a network failure) — but never inside a write's transaction: a host
+/// recovers without being restarted, and no write runs half under the lock.
+struct PgLog {
     config: postgres::Config,
     client: Option<Client>,
     store_id: Vec<u8>,
+    /// The second key of this store's advisory lock.
+    lock_key: i32,
+    /// A write's transaction (and the lock) is open on `client`.
+    locked: bool,
 }
 
-impl Log {
-    fn connect(cfg: &LogConfig<'_>, store_id: &[u8]) -> Result<Log> {
+impl PgLog {
+    fn connect(cfg: &LogConfig<'_>, store_id: &[u8]) -> Result<PgLog> {
         let mut pg: postgres::Config =
             cfg.url.parse().map_err(|e| Error::Config(format!("the fleet database URL does not parse: {e}")))?;
         if pg.get_password().is_some() {
@@ -133,7 +140,8 @@ impl Log {
             "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
             ms * 2
         ));
-        let mut log = Log { config: pg, client: None, store_id: store_id.to_vec() };
+        let lock_key = store_id.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map_or(0, i32::from_be_bytes);
+        let mut log = PgLog { config: pg, client: None, store_id: store_id.to_vec(), lock_key, locked: false };
         log.migrate()?;
         Ok(log)
     }
@@ -141,6 +149,12 @@ impl Log {
     /// The connection, made again if it is closed.
     fn client(&mut self) -> Result<&mut Client> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
+            if self.locked {
+                return Err(Error::Database {
+                    operation: "writing",
+                    detail: "the connection was lost while this write held the log's lock; nothing was written".into(),
+                });
+            }
             self.client = None;
             let c = self.config.connect(NoTls).map_err(|e| match e.code() {
                 // A wrong password or user is the configuration's fault, not an outage.
@@ -201,7 +215,7 @@ impl Log {
 
     /// Inserts a batch at its `after`, only where the log holds its `before` (the
     /// batch there, or the log's start).
-    fn append(&mut self, before: u64, after: u64, bytes: &[u8]) -> Result<()> {
+    fn insert(&mut self, before: u64, after: u64, bytes: &[u8]) -> Result<()> {
         let (b, a) = (to_i64(before)?, to_i64(after)?);
         let store_id = self.store_id.clone();
         let n = self.client()?.execute(
@@ -217,44 +231,112 @@ impl Log {
                 "appending to the fleet log: it holds no batch at the generation this write built on (this host's \
                  store was written without the log, or the log lost batches)",
             )),
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                Err(Error::FleetConflict { generation: after, attempts: 1 })
-            }
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(Error::FleetConflict { generation: after }),
             Err(e) => Err(db("appending a batch")(e)),
         }
     }
+}
 
-    /// At most [`PAGE`] batches after `generation`, in order. A log that ends before
-    /// `generation` lost batches this host read (the database was put back to an
-    /// older backup, or rows were deleted): refused, not taken as "nothing new".
-    fn since(&mut self, generation: u64) -> Result<Vec<Vec<u8>>> {
-        let g = to_i64(generation)?;
+/// At most [`PAGE`] batches after `generation`, in order, read through `c` (one
+/// snapshot, or the write's locked transaction). A log that ends before
+/// `generation` lost batches this host read (the database was put back to an older
+/// backup, or rows were deleted): refused, not taken as "nothing new".
+fn read_since(c: &mut impl GenericClient, store_id: &[u8], generation: u64) -> Result<(Vec<Vec<u8>>, bool)> {
+    let g = to_i64(generation)?;
+    let end: Option<i64> = c
+        .query_one(
+            "SELECT greatest((SELECT max(gen) FROM tg_batches WHERE store_id = $1),
+                             (SELECT snapshot_gen FROM tg_store WHERE store_id = $1))",
+            &[&store_id],
+        )
+        .and_then(|r| r.try_get(0))
+        .map_err(db("reading the log"))?;
+    if end.is_none_or(|e| e < g) {
+        return Err(Error::integrity(
+            "reading the fleet log: it ends before this host's generation (the database was rolled back or lost \
+             batches this host has read)",
+        ));
+    }
+    let rows = c
+        .query(
+            "SELECT batch FROM tg_batches WHERE store_id = $1 AND gen > $2 ORDER BY gen LIMIT $3",
+            &[&store_id, &g, &PAGE],
+        )
+        .map_err(db("reading the log"))?;
+    let full = i64::try_from(rows.len()).is_ok_and(|n| n >= PAGE);
+    let batches: Result<Vec<Vec<u8>>> =
+        rows.into_iter().map(|r| r.try_get::<_, Vec<u8>>(0).map_err(db("reading the log"))).collect();
+    Ok((batches?, full))
+}
+
+impl crate::store::redb_store::Log for PgLog {
+    fn lock(&mut self) -> Result<()> {
+        let sql = format!("BEGIN; SELECT pg_advisory_xact_lock({LOCK_CLASS}, {})", self.lock_key);
+        let locked = self.client()?.batch_execute(&sql);
+        match locked {
+            Ok(()) => {
+                self.locked = true;
+                Ok(())
+            }
+            Err(e) => {
+                self.rollback();
+                Err(match e.code() {
+                    Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::QUERY_CANCELED => {
+                        Error::StoreBusy { path: "the fleet log".into(), waited_ms: self.timeout_ms() }
+                    }
+                    _ => db("taking the log's write lock")(e),
+                })
+            }
+        }
+    }
+
+    fn since(&mut self, generation: u64) -> Result<(Vec<Vec<u8>>, bool)> {
         let store_id = self.store_id.clone();
+        if self.locked {
+            return read_since(self.client()?, &store_id, generation);
+        }
         let mut t = self.client()?.transaction().map_err(db("reading the log"))?;
         // One snapshot for both statements.
         t.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").map_err(db("reading the log"))?;
-        let end: Option<i64> = t
-            .query_one(
-                "SELECT greatest((SELECT max(gen) FROM tg_batches WHERE store_id = $1),
-                                 (SELECT snapshot_gen FROM tg_store WHERE store_id = $1))",
-                &[&store_id],
-            )
-            .and_then(|r| r.try_get(0))
-            .map_err(db("reading the log"))?;
-        if end.is_none_or(|e| e < g) {
-            return Err(Error::integrity(
-                "reading the fleet log: it ends before this host's generation (the database was rolled back or lost \
-                 batches this host has read)",
-            ));
-        }
-        let rows = t
-            .query(
-                "SELECT batch FROM tg_batches WHERE store_id = $1 AND gen > $2 ORDER BY gen LIMIT $3",
-                &[&store_id, &g, &PAGE],
-            )
-            .map_err(db("reading the log"))?;
+        let out = read_since(&mut t, &store_id, generation)?;
         t.commit().map_err(db("reading the log"))?;
-        rows.into_iter().map(|r| r.try_get::<_, Vec<u8>>(0).map_err(db("reading the log"))).collect()
+        Ok(out)
+    }
+
+    fn append(&mut self, batch: &Batch) -> Result<()> {
+        let inserted = self.insert(batch.before, batch.after, &batch.bytes);
+        if let Err(e) = inserted {
+            self.rollback();
+            return Err(e);
+        }
+        // Unknown outcome when this fails: the next catch-up finds the batch or not.
+        let committed = self.client()?.batch_execute("COMMIT").map_err(db("committing a batch"));
+        self.locked = false;
+        if committed.is_err() {
+            self.client = None;
+        }
+        committed
+    }
+
+    fn release(&mut self) {
+        self.rollback();
+    }
+}
+
+impl PgLog {
+    /// Ends the write's transaction (and the lock) without a batch. A connection in
+    /// doubt is dropped: the server rolls an orphaned transaction back.
+    fn rollback(&mut self) {
+        self.locked = false;
+        if let Some(c) = self.client.as_mut()
+            && c.batch_execute("ROLLBACK").is_err()
+        {
+            self.client = None;
+        }
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        self.config.get_connect_timeout().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 }
 
@@ -262,108 +344,23 @@ fn to_i64(g: u64) -> Result<i64> {
     i64::try_from(g).map_err(|_| Error::integrity("a generation beyond the log's range"))
 }
 
-/// A guard joined to the fleet log: its writes go to the log before they commit, and
-/// it catches up with other hosts' writes.
-pub struct Fleet {
-    guard: TokenGuard,
-    log: Arc<Mutex<Log>>,
-}
-
-impl std::fmt::Debug for Fleet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fleet").field("store", &self.guard.path()).finish_non_exhaustive()
+/// Joins `guard`'s store to the fleet log at `cfg`: applies the schema the database
+/// lacks, starts the log at the store's generation if the store has none yet (the
+/// first host), and catches up with it otherwise. From then on every write of the
+/// guard (and of its clones) takes the log's lock, catches up, and is in the log
+/// before it commits here; a read older than `cfg.staleness` catches up first.
+/// Returns the generation reached.
+pub fn attach(guard: &TokenGuard, cfg: &LogConfig<'_>) -> Result<u64> {
+    let mut log = PgLog::connect(cfg, &guard.store_id())?;
+    let here = guard.generation()?;
+    let start = log.register(here)?;
+    if start > here {
+        return Err(Error::integrity(
+            "joining the fleet log: it starts after this store's generation (a snapshot to load first; not built yet)",
+        ));
     }
-}
-
-impl Fleet {
-    /// Joins `guard`'s store to the log at `cfg`: applies the schema the database
-    /// lacks, starts the log at the store's generation if the store has none yet
-    /// (the first host), and catches up with it otherwise. From then on every write
-    /// of `guard` is appended to the log before it commits here.
-    pub fn attach(guard: TokenGuard, cfg: &LogConfig<'_>) -> Result<Fleet> {
-        let log = Log::connect(cfg, &guard.store_id())?;
-        let fleet = Fleet { guard, log: Arc::new(Mutex::new(log)) };
-        let here = fleet.guard.generation()?;
-        let start = fleet.lock().register(here)?;
-        if start > here {
-            return Err(Error::integrity(
-                "joining the fleet log: it starts after this store's generation (a snapshot to load first; not built \
-                 yet)",
-            ));
-        }
-        // The sink first: a write by another clone of the guard from here on goes to
-        // the log or fails (the catch-up itself makes no batch).
-        let log = fleet.log.clone();
-        fleet
-            .guard
-            .set_batch_sink(Some(Box::new(move |b| crate::sync::lock(&log).append(b.before, b.after, &b.bytes))));
-        fleet.catch_up()?;
-        Ok(fleet)
-    }
-
-    /// The guard: reads as ever; a write fails with [`Error::FleetConflict`] when
-    /// another host wrote first (use [`Fleet::write`], which catches up and retries).
-    pub fn guard(&self) -> &TokenGuard {
-        &self.guard
-    }
-
-    /// Applies the batches other hosts wrote since this host's generation; returns
-    /// the generation reached.
-    pub fn catch_up(&self) -> Result<u64> {
-        loop {
-            let log = self.log.clone();
-            let mut read = 0;
-            let out = self.guard.catch_up(|generation| {
-                let page = crate::sync::lock(&log).since(generation)?;
-                read = page.len();
-                Ok(page)
-            })?;
-            if i64::try_from(read).map_or(true, |n| n < PAGE) {
-                return Ok(out.after);
-            }
-        }
-    }
-
-    /// Runs a write (`f` on the guard), catching up and running it again when
-    /// another host wrote the same generation first.
-    ///
-    /// `f` must make exactly one write transaction: it is run again whole, so an
-    /// operation of several (a refresh: the lease, the provider call, the commit)
-    /// would repeat what its first ones did. Fleet-wide refresh is a later step.
-    ///
-    /// A write that fails with [`Error::Database`] may still have reached the log
-    /// (the server took the batch, its answer was lost): the next catch-up applies
-    /// it. Such a write is not run again here; check before running it again.
-    pub fn write<T>(&self, mut f: impl FnMut(&TokenGuard) -> Result<T>) -> Result<T> {
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match f(&self.guard) {
-                Err(Error::FleetConflict { generation, .. }) if attempts < WRITE_ATTEMPTS => {
-                    tracing::debug!(generation, attempts, "another host wrote first; catching up");
-                    self.catch_up()?;
-                }
-                Err(Error::FleetConflict { generation, .. }) => {
-                    return Err(Error::FleetConflict { generation, attempts });
-                }
-                other => return other,
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
-        crate::sync::lock(&self.log)
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        // The guard may outlive this handle (it is a cheap clone): a write through
-        // it would commit here and nowhere else, and fork this host from the log.
-        self.guard.set_batch_sink(Some(Box::new(|_| {
-            Err(Error::Config("not writing: the store's fleet log was detached from this handle".into()))
-        })));
-    }
+    guard.attach_log(Box::new(log), cfg.staleness)?;
+    guard.sync()
 }
 
 #[cfg(test)]

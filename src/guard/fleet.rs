@@ -2,25 +2,99 @@
 //! guard hands on its sealed batch before it commits, and [`TokenGuard::catch_up`]
 //! applies the batches other hosts wrote, checked, to this host's store.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use super::{GuardKeys, TokenGuard};
+use super::{GuardKeys, Inner, TokenGuard};
 use crate::error::{Error, Result};
 use crate::secret::DekMaterial;
 use crate::store::StoreRead;
-use crate::store::redb_store::{BatchSink, CaughtUp};
+use crate::store::redb_store::{CaughtUp, Follower, Link, Log, WriteTxn};
 use crate::store::schema::RootPin;
 use crate::store::state::StateKey;
 
-#[cfg_attr(
-    not(any(test, feature = "postgres")),
-    expect(dead_code, reason = "the fleet log (feature `postgres`) is their one user")
-)]
+/// The guard's side of following other hosts' batches (see `Follower`): held by the
+/// store's link, so only weakly (the guard owns the store).
+struct GuardFollower {
+    inner: Weak<Inner>,
+    /// The integrity key `unlock` opened, for `committed` to install.
+    new_ik: std::sync::Mutex<Option<DekMaterial>>,
+}
+
+impl GuardFollower {
+    fn guard(&self) -> Result<TokenGuard> {
+        self.inner
+            .upgrade()
+            .map(|inner| TokenGuard { inner })
+            .ok_or_else(|| Error::Config("the guard of this store was closed".into()))
+    }
+}
+
+impl Follower for GuardFollower {
+    fn unlock(&self, txn: &WriteTxn) -> Result<StateKey> {
+        let g = self.guard()?;
+        let inner = &*g.inner;
+        let meta = txn.meta()?;
+        let mut last = None;
+        for r in inner.roots.iter().filter(|r| r.key.can_unwrap()) {
+            // Only a root pinned under the same id *and* identity it had when this
+            // guard opened (ids are reused after a removal).
+            let still = |p: &&RootPin| p.root_id == r.root_id && inner.pins.iter().any(|q| q == *p);
+            if !meta.roots.iter().any(|p| still(&p)) {
+                continue;
+            }
+            let Some(w) = meta.integrity_key.iter().find(|w| w.root_id == r.root_id) else { continue };
+            match r.key.unwrap(&w.wrapped) {
+                Ok(ik) => {
+                    let key = StateKey::derive(ik.expose());
+                    *crate::sync::lock(&self.new_ik) = Some(ik);
+                    return Ok(key);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::WrongRoot {
+            pinned: meta.roots.iter().map(|p| p.root_id.to_string()).collect::<Vec<_>>().join(", "),
+            found: "one that does not open the integrity key another host's batch put in place (this host's root \
+                    was removed there)"
+                .into(),
+        }))
+    }
+
+    fn committed(&self, _: &CaughtUp) -> Result<()> {
+        let new_ik = crate::sync::lock(&self.new_ik).take();
+        self.guard()?.follow_committed(new_ik)
+    }
+}
+
 impl TokenGuard {
+    fn follower(&self) -> Arc<GuardFollower> {
+        Arc::new(GuardFollower { inner: Arc::downgrade(&self.inner), new_ik: std::sync::Mutex::new(None) })
+    }
+
+    /// Joins this guard's store to a fleet log (`crate::fleet`): every later write
+    /// takes the log's lock, catches up and appends its batch before it commits
+    /// here; a read catches up first when the last look at the log is older than
+    /// `staleness`. Once per guard.
+    #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
+    pub(crate) fn attach_log(&self, log: Box<dyn Log>, staleness: std::time::Duration) -> Result<()> {
+        self.inner.store.set_link(Link::new(log, self.follower(), staleness))
+    }
+
     /// Hands every later write's sealed batch to `sink` before the write commits
-    /// here; an error from `sink` aborts the write. `None` stops it.
-    pub(crate) fn set_batch_sink(&self, sink: Option<BatchSink>) {
-        self.inner.store.set_batch_sink(sink);
+    /// here; an error from `sink` aborts the write.
+    #[cfg(test)]
+    pub(crate) fn set_batch_sink(
+        &self,
+        sink: impl FnMut(&crate::store::redb_store::txn::Batch) -> Result<()> + Send + 'static,
+    ) {
+        self.inner.store.set_batch_sink(sink).expect("a store takes one sink");
+    }
+
+    /// Applies every batch of the fleet log after this store's generation, now;
+    /// returns the generation reached. (Reads do this by themselves when the copy is
+    /// older than the staleness bound, and writes always.)
+    pub fn sync(&self) -> Result<u64> {
+        self.inner.store.sync()
     }
 
     /// Applies the batches `fetch` returns (sealed by other hosts' writes, in
@@ -30,49 +104,13 @@ impl TokenGuard {
     /// guard's roots opens the new key: the guard's audit keys follow it, and its
     /// cached data keys are dropped. A host whose root was removed opens nothing
     /// written after the removal: its catch-up fails with [`Error::WrongRoot`].
+    #[cfg(test)]
     pub(crate) fn catch_up(&self, mut fetch: impl FnMut(u64) -> Result<Vec<Vec<u8>>>) -> Result<CaughtUp> {
-        let inner = &*self.inner;
-        let new_ik: std::cell::RefCell<Option<DekMaterial>> = std::cell::RefCell::new(None);
-        let mut unlock = |txn: &crate::store::WriteTxn| {
-            let meta = txn.meta()?;
-            let mut last = None;
-            for r in inner.roots.iter().filter(|r| r.key.can_unwrap()) {
-                // Only a root pinned under the same id *and* identity it had when this
-                // guard opened (ids are reused after a removal).
-                let still = |p: &&RootPin| p.root_id == r.root_id && inner.pins.iter().any(|q| q == *p);
-                if !meta.roots.iter().any(|p| still(&p)) {
-                    continue;
-                }
-                let Some(w) = meta.integrity_key.iter().find(|w| w.root_id == r.root_id) else { continue };
-                match r.key.unwrap(&w.wrapped) {
-                    Ok(ik) => {
-                        let key = StateKey::derive(ik.expose());
-                        *new_ik.borrow_mut() = Some(ik);
-                        return Ok(key);
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.unwrap_or_else(|| Error::WrongRoot {
-                pinned: meta.roots.iter().map(|p| p.root_id.to_string()).collect::<Vec<_>>().join(", "),
-                found: "one that does not open the integrity key another host's batch put in place (this host's \
-                        root was removed there)"
-                    .into(),
-            }))
-        };
-        let mut failed = None;
-        let mut committed = |_: &CaughtUp| {
-            if let Err(e) = self.follow_committed(new_ik.borrow_mut().take()) {
-                failed = Some(e);
-            }
-        };
-        let out = inner.store.catch_up(&mut fetch, &mut unlock, &mut committed)?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if out.after != out.before {
-            tracing::debug!(from = out.before, to = out.after, rekeyed = out.rekeyed, "caught up with the fleet log");
-        }
+        let follower = self.follower();
+        let out = self
+            .inner
+            .store
+            .catch_up(&mut fetch, &mut |txn| follower.unlock(txn), &mut |out| follower.committed(out))?;
         Ok(out)
     }
 
@@ -113,6 +151,7 @@ impl TokenGuard {
     }
 
     /// The generation of the store's state head as it is now (its MAC checked).
+    #[cfg_attr(not(any(test, feature = "postgres")), expect(dead_code, reason = "the fleet log is its one user"))]
     pub(crate) fn generation(&self) -> Result<u64> {
         self.inner.store.head_generation()
     }

@@ -96,12 +96,12 @@ fn a_copy_brought_forward_by_the_recorded_writes_equals_the_store() {
     let batches = Arc::new(Mutex::new(Vec::new()));
     let record = |g: &TokenGuard| {
         let sink = batches.clone();
-        g.set_batch_sink(Some(Box::new(move |b: &txn::Batch| {
+        g.set_batch_sink(move |b: &txn::Batch| {
             assert_eq!(b.after, b.before + 1, "a batch moves the generation by one");
             assert_eq!(txn::batch_generations(&b.bytes), Some((b.before, b.after)));
             sink.lock().unwrap().push(b.bytes.clone());
             Ok(())
-        })));
+        });
     };
     let g = TokenGuard::open(&a, StoreOptions::default(), vec![soft(&root1)], opts()).unwrap();
     record(&g);
@@ -248,10 +248,10 @@ fn other_store_batches(dir: &std::path::Path, root: &std::path::Path) -> Vec<Vec
     let g = TokenGuard::create(&p, StoreOptions::default(), vec![soft], opts()).unwrap();
     let out = Arc::new(Mutex::new(Vec::new()));
     let sink = out.clone();
-    g.set_batch_sink(Some(Box::new(move |b: &txn::Batch| {
+    g.set_batch_sink(move |b: &txn::Batch| {
         sink.lock().unwrap().push(b.bytes.clone());
         Ok(())
-    })));
+    });
     g.put("github", "x", raw("other"), PutOptions::default()).unwrap();
     g.put("github", "y", raw("other"), PutOptions::default()).unwrap();
     drop(g);
@@ -315,10 +315,10 @@ fn a_batch_from_another_branch_is_refused() {
         let g = TokenGuard::open(&p, StoreOptions::default(), vec![soft()], opts()).unwrap();
         let out = Arc::new(Mutex::new(Vec::new()));
         let sink = out.clone();
-        g.set_batch_sink(Some(Box::new(move |b: &txn::Batch| {
+        g.set_batch_sink(move |b: &txn::Batch| {
             sink.lock().unwrap().push(b.bytes.clone());
             Ok(())
-        })));
+        });
         (g, out)
     };
     let note = |g: &TokenGuard, what: &str| g.inner.write(|t| g.audit_in(t, "note", what.into())).unwrap();
@@ -329,7 +329,6 @@ fn a_batch_from_another_branch_is_refused() {
     note(&y, "on branch y, second");
     let (xs, ys) = (xs.lock().unwrap().clone(), ys.lock().unwrap().clone());
     let (z, _) = host("z");
-    z.set_batch_sink(None);
     let err = z.catch_up(|_| Ok(vec![xs[0].clone(), ys[1].clone()])).unwrap_err();
     assert!(matches!(err, crate::Error::Integrity { .. }), "{err}");
     assert_eq!(z.catch_up(|_| Ok(ys.clone())).unwrap().after, y.generation().unwrap());

@@ -5,11 +5,13 @@
 //! `mod.rs` holds the file, its tables and the transactions; `read.rs` the read
 //! operations (written once for both transaction kinds), `write.rs` the writes.
 
+mod link;
 mod read;
 mod snapshots;
 pub(crate) mod txn;
 mod write;
 
+pub(crate) use link::{Follower, Link, Log};
 pub(crate) use txn::WriteTxn;
 
 use std::fs;
@@ -99,17 +101,11 @@ pub(crate) struct Store {
     /// journal left by a crash (a write would take the sequence numbers of the events
     /// in it), or another host changed the pinned roots (`block_writes`).
     unfolded: parking_lot::Mutex<Option<String>>,
-    /// Where each write's batch goes before it commits (see `set_batch_sink`).
-    batches: parking_lot::Mutex<Option<BatchSink>>,
+    /// The fleet log this store is a copy of, when it is one (see `link`).
+    link: std::sync::OnceLock<Link>,
     path: PathBuf,
     opts: StoreOptions,
 }
-
-/// Takes a write's batch before it commits: the generation it builds on, the one it
-/// ends on, and every row it writes, in order (the state head's last), sealed under
-/// the state key (see [`txn::Batch`]). An error aborts the write: nothing of it is
-/// committed.
-pub(crate) type BatchSink = Box<dyn FnMut(&txn::Batch) -> Result<()> + Send>;
 
 /// What [`Store::catch_up`] did: the generations before and after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,14 +298,15 @@ impl Store {
             writers: parking_lot::Mutex::new(()),
             journal: parking_lot::Mutex::new(None),
             unfolded: parking_lot::Mutex::new(None),
-            batches: parking_lot::Mutex::new(None),
+            link: std::sync::OnceLock::new(),
         }
     }
 
-    /// Hands every later write's batch to `sink` before the write commits here
-    /// (`None`: to nobody). The seam of the fleet store (docs/FLEET-DESIGN.md).
-    pub(crate) fn set_batch_sink(&self, sink: Option<BatchSink>) {
-        *self.batches.lock() = sink;
+    /// Hands every later write's batch to `sink` before the write commits here (a
+    /// link that records only; see `link`).
+    #[cfg(test)]
+    pub(crate) fn set_batch_sink(&self, sink: impl FnMut(&txn::Batch) -> Result<()> + Send + 'static) -> Result<()> {
+        self.set_link(Link::recording(sink))
     }
 
     /// Refuses every later write of this handle: the read journal left by a crash
@@ -490,6 +487,8 @@ impl Store {
 
     /// A consistent read snapshot.
     pub(crate) fn read(&self) -> Result<ReadTxn<'_>> {
+        // A copy of a fleet log older than its bound catches up first.
+        self.read_current()?;
         // The floor is read before the snapshot begins: anything seen by then is in it.
         let begin = || {
             let floor = self.state.floor();
@@ -644,10 +643,8 @@ impl Store {
         // the counter lock), a thread can lose every round to the others and time out
         // while they keep writing. Only other processes are polled for below.
         let start = Instant::now();
-        let _writer = self
-            .writers
-            .try_lock_for(self.opts.busy_timeout)
-            .ok_or_else(|| Error::StoreBusy { path: self.path.clone(), waited_ms: waited_ms(start) })?;
+        let _writer = self.lock_writers()?;
+        let _in_write = link::InWrite::enter();
         // Under the lock: a block set by a catch-up that committed while this write
         // waited (the pinned roots changed) holds for it too.
         if let Some(message) = self.unfolded.lock().clone() {
@@ -660,7 +657,10 @@ impl Store {
             Some(_) => Some(CounterLock::take(&self.path, self.opts.busy_timeout.saturating_sub(start.elapsed()))?),
             None => None,
         };
-        let recording = self.batches.lock().is_some();
+        // A copy of a fleet log: the log's lock, and the copy caught up under it,
+        // before this write reads anything (released on every way out but the append).
+        let log = self.lock_log()?;
+        let recording = log.is_some();
         let txn = WriteTxn::new(self.begin_write(start)?, self.state.clone(), recording);
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
@@ -705,14 +705,11 @@ impl Store {
             Ok((before, after))
         })
         .map_err(poison)?;
-        if let Some(sink) = self.batches.lock().as_mut() {
-            if !recording {
-                // Set while this write ran: it would hand on a batch without its rows.
-                return Err(Error::Config("a batch sink was set during a write; run the write again".into()));
-            }
+        if let Some(log) = log {
+            // In the log first: a write that fails here commits nothing in this copy.
             let armed = self.state.key()?;
             let batch = txn.with_writes(|w| txn::seal_batch(&armed.0, &armed.1, &prev_head, before, after, w))?;
-            sink(&batch)?;
+            log.append(&batch)?;
         }
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
         // redb makes a commit visible before it can still fail (its post-commit free
@@ -786,11 +783,32 @@ impl Store {
     /// when a batch's head does not open under the old one (it rotated the integrity
     /// key, as `root remove` does); the caller's roots unwrap it from the rows just
     /// applied, or the catch-up fails.
+    #[cfg(test)]
     pub(crate) fn catch_up(
         &self,
         fetch: &mut dyn FnMut(u64) -> Result<Vec<Vec<u8>>>,
         unlock: &mut dyn FnMut(&WriteTxn) -> Result<StateKey>,
-        on_commit: &mut dyn FnMut(&CaughtUp),
+        on_commit: &mut dyn FnMut(&CaughtUp) -> Result<()>,
+    ) -> Result<CaughtUp> {
+        let _writer = self.lock_writers()?;
+        let _in_write = link::InWrite::enter();
+        self.catch_up_locked(fetch, unlock, on_commit)
+    }
+
+    /// This process's write lock (its writers queue on it; see `write_inner`).
+    fn lock_writers(&self) -> Result<parking_lot::MutexGuard<'_, ()>> {
+        let start = Instant::now();
+        self.writers
+            .try_lock_for(self.opts.busy_timeout)
+            .ok_or_else(|| Error::StoreBusy { path: self.path.clone(), waited_ms: waited_ms(start) })
+    }
+
+    /// [`Store::catch_up`], under the write lock the caller holds.
+    fn catch_up_locked(
+        &self,
+        fetch: &mut dyn FnMut(u64) -> Result<Vec<Vec<u8>>>,
+        unlock: &mut dyn FnMut(&WriteTxn) -> Result<StateKey>,
+        on_commit: &mut dyn FnMut(&CaughtUp) -> Result<()>,
     ) -> Result<CaughtUp> {
         if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
@@ -804,10 +822,6 @@ impl Store {
             ));
         }
         let start = Instant::now();
-        let _writer = self
-            .writers
-            .try_lock_for(self.opts.busy_timeout)
-            .ok_or_else(|| Error::StoreBusy { path: self.path.clone(), waited_ms: waited_ms(start) })?;
         let txn = WriteTxn::new(self.begin_write(start)?, self.state.clone(), false);
         let _critical = crate::signals::Critical::enter();
         let armed = self.state.key()?;
@@ -861,7 +875,7 @@ impl Store {
         self.state.install_verified(verified, new_key);
         // Still under the write lock: no write of this process runs between the new
         // state and what the caller keeps in step with it (the guard's audit keys).
-        on_commit(&out);
+        on_commit(&out)?;
         Ok(out)
     }
 

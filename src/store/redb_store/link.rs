@@ -1,0 +1,251 @@
+//! The store's side of the fleet log (docs/FLEET-DESIGN.md, "A write" and "Coherence
+//! and its bound"). A store with a [`Link`] is one host's copy of a log that other
+//! hosts write too:
+//! - **every write** takes the log's write lock, applies the batches other hosts
+//!   appended since this store's generation (checked as [`Store::catch_up`] checks
+//!   them), runs, hands its own sealed batch to the log, and commits here only once
+//!   the log has it. No write of any host builds on a state older than the log's, so
+//!   a compare-and-set, a refresh lease or a provider's first data key means the same
+//!   across the fleet as in one store;
+//! - **a read** of a store whose last look at the log is older than the staleness
+//!   bound catches up first (one round trip), or fails: a read never answers from a
+//!   copy older than the bound.
+//!
+//! The log itself (PostgreSQL) is in `crate::fleet`; the state logic stays here, in
+//! one place, for every kind of write.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::txn::{Batch, WriteTxn};
+use super::{CaughtUp, Store};
+use crate::error::{Error, Result};
+use crate::store::state::StateKey;
+
+/// The fleet log, as a store uses it. Calls come in the order `lock`, `since`…,
+/// then `append` or `release`; or `since` alone (a read's catch-up).
+pub(crate) trait Log: Send {
+    /// Takes the log's write lock for this store, held until `append` or `release`.
+    fn lock(&mut self) -> Result<()>;
+    /// At most a page of the batches after `generation`, in order, and whether the
+    /// page was full (there may be more). A log that ends before `generation` (it
+    /// lost batches this store applied) is an integrity error.
+    fn since(&mut self, generation: u64) -> Result<(Vec<Vec<u8>>, bool)>;
+    /// Appends `batch` under the lock and releases it. `Ok` only once the log has
+    /// the batch; an error may mean the log has it all the same (its answer lost):
+    /// the next catch-up says which.
+    fn append(&mut self, batch: &Batch) -> Result<()>;
+    /// Releases the lock without appending.
+    fn release(&mut self);
+}
+
+/// What the store needs from its owner to follow other hosts' batches.
+pub(crate) trait Follower: Send + Sync {
+    /// The new state key, after a batch whose head does not open under the old one
+    /// (it rotated the integrity key): unwrapped by one of the owner's roots from
+    /// the rows of `txn`.
+    fn unlock(&self, txn: &WriteTxn) -> Result<StateKey>;
+    /// After a catch-up committed, under the store's write lock: the owner keeps in
+    /// step (its audit keys, its caches). An error blocks the owner's writes (its
+    /// own doing) and is the caller's.
+    fn committed(&self, out: &CaughtUp) -> Result<()>;
+}
+
+/// A store's link to the fleet log.
+pub(crate) struct Link {
+    log: parking_lot::Mutex<Box<dyn Log>>,
+    follower: Arc<dyn Follower>,
+    /// Reads answer from this copy while the last look at the log is younger than
+    /// this (milliseconds); `u64::MAX`: reads never look.
+    staleness_ms: u64,
+    /// `clock::coarse_ms` of the last time this copy was known to be the log's
+    /// newest (0: never).
+    synced_ms: AtomicU64,
+}
+
+impl Link {
+    pub(crate) fn new(log: Box<dyn Log>, follower: Arc<dyn Follower>, staleness: std::time::Duration) -> Link {
+        Link {
+            log: parking_lot::Mutex::new(log),
+            follower,
+            staleness_ms: u64::try_from(staleness.as_millis()).unwrap_or(u64::MAX),
+            synced_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A link that only records: every write's batch goes to `sink` and nothing is
+    /// ever read back (the recorder's tests).
+    #[cfg(test)]
+    pub(crate) fn recording(sink: impl FnMut(&Batch) -> Result<()> + Send + 'static) -> Link {
+        struct Recording<F>(F);
+        impl<F: FnMut(&Batch) -> Result<()> + Send> Log for Recording<F> {
+            fn lock(&mut self) -> Result<()> {
+                Ok(())
+            }
+            fn since(&mut self, _: u64) -> Result<(Vec<Vec<u8>>, bool)> {
+                Ok((Vec::new(), false))
+            }
+            fn append(&mut self, batch: &Batch) -> Result<()> {
+                (self.0)(batch)
+            }
+            fn release(&mut self) {}
+        }
+        struct Nobody;
+        impl Follower for Nobody {
+            fn unlock(&self, _: &WriteTxn) -> Result<StateKey> {
+                Err(Error::integrity("following a rotation with no owner to unwrap the new key"))
+            }
+            fn committed(&self, _: &CaughtUp) -> Result<()> {
+                Ok(())
+            }
+        }
+        Link::new(Box::new(Recording(sink)), Arc::new(Nobody), std::time::Duration::MAX)
+    }
+
+    fn stale(&self) -> bool {
+        self.staleness_ms != u64::MAX
+            && crate::clock::coarse_ms().saturating_sub(self.synced_ms.load(Ordering::Acquire)) >= self.staleness_ms
+    }
+
+    fn synced_at(&self, ms: u64) {
+        self.synced_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+}
+
+/// The log's lock while a write holds it: released on every way out but `append`.
+pub(super) struct Held<'a> {
+    log: parking_lot::MutexGuard<'a, Box<dyn Log>>,
+    link: &'a Link,
+    /// `coarse_ms` when the lock was granted: the copy is the log's newest from then.
+    locked_ms: u64,
+    open: bool,
+}
+
+impl Held<'_> {
+    /// Appends the write's batch and releases the lock; the copy is then the log's
+    /// newest as of the lock.
+    pub(super) fn append(mut self, batch: &Batch) -> Result<()> {
+        self.open = false;
+        self.log.append(batch)?;
+        self.link.synced_at(self.locked_ms);
+        Ok(())
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.log.release();
+        }
+    }
+}
+
+thread_local! {
+    /// Set while this thread holds a store's write lock (a write or a catch-up): its
+    /// reads must not wait for the lock it holds.
+    static IN_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as inside a write until dropped.
+pub(super) struct InWrite(bool);
+
+impl InWrite {
+    pub(super) fn enter() -> InWrite {
+        InWrite(IN_WRITE.with(|w| w.replace(true)))
+    }
+}
+
+impl Drop for InWrite {
+    fn drop(&mut self) {
+        IN_WRITE.with(|w| w.set(self.0));
+    }
+}
+
+impl Store {
+    /// Joins this store to a fleet log: from now on every write goes through it,
+    /// and reads catch up when the copy is older than the link's staleness bound.
+    /// Once per store; refused for a store with a read journal or a rollback counter
+    /// (both must move under the fleet's lock: not built).
+    pub(crate) fn set_link(&self, link: Link) -> Result<()> {
+        if self.journal.lock().is_some() || self.counter_root().is_some() {
+            return Err(Error::Config(
+                "a fleet store with a read journal (the agent's durable read audit) or a rollback counter is not \
+                 supported yet"
+                    .into(),
+            ));
+        }
+        self.link.set(link).map_err(|_| Error::Config("this store is joined to a fleet log already".into()))
+    }
+
+    /// Before a read: a copy older than the staleness bound catches up first. Not
+    /// from inside a write of this thread (the write caught up under the log's lock).
+    pub(super) fn read_current(&self) -> Result<()> {
+        match self.link.get() {
+            Some(link) if link.stale() && !IN_WRITE.with(std::cell::Cell::get) => self.sync().map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies every batch the log holds after this copy's generation; returns the
+    /// generation reached. A store with no link is current by definition.
+    pub(crate) fn sync(&self) -> Result<u64> {
+        let Some(link) = self.link.get() else { return self.head_generation() };
+        let stale_at_call = link.stale();
+        let _writer = self.lock_writers()?;
+        let _in = InWrite::enter();
+        // Another thread caught up while this one waited: single flight.
+        if stale_at_call && !link.stale() {
+            return self.head_generation();
+        }
+        let started = crate::clock::coarse_ms();
+        let mut log = link.log.lock();
+        let out = self.catch_up_pages(link, &mut log)?;
+        link.synced_at(started);
+        Ok(out.after)
+    }
+
+    /// The write lock of the log, and this copy caught up under it (called by
+    /// `write_inner`, under the store's write lock). A catch-up that rotated the
+    /// integrity key or blocked this handle's writes fails the write: what its body
+    /// prepared may stand on the old keys.
+    pub(super) fn lock_log(&self) -> Result<Option<Held<'_>>> {
+        let Some(link) = self.link.get() else { return Ok(None) };
+        let mut log = link.log.lock();
+        log.lock()?;
+        let mut held = Held { log, link, locked_ms: crate::clock::coarse_ms(), open: true };
+        let out = self.catch_up_pages(link, &mut held.log)?;
+        if out.rekeyed {
+            return Err(Error::FleetConflict { generation: out.after });
+        }
+        if let Some(message) = self.unfolded.lock().clone() {
+            return Err(Error::Config(message));
+        }
+        Ok(Some(held))
+    }
+
+    /// Catch-up rounds until the log has no more (under the store's write lock).
+    fn catch_up_pages(&self, link: &Link, log: &mut Box<dyn Log>) -> Result<CaughtUp> {
+        let follower = link.follower.clone();
+        let mut total: Option<CaughtUp> = None;
+        loop {
+            let mut more = false;
+            let out = self.catch_up_locked(
+                &mut |generation| {
+                    let (page, full) = log.since(generation)?;
+                    more = full;
+                    Ok(page)
+                },
+                &mut |txn| follower.unlock(txn),
+                &mut |out| follower.committed(out),
+            )?;
+            let sum = match total {
+                Some(t) => CaughtUp { before: t.before, after: out.after, rekeyed: t.rekeyed || out.rekeyed },
+                None => out,
+            };
+            total = Some(sum);
+            if !more {
+                return Ok(sum);
+            }
+        }
+    }
+}
