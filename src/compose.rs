@@ -167,8 +167,45 @@ impl Config {
     pub fn open_guard_with(&self, opts: GuardOptions) -> Result<TokenGuard> {
         let roots = self.build_roots(RootUse::Open)?;
         let g = TokenGuard::open(&self.store.path, self.store_options(), roots, opts)?;
+        self.join_fleet(&g)?;
         self.install_refreshers(&g)?;
         Ok(g)
+    }
+
+    /// With `backend = "postgres"`: joins the guard's store to the fleet log (the
+    /// first host starts the log; the others catch up).
+    fn join_fleet(&self, g: &TokenGuard) -> Result<()> {
+        match self.store.backend {
+            crate::config::StoreBackend::Redb => Ok(()),
+            #[cfg(feature = "postgres")]
+            crate::config::StoreBackend::Postgres => {
+                let url = self.store.url.as_deref().ok_or_else(|| Error::Config("[store] url is not set".into()))?;
+                let password = match &self.store.password_source {
+                    Some(src) => {
+                        use secrecy::ExposeSecret;
+                        let p = crate::pin::resolve_pin(src, &self.base_dir)
+                            .map_err(|e| Error::Config(format!("[store] password_source: {e}")))?;
+                        Some(SecretBytes::from_slice(p.expose_secret().as_bytes()))
+                    }
+                    None => None,
+                };
+                let cfg = crate::fleet::LogConfig {
+                    url,
+                    password: password.as_ref(),
+                    timeout: Duration::from_millis(self.store.busy_timeout_ms.max(1)),
+                    staleness: Duration::from_millis(self.store.fleet_staleness_ms),
+                };
+                crate::fleet::attach(g, &cfg).map(drop)
+            }
+            #[cfg(not(feature = "postgres"))]
+            crate::config::StoreBackend::Postgres => {
+                let _ = g;
+                Err(Error::Config(
+                    "[store] backend = \"postgres\": this build has no fleet store (build with --features postgres)"
+                        .into(),
+                ))
+            }
+        }
     }
 
     /// Creates the configured store (and root keys that do not exist yet).
@@ -182,11 +219,22 @@ impl Config {
             return Err(Error::StoreExists(self.store.path.clone()));
         }
         let roots = self.build_roots(RootUse::Init)?;
-        TokenGuard::create(&self.store.path, self.store_options(), roots, opts)
+        let g = TokenGuard::create(&self.store.path, self.store_options(), roots, opts)?;
+        // The first host starts the log at its new store; a log kept for another
+        // store is another store's.
+        self.join_fleet(&g)?;
+        Ok(g)
     }
 
     /// Restores the backup at `file` into the configured (new) store.
     pub fn restore_guard(&self, file: &Path, opts: GuardOptions) -> Result<(TokenGuard, BackupSummary)> {
+        if self.store.backend != crate::config::StoreBackend::Redb {
+            return Err(Error::Config(
+                "restore into a fleet store is not supported yet: restore into a redb store, then make it the \
+                 fleet's first host (docs/FLEET-DESIGN.md)"
+                    .into(),
+            ));
+        }
         let roots = self.build_roots(RootUse::Open)?;
         backup::restore(file, &self.store.path, self.store_options(), roots, opts)
     }

@@ -64,8 +64,26 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Path of the store file.
+    /// `redb` (the default: one store file) or `postgres` (a fleet: `path` is this
+    /// host's copy of a log kept in PostgreSQL; docs/FLEET-DESIGN.md).
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// Path of the store file (with `backend = "postgres"`: this host's copy).
     pub path: PathBuf,
+    /// `backend = "postgres"`: the database, as a libpq connection string
+    /// (`host=/run/postgresql dbname=tokenguard user=tokenguard`). A password in it
+    /// is refused; `host` must be a Unix socket directory until TLS is built.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `backend = "postgres"`: where the database password comes from, as PINs do
+    /// (`env:VAR` or `file:PATH`, mode 0600). None: peer or trust authentication.
+    #[serde(default)]
+    pub password_source: Option<String>,
+    /// `backend = "postgres"`: a read answers from this host's copy while its last
+    /// look at the log is younger than this, milliseconds (default 1000); otherwise
+    /// it looks first, or fails with exit 12. 0: every read looks.
+    #[serde(default = "default_staleness_ms")]
+    pub fleet_staleness_ms: u64,
     /// `shared` (default) or `exclusive`.
     #[serde(default)]
     pub mode: StoreMode,
@@ -77,6 +95,22 @@ pub struct StoreConfig {
     /// rotation elsewhere, or an edit of the file, stays unseen. At most 60000.
     #[serde(default = "default_recheck_ms")]
     pub recheck_ms: u64,
+}
+
+/// `[store] backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One redb file.
+    #[default]
+    Redb,
+    /// A fleet: the log in PostgreSQL, a redb copy per host (cargo feature
+    /// `postgres`).
+    Postgres,
+}
+
+fn default_staleness_ms() -> u64 {
+    1000
 }
 
 fn default_busy_ms() -> u64 {
@@ -324,6 +358,18 @@ impl Config {
                  96-bit nonces under one key)"
             )));
         }
+        match (c.store.backend, &c.store.url) {
+            (StoreBackend::Postgres, None) => {
+                return Err(Error::Config("[store] backend = \"postgres\" needs url (the fleet database)".into()));
+            }
+            (StoreBackend::Redb, Some(_)) | (StoreBackend::Redb, None) if c.store.password_source.is_some() => {
+                return Err(Error::Config("[store] password_source is for backend = \"postgres\"".into()));
+            }
+            (StoreBackend::Redb, Some(_)) => {
+                return Err(Error::Config("[store] url is for backend = \"postgres\"".into()));
+            }
+            _ => {}
+        }
         c.base_dir = base_dir.to_owned();
         c.store.path = resolve_path(base_dir, &c.store.path);
         for r in &mut c.roots {
@@ -438,6 +484,22 @@ mod tests {
         assert_eq!(c.cache.max_entries, CacheLimits::default().max_entries);
         assert_eq!(c.refresh.lease_secs, RefreshPolicy::default().lease.as_secs());
         assert!(Config::parse("[store]\npath=\"x\"\nmode = \"other\"\n", Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn the_fleet_settings_belong_to_the_postgres_backend() {
+        let pg = "[store]\npath = \"c.redb\"\nbackend = \"postgres\"\nurl = \"host=/run/postgresql dbname=tg\"\n";
+        let c = Config::parse(pg, Path::new("/")).expect("parse");
+        assert_eq!(c.store.backend, StoreBackend::Postgres);
+        assert_eq!(c.store.fleet_staleness_ms, 1000);
+        let e = Config::parse("[store]\npath = \"c\"\nbackend = \"postgres\"\n", Path::new("/")).expect_err("no url");
+        assert!(e.to_string().contains("needs url"), "{e}");
+        let e = Config::parse("[store]\npath = \"c\"\nurl = \"host=/x\"\n", Path::new("/")).expect_err("url on redb");
+        assert!(e.to_string().contains("url is for"), "{e}");
+        let e = Config::parse("[store]\npath = \"c\"\npassword_source = \"env:X\"\n", Path::new("/"))
+            .expect_err("password on redb");
+        assert!(e.to_string().contains("password_source is for"), "{e}");
+        assert!(Config::parse("[store]\npath = \"c\"\nbackend = \"mysql\"\n", Path::new("/")).is_err());
     }
 
     #[test]

@@ -4,122 +4,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::endpoint::{Endpoint, Reply, rotating};
 use common::{TestEnv, code, stderr};
 use tokenguard::guard::refresh::{RefreshError, RefreshedTokens, Refresher};
 use tokenguard::guard::revoke::TokenStatus;
 use tokenguard::{Error, PutOptions, Secret, SecretBytes, TokenGuard, TokenSet};
-
-/// What the endpoint answers.
-#[derive(Clone)]
-struct Reply {
-    status: u16,
-    body: String,
-    headers: Vec<(&'static str, String)>,
-    delay: Duration,
-}
-
-impl Reply {
-    fn json(status: u16, body: serde_json::Value) -> Self {
-        Reply { status, body: body.to_string(), headers: vec![], delay: Duration::ZERO }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Seen {
-    form: HashMap<String, String>,
-    auth: Option<String>,
-}
-
-type Script = Box<dyn Fn(&Seen, usize) -> Reply + Send + Sync>;
-
-/// A token endpoint on 127.0.0.1 that answers with `script(request, n)`.
-struct Endpoint {
-    url: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Endpoint {
-    fn start(script: Script) -> Self {
-        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-        let port = server.server_addr().to_ip().unwrap().port();
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s2, stop2) = (seen.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let server = Arc::new(server);
-            while !stop2.load(Ordering::Relaxed) {
-                let Ok(Some(mut req)) = server.recv_timeout(Duration::from_millis(50)) else { continue };
-                let mut body = String::new();
-                let _ = req.as_reader().read_to_string(&mut body);
-                let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes()).into_owned().collect();
-                let auth = req.headers().iter().find(|h| h.field.equiv("Authorization")).map(|h| h.value.to_string());
-                let r = {
-                    let mut s = s2.lock().unwrap();
-                    let seen = Seen { form, auth };
-                    s.push(seen.clone());
-                    let n = s.len();
-                    drop(s);
-                    script(&seen, n)
-                };
-                // Answer on a thread of its own, so a slow answer does not hold up others.
-                std::thread::spawn(move || {
-                    std::thread::sleep(r.delay);
-                    let mut resp = tiny_http::Response::from_string(r.body).with_status_code(r.status);
-                    resp.add_header(tiny_http::Header::from_bytes("Content-Type", "application/json").unwrap());
-                    for (k, v) in r.headers {
-                        resp.add_header(tiny_http::Header::from_bytes(k, v.as_bytes()).unwrap());
-                    }
-                    let _ = req.respond(resp);
-                });
-            }
-        });
-        Endpoint { url: format!("http://127.0.0.1:{port}/token"), seen, stop, thread: Some(thread) }
-    }
-
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-
-    fn seen(&self, i: usize) -> Seen {
-        self.seen.lock().unwrap()[i].clone()
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A provider that rotates refresh tokens strictly: only the latest one is
-/// accepted; answer n carries access token `at-n` and refresh token `rt-n`.
-fn rotating(valid: Arc<Mutex<String>>) -> Script {
-    Box::new(move |req, n| {
-        let mut v = valid.lock().unwrap();
-        if req.form.get("grant_type").map(String::as_str) != Some("refresh_token") {
-            return Reply::json(400, serde_json::json!({"error": "unsupported_grant_type"}));
-        }
-        if req.form.get("refresh_token") != Some(&*v) {
-            return Reply::json(400, serde_json::json!({"error": "invalid_grant"}));
-        }
-        *v = format!("rt-{n}");
-        Reply::json(
-            200,
-            serde_json::json!({"access_token": format!("at-{n}"), "refresh_token": format!("rt-{n}"), "expires_in": 3600, "token_type": "Bearer"}),
-        )
-    })
-}
 
 fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()

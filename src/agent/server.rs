@@ -77,6 +77,13 @@ pub fn serve(mut config: Config, config_path: &Path, opts: GuardOptions) -> Resu
         Error::Config("`tokenguard serve` needs an [agent] section (see hsm-config/agent.toml)".into())
     })?;
     let policy = Policy::compile(&settings.allow)?;
+    if config.store.backend != crate::config::StoreBackend::Redb {
+        // Its durable read audit must move under the fleet's lock, and a long-lived
+        // guard must follow other hosts' root changes by itself: not built yet.
+        return Err(Error::Config(
+            "the agent does not serve a fleet store (backend = \"postgres\") yet; use the CLI or the library".into(),
+        ));
+    }
     config.store.mode = crate::store::StoreMode::Exclusive;
     // A socket systemd passed is taken before anything else opens a descriptor.
     let inherited = inherited_listener(&settings)?;

@@ -6,6 +6,7 @@
 //! parallel without sharing state. A missing SoftHSM2 is a failure, never a skip.
 #![allow(dead_code, unsafe_code, clippy::unwrap_used)]
 
+pub mod endpoint;
 pub mod postgres;
 
 use std::os::unix::fs::PermissionsExt;

@@ -341,6 +341,13 @@ impl Store {
                 "the read journal needs the store in exclusive mode (one process owns it, as the agent does)".into(),
             ));
         }
+        if self.link.get().is_some() {
+            return Err(Error::Config(
+                "the read journal is not supported on a fleet store yet (its events must be appended under the \
+                 fleet's lock)"
+                    .into(),
+            ));
+        }
         let mut slot = self.journal.lock();
         if slot.is_some() {
             return Ok(());
