@@ -4,14 +4,15 @@
 //! - `put/fleet`: the same `put` on a host of the log (the log's lock, the catch-up
 //!   under it, the batch inserted and committed, then the local commit);
 //! - `insert/raw`: the floor of the log's part: one autocommit `INSERT` of the same
-//!   number of bytes as a `put`'s sealed batch, on the same socket;
+//!   number of bytes as a `put`'s sealed batch, on the same socket (prepared, as
+//!   the log's statements are);
 //! - `catch_up/1`: a second host applying one such batch (fetch, MAC, apply, the
 //!   state verified in full, commit), the writing host's `put` untimed;
 //! - `get/redb`, `get/fleet`: a warm `get` on the lone store, and on a host whose
 //!   last look at the log is within its staleness bound (1 s);
 //! - `get/fleet-cold`: a `get` on a host with a zero bound (every read looks at the
-//!   log: one round trip, nothing new), against `select/raw`, one `SELECT` of a
-//!   batch-sized row by key.
+//!   log: one round trip, nothing new), against `select/raw`, one prepared `SELECT`
+//!   of a batch-sized row by key.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -95,10 +96,13 @@ fn bench(c: &mut Criterion) {
     let mut client = raw.connect(postgres::NoTls).unwrap();
     let bytes = vec![0x5au8; size];
     let mut k = 0i64;
+    // Prepared once, as the log's own statements are: one round trip each.
+    let insert = client.prepare("INSERT INTO floor (k, v) VALUES ($1, $2)").unwrap();
+    let select = client.prepare("SELECT v FROM floor WHERE k = $1").unwrap();
     g.bench_function("insert/raw", |bn| {
         bn.iter(|| {
             k += 1;
-            client.execute("INSERT INTO floor (k, v) VALUES ($1, $2)", &[&k, &bytes]).unwrap();
+            client.execute(&insert, &[&k, &bytes]).unwrap();
         })
     });
     b.sync().unwrap();
@@ -131,7 +135,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("get/fleet-cold", |bn| bn.iter(|| read(&cold)));
     g.bench_function("select/raw", |bn| {
         bn.iter(|| {
-            let row = client.query_one("SELECT v FROM floor WHERE k = $1", &[&(k / 2)]).unwrap();
+            let row = client.query_one(&select, &[&(k / 2)]).unwrap();
             assert_eq!(row.get::<_, Vec<u8>>(0).len(), size);
         })
     });

@@ -10,12 +10,24 @@ pub fn now() -> u64 {
 
 /// A monotonic clock in milliseconds, coarse (the kernel's tick, a few ms) and cheap
 /// (no syscall): for bounds of a second or more checked on every read. Never 0.
-#[allow(unsafe_code)]
 pub(crate) fn coarse_ms() -> u64 {
+    ms_of(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+/// A monotonic clock in milliseconds that also counts the time the machine was
+/// suspended (a VM paused, a laptop asleep): for a bound on how old what a process
+/// answers may be, which a pause must not stretch. Never 0.
+pub(crate) fn boot_ms() -> u64 {
+    ms_of(libc::CLOCK_BOOTTIME)
+}
+
+#[allow(unsafe_code)]
+fn ms_of(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec to the pointer it is given, which
-    // points to a live local; CLOCK_MONOTONIC_COARSE exists on every Linux since 2.6.32.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    // points to a live local; both clocks used here exist on every Linux since
+    // 2.6.39 (CLOCK_BOOTTIME) and 2.6.32 (CLOCK_MONOTONIC_COARSE).
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
     if rc != 0 {
         // Never a clock that stands still (state that stays "fresh" for ever): the
         // precise one, from the first call.

@@ -181,6 +181,12 @@ impl Config {
             crate::config::StoreBackend::Postgres => {
                 let url = self.store.url.as_deref().ok_or_else(|| Error::Config("[store] url is not set".into()))?;
                 let password = match &self.store.password_source {
+                    Some(src) if !(src.starts_with("env:") || src.starts_with("file:")) => {
+                        return Err(Error::Config(
+                            "[store] password_source must be env:VAR or file:PATH (a fleet host runs unattended)"
+                                .into(),
+                        ));
+                    }
                     Some(src) => {
                         use secrecy::ExposeSecret;
                         let p = crate::pin::resolve_pin(src, &self.base_dir)

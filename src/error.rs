@@ -457,9 +457,10 @@ impl Error {
                     .into()
             }
             Error::Database { .. } => {
-                "check that PostgreSQL is up and reachable; reads go on from this host's copy. A write that failed \
-                 so did not commit here, but may have reached the fleet log (its answer lost): catching up shows \
-                 it, so look before writing again"
+                "check that PostgreSQL is up and reachable (a running process reads from this host's copy until \
+                 its staleness bound; a command that starts looks at the log first). A write that failed so did not \
+                 commit here, but may have reached the fleet log (its answer lost): catching up shows it, so look \
+                 before writing again"
                     .into()
             }
             Error::FleetConflict { .. } => "run it again: it will build on what the other host wrote".into(),

@@ -1,9 +1,8 @@
 //! The fleet log in PostgreSQL: one store shared by several hosts
 //! (docs/FLEET-DESIGN.md; cargo feature `postgres`).
 //!
-//! **Experimental, and not reachable from the configuration yet** (`[store] backend =
-//! "postgres"` is a later step): this is the log and its catch-up, the part every
-//! other piece of the fleet store stands on.
+//! Reached through `[store] backend = "postgres"` (`crate::compose`'s `join_fleet`,
+//! hsm-config/postgres-fleet.toml), or [`attach`] from the library.
 //!
 //! PostgreSQL holds an append-only log of write batches, one per committed write of
 //! any host, keyed by the generation the batch ends on. Each host keeps its own redb
@@ -31,7 +30,7 @@
 use std::time::Duration;
 
 use postgres::error::SqlState;
-use postgres::{Client, GenericClient, NoTls};
+use postgres::{Client, NoTls};
 
 use crate::error::{Error, Result};
 use crate::guard::TokenGuard;
@@ -40,9 +39,10 @@ use crate::store::redb_store::txn::Batch;
 
 /// The schema versions this build applies, in order. A database at a later version
 /// than this build knows is refused.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE tg_store (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE tg_store (
          store_id     bytea  PRIMARY KEY,
          snapshot_gen bigint NOT NULL,   -- the generation the log starts from
          created      timestamptz NOT NULL DEFAULT now());
@@ -52,12 +52,22 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          batch    bytea  NOT NULL,       -- the sealed batch (docs/FORMAT.md, the fleet log)
          written  timestamptz NOT NULL DEFAULT now(),
          PRIMARY KEY (store_id, gen));",
-)];
+    ),
+    (
+        2,
+        // Each batch's state head beside it, and the head the log starts from: an
+        // append goes only on top of the very state it was built on, and a host
+        // checks that the log holds its own head at its generation.
+        "ALTER TABLE tg_store ADD COLUMN start_head bytea;
+         ALTER TABLE tg_batches ADD COLUMN head bytea;",
+    ),
+];
 
-/// The advisory-lock class of tokenguard ("tg" in ASCII); the second key says what is
-/// locked. The two-integer form never meets another application's one-integer lock.
+/// The advisory-lock classes of tokenguard ("tg", "th" in ASCII): a store's log (the
+/// second key from its id), and the schema. The two-integer form never meets another
+/// application's one-integer lock.
 const LOCK_CLASS: i32 = 0x7467;
-const LOCK_MIGRATIONS: i32 = 1;
+const LOCK_SCHEMA: (i32, i32) = (0x7468, 0);
 
 /// The most batches one catch-up round reads (and holds in memory) at once.
 const PAGE: i64 = 512;
@@ -111,7 +121,34 @@ struct PgLog {
     lock_key: i32,
     /// A write's transaction (and the lock) is open on `client`.
     locked: bool,
+    /// The statements of the hot paths, prepared once per connection (an
+    /// unprepared statement costs a second round trip).
+    stmts: Option<Stmts>,
 }
+
+struct Stmts {
+    since: postgres::Statement,
+    insert: postgres::Statement,
+}
+
+/// The log's end (its newest generation, or where it starts), the head it holds at
+/// `$2`, and at most `$3` batches after `$2`, in one statement: one round trip, one
+/// snapshot. At least one row; `batch` is NULL when there are none.
+const SINCE: &str = "WITH e AS (SELECT greatest((SELECT max(gen) FROM tg_batches WHERE store_id = $1),
+                                       (SELECT snapshot_gen FROM tg_store WHERE store_id = $1)) AS last,
+                              coalesce((SELECT head FROM tg_batches WHERE store_id = $1 AND gen = $2),
+                                       (SELECT start_head FROM tg_store WHERE store_id = $1 AND snapshot_gen = $2))
+                                  AS at)
+     SELECT e.last, e.at, b.batch FROM e LEFT JOIN LATERAL
+            (SELECT gen, batch FROM tg_batches WHERE store_id = $1 AND gen > $2 ORDER BY gen LIMIT $3) b ON true
+      ORDER BY b.gen";
+
+/// A batch at `$2` with its head `$6`, only where the log holds head `$5` at `$4`
+/// (the batch there, or where it starts).
+const INSERT: &str = "INSERT INTO tg_batches (store_id, gen, batch, head)
+     SELECT $1, $2, $3, $6
+      WHERE EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen = $4 AND head = $5)
+         OR EXISTS (SELECT 1 FROM tg_store WHERE store_id = $1 AND snapshot_gen = $4 AND start_head = $5)";
 
 impl PgLog {
     fn connect(cfg: &LogConfig<'_>, store_id: &[u8]) -> Result<PgLog> {
@@ -141,7 +178,8 @@ impl PgLog {
             ms * 2
         ));
         let lock_key = store_id.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map_or(0, i32::from_be_bytes);
-        let mut log = PgLog { config: pg, client: None, store_id: store_id.to_vec(), lock_key, locked: false };
+        let mut log =
+            PgLog { config: pg, client: None, store_id: store_id.to_vec(), lock_key, locked: false, stmts: None };
         log.migrate()?;
         Ok(log)
     }
@@ -149,7 +187,9 @@ impl PgLog {
     /// The connection, made again if it is closed.
     fn client(&mut self) -> Result<&mut Client> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            if self.locked {
+            if std::mem::take(&mut self.locked) {
+                // The server ended the transaction with the connection; the next
+                // call connects again.
                 return Err(Error::Database {
                     operation: "writing",
                     detail: "the connection was lost while this write held the log's lock; nothing was written".into(),
@@ -165,6 +205,7 @@ impl PgLog {
                 _ => db("connecting")(e),
             })?;
             self.client = Some(c);
+            self.stmts = None;
         }
         self.client.as_mut().ok_or_else(|| Error::Database { operation: "connecting", detail: "no connection".into() })
     }
@@ -172,8 +213,26 @@ impl PgLog {
     /// Applies the schema versions the database lacks, under an advisory lock, each
     /// recorded in `tg_migrations`.
     fn migrate(&mut self) -> Result<()> {
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        // Current already: nothing that needs more than reading (a host's role may
+        // only read and insert).
+        let c = self.client()?;
+        let exists: bool = c
+            .query_one("SELECT to_regclass('tg_migrations') IS NOT NULL", &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(db("reading the schema version"))?;
+        let current: Option<i32> = match exists {
+            true => c
+                .query_one("SELECT max(version) FROM tg_migrations", &[])
+                .and_then(|r| r.try_get(0))
+                .map_err(db("reading the schema version"))?,
+            false => None,
+        };
+        if current == Some(newest) {
+            return Ok(());
+        }
         let mut t = self.client()?.transaction().map_err(db("migrating the schema"))?;
-        t.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &LOCK_MIGRATIONS])
+        t.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_SCHEMA.0, &LOCK_SCHEMA.1])
             .map_err(db("locking for a schema migration"))?;
         t.batch_execute(
             "CREATE TABLE IF NOT EXISTS tg_migrations (version integer PRIMARY KEY, applied timestamptz NOT NULL)",
@@ -183,7 +242,6 @@ impl PgLog {
             .query_one("SELECT coalesce(max(version), 0) FROM tg_migrations", &[])
             .and_then(|r| r.try_get(0))
             .map_err(db("reading the schema version"))?;
-        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
         if have > newest {
             return Err(Error::UnsupportedVersion { found: u32::try_from(have).unwrap_or(u32::MAX), supported: 1 });
         }
@@ -195,15 +253,30 @@ impl PgLog {
         t.commit().map_err(db("migrating the schema"))
     }
 
-    /// Makes this store's log start at `generation` if it has none; returns the
-    /// generation it starts at.
-    fn register(&mut self, generation: u64) -> Result<u64> {
+    /// Makes this store's log start at `generation` (with state head `head`) if it
+    /// has none; returns the generation it starts at. A database that holds another
+    /// store's log is refused: one database per store, so that a host made with
+    /// `init` by mistake does not quietly start a second store beside the fleet's.
+    fn register(&mut self, generation: u64, head: &[u8]) -> Result<u64> {
         let g = to_i64(generation)?;
         let store_id = self.store_id.clone();
         let c = self.client()?;
+        let others: i64 = c
+            .query_one("SELECT count(*) FROM tg_store WHERE store_id <> $1", &[&store_id])
+            .and_then(|r| r.try_get(0))
+            .map_err(db("registering the store"))?;
+        if others > 0 {
+            return Err(Error::Config(
+                "the fleet database holds the log of another store: one database per store. To join a host to \
+                 the fleet, copy the first host's store file to this host's [store] path (do not run `init` \
+                 here)"
+                    .into(),
+            ));
+        }
         c.execute(
-            "INSERT INTO tg_store (store_id, snapshot_gen) VALUES ($1, $2) ON CONFLICT (store_id) DO NOTHING",
-            &[&store_id, &g],
+            "INSERT INTO tg_store (store_id, snapshot_gen, start_head) VALUES ($1, $2, $3)
+             ON CONFLICT (store_id) DO NOTHING",
+            &[&store_id, &g, &head],
         )
         .map_err(db("registering the store"))?;
         let start: i64 = c
@@ -213,64 +286,88 @@ impl PgLog {
         u64::try_from(start).map_err(|_| Error::integrity("reading where the fleet log starts"))
     }
 
+    /// The connection and its prepared statements.
+    fn ready(&mut self) -> Result<(&mut Client, &Stmts)> {
+        self.client()?;
+        let Some(c) = self.client.as_mut() else {
+            return Err(Error::Database { operation: "connecting", detail: "no connection".into() });
+        };
+        if self.stmts.is_none() {
+            let since = c.prepare(SINCE).map_err(db("preparing the log's statements"))?;
+            let insert = c.prepare(INSERT).map_err(db("preparing the log's statements"))?;
+            self.stmts = Some(Stmts { since, insert });
+        }
+        match &self.stmts {
+            Some(st) => Ok((c, st)),
+            None => Err(Error::Database { operation: "connecting", detail: "no statements".into() }),
+        }
+    }
+
     /// Inserts a batch at its `after`, only where the log holds its `before` (the
     /// batch there, or the log's start).
-    fn insert(&mut self, before: u64, after: u64, bytes: &[u8]) -> Result<()> {
-        let (b, a) = (to_i64(before)?, to_i64(after)?);
+    fn insert(&mut self, batch: &Batch) -> Result<()> {
+        let (b, a) = (to_i64(batch.before)?, to_i64(batch.after)?);
         let store_id = self.store_id.clone();
-        let n = self.client()?.execute(
-            "INSERT INTO tg_batches (store_id, gen, batch)
-             SELECT $1, $2, $3
-              WHERE EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen = $4)
-                 OR EXISTS (SELECT 1 FROM tg_store WHERE store_id = $1 AND snapshot_gen = $4)",
-            &[&store_id, &a, &bytes, &b],
-        );
-        match n {
+        let (c, st) = self.ready()?;
+        let after = batch.after;
+        match c.execute(&st.insert, &[&store_id, &a, &batch.bytes, &b, &batch.prev_head, &batch.head]) {
             Ok(1) => Ok(()),
             Ok(_) => Err(Error::integrity(
-                "appending to the fleet log: it holds no batch at the generation this write built on (this host's \
-                 store was written without the log, or the log lost batches)",
+                "appending to the fleet log: it does not hold, at the generation this write built on, the state this \
+                 host's copy is in (the copy was written outside the log, or the log lost batches)",
             )),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(Error::FleetConflict { generation: after }),
             Err(e) => Err(db("appending a batch")(e)),
         }
     }
+
+    /// At most [`PAGE`] batches after `generation`, in order, in one statement (so
+    /// one snapshot, inside the write's transaction or not). A log that ends before
+    /// `generation` lost batches this host read (the database was put back to an
+    /// older backup, or rows were deleted): refused, not taken as "nothing new".
+    fn read_since(&mut self, generation: u64, head: &[u8]) -> Result<(Vec<Vec<u8>>, bool)> {
+        let g = to_i64(generation)?;
+        let store_id = self.store_id.clone();
+        let (c, st) = self.ready()?;
+        let rows = c.query(&st.since, &[&store_id, &g, &PAGE]).map_err(db("reading the log"))?;
+        let (last, at): (Option<i64>, Option<Vec<u8>>) = match rows.first() {
+            Some(r) => (r.try_get(0).map_err(db("reading the log"))?, r.try_get(1).map_err(db("reading the log"))?),
+            None => (None, None),
+        };
+        if last.is_none_or(|e| e < g) {
+            return Err(Error::integrity(
+                "reading the fleet log: it ends before this host's generation (the database was rolled back or lost \
+                 batches this host has read)",
+            ));
+        }
+        if at.as_deref() != Some(head) {
+            return Err(Error::integrity(
+                "reading the fleet log: at this host's generation it holds another state than this host's copy (the \
+                 copy was written outside the log, or the log was rewritten)",
+            ));
+        }
+        let mut batches = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if let Some(b) = r.try_get::<_, Option<Vec<u8>>>(2).map_err(db("reading the log"))? {
+                batches.push(b);
+            }
+        }
+        let full = i64::try_from(batches.len()).is_ok_and(|n| n >= PAGE);
+        Ok((batches, full))
+    }
 }
 
-/// At most [`PAGE`] batches after `generation`, in order, read through `c` (one
-/// snapshot, or the write's locked transaction). A log that ends before
-/// `generation` lost batches this host read (the database was put back to an older
-/// backup, or rows were deleted): refused, not taken as "nothing new".
-fn read_since(c: &mut impl GenericClient, store_id: &[u8], generation: u64) -> Result<(Vec<Vec<u8>>, bool)> {
-    let g = to_i64(generation)?;
-    let end: Option<i64> = c
-        .query_one(
-            "SELECT greatest((SELECT max(gen) FROM tg_batches WHERE store_id = $1),
-                             (SELECT snapshot_gen FROM tg_store WHERE store_id = $1))",
-            &[&store_id],
-        )
-        .and_then(|r| r.try_get(0))
-        .map_err(db("reading the log"))?;
-    if end.is_none_or(|e| e < g) {
-        return Err(Error::integrity(
-            "reading the fleet log: it ends before this host's generation (the database was rolled back or lost \
-             batches this host has read)",
-        ));
-    }
-    let rows = c
-        .query(
-            "SELECT batch FROM tg_batches WHERE store_id = $1 AND gen > $2 ORDER BY gen LIMIT $3",
-            &[&store_id, &g, &PAGE],
-        )
-        .map_err(db("reading the log"))?;
-    let full = i64::try_from(rows.len()).is_ok_and(|n| n >= PAGE);
-    let batches: Result<Vec<Vec<u8>>> =
-        rows.into_iter().map(|r| r.try_get::<_, Vec<u8>>(0).map_err(db("reading the log"))).collect();
-    Ok((batches?, full))
+fn to_i64(g: u64) -> Result<i64> {
+    i64::try_from(g).map_err(|_| Error::integrity("a generation beyond the log's range"))
 }
 
 impl crate::store::redb_store::Log for PgLog {
     fn lock(&mut self) -> Result<()> {
+        if self.locked {
+            // A transaction left open (never the case through the store, which
+            // releases on every way out): ended first, never joined.
+            self.rollback();
+        }
         let sql = format!("BEGIN; SELECT pg_advisory_xact_lock({LOCK_CLASS}, {})", self.lock_key);
         let locked = self.client()?.batch_execute(&sql);
         match locked {
@@ -290,27 +387,21 @@ impl crate::store::redb_store::Log for PgLog {
         }
     }
 
-    fn since(&mut self, generation: u64) -> Result<(Vec<Vec<u8>>, bool)> {
-        let store_id = self.store_id.clone();
-        if self.locked {
-            return read_since(self.client()?, &store_id, generation);
-        }
-        let mut t = self.client()?.transaction().map_err(db("reading the log"))?;
-        // One snapshot for both statements.
-        t.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").map_err(db("reading the log"))?;
-        let out = read_since(&mut t, &store_id, generation)?;
-        t.commit().map_err(db("reading the log"))?;
-        Ok(out)
+    fn since(&mut self, generation: u64, head: &[u8]) -> Result<(Vec<Vec<u8>>, bool)> {
+        self.read_since(generation, head)
     }
 
     fn append(&mut self, batch: &Batch) -> Result<()> {
-        let inserted = self.insert(batch.before, batch.after, &batch.bytes);
+        let inserted = self.insert(batch);
         if let Err(e) = inserted {
             self.rollback();
             return Err(e);
         }
         // Unknown outcome when this fails: the next catch-up finds the batch or not.
-        let committed = self.client()?.batch_execute("COMMIT").map_err(db("committing a batch"));
+        let committed = match self.client() {
+            Ok(c) => c.batch_execute("COMMIT").map_err(db("committing a batch")),
+            Err(e) => Err(e),
+        };
         self.locked = false;
         if committed.is_err() {
             self.client = None;
@@ -340,10 +431,6 @@ impl PgLog {
     }
 }
 
-fn to_i64(g: u64) -> Result<i64> {
-    i64::try_from(g).map_err(|_| Error::integrity("a generation beyond the log's range"))
-}
-
 /// Joins `guard`'s store to the fleet log at `cfg`: applies the schema the database
 /// lacks, starts the log at the store's generation if the store has none yet (the
 /// first host), and catches up with it otherwise. From then on every write of the
@@ -352,8 +439,8 @@ fn to_i64(g: u64) -> Result<i64> {
 /// Returns the generation reached.
 pub fn attach(guard: &TokenGuard, cfg: &LogConfig<'_>) -> Result<u64> {
     let mut log = PgLog::connect(cfg, &guard.store_id())?;
-    let here = guard.generation()?;
-    let start = log.register(here)?;
+    let (here, head) = guard.state_head()?;
+    let start = log.register(here, &head)?;
     if start > here {
         return Err(Error::integrity(
             "joining the fleet log: it starts after this store's generation (a snapshot to load first; not built yet)",

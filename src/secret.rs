@@ -100,6 +100,11 @@ impl TokenSet {
         Self::default()
     }
 
+    /// An explicit copy, for the rare caller that needs two owners.
+    pub fn duplicate(&self) -> Self {
+        TokenSet { fields: self.fields.iter().map(|(k, v)| (k.clone(), v.duplicate())).collect() }
+    }
+
     /// Sets `name` to `value`, replacing any earlier value.
     pub fn insert(&mut self, name: impl Into<String>, value: SecretBytes) {
         let name = name.into();

@@ -10,11 +10,10 @@
 mod common;
 
 use std::process::Output;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::endpoint::{Endpoint, Reply, rotating};
+use common::endpoint::counting_rotating;
 use common::postgres::PgServer;
 use common::{TestEnv, code, stderr};
 
@@ -75,6 +74,22 @@ impl Fleet {
             c => Err((c, stderr(&o))),
         }
     }
+}
+
+/// `text` with the line that starts with `start` made to start with `with` instead.
+fn with_line_prefixed(text: &str, start: &str, with: &str) -> String {
+    text.lines()
+        .map(|l| if l.starts_with(start) { format!("{with}{l}") } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The config lines of provider `acme` at `url`, with a refresh lease of `lease_secs`.
+fn provider(url: &str, lease_secs: u64) -> String {
+    format!(
+        "\n[providers.acme]\ntoken_url = \"{url}\"\nclient_id = \"fleet\"\ntimeout_ms = 5000\n[refresh]\nlease_secs = \
+         {lease_secs}\n"
+    )
 }
 
 fn ok(o: &Output) {
@@ -139,6 +154,16 @@ fn three_hosts_write_at_once_read_everywhere_and_survive_the_database_and_its_ad
     assert_eq!(f.get(2, "github", "h0-1").unwrap(), "rewritten");
     ok(&f.run(2, &["audit", "verify"], b""));
 
+    // A password is never typed at a prompt on a fleet host.
+    let host = &f.hosts[1];
+    let text = std::fs::read_to_string(&host.config_path).unwrap();
+    let prompt = with_line_prefixed(&text, "password_source = ", "password_source = \"prompt\"\n#");
+    std::fs::write(&host.config_path, prompt).unwrap();
+    let o = host.run(&["get", "github", "h1-1"], b"");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("password_source must be"), "{}", stderr(&o));
+    std::fs::write(&host.config_path, text).unwrap();
+
     // The agent does not serve a fleet store yet: refused with a clear error.
     let host = &f.hosts[2];
     let mut text = std::fs::read_to_string(&host.config_path).unwrap();
@@ -155,22 +180,9 @@ fn three_hosts_write_at_once_read_everywhere_and_survive_the_database_and_its_ad
 /// write that caught up first).
 #[test]
 fn nine_refreshers_on_three_hosts_call_the_provider_once() {
-    let invalid = Arc::new(AtomicUsize::new(0));
-    let valid = Arc::new(Mutex::new("rt-0".to_string()));
-    let answer = rotating(valid);
-    let inv = invalid.clone();
-    let ep = Endpoint::start(Box::new(move |req, n| {
-        let r = answer(req, n);
-        if r.status == 400 {
-            inv.fetch_add(1, Ordering::Relaxed);
-        }
-        // Slow enough that every process arrives while the first one holds the lease.
-        Reply { delay: Duration::from_millis(600), ..r }
-    }));
-    let tail = format!(
-        "\n[providers.acme]\ntoken_url = \"{}\"\nclient_id = \"fleet\"\ntimeout_ms = 5000\n[refresh]\nlease_secs = 10\n",
-        ep.url
-    );
+    // Slow enough that every process arrives while the first one holds the lease.
+    let (ep, invalid) = counting_rotating(Duration::from_millis(600));
+    let tail = provider(&ep.url, 10);
     let f = Fleet::new("fleet-rf", &tail);
     let set = r#"{"access_token": "at-0", "refresh_token": "rt-0"}"#;
     ok(&f.run(0, &["put", "acme", "svc", "--expires-in", "20s"], set.as_bytes()));
@@ -196,4 +208,36 @@ fn nine_refreshers_on_three_hosts_call_the_provider_once() {
         ok(&o);
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "at-1");
     }
+}
+
+/// The database goes away while a host waits for the provider: the answer — a
+/// rotated refresh token the provider will not take back — is committed when the
+/// database is back (within the lease), not dropped; the next refresh anywhere
+/// uses it, with no `invalid_grant`.
+#[test]
+fn a_refresh_answer_outlives_a_database_restart() {
+    let (ep, invalid) = counting_rotating(Duration::from_millis(1500));
+    let tail = provider(&ep.url, 20);
+    let Fleet { mut pg, hosts } = Fleet::new("fleet-rf-down", &tail);
+    let set = r#"{"access_token": "at-0", "refresh_token": "rt-0"}"#;
+    ok(&hosts[0].run(&["put", "acme", "svc", "--expires-in", "20s"], set.as_bytes()));
+    ok(&hosts[0].run(&["put", "oauth-client", "acme"], b"client-secret"));
+    let out = std::thread::scope(|s| {
+        let refresher = s.spawn(|| hosts[0].run(&["refresh", "acme", "svc"], b""));
+        // Down while the provider answers; back a moment later.
+        std::thread::sleep(Duration::from_millis(500));
+        pg.stop();
+        std::thread::sleep(Duration::from_millis(2000));
+        pg.restart();
+        refresher.join().unwrap()
+    });
+    ok(&out);
+    assert_eq!(ep.count(), 1);
+    let o = hosts[1].run(&["get", "acme", "svc"], b"");
+    ok(&o);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "at-1");
+    ok(&hosts[2].run(&["refresh", "acme", "svc"], b""));
+    assert_eq!(ep.count(), 2);
+    assert_eq!(invalid.load(Ordering::Relaxed), 0, "the rotated refresh token was lost");
+    ok(&hosts[2].run(&["audit", "verify"], b""));
 }

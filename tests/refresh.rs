@@ -5,11 +5,11 @@
 mod common;
 
 use std::io::Read;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::endpoint::{Endpoint, Reply, rotating};
+use common::endpoint::{Endpoint, Reply, counting_rotating, rotating};
 use common::{TestEnv, code, stderr};
 use tokenguard::guard::refresh::{RefreshError, RefreshedTokens, Refresher};
 use tokenguard::guard::revoke::TokenStatus;
@@ -359,17 +359,7 @@ fn token_of(out: std::process::Output) -> Option<String> {
 
 #[test]
 fn two_processes_one_refresh_no_invalid_grant() {
-    let valid = Arc::new(Mutex::new("rt-0".to_string()));
-    let ok = rotating(valid);
-    let invalid = Arc::new(AtomicUsize::new(0));
-    let inv = invalid.clone();
-    let ep = Endpoint::start(Box::new(move |req, n| {
-        let r = ok(req, n);
-        if r.status == 400 {
-            inv.fetch_add(1, Ordering::Relaxed);
-        }
-        Reply { delay: Duration::from_millis(400), ..r }
-    }));
+    let (ep, invalid) = counting_rotating(Duration::from_millis(400));
     let env = env_for("rf-2proc", &ep.url, "");
     seed(&env.init(), 20);
     let (a, b) = (child(&env, false), child(&env, false));

@@ -116,11 +116,11 @@ impl Log for Blind {
     fn lock(&mut self) -> crate::Result<()> {
         Ok(())
     }
-    fn since(&mut self, _: u64) -> crate::Result<(Vec<Vec<u8>>, bool)> {
+    fn since(&mut self, _: u64, _: &[u8]) -> crate::Result<(Vec<Vec<u8>>, bool)> {
         Ok((Vec::new(), false))
     }
     fn append(&mut self, batch: &Batch) -> crate::Result<()> {
-        self.0.insert(batch.before, batch.after, &batch.bytes)
+        self.0.insert(batch)
     }
     fn release(&mut self) {}
 }
@@ -133,8 +133,8 @@ impl Log for DiesAfterAppend {
     fn lock(&mut self) -> crate::Result<()> {
         self.0.lock()
     }
-    fn since(&mut self, g: u64) -> crate::Result<(Vec<Vec<u8>>, bool)> {
-        self.0.since(g)
+    fn since(&mut self, g: u64, head: &[u8]) -> crate::Result<(Vec<Vec<u8>>, bool)> {
+        self.0.since(g, head)
     }
     fn append(&mut self, batch: &Batch) -> crate::Result<()> {
         self.0.append(batch)?;
@@ -214,6 +214,134 @@ fn concurrent_writers_on_two_hosts_all_commit_in_one_order() {
         }
         g.audit_verify().unwrap();
     }
+}
+
+/// A host more than a page of batches behind catches up page by page, under one
+/// look at the log, and its next write goes on top.
+#[test]
+fn a_host_more_than_a_page_behind_catches_up_page_by_page() {
+    let rig = Rig::new("fleet-pages");
+    let (a, b) = (rig.host("a"), rig.host("b"));
+    let n = usize::try_from(super::PAGE).unwrap() + 20;
+    for i in 0..n {
+        a.store().write(|t| a.audit_in(t, "note", format!("note {i}"))).unwrap();
+    }
+    put(&a, "github", "last", "v");
+    assert_eq!(b.sync().unwrap(), generation(&a));
+    assert_eq!(get(&b, "github", "last").unwrap(), b"v");
+    put(&b, "github", "after", "w");
+    a.sync().unwrap();
+    assert_eq!(get(&a, "github", "after").unwrap(), b"w");
+    a.audit_verify().unwrap();
+}
+
+/// A host's copy written outside the log (opened without it, as a restore or a
+/// stray process would) is refused at its next look at the log — which holds
+/// another state at that generation — and cannot append on top of it.
+#[test]
+fn a_copy_written_outside_the_log_is_refused_and_cannot_fork_it() {
+    let rig = Rig::new("fleet-diverged");
+    let a = rig.host("a");
+    drop(rig.host("b"));
+    let stray = rig.open("b");
+    put(&stray, "github", "outside", "x");
+    drop(stray);
+    put(&a, "github", "inside", "y");
+    let b = rig.open("b");
+    let err = super::attach(&b, &rig.config()).unwrap_err();
+    assert_eq!(err.exit_code(), exit::INTEGRITY, "{err}");
+    // Ahead of the log instead: refused as well, and its write never reaches it.
+    let c = rig.open("c");
+    put(&c, "github", "c1", "1");
+    put(&c, "github", "c2", "2");
+    let top = rig.pg.sql("tg", "SELECT max(gen) FROM tg_batches");
+    assert_eq!(super::attach(&c, &rig.config()).unwrap_err().exit_code(), exit::INTEGRITY);
+    assert_eq!(rig.pg.sql("tg", "SELECT max(gen) FROM tg_batches"), top);
+    a.sync().unwrap();
+    assert!(matches!(get(&a, "github", "outside"), Err(Error::NotFound { .. })));
+}
+
+/// A write that changes nothing (a lease another host holds, a compare-and-set that
+/// lost) makes no batch: waiting never becomes a fleet write.
+#[test]
+fn a_write_that_changes_nothing_makes_no_batch() {
+    let rig = Rig::new("fleet-empty");
+    let a = rig.host("a");
+    put(&a, "github", "ci", "v");
+    let (at, top) = (generation(&a), rig.pg.sql("tg", "SELECT max(gen) FROM tg_batches"));
+    for _ in 0..5 {
+        a.store().write(|_| Ok(())).unwrap();
+    }
+    assert_eq!(generation(&a), at);
+    assert_eq!(rig.pg.sql("tg", "SELECT max(gen) FROM tg_batches"), top);
+}
+
+/// A host whose database role may only read and insert (what the design gives
+/// hosts, so that none can rewrite the log) attaches, writes and catches up once
+/// the schema exists; a second store in the fleet's database is refused.
+#[test]
+fn a_host_role_that_may_only_read_and_insert_is_enough_and_one_database_holds_one_store() {
+    let rig = Rig::new("fleet-roles");
+    let a = rig.host("a");
+    rig.pg.sql(
+        "tg",
+        "CREATE ROLE host_b LOGIN PASSWORD 'host-b-pw';
+         GRANT SELECT, INSERT ON tg_store, tg_batches TO host_b; GRANT SELECT ON tg_migrations TO host_b;",
+    );
+    let url = format!("host={} dbname=tg user=host_b", rig.pg.socket_dir().display());
+    let pw = SecretBytes::from_slice(b"host-b-pw");
+    let b = rig.open("b");
+    super::attach(&b, &LogConfig { url: &url, password: Some(&pw), ..rig.config() }).unwrap();
+    put(&b, "github", "from-b", "1");
+    put(&a, "github", "from-a", "2");
+    b.sync().unwrap();
+    assert_eq!(get(&b, "github", "from-a").unwrap(), b"2");
+    a.sync().unwrap();
+    assert_eq!(get(&a, "github", "from-b").unwrap(), b"1");
+
+    let other = rig.dir.path().join("other.redb");
+    let g = TokenGuard::create(&other, StoreOptions::default(), vec![root(rig.dir.path())], opts()).unwrap();
+    let err = super::attach(&g, &rig.config()).unwrap_err();
+    assert!(matches!(&err, Error::Config(m) if m.contains("another store")), "{err}");
+}
+
+/// The connection lost while a write holds the log's lock (the server restarted,
+/// the session killed): the write fails with exit 12, and the next one connects
+/// again and goes through.
+#[test]
+fn a_connection_lost_under_the_lock_fails_that_write_only() {
+    let rig = Rig::new("fleet-lost");
+    let a = rig.host("a");
+    let mut log = rig.log(&a);
+    log.lock().unwrap();
+    let kill = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tokenguard' AND \
+                pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'";
+    rig.pg.sql("tg", kill);
+    let (g, head) = a.state_head().unwrap();
+    let err = log.since(g, &head).unwrap_err();
+    assert_eq!(err.exit_code(), exit::DATABASE, "{err}");
+    log.release(); // as the store's write does on every way out but the append
+    log.lock().unwrap();
+    assert!(log.since(g, &head).unwrap().0.is_empty());
+    log.release();
+    put(&a, "github", "after", "v");
+    // Lost at the append: the same, and the log is not left believing it is locked.
+    let (g, head) = a.state_head().unwrap();
+    log.lock().unwrap();
+    log.since(g, &head).unwrap();
+    rig.pg.sql("tg", kill);
+    let batch = crate::store::redb_store::txn::Batch {
+        before: g,
+        after: g + 1,
+        bytes: vec![0; 8],
+        prev_head: head.clone(),
+        head: head.clone(),
+    };
+    assert_eq!(log.append(&batch).unwrap_err().exit_code(), exit::DATABASE);
+    log.lock().unwrap();
+    log.release();
+    put(&a, "github", "after", "w");
+    assert_eq!(get(&a, "github", "after").unwrap(), b"w");
 }
 
 /// A host the log hides the newest batch from (a lagging replica, a writer that

@@ -150,8 +150,15 @@ impl TokenGuard {
         followed
     }
 
+    /// The store's state head as it is now: its generation (MAC checked) and its
+    /// encoded bytes.
+    #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
+    pub(crate) fn state_head(&self) -> Result<(u64, Vec<u8>)> {
+        self.inner.store.state_head()
+    }
+
     /// The generation of the store's state head as it is now (its MAC checked).
-    #[cfg_attr(not(any(test, feature = "postgres")), expect(dead_code, reason = "the fleet log is its one user"))]
+    #[cfg(test)]
     pub(crate) fn generation(&self) -> Result<u64> {
         self.inner.store.head_generation()
     }

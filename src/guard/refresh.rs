@@ -34,6 +34,10 @@ use crate::secret::{Secret, TokenSet, field};
 use crate::store::{Lease as LeaseRow, StoreRead, StoreWrite, WriteTxn};
 use crate::sync::{lock, read, write};
 
+/// The pause between attempts to commit a provider's answer that the store's
+/// database could not take.
+const COMMIT_RETRY: Duration = Duration::from_millis(250);
+
 /// What a refresher returns on success.
 #[derive(Debug)]
 pub struct RefreshedTokens {
@@ -357,6 +361,7 @@ impl TokenGuard {
                     "{provider}/{name} is a raw secret, not a token set: nothing to refresh"
                 )));
             };
+            let leased_at = Instant::now();
             match inner.take_lease(provider, name, meta.updated, &policy)? {
                 Lease::Ours => {}
                 Lease::Changed => continue,
@@ -370,10 +375,36 @@ impl TokenGuard {
             match result {
                 Ok(new) => {
                     lock(&inner.refresh.backoff).remove(&key);
-                    let committed = inner.write(|txn| {
-                        inner.release_lease(txn, provider, name)?;
-                        inner.commit_refresh(txn, provider, name, meta.updated, current, &meta, new)
-                    })?;
+                    // A fleet store's database may be away for a moment: the answer
+                    // (a rotated refresh token with it, which the provider will not
+                    // take back) is committed again while the lease holds, never
+                    // dropped at the first failure. A batch that did reach the log
+                    // is caught up with first, and then adopted below.
+                    let deadline = leased_at + policy.lease.mul_f64(0.8);
+                    let committed = loop {
+                        let attempt = inner.write(|txn| {
+                            inner.release_lease(txn, provider, name)?;
+                            let again = RefreshedTokens {
+                                tokens: new.tokens.duplicate(),
+                                expires_in: new.expires_in,
+                                token_type: new.token_type.clone(),
+                                scopes: new.scopes.clone(),
+                            };
+                            inner.commit_refresh(txn, provider, name, meta.updated, current, &meta, again)
+                        });
+                        match attempt {
+                            Err(Error::Database { .. }) if Instant::now() + COMMIT_RETRY < deadline => {
+                                tracing::warn!(
+                                    provider,
+                                    name,
+                                    "the refreshed token could not be committed (the store's database is \
+                                     unavailable); trying again while the lease holds"
+                                );
+                                std::thread::sleep(COMMIT_RETRY);
+                            }
+                            other => break other?,
+                        }
+                    };
                     return match committed {
                         Some(s) => Ok((s, outcome(Outcome::Refreshed, String::new()))),
                         None => {

@@ -2,7 +2,7 @@
 //! 127.0.0.1 that records what it was sent.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -110,4 +110,21 @@ pub fn rotating(valid: Arc<Mutex<String>>) -> Script {
             serde_json::json!({"access_token": format!("at-{n}"), "refresh_token": format!("rt-{n}"), "expires_in": 3600, "token_type": "Bearer"}),
         )
     })
+}
+
+/// A strictly rotating provider ([`rotating`], starting from `rt-0`) that answers
+/// after `delay` and counts the `invalid_grant` answers it gave (a second refresher
+/// with a spent refresh token).
+pub fn counting_rotating(delay: Duration) -> (Endpoint, Arc<AtomicUsize>) {
+    let answer = rotating(Arc::new(Mutex::new("rt-0".to_string())));
+    let invalid = Arc::new(AtomicUsize::new(0));
+    let inv = invalid.clone();
+    let ep = Endpoint::start(Box::new(move |req, n| {
+        let r = answer(req, n);
+        if r.status == 400 {
+            inv.fetch_add(1, Ordering::Relaxed);
+        }
+        Reply { delay, ..r }
+    }));
+    (ep, invalid)
 }

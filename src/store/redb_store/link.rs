@@ -28,9 +28,11 @@ pub(crate) trait Log: Send {
     /// Takes the log's write lock for this store, held until `append` or `release`.
     fn lock(&mut self) -> Result<()>;
     /// At most a page of the batches after `generation`, in order, and whether the
-    /// page was full (there may be more). A log that ends before `generation` (it
-    /// lost batches this store applied) is an integrity error.
-    fn since(&mut self, generation: u64) -> Result<(Vec<Vec<u8>>, bool)>;
+    /// page was full (there may be more). `head` is this copy's state head at
+    /// `generation`: a log that does not hold that very head there (it lost batches
+    /// this copy applied, or this copy was written outside it) is an integrity
+    /// error.
+    fn since(&mut self, generation: u64, head: &[u8]) -> Result<(Vec<Vec<u8>>, bool)>;
     /// Appends `batch` under the lock and releases it. `Ok` only once the log has
     /// the batch; an error may mean the log has it all the same (its answer lost):
     /// the next catch-up says which.
@@ -58,7 +60,7 @@ pub(crate) struct Link {
     /// Reads answer from this copy while the last look at the log is younger than
     /// this (milliseconds); `u64::MAX`: reads never look.
     staleness_ms: u64,
-    /// `clock::coarse_ms` of the last time this copy was known to be the log's
+    /// `clock::boot_ms` of the last time this copy was known to be the log's
     /// newest (0: never).
     synced_ms: AtomicU64,
 }
@@ -82,7 +84,7 @@ impl Link {
             fn lock(&mut self) -> Result<()> {
                 Ok(())
             }
-            fn since(&mut self, _: u64) -> Result<(Vec<Vec<u8>>, bool)> {
+            fn since(&mut self, _: u64, _: &[u8]) -> Result<(Vec<Vec<u8>>, bool)> {
                 Ok((Vec::new(), false))
             }
             fn append(&mut self, batch: &Batch) -> Result<()> {
@@ -104,7 +106,7 @@ impl Link {
 
     fn stale(&self) -> bool {
         self.staleness_ms != u64::MAX
-            && crate::clock::coarse_ms().saturating_sub(self.synced_ms.load(Ordering::Acquire)) >= self.staleness_ms
+            && crate::clock::boot_ms().saturating_sub(self.synced_ms.load(Ordering::Acquire)) >= self.staleness_ms
     }
 
     fn synced_at(&self, ms: u64) {
@@ -116,7 +118,7 @@ impl Link {
 pub(super) struct Held<'a> {
     log: parking_lot::MutexGuard<'a, Box<dyn Log>>,
     link: &'a Link,
-    /// `coarse_ms` when the lock was granted: the copy is the log's newest from then.
+    /// `boot_ms` when the lock was granted: the copy is the log's newest from then.
     locked_ms: u64,
     open: bool,
 }
@@ -126,7 +128,12 @@ impl Held<'_> {
     /// newest as of the lock.
     pub(super) fn append(mut self, batch: &Batch) -> Result<()> {
         self.open = false;
-        self.log.append(batch)?;
+        if let Err(e) = self.log.append(batch) {
+            // The log may hold the batch all the same (its answer lost): the next
+            // read looks, whatever the bound.
+            self.link.synced_ms.store(0, Ordering::Release);
+            return Err(e);
+        }
         self.link.synced_at(self.locked_ms);
         Ok(())
     }
@@ -197,7 +204,7 @@ impl Store {
         if stale_at_call && !link.stale() {
             return self.head_generation();
         }
-        let started = crate::clock::coarse_ms();
+        let started = crate::clock::boot_ms();
         let mut log = link.log.lock();
         let out = self.catch_up_pages(link, &mut log)?;
         link.synced_at(started);
@@ -212,7 +219,7 @@ impl Store {
         let Some(link) = self.link.get() else { return Ok(None) };
         let mut log = link.log.lock();
         log.lock()?;
-        let mut held = Held { log, link, locked_ms: crate::clock::coarse_ms(), open: true };
+        let mut held = Held { log, link, locked_ms: crate::clock::boot_ms(), open: true };
         let out = self.catch_up_pages(link, &mut held.log)?;
         if out.rekeyed {
             return Err(Error::FleetConflict { generation: out.after });
@@ -230,8 +237,8 @@ impl Store {
         loop {
             let mut more = false;
             let out = self.catch_up_locked(
-                &mut |generation| {
-                    let (page, full) = log.since(generation)?;
+                &mut |generation, head| {
+                    let (page, full) = log.since(generation, head)?;
                     more = full;
                     Ok(page)
                 },

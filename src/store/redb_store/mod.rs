@@ -107,6 +107,10 @@ pub(crate) struct Store {
     opts: StoreOptions,
 }
 
+/// Given the store's generation and its state head's bytes, the batches of the log
+/// after it, in order (see `Store::catch_up`).
+type Fetch<'a> = dyn FnMut(u64, &[u8]) -> Result<Vec<Vec<u8>>> + 'a;
+
 /// What [`Store::catch_up`] did: the generations before and after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CaughtUp {
@@ -699,6 +703,13 @@ impl Store {
             txn.append_audit(entries, head).map_err(poison)?;
         }
         let out = engine(|| f(&txn)).map_err(poison)?;
+        if log.is_some() && txn.with_writes(<[txn::RowWrite]>::is_empty) {
+            // A copy of a fleet log: a write that changed nothing (a lease another
+            // host holds, a compare-and-set that lost) makes no batch and no commit,
+            // so that waiting never becomes a fleet write. Dropped: aborted; the
+            // log's lock is released.
+            return Ok(out);
+        }
         let chain_after = match journal.as_ref() {
             Some(_) => Some((txn.audit_head().map_err(poison)?, txn.audit_archive().map_err(poison)?)),
             None => None,
@@ -706,16 +717,17 @@ impl Store {
         // The head this write builds on, which its batch is chained to.
         let prev_head = if recording { txn.state_head().map_err(poison)?.unwrap_or_default() } else { Vec::new() };
         let advanced = engine(|| advance_anchor(&txn, counter.as_ref(), anchor)).map_err(poison)?;
-        let (before, after) = engine(|| {
+        let (before, after, head) = engine(|| {
             let (before, after, head) = seal(&txn)?;
             txn.write_table(META)?.insert(META_STATE_HEAD, head.as_slice())?;
-            Ok((before, after))
+            Ok((before, after, head))
         })
         .map_err(poison)?;
         if let Some(log) = log {
             // In the log first: a write that fails here commits nothing in this copy.
             let armed = self.state.key()?;
-            let batch = txn.with_writes(|w| txn::seal_batch(&armed.0, &armed.1, &prev_head, before, after, w))?;
+            let batch =
+                txn.with_writes(|w| txn::seal_batch(&armed.0, &armed.1, &prev_head, &head, before, after, w))?;
             log.append(&batch)?;
         }
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
@@ -766,9 +778,14 @@ impl Store {
 
     /// The generation of the state head as stored now (its MAC checked).
     pub(crate) fn head_generation(&self) -> Result<u64> {
+        self.state_head().map(|(generation, _)| generation)
+    }
+
+    /// The state head as stored now: its generation (MAC checked) and its bytes.
+    pub(crate) fn state_head(&self) -> Result<(u64, Vec<u8>)> {
         let armed = self.state.key()?;
         let head = self.read()?.state_head()?.ok_or_else(|| Error::integrity("reading the store's state head"))?;
-        Ok(Head::decode(&head, &armed.0, &armed.1)?.generation)
+        Ok((Head::decode(&head, &armed.0, &armed.1)?.generation, head))
     }
 
     /// Brings this store forward by the batches of the fleet log that `fetch` returns
@@ -799,7 +816,7 @@ impl Store {
     ) -> Result<CaughtUp> {
         let _writer = self.lock_writers()?;
         let _in_write = link::InWrite::enter();
-        self.catch_up_locked(fetch, unlock, on_commit)
+        self.catch_up_locked(&mut |generation, _| fetch(generation), unlock, on_commit)
     }
 
     /// This process's write lock (its writers queue on it; see `write_inner`).
@@ -813,7 +830,7 @@ impl Store {
     /// [`Store::catch_up`], under the write lock the caller holds.
     fn catch_up_locked(
         &self,
-        fetch: &mut dyn FnMut(u64) -> Result<Vec<Vec<u8>>>,
+        fetch: &mut Fetch<'_>,
         unlock: &mut dyn FnMut(&WriteTxn) -> Result<StateKey>,
         on_commit: &mut dyn FnMut(&CaughtUp) -> Result<()>,
     ) -> Result<CaughtUp> {
@@ -835,9 +852,9 @@ impl Store {
         let (old_key, store_id) = (&armed.0, &armed.1);
         let mut new_key: Option<StateKey> = None;
         let head_missing = || Error::integrity("reading the state head while catching up with the fleet log");
-        let first = engine(|| Head::decode(&txn.state_head()?.ok_or_else(head_missing)?, old_key, store_id))?;
-        let first = first.generation;
-        let batches = fetch(first)?;
+        let head_now = engine(|| txn.state_head()?.ok_or_else(head_missing))?;
+        let first = Head::decode(&head_now, old_key, store_id)?.generation;
+        let batches = fetch(first, &head_now)?;
         let last = engine(|| {
             let mut generation = first;
             for bytes in &batches {

@@ -346,6 +346,13 @@ pub(crate) struct Batch {
         expect(dead_code, reason = "the fleet log (feature `postgres`) is its one reader")
     )]
     pub bytes: Vec<u8>,
+    /// The encoded state head the write built on, and the one it ends on (also the
+    /// last row of `bytes`): the log keeps each batch's head beside it, so that an
+    /// append goes only on top of the very state it was built on.
+    #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one reader"))]
+    pub prev_head: Vec<u8>,
+    #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one reader"))]
+    pub head: Vec<u8>,
 }
 
 impl std::fmt::Debug for Batch {
@@ -366,6 +373,7 @@ pub(crate) fn seal_batch(
     key: &StateKey,
     store_id: &[u8; STORE_ID_LEN],
     prev_head: &[u8],
+    head: &[u8],
     before: u64,
     after: u64,
     writes: &[RowWrite],
@@ -378,7 +386,7 @@ pub(crate) fn seal_batch(
     bytes.extend_from_slice(&rows);
     let mac = key.batch_mac(store_id, prev_head, &bytes);
     bytes.extend_from_slice(&mac);
-    Ok(Batch { before, after, bytes })
+    Ok(Batch { before, after, bytes, prev_head: prev_head.to_vec(), head: head.to_vec() })
 }
 
 /// Checks a sealed batch's MAC under `key` on top of `prev_head` (the reader's own
