@@ -226,8 +226,10 @@ impl Config {
         }
         let roots = self.build_roots(RootUse::Init)?;
         let g = TokenGuard::create(&self.store.path, self.store_options(), roots, opts)?;
-        // The first host starts the log at its new store; a log kept for another
-        // store is another store's.
+        // The first host starts the log at its new store. Refused (the database
+        // holds another store's log, or is down), the new file stays: the next
+        // command joins it once the configuration is right, or the fleet's own
+        // store file is copied over it.
         self.join_fleet(&g)?;
         Ok(g)
     }

@@ -58,7 +58,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
         // Each batch's state head beside it, and the head the log starts from: an
         // append goes only on top of the very state it was built on, and a host
         // checks that the log holds its own head at its generation.
-        "ALTER TABLE tg_store ADD COLUMN start_head bytea;
+        // A log written before (a development build's) has no heads to match:
+        // refused, to be started again, rather than left failing every look.
+        "DO $$ BEGIN
+             IF EXISTS (SELECT 1 FROM tg_store) THEN
+                 RAISE EXCEPTION 'this database holds a fleet log of schema 1 (no state heads): start the fleet \
+                                  again in a new database';
+             END IF;
+         END $$;
+         ALTER TABLE tg_store ADD COLUMN start_head bytea;
          ALTER TABLE tg_batches ADD COLUMN head bytea;",
     ),
 ];
@@ -228,8 +236,14 @@ impl PgLog {
                 .map_err(db("reading the schema version"))?,
             false => None,
         };
-        if current == Some(newest) {
-            return Ok(());
+        let unsupported = |have: i32| Error::UnsupportedVersion {
+            found: u32::try_from(have).unwrap_or(u32::MAX),
+            supported: u32::try_from(newest).unwrap_or(0),
+        };
+        match current {
+            Some(have) if have == newest => return Ok(()),
+            Some(have) if have > newest => return Err(unsupported(have)),
+            _ => {}
         }
         let mut t = self.client()?.transaction().map_err(db("migrating the schema"))?;
         t.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_SCHEMA.0, &LOCK_SCHEMA.1])
@@ -243,7 +257,7 @@ impl PgLog {
             .and_then(|r| r.try_get(0))
             .map_err(db("reading the schema version"))?;
         if have > newest {
-            return Err(Error::UnsupportedVersion { found: u32::try_from(have).unwrap_or(u32::MAX), supported: 1 });
+            return Err(unsupported(have));
         }
         for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > have) {
             t.batch_execute(sql).map_err(db("migrating the schema"))?;
@@ -317,7 +331,10 @@ impl PgLog {
                  host's copy is in (the copy was written outside the log, or the log lost batches)",
             )),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(Error::FleetConflict { generation: after }),
-            Err(e) => Err(db("appending a batch")(e)),
+            Err(e) => {
+                self.stmts = None;
+                Err(db("appending a batch")(e))
+            }
         }
     }
 
@@ -329,7 +346,15 @@ impl PgLog {
         let g = to_i64(generation)?;
         let store_id = self.store_id.clone();
         let (c, st) = self.ready()?;
-        let rows = c.query(&st.since, &[&store_id, &g, &PAGE]).map_err(db("reading the log"))?;
+        let rows = match c.query(&st.since, &[&store_id, &g, &PAGE]) {
+            Ok(rows) => rows,
+            Err(e) => {
+                // Prepared again on the next call (a plan another host's migration
+                // invalidated, a pooler that dropped it).
+                self.stmts = None;
+                return Err(db("reading the log")(e));
+            }
+        };
         let (last, at): (Option<i64>, Option<Vec<u8>>) = match rows.first() {
             Some(r) => (r.try_get(0).map_err(db("reading the log"))?, r.try_get(1).map_err(db("reading the log"))?),
             None => (None, None),
@@ -337,7 +362,8 @@ impl PgLog {
         if last.is_none_or(|e| e < g) {
             return Err(Error::integrity(
                 "reading the fleet log: it ends before this host's generation (the database was rolled back or lost \
-                 batches this host has read)",
+                 batches this host has read, or this host's copy was written outside the log: opened without \
+                 backend = \"postgres\")",
             ));
         }
         if at.as_deref() != Some(head) {

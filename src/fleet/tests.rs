@@ -299,6 +299,12 @@ fn a_host_role_that_may_only_read_and_insert_is_enough_and_one_database_holds_on
     a.sync().unwrap();
     assert_eq!(get(&a, "github", "from-b").unwrap(), b"1");
 
+    // A schema newer than this build: refused as such, not as an outage.
+    rig.pg.sql("tg", "INSERT INTO tg_migrations VALUES (99, now())");
+    let err = super::attach(&rig.open("c"), &rig.config()).unwrap_err();
+    assert!(matches!(err, Error::UnsupportedVersion { found: 99, .. }), "{err}");
+    rig.pg.sql("tg", "DELETE FROM tg_migrations WHERE version = 99");
+
     let other = rig.dir.path().join("other.redb");
     let g = TokenGuard::create(&other, StoreOptions::default(), vec![root(rig.dir.path())], opts()).unwrap();
     let err = super::attach(&g, &rig.config()).unwrap_err();

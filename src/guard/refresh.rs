@@ -393,12 +393,17 @@ impl TokenGuard {
                             inner.commit_refresh(txn, provider, name, meta.updated, current, &meta, again)
                         });
                         match attempt {
-                            Err(Error::Database { .. }) if Instant::now() + COMMIT_RETRY < deadline => {
+                            // The database away, the log's lock held too long, or a
+                            // catch-up that rotated the keys under this write: each
+                            // safe to run again.
+                            Err(Error::Database { .. } | Error::StoreBusy { .. } | Error::FleetConflict { .. })
+                                if Instant::now() + COMMIT_RETRY < deadline =>
+                            {
                                 tracing::warn!(
                                     provider,
                                     name,
-                                    "the refreshed token could not be committed (the store's database is \
-                                     unavailable); trying again while the lease holds"
+                                    "the refreshed token could not be committed yet; trying again while the lease \
+                                     holds"
                                 );
                                 std::thread::sleep(COMMIT_RETRY);
                             }

@@ -184,6 +184,13 @@ impl Store {
         self.link.set(link).map_err(|_| Error::Config("this store is joined to a fleet log already".into()))
     }
 
+    /// The copy is no longer known to be the log's newest: the next read looks.
+    pub(super) fn unsync(&self) {
+        if let Some(link) = self.link.get() {
+            link.synced_ms.store(0, Ordering::Release);
+        }
+    }
+
     /// Before a read: a copy older than the staleness bound catches up first. Not
     /// from inside a write of this thread (the write caught up under the log's lock).
     pub(super) fn read_current(&self) -> Result<()> {

@@ -703,7 +703,7 @@ impl Store {
             txn.append_audit(entries, head).map_err(poison)?;
         }
         let out = engine(|| f(&txn)).map_err(poison)?;
-        if log.is_some() && txn.with_writes(<[txn::RowWrite]>::is_empty) {
+        if log.is_some() && !resealed && txn.with_writes(<[txn::RowWrite]>::is_empty) {
             // A copy of a fleet log: a write that changed nothing (a lease another
             // host holds, a compare-and-set that lost) makes no batch and no commit,
             // so that waiting never becomes a fleet write. Dropped: aborted; the
@@ -745,6 +745,10 @@ impl Store {
             if let Some(j) = journal.as_mut() {
                 j.fail("a commit that folded it failed");
             }
+        }
+        if committed.is_err() {
+            // The log holds this write; this copy does not: the next read looks.
+            self.unsync();
         }
         committed.map_err(poison)?;
         if let (Some(j), Some((head, archive))) = (journal.as_mut(), chain_after) {
@@ -845,16 +849,25 @@ impl Store {
                 "a fleet cache with a read journal or a rollback counter is not supported yet".into(),
             ));
         }
+        let armed = self.state.key()?;
+        let (old_key, store_id) = (&armed.0, &armed.1);
+        let head_missing = || Error::integrity("reading the state head while catching up with the fleet log");
+        // A look from a read snapshot first: most find nothing new, and need no write
+        // transaction.
+        let seen = self.read()?.state_head()?.ok_or_else(head_missing)?;
+        let seen_generation = Head::decode(&seen, old_key, store_id)?.generation;
+        let peeked = fetch(seen_generation, &seen)?;
+        if peeked.is_empty() {
+            return Ok(CaughtUp { before: seen_generation, after: seen_generation, rekeyed: false });
+        }
         let start = Instant::now();
         let txn = WriteTxn::new(self.begin_write(start)?, self.state.clone(), false);
         let _critical = crate::signals::Critical::enter();
-        let armed = self.state.key()?;
-        let (old_key, store_id) = (&armed.0, &armed.1);
         let mut new_key: Option<StateKey> = None;
-        let head_missing = || Error::integrity("reading the state head while catching up with the fleet log");
         let head_now = engine(|| txn.state_head()?.ok_or_else(head_missing))?;
         let first = Head::decode(&head_now, old_key, store_id)?.generation;
-        let batches = fetch(first, &head_now)?;
+        // Another process sharing this copy may have applied them meanwhile.
+        let batches = if head_now == seen { peeked } else { fetch(first, &head_now)? };
         let last = engine(|| {
             let mut generation = first;
             for bytes in &batches {
