@@ -57,6 +57,7 @@ fn bench(c: &mut Criterion) {
     let cfg = LogConfig {
         url: &url,
         password: Some(&password),
+        ca_file: None,
         timeout: Duration::from_secs(10),
         staleness: Duration::from_secs(3600),
     };

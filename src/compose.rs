@@ -198,6 +198,7 @@ impl Config {
                 let cfg = crate::fleet::LogConfig {
                     url,
                     password: password.as_ref(),
+                    ca_file: self.store.ca_file.as_deref(),
                     timeout: Duration::from_millis(self.store.busy_timeout_ms.max(1)),
                     staleness: Duration::from_millis(self.store.fleet_staleness_ms),
                 };

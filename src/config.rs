@@ -79,6 +79,11 @@ pub struct StoreConfig {
     /// (`env:VAR` or `file:PATH`, mode 0600). None: peer or trust authentication.
     #[serde(default)]
     pub password_source: Option<String>,
+    /// `backend = "postgres"` with a TCP host: the CA certificates (PEM) that sign
+    /// the database's certificate. TLS is then required, the host name checked, and
+    /// no other CA trusted. Refused with a Unix socket.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// `backend = "postgres"`: a read answers from this host's copy while its last
     /// look at the log is younger than this, milliseconds (default 1000); otherwise
     /// it looks first, or fails with exit 12. 0: every read looks.
@@ -365,6 +370,9 @@ impl Config {
             (StoreBackend::Redb, Some(_)) | (StoreBackend::Redb, None) if c.store.password_source.is_some() => {
                 return Err(Error::Config("[store] password_source is for backend = \"postgres\"".into()));
             }
+            (StoreBackend::Redb, Some(_)) | (StoreBackend::Redb, None) if c.store.ca_file.is_some() => {
+                return Err(Error::Config("[store] ca_file is for backend = \"postgres\"".into()));
+            }
             (StoreBackend::Redb, Some(_)) => {
                 return Err(Error::Config("[store] url is for backend = \"postgres\"".into()));
             }
@@ -372,6 +380,7 @@ impl Config {
         }
         c.base_dir = base_dir.to_owned();
         c.store.path = resolve_path(base_dir, &c.store.path);
+        c.store.ca_file = c.store.ca_file.as_deref().map(|p| resolve_path(base_dir, p));
         for r in &mut c.roots {
             r.resolve_paths(base_dir);
         }
@@ -499,6 +508,10 @@ mod tests {
         let e = Config::parse("[store]\npath = \"c\"\npassword_source = \"env:X\"\n", Path::new("/"))
             .expect_err("password on redb");
         assert!(e.to_string().contains("password_source is for"), "{e}");
+        let e = Config::parse("[store]\npath = \"c\"\nca_file = \"ca.pem\"\n", Path::new("/")).expect_err("ca on redb");
+        assert!(e.to_string().contains("ca_file is for"), "{e}");
+        let c = Config::parse(&format!("{pg}ca_file = \"ca.pem\"\n"), Path::new("/etc/tg")).expect("parse");
+        assert_eq!(c.store.ca_file.as_deref(), Some(Path::new("/etc/tg/ca.pem")));
         assert!(Config::parse("[store]\npath = \"c\"\nbackend = \"mysql\"\n", Path::new("/")).is_err());
     }
 

@@ -23,9 +23,13 @@
 //! rollback that a host which had read them refuses, and that only a witness (the
 //! design's next steps) catches on a host that had not.
 //!
-//! Not yet here (docs/FLEET-DESIGN.md, "Status"): TLS (so only a Unix socket is
-//! accepted), the notification listener (the bound is kept by reads that look),
-//! snapshots (a new host starts from a copy of the store file), `migrate`.
+//! The database is reached through a Unix socket, or over TCP with TLS only
+//! (rustls, verified against the configured CA alone, host name checked, channel
+//! binding where the server offers it).
+//!
+//! Not yet here (docs/FLEET-DESIGN.md, "Status"): the notification listener (the
+//! bound is kept by reads that look), snapshots (a new host starts from a copy of
+//! the store file), `migrate`.
 
 use std::time::Duration;
 
@@ -83,11 +87,14 @@ const PAGE: i64 = 512;
 /// Where the log's database is and how to reach it.
 pub struct LogConfig<'a> {
     /// A libpq connection string or URL (`host=/run/postgresql dbname=tokenguard
-    /// user=tokenguard`). A password in it is refused; `host` must be a Unix socket
-    /// directory until TLS is built.
+    /// user=tokenguard`, or `host=db.internal …` with `ca_file`). A password in it
+    /// is refused.
     pub url: &'a str,
     /// The password (from a PIN-style source: `env:` or `file:`).
     pub password: Option<&'a SecretBytes>,
+    /// The CA certificates (PEM) that sign the database's certificate: required
+    /// when the URL names a TCP host, refused with a Unix socket.
+    pub ca_file: Option<&'a std::path::Path>,
     /// Bounds the connection, every statement and every lock wait.
     pub timeout: Duration,
     /// A read answers from the local copy while its last look at the log is younger
@@ -101,6 +108,7 @@ impl std::fmt::Debug for LogConfig<'_> {
             // A URL may hold a password (refused at connect, but not printed before).
             .field("url", &"<not shown>")
             .field("password", &self.password.map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
             .field("timeout", &self.timeout)
             .field("staleness", &self.staleness)
             .finish()
@@ -123,6 +131,8 @@ fn db(operation: &'static str) -> impl Fn(postgres::Error) -> Error {
 /// recovers without being restarted, and no write runs half under the lock.
 struct PgLog {
     config: postgres::Config,
+    /// TLS for a host reached over TCP; `None` for a Unix socket.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     client: Option<Client>,
     store_id: Vec<u8>,
     /// The second key of this store's advisory lock.
@@ -168,15 +178,37 @@ impl PgLog {
                     .into(),
             ));
         }
-        // `hostaddr` would connect over TCP whatever `host` says.
-        let tcp = pg.get_hosts().iter().any(|h| !matches!(h, postgres::config::Host::Unix(_)));
-        if tcp || pg.get_hosts().is_empty() || !pg.get_hostaddrs().is_empty() {
+        // `hostaddr` connects over TCP whatever `host` says.
+        let tcp = pg.get_hosts().iter().any(|h| !matches!(h, postgres::config::Host::Unix(_)))
+            || !pg.get_hostaddrs().is_empty();
+        if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
             return Err(Error::Config(
-                "the fleet database must be reached through a Unix socket directory (host=/path) until TLS is built: \
-                 a token's log never crosses a network in plaintext"
+                "the fleet database URL names no host: give a Unix socket directory (host=/run/postgresql) or a \
+                 host name with ca_file"
                     .into(),
             ));
         }
+        let tls = match (tcp, cfg.ca_file) {
+            (true, Some(ca)) => {
+                // Verified against `ca_file` alone, host name included; never a
+                // fallback to plaintext (libpq's `prefer` would).
+                pg.ssl_mode(postgres::config::SslMode::Require);
+                Some(tls_connector(ca)?)
+            }
+            (true, None) => {
+                return Err(Error::Config(
+                    "the fleet database is reached over TCP: give ca_file (the CA that signed the server's \
+                     certificate); a token's log never crosses a network in plaintext"
+                        .into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(Error::Config(
+                    "ca_file is for a database reached over TCP; this URL names a Unix socket (no TLS there)".into(),
+                ));
+            }
+            (false, None) => None,
+        };
         if let Some(p) = cfg.password {
             pg.password(p.expose());
         }
@@ -187,7 +219,7 @@ impl PgLog {
         ));
         let lock_key = store_id.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map_or(0, i32::from_be_bytes);
         let mut log =
-            PgLog { config: pg, client: None, store_id: store_id.to_vec(), lock_key, locked: false, stmts: None };
+            PgLog { config: pg, tls, client: None, store_id: store_id.to_vec(), lock_key, locked: false, stmts: None };
         log.migrate()?;
         Ok(log)
     }
@@ -204,12 +236,18 @@ impl PgLog {
                 });
             }
             self.client = None;
-            let c = self.config.connect(NoTls).map_err(|e| match e.code() {
+            let connected = match &self.tls {
+                Some(tls) => self.config.connect(tls.clone()),
+                None => self.config.connect(NoTls),
+            };
+            let c = connected.map_err(|e| match e.code() {
                 // A wrong password or user is the configuration's fault, not an outage.
                 Some(c) if c.code().starts_with("28") => Error::Config(format!(
                     "the fleet database refused the credentials: {}",
                     e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
                 )),
+                // So is a certificate that does not verify, or a server without TLS.
+                None if tls_failure(&e) => Error::Config(format!("TLS to the fleet database failed: {}", chain(&e))),
                 _ => db("connecting")(e),
             })?;
             self.client = Some(c);
@@ -381,6 +419,47 @@ impl PgLog {
         let full = i64::try_from(batches.len()).is_ok_and(|n| n >= PAGE);
         Ok((batches, full))
     }
+}
+
+/// A TLS connector that trusts the CA certificates in the PEM file `ca` and nothing
+/// else, and checks the server's host name against its certificate.
+fn tls_connector(ca: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bad = |e: &dyn std::fmt::Display| Error::Config(format!("ca_file {}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(&"no CA certificate in it"));
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&e))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Whether a connection failed in TLS: tokio-postgres says "error performing TLS
+/// handshake" for that kind (a certificate that does not verify, a server without
+/// TLS), and carries no code.
+fn tls_failure(e: &postgres::Error) -> bool {
+    e.to_string().contains("TLS")
+}
+
+/// An error and its causes, in one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 fn to_i64(g: u64) -> Result<i64> {

@@ -1,6 +1,6 @@
 //! Three "hosts" — each its own config, its own copy of the store and its own
 //! processes — on one fleet log in a real PostgreSQL server (the fixture of
-//! `tests/common/postgres.rs`), through the CLI, with one shared SoftHSM2 token as
+//! `tests/common/postgres.rs`; one host over TCP with TLS), through the CLI, with one shared SoftHSM2 token as
 //! the root (a network HSM, simulated: docs/FLEET-DESIGN.md, "Roots across hosts").
 //! What a fleet promises, attacked from outside the processes: concurrent writes on
 //! every host, a revocation final everywhere, one provider call for nine refreshers,
@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::endpoint::counting_rotating;
-use common::postgres::PgServer;
+use common::postgres::{PgServer, TestCa};
 use common::{TestEnv, code, stderr};
 
 /// The server and three hosts' environments, host 0 the first (it ran `init`).
@@ -24,19 +24,24 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// A server with a database `tg`; three hosts whose `[store]` is the fleet's,
-    /// with `tail` appended to each config; host 0 made the store, and the others
-    /// start from a copy of its file (how a host joins until snapshots exist).
+    /// A server with a database `tg`, on a Unix socket and on loopback with TLS under
+    /// a test CA; three hosts whose `[store]` is the fleet's, with `tail` appended to
+    /// each config; host 0 made the store, and the others start from a copy of its
+    /// file (how a host joins until snapshots exist). Hosts 0 and 1 reach the
+    /// database through the socket, host 2 over TCP with TLS (`ca_file` relative to
+    /// its config).
     fn new(name: &str, tail: &str) -> Fleet {
-        let pg = PgServer::start(name);
+        let ca = TestCa::new(&["localhost"]);
+        let pg = PgServer::start_tcp(name, Some(&ca));
         pg.sql("postgres", "CREATE DATABASE tg");
         let first = TestEnv::new(name);
         let pw = first.dir.join("pg-password");
         common::write_0600(&pw, pg.password.as_bytes());
         let fleet = format!(
-            "backend = \"postgres\"\nurl = \"host={} dbname=tg user={}\"\npassword_source = \"file:{}\"\n\
+            "backend = \"postgres\"\nurl = \"host={} port={} dbname=tg user={}\"\npassword_source = \"file:{}\"\n\
              fleet_staleness_ms = 0\n",
             pg.socket_dir().display(),
+            pg.port,
             common::postgres::USER,
             pw.display()
         );
@@ -54,7 +59,13 @@ impl Fleet {
             std::fs::copy(&first.store_path, &store_path).unwrap();
             let config_path = dir.join("tokenguard.toml");
             let text = std::fs::read_to_string(&first.config_path).unwrap();
-            let text = text.replace(&first.store_path.display().to_string(), &store_path.display().to_string());
+            let mut text = text.replace(&first.store_path.display().to_string(), &store_path.display().to_string());
+            if h == 2 {
+                std::fs::write(dir.join("db-ca.pem"), &ca.ca_pem).unwrap();
+                text = text
+                    .replace(&format!("host={} ", pg.socket_dir().display()), "host=localhost ")
+                    .replace("fleet_staleness_ms = 0\n", "fleet_staleness_ms = 0\nca_file = \"db-ca.pem\"\n");
+            }
             std::fs::write(&config_path, text).unwrap();
             hosts.push(TestEnv { dir, key_label: first.key_label.clone(), config_path, store_path });
         }
@@ -118,6 +129,7 @@ fn three_hosts_write_at_once_read_everywhere_and_survive_the_database_and_its_ad
             }
         }
     }
+    assert!(f.pg.log_text().contains("SSL enabled"), "host 2 did not use TLS:\n{}", f.pg.log_text());
 
     // A revocation on one host is final on every host.
     ok(&f.run(1, &["revoke", "github", "h0-0", "--reason", "leaked"], b""));

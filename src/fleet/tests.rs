@@ -50,7 +50,13 @@ impl Rig {
     }
 
     fn config(&self) -> LogConfig<'_> {
-        LogConfig { url: &self.url, password: Some(&self.password), timeout: Duration::from_secs(5), staleness: NEVER }
+        LogConfig {
+            url: &self.url,
+            password: Some(&self.password),
+            ca_file: None,
+            timeout: Duration::from_secs(5),
+            staleness: NEVER,
+        }
     }
 
     /// Host `name`'s guard on its own copy of the store, not joined yet.
@@ -491,11 +497,11 @@ fn a_url_with_a_password_a_network_host_or_a_wrong_password_is_refused() {
     assert!(matches!(super::attach(&g(), &cfg), Err(Error::Config(m)) if m.contains("password")));
     let tcp = "host=db.internal dbname=tg user=tokenguard";
     let cfg = LogConfig { url: tcp, ..rig.config() };
-    assert!(matches!(super::attach(&g(), &cfg), Err(Error::Config(m)) if m.contains("Unix socket")));
+    assert!(matches!(super::attach(&g(), &cfg), Err(Error::Config(m)) if m.contains("ca_file")));
     // `hostaddr` would take the connection over TCP whatever `host` says.
     let addr = format!("{} hostaddr=127.0.0.1", rig.url);
     let cfg = LogConfig { url: &addr, ..rig.config() };
-    assert!(matches!(super::attach(&g(), &cfg), Err(Error::Config(m)) if m.contains("Unix socket")));
+    assert!(matches!(super::attach(&g(), &cfg), Err(Error::Config(m)) if m.contains("ca_file")));
     let cfg = LogConfig { url: &with_pw, ..rig.config() };
     assert!(!format!("{cfg:?}").contains("password=x"), "a URL's password in Debug");
     let wrong = SecretBytes::from_slice(b"not-it");
@@ -504,6 +510,68 @@ fn a_url_with_a_password_a_network_host_or_a_wrong_password_is_refused() {
     assert_eq!(err.exit_code(), exit::CONFIG, "{err}");
     assert!(!err.to_string().contains(&rig.pg.password), "the password in an error: {err}");
     assert!(!format!("{cfg:?}").contains("not-it"));
+}
+
+/// Over TCP, TLS only: verified against the configured CA alone, the host name
+/// checked, never plaintext; a TLS host and a Unix-socket host share one log.
+#[test]
+fn over_tcp_the_log_is_reached_with_verified_tls_only() {
+    let ca = pg::TestCa::new(&["localhost"]);
+    let server = pg::PgServer::start_tcp("fleet-tls", Some(&ca));
+    server.sql("postgres", "CREATE DATABASE tg");
+    let dir = tempfile::tempdir().unwrap();
+    let start = dir.path().join("start.redb");
+    drop(TokenGuard::create(&start, StoreOptions::default(), vec![root(dir.path())], opts()).unwrap());
+    let host = |name: &str| {
+        let p = dir.path().join(format!("{name}.redb"));
+        std::fs::copy(&start, &p).unwrap();
+        TokenGuard::open(&p, StoreOptions::default(), vec![root(dir.path())], opts()).unwrap()
+    };
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let password = SecretBytes::from_slice(server.password.as_bytes());
+    let url = |h: &str| format!("host={h} port={} dbname=tg user={}", server.port, pg::USER);
+    let (tcp, socket) = (url("localhost"), url(&server.socket_dir().display().to_string()));
+    fn tls_cfg<'a>(url: &'a str, ca_file: Option<&'a Path>, password: &'a SecretBytes) -> LogConfig<'a> {
+        LogConfig { url, password: Some(password), ca_file, timeout: Duration::from_secs(5), staleness: NEVER }
+    }
+    let cfg = |url, ca| tls_cfg(url, ca, &password);
+    let a = host("a");
+    super::attach(&a, &cfg(&tcp, Some(&ca_file))).unwrap();
+    let b = host("b");
+    super::attach(&b, &cfg(&socket, None)).unwrap();
+    put(&a, "github", "over-tls", "1");
+    b.sync().unwrap();
+    assert_eq!(get(&b, "github", "over-tls").unwrap(), b"1");
+    let mut log = PgLog::connect(&cfg(&tcp, Some(&ca_file)), &a.store_id()).unwrap();
+    let ssl: bool = log
+        .client()
+        .unwrap()
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the TCP connection is not TLS");
+
+    let refused = |c: LogConfig<'_>, what: &str, says: &str| {
+        let err = super::attach(&host("x"), &c).unwrap_err();
+        assert_eq!(err.exit_code(), exit::CONFIG, "{what}: {err}");
+        assert!(err.to_string().contains(says), "{what}: {err}");
+        assert!(!err.to_string().contains(&server.password), "{what}: the password in {err}");
+    };
+    refused(cfg(&tcp, None), "TCP without a CA", "ca_file");
+    refused(cfg(&socket, Some(&ca_file)), "a CA with a Unix socket", "ca_file is for");
+    let other = pg::TestCa::new(&["localhost"]);
+    let other_file = dir.path().join("other.pem");
+    std::fs::write(&other_file, &other.ca_pem).unwrap();
+    refused(cfg(&tcp, Some(&other_file)), "another CA", "TLS");
+    // The certificate names localhost, not the address.
+    let by_ip = url("127.0.0.1");
+    refused(cfg(&by_ip, Some(&ca_file)), "a host name the certificate does not name", "TLS");
+    // A server that offers no TLS is never used in plaintext.
+    let plain = pg::PgServer::start_tcp("fleet-plain", None);
+    let plain_url = format!("host=localhost port={} dbname=postgres user={}", plain.port, pg::USER);
+    let plain_pw = SecretBytes::from_slice(plain.password.as_bytes());
+    refused(tls_cfg(&plain_url, Some(&ca_file), &plain_pw), "a server without TLS", "TLS");
 }
 
 /// A host that dies between the log taking its batch and its own commit (simulated:

@@ -1,6 +1,7 @@
 //! A real PostgreSQL server for a test binary: Debian's `postgresql` package (installed
 //! by `.ci/test.sh`), `initdb` in a directory of its own, listening on a Unix socket
-//! only, password authentication (SCRAM), stopped and removed on drop.
+//! (and, from `start_tcp`, on a loopback port, with TLS under a test CA made here),
+//! password authentication (SCRAM), stopped and removed on drop.
 //!
 //! PostgreSQL refuses to run as root, so under root the server runs as `nobody`
 //! (`setpriv`); otherwise as the user running the tests. A missing PostgreSQL is a
@@ -19,8 +20,34 @@ pub struct PgServer {
     pub dir: PathBuf,
     /// The superuser's password (a test secret: kept in `dir`, never on argv).
     pub password: String,
+    /// The port (also the Unix socket's name): 5432, or a free one for `start_tcp`.
+    pub port: u16,
     bin: PathBuf,
     child: Option<Child>,
+    /// Server settings beyond the defaults (`-c` pairs).
+    settings: Vec<String>,
+}
+
+/// A test CA and a server certificate it signed, in PEM.
+pub struct TestCa {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    /// A new CA, and a certificate for `names` (DNS names or IP addresses) signed by it.
+    pub fn new(names: &[&str]) -> TestCa {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tokenguard test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+        TestCa { ca_pem: ca.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+    }
 }
 
 /// The directory of PostgreSQL's server programs (`initdb`, `postgres`, `psql`):
@@ -72,6 +99,40 @@ fn check(what: &str, o: &Output) {
 impl PgServer {
     /// Initialises a cluster in a new directory (named after `name`) and starts it.
     pub fn start(name: &str) -> PgServer {
+        let mut s = PgServer::init(name, 5432);
+        s.spawn();
+        s
+    }
+
+    /// As `start`, listening on a free loopback port too: with TLS under `ca`'s
+    /// server certificate, or without TLS when `ca` is `None`.
+    pub fn start_tcp(name: &str, ca: Option<&TestCa>) -> PgServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut s = PgServer::init(name, port);
+        // Connections logged: a test can tell a TLS session from the log.
+        s.settings = vec!["listen_addresses=127.0.0.1".to_string(), "log_connections=on".into()];
+        if let Some(ca) = ca {
+            use std::os::unix::fs::PermissionsExt;
+            let (cert, key) = (s.dir.join("data").join("server.crt"), s.dir.join("data").join("server.key"));
+            std::fs::write(&cert, &ca.cert_pem).unwrap();
+            std::fs::write(&key, &ca.key_pem).unwrap();
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if as_root() {
+                for f in [&cert, &key] {
+                    nix::unistd::chown(f, Some(65534.into()), Some(65534.into())).unwrap();
+                }
+            }
+            s.settings.extend([
+                "ssl=on".to_string(),
+                "ssl_cert_file=server.crt".into(),
+                "ssl_key_file=server.key".into(),
+            ]);
+        }
+        s.spawn();
+        s
+    }
+
+    fn init(name: &str, port: u16) -> PgServer {
         use std::os::unix::fs::PermissionsExt;
         let bin = bin_dir();
         // Under /tmp, not the target directory: the server's user must be able to
@@ -96,9 +157,7 @@ impl PgServer {
             .output()
             .unwrap();
         check("initdb", &o);
-        let mut s = PgServer { dir, password, bin, child: None };
-        s.spawn();
-        s
+        PgServer { dir, password, port, bin, child: None, settings: vec!["listen_addresses=".into()] }
     }
 
     /// The socket directory: the `host` of a connection string.
@@ -112,6 +171,7 @@ impl PgServer {
         let mut c = Command::new(self.bin.join("psql"));
         c.arg("-h")
             .arg(&self.dir)
+            .args(["-p", &self.port.to_string()])
             .args(["-U", USER, "-d", db, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .env("PGPASSWORD", &self.password)
             .env("PGCONNECT_TIMEOUT", "5");
@@ -135,7 +195,9 @@ impl PgServer {
             .arg(self.dir.join("data"))
             .arg("-k")
             .arg(&self.dir)
-            .args(["-c", "listen_addresses=", "-c", "max_connections=40", "-c", "shared_buffers=16MB"])
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "max_connections=40", "-c", "shared_buffers=16MB"])
+            .args(self.settings.iter().flat_map(|kv| ["-c", kv.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -147,6 +209,7 @@ impl PgServer {
             let ready = Command::new(self.bin.join("pg_isready"))
                 .arg("-h")
                 .arg(&self.dir)
+                .args(["-p", &self.port.to_string()])
                 .args(["-U", USER, "-d", "postgres", "-q"])
                 .status()
                 .is_ok_and(|s| s.success());
