@@ -188,6 +188,21 @@ impl PgLog {
                     .into(),
             ));
         }
+        let named_tcp = pg.get_hosts().iter().any(|h| !matches!(h, postgres::config::Host::Unix(_)));
+        let unix = pg.get_hosts().iter().any(|h| matches!(h, postgres::config::Host::Unix(_)));
+        if tcp && unix {
+            // Every host of a URL is tried with one TLS setting: a socket (no TLS
+            // there) beside a TCP host would never work, and hide the TCP host's error.
+            return Err(Error::Config(
+                "the fleet database URL mixes a Unix socket and TCP hosts: give one or the other".into(),
+            ));
+        }
+        if !pg.get_hostaddrs().is_empty() && !named_tcp {
+            return Err(Error::Config(
+                "the fleet database URL gives hostaddr without a host name: TLS checks the certificate against host="
+                    .into(),
+            ));
+        }
         let tls = match (tcp, cfg.ca_file) {
             (true, Some(ca)) => {
                 // Verified against `ca_file` alone, host name included; never a
@@ -213,7 +228,9 @@ impl PgLog {
             pg.password(p.expose());
         }
         let ms = cfg.timeout.as_millis().max(1);
-        pg.connect_timeout(cfg.timeout).application_name("tokenguard").options(&format!(
+        // A peer that stops answering (a partition) fails the connection's writes
+        // after the timeout, not after the kernel's fifteen minutes.
+        pg.connect_timeout(cfg.timeout).tcp_user_timeout(cfg.timeout).application_name("tokenguard").options(&format!(
             "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
             ms * 2
         ));
@@ -427,8 +444,17 @@ fn tls_connector(ca: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRust
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let bad = |e: &dyn std::fmt::Display| Error::Config(format!("ca_file {}: {e}", ca.display()));
+    // Whoever may write it may add a CA and stand in for the database.
+    let meta = std::fs::metadata(ca).map_err(|e| bad(&e))?;
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o022 != 0 {
+        return Err(bad(&"writable by group or others; chmod go-w it"));
+    }
+    let text = std::fs::read(ca).map_err(|e| bad(&e))?;
+    if text.windows(11).any(|w| w == b"PRIVATE KEY") {
+        return Err(bad(&"it holds a private key: give the CA's certificate only"));
+    }
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
+    for cert in CertificateDer::pem_slice_iter(&text) {
         roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
     }
     if roots.is_empty() {
@@ -443,11 +469,26 @@ fn tls_connector(ca: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRust
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-/// Whether a connection failed in TLS: tokio-postgres says "error performing TLS
-/// handshake" for that kind (a certificate that does not verify, a server without
-/// TLS), and carries no code.
+/// Whether a connection failed because TLS was refused — a certificate that does not
+/// verify, a protocol rustls will not speak (its error, inside the I/O error
+/// tokio-rustls reports), or a server without TLS — rather than because the network
+/// or the server went away during the handshake (an outage: exit 12).
 fn tls_failure(e: &postgres::Error) -> bool {
-    e.to_string().contains("TLS")
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let rustls_inside = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+        if rustls_inside
+            || c.downcast_ref::<rustls::Error>().is_some()
+            || c.to_string() == "server does not support TLS"
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// An error and its causes, in one line.

@@ -498,10 +498,13 @@ fn a_url_with_a_password_a_network_host_or_a_wrong_password_is_refused() {
     let tcp = "host=db.internal dbname=tg user=tokenguard";
     let cfg = LogConfig { url: tcp, ..rig.config() };
     assert!(matches!(super::attach(&g(), &cfg), Err(Error::Config(m)) if m.contains("ca_file")));
-    // `hostaddr` would take the connection over TCP whatever `host` says.
+    // `hostaddr` would take the connection over TCP whatever `host` says: beside a
+    // socket, or without a host name to check the certificate against, refused.
     let addr = format!("{} hostaddr=127.0.0.1", rig.url);
     let cfg = LogConfig { url: &addr, ..rig.config() };
-    assert!(matches!(super::attach(&g(), &cfg), Err(Error::Config(m)) if m.contains("ca_file")));
+    assert!(matches!(super::attach(&g(), &cfg), Err(Error::Config(m)) if m.contains("mixes")));
+    let cfg = LogConfig { url: "hostaddr=127.0.0.1 dbname=tg", ..rig.config() };
+    assert!(matches!(super::attach(&g(), &cfg), Err(Error::Config(m)) if m.contains("without a host name")));
     let cfg = LogConfig { url: &with_pw, ..rig.config() };
     assert!(!format!("{cfg:?}").contains("password=x"), "a URL's password in Debug");
     let wrong = SecretBytes::from_slice(b"not-it");
@@ -531,7 +534,10 @@ fn over_tcp_the_log_is_reached_with_verified_tls_only() {
     std::fs::write(&ca_file, &ca.ca_pem).unwrap();
     let password = SecretBytes::from_slice(server.password.as_bytes());
     let url = |h: &str| format!("host={h} port={} dbname=tg user={}", server.port, pg::USER);
-    let (tcp, socket) = (url("localhost"), url(&server.socket_dir().display().to_string()));
+    let (socket_dir, port) = (server.socket_dir().display().to_string(), server.port);
+    // `sslmode=disable` in the URL changes nothing: TLS is required over TCP.
+    let tcp = format!("{} sslmode=disable", url("localhost"));
+    let socket = url(&socket_dir);
     fn tls_cfg<'a>(url: &'a str, ca_file: Option<&'a Path>, password: &'a SecretBytes) -> LogConfig<'a> {
         LogConfig { url, password: Some(password), ca_file, timeout: Duration::from_secs(5), staleness: NEVER }
     }
@@ -563,15 +569,23 @@ fn over_tcp_the_log_is_reached_with_verified_tls_only() {
     let other = pg::TestCa::new(&["localhost"]);
     let other_file = dir.path().join("other.pem");
     std::fs::write(&other_file, &other.ca_pem).unwrap();
-    refused(cfg(&tcp, Some(&other_file)), "another CA", "TLS");
+    refused(cfg(&tcp, Some(&other_file)), "another CA", "invalid peer certificate");
     // The certificate names localhost, not the address.
     let by_ip = url("127.0.0.1");
-    refused(cfg(&by_ip, Some(&ca_file)), "a host name the certificate does not name", "TLS");
+    refused(cfg(&by_ip, Some(&ca_file)), "a host name the certificate does not name", "not valid for name");
+    let mixed = format!("host={socket_dir},localhost port={port},{port} dbname=tg user={}", pg::USER);
+    refused(cfg(&mixed, Some(&ca_file)), "a socket and a TCP host in one URL", "mixes");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, b"not a certificate").unwrap();
+    refused(cfg(&tcp, Some(&garbage)), "a CA file without a certificate", "no CA certificate");
+    let with_key = dir.path().join("with-key.pem");
+    std::fs::write(&with_key, format!("{}{}", ca.ca_pem, ca.key_pem)).unwrap();
+    refused(cfg(&tcp, Some(&with_key)), "a CA file with a private key", "private key");
     // A server that offers no TLS is never used in plaintext.
     let plain = pg::PgServer::start_tcp("fleet-plain", None);
     let plain_url = format!("host=localhost port={} dbname=postgres user={}", plain.port, pg::USER);
     let plain_pw = SecretBytes::from_slice(plain.password.as_bytes());
-    refused(tls_cfg(&plain_url, Some(&ca_file), &plain_pw), "a server without TLS", "TLS");
+    refused(tls_cfg(&plain_url, Some(&ca_file), &plain_pw), "a server without TLS", "does not support TLS");
 }
 
 /// A host that dies between the log taking its batch and its own commit (simulated:
