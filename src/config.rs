@@ -70,9 +70,9 @@ pub struct StoreConfig {
     pub backend: StoreBackend,
     /// Path of the store file (with `backend = "postgres"`: this host's copy).
     pub path: PathBuf,
-    /// `backend = "postgres"`: the database, as a libpq connection string
-    /// (`host=/run/postgresql dbname=tokenguard user=tokenguard`). A password in it
-    /// is refused; `host` must be a Unix socket directory until TLS is built.
+    /// `backend = "postgres"`: the database, as a libpq connection string: a Unix
+    /// socket directory (`host=/run/postgresql dbname=tokenguard user=host_a`), or a
+    /// host name over TCP with `ca_file` (TLS required). A password in it is refused.
     #[serde(default)]
     pub url: Option<String>,
     /// `backend = "postgres"`: where the database password comes from, as PINs do
