@@ -4,16 +4,18 @@
 //! the root (a network HSM, simulated: docs/FLEET-DESIGN.md, "Roots across hosts").
 //! What a fleet promises, attacked from outside the processes: concurrent writes on
 //! every host, a revocation final everywhere, one provider call for nine refreshers,
-//! the database going away and coming back, and a log edited in the database.
+//! the database going away and coming back, a log edited in the database, a host
+//! killed in a refresh, and processes on every host killed at random moments.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use common::endpoint::counting_rotating;
+use common::endpoint::{Endpoint, Reply, counting_rotating, rotating};
 use common::postgres::{PgServer, TestCa};
 use common::{TestEnv, code, stderr};
 
@@ -21,6 +23,8 @@ use common::{TestEnv, code, stderr};
 struct Fleet {
     pg: PgServer,
     hosts: Vec<TestEnv>,
+    /// The SoftHSM2 token of this fleet alone, when a test kills its processes.
+    hsm: Option<std::path::PathBuf>,
 }
 
 impl Fleet {
@@ -31,6 +35,16 @@ impl Fleet {
     /// database through the socket, host 2 over TCP with TLS (`ca_file` relative to
     /// its config).
     fn new(name: &str, tail: &str) -> Fleet {
+        Self::make(name, tail, false)
+    }
+
+    /// As [`Fleet::new`], with a SoftHSM2 token of the fleet's own (`common::own_token`):
+    /// for tests that SIGKILL processes at moments that can fall in a login.
+    fn with_own_token(name: &str, tail: &str) -> Fleet {
+        Self::make(name, tail, true)
+    }
+
+    fn make(name: &str, tail: &str, own_token: bool) -> Fleet {
         let ca = TestCa::new(&["localhost"]);
         let pg = PgServer::start_tcp(name, Some(&ca));
         pg.sql("postgres", "CREATE DATABASE tg");
@@ -48,6 +62,9 @@ impl Fleet {
         let text = std::fs::read_to_string(&first.config_path)
             .unwrap()
             .replace("busy_timeout_ms = 2000\n", &format!("busy_timeout_ms = 10000\n{fleet}"));
+        std::fs::write(&first.config_path, text).unwrap();
+        let hsm = own_token.then(|| common::own_token(&first));
+        let text = std::fs::read_to_string(&first.config_path).unwrap();
         std::fs::write(&first.config_path, format!("{text}{tail}")).unwrap();
         let o = first.run(&["init"], b"");
         assert_eq!(code(&o), 0, "{}", stderr(&o));
@@ -70,7 +87,7 @@ impl Fleet {
             hosts.push(TestEnv { dir, key_label: first.key_label.clone(), config_path, store_path });
         }
         hosts.insert(0, first);
-        Fleet { pg, hosts }
+        Fleet { pg, hosts, hsm }
     }
 
     fn run(&self, host: usize, args: &[&str], stdin: &[u8]) -> Output {
@@ -230,7 +247,7 @@ fn nine_refreshers_on_three_hosts_call_the_provider_once() {
 fn a_refresh_answer_outlives_a_database_restart() {
     let (ep, invalid) = counting_rotating(Duration::from_millis(1500));
     let tail = provider(&ep.url, 20);
-    let Fleet { mut pg, hosts } = Fleet::new("fleet-rf-down", &tail);
+    let Fleet { mut pg, hosts, .. } = Fleet::new("fleet-rf-down", &tail);
     let set = r#"{"access_token": "at-0", "refresh_token": "rt-0"}"#;
     ok(&hosts[0].run(&["put", "acme", "svc", "--expires-in", "20s"], set.as_bytes()));
     ok(&hosts[0].run(&["put", "oauth-client", "acme"], b"client-secret"));
@@ -252,4 +269,150 @@ fn a_refresh_answer_outlives_a_database_restart() {
     assert_eq!(ep.count(), 2);
     assert_eq!(invalid.load(Ordering::Relaxed), 0, "the rotated refresh token was lost");
     ok(&hosts[2].run(&["audit", "verify"], b""));
+}
+
+/// A host SIGKILLed while it holds the refresh lease and waits for the provider: no
+/// other host calls the provider while that lease holds (the killed host's request
+/// may still be answered, and a second call would spend the refresh token twice);
+/// once it has run out, another host takes over, and every host reads its answer.
+#[test]
+fn a_host_killed_mid_refresh_is_taken_over_after_its_lease() {
+    let lease = Duration::from_secs(3);
+    let valid = Arc::new(Mutex::new("rt-0".to_string()));
+    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let answer = rotating(valid);
+    let seen = arrivals.clone();
+    // The first request never gets an answer in time (its host dies waiting) and
+    // changes nothing at the provider; the ones after it are answered at once.
+    let ep = Endpoint::start(Box::new(move |req, n| {
+        seen.lock().unwrap().push(Instant::now());
+        if n == 1 {
+            return Reply { delay: Duration::from_secs(30), ..Reply::json(503, serde_json::json!({})) };
+        }
+        answer(req, n)
+    }));
+    let f = Fleet::with_own_token("fleet-kill-rf", &provider(&ep.url, lease.as_secs()));
+    let set = r#"{"access_token": "at-0", "refresh_token": "rt-0"}"#;
+    ok(&f.run(0, &["put", "acme", "svc", "--expires-in", "1h"], set.as_bytes()));
+    ok(&f.run(0, &["put", "oauth-client", "acme"], b"client-secret"));
+
+    let mut child = f.hosts[0]
+        .cli()
+        .args(["refresh", "acme", "svc"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let waited = Instant::now();
+    while ep.count() == 0 {
+        assert!(waited.elapsed() < Duration::from_secs(20), "the first refresher never reached the provider");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Killed in the provider call: after its login, so the shared token is safe.
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Two hosts at once: each waits out the dead host's lease, one calls the provider.
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let hs = [1, 2].map(|h| {
+            s.spawn({
+                let f = &f;
+                move || f.run(h, &["refresh", "acme", "svc"], b"")
+            })
+        });
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for o in &outs {
+        ok(o);
+    }
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), 2, "one takeover call after the dead host's: {arrivals:?}");
+    // The lease was taken before the first call went out, so it ran out at most
+    // `lease` after that call arrived; the takeover did not start before (a little
+    // slack for the clock's whole seconds).
+    assert!(
+        arrivals[1] - arrivals[0] >= lease - Duration::from_millis(1100),
+        "a host called the provider while the dead host's lease held: {:?} after the first call",
+        arrivals[1] - arrivals[0]
+    );
+    for h in 0..3 {
+        let o = f.run(h, &["get", "acme", "svc"], b"");
+        ok(&o);
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "at-2");
+        ok(&f.run(h, &["audit", "verify"], b""));
+    }
+}
+
+/// CLI processes on every host SIGKILLed at random moments — in start-up, in the
+/// login, in the catch-up, between the log's commit and the copy's — round after
+/// round: every acknowledged write is read on every host, a write killed after its
+/// batch reached the log is read on every host too (the killed host's copy
+/// included), the hosts never disagree, and every host's audit chain verifies.
+#[test]
+fn hosts_killed_at_random_moments_lose_nothing_and_never_disagree() {
+    let f = Fleet::with_own_token("fleet-kill", "");
+    let hsm = f.hsm.clone().unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
+    let mut next = move |below: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below
+    };
+    // (name, value, acknowledged)
+    let mut written: Vec<(String, String, bool)> = vec![];
+    for round in 0..10 {
+        let mut children = vec![];
+        for h in 0..3 {
+            let (name, value) = (format!("r{round}-h{h}"), format!("v{round}-{h}"));
+            let mut child = f.hosts[h]
+                .cli()
+                .args(["put", "github", &name])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            let _ = child.stdin.take().unwrap().write_all(value.as_bytes());
+            children.push((child, name, value, Duration::from_millis(next(150))));
+        }
+        let start = Instant::now();
+        for (mut child, name, value, at) in children {
+            std::thread::sleep(at.saturating_sub(start.elapsed()));
+            let acked = match child.try_wait().unwrap() {
+                Some(status) => {
+                    assert!(status.success(), "round {round}: put {name} failed unkilled: {status}");
+                    true
+                }
+                None => {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                    false
+                }
+            };
+            written.push((name, value, acked));
+        }
+        common::repair_if_emptied(&hsm, &format!("round {round}"));
+        for h in 0..3 {
+            ok(&f.run(h, &["audit", "verify"], b""));
+        }
+    }
+    let mut landed = 0;
+    for (name, value, acked) in &written {
+        let seen: Vec<_> = (0..3).map(|h| f.get(h, "github", name)).collect();
+        match &seen[0] {
+            Ok(v) => {
+                assert_eq!(v, value);
+                landed += usize::from(!acked);
+            }
+            Err((3, _)) => assert!(!acked, "{name}: acknowledged, then lost"),
+            Err(e) => panic!("{name}: {e:?}"),
+        }
+        assert!(seen.iter().all(|s| s == &seen[0]), "{name}: the hosts disagree: {seen:?}");
+    }
+    let acked = written.iter().filter(|w| w.2).count();
+    eprintln!("{} writes: {acked} acknowledged, {landed} killed but in the log", written.len());
+    assert!(acked > 0 && acked < written.len(), "the kills missed every moment that matters: {acked} acknowledged");
 }
