@@ -95,15 +95,7 @@ pub fn write_backup(guard: &TokenGuard, path: &Path) -> Result<BackupSummary> {
     if path.exists() {
         return Err(Error::InvalidInput(format!("{} exists; choose a new backup file name", path.display())));
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.is_dir()
-    {
-        return Err(Error::InvalidInput(format!(
-            "directory {} does not exist; create it first (mkdir -p -m 700 {})",
-            dir.display(),
-            dir.display()
-        )));
-    }
+    crate::files::check_parent_dir(path)?;
     let (bytes, summary) = export(guard)?;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| Error::Io {
@@ -198,13 +190,27 @@ pub fn restore(
     roots: Vec<Box<dyn RootKey>>,
     opts: GuardOptions,
 ) -> Result<(TokenGuard, BackupSummary)> {
+    let bytes = fs::read(path).map_err(Error::io("reading backup", path))?;
+    let from = path.display().to_string();
+    restore_bytes(&bytes, ("restore", &from), store_path, store_opts, roots, opts)
+}
+
+/// [`restore`] of backup bytes held in memory (`migrate`'s copy); `event` is the
+/// audit action and where the bytes came from.
+pub fn restore_bytes(
+    bytes: &[u8],
+    event: (&str, &str),
+    store_path: &Path,
+    store_opts: StoreOptions,
+    roots: Vec<Box<dyn RootKey>>,
+    opts: GuardOptions,
+) -> Result<(TokenGuard, BackupSummary)> {
     if store_path.exists() {
         return Err(Error::StoreExists(store_path.into()));
     }
     // Before any root unwraps anything: a software root that require_hardware
     // refuses never opens the backup either.
     crate::guard::check_hardware(&roots, opts.require_hardware)?;
-    let bytes = fs::read(path).map_err(Error::io("reading backup", path))?;
     let (body, tag) = bytes
         .len()
         .checked_sub(MAC_LEN)
@@ -234,8 +240,7 @@ pub fn restore(
     // A restore is a deliberate step back: the new store is bound to the rollback
     // counter (if one is configured) at its current value.
     let guard = TokenGuard::open_inner(store_path, store_opts, roots, opts, true)?;
-    guard
-        .store()
-        .write(|txn| guard.audit_in(txn, "restore", format!("{} tokens from {}", summary.tokens, path.display())))?;
+    let (action, from) = event;
+    guard.store().write(|txn| guard.audit_in(txn, action, format!("{} tokens from {from}", summary.tokens)))?;
     Ok((guard, summary))
 }

@@ -19,6 +19,17 @@ use crate::root::RootKey;
 use crate::secret::SecretBytes;
 use crate::store::{RootPin, StoreOptions};
 
+/// What `migrate` copied, and what it checked on the other side.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Migration {
+    /// What the copy held.
+    pub summary: BackupSummary,
+    /// Records opened under the destination's roots (every record not shredded).
+    pub records_opened: usize,
+    /// Records under destroyed DEKs, copied as they were (they open nowhere).
+    pub shredded: usize,
+}
+
 /// What a root is being built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RootUse {
@@ -175,6 +186,12 @@ impl Config {
     /// With `backend = "postgres"`: joins the guard's store to the fleet log (the
     /// first host starts the log; the others catch up).
     fn join_fleet(&self, g: &TokenGuard) -> Result<()> {
+        self.with_log(g, false)
+    }
+
+    /// With `backend = "postgres"`, [`crate::fleet::attach`] (or, `new_log`,
+    /// [`crate::fleet::start`]) under the `[store]` settings; nothing with redb.
+    fn with_log(&self, g: &TokenGuard, new_log: bool) -> Result<()> {
         match self.store.backend {
             crate::config::StoreBackend::Redb => Ok(()),
             #[cfg(feature = "postgres")]
@@ -202,17 +219,86 @@ impl Config {
                     timeout: Duration::from_millis(self.store.busy_timeout_ms.max(1)),
                     staleness: Duration::from_millis(self.store.fleet_staleness_ms),
                 };
-                crate::fleet::attach(g, &cfg).map(drop)
+                if new_log { crate::fleet::start(g, &cfg) } else { crate::fleet::attach(g, &cfg) }.map(drop)
             }
             #[cfg(not(feature = "postgres"))]
             crate::config::StoreBackend::Postgres => {
-                let _ = g;
+                let _ = (g, new_log);
                 Err(Error::Config(
                     "[store] backend = \"postgres\": this build has no fleet store (build with --features postgres)"
                         .into(),
                 ))
             }
         }
+    }
+
+    /// Where this configuration's store is, for messages and the audit trail:
+    /// the file, and the fleet log's connection string (which never holds a password).
+    pub fn store_description(&self) -> String {
+        match (&self.store.backend, &self.store.url) {
+            (crate::config::StoreBackend::Postgres, Some(url)) => {
+                format!("the fleet store at {} (log: {url})", self.store.path.display())
+            }
+            _ => format!("the redb store at {}", self.store.path.display()),
+        }
+    }
+
+    /// `tokenguard migrate --to`: copies this configuration's store into `to`'s new
+    /// store — a redb file, or a copy that starts a fleet log in `to`'s database —
+    /// and opens every record there under `to`'s roots before it says yes.
+    ///
+    /// The copy is a sealed backup held in memory (docs/FORMAT.md): the source's
+    /// state is verified before it is read, the backup's MAC is checked under `to`'s
+    /// roots before anything is written, and the records, keys, tombstones and audit
+    /// chain arrive as the same bytes, so every AAD and rule holds unchanged. Nothing
+    /// is left at `to`'s store path when the copy is refused. The source is left as
+    /// it was, plus a `migrate` event in its audit trail: stop writing to it, or the
+    /// two stores part ways (the copy keeps the store id; a copy written to apart from
+    /// its log is refused by the fleet, docs/FLEET-DESIGN.md).
+    pub fn migrate_to(&self, to: &Config, opts: GuardOptions) -> Result<(TokenGuard, Migration)> {
+        let dest = &to.store.path;
+        if dest.exists() {
+            return Err(Error::StoreExists(dest.clone()));
+        }
+        crate::files::check_parent_dir(dest)?;
+        let src = self.open_guard_with(opts.clone())?;
+        let (bytes, summary) = backup::export(&src)?;
+        let before = src.open_every_record()?;
+        if !before.bad.is_empty() {
+            return Err(Error::integrity("migrating a store with records that do not open (see `tokenguard doctor`)"));
+        }
+        let roots = to.build_roots(RootUse::Open)?;
+        let from = self.store_description();
+        let (dst, _) = backup::restore_bytes(&bytes, ("migrate", &from), dest, to.store_options(), roots, opts)?;
+        drop(bytes);
+        // Every record opened before the copy starts a log: a refused copy leaves the
+        // database as it was.
+        let checked = dst.open_every_record().and_then(|scan| to.with_log(&dst, true).map(|()| scan));
+        let after = match checked {
+            Ok(scan) if scan.bad.is_empty() && scan.records == before.records && scan.shredded == before.shredded => {
+                scan
+            }
+            other => {
+                // Nothing half-made stays behind: the copy is this call's own file.
+                drop(dst);
+                let removed = std::fs::remove_file(dest);
+                let why = match other {
+                    Err(e) => e,
+                    Ok(scan) => Error::integrity(if scan.bad.is_empty() {
+                        "migrating: the copy holds another number of records than the source"
+                    } else {
+                        "migrating: records of the copy do not open under the destination's roots"
+                    }),
+                };
+                if let Err(e) = removed {
+                    tracing::error!(path = %dest.display(), error = %e, "the refused copy could not be removed");
+                }
+                return Err(why);
+            }
+        };
+        let to_desc = to.store_description();
+        src.store().write(|txn| src.audit_in(txn, "migrate", format!("{} tokens to {to_desc}", summary.tokens)))?;
+        Ok((dst, Migration { summary, records_opened: after.records - after.shredded, shredded: after.shredded }))
     }
 
     /// Creates the configured store (and root keys that do not exist yet).

@@ -23,6 +23,21 @@ pub(crate) fn check_private(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a new file's `path` whose directory does not exist, naming the command
+/// that makes it private.
+pub(crate) fn check_parent_dir(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(Error::InvalidInput(format!(
+            "directory {} does not exist; create it first (mkdir -p -m 700 {})",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Creates `path` with `bytes`: mode 0600, never over an existing file, synced to disk.
 pub(crate) fn write_new_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()

@@ -27,9 +27,12 @@
 //! (rustls, verified against the configured CA alone, host name checked, channel
 //! binding where the server offers it).
 //!
+//! A store moves in and out of a fleet with `migrate` ([`start`] begins the log of
+//! its copy; `crate::compose`'s `migrate_to`).
+//!
 //! Not yet here (docs/FLEET-DESIGN.md, "Status"): the notification listener (the
-//! bound is kept by reads that look), snapshots (a new host starts from a copy of
-//! the store file), `migrate`.
+//! bound is kept by reads that look), snapshots in the database (a new host starts
+//! from a copy of a host's store file).
 
 use std::time::Duration;
 
@@ -323,10 +326,11 @@ impl PgLog {
     }
 
     /// Makes this store's log start at `generation` (with state head `head`) if it
-    /// has none; returns the generation it starts at. A database that holds another
+    /// has none; returns the generation it starts at, and whether this call started
+    /// it. A database that holds another
     /// store's log is refused: one database per store, so that a host made with
     /// `init` by mistake does not quietly start a second store beside the fleet's.
-    fn register(&mut self, generation: u64, head: &[u8]) -> Result<u64> {
+    fn register(&mut self, generation: u64, head: &[u8]) -> Result<(u64, bool)> {
         let g = to_i64(generation)?;
         let store_id = self.store_id.clone();
         let c = self.client()?;
@@ -342,17 +346,20 @@ impl PgLog {
                     .into(),
             ));
         }
-        c.execute(
-            "INSERT INTO tg_store (store_id, snapshot_gen, start_head) VALUES ($1, $2, $3)
-             ON CONFLICT (store_id) DO NOTHING",
-            &[&store_id, &g, &head],
-        )
-        .map_err(db("registering the store"))?;
+        let started = c
+            .execute(
+                "INSERT INTO tg_store (store_id, snapshot_gen, start_head) VALUES ($1, $2, $3)
+                 ON CONFLICT (store_id) DO NOTHING",
+                &[&store_id, &g, &head],
+            )
+            .map_err(db("registering the store"))?
+            == 1;
         let start: i64 = c
             .query_one("SELECT snapshot_gen FROM tg_store WHERE store_id = $1", &[&store_id])
             .and_then(|r| r.try_get(0))
             .map_err(db("registering the store"))?;
-        u64::try_from(start).map_err(|_| Error::integrity("reading where the fleet log starts"))
+        let start = u64::try_from(start).map_err(|_| Error::integrity("reading where the fleet log starts"))?;
+        Ok((start, started))
     }
 
     /// The connection and its prepared statements.
@@ -584,9 +591,27 @@ impl PgLog {
 /// before it commits here; a read older than `cfg.staleness` catches up first.
 /// Returns the generation reached.
 pub fn attach(guard: &TokenGuard, cfg: &LogConfig<'_>) -> Result<u64> {
+    join(guard, cfg, false)
+}
+
+/// As [`attach`], for a store that must start a new log (`migrate` into a fleet):
+/// refused, with nothing changed in the database, when the database already holds
+/// this store's log — the copy would be a second branch of the store beside it.
+pub fn start(guard: &TokenGuard, cfg: &LogConfig<'_>) -> Result<u64> {
+    join(guard, cfg, true)
+}
+
+fn join(guard: &TokenGuard, cfg: &LogConfig<'_>, new_log: bool) -> Result<u64> {
     let mut log = PgLog::connect(cfg, &guard.store_id())?;
     let (here, head) = guard.state_head()?;
-    let start = log.register(here, &head)?;
+    let (start, started) = log.register(here, &head)?;
+    if new_log && !started {
+        return Err(Error::Config(
+            "the fleet database already holds this store's log: a copy started there would be a second branch of \
+             the store. Migrate into a database without it, or join this host by copying a fleet host's store file"
+                .into(),
+        ));
+    }
     if start > here {
         return Err(Error::integrity(
             "joining the fleet log: it starts after this store's generation (a snapshot to load first; not built yet)",

@@ -416,3 +416,133 @@ fn hosts_killed_at_random_moments_lose_nothing_and_never_disagree() {
     eprintln!("{} writes: {acked} acknowledged, {landed} killed but in the log", written.len());
     assert!(acked > 0 && acked < written.len(), "the kills missed every moment that matters: {acked} acknowledged");
 }
+
+/// `env`'s config made into one whose `[store]` is at `store` (a new path), with
+/// `store_lines` added to it (a fleet's backend lines, or nothing for redb).
+fn config_at(env: &TestEnv, name: &str, store: &std::path::Path, store_lines: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let text = text.replace(&env.store_path.display().to_string(), &store.display().to_string());
+    let text = text.replace("busy_timeout_ms = 2000\n", &format!("busy_timeout_ms = 10000\n{store_lines}"));
+    let path = env.dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A redb store moves into a fleet and a fleet host's copy moves back out, with
+/// `migrate`: every kind of record arrives (raw secrets, token sets, a revocation,
+/// a shredded provider) and the audit chains verify on both sides; a second host
+/// joins the migrated store. Refused, with nothing left behind: a destination that
+/// exists, a database that already holds the store's log, roots that cannot open
+/// it, and a source whose file was edited.
+#[test]
+fn a_store_migrates_into_a_fleet_and_back_out_with_every_record_opened() {
+    let pg = PgServer::start("fleet-migrate");
+    pg.sql("postgres", "CREATE DATABASE tg");
+    let solo = TestEnv::new("migrate");
+    ok(&solo.run(&["init"], b""));
+    ok(&solo.run(&["put", "github", "ci-bot"], b"ghp-raw"));
+    ok(&solo
+        .run(&["put", "acme", "svc", "--expires-in", "1h"], br#"{"access_token": "at-0", "refresh_token": "rt-0"}"#));
+    ok(&solo.run(&["put", "github", "leaked"], b"gone"));
+    ok(&solo.run(&["revoke", "github", "leaked", "--reason", "leaked"], b""));
+    ok(&solo.run(&["put", "slack", "bot"], b"xoxb"));
+    ok(&solo.run(&["shred", "slack", "--yes"], b""));
+
+    let pw = solo.dir.join("pg-password");
+    common::write_0600(&pw, pg.password.as_bytes());
+    let fleet_lines = format!(
+        "backend = \"postgres\"\nurl = \"host={} dbname=tg user={}\"\npassword_source = \"file:{}\"\nfleet_staleness_ms = 0\n",
+        pg.socket_dir().display(),
+        common::postgres::USER,
+        pw.display()
+    );
+    let host_a_store = solo.dir.join("a").join("tokens.redb");
+    std::fs::create_dir_all(host_a_store.parent().unwrap()).unwrap();
+    let host_a_cfg = config_at(&solo, "host-a.toml", &host_a_store, &fleet_lines);
+    let host = |config_path: std::path::PathBuf, store_path: std::path::PathBuf| TestEnv {
+        dir: solo.dir.clone(),
+        key_label: solo.key_label.clone(),
+        config_path,
+        store_path,
+    };
+
+    // A source whose file was edited is refused before anything is made.
+    let saved = std::fs::read(&solo.store_path).unwrap();
+    {
+        use redb::TableDefinition;
+        const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
+        let db = common::raw_db(&solo.store_path);
+        let w = db.begin_write().unwrap();
+        w.open_table(TOKENS).unwrap().remove(("github", "ci-bot")).unwrap();
+        w.commit().unwrap();
+    }
+    let o = solo.run(&["migrate", "--to", host_a_cfg.to_str().unwrap()], b"");
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(!host_a_store.exists(), "an edited store was copied");
+    assert_eq!(pg.sql("tg", "SELECT count(*) FROM pg_tables WHERE tablename = 'tg_store'").trim(), "0");
+    std::fs::write(&solo.store_path, &saved).unwrap();
+
+    // Roots that cannot open the store (another store's root key): refused,
+    // nothing made.
+    let other = TestEnv::new("migrate-other");
+    ok(&other.run(&["init"], b""));
+    let wrong = config_at(&solo, "wrong-root.toml", &host_a_store, &fleet_lines);
+    let text = std::fs::read_to_string(&wrong).unwrap().replace(&solo.key_label, &other.key_label);
+    std::fs::write(&wrong, text).unwrap();
+    let o = solo.run(&["migrate", "--to", wrong.to_str().unwrap()], b"");
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("wrong root key"), "{}", stderr(&o));
+    assert!(!host_a_store.exists());
+
+    // Into the fleet.
+    let o = solo.run(&["migrate", "--to", host_a_cfg.to_str().unwrap()], b"");
+    ok(&o);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("migrated 3 tokens") && said.contains("all 2 records open there"), "{said}");
+    let a = host(host_a_cfg.clone(), host_a_store.clone());
+    let read = |env: &TestEnv, p: &str, n: &str| {
+        let o = env.run(&["get", p, n], b"");
+        (code(&o), String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    assert_eq!(read(&a, "github", "ci-bot"), (0, "ghp-raw".into()));
+    assert_eq!(read(&a, "acme", "svc"), (0, "at-0".into()));
+    assert_eq!(read(&a, "github", "leaked").0, 7, "a revocation survives the move");
+    assert_eq!(read(&a, "slack", "bot").0, read(&solo, "slack", "bot").0, "shredded stays shredded");
+    ok(&a.run(&["audit", "verify"], b""));
+    ok(&solo.run(&["audit", "verify"], b""));
+    let trail = String::from_utf8_lossy(&solo.run(&["audit", "list"], b"").stdout).to_string();
+    assert!(trail.contains("migrate"), "the source's trail says where it went: {trail}");
+
+    // A second host joins from a copy of the first's file; writes cross both ways.
+    let host_b_store = solo.dir.join("b").join("tokens.redb");
+    std::fs::create_dir_all(host_b_store.parent().unwrap()).unwrap();
+    std::fs::copy(&host_a_store, &host_b_store).unwrap();
+    let b = host(config_at(&solo, "host-b.toml", &host_b_store, &fleet_lines), host_b_store.clone());
+    ok(&b.run(&["put", "jira", "ops"], b"jira-b"));
+    assert_eq!(read(&a, "jira", "ops"), (0, "jira-b".into()));
+    assert_eq!(read(&b, "github", "ci-bot"), (0, "ghp-raw".into()));
+
+    // The same store into the same database again: a second branch beside the log.
+    let again_store = solo.dir.join("again.redb");
+    let again = config_at(&solo, "again.toml", &again_store, &fleet_lines);
+    let o = solo.run(&["migrate", "--to", again.to_str().unwrap()], b"");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("already holds this store's log"), "{}", stderr(&o));
+    assert!(!again_store.exists(), "the refused copy stayed behind");
+    // Onto an existing store.
+    let o = solo.run(&["migrate", "--to", host_a_cfg.to_str().unwrap()], b"");
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+
+    // Back out of the fleet, from host B's copy: host A's newest write included.
+    ok(&a.run(&["put", "github", "ci-bot"], b"ghp-rotated"));
+    let out_store = solo.dir.join("out").join("tokens.redb");
+    std::fs::create_dir_all(out_store.parent().unwrap()).unwrap();
+    let out = host(config_at(&solo, "out.toml", &out_store, ""), out_store.clone());
+    let o = b.run(&["migrate", "--to", out.config_path.to_str().unwrap()], b"");
+    ok(&o);
+    assert_eq!(read(&out, "github", "ci-bot"), (0, "ghp-rotated".into()));
+    assert_eq!(read(&out, "jira", "ops"), (0, "jira-b".into()));
+    assert_eq!(read(&out, "github", "leaked").0, 7);
+    ok(&out.run(&["audit", "verify"], b""));
+    ok(&b.run(&["audit", "verify"], b""));
+}

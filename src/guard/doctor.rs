@@ -76,14 +76,27 @@ impl Counters {
     }
 }
 
-/// What the record scan found.
-struct Scan {
-    records: usize,
-    shredded: usize,
-    bad: Vec<String>,
+/// What opening every record found ([`TokenGuard::open_every_record`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecordScan {
+    /// Records in the store.
+    pub records: usize,
+    /// Records under a provider's destroyed DEKs (`shred`): unrecoverable by design.
+    pub shredded: usize,
+    /// Records that do not open (`provider/name`).
+    pub bad: Vec<String>,
 }
 
+type Scan = RecordScan;
+
 impl TokenGuard {
+    /// Opens every record (and drops what it opened): the `doctor` scan, and
+    /// `migrate`'s check of its copy. Each record's plaintext lives only while it is
+    /// checked; none is returned.
+    pub fn open_every_record(&self) -> Result<RecordScan> {
+        self.inner.scan_records()
+    }
+
     /// Hardware calls made by this process so far.
     pub fn hardware_calls(&self) -> HardwareCalls {
         self.inner.counters.snapshot()

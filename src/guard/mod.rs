@@ -44,7 +44,7 @@ use crate::secret::{DekMaterial, Secret};
 use crate::store::CounterStatus;
 use crate::store::{DekState, RootPin, Store, StoreRead, StoreWrite};
 
-pub use doctor::{DekInfo, HardwareCalls, Stats};
+pub use doctor::{DekInfo, HardwareCalls, RecordScan, Stats};
 pub use journal::JournalStatus;
 pub(crate) use open::{check_hardware, unlock_key};
 pub use salvage::SalvageReport;

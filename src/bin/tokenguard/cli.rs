@@ -94,6 +94,14 @@ pub enum Command {
         /// Backup file.
         file: PathBuf,
     },
+    /// Copy the store into another configuration's new store — redb, or a fleet's
+    /// PostgreSQL log — and open every record there before saying yes.
+    Migrate {
+        /// The destination's configuration (its [store] and [[roots]]); its store
+        /// must not exist yet.
+        #[arg(long, value_name = "OTHER.toml")]
+        to: PathBuf,
+    },
     /// The tamper-evident audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),

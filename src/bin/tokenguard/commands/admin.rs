@@ -194,6 +194,31 @@ pub fn restore(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
     Ok(exit::OK)
 }
 
+pub fn migrate(ctx: &Ctx, to: &std::path::Path) -> Result<i32> {
+    let dest = tokenguard::Config::load(to)?;
+    let (g, m) = ctx.config.migrate_to(&dest, ctx.guard_options())?;
+    drop(g);
+    let s = &m.summary;
+    let mut text = format!(
+        "migrated {} tokens ({} DEK versions, {} tombstones, {} audit events) from {} to {}; all {} records open there",
+        s.tokens,
+        s.deks,
+        s.tombstones,
+        s.audit_events,
+        ctx.config.store_description(),
+        dest.store_description(),
+        m.records_opened
+    );
+    if m.shredded > 0 {
+        text.push_str(&format!(" ({} shredded records copied as they were)", m.shredded));
+    }
+    text.push_str(
+        "\nthe source keeps its tokens (its audit trail records the copy): stop using it, or the two stores part ways",
+    );
+    ctx.out(json!({"migrated": m, "from": ctx.config.store_description(), "to": dest.store_description()}), text)?;
+    Ok(exit::OK)
+}
+
 pub fn salvage(ctx: &Ctx, to: &std::path::Path, accept: bool) -> Result<i32> {
     let g = ctx.open_for_inspection(true)?;
     let state = g.state();
