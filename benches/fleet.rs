@@ -12,7 +12,11 @@
 //!   last look at the log is within its staleness bound (1 s);
 //! - `get/fleet-cold`: a `get` on a host with a zero bound (every read looks at the
 //!   log: one round trip, nothing new), against `select/raw`, one prepared `SELECT`
-//!   of a batch-sized row by key.
+//!   of a batch-sized row by key;
+//! - `get/fleet-listening`: a warm `get` on a host with a notification listener;
+//! - `visible/listener`: from another host's `put` returning to the first `get` on
+//!   the listening host that answers the new value (the notification's delivery,
+//!   then one look).
 #![allow(missing_docs, clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -45,7 +49,7 @@ fn bench(c: &mut Criterion) {
         |d: &std::path::Path| -> Box<dyn RootKey> { Box::new(SoftRoot::open_or_create(&d.join("root.key")).unwrap()) };
     let start = dir.path().join("start.redb");
     drop(TokenGuard::create(&start, StoreOptions::default(), vec![root(dir.path())], opts()).unwrap());
-    for h in ["plain", "a", "b", "warm", "cold"] {
+    for h in ["plain", "a", "b", "warm", "cold", "listening"] {
         std::fs::copy(&start, dir.path().join(format!("{h}.redb"))).unwrap();
     }
     let open = |h: &str| {
@@ -60,6 +64,7 @@ fn bench(c: &mut Criterion) {
         ca_file: None,
         timeout: Duration::from_secs(10),
         staleness: Duration::from_secs(3600),
+        listen: false,
     };
     let plain = open("plain");
     let host = |h: &str, staleness: Duration| {
@@ -134,6 +139,31 @@ fn bench(c: &mut Criterion) {
     g.bench_function("get/redb", |bn| bn.iter(|| read(&plain)));
     g.bench_function("get/fleet", |bn| bn.iter(|| read(&warm)));
     g.bench_function("get/fleet-cold", |bn| bn.iter(|| read(&cold)));
+    // A host that listens: its warm `get`, and how soon it sees another host's
+    // `put` (timed from the `put`'s return to the first `get` that answers it).
+    let listening = open("listening");
+    attach(&listening, &LogConfig { staleness: Duration::from_secs(1), listen: true, ..cfg }).unwrap();
+    read(&listening);
+    g.bench_function("get/fleet-listening", |bn| bn.iter(|| read(&listening)));
+    let seen = |g: &TokenGuard, value: &[u8]| {
+        g.get_field("github", "visible", None, GetOptions::default()).is_ok_and(|(s, _)| s.expose() == value)
+    };
+    g.bench_function("visible/listener", |bn| {
+        bn.iter_custom(|n| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..n {
+                i += 1;
+                let value = format!("v{i}");
+                a.put("github", "visible", Secret::raw(value.clone().into_bytes()), PutOptions::default()).unwrap();
+                let t = Instant::now();
+                while !seen(&listening, value.as_bytes()) {
+                    std::hint::spin_loop();
+                }
+                spent += t.elapsed();
+            }
+            spent
+        })
+    });
     g.bench_function("select/raw", |bn| {
         bn.iter(|| {
             let row = client.query_one(&select, &[&(k / 2)]).unwrap();

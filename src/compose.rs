@@ -218,6 +218,7 @@ impl Config {
                     ca_file: self.store.ca_file.as_deref(),
                     timeout: Duration::from_millis(self.store.busy_timeout_ms.max(1)),
                     staleness: Duration::from_millis(self.store.fleet_staleness_ms),
+                    listen: self.fleet_listener,
                 };
                 if new_log { crate::fleet::start(g, &cfg) } else { crate::fleet::attach(g, &cfg) }.map(drop)
             }

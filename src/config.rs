@@ -58,6 +58,15 @@ pub struct Config {
     /// COMMAND`), offered to every `age` root whose recipient is theirs.
     #[serde(skip)]
     pub recovered_identities: Vec<std::sync::Arc<crate::root::age::AgeIdentity>>,
+    /// With `backend = "postgres"`: keep a notification listener beside the log's
+    /// connection (`crate::fleet::LogConfig::listen`). On by default, for services;
+    /// the CLI turns it off for its one-shot commands.
+    #[serde(skip_deserializing, default = "listen_by_default")]
+    pub fleet_listener: bool,
+}
+
+fn listen_by_default() -> bool {
+    true
 }
 
 /// `[store]`.

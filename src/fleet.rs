@@ -30,9 +30,13 @@
 //! A store moves in and out of a fleet with `migrate` ([`start`] begins the log of
 //! its copy; `crate::compose`'s `migrate_to`).
 //!
-//! Not yet here (docs/FLEET-DESIGN.md, "Status"): the notification listener (the
-//! bound is kept by reads that look), snapshots in the database (a new host starts
-//! from a copy of a host's store file).
+//! Every batch's insert notifies the store's channel; a long-running process keeps
+//! a listener ([`LogConfig::listen`]) that makes a read look as soon as another
+//! host's batch is committed, and vouches for the copy between looks while its
+//! heartbeats come back (`store::redb_store::link`'s `Watch` holds the rule).
+//!
+//! Not yet here (docs/FLEET-DESIGN.md, "Status"): snapshots in the database (a new
+//! host starts from a copy of a host's store file).
 
 use std::time::Duration;
 
@@ -42,6 +46,7 @@ use postgres::{Client, NoTls};
 use crate::error::{Error, Result};
 use crate::guard::TokenGuard;
 use crate::secret::SecretBytes;
+use crate::store::redb_store::Watch;
 use crate::store::redb_store::txn::Batch;
 
 /// The schema versions this build applies, in order. A database at a later version
@@ -103,6 +108,12 @@ pub struct LogConfig<'a> {
     /// A read answers from the local copy while its last look at the log is younger
     /// than this; otherwise it looks first (one round trip), or fails.
     pub staleness: Duration,
+    /// Keep a second connection that `LISTEN`s for other hosts' batches, so that a
+    /// read sees them one notification after their commit instead of at the bound
+    /// (and the bound runs from the listener's last heartbeat, not the last look).
+    /// For a process that lives longer than the bound; a one-shot command (the
+    /// CLI's) has no use for it.
+    pub listen: bool,
 }
 
 impl std::fmt::Debug for LogConfig<'_> {
@@ -114,6 +125,7 @@ impl std::fmt::Debug for LogConfig<'_> {
             .field("ca_file", &self.ca_file)
             .field("timeout", &self.timeout)
             .field("staleness", &self.staleness)
+            .field("listen", &self.listen)
             .finish()
     }
 }
@@ -133,9 +145,7 @@ fn db(operation: &'static str) -> impl Fn(postgres::Error) -> Error {
 /// restart, a network failure) — but never inside a write's transaction: a host
 /// recovers without being restarted, and no write runs half under the lock.
 struct PgLog {
-    config: postgres::Config,
-    /// TLS for a host reached over TCP; `None` for a Unix socket.
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    dialer: Dialer,
     client: Option<Client>,
     store_id: Vec<u8>,
     /// The second key of this store's advisory lock.
@@ -165,14 +175,29 @@ const SINCE: &str = "WITH e AS (SELECT greatest((SELECT max(gen) FROM tg_batches
       ORDER BY b.gen";
 
 /// A batch at `$2` with its head `$6`, only where the log holds head `$5` at `$4`
-/// (the batch there, or where it starts).
-const INSERT: &str = "INSERT INTO tg_batches (store_id, gen, batch, head)
-     SELECT $1, $2, $3, $6
-      WHERE EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen = $4 AND head = $5)
-         OR EXISTS (SELECT 1 FROM tg_store WHERE store_id = $1 AND snapshot_gen = $4 AND start_head = $5)";
+/// (the batch there, or where it starts); and, in the same statement, a
+/// notification on channel `$7` naming the generation, delivered to every listening
+/// host when the write's transaction commits. One row when inserted.
+const INSERT: &str = "WITH ins AS (
+         INSERT INTO tg_batches (store_id, gen, batch, head)
+         SELECT $1, $2, $3, $6
+          WHERE EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen = $4 AND head = $5)
+             OR EXISTS (SELECT 1 FROM tg_store WHERE store_id = $1 AND snapshot_gen = $4 AND start_head = $5)
+         RETURNING gen)
+     SELECT pg_notify($7, gen::text) FROM ins";
 
-impl PgLog {
-    fn connect(cfg: &LogConfig<'_>, store_id: &[u8]) -> Result<PgLog> {
+/// How to reach the database: the parsed and checked connection settings, and TLS
+/// for a host reached over TCP. Cloned for the notification listener.
+#[derive(Clone)]
+struct Dialer {
+    config: postgres::Config,
+    /// `None` for a Unix socket.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Dialer {
+    /// Checks `cfg` (no password in the URL, TLS for TCP, …) and prepares it.
+    fn new(cfg: &LogConfig<'_>) -> Result<Dialer> {
         let mut pg: postgres::Config =
             cfg.url.parse().map_err(|e| Error::Config(format!("the fleet database URL does not parse: {e}")))?;
         if pg.get_password().is_some() {
@@ -237,9 +262,36 @@ impl PgLog {
             "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
             ms * 2
         ));
+        Ok(Dialer { config: pg, tls })
+    }
+
+    /// A new connection.
+    fn dial(&self) -> Result<Client> {
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        };
+        connected.map_err(|e| match e.code() {
+            // A wrong password or user is the configuration's fault, not an outage.
+            Some(c) if c.code().starts_with("28") => Error::Config(format!(
+                "the fleet database refused the credentials: {}",
+                e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
+            )),
+            // So is a certificate that does not verify, or a server without TLS.
+            None if tls_failure(&e) => Error::Config(format!("TLS to the fleet database failed: {}", chain(&e))),
+            _ => db("connecting")(e),
+        })
+    }
+}
+
+impl PgLog {
+    fn connect(cfg: &LogConfig<'_>, store_id: &[u8]) -> Result<PgLog> {
+        Self::on(Dialer::new(cfg)?, store_id)
+    }
+
+    fn on(dialer: Dialer, store_id: &[u8]) -> Result<PgLog> {
         let lock_key = store_id.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map_or(0, i32::from_be_bytes);
-        let mut log =
-            PgLog { config: pg, tls, client: None, store_id: store_id.to_vec(), lock_key, locked: false, stmts: None };
+        let mut log = PgLog { dialer, client: None, store_id: store_id.to_vec(), lock_key, locked: false, stmts: None };
         log.migrate()?;
         Ok(log)
     }
@@ -256,21 +308,7 @@ impl PgLog {
                 });
             }
             self.client = None;
-            let connected = match &self.tls {
-                Some(tls) => self.config.connect(tls.clone()),
-                None => self.config.connect(NoTls),
-            };
-            let c = connected.map_err(|e| match e.code() {
-                // A wrong password or user is the configuration's fault, not an outage.
-                Some(c) if c.code().starts_with("28") => Error::Config(format!(
-                    "the fleet database refused the credentials: {}",
-                    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
-                )),
-                // So is a certificate that does not verify, or a server without TLS.
-                None if tls_failure(&e) => Error::Config(format!("TLS to the fleet database failed: {}", chain(&e))),
-                _ => db("connecting")(e),
-            })?;
-            self.client = Some(c);
+            self.client = Some(self.dialer.dial()?);
             self.stmts = None;
         }
         self.client.as_mut().ok_or_else(|| Error::Database { operation: "connecting", detail: "no connection".into() })
@@ -386,7 +424,8 @@ impl PgLog {
         let store_id = self.store_id.clone();
         let (c, st) = self.ready()?;
         let after = batch.after;
-        match c.execute(&st.insert, &[&store_id, &a, &batch.bytes, &b, &batch.prev_head, &batch.head]) {
+        let channel = channel(&store_id);
+        match c.execute(&st.insert, &[&store_id, &a, &batch.bytes, &b, &batch.prev_head, &batch.head, &channel]) {
             Ok(1) => Ok(()),
             Ok(_) => Err(Error::integrity(
                 "appending to the fleet log: it does not hold, at the generation this write built on, the state this \
@@ -510,6 +549,17 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The notification channel of a store's log: `tg_` and its id in hex (within
+/// PostgreSQL's 63-byte identifiers).
+fn channel(store_id: &[u8]) -> String {
+    let mut c = String::with_capacity(3 + 2 * store_id.len());
+    c.push_str("tg_");
+    for b in store_id {
+        c.push_str(&format!("{b:02x}"));
+    }
+    c
+}
+
 fn to_i64(g: u64) -> Result<i64> {
     i64::try_from(g).map_err(|_| Error::integrity("a generation beyond the log's range"))
 }
@@ -580,7 +630,7 @@ impl PgLog {
     }
 
     fn timeout_ms(&self) -> u64 {
-        self.config.get_connect_timeout().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        self.dialer.config.get_connect_timeout().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 }
 
@@ -617,8 +667,93 @@ fn join(guard: &TokenGuard, cfg: &LogConfig<'_>, new_log: bool) -> Result<u64> {
             "joining the fleet log: it starts after this store's generation (a snapshot to load first; not built yet)",
         ));
     }
-    guard.attach_log(Box::new(log), cfg.staleness)?;
+    let listener = listener_for(cfg, &log.dialer, &guard.store_id());
+    guard.attach_log(Box::new(log), cfg.staleness, listener)?;
     guard.sync()
+}
+
+/// The notification listener of a store with staleness bound `bound`, when `cfg`
+/// asks for one; none for a bound of zero (every read looks) or none at all.
+fn listener_for(cfg: &LogConfig<'_>, dialer: &Dialer, store_id: &[u8]) -> Option<crate::store::redb_store::Starter> {
+    let bound = cfg.staleness;
+    if !cfg.listen || bound.is_zero() || bound == Duration::MAX {
+        return None;
+    }
+    let mut dialer = dialer.clone();
+    dialer.config.application_name("tokenguard-listen");
+    let channel = channel(store_id);
+    Some(Box::new(move |watch| {
+        let spawned = std::thread::Builder::new()
+            .name("tg-fleet-listen".into())
+            .spawn(move || listen(&dialer, &channel, &watch, bound));
+        if let Err(e) = spawned {
+            // Reads keep the staleness bound without it.
+            tracing::warn!(error = %e, "the fleet listener could not start; reads keep the staleness bound");
+        }
+    }))
+}
+
+/// The listener's thread: `LISTEN`s on the store's channel, hears each batch's
+/// generation, and proves the connection alive with a round trip every half bound
+/// (at most 5 s), connecting again after a loss. Ends when the store is gone.
+fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound: Duration) {
+    use postgres::fallible_iterator::FallibleIterator;
+    let beat = (bound / 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    let mut retry = Duration::from_millis(50);
+    loop {
+        let listened = (|| -> Result<()> {
+            let mut client = dialer.dial()?;
+            client.batch_execute(&format!("LISTEN \"{channel}\"")).map_err(db("listening for batches"))?;
+            match watch.upgrade() {
+                Some(w) => w.started(crate::clock::boot_ms()),
+                None => return Ok(()),
+            }
+            let mut beaten = std::time::Instant::now();
+            loop {
+                let got = client.notifications().timeout_iter(beat.saturating_sub(beaten.elapsed())).next();
+                let Some(w) = watch.upgrade() else { return Ok(()) };
+                match got.map_err(db("listening for batches"))? {
+                    Some(n) => hear(&w, channel, &n),
+                    None if client.is_closed() => {
+                        return Err(Error::Database { operation: "listening for batches", detail: "closed".into() });
+                    }
+                    None => {}
+                }
+                if beaten.elapsed() >= beat {
+                    let at = crate::clock::boot_ms();
+                    beaten = std::time::Instant::now();
+                    client.simple_query("SELECT 1").map_err(db("listening for batches"))?;
+                    // What the round trip delivered is heard before it vouches.
+                    let mut notifications = client.notifications();
+                    let mut pending = notifications.iter();
+                    while let Some(n) = pending.next().map_err(db("listening for batches"))? {
+                        hear(&w, channel, &n);
+                    }
+                    w.alive(at);
+                }
+            }
+        })();
+        let Some(w) = watch.upgrade() else { return };
+        w.lost();
+        drop(w);
+        if let Err(e) = listened {
+            tracing::debug!(error = %e, "the fleet listener lost its connection; reads keep the staleness bound");
+        }
+        std::thread::sleep(retry);
+        retry = (retry * 2).min(beat.max(Duration::from_millis(50)));
+        if watch.strong_count() == 0 {
+            return;
+        }
+    }
+}
+
+/// A notification on `channel` naming a generation; anything else is ignored (any
+/// role that may connect can notify: at most it makes reads look).
+fn hear(watch: &Watch, channel: &str, n: &postgres::Notification) {
+    match n.payload().parse::<u64>() {
+        Ok(generation) if n.channel() == channel => watch.heard(generation),
+        _ => tracing::debug!("a notification that names no generation, ignored"),
+    }
 }
 
 #[cfg(test)]

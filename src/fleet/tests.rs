@@ -56,6 +56,7 @@ impl Rig {
             ca_file: None,
             timeout: Duration::from_secs(5),
             staleness: NEVER,
+            listen: false,
         }
     }
 
@@ -365,7 +366,7 @@ fn a_host_that_does_not_see_the_newest_batch_cannot_fork_the_log() {
     let a = rig.host("a");
     let b = rig.open("b");
     let blind = Blind(rig.log(&b));
-    b.attach_log(Box::new(blind), NEVER).unwrap();
+    b.attach_log(Box::new(blind), NEVER, None).unwrap();
     put(&a, "github", "ci", "from_a");
     let at = generation(&b);
     let err = b.put("slack", "bot", raw("from_b"), PutOptions::default()).unwrap_err();
@@ -397,6 +398,88 @@ fn a_read_older_than_the_staleness_bound_looks_at_the_log_first() {
     assert_eq!(get(&now, "github", "ci").unwrap(), b"two");
     std::thread::sleep(Duration::from_millis(350));
     assert_eq!(get(&bounded, "github", "ci").unwrap(), b"two");
+}
+
+/// A host with a notification listener sees another host's write one notification
+/// after its commit, long before its staleness bound; a listener whose connection
+/// is cut connects again and the host looks before it answers; a listener whose
+/// server stops answering (the socket open: a partition) stops vouching after the
+/// bound, so the read looks; a forged notification changes no answer.
+#[test]
+fn a_listening_host_sees_writes_at_once_and_keeps_the_bound_when_cut_off() {
+    let rig = Rig::new("fleet-listen");
+    let a = rig.host("a");
+    let bound = Duration::from_secs(4);
+    let b = rig.open("b");
+    super::attach(&b, &LogConfig { staleness: bound, listen: true, ..rig.config() }).unwrap();
+    let listener = |not: &str| {
+        let t = std::time::Instant::now();
+        loop {
+            let pid = rig
+                .pg
+                .sql("tg", "SELECT pid FROM pg_stat_activity WHERE application_name = 'tokenguard-listen'")
+                .trim()
+                .to_string();
+            if !pid.is_empty() && pid != not {
+                return pid;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no listener connected");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Seen by `b` within half the bound, or never by the notification.
+    let seen = |value: &str| {
+        let t = std::time::Instant::now();
+        while get(&b, "github", "ci").unwrap() != value.as_bytes() {
+            assert!(t.elapsed() < bound / 2, "{value} not seen within half the bound");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        t.elapsed()
+    };
+    put(&a, "github", "ci", "zero");
+    let first = listener("");
+    assert_eq!(get(&b, "github", "ci").unwrap(), b"zero");
+    put(&a, "github", "ci", "one");
+    eprintln!("seen through the listener after {:?}", seen("one"));
+
+    // The listening connection cut: the listener connects again, and the host looks
+    // before it answers (what was committed meanwhile was heard by nobody).
+    rig.pg.sql("tg", &format!("SELECT pg_terminate_backend({first})"));
+    put(&a, "github", "ci", "two");
+    seen("two");
+    let second = listener(&first);
+
+    // The listener's server stops answering with its socket open: its heartbeat does
+    // not come back, and past the bound the host looks at every read again.
+    let stop = |signal: &str| {
+        let ok = std::process::Command::new("kill").args([signal, &second]).status().unwrap().success();
+        assert!(ok, "kill {signal} {second}");
+    };
+    stop("-STOP");
+    struct Cont<F: Fn(&str)>(F);
+    impl<F: Fn(&str)> Drop for Cont<F> {
+        fn drop(&mut self) {
+            (self.0)("-CONT");
+        }
+    }
+    let _cont = Cont(stop);
+    std::thread::sleep(bound + Duration::from_millis(300));
+    put(&a, "github", "ci", "three");
+    assert_eq!(get(&b, "github", "ci").unwrap(), b"three", "a silent listener vouched past the bound");
+    drop(_cont);
+
+    // Forged notifications (any role that may connect can send them): no answer
+    // changes, and the host goes on reading and writing.
+    let channel = super::channel(&b.store_id());
+    rig.pg.sql("tg", &format!("SELECT pg_notify('{channel}', '999999999'), pg_notify('{channel}', 'junk')"));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(get(&b, "github", "ci").unwrap(), b"three");
+    put(&b, "github", "ci", "four");
+    assert_eq!(get(&a, "github", "ci").unwrap(), b"three", "a reads within its own bound (never)");
+    a.sync().unwrap();
+    assert_eq!(get(&a, "github", "ci").unwrap(), b"four");
+    put(&a, "github", "ci", "five");
+    seen("five");
 }
 
 #[test]
@@ -539,7 +622,14 @@ fn over_tcp_the_log_is_reached_with_verified_tls_only() {
     let tcp = format!("{} sslmode=disable", url("localhost"));
     let socket = url(&socket_dir);
     fn tls_cfg<'a>(url: &'a str, ca_file: Option<&'a Path>, password: &'a SecretBytes) -> LogConfig<'a> {
-        LogConfig { url, password: Some(password), ca_file, timeout: Duration::from_secs(5), staleness: NEVER }
+        LogConfig {
+            url,
+            password: Some(password),
+            ca_file,
+            timeout: Duration::from_secs(5),
+            staleness: NEVER,
+            listen: false,
+        }
     }
     let cfg = |url, ca| tls_cfg(url, ca, &password);
     let a = host("a");
@@ -600,7 +690,7 @@ fn a_write_the_log_took_but_the_host_did_not_commit_is_not_lost() {
     put(&a, "github", "ci", "one");
     drop(a);
     let a = rig.open("a0");
-    a.attach_log(Box::new(DiesAfterAppend(rig.log(&a))), NEVER).unwrap();
+    a.attach_log(Box::new(DiesAfterAppend(rig.log(&a))), NEVER, None).unwrap();
     a.sync().unwrap();
     let at = generation(&a);
     assert!(a.put("github", "ci", raw("two"), PutOptions::default()).is_err());

@@ -76,8 +76,13 @@ impl TokenGuard {
     /// here; a read catches up first when the last look at the log is older than
     /// `staleness`. Once per guard.
     #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
-    pub(crate) fn attach_log(&self, log: Box<dyn Log>, staleness: std::time::Duration) -> Result<()> {
-        self.inner.store.set_link(Link::new(log, self.follower(), staleness))
+    pub(crate) fn attach_log(
+        &self,
+        log: Box<dyn Log>,
+        staleness: std::time::Duration,
+        listener: Option<crate::store::redb_store::Starter>,
+    ) -> Result<()> {
+        self.inner.store.set_link(Link::new(log, self.follower(), staleness, listener))
     }
 
     /// Hands every later write's sealed batch to `sink` before the write commits

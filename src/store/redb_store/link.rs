@@ -9,7 +9,9 @@
 //!   across the fleet as in one store;
 //! - **a read** of a store whose last look at the log is older than the staleness
 //!   bound catches up first (one round trip), or fails: a read never answers from a
-//!   copy older than the bound.
+//!   copy older than the bound. With a notification listener ([`Watch`]), a read
+//!   looks as soon as another host's batch is heard of, and the bound runs from the
+//!   listener's last heartbeat when that is newer than the last look.
 //!
 //! The log itself (PostgreSQL) is in `crate::fleet`; the state logic stays here, in
 //! one place, for every kind of write.
@@ -53,6 +55,62 @@ pub(crate) trait Follower: Send + Sync {
     fn committed(&self, out: &CaughtUp) -> Result<()>;
 }
 
+/// What a host's notification listener has heard (docs/FLEET-DESIGN.md, "Coherence
+/// and its bound"): written by the listener (`crate::fleet`), read by every read of
+/// the store. The listener holds a connection that `LISTEN`s on the store's channel;
+/// every batch's insert notifies it at commit, naming the batch's generation.
+///
+/// A read may then answer from the copy past the staleness bound's "last look", up
+/// to the listener's last heartbeat — a round trip on the listening connection that
+/// came back, so every notification of a batch committed before it had been
+/// delivered — as long as the listener has been listening since before the copy's
+/// last look and no notification names a generation beyond the copy's. The bound
+/// itself still holds from the heartbeat: a listener cut off without a closed socket
+/// stops extending it.
+#[derive(Default)]
+pub(crate) struct Watch {
+    /// Counts the times the listener started listening (a new connection); 0:
+    /// never. A copy whose last look came before the latest start looks again.
+    starts: AtomicU64,
+    /// Listening now.
+    listening: std::sync::atomic::AtomicBool,
+    /// `boot_ms` at the start of the last heartbeat that came back.
+    alive_ms: AtomicU64,
+    /// The highest generation a notification named.
+    notified: AtomicU64,
+}
+
+// Kept by `crate::fleet`'s listener (feature `postgres`).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+impl Watch {
+    /// The listener listens (again), on a new connection, as of `at_ms`.
+    pub(crate) fn started(&self, at_ms: u64) {
+        self.alive_ms.store(at_ms, Ordering::Release);
+        self.starts.fetch_add(1, Ordering::AcqRel);
+        self.listening.store(true, Ordering::Release);
+    }
+
+    /// A notification named `generation`.
+    pub(crate) fn heard(&self, generation: u64) {
+        self.notified.fetch_max(generation, Ordering::AcqRel);
+    }
+
+    /// A heartbeat that started at `at_ms` came back (and what it delivered was
+    /// heard first).
+    pub(crate) fn alive(&self, at_ms: u64) {
+        self.alive_ms.fetch_max(at_ms, Ordering::AcqRel);
+    }
+
+    /// The listening connection is gone: reads fall back to the staleness bound.
+    pub(crate) fn lost(&self) {
+        self.listening.store(false, Ordering::Release);
+    }
+}
+
+/// Starts a notification listener that keeps the given [`Watch`] (and stops once
+/// the watch is dropped): called once, when the link is made.
+pub(crate) type Starter = Box<dyn FnOnce(std::sync::Weak<Watch>) + Send>;
+
 /// A store's link to the fleet log.
 pub(crate) struct Link {
     log: parking_lot::Mutex<Box<dyn Log>>,
@@ -63,15 +121,42 @@ pub(crate) struct Link {
     /// `clock::boot_ms` of the last time this copy was known to be the log's
     /// newest (0: never).
     synced_ms: AtomicU64,
+    /// What the notification listener heard, if the log has one.
+    watch: Option<Arc<Watch>>,
+    /// The copy's generation as of its last look or append (never above the copy's).
+    known_gen: AtomicU64,
+    /// `watch.starts` as it was when the copy's last look (or locked write) began.
+    look_start: AtomicU64,
+}
+
+/// What a look began with: the listener's start count and the highest generation
+/// it had heard of.
+#[derive(Clone, Copy)]
+struct LookMark {
+    starts: u64,
+    notified: u64,
 }
 
 impl Link {
-    pub(crate) fn new(log: Box<dyn Log>, follower: Arc<dyn Follower>, staleness: std::time::Duration) -> Link {
+    pub(crate) fn new(
+        log: Box<dyn Log>,
+        follower: Arc<dyn Follower>,
+        staleness: std::time::Duration,
+        listener: Option<Starter>,
+    ) -> Link {
+        let watch = listener.map(|start| {
+            let w = Arc::default();
+            start(Arc::downgrade(&w));
+            w
+        });
         Link {
             log: parking_lot::Mutex::new(log),
             follower,
             staleness_ms: u64::try_from(staleness.as_millis()).unwrap_or(u64::MAX),
             synced_ms: AtomicU64::new(0),
+            watch,
+            known_gen: AtomicU64::new(0),
+            look_start: AtomicU64::new(0),
         }
     }
 
@@ -101,15 +186,59 @@ impl Link {
                 Ok(())
             }
         }
-        Link::new(Box::new(Recording(sink)), Arc::new(Nobody), std::time::Duration::MAX)
+        Link::new(Box::new(Recording(sink)), Arc::new(Nobody), std::time::Duration::MAX, None)
     }
 
+    /// Whether a read must look at the log first.
     fn stale(&self) -> bool {
-        self.staleness_ms != u64::MAX
-            && crate::clock::boot_ms().saturating_sub(self.synced_ms.load(Ordering::Acquire)) >= self.staleness_ms
+        if self.staleness_ms == u64::MAX {
+            return false;
+        }
+        let mut fresh = self.synced_ms.load(Ordering::Acquire);
+        if let Some(w) = &self.watch {
+            // Loaded before what it vouches for: a heartbeat is recorded after the
+            // notifications it delivered.
+            let alive = w.alive_ms.load(Ordering::Acquire);
+            let starts = w.starts.load(Ordering::Acquire);
+            if starts != self.look_start.load(Ordering::Acquire) {
+                // The listener started (again) since the last look: what was
+                // committed while nobody listened is unknown. Look now.
+                return true;
+            }
+            if w.notified.load(Ordering::Acquire) > self.known_gen.load(Ordering::Acquire) {
+                // Another host's batch this copy lacks.
+                return true;
+            }
+            if w.listening.load(Ordering::Acquire) {
+                fresh = fresh.max(alive);
+            }
+        }
+        crate::clock::boot_ms().saturating_sub(fresh) >= self.staleness_ms
     }
 
-    fn synced_at(&self, ms: u64) {
+    /// What a look that begins now must record when it ends.
+    fn mark(&self) -> LookMark {
+        match &self.watch {
+            Some(w) => {
+                LookMark { starts: w.starts.load(Ordering::Acquire), notified: w.notified.load(Ordering::Acquire) }
+            }
+            None => LookMark { starts: 0, notified: 0 },
+        }
+    }
+
+    /// A look (or a locked write) that began at `ms` with `mark` found the log's end
+    /// at `generation`, and the copy is there.
+    fn synced_at(&self, ms: u64, mark: LookMark, generation: u64) {
+        self.known_gen.fetch_max(generation, Ordering::AcqRel);
+        self.look_start.fetch_max(mark.starts, Ordering::AcqRel);
+        if let Some(w) = &self.watch
+            && mark.notified > generation
+        {
+            // Heard before the look began, yet beyond the log's end: no batch's
+            // commit sent it (any role that may connect can notify). Forgotten, or
+            // it would make every read look; a newer one heard meanwhile stays.
+            let _ = w.notified.compare_exchange(mark.notified, generation, Ordering::AcqRel, Ordering::Acquire);
+        }
         self.synced_ms.fetch_max(ms, Ordering::AcqRel);
     }
 }
@@ -120,6 +249,7 @@ pub(super) struct Held<'a> {
     link: &'a Link,
     /// `boot_ms` when the lock was granted: the copy is the log's newest from then.
     locked_ms: u64,
+    mark: LookMark,
     open: bool,
 }
 
@@ -134,7 +264,7 @@ impl Held<'_> {
             self.link.synced_ms.store(0, Ordering::Release);
             return Err(e);
         }
-        self.link.synced_at(self.locked_ms);
+        self.link.synced_at(self.locked_ms, self.mark, batch.after);
         Ok(())
     }
 }
@@ -211,10 +341,10 @@ impl Store {
         if stale_at_call && !link.stale() {
             return self.head_generation();
         }
-        let started = crate::clock::boot_ms();
+        let (started, mark) = (crate::clock::boot_ms(), link.mark());
         let mut log = link.log.lock();
         let out = self.catch_up_pages(link, &mut log)?;
-        link.synced_at(started);
+        link.synced_at(started, mark, out.after);
         Ok(out.after)
     }
 
@@ -225,8 +355,9 @@ impl Store {
     pub(super) fn lock_log(&self) -> Result<Option<Held<'_>>> {
         let Some(link) = self.link.get() else { return Ok(None) };
         let mut log = link.log.lock();
+        let mark = link.mark();
         log.lock()?;
-        let mut held = Held { log, link, locked_ms: crate::clock::boot_ms(), open: true };
+        let mut held = Held { log, link, locked_ms: crate::clock::boot_ms(), mark, open: true };
         let out = self.catch_up_pages(link, &mut held.log)?;
         if out.rekeyed {
             return Err(Error::FleetConflict { generation: out.after });

@@ -11,7 +11,9 @@ mod snapshots;
 pub(crate) mod txn;
 mod write;
 
-pub(crate) use link::{Follower, Link, Log};
+#[cfg(feature = "postgres")]
+pub(crate) use link::Watch;
+pub(crate) use link::{Follower, Link, Log, Starter};
 pub(crate) use txn::WriteTxn;
 
 use std::fs;

@@ -280,6 +280,10 @@ fn run_with(cli: Cli, recovered: Vec<std::sync::Arc<tokenguard::root::age::AgeId
     }
     let (mut config, config_path) = load_config(cli.config.as_ref())?;
     config.recovered_identities = recovered;
+    // A one-shot command looks at the fleet log when it starts and ends within the
+    // staleness bound: a listening connection would only cost the database a
+    // backend. `refresh --watch` lives on, and keeps one.
+    config.fleet_listener = matches!(&cli.command, Command::Refresh(a) if a.watch);
     let ctx = Ctx { config, config_path, json: cli.json, direct: cli.direct, degraded: Default::default() };
     let code = match cli.command {
         Command::InitToken(_) | Command::Completions { .. } | Command::Man | Command::Recovery(_) => {
