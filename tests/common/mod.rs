@@ -44,7 +44,7 @@ pub fn module_path() -> PathBuf {
     panic!("SoftHSM2 is not installed: run ./softhsm-setup.sh --deps-only (tests never skip a missing component)");
 }
 
-fn tmp_base() -> PathBuf {
+pub fn tmp_base() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
 }
 
