@@ -176,9 +176,21 @@ impl Config {
     /// As [`Config::open_guard`], with `opts` (e.g. [`Config::guard_options`] with an
     /// actor set).
     pub fn open_guard_with(&self, opts: GuardOptions) -> Result<TokenGuard> {
-        let roots = self.build_roots(RootUse::Open)?;
-        let g = TokenGuard::open(&self.store.path, self.store_options(), roots, opts)?;
-        self.join_fleet(&g)?;
+        let open = |opts: GuardOptions| -> Result<TokenGuard> {
+            let roots = self.build_roots(RootUse::Open)?;
+            let g = TokenGuard::open(&self.store.path, self.store_options(), roots, opts)?;
+            self.join_fleet(&g)?;
+            Ok(g)
+        };
+        let mut g = open(opts.clone())?;
+        // A fleet copy whose first look brought a roots change made on another host
+        // (`root add`, `root remove`): this handle was opened with the pins from
+        // before, and writes nothing. Opened once more, it follows the change — or,
+        // its own root removed, is refused as any open with a wrong root is.
+        if g.roots_moved()? {
+            drop(g);
+            g = open(opts)?;
+        }
         self.install_refreshers(&g)?;
         Ok(g)
     }

@@ -546,3 +546,72 @@ fn a_store_migrates_into_a_fleet_and_back_out_with_every_record_opened() {
     ok(&out.run(&["audit", "verify"], b""));
     ok(&b.run(&["audit", "verify"], b""));
 }
+
+/// Per-host roots: a host whose own root (here its own key; its own HSM or TPM in
+/// production) is enrolled with `root add` by a host that already has access, and
+/// which then starts from a copy of the store file made after the enrolment, reads
+/// and writes with that root alone — except what must wrap a key for every pinned
+/// root (a provider's first data key, a roots change), which it refuses with the
+/// missing root named and an admin host holding every root does. Removing its root
+/// rotates the keys: it reads nothing after that, not even from a fresh copy of the
+/// file, while the other hosts go on.
+#[test]
+fn a_host_with_its_own_root_joins_and_its_removal_locks_it_out() {
+    let f = Fleet::new("fleet-roots", "");
+    ok(&f.run(0, &["put", "github", "before"], b"ghp-before"));
+    let shared = f.hosts[0].key_label.clone();
+    let own_label = format!("{shared}-host1");
+    let host0 = std::fs::read_to_string(&f.hosts[0].config_path).unwrap();
+    let root_entry = host0[host0.find("[[roots]]").unwrap()..].to_string();
+    let own_root = root_entry.replace(&shared, &own_label);
+    let root_file = f.hosts[1].dir.join("own-root.toml");
+    std::fs::write(&root_file, &own_root).unwrap();
+    // Enrolled from host 0 (the key is made in the token): through the log. Host 0
+    // is the admin host from then on: it names both roots.
+    ok(&f.run(0, &["root", "add", "--root-config", root_file.to_str().unwrap()], b""));
+    std::fs::write(&f.hosts[0].config_path, format!("{host0}{own_root}")).unwrap();
+
+    // Host 1's configuration names its own root only, and it starts from a copy of
+    // the store file made after the enrolment.
+    let h1 = &f.hosts[1];
+    let text = std::fs::read_to_string(&h1.config_path).unwrap();
+    std::fs::write(&h1.config_path, format!("{}{own_root}", &text[..text.find("[[roots]]").unwrap()])).unwrap();
+    std::fs::copy(&f.hosts[0].store_path, &h1.store_path).unwrap();
+    assert_eq!(f.get(1, "github", "before").unwrap(), "ghp-before");
+    ok(&f.run(1, &["put", "github", "from-host1"], b"ghp-1"));
+    assert_eq!(f.get(2, "github", "from-host1").unwrap(), "ghp-1");
+    // A provider's first data key must be wrapped for every pinned root: refused
+    // here, with the missing root named; the admin host makes it.
+    let o = f.run(1, &["put", "slack", "bot"], b"xoxb");
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("needs every pinned root") && stderr(&o).contains(&shared), "{}", stderr(&o));
+    ok(&f.run(0, &["put", "slack", "first"], b"xoxb-0"));
+    ok(&f.run(1, &["put", "slack", "bot"], b"xoxb"));
+    assert_eq!(f.get(2, "slack", "bot").unwrap(), "xoxb");
+
+    // Removed (from the admin host): every key rotates, and host 1 reads nothing.
+    let roots: serde_json::Value = serde_json::from_slice(&f.run(0, &["--json", "root", "list"], b"").stdout).unwrap();
+    let id = roots
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["description"].as_str().unwrap().contains(&own_label))
+        .map(|r| r["root_id"].to_string())
+        .unwrap();
+    ok(&f.run(0, &["root", "remove", &id], b""));
+    ok(&f.run(2, &["put", "github", "after"], b"ghp-after"));
+    for (name, secret) in [("before", "ghp-before"), ("after", "ghp-after"), ("from-host1", "ghp-1")] {
+        let o = f.run(1, &["get", "github", name], b"");
+        assert_eq!(code(&o), 4, "host 1 after its root was removed, {name}: {}", stderr(&o));
+        assert!(!String::from_utf8_lossy(&o.stdout).contains(secret));
+    }
+    std::fs::copy(&f.hosts[0].store_path, &h1.store_path).unwrap();
+    let o = f.run(1, &["get", "github", "after"], b"");
+    assert_eq!(code(&o), 4, "a fresh copy opened with the removed root: {}", stderr(&o));
+    assert!(stderr(&o).contains("wrong root key"), "{}", stderr(&o));
+    for h in [0, 2] {
+        assert_eq!(f.get(h, "github", "after").unwrap(), "ghp-after");
+        assert_eq!(f.get(h, "slack", "bot").unwrap(), "xoxb");
+        ok(&f.run(h, &["audit", "verify"], b""));
+    }
+}

@@ -155,6 +155,13 @@ impl TokenGuard {
         followed
     }
 
+    /// Whether the store's pinned roots are no longer those this guard opened with
+    /// (a fleet copy that caught up a roots change made on another host): the
+    /// guard writes nothing, and must be opened again to follow.
+    pub fn roots_moved(&self) -> Result<bool> {
+        Ok(self.inner.store.read()?.meta()?.roots != self.inner.pins)
+    }
+
     /// The store's state head as it is now: its generation (MAC checked) and its
     /// encoded bytes.
     #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
