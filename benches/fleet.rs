@@ -13,6 +13,12 @@
 //! - `get/fleet-cold`: a `get` on a host with a zero bound (every read looks at the
 //!   log: one round trip, nothing new), against `select/raw`, one prepared `SELECT`
 //!   of a batch-sized row by key;
+//! - `put_many_1000/redb`, `put_many_1000/fleet`: 1,000 tokens in one `put_many`,
+//!   against `insert_many_1000/raw`, one batched `INSERT … ON CONFLICT` of 1,000
+//!   rows holding together as many bytes as the `put_many`'s batch;
+//! - `refresh/seen-by-listening-host`: a refresh on one host (the lease and the
+//!   answer each a write through the log; a provider that answers at once) until a
+//!   listening host answers the new token;
 //! - `get/fleet-listening`: a warm `get` on a host with a notification listener;
 //! - `visible/listener`: from another host's `put` returning to the first `get` on
 //!   the listening host that answers the new value (the notification's delivery,
@@ -27,11 +33,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tokenguard::fleet::{LogConfig, attach};
+use tokenguard::guard::refresh::{RefreshError, RefreshedTokens, Refresher};
 use tokenguard::root::RootKey;
 use tokenguard::root::soft::SoftRoot;
 use tokenguard::secret::SecretBytes;
 use tokenguard::store::StoreOptions;
-use tokenguard::{GetOptions, GuardOptions, PutOptions, Secret, TokenGuard};
+use tokenguard::{GetOptions, GuardOptions, PutItem, PutOptions, Secret, TokenGuard, TokenSet};
 
 fn opts() -> GuardOptions {
     GuardOptions { require_hardware: false, ..Default::default() }
@@ -164,14 +171,89 @@ fn bench(c: &mut Criterion) {
             spent
         })
     });
+    // A refresh on host A, with a provider that answers at once (this measures the
+    // fleet's part: the lease taken through the log, the answer committed through
+    // it, and the listening host B applying it), until B answers the new token.
+    struct Instant1(std::sync::atomic::AtomicU64);
+    impl Refresher for Instant1 {
+        fn refresh(&self, _: &str, _: &str, _: &TokenSet) -> Result<RefreshedTokens, RefreshError> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            Ok(RefreshedTokens {
+                tokens: TokenSet::new()
+                    .with("access_token", SecretBytes::from_slice(format!("at-{n}").as_bytes()))
+                    .with("refresh_token", SecretBytes::from_slice(format!("rt-{n}").as_bytes())),
+                expires_in: Some(3600),
+                token_type: None,
+                scopes: None,
+            })
+        }
+    }
+    a.set_refresher("acme", std::sync::Arc::new(Instant1(Default::default())));
+    let set = TokenSet::new()
+        .with("access_token", SecretBytes::from_slice(b"at-0"))
+        .with("refresh_token", SecretBytes::from_slice(b"rt-0"));
+    a.put("acme", "svc", Secret::TokenSet(set), PutOptions::default()).unwrap();
+    g.bench_function("refresh/seen-by-listening-host", |bn| {
+        bn.iter_custom(|n| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..n {
+                let t = Instant::now();
+                let (fresh, _) = a.refresh_now("acme", "svc").unwrap();
+                let want = fresh.field(Some("access_token")).unwrap().expose().to_vec();
+                while !listening
+                    .get_field("acme", "svc", Some("access_token"), GetOptions::default())
+                    .is_ok_and(|(s, _)| s.expose() == want.as_slice())
+                {
+                    std::hint::spin_loop();
+                }
+                spent += t.elapsed();
+            }
+            spent
+        })
+    });
     g.bench_function("select/raw", |bn| {
         bn.iter(|| {
             let row = client.query_one(&select, &[&(k / 2)]).unwrap();
             assert_eq!(row.get::<_, Vec<u8>>(0).len(), size);
         })
     });
+    // Last: the stores hold 1,000 more tokens after it.
+    // 1,000 tokens in one `put_many`, on the lone store and on a host of the log,
+    // against one batched `INSERT … ON CONFLICT` of 1,000 rows of a sealed record's
+    // size (the floor of writing them to PostgreSQL at all).
+    let many = |prefix: &str| {
+        (0..1000)
+            .map(|j| PutItem {
+                provider: "github".into(),
+                name: format!("{prefix}{j}"),
+                secret: secret(),
+                options: PutOptions::default(),
+            })
+            .collect::<Vec<_>>()
+    };
+    g.sample_size(10);
+    g.bench_function("put_many_1000/redb", |bn| bn.iter(|| plain.put_many(many("m")).unwrap()));
+    g.bench_function("put_many_1000/fleet", |bn| bn.iter(|| a.put_many(many("m")).unwrap()));
+    // The same bytes as the `put_many`'s batch, in 1,000 rows.
+    let many_size: usize = server
+        .sql("tg", "SELECT octet_length(batch) FROM tg_batches ORDER BY gen DESC LIMIT 1")
+        .trim()
+        .parse()
+        .unwrap();
+    let record = many_size / 1000;
+    server.sql("tg", "CREATE TABLE floor_many (k text PRIMARY KEY, v bytea NOT NULL)");
+    let upsert = client
+        .prepare(
+            "INSERT INTO floor_many (k, v) SELECT * FROM unnest($1::text[], $2::bytea[])
+             ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+        )
+        .unwrap();
+    let keys: Vec<String> = (0..1000).map(|j| format!("m{j}")).collect();
+    let values: Vec<Vec<u8>> = (0..1000).map(|_| vec![0x5au8; record]).collect();
+    g.bench_function("insert_many_1000/raw", |bn| bn.iter(|| client.execute(&upsert, &[&keys, &values]).unwrap()));
+    g.sample_size(50);
     g.finish();
-    eprintln!("fleet: one put's sealed batch is {size} bytes");
+    eprintln!("fleet: one put's sealed batch is {size} bytes; a put_many of 1,000's is {many_size}");
 }
 
 criterion_group!(benches, bench);

@@ -239,8 +239,20 @@ pub fn restore_bytes(
     drop(Store::create(store_path, store_opts, &meta, key, crate::clock::now(), |txn| txn.load(&d))?);
     // A restore is a deliberate step back: the new store is bound to the rollback
     // counter (if one is configured) at its current value.
-    let guard = TokenGuard::open_inner(store_path, store_opts, roots, opts, true)?;
     let (action, from) = event;
-    guard.store().write(|txn| guard.audit_in(txn, action, format!("{} tokens from {from}", summary.tokens)))?;
-    Ok((guard, summary))
+    let opened = TokenGuard::open_inner(store_path, store_opts, roots, opts, true).and_then(|guard| {
+        guard.store().write(|txn| guard.audit_in(txn, action, format!("{} tokens from {from}", summary.tokens)))?;
+        Ok(guard)
+    });
+    match opened {
+        Ok(guard) => Ok((guard, summary)),
+        Err(e) => {
+            // The file is this call's own (created new above): a restore that did
+            // not finish leaves none behind.
+            if let Err(r) = fs::remove_file(store_path) {
+                tracing::error!(path = %store_path.display(), error = %r, "the unfinished restore could not be removed");
+            }
+            Err(e)
+        }
+    }
 }

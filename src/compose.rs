@@ -258,14 +258,16 @@ impl Config {
 
     /// `tokenguard migrate --to`: copies this configuration's store into `to`'s new
     /// store — a redb file, or a copy that starts a fleet log in `to`'s database —
-    /// and opens every record there under `to`'s roots before it says yes.
+    /// and opens every record there under `to`'s roots before it says yes. The
+    /// source's audit trail names the copy before it is made (and a refusal after
+    /// it, best effort).
     ///
     /// The copy is a sealed backup held in memory (docs/FORMAT.md): the source's
     /// state is verified before it is read, the backup's MAC is checked under `to`'s
     /// roots before anything is written, and the records, keys, tombstones and audit
     /// chain arrive as the same bytes, so every AAD and rule holds unchanged. Nothing
     /// is left at `to`'s store path when the copy is refused. The source is left as
-    /// it was, plus a `migrate` event in its audit trail: stop writing to it, or the
+    /// it was, plus `migrate` events in its audit trail: stop writing to it, or the
     /// two stores part ways (the copy keeps the store id; a copy written to apart from
     /// its log is refused by the fleet, docs/FLEET-DESIGN.md).
     pub fn migrate_to(&self, to: &Config, opts: GuardOptions) -> Result<(TokenGuard, Migration)> {
@@ -280,9 +282,31 @@ impl Config {
         if !before.bad.is_empty() {
             return Err(Error::integrity("migrating a store with records that do not open (see `tokenguard doctor`)"));
         }
-        let roots = to.build_roots(RootUse::Open)?;
+        // The source's trail says where its tokens went before anything is made
+        // there: a copy never exists that the source's audit trail does not name.
+        let to_desc = to.store_description();
+        src.store().write(|txn| src.audit_in(txn, "migrate", format!("{} tokens to {to_desc}", summary.tokens)))?;
+        let refused = |why: &Error| {
+            let note = format!("not completed: {why}");
+            if let Err(e) = src.store().write(|txn| src.audit_in(txn, "migrate", note.clone())) {
+                tracing::error!(error = %e, "the source's audit trail could not record the refused migration");
+            }
+        };
+        let roots = match to.build_roots(RootUse::Open) {
+            Ok(r) => r,
+            Err(e) => {
+                refused(&e);
+                return Err(e);
+            }
+        };
         let from = self.store_description();
-        let (dst, _) = backup::restore_bytes(&bytes, ("migrate", &from), dest, to.store_options(), roots, opts)?;
+        let (dst, _) = match backup::restore_bytes(&bytes, ("migrate", &from), dest, to.store_options(), roots, opts) {
+            Ok(x) => x,
+            Err(e) => {
+                refused(&e);
+                return Err(e);
+            }
+        };
         drop(bytes);
         // Every record opened before the copy starts a log: a refused copy leaves the
         // database as it was.
@@ -306,11 +330,10 @@ impl Config {
                 if let Err(e) = removed {
                     tracing::error!(path = %dest.display(), error = %e, "the refused copy could not be removed");
                 }
+                refused(&why);
                 return Err(why);
             }
         };
-        let to_desc = to.store_description();
-        src.store().write(|txn| src.audit_in(txn, "migrate", format!("{} tokens to {to_desc}", summary.tokens)))?;
         Ok((dst, Migration { summary, records_opened: after.records - after.shredded, shredded: after.shredded }))
     }
 

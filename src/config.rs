@@ -387,6 +387,20 @@ impl Config {
             }
             _ => {}
         }
+        if c.store.backend == StoreBackend::Postgres
+            && c.roots.iter().any(|r| match r {
+                RootConfig::Pkcs11(p) => p.counter_label.is_some(),
+                RootConfig::Tpm(t) => t.nv_counter.is_some(),
+                _ => false,
+            })
+        {
+            // Refused here, before any open binds a hardware counter to the store.
+            return Err(Error::Config(
+                "a rollback counter (counter_label / nv_counter) with backend = \"postgres\" is not supported yet: \
+                 the fleet log keeps the store's order (docs/FLEET-DESIGN.md)"
+                    .into(),
+            ));
+        }
         c.base_dir = base_dir.to_owned();
         c.store.path = resolve_path(base_dir, &c.store.path);
         c.store.ca_file = c.store.ca_file.as_deref().map(|p| resolve_path(base_dir, p));

@@ -255,6 +255,9 @@ impl Dialer {
         if let Some(p) = cfg.password {
             pg.password(p.expose());
         }
+        // The log lives on the primary: a standby (a URL listing several hosts)
+        // would show a lagging log, and take no insert.
+        pg.target_session_attrs(postgres::config::TargetSessionAttrs::ReadWrite);
         let ms = cfg.timeout.as_millis().max(1);
         // A peer that stops answering (a partition) fails the connection's writes
         // after the timeout, not after the kernel's fifteen minutes.
@@ -371,7 +374,12 @@ impl PgLog {
     fn register(&mut self, generation: u64, head: &[u8]) -> Result<(u64, bool)> {
         let g = to_i64(generation)?;
         let store_id = self.store_id.clone();
-        let c = self.client()?;
+        let mut t = self.client()?.transaction().map_err(db("registering the store"))?;
+        // The check and the insert as one step: two stores started at once on an
+        // empty database cannot both register.
+        t.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_SCHEMA.0, &LOCK_SCHEMA.1])
+            .map_err(db("registering the store"))?;
+        let c = &mut t;
         let others: i64 = c
             .query_one("SELECT count(*) FROM tg_store WHERE store_id <> $1", &[&store_id])
             .and_then(|r| r.try_get(0))
@@ -396,8 +404,23 @@ impl PgLog {
             .query_one("SELECT snapshot_gen FROM tg_store WHERE store_id = $1", &[&store_id])
             .and_then(|r| r.try_get(0))
             .map_err(db("registering the store"))?;
+        t.commit().map_err(db("registering the store"))?;
         let start = u64::try_from(start).map_err(|_| Error::integrity("reading where the fleet log starts"))?;
         Ok((start, started))
+    }
+
+    /// Takes back a log this process just started ([`register`] said so) and that
+    /// holds no batch yet: a `migrate` refused after it registered leaves the
+    /// database as it was. Best effort (the role may not delete: then it says so).
+    fn unregister(&mut self) -> Result<()> {
+        let store_id = self.store_id.clone();
+        self.client()?
+            .execute(
+                "DELETE FROM tg_store WHERE store_id = $1 AND NOT EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1)",
+                &[&store_id],
+            )
+            .map(drop)
+            .map_err(db("taking back the log this migration started"))
     }
 
     /// The connection and its prepared statements.
@@ -652,6 +675,9 @@ pub fn start(guard: &TokenGuard, cfg: &LogConfig<'_>) -> Result<u64> {
 }
 
 fn join(guard: &TokenGuard, cfg: &LogConfig<'_>, new_log: bool) -> Result<u64> {
+    // What the store itself refuses (a read journal, a rollback counter), before
+    // anything is written to the database.
+    guard.check_linkable()?;
     let mut log = PgLog::connect(cfg, &guard.store_id())?;
     let (here, head) = guard.state_head()?;
     let (start, started) = log.register(here, &head)?;
@@ -668,8 +694,19 @@ fn join(guard: &TokenGuard, cfg: &LogConfig<'_>, new_log: bool) -> Result<u64> {
         ));
     }
     let listener = listener_for(cfg, &log.dialer, &guard.store_id());
-    guard.attach_log(Box::new(log), cfg.staleness, listener)?;
-    guard.sync()
+    let dialer = log.dialer.clone();
+    let joined = guard.attach_log(Box::new(log), cfg.staleness, listener).and_then(|()| guard.sync());
+    if new_log
+        && started
+        && let Err(e) = &joined
+    {
+        // Refused after it registered: the new log is taken back.
+        let back = PgLog::on(dialer, &guard.store_id()).and_then(|mut log| log.unregister());
+        if let Err(b) = back {
+            tracing::error!(error = %b, after = %e, "the log this migration started could not be taken back");
+        }
+    }
+    joined
 }
 
 /// The notification listener of a store with staleness bound `bound`, when `cfg`
@@ -694,8 +731,9 @@ fn listener_for(cfg: &LogConfig<'_>, dialer: &Dialer, store_id: &[u8]) -> Option
 }
 
 /// The listener's thread: `LISTEN`s on the store's channel, hears each batch's
-/// generation, and proves the connection alive with a round trip every half bound
-/// (at most 5 s), connecting again after a loss. Ends when the store is gone.
+/// generation, and proves every half bound (at most 5 s) with a round trip that its
+/// backend still listens on the channel, connecting again after a loss. Ends when
+/// the store is gone (within one heartbeat).
 fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound: Duration) {
     use postgres::fallible_iterator::FallibleIterator;
     let beat = (bound / 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
@@ -722,7 +760,18 @@ fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound:
                 if beaten.elapsed() >= beat {
                     let at = crate::clock::boot_ms();
                     beaten = std::time::Instant::now();
-                    client.simple_query("SELECT 1").map_err(db("listening for batches"))?;
+                    // Proves that this very backend still listens (a pooler that
+                    // moved the session, a server that dropped it, would not).
+                    let listening: bool = client
+                        .query_one("SELECT $1 = ANY(pg_listening_channels())", &[&channel])
+                        .and_then(|r| r.try_get(0))
+                        .map_err(db("listening for batches"))?;
+                    if !listening {
+                        return Err(Error::Database {
+                            operation: "listening for batches",
+                            detail: "the connection no longer listens".into(),
+                        });
+                    }
                     // What the round trip delivered is heard before it vouches.
                     let mut notifications = client.notifications();
                     let mut pending = notifications.iter();

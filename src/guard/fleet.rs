@@ -155,6 +155,13 @@ impl TokenGuard {
         followed
     }
 
+    /// Refuses a store that cannot join a fleet log (a read journal, a rollback
+    /// counter), before anything is written to the log's database.
+    #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
+    pub(crate) fn check_linkable(&self) -> Result<()> {
+        self.inner.store.check_linkable()
+    }
+
     /// Whether the store's pinned roots are no longer those this guard opened with
     /// (a fleet copy that caught up a roots change made on another host): the
     /// guard writes nothing, and must be opened again to follow.

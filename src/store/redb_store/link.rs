@@ -78,6 +78,10 @@ pub(crate) struct Watch {
     alive_ms: AtomicU64,
     /// The highest generation a notification named.
     notified: AtomicU64,
+    /// Notifications heard, ever; with `notified`, changed only under this lock (a
+    /// read loads `notified` alone): a look forgets a forged generation only when
+    /// nothing was heard since it began.
+    heard: parking_lot::Mutex<u64>,
 }
 
 // Kept by `crate::fleet`'s listener (feature `postgres`).
@@ -85,14 +89,18 @@ pub(crate) struct Watch {
 impl Watch {
     /// The listener listens (again), on a new connection, as of `at_ms`.
     pub(crate) fn started(&self, at_ms: u64) {
-        self.alive_ms.store(at_ms, Ordering::Release);
+        // The start first: a read that sees the new heartbeat time sees it too (it
+        // loads them in the other order), and looks.
         self.starts.fetch_add(1, Ordering::AcqRel);
+        self.alive_ms.store(at_ms, Ordering::Release);
         self.listening.store(true, Ordering::Release);
     }
 
     /// A notification named `generation`.
     pub(crate) fn heard(&self, generation: u64) {
+        let mut heard = self.heard.lock();
         self.notified.fetch_max(generation, Ordering::AcqRel);
+        *heard += 1;
     }
 
     /// A heartbeat that started at `at_ms` came back (and what it delivered was
@@ -127,14 +135,19 @@ pub(crate) struct Link {
     known_gen: AtomicU64,
     /// `watch.starts` as it was when the copy's last look (or locked write) began.
     look_start: AtomicU64,
+    /// The copy may lack what the log holds (a local commit failed after its batch
+    /// reached the log, or the append's answer was lost): the next read looks,
+    /// whatever the bound and the listener say.
+    must_look: std::sync::atomic::AtomicBool,
 }
 
-/// What a look began with: the listener's start count and the highest generation
-/// it had heard of.
+/// What a look began with: the listener's start count, the highest generation it
+/// had heard of, and how many notifications it had heard.
 #[derive(Clone, Copy)]
 struct LookMark {
     starts: u64,
     notified: u64,
+    heard: u64,
 }
 
 impl Link {
@@ -157,6 +170,7 @@ impl Link {
             watch,
             known_gen: AtomicU64::new(0),
             look_start: AtomicU64::new(0),
+            must_look: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -194,6 +208,9 @@ impl Link {
         if self.staleness_ms == u64::MAX {
             return false;
         }
+        if self.must_look.load(Ordering::Acquire) {
+            return true;
+        }
         let mut fresh = self.synced_ms.load(Ordering::Acquire);
         if let Some(w) = &self.watch {
             // Loaded before what it vouches for: a heartbeat is recorded after the
@@ -216,13 +233,23 @@ impl Link {
         crate::clock::boot_ms().saturating_sub(fresh) >= self.staleness_ms
     }
 
+    /// The next read looks, whatever the bound and the listener say.
+    fn look_next(&self) {
+        self.must_look.store(true, Ordering::Release);
+    }
+
     /// What a look that begins now must record when it ends.
     fn mark(&self) -> LookMark {
         match &self.watch {
             Some(w) => {
-                LookMark { starts: w.starts.load(Ordering::Acquire), notified: w.notified.load(Ordering::Acquire) }
+                let heard = w.heard.lock();
+                LookMark {
+                    starts: w.starts.load(Ordering::Acquire),
+                    notified: w.notified.load(Ordering::Acquire),
+                    heard: *heard,
+                }
             }
-            None => LookMark { starts: 0, notified: 0 },
+            None => LookMark { starts: 0, notified: 0, heard: 0 },
         }
     }
 
@@ -236,9 +263,15 @@ impl Link {
         {
             // Heard before the look began, yet beyond the log's end: no batch's
             // commit sent it (any role that may connect can notify). Forgotten, or
-            // it would make every read look; a newer one heard meanwhile stays.
-            let _ = w.notified.compare_exchange(mark.notified, generation, Ordering::AcqRel, Ordering::Acquire);
+            // it would make every read look — but only if nothing at all was heard
+            // since the look began: a real batch's notification heard meanwhile
+            // may name a generation below the forged one, and must not be lost.
+            let heard = w.heard.lock();
+            if *heard == mark.heard {
+                w.notified.store(generation, Ordering::Release);
+            }
         }
+        self.must_look.store(false, Ordering::Release);
         self.synced_ms.fetch_max(ms, Ordering::AcqRel);
     }
 }
@@ -261,7 +294,7 @@ impl Held<'_> {
         if let Err(e) = self.log.append(batch) {
             // The log may hold the batch all the same (its answer lost): the next
             // read looks, whatever the bound.
-            self.link.synced_ms.store(0, Ordering::Release);
+            self.link.look_next();
             return Err(e);
         }
         self.link.synced_at(self.locked_ms, self.mark, batch.after);
@@ -304,6 +337,13 @@ impl Store {
     /// Once per store; refused for a store with a read journal or a rollback counter
     /// (both must move under the fleet's lock: not built).
     pub(crate) fn set_link(&self, link: Link) -> Result<()> {
+        self.check_linkable()?;
+        self.link.set(link).map_err(|_| Error::Config("this store is joined to a fleet log already".into()))
+    }
+
+    /// Refuses what a fleet store does not support yet: a read journal or a
+    /// rollback counter (both must move under the fleet's lock: not built).
+    pub(crate) fn check_linkable(&self) -> Result<()> {
         if self.journal.lock().is_some() || self.counter_root().is_some() {
             return Err(Error::Config(
                 "a fleet store with a read journal (the agent's durable read audit) or a rollback counter is not \
@@ -311,13 +351,13 @@ impl Store {
                     .into(),
             ));
         }
-        self.link.set(link).map_err(|_| Error::Config("this store is joined to a fleet log already".into()))
+        Ok(())
     }
 
     /// The copy is no longer known to be the log's newest: the next read looks.
     pub(super) fn unsync(&self) {
         if let Some(link) = self.link.get() {
-            link.synced_ms.store(0, Ordering::Release);
+            link.look_next();
         }
     }
 
@@ -392,5 +432,107 @@ impl Store {
                 return Ok(sum);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The rules of [`Link::stale`] with a listener, driven by hand: what the
+    //! listener heard and when, against what the copy's looks found.
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::{Arc, Weak};
+    use std::time::Duration;
+
+    use super::*;
+
+    struct NoLog;
+    impl Log for NoLog {
+        fn lock(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn since(&mut self, _: u64, _: &[u8]) -> Result<(Vec<Vec<u8>>, bool)> {
+            Ok((Vec::new(), false))
+        }
+        fn append(&mut self, _: &Batch) -> Result<()> {
+            Ok(())
+        }
+        fn release(&mut self) {}
+    }
+    struct NoFollower;
+    impl Follower for NoFollower {
+        fn unlock(&self, _: &WriteTxn) -> Result<StateKey> {
+            Err(Error::integrity("not in these tests"))
+        }
+        fn committed(&self, _: &CaughtUp) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A link with a 60 s bound and a listener whose watch the test keeps, the
+    /// listener up and the copy just looked (at generation 5).
+    fn listening() -> (Link, Arc<Watch>) {
+        let slot: Arc<parking_lot::Mutex<Option<Weak<Watch>>>> = Arc::default();
+        let keep = slot.clone();
+        let link = Link::new(
+            Box::new(NoLog),
+            Arc::new(NoFollower),
+            Duration::from_secs(60),
+            Some(Box::new(move |w| *keep.lock() = Some(w))),
+        );
+        let w = slot.lock().take().unwrap().upgrade().unwrap();
+        w.started(crate::clock::boot_ms());
+        assert!(link.stale(), "a listener that started since the last look: look first");
+        look(&link, 5);
+        w.alive(crate::clock::boot_ms());
+        assert!(!link.stale());
+        (link, w)
+    }
+
+    fn look(link: &Link, reached: u64) {
+        let mark = link.mark();
+        link.synced_at(crate::clock::boot_ms(), mark, reached);
+    }
+
+    #[test]
+    fn a_forged_generation_never_erases_a_real_one_heard_during_a_look() {
+        let (link, w) = listening();
+        w.heard(1_000_000);
+        assert!(link.stale());
+        // A look begins; a real batch (6) is committed and heard during it; the
+        // look's snapshot ended at 5.
+        let mark = link.mark();
+        w.heard(6);
+        link.synced_at(crate::clock::boot_ms(), mark, 5);
+        w.alive(crate::clock::boot_ms());
+        assert!(link.stale(), "the notification of batch 6 was erased with the forged one");
+        // A look that reaches 6, with nothing heard meanwhile, forgets the forgery.
+        look(&link, 6);
+        assert!(!link.stale(), "a forged generation makes every read look");
+    }
+
+    #[test]
+    fn a_failed_local_commit_or_a_lost_append_answer_makes_the_next_read_look() {
+        let (link, w) = listening();
+        // The append reached the log (generation 6 recorded), the local commit failed.
+        look(&link, 6);
+        link.look_next();
+        w.alive(crate::clock::boot_ms());
+        assert!(link.stale(), "the listener vouched for a copy that lacks its own batch");
+        look(&link, 6);
+        assert!(!link.stale());
+    }
+
+    #[test]
+    fn a_listener_that_reconnects_or_goes_quiet_stops_vouching() {
+        let (link, w) = listening();
+        w.lost();
+        w.started(crate::clock::boot_ms());
+        assert!(link.stale(), "what was committed while nobody listened was heard by nobody");
+        look(&link, 5);
+        assert!(!link.stale());
+        // Lost, and not back: the plain bound from the last look (60 s) holds.
+        w.lost();
+        assert!(!link.stale());
     }
 }

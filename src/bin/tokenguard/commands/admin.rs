@@ -195,7 +195,9 @@ pub fn restore(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
 }
 
 pub fn migrate(ctx: &Ctx, to: &std::path::Path) -> Result<i32> {
-    let dest = tokenguard::Config::load(to)?;
+    let mut dest = tokenguard::Config::load(to)?;
+    // One-shot, as every CLI command: no fleet listener.
+    dest.fleet_listener = false;
     let (g, m) = ctx.config.migrate_to(&dest, ctx.guard_options())?;
     drop(g);
     let s = &m.summary;
