@@ -695,7 +695,11 @@ fn join(guard: &TokenGuard, cfg: &LogConfig<'_>, new_log: bool) -> Result<u64> {
     }
     let listener = listener_for(cfg, &log.dialer, &guard.store_id());
     let dialer = log.dialer.clone();
-    let joined = guard.attach_log(Box::new(log), cfg.staleness, listener).and_then(|()| guard.sync());
+    let joined = guard
+        .attach_log(Box::new(log), cfg.staleness, listener)
+        .and_then(|()| guard.sync())
+        // Joined: from now on the file is opened only with its log.
+        .and_then(|g| guard.mark_fleet_member().map(|()| g));
     if new_log
         && started
         && let Err(e) = &joined

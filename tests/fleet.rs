@@ -183,6 +183,33 @@ fn three_hosts_write_at_once_read_everywhere_and_survive_the_database_and_its_ad
     assert_eq!(f.get(2, "github", "h0-1").unwrap(), "rewritten");
     ok(&f.run(2, &["audit", "verify"], b""));
 
+    // A host's copy opened without its log (a configuration that says redb): it
+    // reads nothing (a revocation it has not seen would be served) and writes
+    // nothing (the fleet would never see it); refused with what to do instead.
+    let host = &f.hosts[1];
+    let text = std::fs::read_to_string(&host.config_path).unwrap();
+    let lone: String = text
+        .lines()
+        .filter(|l| {
+            !["backend = \"postgres\"", "url = ", "password_source = ", "fleet_staleness_ms"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&host.config_path, lone).unwrap();
+    for (args, stdin) in [(&["get", "github", "h1-1"][..], &b""[..]), (&["put", "github", "lone"][..], &b"x"[..])] {
+        let o = host.run(args, stdin);
+        assert_eq!(code(&o), 8, "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("fleet host's copy") && stderr(&o).contains("migrate"), "{}", stderr(&o));
+        assert!(o.stdout.is_empty());
+    }
+    std::fs::write(&host.config_path, text).unwrap();
+    assert_eq!(f.get(1, "github", "h1-1").unwrap(), "secret-1-1", "the copy goes on with its log");
+    for h in 0..3 {
+        assert_eq!(f.get(h, "github", "lone").unwrap_err().0, 3, "the refused put reached host {h}");
+    }
+
     // A password is never typed at a prompt on a fleet host.
     let host = &f.hosts[1];
     let text = std::fs::read_to_string(&host.config_path).unwrap();

@@ -250,6 +250,26 @@ fn a_copy_written_outside_the_log_is_refused_and_cannot_fork_it() {
     let rig = Rig::new("fleet-diverged");
     let a = rig.host("a");
     drop(rig.host("b"));
+    // A handle of b's copy that is not joined to the log reads and writes nothing.
+    let stray = rig.open("b");
+    let refused = stray.put("github", "outside", raw("x"), PutOptions::default()).unwrap_err();
+    assert_eq!(refused.exit_code(), exit::CONFIG, "{refused}");
+    assert!(refused.to_string().contains("fleet host's copy"), "{refused}");
+    assert_eq!(get(&stray, "github", "anything").unwrap_err().exit_code(), exit::CONFIG);
+    drop(stray);
+    // A writer of the file that removes the mark and writes outside the log: the
+    // log's own checks refuse the copy at its next look.
+    {
+        let mut b = redb::Builder::new();
+        b.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
+        let db = b.open(rig.path("b")).unwrap();
+        let w = db.begin_write().unwrap();
+        {
+            let def: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+            assert!(w.open_table(def).unwrap().remove("fleet_member").unwrap().is_some(), "b's copy was not marked");
+        }
+        w.commit().unwrap();
+    }
     let stray = rig.open("b");
     put(&stray, "github", "outside", "x");
     drop(stray);

@@ -155,6 +155,12 @@ impl TokenGuard {
         followed
     }
 
+    /// Marks the store file as a fleet host's copy (see `Store::mark_fleet_member`).
+    #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
+    pub(crate) fn mark_fleet_member(&self) -> Result<()> {
+        self.inner.store.mark_fleet_member()
+    }
+
     /// Refuses a store that cannot join a fleet log (a read journal, a rollback
     /// counter), before anything is written to the log's database.
     #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]

@@ -207,6 +207,9 @@ impl TokenGuard {
             inner.store.block_writes_unfolded(e.to_string());
         }
         Counters::add(&inner.counters.unwraps, 1);
+        // From here on, a fleet host's copy reads and writes only once joined to its
+        // log (`crate::fleet::attach`).
+        inner.store.arm_member_check()?;
         tracing::debug!(path = %path.display(), "opened store; integrity key unwrapped");
         Ok(TokenGuard { inner: Arc::new(inner) })
     }

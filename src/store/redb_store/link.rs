@@ -19,8 +19,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use redb::{ReadableDatabase, ReadableTable};
+
 use super::txn::{Batch, WriteTxn};
-use super::{CaughtUp, Store};
+use super::{CaughtUp, Store, engine};
 use crate::error::{Error, Result};
 use crate::store::state::StateKey;
 
@@ -339,6 +341,54 @@ impl Store {
     pub(crate) fn set_link(&self, link: Link) -> Result<()> {
         self.check_linkable()?;
         self.link.set(link).map_err(|_| Error::Config("this store is joined to a fleet log already".into()))
+    }
+
+    /// Arms the fleet-member check once the owner has opened the store: from now
+    /// on, a copy of a fleet log reads and writes nothing until it is joined to it.
+    pub(crate) fn arm_member_check(&self) -> Result<()> {
+        let marked = engine(|| {
+            let txn = self.db.begin_read()?;
+            let Ok(meta) = txn.open_table(super::META) else { return Ok(false) };
+            Ok(meta.get(super::META_FLEET_MEMBER)?.is_some())
+        })?;
+        self.fleet_member.store(marked, Ordering::Release);
+        Ok(())
+    }
+
+    /// Marks this file as a fleet host's copy (once it is joined to its log): a
+    /// handle that opens it without the log — a configuration that says `backend =
+    /// "redb"`, the library without `fleet::attach` — reads and writes nothing,
+    /// rather than serve what the fleet revoked or write what the fleet never sees.
+    /// Not a covered row: a writer of the file can remove it, and then meets the
+    /// log's own checks at the next look (exit 4).
+    pub(crate) fn mark_fleet_member(&self) -> Result<()> {
+        let _writer = self.lock_writers()?;
+        let txn = self.begin_write(std::time::Instant::now())?;
+        engine(|| {
+            {
+                let mut meta = txn.open_table(super::META)?;
+                if meta.get(super::META_FLEET_MEMBER)?.is_none() {
+                    meta.insert(super::META_FLEET_MEMBER, [1u8].as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })?;
+        self.fleet_member.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Refuses a read or write of a fleet host's copy that is not joined to its log.
+    pub(super) fn check_member(&self) -> Result<()> {
+        if self.fleet_member.load(Ordering::Acquire) && self.link.get().is_none() {
+            return Err(Error::Config(format!(
+                "{} is a fleet host's copy of a store whose log is in PostgreSQL: open it with the fleet's \
+                 configuration ([store] backend = \"postgres\"), or take a store out of the fleet with `tokenguard \
+                 migrate`",
+                self.path.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses what a fleet store does not support yet: a read journal or a

@@ -56,6 +56,9 @@ pub(super) const META_AUDIT_HEAD: &str = "audit_head";
 pub(super) const META_STATE_HEAD: &str = "state_head";
 pub(super) const META_AUDIT_ARCHIVE: &str = "audit_archive";
 pub(super) const META_ANCHOR: &str = "anchor";
+/// Present in a fleet host's copy (written when it joins its log; not a covered
+/// row): a handle of it that is not joined to the log reads and writes nothing.
+pub(super) const META_FLEET_MEMBER: &str = "fleet_member";
 
 macro_rules! from_redb {
     ($($t:ty => $op:literal),* $(,)?) => {$(
@@ -105,6 +108,9 @@ pub(crate) struct Store {
     unfolded: parking_lot::Mutex<Option<String>>,
     /// The fleet log this store is a copy of, when it is one (see `link`).
     link: std::sync::OnceLock<Link>,
+    /// The file is a fleet host's copy ([`META_FLEET_MEMBER`]), found when the
+    /// owner armed the check: reads and writes need the link.
+    fleet_member: std::sync::atomic::AtomicBool,
     path: PathBuf,
     opts: StoreOptions,
 }
@@ -305,6 +311,7 @@ impl Store {
             journal: parking_lot::Mutex::new(None),
             unfolded: parking_lot::Mutex::new(None),
             link: std::sync::OnceLock::new(),
+            fleet_member: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -500,8 +507,14 @@ impl Store {
 
     /// A consistent read snapshot.
     pub(crate) fn read(&self) -> Result<ReadTxn<'_>> {
+        self.check_member()?;
         // A copy of a fleet log older than its bound catches up first.
         self.read_current()?;
+        self.snapshot()
+    }
+
+    /// A read snapshot as the file is now: no fleet check, no catch-up.
+    fn snapshot(&self) -> Result<ReadTxn<'_>> {
         // The floor is read before the snapshot begins: anything seen by then is in it.
         let begin = || {
             let floor = self.state.floor();
@@ -656,6 +669,7 @@ impl Store {
         // the counter lock), a thread can lose every round to the others and time out
         // while they keep writing. Only other processes are polled for below.
         let start = Instant::now();
+        self.check_member()?;
         let _writer = self.lock_writers()?;
         let _in_write = link::InWrite::enter();
         // Under the lock: a block set by a catch-up that committed while this write
@@ -790,7 +804,8 @@ impl Store {
     /// The state head as stored now: its generation (MAC checked) and its bytes.
     pub(crate) fn state_head(&self) -> Result<(u64, Vec<u8>)> {
         let armed = self.state.key()?;
-        let head = self.read()?.state_head()?.ok_or_else(|| Error::integrity("reading the store's state head"))?;
+        // As the file is now (a copy joining its log reads this before the link).
+        let head = self.snapshot()?.state_head()?.ok_or_else(|| Error::integrity("reading the store's state head"))?;
         Ok((Head::decode(&head, &armed.0, &armed.1)?.generation, head))
     }
 
@@ -920,7 +935,7 @@ impl Store {
 
     /// redb's write lock, polled until `busy_timeout` after `start` (when the write
     /// began waiting).
-    fn begin_write(&self, start: Instant) -> Result<WriteTransaction> {
+    pub(super) fn begin_write(&self, start: Instant) -> Result<WriteTransaction> {
         let mut attempt = 0;
         loop {
             match self.db.try_begin_write() {
