@@ -638,6 +638,13 @@ impl crate::store::redb_store::Log for PgLog {
     fn release(&mut self) {
         self.rollback();
     }
+
+    fn queue_usage(&mut self) -> Result<f64> {
+        self.client()?
+            .query_one("SELECT pg_notification_queue_usage()", &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(db("reading the notification queue's use"))
+    }
 }
 
 impl PgLog {

@@ -139,6 +139,15 @@ fn three_hosts_write_at_once_read_everywhere_and_survive_the_database_and_its_ad
             });
         }
     });
+    // doctor on a fleet host: the log reached, no listener in a one-shot command,
+    // the server's notification queue.
+    let o = f.run(0, &["doctor"], b"");
+    ok(&o);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("fleet log") && said.contains("log's newest") && said.contains("notification queue"),
+        "{said}"
+    );
     for reader in 0..3 {
         for h in 0..3 {
             for k in 0..4 {

@@ -459,6 +459,11 @@ fn a_listening_host_sees_writes_at_once_and_keeps_the_bound_when_cut_off() {
     put(&a, "github", "ci", "zero");
     let first = listener("");
     assert_eq!(get(&b, "github", "ci").unwrap(), b"zero");
+    let checks = b.doctor();
+    let check = |name: &str| checks.iter().find(|c| c.name == name).map(|c| format!("{:?} {}", c.status, c.detail));
+    assert!(check("fleet listener").is_some_and(|c| c.contains("listening:")), "{:?}", check("fleet listener"));
+    assert!(check("fleet log").is_some_and(|c| c.contains("newest")), "{:?}", check("fleet log"));
+    assert!(check("notification queue").is_some_and(|c| c.contains("% of the server's queue")));
     put(&a, "github", "ci", "one");
     eprintln!("seen through the listener after {:?}", seen("one"));
 

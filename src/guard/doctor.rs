@@ -184,6 +184,9 @@ impl TokenGuard {
             Err(e) => Check::error("authenticated state", &e),
         });
         out.push(counter_check(inner.store.check_counter()));
+        if let Some(h) = inner.store.fleet_health() {
+            out.extend(fleet_checks(h));
+        }
         let perms = inner.store.permission_problems();
         out.push(if perms.is_empty() {
             Check::pass("store permissions", "file 600, directory 700")
@@ -225,6 +228,38 @@ impl TokenGuard {
 }
 
 /// The `doctor` line of the rollback counter.
+/// A fleet copy's link: the log reached now, the listener, the server's
+/// notification queue (when it fills, every fleet write fails).
+fn fleet_checks(h: crate::store::redb_store::FleetHealth) -> Vec<Check> {
+    let mut out = vec![match h.synced {
+        Ok(g) => Check::pass("fleet log", format!("reached; this copy is the log's newest (generation {g})")),
+        Err(e) => Check::error("fleet log", &e),
+    }];
+    out.push(match h.listening {
+        Some(true) => Check::pass("fleet listener", "listening: other hosts' writes are seen one notification after"),
+        Some(false) => Check::warn(
+            "fleet listener",
+            "not listening now (it connects again by itself; meanwhile reads keep the staleness bound)",
+        ),
+        None => {
+            Check::pass("fleet listener", "none in this process (a one-shot command looks at the log when it starts)")
+        }
+    });
+    out.push(match h.queue_usage {
+        Ok(u) if u < 0.5 => Check::pass("notification queue", format!("{:.1} % of the server's queue used", u * 100.0)),
+        Ok(u) => Check::warn(
+            "notification queue",
+            format!(
+                "{:.1} % of the server's queue used: a session that listens and stays in a transaction (any \
+                 database of the server) holds it; when it is full, every fleet write fails",
+                u * 100.0
+            ),
+        ),
+        Err(e) => Check::error("notification queue", &e),
+    });
+    out
+}
+
 fn counter_check(status: Result<CounterStatus>) -> Check {
     const NAME: &str = "rollback counter";
     match status {

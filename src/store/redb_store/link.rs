@@ -43,6 +43,20 @@ pub(crate) trait Log: Send {
     fn append(&mut self, batch: &Batch) -> Result<()>;
     /// Releases the lock without appending.
     fn release(&mut self);
+    /// How full the server's notification queue is (0 to 1), for `doctor`.
+    fn queue_usage(&mut self) -> Result<f64> {
+        Ok(0.0)
+    }
+}
+
+/// What `doctor` reports of a fleet copy's link.
+pub(crate) struct FleetHealth {
+    /// A look at the log now: the generation reached, or why not.
+    pub synced: Result<u64>,
+    /// Whether the notification listener listens; `None`: this process keeps none.
+    pub listening: Option<bool>,
+    /// The server's notification queue, used (0 to 1).
+    pub queue_usage: Result<f64>,
 }
 
 /// What the store needs from its owner to follow other hosts' batches.
@@ -389,6 +403,15 @@ impl Store {
             )));
         }
         Ok(())
+    }
+
+    /// The link's health, for `doctor`; `None` for a store with no link.
+    pub(crate) fn fleet_health(&self) -> Option<FleetHealth> {
+        let link = self.link.get()?;
+        let synced = self.sync();
+        let listening = link.watch.as_ref().map(|w| w.listening.load(Ordering::Acquire));
+        let queue_usage = link.log.lock().queue_usage();
+        Some(FleetHealth { synced, listening, queue_usage })
     }
 
     /// Refuses what a fleet store does not support yet: a read journal or a

@@ -13,7 +13,7 @@ mod write;
 
 #[cfg(feature = "postgres")]
 pub(crate) use link::Watch;
-pub(crate) use link::{Follower, Link, Log, Starter};
+pub(crate) use link::{FleetHealth, Follower, Link, Log, Starter};
 pub(crate) use txn::WriteTxn;
 
 use std::fs;
