@@ -10,6 +10,15 @@
 #[path = "../../tests/common/postgres.rs"]
 mod pg;
 
+/// What `tests/common/refresher.rs` needs, by this crate's paths.
+mod tokenguard_refresher_api {
+    pub use crate::guard::refresh::{RefreshError, RefreshedTokens, Refresher};
+    pub use crate::secret::{SecretBytes, TokenSet};
+}
+
+#[path = "../../tests/common/refresher.rs"]
+mod refresher;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -730,4 +739,62 @@ fn a_write_the_log_took_but_the_host_did_not_commit_is_not_lost() {
     assert_eq!(get(&b, "github", "ci").unwrap(), b"two");
     assert_eq!(get(&b, "github", "deploy").unwrap(), b"three");
     b.audit_verify().unwrap();
+}
+
+/// A log that loses the answer to its `nth` append (the batch is in the log, the
+/// host is told the database failed), once.
+struct LosesAnswer {
+    log: PgLog,
+    nth: usize,
+    seen: usize,
+}
+
+impl Log for LosesAnswer {
+    fn lock(&mut self) -> crate::Result<()> {
+        self.log.lock()
+    }
+    fn since(&mut self, g: u64, head: &[u8]) -> crate::Result<(Vec<Vec<u8>>, bool)> {
+        self.log.since(g, head)
+    }
+    fn append(&mut self, batch: &Batch) -> crate::Result<()> {
+        self.log.append(batch)?;
+        self.seen += 1;
+        if self.seen == self.nth {
+            return Err(Error::Database { operation: "committing a batch", detail: "the answer was lost".into() });
+        }
+        Ok(())
+    }
+    fn release(&mut self) {
+        self.log.release();
+    }
+}
+
+/// A refresh whose commit reached the log but whose answer was lost is committed
+/// again: the retry finds its own token there and says "refreshed" (not "adopted",
+/// which would blame another process), with one provider call.
+#[test]
+fn a_refresh_whose_commit_answer_was_lost_reports_its_own_token() {
+    use crate::guard::refresh::Outcome;
+    use crate::secret::TokenSet;
+    let rig = Rig::new("fleet-lost-answer");
+    let a = rig.host("a");
+    let set = TokenSet::new()
+        .with("access_token", SecretBytes::from_slice(b"at-0"))
+        .with("refresh_token", SecretBytes::from_slice(b"rt-0"));
+    a.put("acme", "svc", Secret::TokenSet(set), PutOptions::default()).unwrap();
+    drop(a);
+    let a = rig.open("a");
+    // The first append is the lease; the second, the answer's commit.
+    a.attach_log(Box::new(LosesAnswer { log: rig.log(&a), nth: 2, seen: 0 }), NEVER, None).unwrap();
+    a.sync().unwrap();
+    let calls = std::sync::Arc::new(refresher::Counting::default());
+    a.set_refresher("acme", calls.clone());
+    let (secret, outcome) = a.refresh_now("acme", "svc").unwrap();
+    assert_eq!(outcome.outcome, Outcome::Refreshed, "{outcome:?}");
+    assert_eq!(calls.calls(), 1);
+    let Secret::TokenSet(t) = secret else { panic!("a token set") };
+    assert_eq!(t.get("access_token").unwrap().expose(), b"at-1");
+    let b = rig.host("b");
+    let (s, _) = b.get_field("acme", "svc", Some("access_token"), GetOptions::default()).unwrap();
+    assert_eq!(s.expose(), b"at-1");
 }

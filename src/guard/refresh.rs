@@ -381,6 +381,10 @@ impl TokenGuard {
                     // dropped at the first failure. A batch that did reach the log
                     // is caught up with first, and then adopted below.
                     let deadline = leased_at + policy.lease.mul_f64(0.8);
+                    // An attempt waits up to the store's busy timeout for a lock
+                    // before it commits: one starts only if it can end by then.
+                    let attempt_takes = COMMIT_RETRY + inner.store.busy_timeout();
+                    let mut retried = false;
                     let committed = loop {
                         let attempt = inner.write(|txn| {
                             inner.release_lease(txn, provider, name)?;
@@ -397,8 +401,9 @@ impl TokenGuard {
                             // catch-up that rotated the keys under this write: each
                             // safe to run again.
                             Err(Error::Database { .. } | Error::StoreBusy { .. } | Error::FleetConflict { .. })
-                                if Instant::now() + COMMIT_RETRY < deadline =>
+                                if Instant::now() + attempt_takes < deadline =>
                             {
+                                retried = true;
                                 tracing::warn!(
                                     provider,
                                     name,
@@ -413,10 +418,22 @@ impl TokenGuard {
                     return match committed {
                         Some(s) => Ok((s, outcome(Outcome::Refreshed, String::new()))),
                         None => {
+                            let s = self.get(provider, name)?;
+                            // A retry whose earlier attempt did reach the log (its
+                            // answer lost) finds its own token there: refreshed.
+                            let ours = |s: &Secret| match s {
+                                Secret::TokenSet(t) => t
+                                    .get("access_token")
+                                    .zip(new.tokens.get("access_token"))
+                                    .is_some_and(|(a, b)| a.expose() == b.expose()),
+                                _ => false,
+                            };
+                            if retried && ours(&s) {
+                                return Ok((s, outcome(Outcome::Refreshed, "committed on a retry".into())));
+                            }
                             // Lost a race despite the lease (it expired under us):
                             // the store holds the winner's token; use it.
                             tracing::warn!(provider, name, "refresh lost a race; adopting the stored token");
-                            let s = self.get(provider, name)?;
                             Ok((s, outcome(Outcome::Adopted, "another process committed first".into())))
                         }
                     };

@@ -505,6 +505,11 @@ impl Store {
         self.state.take_changed_deks()
     }
 
+    /// How long a write waits for each lock and a fleet statement for its answer.
+    pub(crate) fn busy_timeout(&self) -> Duration {
+        self.opts.busy_timeout
+    }
+
     /// A consistent read snapshot.
     pub(crate) fn read(&self) -> Result<ReadTxn<'_>> {
         self.check_member()?;
