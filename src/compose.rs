@@ -270,13 +270,37 @@ impl Config {
     /// it was, plus `migrate` events in its audit trail: stop writing to it, or the
     /// two stores part ways (the copy keeps the store id; a copy written to apart from
     /// its log is refused by the fleet, docs/FLEET-DESIGN.md).
-    pub fn migrate_to(&self, to: &Config, opts: GuardOptions) -> Result<(TokenGuard, Migration)> {
+    ///
+    /// `unjoined`: the source is a fleet host's copy opened with a redb
+    /// configuration, without its log — the way out when the fleet's log is lost. The
+    /// copy may lack the fleet's newest writes (and revocations): the audit trails
+    /// say so.
+    pub fn migrate_to(&self, to: &Config, opts: GuardOptions, unjoined: bool) -> Result<(TokenGuard, Migration)> {
         let dest = &to.store.path;
         if dest.exists() {
             return Err(Error::StoreExists(dest.clone()));
         }
         crate::files::check_parent_dir(dest)?;
-        let src = self.open_guard_with(opts.clone())?;
+        let src = if unjoined {
+            if self.store.backend != crate::config::StoreBackend::Redb {
+                return Err(Error::InvalidInput(
+                    "--unjoined-copy takes a configuration with backend = \"redb\" whose path is the fleet host's \
+                     copy"
+                        .into(),
+                ));
+            }
+            let g = TokenGuard::open(
+                &self.store.path,
+                self.store_options(),
+                self.build_roots(RootUse::Open)?,
+                opts.clone(),
+            )?;
+            g.use_unjoined_copy()?;
+            tracing::warn!("migrating a fleet host's copy without its log: it may lack the fleet's newest writes");
+            g
+        } else {
+            self.open_guard_with(opts.clone())?
+        };
         let (bytes, summary) = backup::export(&src)?;
         let before = src.open_every_record()?;
         if !before.bad.is_empty() {
@@ -285,7 +309,9 @@ impl Config {
         // The source's trail says where its tokens went before anything is made
         // there: a copy never exists that the source's audit trail does not name.
         let to_desc = to.store_description();
-        src.store().write(|txn| src.audit_in(txn, "migrate", format!("{} tokens to {to_desc}", summary.tokens)))?;
+        let caveat = if unjoined { " (an unjoined fleet copy: it may lack the fleet's newest writes)" } else { "" };
+        src.store()
+            .write(|txn| src.audit_in(txn, "migrate", format!("{} tokens to {to_desc}{caveat}", summary.tokens)))?;
         let refused = |why: &Error| {
             let note = format!("not completed: {why}");
             if let Err(e) = src.store().write(|txn| src.audit_in(txn, "migrate", note.clone())) {
@@ -299,7 +325,7 @@ impl Config {
                 return Err(e);
             }
         };
-        let from = self.store_description();
+        let from = format!("{}{caveat}", self.store_description());
         let (dst, _) = match backup::restore_bytes(&bytes, ("migrate", &from), dest, to.store_options(), roots, opts) {
             Ok(x) => x,
             Err(e) => {

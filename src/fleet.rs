@@ -155,6 +155,8 @@ struct PgLog {
     /// The statements of the hot paths, prepared once per connection (an
     /// unprepared statement costs a second round trip).
     stmts: Option<Stmts>,
+    /// Which log this is, once registered (see `register`).
+    identity: Vec<u8>,
 }
 
 struct Stmts {
@@ -294,7 +296,15 @@ impl PgLog {
 
     fn on(dialer: Dialer, store_id: &[u8]) -> Result<PgLog> {
         let lock_key = store_id.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map_or(0, i32::from_be_bytes);
-        let mut log = PgLog { dialer, client: None, store_id: store_id.to_vec(), lock_key, locked: false, stmts: None };
+        let mut log = PgLog {
+            dialer,
+            client: None,
+            store_id: store_id.to_vec(),
+            lock_key,
+            locked: false,
+            stmts: None,
+            identity: Vec::new(),
+        };
         log.migrate()?;
         Ok(log)
     }
@@ -400,11 +410,27 @@ impl PgLog {
             )
             .map_err(db("registering the store"))?
             == 1;
-        let start: i64 = c
-            .query_one("SELECT snapshot_gen FROM tg_store WHERE store_id = $1", &[&store_id])
-            .and_then(|r| r.try_get(0))
+        let row = c
+            .query_one(
+                "SELECT snapshot_gen, start_head, (extract(epoch FROM created) * 1000000)::bigint
+                   FROM tg_store WHERE store_id = $1",
+                &[&store_id],
+            )
             .map_err(db("registering the store"))?;
+        let (start, start_head, created): (i64, Option<Vec<u8>>, i64) = (
+            row.try_get(0).map_err(db("registering the store"))?,
+            row.try_get(1).map_err(db("registering the store"))?,
+            row.try_get(2).map_err(db("registering the store"))?,
+        );
         t.commit().map_err(db("registering the store"))?;
+        // Which log this is: where it starts and when it was started. A log started
+        // again (a database rebuilt, emptied, or put back to before the log) has
+        // another, even at the same generation.
+        let mut identity = Vec::with_capacity(16 + start_head.as_ref().map_or(0, Vec::len));
+        identity.extend_from_slice(&created.to_be_bytes());
+        identity.extend_from_slice(&start.to_be_bytes());
+        identity.extend_from_slice(start_head.as_deref().unwrap_or_default());
+        self.identity = identity;
         let start = u64::try_from(start).map_err(|_| Error::integrity("reading where the fleet log starts"))?;
         Ok((start, started))
     }
@@ -670,6 +696,12 @@ impl PgLog {
 /// guard (and of its clones) takes the log's lock, catches up, and is in the log
 /// before it commits here; a read older than `cfg.staleness` catches up first.
 /// Returns the generation reached.
+///
+/// If the catch-up brought a roots change made on another host (`root add`, `root
+/// remove`), the guard was opened with the pins from before and refuses writes:
+/// check [`TokenGuard::roots_moved`] and open the store again (`Config::
+/// open_guard_with` does). A copy that followed another log of this store than the
+/// database holds is refused (an integrity error), and starts no log there.
 pub fn attach(guard: &TokenGuard, cfg: &LogConfig<'_>) -> Result<u64> {
     join(guard, cfg, false)
 }
@@ -695,6 +727,13 @@ fn join(guard: &TokenGuard, cfg: &LogConfig<'_>, new_log: bool) -> Result<u64> {
                 .into(),
         ));
     }
+    // A copy that followed a log follows that log only: a database that holds
+    // another (rebuilt, emptied, restored from before the log, or another server
+    // by a wrong url) is refused — a log started here from this copy would be a
+    // second branch of the store, serving what the fleet revoked.
+    let identity = log.identity.clone();
+    let followed = guard.fleet_mark()?;
+    let foreign = followed.as_ref().is_some_and(|m| *m != identity);
     if start > here {
         return Err(Error::integrity(
             "joining the fleet log: it starts after this store's generation (a snapshot to load first; not built yet)",
@@ -702,19 +741,28 @@ fn join(guard: &TokenGuard, cfg: &LogConfig<'_>, new_log: bool) -> Result<u64> {
     }
     let listener = listener_for(cfg, &log.dialer, &guard.store_id());
     let dialer = log.dialer.clone();
-    let joined = guard
-        .attach_log(Box::new(log), cfg.staleness, listener)
-        .and_then(|()| guard.sync())
-        // Joined: from now on the file is opened only with its log.
-        .and_then(|g| guard.mark_fleet_member().map(|()| g));
-    if new_log
-        && started
+    let joined = if foreign {
+        Err(Error::integrity(
+            "joining the fleet log: this copy followed another log of this store than the database holds (the \
+             database was rebuilt, emptied or restored from before its log, or the url names another server); \
+             refused, nothing written. Take the store out with `tokenguard migrate --unjoined-copy` if the fleet's \
+             log is lost",
+        ))
+    } else {
+        guard
+            .attach_log(Box::new(log), cfg.staleness, listener)
+            .and_then(|()| guard.sync())
+            // Joined: from now on the file is opened only with this log.
+            .and_then(|g| guard.mark_fleet_member(&identity).map(|()| g))
+    };
+    if started
+        && (new_log || foreign)
         && let Err(e) = &joined
     {
         // Refused after it registered: the new log is taken back.
         let back = PgLog::on(dialer, &guard.store_id()).and_then(|mut log| log.unregister());
         if let Err(b) = back {
-            tracing::error!(error = %b, after = %e, "the log this migration started could not be taken back");
+            tracing::error!(error = %b, after = %e, "the log this join started could not be taken back");
         }
     }
     joined

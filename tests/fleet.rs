@@ -616,6 +616,51 @@ fn a_store_migrates_into_a_fleet_and_back_out_with_every_record_opened() {
     assert_eq!(read(&out, "github", "leaked").0, 7);
     ok(&out.run(&["audit", "verify"], b""));
     ok(&b.run(&["audit", "verify"], b""));
+
+    // Host B's configuration pointed at a database without the fleet's log (a wrong
+    // url, a rebuilt server): refused, and no second log is started there.
+    pg.sql("postgres", "CREATE DATABASE tg_empty");
+    let elsewhere =
+        config_at(&solo, "elsewhere.toml", &host_b_store, &fleet_lines.replace("dbname=tg ", "dbname=tg_empty "));
+    let o = tokenguard(&elsewhere, &["get", "github", "ci-bot"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("followed another log"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    assert_eq!(pg.sql("tg_empty", "SELECT count(*) FROM tg_store").trim(), "0", "a second log was started");
+
+    // The fleet's database lost: the fleet configuration cannot open the copy (exit
+    // 12), a redb one will not read it (exit 8); `migrate --unjoined-copy` takes
+    // it out, saying what it may lack.
+    let mut pg = pg;
+    pg.stop();
+    assert_eq!(code(&b.run(&["get", "github", "ci-bot"], b"")), 12);
+    let lone_b = host(config_at(&solo, "lone-b.toml", &host_b_store, ""), host_b_store.clone());
+    assert_eq!(code(&lone_b.run(&["get", "github", "ci-bot"], b"")), 8);
+    let rescue_store = solo.dir.join("rescue").join("tokens.redb");
+    std::fs::create_dir_all(rescue_store.parent().unwrap()).unwrap();
+    let rescue = host(config_at(&solo, "rescue.toml", &rescue_store, ""), rescue_store.clone());
+    let o = lone_b.run(&["migrate", "--to", rescue.config_path.to_str().unwrap()], b"");
+    assert_eq!(code(&o), 8, "without --unjoined-copy: {}", stderr(&o));
+    assert!(!rescue_store.exists());
+    let o = lone_b.run(&["migrate", "--unjoined-copy", "--to", rescue.config_path.to_str().unwrap()], b"");
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("may lack the fleet's newest writes"));
+    assert_eq!(read(&rescue, "jira", "ops"), (0, "jira-b".into()));
+    ok(&rescue.run(&["audit", "verify"], b""));
+    let trail = String::from_utf8_lossy(&rescue.run(&["audit", "list"], b"").stdout).to_string();
+    assert!(trail.contains("unjoined fleet copy"), "{trail}");
+    // Not a fleet copy: the flag is refused.
+    let again = config_at(&solo, "rescue-again.toml", &solo.dir.join("rescue-again.redb"), "");
+    let o = rescue.run(&["migrate", "--unjoined-copy", "--to", again.to_str().unwrap()], b"");
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("not a fleet host's copy"), "{}", stderr(&o));
+}
+
+/// The CLI with the configuration at `config`.
+fn tokenguard(config: &std::path::Path, args: &[&str]) -> Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokenguard"));
+    c.env("TOKENGUARD_CONFIG", config).env_remove("RUST_LOG");
+    common::run_cmd(c.args(args), b"")
 }
 
 /// Per-host roots: a host whose own root (here its own key; its own HSM or TPM in

@@ -155,10 +155,30 @@ impl TokenGuard {
         followed
     }
 
-    /// Marks the store file as a fleet host's copy (see `Store::mark_fleet_member`).
+    /// Marks the store file as a copy of the fleet log `identity` (see
+    /// `Store::mark_fleet_member`).
     #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
-    pub(crate) fn mark_fleet_member(&self) -> Result<()> {
-        self.inner.store.mark_fleet_member()
+    pub(crate) fn mark_fleet_member(&self, identity: &[u8]) -> Result<()> {
+        self.inner.store.mark_fleet_member(identity)
+    }
+
+    /// Lets this handle of a fleet host's copy read and write without its log — the
+    /// way out when the log is lost (`migrate --unjoined-copy`). Refused for a store
+    /// that is not a fleet copy.
+    pub(crate) fn use_unjoined_copy(&self) -> Result<()> {
+        if self.inner.store.fleet_mark_present()? {
+            self.inner.store.disarm_member_check();
+            Ok(())
+        } else {
+            Err(Error::InvalidInput("this store is not a fleet host's copy: migrate it without --unjoined-copy".into()))
+        }
+    }
+
+    /// The fleet log this store file is a copy of, as its mark names it (`None`:
+    /// not a fleet copy, or one marked before marks named their log).
+    #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
+    pub(crate) fn fleet_mark(&self) -> Result<Option<Vec<u8>>> {
+        self.inner.store.fleet_mark()
     }
 
     /// Refuses a store that cannot join a fleet log (a read journal, a rollback

@@ -101,6 +101,11 @@ pub enum Command {
         /// must not exist yet.
         #[arg(long, value_name = "OTHER.toml")]
         to: PathBuf,
+        /// The source is a fleet host's copy, opened with a redb configuration
+        /// without its log: the way out when the fleet's log is lost (the copy may
+        /// lack the fleet's newest writes and revocations).
+        #[arg(long)]
+        unjoined_copy: bool,
     },
     /// The tamper-evident audit trail.
     #[command(subcommand)]

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableDatabase;
 
 use super::txn::{Batch, WriteTxn};
 use super::{CaughtUp, Store, engine};
@@ -360,11 +360,7 @@ impl Store {
     /// Arms the fleet-member check once the owner has opened the store: from now
     /// on, a copy of a fleet log reads and writes nothing until it is joined to it.
     pub(crate) fn arm_member_check(&self) -> Result<()> {
-        let marked = engine(|| {
-            let txn = self.db.begin_read()?;
-            let Ok(meta) = txn.open_table(super::META) else { return Ok(false) };
-            Ok(meta.get(super::META_FLEET_MEMBER)?.is_some())
-        })?;
+        let marked = self.fleet_mark_raw()?.is_some();
         self.fleet_member.store(marked, Ordering::Release);
         Ok(())
     }
@@ -375,21 +371,47 @@ impl Store {
     /// rather than serve what the fleet revoked or write what the fleet never sees.
     /// Not a covered row: a writer of the file can remove it, and then meets the
     /// log's own checks at the next look (exit 4).
-    pub(crate) fn mark_fleet_member(&self) -> Result<()> {
-        let _writer = self.lock_writers()?;
-        let txn = self.begin_write(std::time::Instant::now())?;
-        engine(|| {
-            {
-                let mut meta = txn.open_table(super::META)?;
-                if meta.get(super::META_FLEET_MEMBER)?.is_none() {
-                    meta.insert(super::META_FLEET_MEMBER, [1u8].as_slice())?;
-                }
-            }
-            txn.commit()?;
-            Ok(())
-        })?;
+    /// The mark names the log (`identity`: where it starts and when it was
+    /// started), so that a database holding another log of this store is refused.
+    /// Written only when it changes: a join of a marked copy commits nothing.
+    pub(crate) fn mark_fleet_member(&self, identity: &[u8]) -> Result<()> {
+        if self.fleet_mark_raw()?.as_deref() != Some(identity) {
+            let _writer = self.lock_writers()?;
+            let txn = self.begin_write(std::time::Instant::now())?;
+            engine(|| {
+                txn.open_table(super::META)?.insert(super::META_FLEET_MEMBER, identity)?;
+                txn.commit()?;
+                Ok(())
+            })?;
+        }
         self.fleet_member.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// The fleet log the mark names; `None` with no mark, or with a mark from before
+    /// marks named their log (one byte).
+    pub(crate) fn fleet_mark(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self.fleet_mark_raw()?.filter(|m| m.len() > 1))
+    }
+
+    /// Whether the file carries a fleet mark at all.
+    pub(crate) fn fleet_mark_present(&self) -> Result<bool> {
+        Ok(self.fleet_mark_raw()?.is_some())
+    }
+
+    fn fleet_mark_raw(&self) -> Result<Option<Vec<u8>>> {
+        engine(|| {
+            let txn = self.db.begin_read()?;
+            let Ok(meta) = txn.open_table(super::META) else { return Ok(None) };
+            Ok(meta.get(super::META_FLEET_MEMBER)?.map(|v| v.value().to_vec()))
+        })
+    }
+
+    /// Lets this handle read a fleet copy without its log (`migrate
+    /// --unjoined-copy`, when the log is lost): what it reads may lack the fleet's
+    /// newest writes.
+    pub(crate) fn disarm_member_check(&self) {
+        self.fleet_member.store(false, Ordering::Release);
     }
 
     /// Refuses a read or write of a fleet host's copy that is not joined to its log.
@@ -446,6 +468,7 @@ impl Store {
     /// Applies every batch the log holds after this copy's generation; returns the
     /// generation reached. A store with no link is current by definition.
     pub(crate) fn sync(&self) -> Result<u64> {
+        self.check_member()?;
         let Some(link) = self.link.get() else { return self.head_generation() };
         let stale_at_call = link.stale();
         let _writer = self.lock_writers()?;

@@ -194,11 +194,11 @@ pub fn restore(ctx: &Ctx, file: &std::path::Path) -> Result<i32> {
     Ok(exit::OK)
 }
 
-pub fn migrate(ctx: &Ctx, to: &std::path::Path) -> Result<i32> {
+pub fn migrate(ctx: &Ctx, to: &std::path::Path, unjoined: bool) -> Result<i32> {
     let mut dest = tokenguard::Config::load(to)?;
     // One-shot, as every CLI command: no fleet listener.
     dest.fleet_listener = false;
-    let (g, m) = ctx.config.migrate_to(&dest, ctx.guard_options())?;
+    let (g, m) = ctx.config.migrate_to(&dest, ctx.guard_options(), unjoined)?;
     drop(g);
     let s = &m.summary;
     let mut text = format!(
@@ -213,6 +213,12 @@ pub fn migrate(ctx: &Ctx, to: &std::path::Path) -> Result<i32> {
     );
     if m.shredded > 0 {
         text.push_str(&format!(" ({} shredded records copied as they were)", m.shredded));
+    }
+    if unjoined {
+        text.push_str(
+            "\nwarning: the source was a fleet host's copy read without its log: it may lack the fleet's newest writes \
+             and revocations",
+        );
     }
     text.push_str(
         "\nthe source keeps its tokens (its audit trail records the copy): stop using it, or the two stores part ways",

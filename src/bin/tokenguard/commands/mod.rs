@@ -318,7 +318,7 @@ fn run_with(cli: Cli, recovered: Vec<std::sync::Arc<tokenguard::root::age::AgeId
         Command::Stats => admin::stats(&ctx),
         Command::Backup { file } => admin::backup(&ctx, &file),
         Command::Restore { file } => admin::restore(&ctx, &file),
-        Command::Migrate { to } => admin::migrate(&ctx, &to),
+        Command::Migrate { to, unjoined_copy } => admin::migrate(&ctx, &to, unjoined_copy),
         Command::Salvage { to, accept_current_state } => admin::salvage(&ctx, &to, accept_current_state),
         Command::Audit(c) => admin::audit(&ctx, c),
         Command::Upgrade { accept_current_state } => admin::upgrade(&ctx, accept_current_state),
