@@ -249,8 +249,11 @@ impl Config {
     /// the file, and the fleet log's connection string (which never holds a password).
     pub fn store_description(&self) -> String {
         match (&self.store.backend, &self.store.url) {
-            (crate::config::StoreBackend::Postgres, Some(url)) => {
+            (crate::config::StoreBackend::Postgres, Some(url)) if !crate::config::url_has_password(url) => {
                 format!("the fleet store at {} (log: {url})", self.store.path.display())
+            }
+            (crate::config::StoreBackend::Postgres, Some(_)) => {
+                format!("the fleet store at {} (its url is not shown: it holds a password)", self.store.path.display())
             }
             _ => format!("the redb store at {}", self.store.path.display()),
         }

@@ -69,6 +69,19 @@ fn listen_by_default() -> bool {
     true
 }
 
+/// Whether a libpq connection string or URL carries a password: a `password`
+/// keyword or query parameter, or a password in a URL's user information.
+pub(crate) fn url_has_password(url: &str) -> bool {
+    if url.to_ascii_lowercase().contains("password") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("postgresql://").or_else(|| url.strip_prefix("postgres://")) else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
 /// `[store]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -387,6 +400,13 @@ impl Config {
             }
             _ => {}
         }
+        if c.store.url.as_deref().is_some_and(url_has_password) {
+            // Refused before anything could print or log it (`store_description`,
+            // the audit trail of `migrate`).
+            return Err(Error::Config(
+                "[store] url holds a password: give it through password_source (env: or file:) instead".into(),
+            ));
+        }
         if c.store.backend == StoreBackend::Postgres
             && c.roots.iter().any(|r| match r {
                 RootConfig::Pkcs11(p) => p.counter_label.is_some(),
@@ -526,6 +546,13 @@ mod tests {
         assert_eq!(c.store.fleet_staleness_ms, 1000);
         let e = Config::parse("[store]\npath = \"c\"\nbackend = \"postgres\"\n", Path::new("/")).expect_err("no url");
         assert!(e.to_string().contains("needs url"), "{e}");
+        for url in ["host=/x password=hunter2", "postgresql://u:hunter2@db/tg", "postgres://db/tg?Password=x"] {
+            let text = format!("[store]\nbackend = \"postgres\"\npath = \"c\"\nurl = \"{url}\"\n");
+            let e = Config::parse(&text, Path::new("/")).expect_err(url);
+            assert!(e.to_string().contains("holds a password") && !e.to_string().contains("hunter2"), "{e}");
+        }
+        let ok = "[store]\nbackend = \"postgres\"\npath = \"c\"\nurl = \"postgresql://u@db:5432/tg\"\n";
+        Config::parse(ok, Path::new("/")).expect("a URL with a user and no password");
         let e = Config::parse("[store]\npath = \"c\"\nurl = \"host=/x\"\n", Path::new("/")).expect_err("url on redb");
         assert!(e.to_string().contains("url is for"), "{e}");
         let e = Config::parse("[store]\npath = \"c\"\npassword_source = \"env:X\"\n", Path::new("/"))
