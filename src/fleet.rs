@@ -797,6 +797,7 @@ fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound:
     use postgres::fallible_iterator::FallibleIterator;
     let beat = (bound / 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
     let mut retry = Duration::from_millis(50);
+    let mut quiet = false;
     loop {
         let listened = (|| -> Result<()> {
             let mut client = dialer.dial()?;
@@ -805,6 +806,9 @@ fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound:
                 Some(w) => w.started(crate::clock::boot_ms()),
                 None => return Ok(()),
             }
+            // Listening: the next loss waits the shortest time again, and is told.
+            retry = Duration::from_millis(50);
+            quiet = false;
             let mut beaten = std::time::Instant::now();
             loop {
                 let got = client.notifications().timeout_iter(beat.saturating_sub(beaten.elapsed())).next();
@@ -822,7 +826,10 @@ fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound:
                     // Proves that this very backend still listens (a pooler that
                     // moved the session, a server that dropped it, would not).
                     let listening: bool = client
-                        .query_one("SELECT $1 = ANY(pg_listening_channels())", &[&channel])
+                        .query_one(
+                            "SELECT EXISTS (SELECT 1 FROM pg_listening_channels() AS c WHERE c = $1)",
+                            &[&channel],
+                        )
                         .and_then(|r| r.try_get(0))
                         .map_err(db("listening for batches"))?;
                     if !listening {
@@ -844,9 +851,15 @@ fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound:
         let Some(w) = watch.upgrade() else { return };
         w.lost();
         drop(w);
-        if let Err(e) = listened {
-            tracing::debug!(error = %e, "the fleet listener lost its connection; reads keep the staleness bound");
+        match listened {
+            // Once per loss of a working connection; the attempts that follow at debug.
+            Err(e) if !quiet => {
+                tracing::warn!(error = %e, "the fleet listener lost its connection; reads keep the staleness bound");
+            }
+            Err(e) => tracing::debug!(error = %e, "the fleet listener could not listen again yet"),
+            Ok(()) => {}
         }
+        quiet = true;
         std::thread::sleep(retry);
         retry = (retry * 2).min(beat.max(Duration::from_millis(50)));
         if watch.strong_count() == 0 {

@@ -429,6 +429,40 @@ fn a_read_older_than_the_staleness_bound_looks_at_the_log_first() {
     assert_eq!(get(&bounded, "github", "ci").unwrap(), b"two");
 }
 
+/// A listener keeps its one connection across its heartbeats (each a round trip that
+/// proves the backend still listens), and `doctor` says so. A heartbeat that failed
+/// would drop the connection every half bound: writes would then be seen only when
+/// it came back, and the log would say so at warn level.
+#[test]
+fn a_listener_keeps_its_connection_across_heartbeats() {
+    let rig = Rig::new("fleet-heartbeat");
+    let a = rig.host("a");
+    let bound = Duration::from_millis(200);
+    let b = rig.open("b");
+    super::attach(&b, &LogConfig { staleness: bound, listen: true, ..rig.config() }).unwrap();
+    let pids = || rig.pg.sql("tg", "SELECT pid FROM pg_stat_activity WHERE application_name = 'tokenguard-listen'");
+    let t = std::time::Instant::now();
+    while pids().trim().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no listener connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = pids();
+    // Ten heartbeats (one every half bound).
+    std::thread::sleep(bound * 5);
+    assert_eq!(pids(), first, "the listener connected again");
+    put(&a, "github", "ci", "one");
+    let t = std::time::Instant::now();
+    while get(&b, "github", "ci").ok().as_deref() != Some(b"one".as_slice()) {
+        assert!(t.elapsed() < Duration::from_secs(5), "never seen");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let checks = b.doctor();
+    let listener = checks.iter().find(|c| c.name == "fleet listener").unwrap();
+    assert_eq!(listener.status, crate::root::Status::Ok, "{}", listener.detail);
+    assert!(listener.detail.contains("one connection since it started"), "{}", listener.detail);
+    assert_eq!(pids(), first);
+}
+
 /// A host with a notification listener sees another host's write one notification
 /// after its commit, long before its staleness bound; a listener whose connection
 /// is cut connects again and the host looks before it answers; a listener whose

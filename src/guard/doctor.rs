@@ -230,16 +230,46 @@ impl TokenGuard {
 /// The `doctor` line of the rollback counter.
 /// A fleet copy's link: the log reached now, the listener, the server's
 /// notification queue (when it fills, every fleet write fails).
+/// How often a listener connected: more than once means it lost connections (the
+/// log at warn level says why).
+fn connections(n: u64) -> String {
+    match n {
+        0 => "not connected yet".into(),
+        1 => "one connection since it started".into(),
+        n => format!("{n} connections since it started: it lost {} (see the log)", n - 1),
+    }
+}
+
 fn fleet_checks(h: crate::store::redb_store::FleetHealth) -> Vec<Check> {
     let mut out = vec![match h.synced {
         Ok(g) => Check::pass("fleet log", format!("reached; this copy is the log's newest (generation {g})")),
         Err(e) => Check::error("fleet log", &e),
     }];
-    out.push(match h.listening {
-        Some(true) => Check::pass("fleet listener", "listening: other hosts' writes are seen one notification after"),
-        Some(false) => Check::warn(
+    out.push(match h.listener {
+        Some(l) if l.listening && l.heartbeat_age_ms <= l.bound_ms => Check::pass(
             "fleet listener",
-            "not listening now (it connects again by itself; meanwhile reads keep the staleness bound)",
+            format!(
+                "listening: other hosts' writes are seen one notification after; last heartbeat {} ms ago; {}",
+                l.heartbeat_age_ms,
+                connections(l.connections)
+            ),
+        ),
+        Some(l) if l.listening => Check::warn(
+            "fleet listener",
+            format!(
+                "connected, but its last heartbeat came back {} ms ago, past the {} ms bound (the server or the \
+                 network is slow to answer): reads look at the log meanwhile; {}",
+                l.heartbeat_age_ms,
+                l.bound_ms,
+                connections(l.connections)
+            ),
+        ),
+        Some(l) => Check::warn(
+            "fleet listener",
+            format!(
+                "not listening now (it connects again by itself; meanwhile reads keep the staleness bound); {}",
+                connections(l.connections)
+            ),
         ),
         None => {
             Check::pass("fleet listener", "none in this process (a one-shot command looks at the log when it starts)")

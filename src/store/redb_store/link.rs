@@ -53,10 +53,22 @@ pub(crate) trait Log: Send {
 pub(crate) struct FleetHealth {
     /// A look at the log now: the generation reached, or why not.
     pub synced: Result<u64>,
-    /// Whether the notification listener listens; `None`: this process keeps none.
-    pub listening: Option<bool>,
+    /// The notification listener; `None`: this process keeps none.
+    pub listener: Option<ListenerHealth>,
     /// The server's notification queue, used (0 to 1).
     pub queue_usage: Result<f64>,
+}
+
+/// What `doctor` reports of a notification listener.
+pub(crate) struct ListenerHealth {
+    /// Listening now.
+    pub listening: bool,
+    /// The connections it has made (1 for a listener that never lost one).
+    pub connections: u64,
+    /// Milliseconds since its last heartbeat came back (or it connected).
+    pub heartbeat_age_ms: u64,
+    /// How long a heartbeat vouches for the copy (the staleness bound).
+    pub bound_ms: u64,
 }
 
 /// What the store needs from its owner to follow other hosts' batches.
@@ -431,9 +443,14 @@ impl Store {
     pub(crate) fn fleet_health(&self) -> Option<FleetHealth> {
         let link = self.link.get()?;
         let synced = self.sync();
-        let listening = link.watch.as_ref().map(|w| w.listening.load(Ordering::Acquire));
+        let listener = link.watch.as_ref().map(|w| ListenerHealth {
+            listening: w.listening.load(Ordering::Acquire),
+            connections: w.starts.load(Ordering::Acquire),
+            heartbeat_age_ms: crate::clock::boot_ms().saturating_sub(w.alive_ms.load(Ordering::Acquire)),
+            bound_ms: link.staleness_ms,
+        });
         let queue_usage = link.log.lock().queue_usage();
-        Some(FleetHealth { synced, listening, queue_usage })
+        Some(FleetHealth { synced, listener, queue_usage })
     }
 
     /// Refuses what a fleet store does not support yet: a read journal or a
