@@ -164,17 +164,17 @@ struct Stmts {
     insert: postgres::Statement,
 }
 
-/// The log's end (its newest generation, or where it starts), the head it holds at
-/// `$2`, and at most `$3` batches after `$2`, in one statement: one round trip, one
-/// snapshot. At least one row; `batch` is NULL when there are none.
-const SINCE: &str = "WITH e AS (SELECT greatest((SELECT max(gen) FROM tg_batches WHERE store_id = $1),
-                                       (SELECT snapshot_gen FROM tg_store WHERE store_id = $1)) AS last,
-                              coalesce((SELECT head FROM tg_batches WHERE store_id = $1 AND gen = $2),
-                                       (SELECT start_head FROM tg_store WHERE store_id = $1 AND snapshot_gen = $2))
-                                  AS at)
-     SELECT e.last, e.at, b.batch FROM e LEFT JOIN LATERAL
-            (SELECT gen, batch FROM tg_batches WHERE store_id = $1 AND gen > $2 ORDER BY gen LIMIT $3) b ON true
-      ORDER BY b.gen";
+/// The rows of the log from `$2` on, at most `$3` of them, in one statement (one
+/// round trip, one snapshot, two index probes): the batch at `$2` or, when the log
+/// starts there, its start (each with the head it holds there, its batch NULL), then
+/// the batches after `$2`. No row at `$2` means the log does not hold this host's
+/// generation (it ends before it, or lost that batch). The order and the limit are
+/// inside the first branch so that even a generic plan walks the primary key from
+/// `$2` rather than scanning the log; the rows are put in order by the caller.
+const SINCE: &str = "(SELECT gen, head, CASE WHEN gen = $2 THEN NULL ELSE batch END FROM tg_batches
+       WHERE store_id = $1 AND gen >= $2 ORDER BY gen LIMIT $3)
+     UNION ALL
+     (SELECT snapshot_gen, start_head, NULL FROM tg_store WHERE store_id = $1 AND snapshot_gen = $2)";
 
 /// A batch at `$2` with its head `$6`, only where the log holds head `$5` at `$4`
 /// (the batch there, or where it starts); and, in the same statement, a
@@ -496,7 +496,7 @@ impl PgLog {
         let g = to_i64(generation)?;
         let store_id = self.store_id.clone();
         let (c, st) = self.ready()?;
-        let rows = match c.query(&st.since, &[&store_id, &g, &PAGE]) {
+        let rows = match c.query(&st.since, &[&store_id, &g, &(PAGE + 1)]) {
             Ok(rows) => rows,
             Err(e) => {
                 // Prepared again on the next call (a plan another host's migration
@@ -505,28 +505,33 @@ impl PgLog {
                 return Err(db("reading the log")(e));
             }
         };
-        let (last, at): (Option<i64>, Option<Vec<u8>>) = match rows.first() {
-            Some(r) => (r.try_get(0).map_err(db("reading the log"))?, r.try_get(1).map_err(db("reading the log"))?),
-            None => (None, None),
-        };
-        if last.is_none_or(|e| e < g) {
+        // The log must hold this host's generation, with this host's head there (a
+        // tampered log could show it twice: every such row must agree).
+        let mut held = false;
+        let mut batches = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let at: i64 = r.try_get(0).map_err(db("reading the log"))?;
+            if at == g {
+                let there: Option<Vec<u8>> = r.try_get(1).map_err(db("reading the log"))?;
+                if there.as_deref() != Some(head) {
+                    return Err(Error::integrity(
+                        "reading the fleet log: at this host's generation it holds another state than this host's \
+                         copy (the copy was written outside the log, or the log was rewritten)",
+                    ));
+                }
+                held = true;
+            } else if let Some(b) = r.try_get::<_, Option<Vec<u8>>>(2).map_err(db("reading the log"))? {
+                batches.push((at, b));
+            }
+        }
+        batches.sort_unstable_by_key(|(at, _)| *at);
+        let batches: Vec<Vec<u8>> = batches.into_iter().map(|(_, b)| b).collect();
+        if !held {
             return Err(Error::integrity(
-                "reading the fleet log: it ends before this host's generation (the database was rolled back or lost \
+                "reading the fleet log: it does not hold this host's generation (the database was rolled back or lost \
                  batches this host has read, or this host's copy was written outside the log: opened without \
                  backend = \"postgres\")",
             ));
-        }
-        if at.as_deref() != Some(head) {
-            return Err(Error::integrity(
-                "reading the fleet log: at this host's generation it holds another state than this host's copy (the \
-                 copy was written outside the log, or the log was rewritten)",
-            ));
-        }
-        let mut batches = Vec::with_capacity(rows.len());
-        for r in &rows {
-            if let Some(b) = r.try_get::<_, Option<Vec<u8>>>(2).map_err(db("reading the log"))? {
-                batches.push(b);
-            }
         }
         let full = i64::try_from(batches.len()).is_ok_and(|n| n >= PAGE);
         Ok((batches, full))

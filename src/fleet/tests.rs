@@ -587,16 +587,48 @@ fn a_log_edited_in_the_database_is_refused_and_changes_no_host() {
             format!("UPDATE tg_batches SET batch = substring(batch FROM 1 FOR 60) WHERE gen = {top}"),
         ),
     ];
-    for (what, sql) in &attacks {
-        rig.pg.sql("tg", sql);
-        let err = b.sync().unwrap_err();
-        assert_eq!(err.exit_code(), exit::INTEGRITY, "{what}: {err}");
-        assert_eq!(generation(&b), here, "{what}: b's store moved");
-        assert!(matches!(get(&b, "github", "t0"), Err(Error::NotFound { .. })), "{what}");
-        rig.pg.sql("tg", restore);
-    }
+    // Each edit is refused, and leaves `b` where it was, without `unseen`.
+    let refused = |attacks: &[(&str, String)], at: u64, unseen: &str, restore: &str| {
+        for (what, sql) in attacks {
+            rig.pg.sql("tg", sql);
+            let err = b.sync().unwrap_err();
+            assert_eq!(err.exit_code(), exit::INTEGRITY, "{what}: {err}");
+            assert_eq!(generation(&b), at, "{what}: b's store moved");
+            assert!(matches!(get(&b, "github", unseen), Err(Error::NotFound { .. })), "{what}");
+            rig.pg.sql("tg", restore);
+        }
+    };
+    refused(&attacks, here, "t0", restore);
     b.sync().unwrap();
     assert_eq!(get(&b, "github", "t3").unwrap(), b"v3");
+
+    // What the log holds at the host's own generation, which every look checks: the
+    // head there changed or emptied, the batch there deleted, and a second row there
+    // (the log's start moved onto it) that disagrees.
+    let mid = generation(&b);
+    put(&a, "github", "t4", "v4");
+    let restore = format!(
+        "{restore}; UPDATE tg_store SET snapshot_gen = (SELECT snapshot_gen FROM saved_store), \
+                           start_head = (SELECT start_head FROM saved_store)"
+    );
+    rig.pg.sql("tg", "DROP TABLE saved; CREATE TABLE saved AS SELECT * FROM tg_batches");
+    rig.pg.sql("tg", "CREATE TABLE saved_store AS SELECT * FROM tg_store");
+    let attacks = [
+        (
+            "the head at the host's generation changed",
+            format!("UPDATE tg_batches SET head = set_byte(head, 0, get_byte(head, 0) # 1) WHERE gen = {mid}"),
+        ),
+        ("the head at the host's generation emptied", format!("UPDATE tg_batches SET head = NULL WHERE gen = {mid}")),
+        ("the batch at the host's generation deleted", format!("DELETE FROM tg_batches WHERE gen = {mid}")),
+        (
+            "the log's start moved onto the host's generation",
+            format!("UPDATE tg_store SET snapshot_gen = {mid}, start_head = '\\x00'"),
+        ),
+    ];
+    refused(&attacks, mid, "t4", &restore);
+    b.sync().unwrap();
+    assert_eq!(get(&b, "github", "t4").unwrap(), b"v4");
+    let top = top + 1;
 
     // The newest batch deleted: a host that read it keeps it (no rollback) and says
     // the log lost it; the host that wrote it refuses to build on that log.
@@ -831,4 +863,31 @@ fn a_refresh_whose_commit_answer_was_lost_reports_its_own_token() {
     let b = rig.host("b");
     let (s, _) = b.get_field("acme", "svc", Some("access_token"), GetOptions::default()).unwrap();
     assert_eq!(s.expose(), b"at-1");
+}
+
+#[test]
+fn a_look_walks_the_log_from_the_host_generation_even_under_a_generic_plan() {
+    // A prepared statement's generic plan does not know `$2`: a look that let the
+    // planner scan the whole log (then sort) would cost O(log) per read. Checked on
+    // a log of 20,000 batches, as the planner sees it after ANALYZE.
+    let rig = Rig::new("fleet-plan");
+    drop(rig.host("a"));
+    rig.pg.sql(
+        "tg",
+        "INSERT INTO tg_store (store_id, snapshot_gen, start_head) VALUES ('\\x01', 0, '\\x00');
+         INSERT INTO tg_batches (store_id, gen, batch, head)
+              SELECT '\\x01', g, convert_to(repeat('b', 600), 'UTF8'), '\\x00' FROM generate_series(1, 20000) g;
+         ANALYZE",
+    );
+    let plan = rig.pg.sql(
+        "tg",
+        &format!(
+            "SET plan_cache_mode = force_generic_plan; PREPARE look(bytea, bigint, bigint) AS {};
+             EXPLAIN EXECUTE look('\\x01', 19000, {})",
+            super::SINCE,
+            super::PAGE + 1
+        ),
+    );
+    assert!(plan.contains("Index Scan using tg_batches_pkey on tg_batches"), "{plan}");
+    assert!(!plan.contains("Seq Scan on tg_batches") && !plan.contains("Sort"), "{plan}");
 }
