@@ -430,37 +430,52 @@ fn a_read_older_than_the_staleness_bound_looks_at_the_log_first() {
 }
 
 /// A listener keeps its one connection across its heartbeats (each a round trip that
-/// proves the backend still listens), and `doctor` says so. A heartbeat that failed
-/// would drop the connection every half bound: writes would then be seen only when
-/// it came back, and the log would say so at warn level.
+/// proves the backend still listens), and the heartbeats vouch for the copy: past
+/// the staleness bound, reads answer without looking at the log. `doctor` says so.
+/// A heartbeat that failed would drop the connection every half bound, writes would
+/// be seen only when it came back, and reads past the bound would look.
 #[test]
-fn a_listener_keeps_its_connection_across_heartbeats() {
+fn a_listener_keeps_its_connection_and_vouches_across_heartbeats() {
     let rig = Rig::new("fleet-heartbeat");
     let a = rig.host("a");
-    let bound = Duration::from_millis(200);
+    let bound = Duration::from_secs(2);
     let b = rig.open("b");
     super::attach(&b, &LogConfig { staleness: bound, listen: true, ..rig.config() }).unwrap();
-    let pids = || rig.pg.sql("tg", "SELECT pid FROM pg_stat_activity WHERE application_name = 'tokenguard-listen'");
+    let backends = |app: &str| {
+        rig.pg.sql("tg", &format!("SELECT pid, query_start FROM pg_stat_activity WHERE application_name = '{app}'"))
+    };
     let t = std::time::Instant::now();
-    while pids().trim().is_empty() {
+    while backends("tokenguard-listen").trim().is_empty() {
         assert!(t.elapsed() < Duration::from_secs(10), "no listener connected");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let first = pids();
-    // Ten heartbeats (one every half bound).
-    std::thread::sleep(bound * 5);
-    assert_eq!(pids(), first, "the listener connected again");
+    let listener = backends("tokenguard-listen");
     put(&a, "github", "ci", "one");
     let t = std::time::Instant::now();
     while get(&b, "github", "ci").ok().as_deref() != Some(b"one".as_slice()) {
         assert!(t.elapsed() < Duration::from_secs(5), "never seen");
         std::thread::sleep(Duration::from_millis(2));
     }
+    // Only b's log connection is left under the name: its last statement is b's
+    // last look.
+    drop(a);
+    while backends("tokenguard").lines().count() != 1 {
+        assert!(t.elapsed() < Duration::from_secs(10), "a's connection did not close");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // One and a half bounds since that look: three heartbeats.
+    std::thread::sleep(bound * 3 / 2);
+    let looked = backends("tokenguard");
+    for _ in 0..10 {
+        assert_eq!(get(&b, "github", "ci").unwrap(), b"one");
+    }
+    assert_eq!(backends("tokenguard"), looked, "a read past the bound looked: the heartbeats did not vouch");
+    let pid = |rows: &str| rows.split('|').next().map(str::to_owned);
+    assert_eq!(pid(&backends("tokenguard-listen")), pid(&listener), "the listener connected again");
     let checks = b.doctor();
-    let listener = checks.iter().find(|c| c.name == "fleet listener").unwrap();
-    assert_eq!(listener.status, crate::root::Status::Ok, "{}", listener.detail);
-    assert!(listener.detail.contains("one connection since it started"), "{}", listener.detail);
-    assert_eq!(pids(), first);
+    let check = checks.iter().find(|c| c.name == "fleet listener").unwrap();
+    assert_eq!(check.status, crate::root::Status::Ok, "{}", check.detail);
+    assert!(check.detail.contains("one connection since it started"), "{}", check.detail);
 }
 
 /// A host with a notification listener sees another host's write one notification
