@@ -811,9 +811,6 @@ fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound:
                 Some(w) => w.started(crate::clock::boot_ms()),
                 None => return Ok(()),
             }
-            // Listening: the next loss waits the shortest time again, and is told.
-            retry = Duration::from_millis(50);
-            quiet = false;
             let mut beaten = std::time::Instant::now();
             loop {
                 let got = client.notifications().timeout_iter(beat.saturating_sub(beaten.elapsed())).next();
@@ -850,6 +847,11 @@ fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound:
                         hear(&w, channel, &n);
                     }
                     w.alive(at);
+                    // A connection that proved itself: the next loss waits the
+                    // shortest time again, and is told (one that fails its first
+                    // heartbeat, as behind a transaction pooler, keeps backing off).
+                    retry = Duration::from_millis(50);
+                    quiet = false;
                 }
             }
         })();
