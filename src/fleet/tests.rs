@@ -243,6 +243,14 @@ fn a_host_more_than_a_page_behind_catches_up_page_by_page() {
         a.store().write(|t| a.audit_in(t, "note", format!("note {i}"))).unwrap();
     }
     put(&a, "github", "last", "v");
+    // From the log's start (where b is), a page is `PAGE` batches, in order, then the
+    // rest.
+    let (g, head) = b.state_head().unwrap();
+    let mut log = rig.log(&b);
+    let (page, full) = log.since(g, &head).unwrap();
+    assert!(full);
+    assert_eq!(page.len(), n - 20);
+    assert_eq!(generation(&b), g);
     assert_eq!(b.sync().unwrap(), generation(&a));
     assert_eq!(get(&b, "github", "last").unwrap(), b"v");
     put(&b, "github", "after", "w");
