@@ -164,17 +164,16 @@ struct Stmts {
     insert: postgres::Statement,
 }
 
-/// The rows of the log from `$2` on, at most `$3` of them, in one statement (one
-/// round trip, one snapshot, two index probes): the batch at `$2` or, when the log
-/// starts there, its start (each with the head it holds there, its batch NULL), then
-/// the batches after `$2`. No row at `$2` means the log does not hold this host's
-/// generation (it ends before it, or lost that batch). The order and the limit are
-/// inside the first branch so that even a generic plan walks the primary key from
-/// `$2` rather than scanning the log; the rows are put in order by the caller.
-const SINCE: &str = "(SELECT gen, head, CASE WHEN gen = $2 THEN NULL ELSE batch END FROM tg_batches
+/// The rows of the log from `$2` on, in one statement (one round trip, one snapshot,
+/// two index probes): at most `$3` rows of `tg_batches` from `$2` (the batch at `$2`
+/// with the head it holds there, its bytes not fetched, then the batches after), and
+/// the log's start if it is at `$2` (its head; `start` true). The order and the limit
+/// are inside the first branch so that a generic plan walks the primary key from
+/// `$2` rather than scanning the log (tested); the caller puts the rows in order.
+const SINCE: &str = "(SELECT gen, head, CASE WHEN gen = $2 THEN NULL ELSE batch END, false AS start FROM tg_batches
        WHERE store_id = $1 AND gen >= $2 ORDER BY gen LIMIT $3)
      UNION ALL
-     (SELECT snapshot_gen, start_head, NULL FROM tg_store WHERE store_id = $1 AND snapshot_gen = $2)";
+     (SELECT snapshot_gen, start_head, NULL, true FROM tg_store WHERE store_id = $1 AND snapshot_gen = $2)";
 
 /// A batch at `$2` with its head `$6`, only where the log holds head `$5` at `$4`
 /// (the batch there, or where it starts); and, in the same statement, a
@@ -489,14 +488,18 @@ impl PgLog {
     }
 
     /// At most [`PAGE`] batches after `generation`, in order, in one statement (so
-    /// one snapshot, inside the write's transaction or not). A log that ends before
-    /// `generation` lost batches this host read (the database was put back to an
-    /// older backup, or rows were deleted): refused, not taken as "nothing new".
+    /// one snapshot, inside the write's transaction or not), and whether there may be
+    /// more. The log must hold this host's `generation` with this host's `head`
+    /// there (the batch there, or the log's start), once: a log that ends before it
+    /// lost batches this host read (the database was put back to an older backup, or
+    /// rows were deleted), and one that holds another head there was rewritten or
+    /// the copy written outside the log — refused, never taken as "nothing new".
     fn read_since(&mut self, generation: u64, head: &[u8]) -> Result<(Vec<Vec<u8>>, bool)> {
         let g = to_i64(generation)?;
         let store_id = self.store_id.clone();
         let (c, st) = self.ready()?;
-        let rows = match c.query(&st.since, &[&store_id, &g, &(PAGE + 1)]) {
+        let limit = PAGE + 1;
+        let rows = match c.query(&st.since, &[&store_id, &g, &limit]) {
             Ok(rows) => rows,
             Err(e) => {
                 // Prepared again on the next call (a plan another host's migration
@@ -505,13 +508,18 @@ impl PgLog {
                 return Err(db("reading the log")(e));
             }
         };
-        // The log must hold this host's generation, with this host's head there (a
-        // tampered log could show it twice: every such row must agree).
-        let mut held = false;
+        let (mut held, mut batches_there, mut from_batches) = (false, 0usize, 0i64);
         let mut batches = Vec::with_capacity(rows.len());
         for r in &rows {
             let at: i64 = r.try_get(0).map_err(db("reading the log"))?;
+            let start: bool = r.try_get(3).map_err(db("reading the log"))?;
+            if !start {
+                from_batches += 1;
+            }
             if at == g {
+                // Every row there must hold this host's head, and the log one batch
+                // there at most (two: its primary key was dropped, and a copy of the
+                // batch would hide the batches after it).
                 let there: Option<Vec<u8>> = r.try_get(1).map_err(db("reading the log"))?;
                 if there.as_deref() != Some(head) {
                     return Err(Error::integrity(
@@ -519,16 +527,20 @@ impl PgLog {
                          copy (the copy was written outside the log, or the log was rewritten)",
                     ));
                 }
+                batches_there += usize::from(!start);
+                if batches_there > 1 {
+                    return Err(Error::integrity(
+                        "reading the fleet log: it holds more than one batch at this host's generation",
+                    ));
+                }
                 held = true;
-            } else if let Some(b) = r.try_get::<_, Option<Vec<u8>>>(2).map_err(db("reading the log"))? {
-                batches.push((at, b));
+            } else {
+                match r.try_get::<_, Option<Vec<u8>>>(2).map_err(db("reading the log"))? {
+                    Some(b) => batches.push((at, b)),
+                    None => return Err(Error::integrity("reading the fleet log: it holds a batch without its bytes")),
+                }
             }
         }
-        // In order, and at most a page: a host at the log's start gets its start row
-        // from the second branch, so the first may have brought one batch more.
-        batches.sort_unstable_by_key(|(at, _)| *at);
-        let page = usize::try_from(PAGE).unwrap_or(usize::MAX);
-        let batches: Vec<Vec<u8>> = batches.into_iter().take(page).map(|(_, b)| b).collect();
         if !held {
             return Err(Error::integrity(
                 "reading the fleet log: it does not hold this host's generation (the database was rolled back or lost \
@@ -536,8 +548,13 @@ impl PgLog {
                  backend = \"postgres\")",
             ));
         }
-        let full = i64::try_from(batches.len()).is_ok_and(|n| n >= PAGE);
-        Ok((batches, full))
+        // In order, and at most a page: at the log's start, the start row comes from
+        // the second branch, so the first may have brought one batch more. More may
+        // follow when the first branch reached its limit.
+        batches.sort_unstable_by_key(|(at, _)| *at);
+        let page = usize::try_from(PAGE).unwrap_or(usize::MAX);
+        let batches: Vec<Vec<u8>> = batches.into_iter().take(page).map(|(_, b)| b).collect();
+        Ok((batches, from_batches >= limit))
     }
 }
 
@@ -806,6 +823,7 @@ fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound:
     let beat = (bound / 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
     let mut retry = Duration::from_millis(50);
     let mut quiet = false;
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         let listened = (|| -> Result<()> {
             let mut client = dialer.dial()?;
@@ -862,11 +880,13 @@ fn listen(dialer: &Dialer, channel: &str, watch: &std::sync::Weak<Watch>, bound:
         w.lost();
         drop(w);
         match listened {
-            // Once per loss of a working connection; the attempts that follow at debug.
-            Err(e) if !quiet => {
-                tracing::warn!(error = %e, "the fleet listener lost its connection; reads keep the staleness bound");
+            // Once per loss of a working connection, at most once a minute; the
+            // attempts that follow at debug.
+            Err(e) if !quiet && warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) => {
+                warned = Some(std::time::Instant::now());
+                tracing::warn!(error = %e, "the fleet listener is not listening; reads keep the staleness bound");
             }
-            Err(e) => tracing::debug!(error = %e, "the fleet listener could not listen again yet"),
+            Err(e) => tracing::debug!(error = %e, "the fleet listener could not listen (again) yet"),
             Ok(()) => {}
         }
         quiet = true;

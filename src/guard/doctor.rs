@@ -246,10 +246,27 @@ fn fleet_checks(h: crate::store::redb_store::FleetHealth) -> Vec<Check> {
         Err(e) => Check::error("fleet log", &e),
     }];
     out.push(match h.listener {
-        Some(l) if l.listening && l.heartbeat_age_ms <= l.bound_ms => Check::pass(
+        // A read trusts a heartbeat younger than the bound (`Link::stale`).
+        Some(l) if l.listening && l.heartbeat_age_ms < l.bound_ms && (l.proven || l.connections == 1) => {
+            let beat = if l.proven {
+                format!("last heartbeat back {} ms ago", l.heartbeat_age_ms)
+            } else {
+                format!("connected {} ms ago, its first heartbeat not back yet", l.heartbeat_age_ms)
+            };
+            Check::pass(
+                "fleet listener",
+                format!(
+                    "listening: other hosts' writes are seen one notification after; {beat}; {}",
+                    connections(l.connections)
+                ),
+            )
+        }
+        Some(l) if l.listening && !l.proven && l.heartbeat_age_ms < l.bound_ms => Check::warn(
             "fleet listener",
             format!(
-                "listening: other hosts' writes are seen one notification after; last heartbeat {} ms ago; {}",
+                "connected again {} ms ago, and no heartbeat has come back on this connection yet (a listener that \
+                 keeps connecting without one is behind something that does not keep its session, such as a \
+                 transaction pooler): reads keep the staleness bound meanwhile; {}",
                 l.heartbeat_age_ms,
                 connections(l.connections)
             ),
@@ -432,5 +449,39 @@ impl Inner {
             Ok(ControlFlow::Continue(()))
         })?;
         Ok(scan)
+    }
+}
+
+#[cfg(all(test, feature = "postgres"))]
+mod tests {
+    //! The "fleet listener" check against the listener states a host can be in.
+    use crate::root::Status;
+    use crate::store::redb_store::{FleetHealth, ListenerHealth};
+
+    fn listener(listening: bool, connections: u64, proven: bool, heartbeat_age_ms: u64) -> (Status, String) {
+        let h = FleetHealth {
+            synced: Ok(1),
+            listener: Some(ListenerHealth { listening, connections, proven, heartbeat_age_ms, bound_ms: 1000 }),
+            queue_usage: Ok(0.0),
+        };
+        let checks = super::fleet_checks(h);
+        let c = checks.iter().find(|c| c.name == "fleet listener").unwrap_or_else(|| unreachable!());
+        (c.status, c.detail.clone())
+    }
+
+    #[test]
+    fn the_listener_check_passes_only_a_listener_whose_heartbeats_vouch() {
+        assert_eq!(listener(true, 1, true, 200).0, Status::Ok);
+        // Just connected, its first heartbeat not due yet.
+        let (status, detail) = listener(true, 1, false, 200);
+        assert_eq!(status, Status::Ok, "{detail}");
+        assert!(detail.contains("first heartbeat not back yet"), "{detail}");
+        // Connected again and not proven: a pooler, or a loss just now.
+        let (status, detail) = listener(true, 4, false, 200);
+        assert_eq!(status, Status::Warn, "{detail}");
+        assert!(detail.contains("it lost 3"), "{detail}");
+        // Its last heartbeat as old as the bound: reads no longer trust it.
+        assert_eq!(listener(true, 1, true, 1000).0, Status::Warn);
+        assert_eq!(listener(false, 2, false, 10).0, Status::Warn);
     }
 }

@@ -65,6 +65,8 @@ pub(crate) struct ListenerHealth {
     pub listening: bool,
     /// The connections it has made (1 for a listener that never lost one).
     pub connections: u64,
+    /// A heartbeat has come back on the current connection.
+    pub proven: bool,
     /// Milliseconds since its last heartbeat came back (or it connected).
     pub heartbeat_age_ms: u64,
     /// How long a heartbeat vouches for the copy (the staleness bound).
@@ -102,8 +104,11 @@ pub(crate) struct Watch {
     starts: AtomicU64,
     /// Listening now.
     listening: std::sync::atomic::AtomicBool,
-    /// `boot_ms` at the start of the last heartbeat that came back.
+    /// `boot_ms` at the start of the last heartbeat that came back (or when the
+    /// listener connected).
     alive_ms: AtomicU64,
+    /// A heartbeat has come back on the current connection (for `doctor`).
+    proven: std::sync::atomic::AtomicBool,
     /// The highest generation a notification named.
     notified: AtomicU64,
     /// Notifications heard, ever; with `notified`, changed only under this lock (a
@@ -120,6 +125,7 @@ impl Watch {
         // The start first: a read that sees the new heartbeat time sees it too (it
         // loads them in the other order), and looks.
         self.starts.fetch_add(1, Ordering::AcqRel);
+        self.proven.store(false, Ordering::Release);
         self.alive_ms.store(at_ms, Ordering::Release);
         self.listening.store(true, Ordering::Release);
     }
@@ -135,6 +141,7 @@ impl Watch {
     /// heard first).
     pub(crate) fn alive(&self, at_ms: u64) {
         self.alive_ms.fetch_max(at_ms, Ordering::AcqRel);
+        self.proven.store(true, Ordering::Release);
     }
 
     /// The listening connection is gone: reads fall back to the staleness bound.
@@ -446,6 +453,7 @@ impl Store {
         let listener = link.watch.as_ref().map(|w| ListenerHealth {
             listening: w.listening.load(Ordering::Acquire),
             connections: w.starts.load(Ordering::Acquire),
+            proven: w.proven.load(Ordering::Acquire),
             heartbeat_age_ms: crate::clock::boot_ms().saturating_sub(w.alive_ms.load(Ordering::Acquire)),
             bound_ms: link.staleness_ms,
         });
@@ -530,6 +538,10 @@ impl Store {
             let out = self.catch_up_locked(
                 &mut |generation, head| {
                     let (page, full) = log.since(generation, head)?;
+                    if full && page.is_empty() {
+                        // Another round would ask the same again, forever.
+                        return Err(Error::integrity("reading the fleet log: a full page that holds no batch"));
+                    }
                     more = full;
                     Ok(page)
                 },

@@ -11,6 +11,8 @@ mod snapshots;
 pub(crate) mod txn;
 mod write;
 
+#[cfg(all(test, feature = "postgres"))]
+pub(crate) use link::ListenerHealth;
 #[cfg(feature = "postgres")]
 pub(crate) use link::Watch;
 pub(crate) use link::{FleetHealth, Follower, Link, Log, Starter};
