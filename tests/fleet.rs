@@ -3,7 +3,8 @@
 //! `tests/common/postgres.rs`; one host over TCP with TLS), through the CLI, with one shared SoftHSM2 token as
 //! the root (a network HSM, simulated: docs/FLEET-DESIGN.md, "Roots across hosts").
 //! What a fleet promises, attacked from outside the processes: concurrent writes on
-//! every host, a revocation final everywhere, one provider call for nine refreshers,
+//! every host, a revocation final everywhere, one provider call for nine refreshers
+//! and for two `refresh --watch` processes (each with a notification listener),
 //! the database going away and coming back, a log edited in the database, a host
 //! killed in a refresh, and processes on every host killed at random moments.
 #![allow(clippy::unwrap_used)]
@@ -272,6 +273,69 @@ fn nine_refreshers_on_three_hosts_call_the_provider_once() {
         let o = f.run(h, &["get", "acme", "svc"], b"");
         ok(&o);
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "at-1");
+    }
+}
+
+/// `refresh --watch` on two hosts, each a long-running process with a notification
+/// listener: a token put on a third host is refreshed once across the fleet, every
+/// host reads the new token, and both watchers stop cleanly on SIGTERM.
+#[test]
+fn watchers_on_two_hosts_listen_and_refresh_a_token_once() {
+    let (ep, invalid) = counting_rotating(Duration::from_millis(200));
+    let f = Fleet::new("fleet-watch", &provider(&ep.url, 10));
+    // A bound the listener can vouch within (a zero bound keeps no listener).
+    for h in &f.hosts {
+        let text = std::fs::read_to_string(&h.config_path).unwrap();
+        std::fs::write(&h.config_path, text.replace("fleet_staleness_ms = 0\n", "fleet_staleness_ms = 3000\n"))
+            .unwrap();
+    }
+    ok(&f.run(0, &["put", "oauth-client", "acme"], b"client-secret"));
+    let listeners = || {
+        f.pg.sql("tg", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tokenguard-listen'")
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    assert_eq!(listeners(), 0, "one-shot commands keep no listener");
+    let mut watchers: Vec<_> = (1..3)
+        .map(|h| {
+            f.hosts[h]
+                .cli()
+                .args(["refresh", "--watch", "--interval", "1s"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let t = Instant::now();
+    while listeners() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the watchers did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let set = r#"{"access_token": "at-0", "refresh_token": "rt-0"}"#;
+    ok(&f.run(0, &["put", "acme", "svc", "--expires-in", "20s"], set.as_bytes()));
+    while ep.count() < 1 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no watcher refreshed the token");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Both watchers scan again (once a second) and find nothing due.
+    std::thread::sleep(Duration::from_millis(2500));
+    for w in &watchers {
+        let status = std::process::Command::new("kill").args(["-TERM", &w.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+    for w in &mut watchers {
+        let st = w.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut w.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(st.code(), Some(0), "{err}");
+        assert!(!err.contains("panicked") && !err.contains("rt-") && !err.contains("client-secret"), "{err}");
+    }
+    assert_eq!(ep.count(), 1, "one provider call across the fleet");
+    assert_eq!(invalid.load(Ordering::Relaxed), 0);
+    for h in 0..3 {
+        assert_eq!(f.get(h, "acme", "svc").unwrap(), "at-1", "host {h}");
     }
 }
 
