@@ -197,7 +197,7 @@ impl TokenGuard {
 
     /// The store's state head as it is now: its generation (MAC checked) and its
     /// encoded bytes.
-    #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
+    #[cfg_attr(not(any(feature = "postgres", test)), expect(dead_code, reason = "the fleet log is its one user"))]
     pub(crate) fn state_head(&self) -> Result<(u64, Vec<u8>)> {
         self.inner.store.state_head()
     }

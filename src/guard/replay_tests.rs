@@ -210,6 +210,42 @@ fn a_copy_brought_forward_by_the_recorded_writes_equals_the_store() {
         assert!(matches!(err, crate::Error::Integrity { .. }), "{what}: {err}");
         assert_eq!(dump_of(&host), before, "{what}: the store changed");
     }
+    // A host that holds the state key (an insider, a compromised host) seals rows
+    // that do not add up to the head they bring: the batch's MAC holds, and the
+    // state check refuses it (batch by batch, from the verified state).
+    let armed = host.store().state_key().unwrap();
+    let (_, prev) = host.state_head().unwrap();
+    let forge = |edit: &dyn Fn(&mut Vec<txn::RowWrite>)| {
+        let (before_gen, after_gen, mut rows) = txn::open_batch(&armed.0, &armed.1, &prev, &batches[0]).unwrap();
+        edit(&mut rows);
+        let mut out = batches.clone();
+        out[0] = txn::seal_batch(&armed.0, &armed.1, &prev, &[], before_gen, after_gen, &rows).unwrap().bytes;
+        out
+    };
+    let forged: [(&str, Vec<Vec<u8>>); 3] = [
+        (
+            "a record edited under the key",
+            forge(&|rows| {
+                let v = rows.iter_mut().find(|w| w.table == 2).unwrap().value.as_mut().unwrap();
+                v[0] ^= 1;
+            }),
+        ),
+        ("a record left out under the key", forge(&|rows| rows.retain(|w| w.table != 2))),
+        (
+            "a record added under the key",
+            forge(&|rows| {
+                let mut extra = rows.iter().find(|w| w.table == 2).unwrap().clone();
+                extra.key = <(&str, &str) as Value>::as_bytes(&("github", "smuggled")).clone();
+                rows.push(extra);
+            }),
+        ),
+    ];
+    for (what, bs) in forged {
+        let err = host.catch_up(|_| Ok(bs.clone())).unwrap_err();
+        assert!(matches!(err, crate::Error::Integrity { .. }), "{what}: {err}");
+        assert!(err.to_string().contains("do not add up"), "{what}: {err}");
+        assert_eq!(dump_of(&host), before, "{what}: the store changed");
+    }
     // Up to the root added; a host with root 1 only cannot follow root 1's removal
     // (its root reads nothing written after), and keeps what it had.
     let added = batches.iter().position(|b| rows_of(b).iter().any(|w| w.table == 0 && w.key == b"roots")).unwrap();

@@ -349,6 +349,22 @@ impl Known {
     }
 }
 
+/// A catch-up's incremental check in progress ([`StateCell::follow`]): the running
+/// accumulator, and the covered rows the batches changed so far (their last value).
+pub(crate) struct Follow {
+    acc: Acc,
+    records: HashMap<(String, String), Option<Mark>>,
+    rows: HashMap<OwnedKey, Option<Digest>>,
+}
+
+impl Follow {
+    /// Whether the rows applied so far add up to the head `acc` (the head a batch
+    /// brought, under the MAC already checked).
+    pub(crate) fn reaches(&self, acc: &Acc) -> bool {
+        self.acc == *acc
+    }
+}
+
 /// A change of one covered row by a write transaction, applied to [`Known`] once the
 /// transaction commits.
 #[derive(Debug)]
@@ -744,6 +760,72 @@ impl StateCell {
                 Change::Record { provider, name, mark } => k.set_record(&provider, &name, mark),
                 Change::Row { key, digest } => k.set_row(key, digest),
             }
+        }
+    }
+
+    /// Starts the incremental check of a catch-up (docs/FLEET-DESIGN.md, "Catch-up"):
+    /// possible when this process's verified state is the copy's, at `first`, whose
+    /// head holds `acc`. `None`: the caller verifies the result in full.
+    pub(crate) fn follow(&self, first: u64, acc: Acc) -> Option<Follow> {
+        let k = read(&self.known);
+        let usable = k.generation == first && k.checked != 0 && k.problem.is_none() && !k.upgrade_needed;
+        usable.then(|| Follow { acc, records: HashMap::default(), rows: HashMap::default() })
+    }
+
+    /// One covered row a batch sets (`new`) or removes (`None`), under `key` (the
+    /// cell's own: a batch that rekeys is verified in full): the accumulator moves
+    /// from the row's digest before (an earlier batch's, or the verified state's) to
+    /// the new one.
+    pub(crate) fn follow_row(&self, f: &mut Follow, key: &StateKey, row: Row, k: RowKey<'_>, new: Option<&[u8]>) {
+        match (row, k) {
+            (Row::Record, RowKey::Name(p, n)) => {
+                let id = (p.to_owned(), n.to_owned());
+                let old = match f.records.get(&id) {
+                    Some(m) => m.map(|m| m.digest),
+                    None => read(&self.known).record(p, n).map(|m| m.digest),
+                };
+                let mark = new.map(|v| Mark::of(key, p, n, v));
+                if let Some(d) = old {
+                    f.acc.sub(&d);
+                }
+                if let Some(m) = &mark {
+                    f.acc.add(&m.digest);
+                }
+                f.records.insert(id, mark);
+            }
+            _ => {
+                let id = k.owned(row);
+                let old = match f.rows.get(&id) {
+                    Some(d) => *d,
+                    None => read(&self.known).rows.get(&id).copied(),
+                };
+                let digest = new.map(|v| key.row(row, k, v));
+                if let Some(d) = old {
+                    f.acc.sub(&d);
+                }
+                if let Some(d) = &digest {
+                    f.acc.add(d);
+                }
+                f.rows.insert(id, digest);
+            }
+        }
+    }
+
+    /// After a committed catch-up checked by [`StateCell::follow`]: the known state
+    /// moves from `first` to `last` by the rows the batches changed, and the DEK rows
+    /// among them are noted for the guard's cache (another host rotated, retired or
+    /// shredded them). If the known state moved meanwhile, the next read verifies
+    /// in full.
+    pub(crate) fn followed(&self, first: u64, last: u64, f: Follow) {
+        let deks: Vec<(String, u32)> =
+            f.rows.keys().filter(|(row, ..)| *row == Row::Dek).map(|(_, p, _, v)| (p.clone(), *v)).collect();
+        let mut changes: Vec<Change> =
+            f.records.into_iter().map(|((provider, name), mark)| Change::Record { provider, name, mark }).collect();
+        changes.extend(f.rows.into_iter().map(|(key, digest)| Change::Row { key, digest }));
+        self.committed(first, last, changes);
+        if !deks.is_empty() {
+            lock(&self.changed_deks).extend(deks);
+            self.deks_changed.store(true, Ordering::Release);
         }
     }
 

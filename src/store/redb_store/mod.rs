@@ -847,6 +847,12 @@ impl Store {
         self.catch_up_locked(&mut |generation, _| fetch(generation), unlock, on_commit)
     }
 
+    /// The state key and store id, for tests that seal batches as a host would.
+    #[cfg(test)]
+    pub(crate) fn state_key(&self) -> Result<state::Armed> {
+        self.state.key()
+    }
+
     /// This process's write lock (its writers queue on it; see `write_inner`).
     fn lock_writers(&self) -> Result<parking_lot::MutexGuard<'_, ()>> {
         let start = Instant::now();
@@ -889,9 +895,15 @@ impl Store {
         let _critical = crate::signals::Critical::enter();
         let mut new_key: Option<StateKey> = None;
         let head_now = engine(|| txn.state_head()?.ok_or_else(head_missing))?;
-        let first = Head::decode(&head_now, old_key, store_id)?.generation;
+        let at_first = Head::decode(&head_now, old_key, store_id)?;
+        let first = at_first.generation;
         // Another process sharing this copy may have applied them meanwhile.
         let batches = if head_now == seen { peeked } else { fetch(first, &head_now)? };
+        // Checked batch by batch from this process's verified state when that is the
+        // copy's (the accumulator moved by each batch's covered rows must reach the
+        // head it brings): O(rows the batches change). Otherwise, or once a batch
+        // rekeys, the result is verified in full before the commit: O(rows).
+        let mut follow = self.state.follow(first, at_first.acc);
         let last = engine(|| {
             let mut generation = first;
             for bytes in &batches {
@@ -905,6 +917,12 @@ impl Store {
                     ));
                 }
                 txn.replay(&rows)?;
+                if let Some(f) = follow.as_mut() {
+                    txn::visit_covered_writes(&rows, &mut |row, k, new| {
+                        self.state.follow_row(f, old_key, row, k, new);
+                        Ok(())
+                    })?;
+                }
                 let head = txn.state_head()?.ok_or_else(head_missing)?;
                 let head = match Head::decode(&head, key, store_id) {
                     Ok(h) => h,
@@ -912,12 +930,19 @@ impl Store {
                         let k = unlock(&txn)?;
                         let h = Head::decode(&head, &k, store_id)?;
                         new_key = Some(k);
+                        // Every row's digest moves with the key: verified in full.
+                        follow = None;
                         h
                     }
                 };
                 if head.generation != after {
                     return Err(Error::integrity(
                         "catching up with the fleet log: a batch's state head is not at the generation it claims",
+                    ));
+                }
+                if follow.as_ref().is_some_and(|f| !f.reaches(&head.acc)) {
+                    return Err(Error::integrity(
+                        "catching up with the fleet log: a batch's rows do not add up to the state head it brings",
                     ));
                 }
                 generation = after;
@@ -928,12 +953,19 @@ impl Store {
             // Nothing to apply: the transaction is dropped, not committed.
             return Ok(CaughtUp { before: first, after: last, rekeyed: false });
         }
-        let verified = engine(|| self.state.verify_pending(&txn, new_key.as_ref()))?;
+        let full = match follow {
+            Some(_) => None,
+            None => Some(engine(|| self.state.verify_pending(&txn, new_key.as_ref()))?),
+        };
         let committed = engine(|| txn.commit());
         self.snapshots.committed();
         committed?;
         let out = CaughtUp { before: first, after: last, rekeyed: new_key.is_some() };
-        self.state.install_verified(verified, new_key);
+        match (full, follow) {
+            (Some(verified), _) => drop(self.state.install_verified(verified, new_key)),
+            (None, Some(followed)) => self.state.followed(first, last, followed),
+            (None, None) => {}
+        }
         // Still under the write lock: no write of this process runs between the new
         // state and what the caller keeps in step with it (the guard's audit keys).
         on_commit(&out)?;

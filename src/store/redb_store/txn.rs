@@ -199,6 +199,49 @@ fn table_id(name: &str) -> Result<u8> {
     })
 }
 
+/// What [`visit_covered_writes`] calls: a covered row and its new value (`None`:
+/// removed).
+pub(super) type CoveredWrite<'a> = dyn FnMut(Row, RowKey<'_>, Option<&[u8]>) -> Result<()> + 'a;
+
+/// The covered rows (what [`crate::store::state`]'s accumulator sums, as
+/// `visit_covered` reads them) that `writes` set or remove, in order, each with its
+/// new value (`None`: removed); the rows the state does not cover (indexes, audit
+/// entries, leases, the rest of the metadata) are skipped. For writes [`apply`] took
+/// (so their bytes decode as their tables' types).
+pub(super) fn visit_covered_writes(writes: &[RowWrite], f: &mut CoveredWrite<'_>) -> Result<()> {
+    for w in writes {
+        let new = w.value.as_deref();
+        match w.table {
+            0 => {
+                let key = <&str as redb::Value>::from_bytes(&w.key);
+                let row = match key {
+                    super::META_ROOTS => Row::Roots,
+                    super::META_INTEGRITY_KEY => Row::IntegrityKey,
+                    super::META_AUDIT_HEAD => Row::AuditHead,
+                    super::META_AUDIT_ARCHIVE => Row::AuditArchive,
+                    super::META_ANCHOR => Row::Anchor,
+                    _ => continue,
+                };
+                f(row, RowKey::Single, new)?;
+            }
+            1 => {
+                let (p, v) = <(&str, u32) as redb::Value>::from_bytes(&w.key);
+                f(Row::Dek, RowKey::Version(p, v), new)?;
+            }
+            2 => {
+                let (p, n) = <(&str, &str) as redb::Value>::from_bytes(&w.key);
+                f(Row::Record, RowKey::Name(p, n), new)?;
+            }
+            5 => {
+                let (p, n) = <(&str, &str) as redb::Value>::from_bytes(&w.key);
+                f(Row::Tombstone, RowKey::Name(p, n), new)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Makes `writes` (one commit's, in order) in `txn`: the replay of a write batch on
 /// another copy of the store. What it leaves is unchecked until the transaction's
 /// state is (the caller's part). A write whose bytes are not the canonical encoding
