@@ -9,7 +9,7 @@
 //! - `catch_up/1`: a second host applying one such batch (fetch, MAC, apply, the
 //!   state checked from the verified one by the rows the batch changes, commit), the
 //!   writing host's `put` untimed; `catch_up/1-of-10k-tokens`: the same on a store
-//!   of 10,000 more tokens (last);
+//!   of some 10,000 tokens (9,000 added; last);
 //! - `get/redb`, `get/fleet`: a warm `get` on the lone store, and on a host whose
 //!   last look at the log is within its staleness bound (1 s);
 //! - `get/fleet-cold`: a `get` on a host with a zero bound (every read looks at the
@@ -237,9 +237,9 @@ fn bench(c: &mut Criterion) {
     let values: Vec<Vec<u8>> = (0..1000).map(|_| vec![0x5au8; record]).collect();
     g.bench_function("insert_many_1000/raw", |bn| bn.iter(|| client.execute(&upsert, &[&keys, &values]).unwrap()));
     g.sample_size(50);
-    // The same one-batch catch-up as `catch_up/1`, on a store of 10,000 more tokens:
-    // checked from the verified state, it costs what the batch changes, not the
-    // store's size.
+    // The same one-batch catch-up as `catch_up/1`, on a store of some 10,000 tokens
+    // (9,000 added): checked from the verified state, it costs what the batch
+    // changes, not the store's size.
     for chunk in 0..9 {
         a.put_many(many(&format!("big{chunk}-"))).unwrap();
     }

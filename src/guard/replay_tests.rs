@@ -214,31 +214,39 @@ fn a_copy_brought_forward_by_the_recorded_writes_equals_the_store() {
     // that do not add up to the head they bring: the batch's MAC holds, and the
     // state check refuses it (batch by batch, from the verified state).
     let armed = host.store().state_key().unwrap();
-    let (_, prev) = host.state_head().unwrap();
-    let forge = |edit: &dyn Fn(&mut Vec<txn::RowWrite>)| {
-        let (before_gen, after_gen, mut rows) = txn::open_batch(&armed.0, &armed.1, &prev, &batches[0]).unwrap();
+    let (_, start_head) = host.state_head().unwrap();
+    // Batch `at` sealed again, rows edited, on the head the batch before it ends on.
+    let forge = |at: usize, edit: &dyn Fn(&mut Vec<txn::RowWrite>)| {
+        let prev = match at {
+            0 => start_head.clone(),
+            _ => rows_of(&batches[at - 1])
+                .into_iter()
+                .find(|w| w.table == 0 && w.key == b"state_head")
+                .and_then(|w| w.value)
+                .unwrap(),
+        };
+        let (before_gen, after_gen, mut rows) = txn::open_batch(&armed.0, &armed.1, &prev, &batches[at]).unwrap();
         edit(&mut rows);
         let mut out = batches.clone();
-        out[0] = txn::seal_batch(&armed.0, &armed.1, &prev, &[], before_gen, after_gen, &rows).unwrap().bytes;
+        out[at] = txn::seal_batch(&armed.0, &armed.1, &prev, &[], before_gen, after_gen, &rows).unwrap().bytes;
         out
     };
-    let forged: [(&str, Vec<Vec<u8>>); 3] = [
-        (
-            "a record edited under the key",
-            forge(&|rows| {
-                let v = rows.iter_mut().find(|w| w.table == 2).unwrap().value.as_mut().unwrap();
-                v[0] ^= 1;
-            }),
-        ),
-        ("a record left out under the key", forge(&|rows| rows.retain(|w| w.table != 2))),
+    let flip_record = |rows: &mut Vec<txn::RowWrite>| {
+        let v = rows.iter_mut().find(|w| w.table == 2).unwrap().value.as_mut().unwrap();
+        v[0] ^= 1;
+    };
+    let forged: [(&str, Vec<Vec<u8>>); 4] = [
+        ("a record edited under the key", forge(0, &flip_record)),
+        ("a record left out under the key", forge(0, &|rows| rows.retain(|w| w.table != 2))),
         (
             "a record added under the key",
-            forge(&|rows| {
+            forge(0, &|rows| {
                 let mut extra = rows.iter().find(|w| w.table == 2).unwrap().clone();
                 extra.key = <(&str, &str) as Value>::as_bytes(&("github", "smuggled")).clone();
                 rows.push(extra);
             }),
         ),
+        ("the second batch's record edited under the key", forge(1, &flip_record)),
     ];
     for (what, bs) in forged {
         let err = host.catch_up(|_| Ok(bs.clone())).unwrap_err();
@@ -246,11 +254,26 @@ fn a_copy_brought_forward_by_the_recorded_writes_equals_the_store() {
         assert!(err.to_string().contains("do not add up"), "{what}: {err}");
         assert_eq!(dump_of(&host), before, "{what}: the store changed");
     }
+    // Rows the state does not cover but the store needs (its schema version): the
+    // metadata must still parse after the batches, as the full check reads it.
+    let unsupported = forge(0, &|rows| {
+        rows.push(txn::RowWrite {
+            table: 0,
+            key: b"schema_version".to_vec(),
+            value: Some(99u32.to_be_bytes().to_vec()),
+        });
+    });
+    let err = host.catch_up(|_| Ok(unsupported[..1].to_vec())).unwrap_err();
+    assert!(matches!(err, crate::Error::UnsupportedVersion { found: 99, .. }), "{err}");
+    assert_eq!(dump_of(&host), before, "the store changed");
     // Up to the root added; a host with root 1 only cannot follow root 1's removal
     // (its root reads nothing written after), and keeps what it had.
     let added = batches.iter().position(|b| rows_of(b).iter().any(|w| w.table == 0 && w.key == b"roots")).unwrap();
     let caught = host.catch_up(|_| Ok(batches[..=added].to_vec())).unwrap();
     assert_eq!(caught.after - caught.before, u64::try_from(added + 1).unwrap());
+    // Checked batch by batch, the state this process now trusts is exactly what a
+    // full verification of the copy finds (records with their tags included).
+    assert!(host.store().known_is_verified().unwrap());
     let at_added = dump_of(&host);
     let err = host.catch_up(|_| Ok(batches[added + 1..].to_vec())).unwrap_err();
     assert!(matches!(err, crate::Error::WrongRoot { .. }), "{err}");

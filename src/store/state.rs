@@ -309,6 +309,10 @@ struct Known {
     /// record's); never a wrong answer.
     records: HashMap<u128, Mark, BuildHasherDefault<Prehashed>>,
     rows: HashMap<OwnedKey, Digest, RandomState>,
+    /// The state head these rows verified against, or that this process's own
+    /// write committed (empty: not known). A catch-up checks from this state only if
+    /// the copy holds this very head.
+    head: Vec<u8>,
 }
 
 impl Known {
@@ -500,7 +504,8 @@ impl StateCell {
             }
             Ok(())
         })?;
-        let head: Option<Option<Head>> = txn.state_head()?.map(|b| Head::decode(&b, key, store_id).ok());
+        let head_bytes = txn.state_head()?;
+        let head: Option<Option<Head>> = head_bytes.as_deref().map(|b| Head::decode(b, key, store_id).ok());
         let schema = txn.meta()?.schema;
         let problem = match head {
             None if schema >= 2 => Some("the store's state head is missing (deleted outside tokenguard)".into()),
@@ -529,6 +534,7 @@ impl StateCell {
             });
         }
         fresh.generation = head.flatten().map_or(0, |h| h.generation);
+        fresh.head = head_bytes.unwrap_or_default();
         fresh.checked = crate::clock::coarse_ms();
         fresh.problem = problem;
         Ok(fresh)
@@ -747,7 +753,7 @@ impl StateCell {
 
     /// Applies a committed write's changes when it moved the head from the
     /// generation this process had verified; otherwise the next read verifies again.
-    pub(crate) fn committed(&self, before: u64, after: u64, changes: Vec<Change>) {
+    pub(crate) fn committed(&self, before: u64, after: u64, changes: Vec<Change>, head: &[u8]) {
         self.max_seen.fetch_max(after, Ordering::AcqRel);
         let mut k = write(&self.known);
         if k.generation != before || k.checked == 0 {
@@ -755,6 +761,7 @@ impl StateCell {
             return;
         }
         k.generation = after;
+        head.clone_into(&mut k.head);
         for c in changes {
             match c {
                 Change::Record { provider, name, mark } => k.set_record(&provider, &name, mark),
@@ -764,11 +771,17 @@ impl StateCell {
     }
 
     /// Starts the incremental check of a catch-up (docs/FLEET-DESIGN.md, "Catch-up"):
-    /// possible when this process's verified state is the copy's, at `first`, whose
-    /// head holds `acc`. `None`: the caller verifies the result in full.
-    pub(crate) fn follow(&self, first: u64, acc: Acc) -> Option<Follow> {
+    /// possible when this process's verified state is the copy's — at `first`, with
+    /// the very `head` (holding `acc`) the copy holds. `None`: the caller verifies
+    /// the result in full.
+    pub(crate) fn follow(&self, first: u64, head: &[u8], acc: Acc) -> Option<Follow> {
         let k = read(&self.known);
-        let usable = k.generation == first && k.checked != 0 && k.problem.is_none() && !k.upgrade_needed;
+        let usable = k.generation == first
+            && k.checked != 0
+            && k.problem.is_none()
+            && !k.upgrade_needed
+            && !k.head.is_empty()
+            && k.head == head;
         usable.then(|| Follow { acc, records: HashMap::default(), rows: HashMap::default() })
     }
 
@@ -816,17 +829,30 @@ impl StateCell {
     /// among them are noted for the guard's cache (another host rotated, retired or
     /// shredded them). If the known state moved meanwhile, the next read verifies
     /// in full.
-    pub(crate) fn followed(&self, first: u64, last: u64, f: Follow) {
+    pub(crate) fn followed(&self, first: u64, last: u64, f: Follow, head: &[u8]) {
         let deks: Vec<(String, u32)> =
             f.rows.keys().filter(|(row, ..)| *row == Row::Dek).map(|(_, p, _, v)| (p.clone(), *v)).collect();
         let mut changes: Vec<Change> =
             f.records.into_iter().map(|((provider, name), mark)| Change::Record { provider, name, mark }).collect();
         changes.extend(f.rows.into_iter().map(|(key, digest)| Change::Row { key, digest }));
-        self.committed(first, last, changes);
+        self.committed(first, last, changes, head);
         if !deks.is_empty() {
             lock(&self.changed_deks).extend(deks);
             self.deks_changed.store(true, Ordering::Release);
         }
+    }
+
+    /// Whether the known state is exactly what a full verification of `txn` finds
+    /// now (rows, records with their tags, generation and head).
+    #[cfg(test)]
+    pub(crate) fn known_is_verified(&self, txn: &impl StoreRead) -> Result<bool> {
+        let fresh = self.verify_snapshot(txn)?;
+        let k = read(&self.known);
+        Ok(fresh.problem.is_none()
+            && k.generation == fresh.generation
+            && k.head == fresh.head
+            && k.records == fresh.records
+            && k.rows == fresh.rows)
     }
 
     /// DEK versions another process changed (rotated, retired, shredded) since the
