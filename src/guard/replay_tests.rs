@@ -266,6 +266,15 @@ fn a_copy_brought_forward_by_the_recorded_writes_equals_the_store() {
     let err = host.catch_up(|_| Ok(unsupported[..1].to_vec())).unwrap_err();
     assert!(matches!(err, crate::Error::UnsupportedVersion { found: 99, .. }), "{err}");
     assert_eq!(dump_of(&host), before, "the store changed");
+    // Rows only the store's creation or a copy's joining writes: no batch may.
+    for key in ["store_id", "created", "fleet_member"] {
+        let own = forge(0, &|rows| {
+            rows.push(txn::RowWrite { table: 0, key: key.as_bytes().to_vec(), value: Some(vec![7; 16]) });
+        });
+        let err = host.catch_up(|_| Ok(own[..1].to_vec())).unwrap_err();
+        assert!(err.to_string().contains("a copy's own mark"), "{key}: {err}");
+        assert_eq!(dump_of(&host), before, "{key}: the store changed");
+    }
     // Up to the root added; a host with root 1 only cannot follow root 1's removal
     // (its root reads nothing written after), and keeps what it had.
     let added = batches.iter().position(|b| rows_of(b).iter().any(|w| w.table == 0 && w.key == b"roots")).unwrap();

@@ -927,6 +927,16 @@ impl Store {
                          moved)",
                     ));
                 }
+                // What only the store's creation or this copy's joining writes — the
+                // store's identity, its creation time, the fleet-member mark — no
+                // batch writes: rows the state does not cover, which a key holder's
+                // batch could otherwise change on every host.
+                let own = [META_STORE_ID, META_CREATED, META_FLEET_MEMBER];
+                if rows.iter().any(|w| w.table == 0 && own.iter().any(|k| w.key == k.as_bytes())) {
+                    return Err(Error::integrity(
+                        "catching up with the fleet log: a batch writes the store's identity or a copy's own mark",
+                    ));
+                }
                 txn.replay(&rows)?;
                 if let Some(f) = follow.as_mut() {
                     txn::visit_covered_writes(&rows, &mut |row, k, new| {
