@@ -89,6 +89,13 @@ impl Rig {
         self.host_with(name, NEVER)
     }
 
+    /// Host `name` joined with a notification listener and staleness bound `bound`.
+    fn listening_host(&self, name: &str, bound: Duration) -> TokenGuard {
+        let g = self.open(name);
+        super::attach(&g, &LogConfig { staleness: bound, listen: true, ..self.config() }).unwrap();
+        g
+    }
+
     /// A connection to the log of the rig's store, for a host built by hand.
     fn log(&self, g: &TokenGuard) -> PgLog {
         PgLog::connect(&self.config(), &g.store_id()).unwrap()
@@ -461,8 +468,7 @@ fn a_listener_keeps_its_connection_and_vouches_across_heartbeats() {
     let rig = Rig::new("fleet-heartbeat");
     let a = rig.host("a");
     let bound = Duration::from_secs(4);
-    let b = rig.open("b");
-    super::attach(&b, &LogConfig { staleness: bound, listen: true, ..rig.config() }).unwrap();
+    let b = rig.listening_host("b", bound);
     let backends = |app: &str| {
         rig.pg.sql("tg", &format!("SELECT pid, query_start FROM pg_stat_activity WHERE application_name = '{app}'"))
     };
@@ -511,8 +517,7 @@ fn a_listening_host_sees_writes_at_once_and_keeps_the_bound_when_cut_off() {
     let rig = Rig::new("fleet-listen");
     let a = rig.host("a");
     let bound = Duration::from_secs(4);
-    let b = rig.open("b");
-    super::attach(&b, &LogConfig { staleness: bound, listen: true, ..rig.config() }).unwrap();
+    let b = rig.listening_host("b", bound);
     let listener = |not: &str| {
         let t = std::time::Instant::now();
         loop {
