@@ -944,12 +944,12 @@ impl Store {
                         Ok(())
                     })?;
                 }
-                let head = txn.state_head()?.ok_or_else(head_missing)?;
-                let head = match Head::decode(&head, key, store_id) {
+                let head_bytes = txn.state_head()?.ok_or_else(head_missing)?;
+                let head = match Head::decode(&head_bytes, key, store_id) {
                     Ok(h) => h,
                     Err(_) => {
                         let k = unlock(&txn)?;
-                        let h = Head::decode(&head, &k, store_id)?;
+                        let h = Head::decode(&head_bytes, &k, store_id)?;
                         new_key = Some(k);
                         // Every row's digest moves with the key: verified in full.
                         follow = None;
@@ -966,7 +966,7 @@ impl Store {
                         "catching up with the fleet log: a batch's rows do not add up to the state head it brings",
                     ));
                 }
-                last_head = txn.state_head()?.ok_or_else(head_missing)?;
+                last_head = head_bytes;
                 generation = after;
             }
             Ok(generation)
