@@ -162,6 +162,7 @@ struct PgLog {
 struct Stmts {
     since: postgres::Statement,
     insert: postgres::Statement,
+    insert_alone: postgres::Statement,
 }
 
 /// The rows of the log from `$2` on, in one statement (one round trip, one snapshot,
@@ -186,6 +187,28 @@ const INSERT: &str = "WITH ins AS (
              OR EXISTS (SELECT 1 FROM tg_store WHERE store_id = $1 AND snapshot_gen = $4 AND start_head = $5)
          RETURNING gen)
      SELECT pg_notify($7, gen::text) FROM ins";
+
+/// [`INSERT`] without the write's transaction (docs/FLEET-DESIGN.md, "A write"): one
+/// statement that is its own transaction, the optimistic write's only arbiter. It
+/// inserts only if it takes the store's advisory lock at once (`$8`, `$9`: no
+/// locked writer is between its look and its insert, and no other optimistic
+/// insert runs beside it), the log holds head `$5` at `$4` and nothing at `$2` or
+/// after; the primary key refuses a second batch at `$2` committed after this
+/// statement's snapshot was taken. One row: whether it had the lock, whether the
+/// log holds `$5` at `$4`, whether it holds anything at `$2` or after, and the
+/// generation inserted (`NULL`: none).
+const INSERT_ALONE: &str = "WITH l AS MATERIALIZED (
+         SELECT pg_try_advisory_xact_lock($8, $9) AS got,
+                (EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen = $4 AND head = $5)
+                 OR EXISTS (SELECT 1 FROM tg_store WHERE store_id = $1 AND snapshot_gen = $4 AND start_head = $5))
+                    AS held,
+                EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen >= $2) AS newer),
+     ins AS (
+         INSERT INTO tg_batches (store_id, gen, batch, head)
+         SELECT $1, $2, $3, $6 FROM l WHERE l.got AND l.held AND NOT l.newer
+         RETURNING gen)
+     SELECT l.got, l.held, l.newer, n.gen
+       FROM l LEFT JOIN (SELECT gen, pg_notify($7, gen::text) AS notified FROM ins) n ON true";
 
 /// How to reach the database: the parsed and checked connection settings, and TLS
 /// for a host reached over TCP. Cloned for the notification listener.
@@ -457,7 +480,8 @@ impl PgLog {
         if self.stmts.is_none() {
             let since = c.prepare(SINCE).map_err(db("preparing the log's statements"))?;
             let insert = c.prepare(INSERT).map_err(db("preparing the log's statements"))?;
-            self.stmts = Some(Stmts { since, insert });
+            let insert_alone = c.prepare(INSERT_ALONE).map_err(db("preparing the log's statements"))?;
+            self.stmts = Some(Stmts { since, insert, insert_alone });
         }
         match &self.stmts {
             Some(st) => Ok((c, st)),
@@ -484,6 +508,49 @@ impl PgLog {
                 self.stmts = None;
                 Err(db("appending a batch")(e))
             }
+        }
+    }
+
+    /// Inserts a batch as [`INSERT_ALONE`] does, outside any transaction of this
+    /// connection: `Ok(true)` once the log holds it (committed), `Ok(false)` when
+    /// another writer was first (it holds the log's lock, or a batch is at `after`)
+    /// and nothing was inserted.
+    fn insert_alone(&mut self, batch: &Batch) -> Result<bool> {
+        if self.locked {
+            self.rollback();
+        }
+        let (b, a) = (to_i64(batch.before)?, to_i64(batch.after)?);
+        let (store_id, lock_key) = (self.store_id.clone(), self.lock_key);
+        let (c, st) = self.ready()?;
+        let channel = channel(&store_id);
+        let params: [&(dyn postgres::types::ToSql + Sync); 9] =
+            [&store_id, &a, &batch.bytes, &b, &batch.prev_head, &batch.head, &channel, &LOCK_CLASS, &lock_key];
+        let row = match c.query_one(&st.insert_alone, &params) {
+            Ok(row) => row,
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => return Ok(false),
+            Err(e) => {
+                self.stmts = None;
+                return Err(db("appending a batch")(e));
+            }
+        };
+        let get = |i: usize| row.try_get::<_, bool>(i).map_err(db("appending a batch"));
+        let (got, held, newer) = (get(0)?, get(1)?, get(2)?);
+        let inserted: Option<i64> = row.try_get(3).map_err(db("appending a batch"))?;
+        if !got {
+            // A writer holds the lock (it may be about to append): run under it.
+            return Ok(false);
+        }
+        if !held {
+            return Err(Error::integrity(
+                "appending to the fleet log: it does not hold, at the generation this write built on, the state this \
+                 host's copy is in (the copy was written outside the log, or the log lost batches)",
+            ));
+        }
+        match inserted {
+            Some(g) if g == a && !newer => Ok(true),
+            // Another host's batch is there: this copy is behind.
+            None if newer => Ok(false),
+            _ => Err(Error::integrity("appending to the fleet log: its answer does not add up")),
         }
     }
 
@@ -688,6 +755,10 @@ impl crate::store::redb_store::Log for PgLog {
 
     fn release(&mut self) {
         self.rollback();
+    }
+
+    fn append_alone(&mut self, batch: &Batch) -> Result<bool> {
+        self.insert_alone(batch)
     }
 
     fn queue_usage(&mut self) -> Result<f64> {

@@ -31,7 +31,8 @@ pub use clock::now;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use guard::{
-    Condition, GetOptions, GuardOptions, JournalStatus, ListReport, PutItem, PutOptions, Stats, TokenGuard, TokenInfo,
+    Condition, FleetWrites, GetOptions, GuardOptions, JournalStatus, ListReport, PutItem, PutOptions, Stats,
+    TokenGuard, TokenInfo,
 };
 pub use seal::{Metadata, SecretKind, TokenState};
 pub use secret::{DekMaterial, Secret, SecretBytes, TokenSet};

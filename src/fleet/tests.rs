@@ -165,6 +165,12 @@ impl Log for DiesAfterAppend {
         self.0.append(batch)?;
         Err(Error::Interrupted)
     }
+    fn append_alone(&mut self, batch: &Batch) -> crate::Result<bool> {
+        if !self.0.append_alone(batch)? {
+            return Ok(false);
+        }
+        Err(Error::Interrupted)
+    }
     fn release(&mut self) {
         self.0.release();
     }
@@ -339,6 +345,163 @@ fn a_write_that_changes_nothing_makes_no_batch() {
     }
     assert_eq!(generation(&a), at);
     assert_eq!(rig.pg.sql("tg", "SELECT max(gen) FROM tg_batches"), top);
+}
+
+fn fleet_writes(g: &TokenGuard) -> crate::guard::FleetWrites {
+    g.stats().unwrap().fleet_writes.unwrap()
+}
+
+/// The log holds one batch per generation, none missing: how many.
+fn one_batch_per_generation(rig: &Rig) -> u64 {
+    let counts = rig
+        .pg
+        .sql("tg", "SELECT count(*) || ' ' || count(DISTINCT gen) || ' ' || (max(gen) - min(gen) + 1) FROM tg_batches");
+    let n: Vec<u64> = counts.split_whitespace().map(|c| c.parse().unwrap()).collect();
+    assert!(n.len() == 3 && n[0] == n[1] && n[1] == n[2], "batches, generations, span: {counts}");
+    n[0]
+}
+
+/// A write runs on the copy as it is and offers its batch without the log's lock:
+/// one statement, taken when the copy is the log's newest. A copy that is behind
+/// (another host was first) writes nothing anywhere on that try, and the write runs
+/// again under the lock, on top of the other host's batches.
+#[test]
+fn a_host_writes_without_the_lock_until_another_host_was_first() {
+    let rig = Rig::new("fleet-alone");
+    let (a, b) = (rig.host("a"), rig.host("b"));
+    for i in 0..10 {
+        put(&a, "github", &format!("a{i}"), "from_a");
+    }
+    assert_eq!(fleet_writes(&a), crate::guard::FleetWrites { alone: 10, lost: 0 });
+    // b has not looked since: its try (which made its own first data key for
+    // github) loses, and the write runs on top of a's, under a's data key.
+    put(&b, "github", "bot", "from_b");
+    assert_eq!(fleet_writes(&b), crate::guard::FleetWrites { alone: 0, lost: 1 });
+    assert_eq!(get(&b, "github", "a9").unwrap(), b"from_a", "b caught up under the lock");
+    assert_eq!(get(&b, "github", "bot").unwrap(), b"from_b");
+    let versions = |g: &TokenGuard| g.stats().unwrap().deks.iter().filter(|d| d.provider == "github").count();
+    assert_eq!((versions(&a), versions(&b)), (1, 1), "one first data key across the hosts");
+    put(&b, "slack", "bot2", "from_b");
+    assert_eq!(fleet_writes(&b), crate::guard::FleetWrites { alone: 1, lost: 1 });
+    put(&a, "jira", "t", "from_a");
+    assert_eq!(fleet_writes(&a), crate::guard::FleetWrites { alone: 10, lost: 1 });
+    assert_eq!(get(&a, "slack", "bot2").unwrap(), b"from_b");
+    assert_eq!(get(&a, "github", "bot").unwrap(), b"from_b");
+    b.sync().unwrap();
+    assert_eq!(generation(&a), generation(&b));
+    // One batch per generation, none missing: nothing of a lost try reached the log.
+    assert_eq!(one_batch_per_generation(&rig), 13);
+    for g in [&a, &b] {
+        g.audit_verify().unwrap();
+        assert_eq!(g.open_every_record().unwrap().bad, Vec::<String>::new());
+    }
+}
+
+/// A write that changed nothing, or failed, answered from the copy as it was: the
+/// answer stands only once a look finds nothing newer in the log: a create-only
+/// put is not refused for a token another host deleted, nor a delete for a token
+/// another host stored, and a write that changes nothing catches the copy up.
+#[test]
+fn an_answer_from_a_copy_behind_the_log_does_not_stand() {
+    let rig = Rig::new("fleet-confirm");
+    let (a, b) = (rig.host("a"), rig.host("b"));
+    put(&a, "github", "ci", "one");
+    put(&a, "github", "gone", "one");
+    b.sync().unwrap();
+    a.delete("github", "ci").unwrap();
+    a.delete("github", "gone").unwrap();
+    // Refused on b's copy (the token is there), then looked, caught up, and run
+    // again under the lock: stored.
+    let (_, replaced) = b.put_checked("github", "ci", raw("two"), PutOptions::default(), false).unwrap();
+    assert!(!replaced);
+    a.sync().unwrap();
+    assert_eq!(get(&a, "github", "ci").unwrap(), b"two");
+    // The other way: b's copy lacks a token a stored since ("not found" there);
+    // the look finds it, and the delete runs under the lock.
+    put(&a, "jira", "new", "x");
+    b.delete("jira", "new").unwrap();
+    a.sync().unwrap();
+    assert!(matches!(get(&a, "jira", "new"), Err(Error::NotFound { .. })));
+    // A failure that stands: the look finds nothing newer.
+    let err = b.delete("github", "gone").unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    // A write that changes nothing on a copy behind the log catches it up, and adds
+    // no batch.
+    put(&a, "slack", "bot", "y");
+    let top = rig.pg.sql("tg", "SELECT max(gen) FROM tg_batches");
+    b.store().write(|_| Ok(())).unwrap();
+    assert_eq!(generation(&b), generation(&a));
+    assert_eq!(rig.pg.sql("tg", "SELECT max(gen) FROM tg_batches"), top);
+    one_batch_per_generation(&rig);
+}
+
+/// A run of a write dropped to run again is reported before the catch-up commits
+/// anything in its place: the guard forgets the data keys that run made there, so
+/// that no reader of the process meets one on the batches that replace it.
+#[test]
+fn a_dropped_run_is_reported_before_anything_replaces_it() {
+    let rig = Rig::new("fleet-abandon");
+    let (a, b) = (rig.host("a"), rig.host("b"));
+    put(&a, "github", "ci", "one");
+    let behind = generation(&b);
+    let runs = std::cell::Cell::new(0);
+    let seen = std::cell::Cell::new(None);
+    b.store()
+        .write_abandoning(
+            &mut |t| {
+                runs.set(runs.get() + 1);
+                b.audit_in(t, "note", "run".into())
+            },
+            &|| seen.set(Some(b.store().head_generation().unwrap())),
+        )
+        .unwrap();
+    assert_eq!(runs.get(), 2, "the first run lost");
+    assert_eq!(seen.get(), Some(behind), "reported after the catch-up");
+    assert_eq!(generation(&b), generation(&a) + 1);
+}
+
+/// An optimistic insert never passes a writer holding the log's lock (it may be
+/// between its look and its insert): it runs under the lock once that is free.
+#[test]
+fn a_write_without_the_lock_waits_for_a_writer_holding_it() {
+    let rig = Rig::new("fleet-alone-lock");
+    let (a, b) = (rig.host("a"), rig.host("b"));
+    put(&a, "github", "ci", "one");
+    b.sync().unwrap();
+    let top = rig.pg.sql("tg", "SELECT max(gen) FROM tg_batches");
+    let mut held = rig.log(&a);
+    held.lock().unwrap();
+    let writer = std::thread::spawn(move || {
+        put(&b, "slack", "bot", "from_b");
+        b
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(!writer.is_finished(), "b's write did not wait for the lock");
+    assert_eq!(rig.pg.sql("tg", "SELECT max(gen) FROM tg_batches"), top, "b inserted past the lock");
+    held.release();
+    let b = writer.join().unwrap();
+    assert_eq!(fleet_writes(&b), crate::guard::FleetWrites { alone: 0, lost: 1 });
+    a.sync().unwrap();
+    assert_eq!(get(&a, "slack", "bot").unwrap(), b"from_b");
+}
+
+/// With the log's primary key dropped (a database administrator), a host whose
+/// copy is behind still does not fork the log: the optimistic insert also checks
+/// that nothing is at or after its generation.
+#[test]
+fn without_the_primary_key_a_copy_behind_still_does_not_fork_the_log() {
+    let rig = Rig::new("fleet-alone-nopk");
+    let (a, b) = (rig.host("a"), rig.host("b"));
+    rig.pg.sql("tg", "ALTER TABLE tg_batches DROP CONSTRAINT tg_batches_pkey");
+    for i in 0..3 {
+        put(&a, "github", &format!("a{i}"), "from_a");
+        put(&b, "slack", &format!("b{i}"), "from_b");
+    }
+    assert_eq!(one_batch_per_generation(&rig), 6);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    assert_eq!(generation(&a), generation(&b));
+    assert_eq!(get(&a, "slack", "b2").unwrap(), b"from_b");
 }
 
 /// A host whose database role may only read and insert (what the design gives
@@ -886,6 +1049,17 @@ struct LosesAnswer {
     seen: usize,
 }
 
+impl LosesAnswer {
+    /// The log took a batch: its answer is lost if it is the `nth`.
+    fn took(&mut self) -> crate::Result<()> {
+        self.seen += 1;
+        if self.seen == self.nth {
+            return Err(Error::Database { operation: "committing a batch", detail: "the answer was lost".into() });
+        }
+        Ok(())
+    }
+}
+
 impl Log for LosesAnswer {
     fn lock(&mut self) -> crate::Result<()> {
         self.log.lock()
@@ -895,11 +1069,13 @@ impl Log for LosesAnswer {
     }
     fn append(&mut self, batch: &Batch) -> crate::Result<()> {
         self.log.append(batch)?;
-        self.seen += 1;
-        if self.seen == self.nth {
-            return Err(Error::Database { operation: "committing a batch", detail: "the answer was lost".into() });
+        self.took()
+    }
+    fn append_alone(&mut self, batch: &Batch) -> crate::Result<bool> {
+        if !self.log.append_alone(batch)? {
+            return Ok(false);
         }
-        Ok(())
+        self.took().map(|()| true)
     }
     fn release(&mut self) {
         self.log.release();

@@ -33,6 +33,18 @@ pub struct Stats {
     pub cache_entries: usize,
     /// Audit events stored.
     pub audit_events: u64,
+    /// How this process's writes reached the fleet log; `None`: not a fleet copy.
+    pub fleet_writes: Option<FleetWrites>,
+}
+
+/// How a process's writes reached the fleet log (docs/FLEET-DESIGN.md, "A write").
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+pub struct FleetWrites {
+    /// Taken by the log without its lock: one statement each (optimistic).
+    pub alone: u64,
+    /// Tried without the lock, found another host's write first, and run again
+    /// under the lock (nothing of the first try was written anywhere).
+    pub lost: u64,
 }
 
 /// One DEK version as `stats` reports it.
@@ -139,6 +151,7 @@ impl TokenGuard {
             cache_misses: inner.cache.misses(),
             cache_entries: inner.cache.len(),
             audit_events: txn.audit_count()?,
+            fleet_writes: inner.store.fleet_writes(),
         })
     }
 

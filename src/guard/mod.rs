@@ -44,7 +44,7 @@ use crate::secret::{DekMaterial, Secret};
 use crate::store::CounterStatus;
 use crate::store::{DekState, RootPin, Store, StoreRead, StoreWrite};
 
-pub use doctor::{DekInfo, HardwareCalls, RecordScan, Stats};
+pub use doctor::{DekInfo, FleetWrites, HardwareCalls, RecordScan, Stats};
 pub use journal::JournalStatus;
 pub(crate) use open::{check_hardware, unlock_key};
 pub use salvage::SalvageReport;
@@ -535,37 +535,45 @@ impl Inner {
     }
 
     /// A write transaction of this guard: the store's, plus the cache kept true to
-    /// what committed.
-    fn write<T>(&self, f: impl FnOnce(&crate::store::WriteTxn) -> Result<T>) -> Result<T> {
-        self.with_created(|body| self.store.write(|txn| body(txn)), f)
+    /// what committed. `f` may run more than once (`Store::write`): every effect of
+    /// it must be in the transaction (the data keys it creates are forgotten here
+    /// when their transaction does not commit).
+    fn write<T>(&self, f: impl FnMut(&crate::store::WriteTxn) -> Result<T>) -> Result<T> {
+        self.with_created(|body, abandoned| self.store.write_abandoning(body, abandoned), f)
     }
 
     /// Runs a write transaction through `run` with `f` as its body, and forgets the
-    /// DEK versions `f` created if the transaction does not commit. The versions are
-    /// taken while the transaction is still open (one write transaction at a time):
+    /// DEK versions `f` created in a transaction that did not commit: `run` calls
+    /// `abandoned` when it drops a run of the body to run it again (before anything
+    /// is committed in its place, which a reader could meet a forgotten key on), and
+    /// a write that fails forgets what its last run created. The versions are taken
+    /// while the transaction is still open (one write transaction at a time):
     /// another thread's next transaction cannot mix its versions in.
     fn with_created<T, F>(
         &self,
-        run: impl FnOnce(&mut dyn FnMut(&crate::store::WriteTxn) -> Result<T>) -> Result<T>,
-        f: F,
+        run: impl FnOnce(&mut dyn FnMut(&crate::store::WriteTxn) -> Result<T>, &dyn Fn()) -> Result<T>,
+        mut f: F,
     ) -> Result<T>
     where
-        F: FnOnce(&crate::store::WriteTxn) -> Result<T>,
+        F: FnMut(&crate::store::WriteTxn) -> Result<T>,
     {
-        let mut created = Vec::new();
-        let mut f = Some(f);
-        let out = run(&mut |txn| {
-            let r = match f.take() {
-                Some(f) => f(txn),
-                None => Err(Error::integrity("running a write transaction twice")),
-            };
-            created = std::mem::take(&mut *crate::sync::lock(&self.uncommitted));
-            r
-        });
-        if out.is_err() {
-            for (provider, version) in created {
+        let created: std::cell::RefCell<Vec<(String, u32)>> = std::cell::RefCell::new(Vec::new());
+        let forget = || {
+            for (provider, version) in created.borrow_mut().drain(..) {
                 self.cache.forget(&provider, &[version]);
             }
+        };
+        let out = run(
+            &mut |txn| {
+                forget();
+                let r = f(txn);
+                *created.borrow_mut() = std::mem::take(&mut *crate::sync::lock(&self.uncommitted));
+                r
+            },
+            &forget,
+        );
+        if out.is_err() {
+            forget();
         }
         out
     }

@@ -107,7 +107,7 @@ impl TokenGuard {
         let new_keys = std::cell::RefCell::new(None);
         let state_key = crate::store::state::StateKey::derive(new_ik.expose());
         let out = inner.with_created(
-            |body| inner.store.rekey(state_key, crate::store::AnchorWrite::Advance, |txn| body(txn)),
+            |body, _| inner.store.rekey(state_key, crate::store::AnchorWrite::Advance, |txn| body(txn)),
             |txn| {
                 let meta = txn.meta()?;
                 let pins = meta.roots;

@@ -1,12 +1,16 @@
 //! The store's side of the fleet log (docs/FLEET-DESIGN.md, "A write" and "Coherence
 //! and its bound"). A store with a [`Link`] is one host's copy of a log that other
 //! hosts write too:
-//! - **every write** takes the log's write lock, applies the batches other hosts
-//!   appended since this store's generation (checked as [`Store::catch_up`] checks
-//!   them), runs, hands its own sealed batch to the log, and commits here only once
-//!   the log has it. No write of any host builds on a state older than the log's, so
-//!   a compare-and-set, a refresh lease or a provider's first data key means the same
-//!   across the fleet as in one store;
+//! - **every write** commits here only once the log has its sealed batch, and the
+//!   log takes a batch only on top of the state it was built on, its newest: no
+//!   write of any host builds on a state older than the log's, so a compare-and-set,
+//!   a refresh lease or a provider's first data key means the same across the fleet
+//!   as in one store. A write first runs on the copy as it is and offers its batch
+//!   without the log's lock (one statement: `Log::append_alone`); when another
+//!   host's batch was first, or the write changed nothing or failed and a look finds
+//!   the log further on, it runs again under the log's write lock, after applying
+//!   the batches other hosts appended (checked as [`Store::catch_up`] checks them).
+//!   A write that may not run twice (a rotation, a counter) takes the lock at once;
 //! - **a read** of a store whose last look at the log is older than the staleness
 //!   bound catches up first (one round trip), or fails: a read never answers from a
 //!   copy older than the bound. With a notification listener ([`Watch`]), a read
@@ -27,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::store::state::StateKey;
 
 /// The fleet log, as a store uses it. Calls come in the order `lock`, `since`…,
-/// then `append` or `release`; or `since` alone (a read's catch-up).
+/// then `append` or `release`; or `since` alone (a read's catch-up); or
+/// `append_alone` alone (an optimistic write).
 pub(crate) trait Log: Send {
     /// Takes the log's write lock for this store, held until `append` or `release`.
     fn lock(&mut self) -> Result<()>;
@@ -43,6 +48,18 @@ pub(crate) trait Log: Send {
     fn append(&mut self, batch: &Batch) -> Result<()>;
     /// Releases the lock without appending.
     fn release(&mut self);
+    /// Appends `batch` without the lock (an optimistic write): only where the log
+    /// ends at the generation the batch builds on, with this copy's head there, and
+    /// no writer holds the lock. `Ok(true)` once the log has it; `Ok(false)`: another
+    /// writer was first and nothing was appended. An error, as for `append`.
+    fn append_alone(&mut self, batch: &Batch) -> Result<bool> {
+        self.lock()?;
+        match self.append(batch) {
+            Ok(()) => Ok(true),
+            Err(Error::FleetConflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
     /// How full the server's notification queue is (0 to 1), for `doctor`.
     fn queue_usage(&mut self) -> Result<f64> {
         Ok(0.0)
@@ -174,6 +191,10 @@ pub(crate) struct Link {
     /// reached the log, or the append's answer was lost): the next read looks,
     /// whatever the bound and the listener say.
     must_look: std::sync::atomic::AtomicBool,
+    /// Writes of this process the log took without its lock (optimistic), and
+    /// those that lost to another writer and ran again under it.
+    alone: AtomicU64,
+    lost: AtomicU64,
 }
 
 /// What a look began with: the listener's start count, the highest generation it
@@ -206,6 +227,8 @@ impl Link {
             known_gen: AtomicU64::new(0),
             look_start: AtomicU64::new(0),
             must_look: std::sync::atomic::AtomicBool::new(false),
+            alone: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
         }
     }
 
@@ -266,6 +289,49 @@ impl Link {
             }
         }
         crate::clock::boot_ms().saturating_sub(fresh) >= self.staleness_ms
+    }
+
+    /// Appends an optimistic write's batch (`Log::append_alone`): `Ok(true)` once
+    /// the log has it, and the copy is then the log's newest as of the insert;
+    /// `Ok(false)` when another writer was first.
+    pub(super) fn append_alone(&self, batch: &Batch) -> Result<bool> {
+        let mut log = self.log.lock();
+        let (sent, mark) = (crate::clock::boot_ms(), self.mark());
+        match log.append_alone(batch) {
+            // The insert found the log ending where the copy did, at or after `sent`.
+            Ok(true) => {
+                self.synced_at(sent, mark, batch.after);
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => {
+                // The log may hold the batch all the same (its answer lost).
+                self.look_next();
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts a write the log took without its lock.
+    pub(super) fn wrote_alone(&self) {
+        self.alone.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a write that lost without the lock and ran again under it.
+    pub(super) fn lost_alone(&self) {
+        self.lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The copy is known to lack what the log holds: a batch of this process's
+    /// may be there (its answer lost, or the local commit failed after it), or the
+    /// listener heard of a later generation. A write then takes the lock at once
+    /// rather than try without it and lose.
+    pub(super) fn behind(&self) -> bool {
+        self.must_look.load(Ordering::Acquire)
+            || self
+                .watch
+                .as_ref()
+                .is_some_and(|w| w.notified.load(Ordering::Acquire) > self.known_gen.load(Ordering::Acquire))
     }
 
     /// The next read looks, whatever the bound and the listener say.
@@ -446,6 +512,15 @@ impl Store {
         Ok(())
     }
 
+    /// How this process's writes reached the log; `None` for a store with no link.
+    pub(crate) fn fleet_writes(&self) -> Option<crate::guard::FleetWrites> {
+        let link = self.link.get()?;
+        Some(crate::guard::FleetWrites {
+            alone: link.alone.load(Ordering::Relaxed),
+            lost: link.lost.load(Ordering::Relaxed),
+        })
+    }
+
     /// The link's health, for `doctor`; `None` for a store with no link.
     pub(crate) fn fleet_health(&self) -> Option<FleetHealth> {
         let link = self.link.get()?;
@@ -502,11 +577,18 @@ impl Store {
         if stale_at_call && !link.stale() {
             return self.head_generation();
         }
+        self.look(link).map(|out| out.after)
+    }
+
+    /// A look at the log under the store's write lock (not the log's): the batches
+    /// after this copy's generation applied, and the copy the log's newest as of
+    /// when the look began.
+    pub(super) fn look(&self, link: &Link) -> Result<CaughtUp> {
         let (started, mark) = (crate::clock::boot_ms(), link.mark());
         let mut log = link.log.lock();
         let out = self.catch_up_pages(link, &mut log)?;
         link.synced_at(started, mark, out.after);
-        Ok(out.after)
+        Ok(out)
     }
 
     /// The write lock of the log, and this copy caught up under it (called by

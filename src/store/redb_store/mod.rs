@@ -149,6 +149,37 @@ pub(crate) enum AnchorWrite {
     Rebind,
 }
 
+/// How a write computes its new head: the generations before and after, and the
+/// head's bytes.
+type Seal<'a> = dyn Fn(&WriteTxn) -> Result<(u64, u64, Vec<u8>)> + 'a;
+
+/// What every attempt of one write shares (`Store::write_inner`).
+struct Attempt<'a> {
+    resealed: bool,
+    anchor: AnchorWrite,
+    counter: Option<&'a CounterRoot>,
+    start: Instant,
+}
+
+/// How an attempt reaches the fleet log.
+enum Via<'a> {
+    /// Under the log's lock (held since before the copy caught up), or with no log.
+    Locked(Option<link::Held<'a>>),
+    /// Without the lock: the batch's insert decides (an optimistic write).
+    Alone(&'a link::Link),
+}
+
+/// How an attempt ended.
+enum Tried<T> {
+    /// Committed (in the log first, for a copy of one).
+    Done(T),
+    /// `f`'s answer, from the copy as it was, with nothing written: `f` changed
+    /// nothing or failed.
+    Unconfirmed(Result<T>),
+    /// Alone, and another writer was first: nothing written anywhere.
+    Lost,
+}
+
 /// Where a store stands against its rollback counter (`doctor`, open).
 #[derive(Debug)]
 pub(crate) enum CounterStatus {
@@ -175,6 +206,16 @@ impl std::fmt::Debug for Store {
 /// error; that is a damaged store, reported as one — never a crash of the caller.
 pub(super) fn engine<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| Err(Error::integrity(PANIC_CONTEXT)))
+}
+
+/// `f` as a write body that runs once (`Store::write_inner` runs it again only when
+/// told it may).
+fn once<T>(f: impl FnOnce(&WriteTxn) -> Result<T>) -> impl FnMut(&WriteTxn) -> Result<T> {
+    let mut f = Some(f);
+    move |txn| match f.take() {
+        Some(f) => f(txn),
+        None => Err(Error::integrity("running a write transaction twice")),
+    }
 }
 
 /// The context of an integrity error that stands for a caught engine panic.
@@ -496,7 +537,7 @@ impl Store {
         how: AnchorWrite,
         f: impl FnOnce(&WriteTxn) -> Result<()>,
     ) -> Result<Option<u64>> {
-        self.write_inner(false, how, f, |txn| self.seal_moved(txn, None))?;
+        self.write_inner(false, how, false, &mut once(f), &|| {}, &|txn| self.seal_moved(txn, None))?;
         self.note_counter_problem(None);
         Ok(self.read()?.anchor()?.map(|a| a.value))
     }
@@ -546,8 +587,22 @@ impl Store {
     /// Runs `f` in a write transaction, moves the state head by the covered rows it
     /// changed, and commits both durably. Waits at most `busy_timeout` for the write
     /// lock. An error from `f` aborts the transaction.
-    pub(crate) fn write<T>(&self, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.write_from(None, f)
+    /// `f` may run more than once, each time in a new transaction of which only the
+    /// last commits (a copy of a fleet log tries a write without the log's lock
+    /// first): every effect of `f` must be in its transaction.
+    pub(crate) fn write<T>(&self, mut f: impl FnMut(&WriteTxn) -> Result<T>) -> Result<T> {
+        self.write_abandoning(&mut f, &|| {})
+    }
+
+    /// As [`Store::write`]; `abandoned` runs as soon as a run of `f` is dropped
+    /// uncommitted to run again, before anything is committed in its place (the
+    /// owner forgets what the run left in its caches).
+    pub(crate) fn write_abandoning<T>(
+        &self,
+        f: &mut dyn FnMut(&WriteTxn) -> Result<T>,
+        abandoned: &dyn Fn(),
+    ) -> Result<T> {
+        self.write_inner(false, AnchorWrite::Advance, true, f, abandoned, &|txn| self.seal_moved(txn, None))
     }
 
     /// Runs `f`, then recomputes the accumulator from every covered row and writes a
@@ -583,7 +638,7 @@ impl Store {
         anchor: AnchorWrite,
         f: impl FnOnce(&WriteTxn) -> Result<T>,
     ) -> Result<T> {
-        let out = self.write_inner(true, anchor, f, |txn| {
+        let out = self.write_inner(true, anchor, false, &mut once(f), &|| {}, &|txn| {
             let armed = self.state.key()?;
             let (old_key, store_id) = &*armed;
             let key = new_key.as_ref().unwrap_or(old_key);
@@ -632,7 +687,7 @@ impl Store {
     /// [`Store::write`], starting from `genesis` instead of the stored head (the
     /// creating transaction).
     fn write_from<T>(&self, genesis: Option<Head>, f: impl FnOnce(&WriteTxn) -> Result<T>) -> Result<T> {
-        self.write_inner(false, AnchorWrite::Advance, f, |txn| self.seal_moved(txn, genesis))
+        self.write_inner(false, AnchorWrite::Advance, false, &mut once(f), &|| {}, &|txn| self.seal_moved(txn, genesis))
     }
 
     /// The new head of a write: the old one moved by the transaction's changes.
@@ -658,15 +713,32 @@ impl Store {
         }
     }
 
-    /// One write transaction: `f`, then `seal` (which computes the new head), then the
-    /// commit. `resealed`: the head was recomputed rather than moved by the changes,
-    /// so the process's known state is verified afresh instead of updated.
+    /// One write: `f`, then `seal` (which computes the new head), then the commit.
+    /// `resealed`: the head was recomputed rather than moved by the changes, so the
+    /// process's known state is verified afresh instead of updated. `again`: `f` may
+    /// run a second time (its effects are all in its transaction), so a copy of a
+    /// fleet log may first try the write without the log's lock (below);
+    /// `abandoned` runs as soon as a run of `f` is dropped uncommitted, before
+    /// anything (a catch-up) is committed in its place.
+    ///
+    /// A copy of a fleet log writes in one of two ways (docs/FLEET-DESIGN.md, "A
+    /// write"):
+    /// - **alone** (optimistic): `f` runs on the copy as it is, and its batch goes to
+    ///   the log in one statement that inserts it only where the log still ends
+    ///   where the copy does and no writer holds the lock. A write that lost (another
+    ///   host was first) commits nothing anywhere and runs again under the lock. A
+    ///   write that changed nothing, or failed, answered from the copy as it was: the
+    ///   answer stands once a look finds the log no further on; otherwise it runs
+    ///   again under the lock;
+    /// - **under the lock**: the log's lock, the copy caught up under it, then `f`.
     fn write_inner<T>(
         &self,
         resealed: bool,
         anchor: AnchorWrite,
-        f: impl FnOnce(&WriteTxn) -> Result<T>,
-        seal: impl FnOnce(&WriteTxn) -> Result<(u64, u64, Vec<u8>)>,
+        again: bool,
+        f: &mut dyn FnMut(&WriteTxn) -> Result<T>,
+        abandoned: &dyn Fn(),
+        seal: &Seal<'_>,
     ) -> Result<T> {
         if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::integrity("writing to a store whose engine failed earlier in this process"));
@@ -691,11 +763,63 @@ impl Store {
             Some(_) => Some(CounterLock::take(&self.path, self.opts.busy_timeout.saturating_sub(start.elapsed()))?),
             None => None,
         };
+        let w = Attempt { resealed, anchor, counter: counter.as_ref(), start };
+        if let Some(link) = self.link.get()
+            && again
+            && !resealed
+            && counter.is_none()
+            && !link.behind()
+        {
+            match self.attempt(&w, Via::Alone(link), f, seal)? {
+                Tried::Done(out) => {
+                    link.wrote_alone();
+                    return Ok(out);
+                }
+                Tried::Unconfirmed(answer) => {
+                    // Dropped: what the run left in the owner's caches goes before
+                    // a catch-up commits anything another reader could meet it on.
+                    abandoned();
+                    // Only if the log holds nothing newer than what `f` read.
+                    let out = self.look(link)?;
+                    if out.after == out.before {
+                        return answer;
+                    }
+                    if out.rekeyed {
+                        // As under the lock (`lock_log`): what the caller prepared
+                        // may stand on the old keys.
+                        return Err(Error::FleetConflict { generation: out.after });
+                    }
+                }
+                Tried::Lost => {
+                    abandoned();
+                    link.lost_alone();
+                }
+            }
+        }
         // A copy of a fleet log: the log's lock, and the copy caught up under it,
         // before this write reads anything (released on every way out but the append).
-        let log = self.lock_log()?;
-        let recording = log.is_some();
-        let txn = WriteTxn::new(self.begin_write(start)?, self.state.clone(), recording);
+        let held = self.lock_log()?;
+        match self.attempt(&w, Via::Locked(held), f, seal)? {
+            Tried::Done(out) => Ok(out),
+            Tried::Unconfirmed(answer) => answer,
+            Tried::Lost => Err(Error::integrity("a write under the fleet log's lock lost to another writer")),
+        }
+    }
+
+    /// One write transaction of [`Store::write_inner`]'s, by way of `via`.
+    fn attempt<T>(
+        &self,
+        w: &Attempt<'_>,
+        via: Via<'_>,
+        f: &mut dyn FnMut(&WriteTxn) -> Result<T>,
+        seal: &Seal<'_>,
+    ) -> Result<Tried<T>> {
+        let alone = matches!(via, Via::Alone(_));
+        let recording = match &via {
+            Via::Alone(_) | Via::Locked(Some(_)) => true,
+            Via::Locked(None) => false,
+        };
+        let txn = WriteTxn::new(self.begin_write(w.start)?, self.state.clone(), recording);
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
         engine(|| self.state.before_write(&txn))?;
@@ -725,13 +849,21 @@ impl Store {
             }
             txn.append_audit(entries, head).map_err(poison)?;
         }
-        let out = engine(|| f(&txn)).map_err(poison)?;
-        if log.is_some() && !resealed && txn.with_writes(<[txn::RowWrite]>::is_empty) {
+        let out = match engine(|| f(&txn)).map_err(poison) {
+            Ok(out) => out,
+            // Alone, a failure may stand on a copy behind the log: dropped (aborted),
+            // and confirmed by a look. Not a caught engine panic.
+            Err(e) if alone && !self.poisoned.load(std::sync::atomic::Ordering::SeqCst) => {
+                return Ok(Tried::Unconfirmed(Err(e)));
+            }
+            Err(e) => return Err(e),
+        };
+        if recording && !w.resealed && txn.with_writes(<[txn::RowWrite]>::is_empty) {
             // A copy of a fleet log: a write that changed nothing (a lease another
             // host holds, a compare-and-set that lost) makes no batch and no commit,
             // so that waiting never becomes a fleet write. Dropped: aborted; the
             // log's lock is released.
-            return Ok(out);
+            return Ok(Tried::Unconfirmed(Ok(out)));
         }
         let chain_after = match journal.as_ref() {
             Some(_) => Some((txn.audit_head().map_err(poison)?, txn.audit_archive().map_err(poison)?)),
@@ -739,19 +871,27 @@ impl Store {
         };
         // The head this write builds on, which its batch is chained to.
         let prev_head = if recording { txn.state_head().map_err(poison)?.unwrap_or_default() } else { Vec::new() };
-        let advanced = engine(|| advance_anchor(&txn, counter.as_ref(), anchor)).map_err(poison)?;
+        let advanced = engine(|| advance_anchor(&txn, w.counter, w.anchor)).map_err(poison)?;
         let (before, after, head) = engine(|| {
             let (before, after, head) = seal(&txn)?;
             txn.write_table(META)?.insert(META_STATE_HEAD, head.as_slice())?;
             Ok((before, after, head))
         })
         .map_err(poison)?;
-        if let Some(log) = log {
+        if recording {
             // In the log first: a write that fails here commits nothing in this copy.
             let armed = self.state.key()?;
             let batch =
                 txn.with_writes(|w| txn::seal_batch(&armed.0, &armed.1, &prev_head, &head, before, after, w))?;
-            log.append(&batch)?;
+            match via {
+                Via::Locked(Some(held)) => held.append(&batch)?,
+                Via::Locked(None) => {}
+                Via::Alone(link) => {
+                    if !link.append_alone(&batch)? {
+                        return Ok(Tried::Lost);
+                    }
+                }
+            }
         }
         let changes = std::mem::take(&mut *txn.changes.borrow_mut());
         // redb makes a commit visible before it can still fail (its post-commit free
@@ -778,7 +918,7 @@ impl Store {
             j.folded(head, archive);
         }
         drop(journal);
-        if let (Some(next), Some(root)) = (advanced, &counter) {
+        if let (Some(next), Some(root)) = (advanced, w.counter) {
             // Committed. Until the counter moves, the copy of the store from before
             // this commit would still be accepted: retried, and a failure is the
             // caller's error (the change itself is in the store).
@@ -795,12 +935,12 @@ impl Store {
                 });
             }
         }
-        if resealed {
+        if w.resealed {
             self.state.resealed(after);
         } else {
             self.state.committed(before, after, changes, &head);
         }
-        Ok(out)
+        Ok(Tried::Done(out))
     }
 
     /// The generation of the state head as stored now (its MAC checked).
