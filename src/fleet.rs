@@ -193,21 +193,25 @@ const INSERT: &str = "WITH ins AS (
 /// inserts only if it takes the store's advisory lock at once (`$8`, `$9`: no
 /// locked writer is between its look and its insert, and no other optimistic
 /// insert runs beside it), the log holds head `$5` at `$4` and nothing at `$2` or
-/// after; the primary key refuses a second batch at `$2` committed after this
-/// statement's snapshot was taken. One row: whether it had the lock, whether the
-/// log holds `$5` at `$4`, whether it holds anything at `$2` or after, and the
-/// generation inserted (`NULL`: none).
+/// after, and the log still has its primary key: that key refuses a second batch
+/// at `$2` committed after this statement's snapshot was taken (the snapshot is
+/// taken before the try takes the lock), so without it (an administrator dropped
+/// it) writes go under the lock, whose look comes after the lock. One row: whether
+/// it had the lock and the key, whether the log holds `$5` at `$4`, whether it
+/// holds anything at `$2` or after, and the generation inserted (`NULL`: none).
 const INSERT_ALONE: &str = "WITH l AS MATERIALIZED (
          SELECT pg_try_advisory_xact_lock($8, $9) AS got,
                 (EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen = $4 AND head = $5)
                  OR EXISTS (SELECT 1 FROM tg_store WHERE store_id = $1 AND snapshot_gen = $4 AND start_head = $5))
                     AS held,
-                EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen >= $2) AS newer),
+                EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen >= $2) AS newer,
+                EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                         WHERE conrelid = 'tg_batches'::regclass AND contype = 'p') AS keyed),
      ins AS (
          INSERT INTO tg_batches (store_id, gen, batch, head)
-         SELECT $1, $2, $3, $6 FROM l WHERE l.got AND l.held AND NOT l.newer
+         SELECT $1, $2, $3, $6 FROM l WHERE l.got AND l.keyed AND l.held AND NOT l.newer
          RETURNING gen)
-     SELECT l.got, l.held, l.newer, n.gen
+     SELECT l.got AND l.keyed, l.held, l.newer, n.gen
        FROM l LEFT JOIN (SELECT gen, pg_notify($7, gen::text) AS notified FROM ins) n ON true";
 
 /// How to reach the database: the parsed and checked connection settings, and TLS
@@ -284,9 +288,15 @@ impl Dialer {
         pg.target_session_attrs(postgres::config::TargetSessionAttrs::ReadWrite);
         let ms = cfg.timeout.as_millis().max(1);
         // A peer that stops answering (a partition) fails the connection's writes
-        // after the timeout, not after the kernel's fifteen minutes.
+        // after the timeout, not after the kernel's fifteen minutes. What the log's
+        // rules stand on is pinned, whatever the role's or the database's defaults:
+        // read committed (each statement of a locked write sees what was committed
+        // before it, the look after the lock; a lost race is a unique violation,
+        // not a serialization failure) and a batch durable before it is answered
+        // (a copy must never be ahead of the log).
         pg.connect_timeout(cfg.timeout).tcp_user_timeout(cfg.timeout).application_name("tokenguard").options(&format!(
-            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
+            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={} \
+             -c default_transaction_isolation=read\\ committed -c synchronous_commit=on",
             ms * 2
         ));
         Ok(Dialer { config: pg, tls })
@@ -537,7 +547,8 @@ impl PgLog {
         let (got, held, newer) = (get(0)?, get(1)?, get(2)?);
         let inserted: Option<i64> = row.try_get(3).map_err(db("appending a batch"))?;
         if !got {
-            // A writer holds the lock (it may be about to append): run under it.
+            // A writer holds the lock (it may be about to append), or the log lost
+            // its primary key: run under the lock.
             return Ok(false);
         }
         if !held {

@@ -31,6 +31,7 @@ use crate::root::soft::SoftRoot;
 use crate::secret::{Secret, SecretBytes};
 use crate::store::StoreOptions;
 use crate::store::redb_store::{Log, txn::Batch};
+use postgres::Client;
 
 /// Reads never look at the log by themselves: the tests say when a host catches up.
 const NEVER: Duration = Duration::MAX;
@@ -460,6 +461,80 @@ fn a_dropped_run_is_reported_before_anything_replaces_it() {
     assert_eq!(generation(&b), generation(&a) + 1);
 }
 
+/// A log through which another handle of the same copy catches up just before this
+/// handle's next look (another process sharing the file, made deterministic).
+struct OtherCatchesUpFirst {
+    log: PgLog,
+    other: std::sync::Arc<std::sync::Mutex<Option<TokenGuard>>>,
+}
+
+impl Log for OtherCatchesUpFirst {
+    fn lock(&mut self) -> crate::Result<()> {
+        self.log.lock()
+    }
+    fn since(&mut self, g: u64, head: &[u8]) -> crate::Result<(Vec<Vec<u8>>, bool)> {
+        let other = crate::sync::lock(&self.other).take();
+        if let Some(other) = other {
+            std::thread::scope(|s| s.spawn(|| other.sync().map(drop)).join())
+                .map_err(|_| Error::integrity("the other handle's catch-up panicked"))??;
+        }
+        self.log.since(g, head)
+    }
+    fn append(&mut self, batch: &Batch) -> crate::Result<()> {
+        self.log.append(batch)
+    }
+    fn release(&mut self) {
+        self.log.release();
+    }
+    fn append_alone(&mut self, batch: &Batch) -> crate::Result<bool> {
+        self.log.append_alone(batch)
+    }
+}
+
+/// An answer given without a batch stands only if the copy is still at the
+/// generation the write read: another handle of the same file (another process on
+/// the host) may have caught it up in between, and the look then finds nothing
+/// newer in the log although the answer was read from before.
+#[test]
+fn an_answer_stands_only_if_the_copy_did_not_move_under_it() {
+    let rig = Rig::new("fleet-moved");
+    let a = rig.host("a");
+    let b1 = rig.open("b");
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+    b1.attach_log(Box::new(OtherCatchesUpFirst { log: rig.log(&b1), other: slot.clone() }), NEVER, None).unwrap();
+    let b2 = rig.host("b");
+    put(&a, "jira", "new", "x");
+    *slot.lock().unwrap() = Some(b2);
+    // b1 reads "not found" at the old generation; b2 catches the file up before
+    // b1's look, which then finds nothing newer: the answer must not stand.
+    b1.delete("jira", "new").unwrap();
+    a.sync().unwrap();
+    assert!(matches!(get(&a, "jira", "new"), Err(Error::NotFound { .. })));
+}
+
+/// What the log's rules stand on is pinned per connection, whatever the database's
+/// defaults: read committed (under repeatable read, a write that lost alone would
+/// catch up from a snapshot older than the lock and fail) and synchronous commit.
+#[test]
+fn the_log_pins_its_isolation_and_durability_whatever_the_defaults() {
+    let rig = Rig::new("fleet-pinned");
+    rig.pg.sql(
+        "tg",
+        "ALTER DATABASE tg SET default_transaction_isolation = 'repeatable read'; \
+         ALTER DATABASE tg SET synchronous_commit = off",
+    );
+    let (a, b) = (rig.host("a"), rig.host("b"));
+    let mut log = rig.log(&a);
+    let c = log.client().unwrap();
+    let show = |c: &mut Client, what: &str| c.query_one(&format!("SHOW {what}"), &[]).unwrap().get::<_, String>(0);
+    assert_eq!(show(c, "transaction_isolation"), "read committed");
+    assert_eq!(show(c, "synchronous_commit"), "on");
+    put(&a, "github", "ci", "from_a");
+    put(&b, "slack", "bot", "from_b");
+    assert_eq!(fleet_writes(&b), crate::guard::FleetWrites { alone: 0, lost: 1 });
+    assert_eq!(get(&b, "github", "ci").unwrap(), b"from_a");
+}
+
 /// An optimistic insert never passes a writer holding the log's lock (it may be
 /// between its look and its insert): it runs under the lock once that is free.
 #[test]
@@ -485,9 +560,8 @@ fn a_write_without_the_lock_waits_for_a_writer_holding_it() {
     assert_eq!(get(&a, "slack", "bot").unwrap(), b"from_b");
 }
 
-/// With the log's primary key dropped (a database administrator), a host whose
-/// copy is behind still does not fork the log: the optimistic insert also checks
-/// that nothing is at or after its generation.
+/// With the log's primary key dropped (a database administrator), hosts whose
+/// copies are behind do not fork the log: every write goes under the lock.
 #[test]
 fn without_the_primary_key_a_copy_behind_still_does_not_fork_the_log() {
     let rig = Rig::new("fleet-alone-nopk");
@@ -498,6 +572,9 @@ fn without_the_primary_key_a_copy_behind_still_does_not_fork_the_log() {
         put(&b, "slack", &format!("b{i}"), "from_b");
     }
     assert_eq!(one_batch_per_generation(&rig), 6);
+    // Without the key, no write goes alone: only the lock's look comes after the
+    // lock.
+    assert_eq!(fleet_writes(&a).alone + fleet_writes(&b).alone, 0);
     a.sync().unwrap();
     b.sync().unwrap();
     assert_eq!(generation(&a), generation(&b));

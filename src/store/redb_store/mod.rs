@@ -159,6 +159,25 @@ struct Attempt<'a> {
     anchor: AnchorWrite,
     counter: Option<&'a CounterRoot>,
     start: Instant,
+    /// Told when a run of the body ends without a commit, before its transaction.
+    abandoned: &'a dyn Fn(),
+}
+
+/// Calls its function when dropped, unless disarmed.
+struct OnDrop<'a>(Option<&'a dyn Fn()>);
+
+impl OnDrop<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for OnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
 }
 
 /// How an attempt reaches the fleet log.
@@ -173,9 +192,9 @@ enum Via<'a> {
 enum Tried<T> {
     /// Committed (in the log first, for a copy of one).
     Done(T),
-    /// `f`'s answer, from the copy as it was, with nothing written: `f` changed
-    /// nothing or failed.
-    Unconfirmed(Result<T>),
+    /// `f`'s answer, from the copy as it was at generation `read_at` (alone; 0
+    /// under the lock), with nothing written: `f` changed nothing or failed.
+    Unconfirmed { answer: Result<T>, read_at: u64 },
     /// Alone, and another writer was first: nothing written anywhere.
     Lost,
 }
@@ -718,8 +737,8 @@ impl Store {
     /// process's known state is verified afresh instead of updated. `again`: `f` may
     /// run a second time (its effects are all in its transaction), so a copy of a
     /// fleet log may first try the write without the log's lock (below);
-    /// `abandoned` runs as soon as a run of `f` is dropped uncommitted, before
-    /// anything (a catch-up) is committed in its place.
+    /// `abandoned` runs whenever a run of `f` ends without a commit, before its
+    /// transaction ends (so before anything is committed in its place).
     ///
     /// A copy of a fleet log writes in one of two ways (docs/FLEET-DESIGN.md, "A
     /// write"):
@@ -763,7 +782,7 @@ impl Store {
             Some(_) => Some(CounterLock::take(&self.path, self.opts.busy_timeout.saturating_sub(start.elapsed()))?),
             None => None,
         };
-        let w = Attempt { resealed, anchor, counter: counter.as_ref(), start };
+        let w = Attempt { resealed, anchor, counter: counter.as_ref(), start, abandoned };
         if let Some(link) = self.link.get()
             && again
             && !resealed
@@ -775,13 +794,12 @@ impl Store {
                     link.wrote_alone();
                     return Ok(out);
                 }
-                Tried::Unconfirmed(answer) => {
-                    // Dropped: what the run left in the owner's caches goes before
-                    // a catch-up commits anything another reader could meet it on.
-                    abandoned();
-                    // Only if the log holds nothing newer than what `f` read.
+                Tried::Unconfirmed { answer, read_at } => {
+                    // Only if the copy is still at what `f` read (another process
+                    // sharing the file may have moved it since) and the log holds
+                    // nothing newer.
                     let out = self.look(link)?;
-                    if out.after == out.before {
+                    if out.after == read_at {
                         return answer;
                     }
                     if out.rekeyed {
@@ -790,18 +808,17 @@ impl Store {
                         return Err(Error::FleetConflict { generation: out.after });
                     }
                 }
-                Tried::Lost => {
-                    abandoned();
-                    link.lost_alone();
-                }
+                Tried::Lost => link.lost_alone(),
             }
         }
         // A copy of a fleet log: the log's lock, and the copy caught up under it,
         // before this write reads anything (released on every way out but the append).
+        // The waits for the locks start again.
         let held = self.lock_log()?;
+        let w = Attempt { start: Instant::now(), ..w };
         match self.attempt(&w, Via::Locked(held), f, seal)? {
             Tried::Done(out) => Ok(out),
-            Tried::Unconfirmed(answer) => answer,
+            Tried::Unconfirmed { answer, .. } => answer,
             Tried::Lost => Err(Error::integrity("a write under the fleet log's lock lost to another writer")),
         }
     }
@@ -820,9 +837,23 @@ impl Store {
             Via::Locked(None) => false,
         };
         let txn = WriteTxn::new(self.begin_write(w.start)?, self.state.clone(), recording);
+        // A run that does not commit is reported before its transaction ends (so
+        // before anything can be committed in its place): declared after it,
+        // dropped before it.
+        let abandon = OnDrop(Some(w.abandoned));
         // A termination signal waits for the commit (or the abort) to finish.
         let _critical = crate::signals::Critical::enter();
         engine(|| self.state.before_write(&txn))?;
+        // The generation `f` reads (alone: an answer without a batch stands only
+        // if the copy is still there once the log has been looked at).
+        let read_at = match alone {
+            true => {
+                let armed = self.state.key()?;
+                let head = txn.state_head()?.ok_or_else(|| Error::integrity("reading the store's state head"))?;
+                Head::decode(&head, &armed.0, &armed.1)?.generation
+            }
+            false => 0,
+        };
         let poison = |e: Error| {
             // After a caught engine panic the in-memory state is not to be trusted:
             // no later write of this process may commit it.
@@ -854,7 +885,7 @@ impl Store {
             // Alone, a failure may stand on a copy behind the log: dropped (aborted),
             // and confirmed by a look. Not a caught engine panic.
             Err(e) if alone && !self.poisoned.load(std::sync::atomic::Ordering::SeqCst) => {
-                return Ok(Tried::Unconfirmed(Err(e)));
+                return Ok(Tried::Unconfirmed { answer: Err(e), read_at });
             }
             Err(e) => return Err(e),
         };
@@ -863,7 +894,7 @@ impl Store {
             // host holds, a compare-and-set that lost) makes no batch and no commit,
             // so that waiting never becomes a fleet write. Dropped: aborted; the
             // log's lock is released.
-            return Ok(Tried::Unconfirmed(Ok(out)));
+            return Ok(Tried::Unconfirmed { answer: Ok(out), read_at });
         }
         let chain_after = match journal.as_ref() {
             Some(_) => Some((txn.audit_head().map_err(poison)?, txn.audit_archive().map_err(poison)?)),
@@ -914,6 +945,7 @@ impl Store {
             self.unsync();
         }
         committed.map_err(poison)?;
+        abandon.disarm();
         if let (Some(j), Some((head, archive))) = (journal.as_mut(), chain_after) {
             j.folded(head, archive);
         }
