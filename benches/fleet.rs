@@ -1,8 +1,9 @@
 //! The fleet log against a real PostgreSQL server (the test fixture, on a Unix
 //! socket), each figure beside its floor in the same run:
 //! - `put/redb`: a durable `put` on a store with no log (the single-host figure);
-//! - `put/fleet`: the same `put` on a host of the log (the log's lock, the catch-up
-//!   under it, the batch inserted and committed, then the local commit);
+//! - `put/fleet`: the same `put` on a host of the log, the only writer (the write
+//!   on the copy, its batch offered in one statement that is its own transaction,
+//!   then the local commit: an optimistic write that never loses here);
 //! - `insert/raw`: the floor of the log's part: one autocommit `INSERT` of the same
 //!   number of bytes as a `put`'s sealed batch, on the same socket (prepared, as
 //!   the log's statements are);
