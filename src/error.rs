@@ -366,8 +366,8 @@ pub enum Error {
     },
 
     /// Another host changed the fleet log under this write: it wrote the generation
-    /// this write would have (a writer that did not take the log's lock), or rotated
-    /// the store's keys while this write waited for the lock. Nothing of this write
+    /// this write would have (a writer shown a lagging log), or rotated the store's
+    /// keys before this write could run. Nothing of this write
     /// was committed anywhere; running it again is safe.
     #[error("another host changed the fleet log under this write (generation {generation}); nothing was written")]
     FleetConflict {

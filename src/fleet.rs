@@ -7,11 +7,13 @@
 //! PostgreSQL holds an append-only log of write batches, one per committed write of
 //! any host, keyed by the generation the batch ends on. Each host keeps its own redb
 //! store as its copy of the log (`store::redb_store::link` holds the rules):
-//! - a write takes the log's lock (a transaction holding an advisory lock of this
-//!   store), applies what other hosts appended since, runs on the local copy, inserts
-//!   its sealed batch at `gen = after` (only where the log holds the generation it
-//!   built on: the primary key forbids a fork even to a writer that skipped the lock),
-//!   commits the log, then the copy;
+//! - a write runs on the local copy as it is and offers its sealed batch at `gen =
+//!   after` in one statement ([`INSERT_ALONE`]), taken only where the log ends at
+//!   the generation and head it was built on and no writer holds the log's lock;
+//!   otherwise it runs again under the lock (a transaction holding an advisory lock
+//!   of this store), after applying what other hosts appended since. Either way the
+//!   log has the batch before the copy commits, and the primary key forbids a fork
+//!   even to a writer that skipped the lock;
 //! - a read catches up first when the copy's last look at the log is older than the
 //!   staleness bound: every batch MAC-checked under the state key before it is
 //!   decoded, in generation order with none left out, and only a state that verifies
@@ -800,8 +802,9 @@ impl PgLog {
 /// Joins `guard`'s store to the fleet log at `cfg`: applies the schema the database
 /// lacks, starts the log at the store's generation if the store has none yet (the
 /// first host), and catches up with it otherwise. From then on every write of the
-/// guard (and of its clones) takes the log's lock, catches up, and is in the log
-/// before it commits here; a read older than `cfg.staleness` catches up first.
+/// guard (and of its clones) is in the log, on top of the log's newest state,
+/// before it commits here (docs/FLEET-DESIGN.md, "A write"); a read older than
+/// `cfg.staleness` catches up first.
 /// Returns the generation reached.
 ///
 /// If the catch-up brought a roots change made on another host (`root add`, `root

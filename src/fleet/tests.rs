@@ -198,8 +198,9 @@ fn hosts_on_one_log_see_each_others_writes_revocations_and_shreds() {
     b.sync().unwrap();
     assert_eq!(get(&b, "github", "ci").unwrap(), b"ghp_from_a");
 
-    // Writes take the log's lock and catch up first: hosts that never sync still
-    // write one after the other without a conflict, each on top of the others'.
+    // A write that finds another host was first runs again under the log's lock,
+    // caught up: hosts that never sync still write one after the other without a
+    // conflict, each on top of the others'.
     put(&b, "slack", "bot", "xoxb_from_b");
     put(&a, "jira", "t", "from_a");
     assert_eq!(get(&a, "slack", "bot").unwrap(), b"xoxb_from_b", "a's write caught up with b's first");
@@ -232,8 +233,9 @@ fn hosts_on_one_log_see_each_others_writes_revocations_and_shreds() {
     a.audit_verify().unwrap();
 }
 
-/// Writers on two hosts at once, two threads each: the log's lock orders them, so
-/// none fails and none is lost; every host ends with every write.
+/// Writers on two hosts at once, two threads each: the log orders them (a write
+/// that loses alone runs again under the lock), so none fails and none is lost;
+/// every host ends with every write.
 #[test]
 fn concurrent_writers_on_two_hosts_all_commit_in_one_order() {
     let rig = Rig::new("fleet-concurrent");

@@ -72,8 +72,8 @@ impl TokenGuard {
     }
 
     /// Joins this guard's store to a fleet log (`crate::fleet`): every later write
-    /// takes the log's lock, catches up and appends its batch before it commits
-    /// here; a read catches up first when the last look at the log is older than
+    /// has its batch in the log, on top of the log's newest state, before it
+    /// commits here; a read catches up first when the last look at the log is older than
     /// `staleness`. Once per guard.
     #[cfg_attr(not(feature = "postgres"), expect(dead_code, reason = "the fleet log is its one user"))]
     pub(crate) fn attach_log(
