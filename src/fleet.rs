@@ -201,14 +201,15 @@ const INSERT: &str = "WITH ins AS (
 /// it) writes go under the lock, whose look comes after the lock. One row: whether
 /// it had the lock and the key, whether the log holds `$5` at `$4`, whether it
 /// holds anything at `$2` or after, and the generation inserted (`NULL`: none).
-const INSERT_ALONE: &str = "WITH l AS MATERIALIZED (
+const INSERT_ALONE: &str = "WITH l AS (
          SELECT pg_try_advisory_xact_lock($8, $9) AS got,
                 (EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen = $4 AND head = $5)
                  OR EXISTS (SELECT 1 FROM tg_store WHERE store_id = $1 AND snapshot_gen = $4 AND start_head = $5))
                     AS held,
                 EXISTS (SELECT 1 FROM tg_batches WHERE store_id = $1 AND gen >= $2) AS newer,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
-                         WHERE conrelid = 'tg_batches'::regclass AND contype = 'p') AS keyed),
+                         WHERE conrelid = 'tg_batches'::regclass AND contype = 'p'
+                           AND pg_catalog.pg_get_constraintdef(oid) = 'PRIMARY KEY (store_id, gen)') AS keyed),
      ins AS (
          INSERT INTO tg_batches (store_id, gen, batch, head)
          SELECT $1, $2, $3, $6 FROM l WHERE l.got AND l.keyed AND l.held AND NOT l.newer
@@ -540,6 +541,19 @@ impl PgLog {
         let row = match c.query_one(&st.insert_alone, &params) {
             Ok(row) => row,
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => return Ok(false),
+            // The statement failed and its transaction with it, nothing inserted: a
+            // plan another host's migration invalidated, a serialization failure.
+            // Run under the lock (prepared again).
+            Err(e)
+                if e.code().is_some_and(|c| {
+                    *c == SqlState::FEATURE_NOT_SUPPORTED
+                        || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                        || *c == SqlState::T_R_DEADLOCK_DETECTED
+                }) =>
+            {
+                self.stmts = None;
+                return Ok(false);
+            }
             Err(e) => {
                 self.stmts = None;
                 return Err(db("appending a batch")(e));
@@ -772,6 +786,10 @@ impl crate::store::redb_store::Log for PgLog {
 
     fn append_alone(&mut self, batch: &Batch) -> Result<bool> {
         self.insert_alone(batch)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms())
     }
 
     fn queue_usage(&mut self) -> Result<f64> {

@@ -346,7 +346,10 @@ fn watchers_on_two_hosts_listen_and_refresh_a_token_once() {
 #[test]
 fn a_refresh_answer_outlives_a_database_restart() {
     let (ep, invalid) = counting_rotating(Duration::from_millis(1500));
-    let tail = provider(&ep.url, 20);
+    // A commit is tried again only while it can end within the lease's 80 %: with
+    // the fixture's 10 s busy timeout (the copy's locks, then the log's lock),
+    // from 1.5 s to 12 s.
+    let tail = provider(&ep.url, 40);
     let Fleet { mut pg, hosts, .. } = Fleet::new("fleet-rf-down", &tail);
     let set = r#"{"access_token": "at-0", "refresh_token": "rt-0"}"#;
     ok(&hosts[0].run(&["put", "acme", "svc", "--expires-in", "20s"], set.as_bytes()));

@@ -152,8 +152,9 @@ impl Log for Blind {
 }
 
 /// A log whose host dies right after the log took its batch: the append succeeds in
-/// the database, the host hears an error and does not commit.
-struct DiesAfterAppend(PgLog);
+/// the database, the host hears an error and does not commit. With `true`, every
+/// optimistic insert loses first, so the batch goes in under the lock.
+struct DiesAfterAppend(PgLog, bool);
 
 impl Log for DiesAfterAppend {
     fn lock(&mut self) -> crate::Result<()> {
@@ -167,7 +168,7 @@ impl Log for DiesAfterAppend {
         Err(Error::Interrupted)
     }
     fn append_alone(&mut self, batch: &Batch) -> crate::Result<bool> {
-        if !self.0.append_alone(batch)? {
+        if self.1 || !self.0.append_alone(batch)? {
             return Ok(false);
         }
         Err(Error::Interrupted)
@@ -445,6 +446,10 @@ fn an_answer_from_a_copy_behind_the_log_does_not_stand() {
 fn a_dropped_run_is_reported_before_anything_replaces_it() {
     let rig = Rig::new("fleet-abandon");
     let (a, b) = (rig.host("a"), rig.host("b"));
+    // Another handle of b's file (another process on the host), quick to give up.
+    let quick = StoreOptions { busy_timeout: Duration::from_millis(100), ..StoreOptions::default() };
+    let b2 = TokenGuard::open(&rig.path("b"), quick, vec![root(rig.dir.path())], opts()).unwrap();
+    super::attach(&b2, &rig.config()).unwrap();
     put(&a, "github", "ci", "one");
     let behind = generation(&b);
     let runs = std::cell::Cell::new(0);
@@ -455,11 +460,16 @@ fn a_dropped_run_is_reported_before_anything_replaces_it() {
                 runs.set(runs.get() + 1);
                 b.audit_in(t, "note", "run".into())
             },
-            &|| seen.set(Some(b.store().head_generation().unwrap())),
+            &|| {
+                // Still inside the dropped run's transaction: the file's write lock
+                // is held, so nothing can have been committed in its place.
+                let other = b2.store().write(|_| Ok(()));
+                seen.set(Some((b.store().head_generation().unwrap(), other.map_err(|e| e.exit_code()))));
+            },
         )
         .unwrap();
     assert_eq!(runs.get(), 2, "the first run lost");
-    assert_eq!(seen.get(), Some(behind), "reported after the catch-up");
+    assert_eq!(seen.get(), Some((behind, Err(exit::BUSY))), "reported after the transaction ended");
     assert_eq!(generation(&b), generation(&a) + 1);
 }
 
@@ -1097,16 +1107,23 @@ fn over_tcp_the_log_is_reached_with_verified_tls_only() {
 /// and another host sees both.
 #[test]
 fn a_write_the_log_took_but_the_host_did_not_commit_is_not_lost() {
-    let rig = Rig::new("fleet-crash");
+    for locked in [false, true] {
+        a_write_the_log_took_is_not_lost(locked);
+    }
+}
+
+fn a_write_the_log_took_is_not_lost(locked: bool) {
+    let rig = Rig::new(&format!("fleet-crash-{locked}"));
     let b = rig.host("b");
     let a = rig.host("a0");
     put(&a, "github", "ci", "one");
     drop(a);
     let a = rig.open("a0");
-    a.attach_log(Box::new(DiesAfterAppend(rig.log(&a))), NEVER, None).unwrap();
+    a.attach_log(Box::new(DiesAfterAppend(rig.log(&a), locked)), NEVER, None).unwrap();
     a.sync().unwrap();
     let at = generation(&a);
     assert!(a.put("github", "ci", raw("two"), PutOptions::default()).is_err());
+    assert_eq!(fleet_writes(&a).lost, u64::from(locked), "the way the batch went in");
     assert_eq!(generation(&a), at, "the local commit was abandoned");
     assert_eq!(get(&a, "github", "ci").unwrap(), b"one");
     // The process "restarts" with the log as it is.

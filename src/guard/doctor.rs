@@ -42,8 +42,9 @@ pub struct Stats {
 pub struct FleetWrites {
     /// Taken by the log without its lock: one statement each (optimistic).
     pub alone: u64,
-    /// Tried without the lock, found another host's write first, and run again
-    /// under the lock (nothing of the first try was written anywhere).
+    /// Tried without the lock and run again under it (nothing of the first try was
+    /// written anywhere): another writer was first, or the write changed nothing
+    /// (or failed) and a look found the copy behind the log.
     pub lost: u64,
 }
 

@@ -381,9 +381,10 @@ impl TokenGuard {
                     // dropped at the first failure. A batch that did reach the log
                     // is caught up with first, and then adopted below.
                     let deadline = leased_at + policy.lease.mul_f64(0.8);
-                    // An attempt waits up to the store's busy timeout for a lock
-                    // before it commits: one starts only if it can end by then.
-                    let attempt_takes = COMMIT_RETRY + inner.store.busy_timeout();
+                    // An attempt waits for the store's locks (and a fleet log's
+                    // lock and statement) before it commits: one starts only if it
+                    // can end by then.
+                    let attempt_takes = COMMIT_RETRY + inner.store.write_takes();
                     let mut retried = false;
                     let committed = loop {
                         let attempt = inner.write(|txn| {

@@ -51,7 +51,8 @@ pub(crate) trait Log: Send {
     /// Appends `batch` without the lock (an optimistic write): only where the log
     /// ends at the generation the batch builds on, with this copy's head there, and
     /// no writer holds the lock. `Ok(true)` once the log has it; `Ok(false)`: another
-    /// writer was first and nothing was appended. An error, as for `append`.
+    /// writer was first and nothing was appended. An error, as for `append`. (The
+    /// default, for logs built by the tests, takes the lock and waits for it.)
     fn append_alone(&mut self, batch: &Batch) -> Result<bool> {
         self.lock()?;
         match self.append(batch) {
@@ -59,6 +60,10 @@ pub(crate) trait Log: Send {
             Err(Error::FleetConflict { .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+    /// How long one statement (or the lock's wait) may take before it fails.
+    fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
     /// How full the server's notification queue is (0 to 1), for `doctor`.
     fn queue_usage(&mut self) -> Result<f64> {
@@ -317,7 +322,8 @@ impl Link {
         self.alone.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a write that lost without the lock and ran again under it.
+    /// Counts a write that ran again under the lock: another writer was first, or
+    /// a look did not confirm its answer.
     pub(super) fn lost_alone(&self) {
         self.lost.fetch_add(1, Ordering::Relaxed);
     }
@@ -510,6 +516,17 @@ impl Store {
             )));
         }
         Ok(())
+    }
+
+    /// The longest a write is expected to wait before it commits or fails (what a
+    /// caller that must finish by a deadline plans with): its waits for the copy's
+    /// locks share one busy timeout, and a copy of a fleet log adds the wait for the
+    /// log's lock, bounded by the log's timeout. Its statements take no lock but
+    /// that one (the optimistic insert only tries it), so they answer at once or
+    /// fail the write when the database fails.
+    pub(crate) fn write_takes(&self) -> std::time::Duration {
+        let log = self.link.get().map_or(std::time::Duration::ZERO, |l| l.log.lock().timeout());
+        self.opts.busy_timeout + log
     }
 
     /// How this process's writes reached the log; `None` for a store with no link.

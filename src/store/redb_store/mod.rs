@@ -567,11 +567,6 @@ impl Store {
         self.state.take_changed_deks()
     }
 
-    /// How long a write waits for each lock and a fleet statement for its answer.
-    pub(crate) fn busy_timeout(&self) -> Duration {
-        self.opts.busy_timeout
-    }
-
     /// A consistent read snapshot.
     pub(crate) fn read(&self) -> Result<ReadTxn<'_>> {
         self.check_member()?;
@@ -807,15 +802,16 @@ impl Store {
                         // may stand on the old keys.
                         return Err(Error::FleetConflict { generation: out.after });
                     }
+                    link.lost_alone();
                 }
                 Tried::Lost => link.lost_alone(),
             }
         }
         // A copy of a fleet log: the log's lock, and the copy caught up under it,
         // before this write reads anything (released on every way out but the append).
-        // The waits for the locks start again.
+        // Its waits for the copy's locks share one busy timeout with the first run's
+        // (a bound callers plan with: `write_takes`).
         let held = self.lock_log()?;
-        let w = Attempt { start: Instant::now(), ..w };
         match self.attempt(&w, Via::Locked(held), f, seal)? {
             Tried::Done(out) => Ok(out),
             Tried::Unconfirmed { answer, .. } => answer,
