@@ -565,7 +565,7 @@ impl Inner {
         };
         let out = run(
             &mut |txn| {
-                forget();
+                // A run before this one was reported through `abandoned`.
                 let r = f(txn);
                 *created.borrow_mut() = std::mem::take(&mut *crate::sync::lock(&self.uncommitted));
                 r
